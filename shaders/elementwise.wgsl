@@ -1,0 +1,313 @@
+// Elementwise family: unary and binary maths, where/select, fills, random numbers, gather.
+//
+// Every entry point computes logical element i (row-major over p.shape, i < p.n) and writes it
+// to out at the strided position given by p.so and p.off_o. Each input is read through its own
+// strides, so broadcast axes (stride 0), transposes and slices need no copy. A set bit in
+// p.flags marks an operand as contiguous, which skips the index arithmetic for it.
+//
+// Bindings (unused ones are absent from an entry point's layout):
+//   a   (0): first input,  read through p.sa / p.off_a
+//   b   (1): second input, read through p.sb / p.off_b
+//   c   (2): third input,  read through p.sc / p.off_c
+//   out (3): output,       written through p.so / p.off_o
+//   p   (4): ElementwiseParams (src/ops/elementwise.rs), one copy per dispatch
+
+struct Params {
+    n: u32,
+    rank: u32,
+    op: u32,
+    flags: u32,
+    off_a: u32,
+    off_b: u32,
+    off_c: u32,
+    off_o: u32,
+    alpha: f32,
+    beta: f32,
+    aux0: u32,
+    aux1: u32,
+    shape: array<vec4<u32>, 2>,
+    sa: array<vec4<u32>, 2>,
+    sb: array<vec4<u32>, 2>,
+    sc: array<vec4<u32>, 2>,
+    so: array<vec4<u32>, 2>,
+}
+
+@group(0) @binding(0) var<storage, read> a: array<f32>;
+@group(0) @binding(1) var<storage, read> b: array<f32>;
+@group(0) @binding(2) var<storage, read> c: array<f32>;
+@group(0) @binding(3) var<storage, read_write> out: array<f32>;
+@group(0) @binding(4) var<uniform> p: Params;
+
+const FLAG_A_CONTIG: u32 = 1u;
+const FLAG_B_CONTIG: u32 = 2u;
+const FLAG_C_CONTIG: u32 = 4u;
+const FLAG_O_CONTIG: u32 = 8u;
+const FLAG_SCALAR_LEFT: u32 = 16u;
+
+const WG: u32 = 256u;
+
+fn inf() -> f32 {
+    return bitcast<f32>(0x7f800000u);
+}
+
+fn nan() -> f32 {
+    return bitcast<f32>(0x7fc00000u);
+}
+
+fn is_nan(x: f32) -> bool {
+    // Exponent all ones and a non-zero mantissa; immune to fast-math folding of x != x.
+    let bits = bitcast<u32>(x);
+    return (bits & 0x7f800000u) == 0x7f800000u && (bits & 0x007fffffu) != 0u;
+}
+
+fn linear_index(wid: vec3<u32>, nwg: vec3<u32>, lid: vec3<u32>) -> u32 {
+    return (wid.y * nwg.x + wid.x) * WG + lid.x;
+}
+
+// Buffer positions of logical element i in a, b, c and out.
+fn offsets(i: u32) -> vec4<u32> {
+    var o = vec4<u32>(p.off_a + i, p.off_b + i, p.off_c + i, p.off_o + i);
+    if ((p.flags & 15u) == 15u) {
+        return o;
+    }
+    var q = vec4<u32>(p.off_a, p.off_b, p.off_c, p.off_o);
+    var rem = i;
+    for (var d = i32(p.rank) - 1; d >= 0; d -= 1) {
+        let k = u32(d);
+        let size = p.shape[k >> 2u][k & 3u];
+        let idx = rem % size;
+        rem = rem / size;
+        q += idx * vec4<u32>(p.sa[k >> 2u][k & 3u], p.sb[k >> 2u][k & 3u], p.sc[k >> 2u][k & 3u], p.so[k >> 2u][k & 3u]);
+    }
+    let contig = vec4<bool>((p.flags & FLAG_A_CONTIG) != 0u, (p.flags & FLAG_B_CONTIG) != 0u,
+        (p.flags & FLAG_C_CONTIG) != 0u, (p.flags & FLAG_O_CONTIG) != 0u);
+    return select(q, o, contig);
+}
+
+// ---- maths shared by the entry points ----
+
+fn erf_approx(x: f32) -> f32 {
+    // Abramowitz & Stegun 7.1.26: absolute error below 1.5e-7.
+    let s = sign(x);
+    let z = abs(x);
+    let t = 1.0 / (1.0 + 0.3275911 * z);
+    let poly = t * (0.254829592 + t * (-0.284496736 + t * (1.421413741 + t * (-1.453152027 + t * 1.061405429))));
+    return s * (1.0 - poly * exp(-z * z));
+}
+
+fn sigmoid(x: f32) -> f32 {
+    if (x >= 0.0) {
+        return 1.0 / (1.0 + exp(-x));
+    }
+    let e = exp(x);
+    return e / (1.0 + e);
+}
+
+fn power(x: f32, y: f32) -> f32 {
+    if (y == 0.0) {
+        return 1.0;
+    }
+    if (is_nan(x) || is_nan(y)) {
+        return nan();
+    }
+    if (x == 0.0) {
+        return select(inf(), 0.0, y > 0.0);
+    }
+    if (x > 0.0) {
+        return exp2(y * log2(x));
+    }
+    // Negative base: defined only for integral exponents.
+    if (y != floor(y)) {
+        return nan();
+    }
+    let r = exp2(y * log2(-x));
+    let odd = (y * 0.5) != floor(y * 0.5);
+    return select(r, -r, odd);
+}
+
+fn safe_log(x: f32) -> f32 {
+    if (x < 0.0) {
+        return nan();
+    }
+    if (x == 0.0) {
+        return -inf();
+    }
+    return log(x);
+}
+
+fn safe_sqrt(x: f32) -> f32 {
+    return select(sqrt(x), nan(), x < 0.0);
+}
+
+// Unary op codes: must match UnaryOp in src/ops/elementwise.rs.
+fn unary_op(op: u32, x: f32, alpha: f32, beta: f32) -> f32 {
+    switch op {
+        case 0u: { return x; }                                   // identity (copy)
+        case 1u: { return -x; }                                  // neg
+        case 2u: { return abs(x); }                              // abs
+        case 3u: { return exp(x); }                              // exp
+        case 4u: { return safe_log(x); }                         // log
+        case 5u: { return safe_sqrt(x); }                        // sqrt
+        case 6u: {                                               // rsqrt
+            if (x == 0.0) { return inf(); }
+            return 1.0 / safe_sqrt(x);
+        }
+        case 7u: { return max(x, 0.0); }                         // relu
+        case 8u: { return select(x * alpha, x, x >= 0.0); }      // leaky_relu(alpha = slope)
+        case 9u: { return sigmoid(x); }                          // sigmoid
+        case 10u: { return tanh(clamp(x, -15.0, 15.0)); }        // tanh
+        case 11u: { return 0.5 * x * (1.0 + erf_approx(x * 0.70710678118654752)); } // gelu (erf)
+        case 12u: { return x * sigmoid(x); }                     // silu
+        case 13u: {                                              // clamp(alpha = min, beta = max)
+            if (is_nan(x)) { return x; }
+            return min(max(x, alpha), beta);
+        }
+        default: { return nan(); }
+    }
+}
+
+// Binary op codes: must match BinaryOp in src/ops/elementwise.rs.
+fn binary_op(op: u32, x: f32, y: f32) -> f32 {
+    switch op {
+        case 0u: { return x + y; }
+        case 1u: { return x - y; }
+        case 2u: { return x * y; }
+        case 3u: { return x / y; }
+        case 4u: { return power(x, y); }
+        case 5u: {                                               // maximum, NaN-propagating
+            if (is_nan(x) || is_nan(y)) { return nan(); }
+            return max(x, y);
+        }
+        case 6u: {                                               // minimum, NaN-propagating
+            if (is_nan(x) || is_nan(y)) { return nan(); }
+            return min(x, y);
+        }
+        case 7u: { return select(0.0, 1.0, x == y); }
+        case 8u: { return select(0.0, 1.0, x != y); }
+        case 9u: { return select(0.0, 1.0, x < y); }
+        case 10u: { return select(0.0, 1.0, x <= y); }
+        case 11u: { return select(0.0, 1.0, x > y); }
+        case 12u: { return select(0.0, 1.0, x >= y); }
+        default: { return nan(); }
+    }
+}
+
+// ---- entry points ----
+
+// out = unary(a)
+@compute @workgroup_size(256)
+fn unary_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+             @builtin(local_invocation_id) lid: vec3<u32>) {
+    let i = linear_index(wid, nwg, lid);
+    if (i >= p.n) { return; }
+    let o = offsets(i);
+    out[o.w] = unary_op(p.op, a[o.x], p.alpha, p.beta);
+}
+
+// out = binary(a, b) with broadcasting through strides
+@compute @workgroup_size(256)
+fn binary_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+              @builtin(local_invocation_id) lid: vec3<u32>) {
+    let i = linear_index(wid, nwg, lid);
+    if (i >= p.n) { return; }
+    let o = offsets(i);
+    out[o.w] = binary_op(p.op, a[o.x], b[o.y]);
+}
+
+// out = binary(a, alpha), or binary(alpha, a) with FLAG_SCALAR_LEFT
+@compute @workgroup_size(256)
+fn binary_scalar_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                     @builtin(local_invocation_id) lid: vec3<u32>) {
+    let i = linear_index(wid, nwg, lid);
+    if (i >= p.n) { return; }
+    let o = offsets(i);
+    let x = a[o.x];
+    if ((p.flags & FLAG_SCALAR_LEFT) != 0u) {
+        out[o.w] = binary_op(p.op, p.alpha, x);
+    } else {
+        out[o.w] = binary_op(p.op, x, p.alpha);
+    }
+}
+
+// out = a != 0 ? b : c
+@compute @workgroup_size(256)
+fn where_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+             @builtin(local_invocation_id) lid: vec3<u32>) {
+    let i = linear_index(wid, nwg, lid);
+    if (i >= p.n) { return; }
+    let o = offsets(i);
+    out[o.w] = select(c[o.z], b[o.y], a[o.x] != 0.0);
+}
+
+// out = alpha
+@compute @workgroup_size(256)
+fn fill_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+            @builtin(local_invocation_id) lid: vec3<u32>) {
+    let i = linear_index(wid, nwg, lid);
+    if (i >= p.n) { return; }
+    out[offsets(i).w] = p.alpha;
+}
+
+// out = alpha + i * beta, computed in f32 as start + index * step
+@compute @workgroup_size(256)
+fn arange_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+              @builtin(local_invocation_id) lid: vec3<u32>) {
+    let i = linear_index(wid, nwg, lid);
+    if (i >= p.n) { return; }
+    out[offsets(i).w] = p.alpha + f32(i) * p.beta;
+}
+
+fn pcg(v: u32) -> u32 {
+    let state = v * 747796405u + 2891336453u;
+    let word = ((state >> ((state >> 28u) + 4u)) ^ state) * 277803737u;
+    return (word >> 22u) ^ word;
+}
+
+// Counter-based: element i of a tensor seeded with (aux0, aux1) is the same on every device.
+fn random_bits(i: u32, stream: u32) -> u32 {
+    return pcg(pcg(i * 2u + stream) ^ pcg(p.aux0 ^ 0x9e3779b9u) ^ pcg(p.aux1 + 0x632be5abu));
+}
+
+fn unit_open_closed(bits: u32) -> f32 {
+    // (0, 1]: never 0, so log() is finite.
+    return (f32(bits >> 8u) + 1.0) * (1.0 / 16777216.0);
+}
+
+// out = uniform in [alpha, beta)
+@compute @workgroup_size(256)
+fn rand_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+            @builtin(local_invocation_id) lid: vec3<u32>) {
+    let i = linear_index(wid, nwg, lid);
+    if (i >= p.n) { return; }
+    let u = f32(random_bits(i, 0u) >> 8u) * (1.0 / 16777216.0);
+    out[offsets(i).w] = p.alpha + (p.beta - p.alpha) * u;
+}
+
+// out = normal with mean alpha and standard deviation beta (Box-Muller)
+@compute @workgroup_size(256)
+fn randn_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+             @builtin(local_invocation_id) lid: vec3<u32>) {
+    let i = linear_index(wid, nwg, lid);
+    if (i >= p.n) { return; }
+    let u1 = unit_open_closed(random_bits(i, 0u));
+    let u2 = f32(random_bits(i, 1u) >> 8u) * (1.0 / 16777216.0);
+    let z = sqrt(-2.0 * log(u1)) * cos(6.283185307179586 * u2);
+    out[offsets(i).w] = p.alpha + p.beta * z;
+}
+
+// out = a[..., b[...], ...]: the index along the gathered axis comes from b (f32 holding an
+// integer); the other axes come from the position. p.sa has 0 on the gathered axis, whose
+// size and stride in a are aux0 and aux1. Out-of-range indices give 0.
+@compute @workgroup_size(256)
+fn gather_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+              @builtin(local_invocation_id) lid: vec3<u32>) {
+    let i = linear_index(wid, nwg, lid);
+    if (i >= p.n) { return; }
+    let o = offsets(i);
+    let fi = b[o.y];
+    if (!(fi >= 0.0) || fi >= f32(p.aux0)) {
+        out[o.w] = 0.0;
+        return;
+    }
+    out[o.w] = a[o.x + u32(fi) * p.aux1];
+}

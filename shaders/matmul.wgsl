@@ -1,0 +1,94 @@
+// Matrix product family: out[z] = a[z] (m x k) * b[z] (k x n), batched with broadcasting.
+//
+// Operands are read through strides, so transposed operands and broadcast batches need no copy.
+// Each invocation computes a 4x4 block of the output in registers; a workgroup of 8x8
+// invocations covers a 32x32 tile. Batch z (p.z_base + workgroup_id.z) is decomposed over
+// p.bshape to find each operand's batch offset (stride 0 on a broadcast batch axis).
+//
+// Bindings:
+//   a   (0): (batch..., m, k) strided: rows p.a_rs, columns p.a_cs, batches p.sa
+//   b   (1): (batch..., k, n) strided: rows p.b_rs, columns p.b_cs, batches p.sb
+//   out (3): (batch..., m, n) contiguous
+//   p   (4): MatmulParams (src/ops/matmul.rs)
+
+struct Params {
+    m: u32,
+    n: u32,
+    k: u32,
+    batch_rank: u32,
+    off_a: u32,
+    off_b: u32,
+    a_rs: u32,
+    a_cs: u32,
+    b_rs: u32,
+    b_cs: u32,
+    z_base: u32,
+    _pad: u32,
+    bshape: array<vec4<u32>, 2>,
+    sa: array<vec4<u32>, 2>,
+    sb: array<vec4<u32>, 2>,
+}
+
+@group(0) @binding(0) var<storage, read> a: array<f32>;
+@group(0) @binding(1) var<storage, read> b: array<f32>;
+@group(0) @binding(3) var<storage, read_write> out: array<f32>;
+@group(0) @binding(4) var<uniform> p: Params;
+
+@compute @workgroup_size(8, 8)
+fn matmul_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
+    let z = p.z_base + wid.z;
+    var rem = z;
+    var base_a = p.off_a;
+    var base_b = p.off_b;
+    for (var d = i32(p.batch_rank) - 1; d >= 0; d -= 1) {
+        let q = u32(d);
+        let size = p.bshape[q >> 2u][q & 3u];
+        let idx = rem % size;
+        rem = rem / size;
+        base_a += idx * p.sa[q >> 2u][q & 3u];
+        base_b += idx * p.sb[q >> 2u][q & 3u];
+    }
+
+    let row0 = (wid.y * 8u + lid.y) * 4u;
+    let col0 = (wid.x * 8u + lid.x) * 4u;
+    if (row0 >= p.m || col0 >= p.n) {
+        return;
+    }
+    // Rows and columns past the edge are clamped to the last valid one for loading; their
+    // results are never stored.
+    var ra: vec4<u32>;
+    var cb: vec4<u32>;
+    for (var i = 0u; i < 4u; i += 1u) {
+        ra[i] = base_a + min(row0 + i, p.m - 1u) * p.a_rs;
+        cb[i] = base_b + min(col0 + i, p.n - 1u) * p.b_cs;
+    }
+
+    var acc0 = vec4<f32>(0.0);
+    var acc1 = vec4<f32>(0.0);
+    var acc2 = vec4<f32>(0.0);
+    var acc3 = vec4<f32>(0.0);
+    for (var kk = 0u; kk < p.k; kk += 1u) {
+        let ka = kk * p.a_cs;
+        let kb = kk * p.b_rs;
+        let bv = vec4<f32>(b[cb.x + kb], b[cb.y + kb], b[cb.z + kb], b[cb.w + kb]);
+        acc0 += a[ra.x + ka] * bv;
+        acc1 += a[ra.y + ka] * bv;
+        acc2 += a[ra.z + ka] * bv;
+        acc3 += a[ra.w + ka] * bv;
+    }
+
+    let out_base = z * p.m * p.n;
+    let rows = array<vec4<f32>, 4>(acc0, acc1, acc2, acc3);
+    for (var i = 0u; i < 4u; i += 1u) {
+        let r = row0 + i;
+        if (r >= p.m) {
+            break;
+        }
+        for (var j = 0u; j < 4u; j += 1u) {
+            let cc = col0 + j;
+            if (cc < p.n) {
+                out[out_base + r * p.n + cc] = rows[i][j];
+            }
+        }
+    }
+}

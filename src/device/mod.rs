@@ -1,0 +1,599 @@
+//! The GPU runtime: adapter choice, limits, pipeline cache, buffer pool, batched submission
+//! and readback.
+//!
+//! Ops never submit work themselves. They call [`Device::dispatch`], which appends a dispatch
+//! to one open command encoder and compute pass; the batch is submitted only when the host
+//! reads data ([`Device::read_buffer`]), when [`MAX_BATCH_DISPATCHES`] dispatches are pending,
+//! or on [`Device::synchronize`].
+
+mod pool;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use crate::error::{Error, Result};
+use crate::kernels::{Kernel, ShaderFile, OUTPUT_BINDING, PARAMS_BINDING};
+pub(crate) use pool::BufferKind;
+use pool::{size_class, Pool};
+
+/// Dispatches recorded before a batch is submitted without being asked.
+pub const MAX_BATCH_DISPATCHES: usize = 512;
+
+/// Stride between two dispatches' parameters in the per-batch uniform buffer. 256 is the
+/// largest `min_uniform_buffer_offset_alignment` WebGPU allows, so it suits every adapter.
+const PARAMS_STRIDE: usize = 256;
+
+const NO_ADAPTER_HINT: &str =
+    "kiln needs a Vulkan, Metal or DX12 adapter. On a machine without a GPU, \
+install a software Vulkan driver (Debian/Ubuntu: `apt-get install mesa-vulkan-drivers`).";
+
+/// How to choose an adapter.
+#[derive(Clone, Debug, Default)]
+pub struct DeviceOptions {
+    /// Keep only adapters whose name contains this text (case-insensitive). When `None`, the
+    /// `KILN_ADAPTER` environment variable is read instead.
+    pub adapter: Option<String>,
+    /// Prefer a low-power (integrated) adapter over a discrete one.
+    pub low_power: bool,
+}
+
+/// Counters of the runtime, for tests and tuning.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DeviceStats {
+    /// Queue submissions so far.
+    pub submits: u64,
+    /// Buffer readbacks to the host so far.
+    pub readbacks: u64,
+    /// Compute dispatches recorded so far.
+    pub dispatches: u64,
+    /// Bytes of tensor storage currently handed out by the pool.
+    pub live_bytes: u64,
+    /// Highest `live_bytes` seen.
+    pub peak_bytes: u64,
+    /// Bytes held by the pool for reuse.
+    pub pooled_bytes: u64,
+}
+
+/// A GPU device with its queue, pipeline cache, buffer pool and open batch of work.
+///
+/// Cheap to clone (a reference count). Tensors remember their device; mixing devices in one
+/// operation is an error.
+///
+/// ```no_run
+/// let dev = kiln::Device::default_device()?;
+/// println!("{}", dev.name());
+/// # Ok::<(), kiln::Error>(())
+/// ```
+#[derive(Clone)]
+pub struct Device {
+    inner: Arc<DeviceInner>,
+}
+
+struct Pipeline {
+    pipeline: wgpu::ComputePipeline,
+    layout: wgpu::BindGroupLayout,
+}
+
+struct Batch {
+    encoder: Option<wgpu::CommandEncoder>,
+    pass: Option<wgpu::ComputePass<'static>>,
+    params: Vec<u8>,
+    params_buffer: Option<wgpu::Buffer>,
+    dispatches: usize,
+}
+
+struct DeviceInner {
+    id: usize,
+    device: wgpu::Device,
+    queue: wgpu::Queue,
+    info: wgpu::AdapterInfo,
+    limits: wgpu::Limits,
+    features: wgpu::Features,
+    modules: Mutex<HashMap<ShaderFile, wgpu::ShaderModule>>,
+    pipelines: Mutex<HashMap<Kernel, Arc<Pipeline>>>,
+    batch: Mutex<Batch>,
+    pool: Mutex<Pool>,
+    gpu_error: Arc<Mutex<Option<String>>>,
+    submits: AtomicU64,
+    readbacks: AtomicU64,
+    dispatches: AtomicU64,
+}
+
+static NEXT_ID: AtomicUsize = AtomicUsize::new(0);
+static DEFAULT_DEVICE: Mutex<Option<Device>> = Mutex::new(None);
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic elsewhere while holding the lock leaves consistent data here (counters and
+    // lists), so poisoning is not fatal.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn describe(info: &wgpu::AdapterInfo) -> String {
+    format!("{} ({:?}, {:?})", info.name, info.backend, info.device_type)
+}
+
+impl Device {
+    /// The shared default device, created on first use from `KILN_ADAPTER` and `WGPU_BACKEND`.
+    ///
+    /// ```no_run
+    /// let a = kiln::Device::default_device()?;
+    /// let b = kiln::Device::default_device()?;
+    /// assert!(a.same(&b));
+    /// # Ok::<(), kiln::Error>(())
+    /// ```
+    pub fn default_device() -> Result<Device> {
+        let mut slot = lock(&DEFAULT_DEVICE);
+        if let Some(dev) = slot.as_ref() {
+            return Ok(dev.clone());
+        }
+        let dev = Device::new(&DeviceOptions::default())?;
+        *slot = Some(dev.clone());
+        Ok(dev)
+    }
+
+    /// A new device of its own (its own queue, caches and pool).
+    ///
+    /// Adapters come from the backends named by `WGPU_BACKEND` (all native ones otherwise),
+    /// filtered by `options.adapter` or `KILN_ADAPTER`; a discrete GPU is preferred unless
+    /// `low_power`, then integrated, virtual, and CPU (software) adapters.
+    ///
+    /// ```no_run
+    /// let opts = kiln::DeviceOptions { adapter: Some("llvmpipe".into()), ..Default::default() };
+    /// let dev = kiln::Device::new(&opts)?;
+    /// # Ok::<(), kiln::Error>(())
+    /// ```
+    pub fn new(options: &DeviceOptions) -> Result<Device> {
+        let filter = options
+            .adapter
+            .clone()
+            .or_else(|| std::env::var("KILN_ADAPTER").ok())
+            .filter(|f| !f.is_empty());
+        let instance =
+            wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
+        let backends = wgpu::Backends::from_env().unwrap_or(wgpu::Backends::all());
+        let adapters = pollster::block_on(instance.enumerate_adapters(backends));
+        let found: Vec<String> = adapters.iter().map(|a| describe(&a.get_info())).collect();
+        let rank = |t: wgpu::DeviceType| match (t, options.low_power) {
+            (wgpu::DeviceType::DiscreteGpu, false) | (wgpu::DeviceType::IntegratedGpu, true) => 0,
+            (wgpu::DeviceType::IntegratedGpu, false) | (wgpu::DeviceType::DiscreteGpu, true) => 1,
+            (wgpu::DeviceType::VirtualGpu, _) => 2,
+            (wgpu::DeviceType::Cpu, _) => 3,
+            (wgpu::DeviceType::Other, _) => 4,
+        };
+        let adapter = adapters
+            .into_iter()
+            .filter(|a| {
+                let info = a.get_info();
+                info.backend != wgpu::Backend::Gl
+                    && filter
+                        .as_ref()
+                        .is_none_or(|f| info.name.to_lowercase().contains(&f.to_lowercase()))
+            })
+            .min_by_key(|a| rank(a.get_info().device_type))
+            .ok_or_else(|| Error::NoAdapter {
+                filter: filter
+                    .as_ref()
+                    .map(|f| format!(" matching KILN_ADAPTER=\"{f}\""))
+                    .unwrap_or_default(),
+                found: found.join(", "),
+                hint: NO_ADAPTER_HINT,
+            })?;
+        Self::from_adapter(adapter)
+    }
+
+    fn from_adapter(adapter: wgpu::Adapter) -> Result<Device> {
+        let info = adapter.get_info();
+        let wanted =
+            wgpu::Features::SHADER_F16 | wgpu::Features::SUBGROUP | wgpu::Features::TIMESTAMP_QUERY;
+        let features = adapter.features() & wanted;
+        let limits = adapter.limits();
+        let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
+            label: Some("kiln"),
+            required_features: features,
+            required_limits: limits.clone(),
+            experimental_features: wgpu::ExperimentalFeatures::disabled(),
+            memory_hints: wgpu::MemoryHints::Performance,
+            trace: wgpu::Trace::Off,
+        }))
+        .map_err(|e| Error::RequestDevice {
+            adapter: describe(&info),
+            reason: e.to_string(),
+        })?;
+        let gpu_error = Arc::new(Mutex::new(None));
+        let slot = gpu_error.clone();
+        device.on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
+            lock(&slot).get_or_insert_with(|| e.to_string());
+        }));
+        Ok(Device {
+            inner: Arc::new(DeviceInner {
+                id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+                device,
+                queue,
+                info,
+                limits,
+                features,
+                modules: Mutex::new(HashMap::new()),
+                pipelines: Mutex::new(HashMap::new()),
+                batch: Mutex::new(Batch {
+                    encoder: None,
+                    pass: None,
+                    params: Vec::new(),
+                    params_buffer: None,
+                    dispatches: 0,
+                }),
+                pool: Mutex::new(Pool::default()),
+                gpu_error,
+                submits: AtomicU64::new(0),
+                readbacks: AtomicU64::new(0),
+                dispatches: AtomicU64::new(0),
+            }),
+        })
+    }
+
+    /// The adapter's name, backend and type.
+    pub fn name(&self) -> String {
+        describe(&self.inner.info)
+    }
+
+    /// The adapter's description as wgpu reports it.
+    pub fn adapter_info(&self) -> &wgpu::AdapterInfo {
+        &self.inner.info
+    }
+
+    /// The limits the device was created with (the adapter's own).
+    pub fn limits(&self) -> &wgpu::Limits {
+        &self.inner.limits
+    }
+
+    /// The optional features enabled (a subset of SHADER_F16, SUBGROUP, TIMESTAMP_QUERY).
+    pub fn features(&self) -> wgpu::Features {
+        self.inner.features
+    }
+
+    /// True when both handles are the same device.
+    pub fn same(&self, other: &Device) -> bool {
+        Arc::ptr_eq(&self.inner, &other.inner)
+    }
+
+    /// The runtime counters.
+    pub fn stats(&self) -> DeviceStats {
+        let pool = lock(&self.inner.pool);
+        DeviceStats {
+            submits: self.inner.submits.load(Ordering::Relaxed),
+            readbacks: self.inner.readbacks.load(Ordering::Relaxed),
+            dispatches: self.inner.dispatches.load(Ordering::Relaxed),
+            live_bytes: pool.live_bytes,
+            peak_bytes: pool.peak_bytes,
+            pooled_bytes: pool.pooled_bytes,
+        }
+    }
+
+    /// Bytes of tensor storage in use now.
+    pub fn live_bytes(&self) -> u64 {
+        lock(&self.inner.pool).live_bytes
+    }
+
+    /// The most tensor storage in use at once so far.
+    pub fn peak_bytes(&self) -> u64 {
+        lock(&self.inner.pool).peak_bytes
+    }
+
+    /// Starts a new peak measurement from the current live bytes.
+    pub fn reset_peak_bytes(&self) {
+        let mut pool = lock(&self.inner.pool);
+        pool.peak_bytes = pool.live_bytes;
+    }
+
+    /// Releases the buffers the pool keeps for reuse.
+    pub fn trim_pool(&self) {
+        lock(&self.inner.pool).trim();
+    }
+
+    /// Submits pending work and waits until the GPU has finished it.
+    pub fn synchronize(&self) -> Result<()> {
+        {
+            let mut batch = lock(&self.inner.batch);
+            self.submit_locked(&mut batch, None);
+        }
+        self.wait()?;
+        self.check_error()
+    }
+
+    /// Largest tensor buffer a kernel can bind, in bytes.
+    pub(crate) fn max_binding_bytes(&self) -> u64 {
+        (self.inner.limits.max_storage_buffer_binding_size as u64)
+            .min(self.inner.limits.max_buffer_size)
+    }
+
+    fn check_error(&self) -> Result<()> {
+        match lock(&self.inner.gpu_error).take() {
+            Some(e) => Err(Error::Gpu(e)),
+            None => Ok(()),
+        }
+    }
+
+    fn wait(&self) -> Result<()> {
+        self.inner
+            .device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map(|_| ())
+            .map_err(|e| Error::Gpu(e.to_string()))
+    }
+
+    /// A storage buffer of at least `bytes` (a multiple of 4), from the pool when possible.
+    /// `for_upload`: the caller will fill it with `queue.write_buffer`.
+    pub(crate) fn alloc(
+        &self,
+        op: &'static str,
+        bytes: u64,
+        kind: BufferKind,
+        for_upload: bool,
+    ) -> Result<(wgpu::Buffer, u64)> {
+        let limit = match kind {
+            BufferKind::Storage => self.max_binding_bytes(),
+            _ => self.inner.limits.max_buffer_size,
+        };
+        if bytes > limit {
+            return Err(Error::TooLarge {
+                op,
+                bytes: bytes as u128,
+                limit,
+            });
+        }
+        let class = size_class(bytes, limit);
+        let mut pool = lock(&self.inner.pool);
+        if let Some(buf) = pool.take(kind, class, for_upload) {
+            return Ok((buf, class));
+        }
+        pool.note_live(kind, class);
+        drop(pool);
+        let buffer = self.inner.device.create_buffer(&wgpu::BufferDescriptor {
+            label: None,
+            size: class,
+            usage: kind.usages(),
+            mapped_at_creation: false,
+        });
+        Ok((buffer, class))
+    }
+
+    /// Returns a buffer to the pool.
+    pub(crate) fn release(&self, kind: BufferKind, class: u64, buffer: wgpu::Buffer) {
+        lock(&self.inner.pool).give(kind, class, buffer);
+    }
+
+    /// Writes host data into a buffer obtained with `alloc(.., for_upload = true)`.
+    pub(crate) fn upload(&self, buffer: &wgpu::Buffer, data: &[u8]) {
+        if !data.is_empty() {
+            self.inner.queue.write_buffer(buffer, 0, data);
+        }
+    }
+
+    fn pipeline(&self, kernel: Kernel) -> Arc<Pipeline> {
+        if let Some(p) = lock(&self.inner.pipelines).get(&kernel) {
+            return p.clone();
+        }
+        let file = kernel.file();
+        let module = {
+            let mut modules = lock(&self.inner.modules);
+            modules
+                .entry(file)
+                .or_insert_with(|| {
+                    self.inner
+                        .device
+                        .create_shader_module(wgpu::ShaderModuleDescriptor {
+                            label: Some(file.file_name()),
+                            source: wgpu::ShaderSource::Wgsl(file.source().into()),
+                        })
+                })
+                .clone()
+        };
+        let pipeline =
+            self.inner
+                .device
+                .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+                    label: Some(kernel.entry()),
+                    layout: None,
+                    module: &module,
+                    entry_point: Some(kernel.entry()),
+                    compilation_options: wgpu::PipelineCompilationOptions::default(),
+                    cache: None,
+                });
+        let layout = pipeline.get_bind_group_layout(0);
+        let p = Arc::new(Pipeline { pipeline, layout });
+        lock(&self.inner.pipelines).insert(kernel, p.clone());
+        p
+    }
+
+    /// Records one dispatch of `kernel` into the open batch.
+    ///
+    /// `inputs` are bound at `0..inputs.len()`, `output` at binding 3 and a copy of `params`
+    /// (which belongs to this dispatch alone) at binding 4.
+    pub(crate) fn dispatch(
+        &self,
+        kernel: Kernel,
+        inputs: &[&wgpu::Buffer],
+        output: &wgpu::Buffer,
+        params: &[u8],
+        workgroups: [u32; 3],
+    ) {
+        debug_assert_eq!(inputs.len(), kernel.inputs());
+        debug_assert!(params.len() <= PARAMS_STRIDE);
+        if workgroups.contains(&0) {
+            return;
+        }
+        let pipeline = self.pipeline(kernel);
+        let mut batch = lock(&self.inner.batch);
+        if batch.pass.is_none() {
+            self.open_pass(&mut batch);
+        }
+        let params_buffer = match &batch.params_buffer {
+            Some(b) => b.clone(),
+            None => {
+                let size = (MAX_BATCH_DISPATCHES * PARAMS_STRIDE) as u64;
+                let buffer = match self.alloc("dispatch", size, BufferKind::Uniform, true) {
+                    Ok((b, _)) => b,
+                    // The size is a constant far below any adapter's limit.
+                    Err(_) => return,
+                };
+                batch.params_buffer = Some(buffer.clone());
+                buffer
+            }
+        };
+        let offset = batch.params.len();
+        batch.params.extend_from_slice(params);
+        batch.params.resize(offset + PARAMS_STRIDE, 0);
+
+        let mut entries: Vec<wgpu::BindGroupEntry> = inputs
+            .iter()
+            .enumerate()
+            .map(|(i, b)| wgpu::BindGroupEntry {
+                binding: i as u32,
+                resource: b.as_entire_binding(),
+            })
+            .collect();
+        entries.push(wgpu::BindGroupEntry {
+            binding: OUTPUT_BINDING,
+            resource: output.as_entire_binding(),
+        });
+        entries.push(wgpu::BindGroupEntry {
+            binding: PARAMS_BINDING,
+            resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                buffer: &params_buffer,
+                offset: offset as u64,
+                size: wgpu::BufferSize::new(params.len() as u64),
+            }),
+        });
+        let bind_group = self
+            .inner
+            .device
+            .create_bind_group(&wgpu::BindGroupDescriptor {
+                label: None,
+                layout: &pipeline.layout,
+                entries: &entries,
+            });
+        if let Some(pass) = batch.pass.as_mut() {
+            pass.set_pipeline(&pipeline.pipeline);
+            pass.set_bind_group(0, &bind_group, &[]);
+            pass.dispatch_workgroups(workgroups[0], workgroups[1], workgroups[2]);
+        }
+        batch.dispatches += 1;
+        self.inner.dispatches.fetch_add(1, Ordering::Relaxed);
+        if batch.dispatches >= MAX_BATCH_DISPATCHES {
+            self.submit_locked(&mut batch, None);
+        }
+    }
+
+    fn open_pass(&self, batch: &mut Batch) {
+        let mut encoder =
+            self.inner
+                .device
+                .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                    label: Some("kiln batch"),
+                });
+        let pass = encoder
+            .begin_compute_pass(&wgpu::ComputePassDescriptor {
+                label: None,
+                timestamp_writes: None,
+            })
+            .forget_lifetime();
+        batch.encoder = Some(encoder);
+        batch.pass = Some(pass);
+        lock(&self.inner.pool).batch_open = true;
+    }
+
+    /// Ends the open pass, lets `extra` record into the encoder (a readback copy), and submits.
+    fn submit_locked(&self, batch: &mut Batch, extra: Option<&dyn Fn(&mut wgpu::CommandEncoder)>) {
+        batch.pass = None;
+        if batch.encoder.is_none() && extra.is_none() {
+            return;
+        }
+        let mut encoder = batch.encoder.take().unwrap_or_else(|| {
+            self.inner
+                .device
+                .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                    label: Some("kiln readback"),
+                })
+        });
+        if let Some(record) = extra {
+            record(&mut encoder);
+        }
+        if let Some(params_buffer) = batch.params_buffer.take() {
+            self.inner
+                .queue
+                .write_buffer(&params_buffer, 0, &batch.params);
+            let class = params_buffer.size();
+            self.release(BufferKind::Uniform, class, params_buffer);
+        }
+        batch.params.clear();
+        batch.dispatches = 0;
+        self.inner.queue.submit(Some(encoder.finish()));
+        self.inner.submits.fetch_add(1, Ordering::Relaxed);
+        lock(&self.inner.pool).batch_submitted();
+    }
+
+    /// Copies `bytes` bytes at `offset` of `buffer` to the host, submitting pending work first.
+    pub(crate) fn read_buffer(
+        &self,
+        buffer: &wgpu::Buffer,
+        offset: u64,
+        bytes: u64,
+    ) -> Result<Vec<u8>> {
+        if bytes == 0 {
+            return Ok(Vec::new());
+        }
+        let (staging, class) = self.alloc("read", bytes, BufferKind::Readback, false)?;
+        {
+            let mut batch = lock(&self.inner.batch);
+            self.submit_locked(
+                &mut batch,
+                Some(&|enc: &mut wgpu::CommandEncoder| {
+                    enc.copy_buffer_to_buffer(buffer, offset, &staging, 0, bytes)
+                }),
+            );
+        }
+        self.inner.readbacks.fetch_add(1, Ordering::Relaxed);
+        let result = Arc::new(Mutex::new(None));
+        let slot = result.clone();
+        staging.map_async(wgpu::MapMode::Read, 0..bytes, move |r| {
+            *lock(&slot) = Some(r);
+        });
+        self.wait()?;
+        let mapped = lock(&result).take();
+        let out = match mapped {
+            Some(Ok(())) => {
+                let data = staging
+                    .get_mapped_range(0..bytes)
+                    .map(|view| view.to_vec())
+                    .map_err(|e| Error::Gpu(format!("reading back {bytes} bytes: {e}")));
+                staging.unmap();
+                data
+            }
+            Some(Err(e)) => Err(Error::Gpu(format!(
+                "mapping {bytes} bytes for readback: {e}"
+            ))),
+            None => Err(Error::Gpu("readback did not complete".into())),
+        };
+        self.release(BufferKind::Readback, class, staging);
+        self.check_error()?;
+        out
+    }
+}
+
+impl fmt::Debug for Device {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "Device#{}({})",
+            self.inner.id,
+            describe(&self.inner.info)
+        )
+    }
+}
+
+impl fmt::Display for Device {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&describe(&self.inner.info))
+    }
+}

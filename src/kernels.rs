@@ -1,0 +1,154 @@
+//! The registry of every WGSL entry point: one enum variant per entry point.
+//!
+//! The variant is the pipeline-cache key; [`Kernel::entry`] is the WGSL function name and
+//! [`Kernel::source`] the file it lives in.
+
+/// A shader file of `shaders/`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ShaderFile {
+    /// `shaders/elementwise.wgsl`
+    Elementwise,
+    /// `shaders/reduce.wgsl`
+    Reduce,
+    /// `shaders/matmul.wgsl`
+    Matmul,
+}
+
+impl ShaderFile {
+    /// Every shader file, for validation.
+    pub const ALL: [ShaderFile; 3] = [
+        ShaderFile::Elementwise,
+        ShaderFile::Reduce,
+        ShaderFile::Matmul,
+    ];
+
+    /// The WGSL source.
+    pub fn source(self) -> &'static str {
+        match self {
+            ShaderFile::Elementwise => include_str!("../shaders/elementwise.wgsl"),
+            ShaderFile::Reduce => include_str!("../shaders/reduce.wgsl"),
+            ShaderFile::Matmul => include_str!("../shaders/matmul.wgsl"),
+        }
+    }
+
+    /// The file name under `shaders/`.
+    pub fn file_name(self) -> &'static str {
+        match self {
+            ShaderFile::Elementwise => "elementwise.wgsl",
+            ShaderFile::Reduce => "reduce.wgsl",
+            ShaderFile::Matmul => "matmul.wgsl",
+        }
+    }
+}
+
+macro_rules! kernels {
+    ($($variant:ident => ($file:ident, $entry:literal, $inputs:literal)),* $(,)?) => {
+        /// One WGSL entry point.
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+        pub enum Kernel {
+            $(
+                #[doc = concat!("`", $entry, "` in `shaders/", stringify!($file), "`")]
+                $variant,
+            )*
+        }
+
+        impl Kernel {
+            /// Every kernel.
+            pub const ALL: &'static [Kernel] = &[$(Kernel::$variant),*];
+
+            /// The WGSL entry point name.
+            pub fn entry(self) -> &'static str {
+                match self { $(Kernel::$variant => $entry,)* }
+            }
+
+            /// The file holding it.
+            pub fn file(self) -> ShaderFile {
+                match self { $(Kernel::$variant => ShaderFile::$file,)* }
+            }
+
+            /// How many input buffers it binds (at bindings `0..inputs`); the output is
+            /// binding 3 and the parameters binding 4.
+            pub fn inputs(self) -> usize {
+                match self { $(Kernel::$variant => $inputs,)* }
+            }
+        }
+    };
+}
+
+kernels! {
+    UnaryFwd => (Elementwise, "unary_fwd", 1),
+    BinaryFwd => (Elementwise, "binary_fwd", 2),
+    BinaryScalarFwd => (Elementwise, "binary_scalar_fwd", 1),
+    WhereFwd => (Elementwise, "where_fwd", 3),
+    FillFwd => (Elementwise, "fill_fwd", 0),
+    ArangeFwd => (Elementwise, "arange_fwd", 0),
+    RandFwd => (Elementwise, "rand_fwd", 0),
+    RandnFwd => (Elementwise, "randn_fwd", 0),
+    GatherFwd => (Elementwise, "gather_fwd", 2),
+    ReduceFwd => (Reduce, "reduce_fwd", 1),
+    SoftmaxFwd => (Reduce, "softmax_fwd", 1),
+    LogSoftmaxFwd => (Reduce, "log_softmax_fwd", 1),
+    MatmulFwd => (Matmul, "matmul_fwd", 2),
+}
+
+/// Binding index of a kernel's output buffer.
+pub const OUTPUT_BINDING: u32 = 3;
+/// Binding index of a kernel's uniform parameters.
+pub const PARAMS_BINDING: u32 = 4;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::elementwise::ElementwiseParams;
+    use crate::ops::matmul::MatmulParams;
+    use crate::ops::reduce::ReduceParams;
+
+    fn parse(file: ShaderFile) -> naga::Module {
+        naga::front::wgsl::parse_str(file.source())
+            .unwrap_or_else(|e| panic!("{}: {}", file.file_name(), e.emit_to_string(file.source())))
+    }
+
+    /// The Rust `#[repr(C)]` parameter structs must match the WGSL `Params` structs byte for byte.
+    #[test]
+    fn params_structs_match_wgsl_layout() {
+        let expected = [
+            (
+                ShaderFile::Elementwise,
+                std::mem::size_of::<ElementwiseParams>(),
+            ),
+            (ShaderFile::Reduce, std::mem::size_of::<ReduceParams>()),
+            (ShaderFile::Matmul, std::mem::size_of::<MatmulParams>()),
+        ];
+        for (file, rust_size) in expected {
+            let module = parse(file);
+            let mut layouter = naga::proc::Layouter::default();
+            layouter.update(module.to_ctx()).unwrap();
+            let (handle, _) = module
+                .types
+                .iter()
+                .find(|(_, t)| t.name.as_deref() == Some("Params"))
+                .unwrap_or_else(|| panic!("{} has no Params struct", file.file_name()));
+            assert_eq!(
+                layouter[handle].size as usize,
+                rust_size,
+                "{}",
+                file.file_name()
+            );
+            assert!(rust_size <= 256, "params must fit the per-dispatch stride");
+        }
+    }
+
+    /// Every registered kernel names an entry point that exists, with the bindings it declares.
+    #[test]
+    fn every_kernel_has_its_entry_point() {
+        for &k in Kernel::ALL {
+            let module = parse(k.file());
+            assert!(
+                module.entry_points.iter().any(|e| e.name == k.entry()),
+                "{} is missing from {}",
+                k.entry(),
+                k.file().file_name()
+            );
+        }
+    }
+}

@@ -1,0 +1,35 @@
+//! # kiln
+//!
+//! GPU deep learning on [wgpu](https://wgpu.rs): WGSL compute kernels, a [`Tensor`] type,
+//! and a runtime that records GPU work lazily and submits it in batches. Runs on any
+//! Vulkan, Metal or DX12 adapter, including a software Vulkan driver on machines without a GPU.
+//!
+//! ```no_run
+//! use kiln::{Device, Tensor};
+//!
+//! let dev = Device::default_device()?;
+//! let x = Tensor::randn(&[64, 128], 0, &dev)?;
+//! let w = Tensor::randn(&[32, 128], 1, &dev)?.mul_scalar(0.1)?;
+//! let logits = x.matmul(&w.t()?)?.relu()?;
+//! let probs = logits.softmax(-1)?;
+//! let rows = probs.sum(&[-1], false)?.to_vec()?; // the first readback submits the work
+//! assert!(rows.iter().all(|s| (s - 1.0).abs() < 1e-5));
+//! # Ok::<(), kiln::Error>(())
+//! ```
+//!
+//! Every fallible function returns [`Result`]; shapes, axes, sizes and devices are checked on
+//! the CPU before any GPU work is recorded.
+
+#![warn(missing_docs)]
+
+pub mod device;
+mod error;
+pub mod kernels;
+mod ops;
+pub mod shape;
+mod tensor;
+
+pub use device::{Device, DeviceOptions, DeviceStats};
+pub use error::{Error, Result};
+pub use ops::elementwise::{BinaryOp, UnaryOp};
+pub use tensor::Tensor;

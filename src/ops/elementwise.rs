@@ -1,0 +1,437 @@
+//! Elementwise operations: unary maths, binary maths with broadcasting, scalar variants,
+//! comparisons, `where`, `clamp`, and the strided copy behind `contiguous`.
+
+use bytemuck::{Pod, Zeroable};
+
+use super::{grid, pack};
+use crate::error::{Error, Result};
+use crate::kernels::Kernel;
+use crate::shape::{broadcast_shapes, Layout, MAX_RANK};
+use crate::tensor::Tensor;
+
+/// Uniform parameters of `shaders/elementwise.wgsl` (its `Params` struct).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Pod, Zeroable)]
+pub(crate) struct ElementwiseParams {
+    pub n: u32,
+    pub rank: u32,
+    pub op: u32,
+    pub flags: u32,
+    pub off_a: u32,
+    pub off_b: u32,
+    pub off_c: u32,
+    pub off_o: u32,
+    pub alpha: f32,
+    pub beta: f32,
+    pub aux0: u32,
+    pub aux1: u32,
+    pub shape: [u32; MAX_RANK],
+    pub sa: [u32; MAX_RANK],
+    pub sb: [u32; MAX_RANK],
+    pub sc: [u32; MAX_RANK],
+    pub so: [u32; MAX_RANK],
+}
+
+pub(crate) const FLAG_SCALAR_LEFT: u32 = 16;
+
+/// Unary operations of `unary_fwd`; the discriminant is the shader's op code.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(u32)]
+pub enum UnaryOp {
+    /// x (a copy)
+    Identity = 0,
+    /// -x
+    Neg = 1,
+    /// |x|
+    Abs = 2,
+    /// e^x
+    Exp = 3,
+    /// ln x (NaN below 0, -inf at 0)
+    Log = 4,
+    /// sqrt x (NaN below 0)
+    Sqrt = 5,
+    /// 1 / sqrt x
+    Rsqrt = 6,
+    /// max(x, 0)
+    Relu = 7,
+    /// x >= 0 ? x : slope * x
+    LeakyRelu = 8,
+    /// 1 / (1 + e^-x), computed without overflow
+    Sigmoid = 9,
+    /// tanh x
+    Tanh = 10,
+    /// x * Phi(x), the exact (erf) form that is PyTorch's default
+    Gelu = 11,
+    /// x * sigmoid(x)
+    Silu = 12,
+    /// min(max(x, lo), hi)
+    Clamp = 13,
+}
+
+/// Binary operations of `binary_fwd`; the discriminant is the shader's op code.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(u32)]
+pub enum BinaryOp {
+    /// x + y
+    Add = 0,
+    /// x - y
+    Sub = 1,
+    /// x * y
+    Mul = 2,
+    /// x / y
+    Div = 3,
+    /// x ^ y (NaN for a negative base with a fractional exponent)
+    Pow = 4,
+    /// max(x, y), NaN if either is NaN
+    Maximum = 5,
+    /// min(x, y), NaN if either is NaN
+    Minimum = 6,
+    /// 1 where x == y, else 0
+    Eq = 7,
+    /// 1 where x != y, else 0
+    Ne = 8,
+    /// 1 where x < y, else 0
+    Lt = 9,
+    /// 1 where x <= y, else 0
+    Le = 10,
+    /// 1 where x > y, else 0
+    Gt = 11,
+    /// 1 where x >= y, else 0
+    Ge = 12,
+}
+
+impl BinaryOp {
+    fn name(self) -> &'static str {
+        match self {
+            BinaryOp::Add => "add",
+            BinaryOp::Sub => "sub",
+            BinaryOp::Mul => "mul",
+            BinaryOp::Div => "div",
+            BinaryOp::Pow => "pow",
+            BinaryOp::Maximum => "maximum",
+            BinaryOp::Minimum => "minimum",
+            BinaryOp::Eq => "eq",
+            BinaryOp::Ne => "ne",
+            BinaryOp::Lt => "lt",
+            BinaryOp::Le => "le",
+            BinaryOp::Gt => "gt",
+            BinaryOp::Ge => "ge",
+        }
+    }
+}
+
+/// Scalar arguments and extra words of one elementwise dispatch.
+#[derive(Clone, Copy, Default)]
+pub(crate) struct Extra {
+    pub op: u32,
+    pub alpha: f32,
+    pub beta: f32,
+    pub aux: [u32; 2],
+    pub flags: u32,
+}
+
+/// Records one elementwise dispatch: `inputs` are read through their layouts (already
+/// broadcast to `out_layout.shape`), the result is written through `out_layout` into `out`.
+pub(crate) fn launch(
+    kernel: Kernel,
+    inputs: &[(&Tensor, &Layout)],
+    out: &Tensor,
+    out_layout: &Layout,
+    extra: Extra,
+) {
+    let n = out_layout.numel();
+    if n == 0 {
+        return;
+    }
+    let mut p = ElementwiseParams {
+        n: n as u32,
+        rank: out_layout.rank() as u32,
+        op: extra.op,
+        flags: extra.flags,
+        off_o: out_layout.offset as u32,
+        alpha: extra.alpha,
+        beta: extra.beta,
+        aux0: extra.aux[0],
+        aux1: extra.aux[1],
+        shape: pack(out_layout.shape.iter().copied()),
+        so: pack(out_layout.strides.iter().copied()),
+        ..Zeroable::zeroed()
+    };
+    if out_layout.is_contiguous() {
+        p.flags |= 8;
+    }
+    for (i, (_, l)) in inputs.iter().enumerate() {
+        let strides = pack(l.strides.iter().copied());
+        let contiguous = l.is_contiguous() && l.shape == out_layout.shape;
+        if contiguous {
+            p.flags |= 1 << i;
+        }
+        match i {
+            0 => (p.off_a, p.sa) = (l.offset as u32, strides),
+            1 => (p.off_b, p.sb) = (l.offset as u32, strides),
+            _ => (p.off_c, p.sc) = (l.offset as u32, strides),
+        }
+    }
+    let buffers: Vec<&wgpu::Buffer> = inputs.iter().map(|(t, _)| t.buffer()).collect();
+    out.device().dispatch(
+        kernel,
+        &buffers,
+        out.buffer(),
+        bytemuck::bytes_of(&p),
+        grid(n, 256),
+    );
+}
+
+fn check_rank(op: &'static str, shape: &[usize]) -> Result<()> {
+    if shape.len() > MAX_RANK {
+        return Err(Error::shape(
+            op,
+            format!("rank {} exceeds {MAX_RANK} (shape {shape:?})", shape.len()),
+        ));
+    }
+    Ok(())
+}
+
+pub(crate) fn unary(x: &Tensor, op: UnaryOp, alpha: f32, beta: f32) -> Result<Tensor> {
+    let out = Tensor::uninit("unary", x.dims(), x.device())?;
+    let extra = Extra {
+        op: op as u32,
+        alpha,
+        beta,
+        ..Default::default()
+    };
+    launch(
+        Kernel::UnaryFwd,
+        &[(x, &x.layout)],
+        &out,
+        &out.layout.clone(),
+        extra,
+    );
+    Ok(out)
+}
+
+/// A contiguous copy of `x`.
+pub(crate) fn copy(x: &Tensor) -> Result<Tensor> {
+    unary(x, UnaryOp::Identity, 0.0, 0.0)
+}
+
+/// Copies `src` (broadcast to `dst_layout.shape`) into `dst` through `dst_layout`.
+pub(crate) fn copy_into(src: &Tensor, dst: &Tensor, dst_layout: &Layout) -> Result<()> {
+    let l = src.layout.broadcast_to("copy", &dst_layout.shape)?;
+    launch(
+        Kernel::UnaryFwd,
+        &[(src, &l)],
+        dst,
+        dst_layout,
+        Extra::default(),
+    );
+    Ok(())
+}
+
+pub(crate) fn binary(a: &Tensor, b: &Tensor, op: BinaryOp) -> Result<Tensor> {
+    let name = op.name();
+    a.check_device(name, b)?;
+    let shape = broadcast_shapes(name, a.dims(), b.dims())?;
+    check_rank(name, &shape)?;
+    let la = a.layout.broadcast_to(name, &shape)?;
+    let lb = b.layout.broadcast_to(name, &shape)?;
+    let out = Tensor::uninit(name, &shape, a.device())?;
+    let extra = Extra {
+        op: op as u32,
+        ..Default::default()
+    };
+    launch(
+        Kernel::BinaryFwd,
+        &[(a, &la), (b, &lb)],
+        &out,
+        &out.layout.clone(),
+        extra,
+    );
+    Ok(out)
+}
+
+pub(crate) fn binary_scalar(a: &Tensor, s: f32, op: BinaryOp, scalar_left: bool) -> Result<Tensor> {
+    let out = Tensor::uninit(op.name(), a.dims(), a.device())?;
+    let extra = Extra {
+        op: op as u32,
+        alpha: s,
+        flags: if scalar_left { FLAG_SCALAR_LEFT } else { 0 },
+        ..Default::default()
+    };
+    launch(
+        Kernel::BinaryScalarFwd,
+        &[(a, &a.layout)],
+        &out,
+        &out.layout.clone(),
+        extra,
+    );
+    Ok(out)
+}
+
+pub(crate) fn where_cond(cond: &Tensor, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    const OP: &str = "where";
+    cond.check_device(OP, a)?;
+    cond.check_device(OP, b)?;
+    let shape = broadcast_shapes(OP, &broadcast_shapes(OP, cond.dims(), a.dims())?, b.dims())?;
+    check_rank(OP, &shape)?;
+    let lc = cond.layout.broadcast_to(OP, &shape)?;
+    let la = a.layout.broadcast_to(OP, &shape)?;
+    let lb = b.layout.broadcast_to(OP, &shape)?;
+    let out = Tensor::uninit(OP, &shape, a.device())?;
+    launch(
+        Kernel::WhereFwd,
+        &[(cond, &lc), (a, &la), (b, &lb)],
+        &out,
+        &out.layout.clone(),
+        Extra::default(),
+    );
+    Ok(out)
+}
+
+macro_rules! unary_methods {
+    ($($(#[$doc:meta])* $name:ident => $op:ident),* $(,)?) => {
+        impl Tensor {
+            $(
+                $(#[$doc])*
+                pub fn $name(&self) -> Result<Tensor> {
+                    unary(self, UnaryOp::$op, 0.0, 0.0)
+                }
+            )*
+        }
+    };
+}
+
+unary_methods! {
+    /// -x, elementwise.
+    neg => Neg,
+    /// |x|, elementwise.
+    abs => Abs,
+    /// e^x, elementwise.
+    exp => Exp,
+    /// Natural logarithm, elementwise (NaN below 0, -inf at 0).
+    log => Log,
+    /// Square root, elementwise (NaN below 0).
+    sqrt => Sqrt,
+    /// 1 / sqrt(x), elementwise.
+    rsqrt => Rsqrt,
+    /// max(x, 0), elementwise.
+    relu => Relu,
+    /// Logistic sigmoid, elementwise, stable for large |x|.
+    sigmoid => Sigmoid,
+    /// Hyperbolic tangent, elementwise.
+    tanh => Tanh,
+    /// GELU, exact erf form (PyTorch's default `approximate='none'`), elementwise.
+    gelu => Gelu,
+    /// SiLU (swish): x * sigmoid(x), elementwise.
+    silu => Silu,
+}
+
+macro_rules! binary_methods {
+    ($($(#[$doc:meta])* $name:ident, $scalar:ident => $op:ident),* $(,)?) => {
+        impl Tensor {
+            $(
+                $(#[$doc])*
+                ///
+                /// Shapes broadcast as in NumPy.
+                pub fn $name(&self, other: &Tensor) -> Result<Tensor> {
+                    binary(self, other, BinaryOp::$op)
+                }
+
+                $(#[$doc])*
+                ///
+                /// The other operand is a scalar.
+                pub fn $scalar(&self, s: f32) -> Result<Tensor> {
+                    binary_scalar(self, s, BinaryOp::$op, false)
+                }
+            )*
+        }
+    };
+}
+
+binary_methods! {
+    /// self + other, elementwise.
+    add, add_scalar => Add,
+    /// self - other, elementwise.
+    sub, sub_scalar => Sub,
+    /// self * other, elementwise.
+    mul, mul_scalar => Mul,
+    /// self / other, elementwise.
+    div, div_scalar => Div,
+    /// self ^ other, elementwise.
+    pow, pow_scalar => Pow,
+    /// Larger of the two, elementwise (NaN if either is NaN).
+    maximum, maximum_scalar => Maximum,
+    /// Smaller of the two, elementwise (NaN if either is NaN).
+    minimum, minimum_scalar => Minimum,
+    /// 1.0 where equal, else 0.0.
+    eq, eq_scalar => Eq,
+    /// 1.0 where not equal, else 0.0.
+    ne, ne_scalar => Ne,
+    /// 1.0 where self < other, else 0.0.
+    lt, lt_scalar => Lt,
+    /// 1.0 where self <= other, else 0.0.
+    le, le_scalar => Le,
+    /// 1.0 where self > other, else 0.0.
+    gt, gt_scalar => Gt,
+    /// 1.0 where self >= other, else 0.0.
+    ge, ge_scalar => Ge,
+}
+
+impl Tensor {
+    /// x >= 0 ? x : slope * x, elementwise (PyTorch's default slope is 0.01).
+    pub fn leaky_relu(&self, slope: f32) -> Result<Tensor> {
+        unary(self, UnaryOp::LeakyRelu, slope, 0.0)
+    }
+
+    /// x ^ exponent, elementwise (same as [`Tensor::pow_scalar`]).
+    pub fn powf(&self, exponent: f32) -> Result<Tensor> {
+        self.pow_scalar(exponent)
+    }
+
+    /// Values limited to `[min, max]`; NaN stays NaN.
+    ///
+    /// ```no_run
+    /// # let dev = kiln::Device::default_device()?;
+    /// let t = kiln::Tensor::from_slice(&[-2.0, 0.5, 3.0], &[3], &dev)?;
+    /// assert_eq!(t.clamp(-1.0, 1.0)?.to_vec()?, vec![-1.0, 0.5, 1.0]);
+    /// # Ok::<(), kiln::Error>(())
+    /// ```
+    pub fn clamp(&self, min: f32, max: f32) -> Result<Tensor> {
+        if min > max || min.is_nan() || max.is_nan() {
+            return Err(Error::invalid(
+                "clamp",
+                format!("min {min} must not exceed max {max}"),
+            ));
+        }
+        unary(self, UnaryOp::Clamp, min, max)
+    }
+
+    /// s - self, elementwise.
+    pub fn rsub_scalar(&self, s: f32) -> Result<Tensor> {
+        binary_scalar(self, s, BinaryOp::Sub, true)
+    }
+
+    /// s / self, elementwise.
+    pub fn rdiv_scalar(&self, s: f32) -> Result<Tensor> {
+        binary_scalar(self, s, BinaryOp::Div, true)
+    }
+
+    /// self * self, elementwise.
+    pub fn square(&self) -> Result<Tensor> {
+        binary(self, self, BinaryOp::Mul)
+    }
+
+    /// Elements of `a` where `self` is non-zero, of `b` elsewhere (all three broadcast).
+    ///
+    /// ```no_run
+    /// # let dev = kiln::Device::default_device()?;
+    /// let c = kiln::Tensor::from_slice(&[1.0, 0.0], &[2], &dev)?;
+    /// let a = kiln::Tensor::full(&[2], 5.0, &dev)?;
+    /// let b = kiln::Tensor::zeros(&[2], &dev)?;
+    /// assert_eq!(c.where_cond(&a, &b)?.to_vec()?, vec![5.0, 0.0]);
+    /// # Ok::<(), kiln::Error>(())
+    /// ```
+    pub fn where_cond(&self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+        where_cond(self, a, b)
+    }
+}

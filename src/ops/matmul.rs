@@ -1,0 +1,153 @@
+//! Matrix product with `torch.matmul` semantics: batch broadcasting, vectors promoted to
+//! matrices, transposed operands read through strides.
+
+use bytemuck::{Pod, Zeroable};
+
+use super::pack;
+use crate::error::{Error, Result};
+use crate::kernels::Kernel;
+use crate::shape::{broadcast_shapes, Layout, MAX_RANK};
+use crate::tensor::Tensor;
+
+/// Uniform parameters of `shaders/matmul.wgsl` (its `Params` struct).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Pod, Zeroable)]
+pub(crate) struct MatmulParams {
+    pub m: u32,
+    pub n: u32,
+    pub k: u32,
+    pub batch_rank: u32,
+    pub off_a: u32,
+    pub off_b: u32,
+    pub a_rs: u32,
+    pub a_cs: u32,
+    pub b_rs: u32,
+    pub b_cs: u32,
+    pub z_base: u32,
+    pub _pad: u32,
+    pub bshape: [u32; MAX_RANK],
+    pub sa: [u32; MAX_RANK],
+    pub sb: [u32; MAX_RANK],
+}
+
+/// Output tile of one workgroup (8x8 invocations, 4x4 outputs each).
+const TILE: usize = 32;
+const MAX_GROUPS: usize = 65535;
+
+impl Tensor {
+    /// Matrix product as `torch.matmul`: `(..., m, k) x (..., k, n) -> (..., m, n)` with the
+    /// batch axes broadcast; a 1-D left operand is a row vector and a 1-D right operand a
+    /// column vector (their axis is removed from the result). Transposed views need no copy.
+    ///
+    /// ```no_run
+    /// # let dev = kiln::Device::default_device()?;
+    /// let a = kiln::Tensor::randn(&[5, 2, 3], 0, &dev)?; // a batch of 5
+    /// let w = kiln::Tensor::randn(&[4, 3], 1, &dev)?;
+    /// let y = a.matmul(&w.t()?)?; // w broadcast over the batch, transposed without a copy
+    /// assert_eq!(y.dims(), &[5, 2, 4]);
+    /// # Ok::<(), kiln::Error>(())
+    /// ```
+    pub fn matmul(&self, other: &Tensor) -> Result<Tensor> {
+        const OP: &str = "matmul";
+        self.check_device(OP, other)?;
+        if self.rank() == 0 || other.rank() == 0 {
+            return Err(Error::shape(
+                OP,
+                format!(
+                    "both operands need rank 1 or more, got {:?} and {:?}",
+                    self.dims(),
+                    other.dims()
+                ),
+            ));
+        }
+        let a = if self.rank() == 1 {
+            self.unsqueeze(0)?
+        } else {
+            self.clone()
+        };
+        let b = if other.rank() == 1 {
+            other.unsqueeze(-1)?
+        } else {
+            other.clone()
+        };
+        let (ra, rb) = (a.rank(), b.rank());
+        let (m, k) = (a.dims()[ra - 2], a.dims()[ra - 1]);
+        let (k2, n) = (b.dims()[rb - 2], b.dims()[rb - 1]);
+        if k != k2 {
+            return Err(Error::shape(
+                OP,
+                format!(
+                    "inner sizes differ: {:?} x {:?} ({k} vs {k2})",
+                    self.dims(),
+                    other.dims()
+                ),
+            ));
+        }
+        let batch = broadcast_shapes(OP, &a.dims()[..ra - 2], &b.dims()[..rb - 2])?;
+        if batch.len() + 2 > MAX_RANK {
+            return Err(Error::shape(OP, format!("rank exceeds {MAX_RANK}")));
+        }
+        if m.div_ceil(TILE) > MAX_GROUPS || n.div_ceil(TILE) > MAX_GROUPS {
+            return Err(Error::shape(
+                OP,
+                format!("output of {m} x {n} exceeds the dispatch limits"),
+            ));
+        }
+        let batch_layout = |t: &Tensor, r: usize| -> Result<Layout> {
+            let l = Layout {
+                shape: t.dims()[..r - 2].to_vec(),
+                strides: t.strides()[..r - 2].to_vec(),
+                offset: 0,
+            };
+            l.broadcast_to(OP, &batch)
+        };
+        let la = batch_layout(&a, ra)?;
+        let lb = batch_layout(&b, rb)?;
+
+        let mut out_shape = batch.clone();
+        out_shape.extend([m, n]);
+        let out = Tensor::uninit(OP, &out_shape, self.device())?;
+        let count: usize = batch.iter().product();
+        if m > 0 && n > 0 && count > 0 {
+            let mut p = MatmulParams {
+                m: m as u32,
+                n: n as u32,
+                k: k as u32,
+                batch_rank: batch.len() as u32,
+                off_a: a.layout.offset as u32,
+                off_b: b.layout.offset as u32,
+                a_rs: a.strides()[ra - 2] as u32,
+                a_cs: a.strides()[ra - 1] as u32,
+                b_rs: b.strides()[rb - 2] as u32,
+                b_cs: b.strides()[rb - 1] as u32,
+                z_base: 0,
+                _pad: 0,
+                bshape: pack(batch.iter().copied()),
+                sa: pack(la.strides.iter().copied()),
+                sb: pack(lb.strides.iter().copied()),
+            };
+            let groups = [n.div_ceil(TILE) as u32, m.div_ceil(TILE) as u32];
+            let mut z = 0;
+            while z < count {
+                let chunk = (count - z).min(MAX_GROUPS);
+                p.z_base = z as u32;
+                self.device().dispatch(
+                    Kernel::MatmulFwd,
+                    &[a.buffer(), b.buffer()],
+                    out.buffer(),
+                    bytemuck::bytes_of(&p),
+                    [groups[0], groups[1], chunk as u32],
+                );
+                z += chunk;
+            }
+        }
+        let mut result = out;
+        if other.rank() == 1 {
+            result = result.squeeze(Some(-1))?;
+        }
+        if self.rank() == 1 {
+            result = result.squeeze(Some(-2).filter(|_| result.rank() >= 2).or(Some(-1)))?;
+        }
+        Ok(result)
+    }
+}

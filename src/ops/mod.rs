@@ -1,0 +1,30 @@
+//! Operations, one file per family: shape checks on the CPU, then one or more dispatches.
+
+pub(crate) mod create;
+pub(crate) mod elementwise;
+pub(crate) mod index;
+pub(crate) mod matmul;
+pub(crate) mod reduce;
+
+use crate::shape::MAX_RANK;
+
+/// Workgroups of `per_group` invocations covering `n` items, spread over x and y so that no
+/// dimension exceeds 65535 (the WebGPU minimum for `max_compute_workgroups_per_dimension`).
+pub(crate) fn grid(n: usize, per_group: usize) -> [u32; 3] {
+    let groups = n.div_ceil(per_group);
+    if groups == 0 {
+        return [0, 1, 1];
+    }
+    let x = groups.min(65535);
+    let y = groups.div_ceil(x);
+    [x as u32, y as u32, 1]
+}
+
+/// Packs up to [`MAX_RANK`] values into the `array<vec4<u32>, 2>` layout of the shaders.
+pub(crate) fn pack(values: impl IntoIterator<Item = usize>) -> [u32; MAX_RANK] {
+    let mut out = [0u32; MAX_RANK];
+    for (o, v) in out.iter_mut().zip(values) {
+        *o = v as u32;
+    }
+    out
+}

@@ -1,0 +1,284 @@
+//! Reductions along axes (sum, mean, max, min, argmax, argmin, variance) and softmax.
+
+use bytemuck::{Pod, Zeroable};
+
+use super::{grid, pack};
+use crate::error::{Error, Result};
+use crate::kernels::Kernel;
+use crate::shape::{contiguous_strides, normalize_axes, normalize_axis, MAX_RANK};
+use crate::tensor::Tensor;
+
+/// Uniform parameters of `shaders/reduce.wgsl` (its `Params` struct).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Pod, Zeroable)]
+pub(crate) struct ReduceParams {
+    pub n_out: u32,
+    pub rank: u32,
+    pub red_len: u32,
+    pub op: u32,
+    pub off_in: u32,
+    pub red_stride: u32,
+    pub out_red_stride: u32,
+    pub correction: f32,
+    pub shape: [u32; MAX_RANK],
+    pub sin: [u32; MAX_RANK],
+    pub sout: [u32; MAX_RANK],
+}
+
+/// Reduction op codes of `reduce_fwd`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u32)]
+pub(crate) enum ReduceOp {
+    Sum = 0,
+    Mean = 1,
+    Max = 2,
+    Min = 3,
+    ArgMax = 4,
+    ArgMin = 5,
+    Var = 6,
+}
+
+impl ReduceOp {
+    fn name(self) -> &'static str {
+        match self {
+            ReduceOp::Sum => "sum",
+            ReduceOp::Mean => "mean",
+            ReduceOp::Max => "max",
+            ReduceOp::Min => "min",
+            ReduceOp::ArgMax => "argmax",
+            ReduceOp::ArgMin => "argmin",
+            ReduceOp::Var => "var",
+        }
+    }
+
+    fn needs_elements(self) -> bool {
+        matches!(
+            self,
+            ReduceOp::Max | ReduceOp::Min | ReduceOp::ArgMax | ReduceOp::ArgMin
+        )
+    }
+}
+
+/// The reduced axes of `x` as one run of `len` elements `stride` apart, if their strides chain
+/// (true for any set of axes of contiguous data that are adjacent once size-1 axes are ignored).
+fn merged_run(x: &Tensor, axes: &[usize]) -> Option<(usize, usize)> {
+    let mut run: Vec<(usize, usize)> = axes
+        .iter()
+        .map(|&a| (x.dims()[a], x.strides()[a]))
+        .filter(|&(d, _)| d != 1)
+        .collect();
+    run.sort_by_key(|&(_, s)| std::cmp::Reverse(s));
+    let len = run.iter().map(|&(d, _)| d).product();
+    for w in run.windows(2) {
+        if w[0].1 != w[1].0 * w[1].1 {
+            return None;
+        }
+    }
+    Some((len, run.last().map_or(1, |&(_, s)| s)))
+}
+
+/// One workgroup per row of the input: `kept` axes index the rows, the reduced elements of a
+/// row are `len` apart by `stride`.
+struct Rows {
+    kept: Vec<usize>,
+    len: usize,
+    stride: usize,
+}
+
+fn rows_of(op: &'static str, x: &Tensor, axes: &[usize]) -> Result<(Tensor, Rows)> {
+    let kept: Vec<usize> = (0..x.rank()).filter(|a| !axes.contains(a)).collect();
+    if let Some((len, stride)) = merged_run(x, axes) {
+        return Ok((x.clone(), Rows { kept, len, stride }));
+    }
+    // Not expressible as one strided run: move the reduced axes last and copy.
+    let perm: Vec<isize> = kept.iter().chain(axes).map(|&a| a as isize).collect();
+    let y = x.permute(&perm)?.contiguous()?;
+    let k = kept.len();
+    let (len, stride) = merged_run(&y, &(k..y.rank()).collect::<Vec<_>>())
+        .ok_or_else(|| Error::shape(op, "internal: contiguous copy is not mergeable"))?;
+    Ok((
+        y,
+        Rows {
+            kept: (0..k).collect(),
+            len,
+            stride,
+        },
+    ))
+}
+
+pub(crate) fn reduce(
+    x: &Tensor,
+    op: ReduceOp,
+    axes: &[isize],
+    keepdim: bool,
+    correction: f32,
+) -> Result<Tensor> {
+    let name = op.name();
+    let axes = normalize_axes(name, axes, x.rank())?;
+    let (src, rows) = rows_of(name, x, &axes)?;
+    let kept_shape: Vec<usize> = rows.kept.iter().map(|&a| src.dims()[a]).collect();
+    let n_out: usize = kept_shape.iter().product();
+    if rows.len == 0 && op.needs_elements() && (n_out > 0 || kept_shape.is_empty()) {
+        return Err(Error::shape(
+            name,
+            format!(
+                "cannot reduce over an empty axis (shape {:?}, axes {axes:?})",
+                x.dims()
+            ),
+        ));
+    }
+    let out_shape: Vec<usize> = if keepdim {
+        x.dims()
+            .iter()
+            .enumerate()
+            .map(|(i, &d)| if axes.contains(&i) { 1 } else { d })
+            .collect()
+    } else {
+        kept_shape.clone()
+    };
+    let out = Tensor::uninit(name, &out_shape, x.device())?;
+    if n_out > 0 {
+        let p = ReduceParams {
+            n_out: n_out as u32,
+            rank: kept_shape.len() as u32,
+            red_len: rows.len as u32,
+            op: op as u32,
+            off_in: src.layout.offset as u32,
+            red_stride: rows.stride as u32,
+            out_red_stride: 0,
+            correction,
+            shape: pack(kept_shape.iter().copied()),
+            sin: pack(rows.kept.iter().map(|&a| src.strides()[a])),
+            sout: pack(contiguous_strides(&kept_shape)),
+        };
+        x.device().dispatch(
+            Kernel::ReduceFwd,
+            &[src.buffer()],
+            out.buffer(),
+            bytemuck::bytes_of(&p),
+            grid(n_out, 1),
+        );
+    }
+    Ok(out)
+}
+
+fn softmax_like(x: &Tensor, axis: isize, kernel: Kernel, name: &'static str) -> Result<Tensor> {
+    let axis = normalize_axis(name, axis, x.rank().max(1))?;
+    if x.rank() == 0 {
+        let x1 = x.reshape(&[1])?;
+        return softmax_like(&x1, 0, kernel, name)?.reshape(&[]);
+    }
+    let out = Tensor::uninit(name, x.dims(), x.device())?;
+    let kept: Vec<usize> = (0..x.rank()).filter(|&a| a != axis).collect();
+    let kept_shape: Vec<usize> = kept.iter().map(|&a| x.dims()[a]).collect();
+    let n_out: usize = kept_shape.iter().product();
+    if n_out > 0 && x.dims()[axis] > 0 {
+        let p = ReduceParams {
+            n_out: n_out as u32,
+            rank: kept.len() as u32,
+            red_len: x.dims()[axis] as u32,
+            op: 0,
+            off_in: x.layout.offset as u32,
+            red_stride: x.strides()[axis] as u32,
+            out_red_stride: out.strides()[axis] as u32,
+            correction: 0.0,
+            shape: pack(kept_shape.iter().copied()),
+            sin: pack(kept.iter().map(|&a| x.strides()[a])),
+            sout: pack(kept.iter().map(|&a| out.strides()[a])),
+        };
+        x.device().dispatch(
+            kernel,
+            &[x.buffer()],
+            out.buffer(),
+            bytemuck::bytes_of(&p),
+            grid(n_out, 1),
+        );
+    }
+    Ok(out)
+}
+
+impl Tensor {
+    /// Sum over `axes` (all axes when empty); reduced axes are kept with size 1 if `keepdim`.
+    ///
+    /// ```no_run
+    /// # let dev = kiln::Device::default_device()?;
+    /// let t = kiln::Tensor::from_slice(&[1.0, 2.0, 3.0, 4.0], &[2, 2], &dev)?;
+    /// assert_eq!(t.sum(&[0], false)?.to_vec()?, vec![4.0, 6.0]);
+    /// assert_eq!(t.sum(&[-1], true)?.dims(), &[2, 1]);
+    /// # Ok::<(), kiln::Error>(())
+    /// ```
+    pub fn sum(&self, axes: &[isize], keepdim: bool) -> Result<Tensor> {
+        reduce(self, ReduceOp::Sum, axes, keepdim, 0.0)
+    }
+
+    /// Sum of all elements, as a rank-0 tensor.
+    pub fn sum_all(&self) -> Result<Tensor> {
+        self.sum(&[], false)
+    }
+
+    /// Mean over `axes` (all axes when empty); NaN over an empty axis.
+    pub fn mean(&self, axes: &[isize], keepdim: bool) -> Result<Tensor> {
+        reduce(self, ReduceOp::Mean, axes, keepdim, 0.0)
+    }
+
+    /// Mean of all elements, as a rank-0 tensor.
+    pub fn mean_all(&self) -> Result<Tensor> {
+        self.mean(&[], false)
+    }
+
+    /// Largest value over `axes` (all when empty); NaN if any element is NaN.
+    pub fn max(&self, axes: &[isize], keepdim: bool) -> Result<Tensor> {
+        reduce(self, ReduceOp::Max, axes, keepdim, 0.0)
+    }
+
+    /// Smallest value over `axes` (all when empty); NaN if any element is NaN.
+    pub fn min(&self, axes: &[isize], keepdim: bool) -> Result<Tensor> {
+        reduce(self, ReduceOp::Min, axes, keepdim, 0.0)
+    }
+
+    /// Index of the largest value along `axis`, as f32 (exact below 2^24). Ties give the
+    /// first index; a NaN counts as the largest value (as in PyTorch).
+    ///
+    /// ```no_run
+    /// # let dev = kiln::Device::default_device()?;
+    /// let t = kiln::Tensor::from_slice(&[1.0, 5.0, 5.0, 0.0], &[4], &dev)?;
+    /// assert_eq!(t.argmax(0, false)?.to_scalar()?, 1.0);
+    /// # Ok::<(), kiln::Error>(())
+    /// ```
+    pub fn argmax(&self, axis: isize, keepdim: bool) -> Result<Tensor> {
+        reduce(self, ReduceOp::ArgMax, &[axis], keepdim, 0.0)
+    }
+
+    /// Index of the smallest value along `axis`, as f32. Ties give the first index.
+    pub fn argmin(&self, axis: isize, keepdim: bool) -> Result<Tensor> {
+        reduce(self, ReduceOp::ArgMin, &[axis], keepdim, 0.0)
+    }
+
+    /// Variance over `axes` (all when empty), dividing by `n - correction` (PyTorch's default
+    /// correction is 1, the unbiased estimate). NaN when `n <= correction`.
+    pub fn var(&self, axes: &[isize], keepdim: bool, correction: usize) -> Result<Tensor> {
+        reduce(self, ReduceOp::Var, axes, keepdim, correction as f32)
+    }
+
+    /// Standard deviation: the square root of [`Tensor::var`].
+    pub fn std(&self, axes: &[isize], keepdim: bool, correction: usize) -> Result<Tensor> {
+        self.var(axes, keepdim, correction)?.sqrt()
+    }
+
+    /// exp(x) / sum(exp(x)) along `axis`, computed with the row maximum subtracted.
+    ///
+    /// ```no_run
+    /// # let dev = kiln::Device::default_device()?;
+    /// let t = kiln::Tensor::from_slice(&[1000.0, 1000.0], &[1, 2], &dev)?;
+    /// assert_eq!(t.softmax(-1)?.to_vec()?, vec![0.5, 0.5]);
+    /// # Ok::<(), kiln::Error>(())
+    /// ```
+    pub fn softmax(&self, axis: isize) -> Result<Tensor> {
+        softmax_like(self, axis, Kernel::SoftmaxFwd, "softmax")
+    }
+
+    /// log(softmax(x)) along `axis`, computed as x - max - log(sum(exp(x - max))).
+    pub fn log_softmax(&self, axis: isize) -> Result<Tensor> {
+        softmax_like(self, axis, Kernel::LogSoftmaxFwd, "log_softmax")
+    }
+}

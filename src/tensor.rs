@@ -1,0 +1,384 @@
+//! The `Tensor` type: GPU storage plus a layout. Views share storage; ops live in `ops/`.
+
+use std::fmt;
+use std::sync::Arc;
+
+use crate::device::{BufferKind, Device};
+use crate::error::{Error, Result};
+use crate::shape::{checked_numel, normalize_axis, resolve_shape, Layout, MAX_RANK};
+
+/// A GPU buffer owned by one or more tensors; returned to the device's pool on drop.
+pub(crate) struct Storage {
+    buffer: Option<wgpu::Buffer>,
+    class: u64,
+    device: Device,
+}
+
+impl Storage {
+    pub(crate) fn buffer(&self) -> &wgpu::Buffer {
+        // Only `Drop` takes the buffer out.
+        self.buffer
+            .as_ref()
+            .unwrap_or_else(|| unreachable!("storage used after drop"))
+    }
+}
+
+impl Drop for Storage {
+    fn drop(&mut self) {
+        if let Some(b) = self.buffer.take() {
+            self.device.release(BufferKind::Storage, self.class, b);
+        }
+    }
+}
+
+/// An n-dimensional array of `f32` on a GPU.
+///
+/// Cloning is cheap and shares the data. Views (`reshape` of contiguous data, `permute`,
+/// `transpose`, `expand`, `narrow`, `squeeze`, `unsqueeze`) share storage too; ops read
+/// through strides, and [`Tensor::contiguous`] copies only when needed. Operations record GPU
+/// work lazily; reading data ([`Tensor::to_vec`]) submits it.
+///
+/// ```no_run
+/// use kiln::{Device, Tensor};
+/// let dev = Device::default_device()?;
+/// let a = Tensor::from_slice(&[1.0, 2.0, 3.0, 4.0, 5.0, 6.0], &[2, 3], &dev)?;
+/// let b = a.transpose(0, 1)?.matmul(&a)?; // (3, 2) x (2, 3)
+/// assert_eq!(b.dims(), &[3, 3]);
+/// assert_eq!(a.sum_all()?.to_scalar()?, 21.0);
+/// # Ok::<(), kiln::Error>(())
+/// ```
+#[derive(Clone)]
+pub struct Tensor {
+    pub(crate) storage: Arc<Storage>,
+    pub(crate) layout: Layout,
+}
+
+impl Tensor {
+    /// A new contiguous tensor whose contents are about to be written by a kernel.
+    pub(crate) fn uninit(op: &'static str, shape: &[usize], device: &Device) -> Result<Tensor> {
+        Self::alloc(op, shape, device, false)
+    }
+
+    /// A new contiguous tensor filled from the host.
+    pub(crate) fn alloc(
+        op: &'static str,
+        shape: &[usize],
+        device: &Device,
+        for_upload: bool,
+    ) -> Result<Tensor> {
+        if shape.len() > MAX_RANK {
+            return Err(Error::shape(
+                op,
+                format!(
+                    "rank {} exceeds the maximum of {MAX_RANK} (shape {shape:?})",
+                    shape.len()
+                ),
+            ));
+        }
+        let numel = checked_numel(shape).ok_or(Error::TooLarge {
+            op,
+            bytes: u128::MAX,
+            limit: device.max_binding_bytes(),
+        })?;
+        let bytes = (numel as u128) * 4;
+        let limit = device.max_binding_bytes();
+        if bytes > limit as u128 || numel > u32::MAX as usize {
+            return Err(Error::TooLarge { op, bytes, limit });
+        }
+        let (buffer, class) = device.alloc(op, bytes as u64, BufferKind::Storage, for_upload)?;
+        Ok(Tensor {
+            storage: Arc::new(Storage {
+                buffer: Some(buffer),
+                class,
+                device: device.clone(),
+            }),
+            layout: Layout::contiguous(shape),
+        })
+    }
+
+    pub(crate) fn buffer(&self) -> &wgpu::Buffer {
+        self.storage.buffer()
+    }
+
+    /// The same storage seen through another layout.
+    pub(crate) fn with_layout(&self, layout: Layout) -> Tensor {
+        Tensor {
+            storage: self.storage.clone(),
+            layout,
+        }
+    }
+
+    /// The shape.
+    pub fn dims(&self) -> &[usize] {
+        &self.layout.shape
+    }
+
+    /// The shape as an owned vector.
+    pub fn shape(&self) -> Vec<usize> {
+        self.layout.shape.clone()
+    }
+
+    /// Strides in elements (0 on broadcast axes).
+    pub fn strides(&self) -> &[usize] {
+        &self.layout.strides
+    }
+
+    /// Where the first element sits in the storage, in elements.
+    pub fn storage_offset(&self) -> usize {
+        self.layout.offset
+    }
+
+    /// The layout (shape, strides, offset).
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    /// Number of axes.
+    pub fn rank(&self) -> usize {
+        self.layout.rank()
+    }
+
+    /// Number of elements.
+    pub fn numel(&self) -> usize {
+        self.layout.numel()
+    }
+
+    /// Size of `axis` (negative counts from the end).
+    pub fn dim(&self, axis: isize) -> Result<usize> {
+        Ok(self.layout.shape[normalize_axis("dim", axis, self.rank())?])
+    }
+
+    /// True when the elements are dense and row-major.
+    pub fn is_contiguous(&self) -> bool {
+        self.layout.is_contiguous()
+    }
+
+    /// The device holding the data.
+    pub fn device(&self) -> &Device {
+        &self.storage.device
+    }
+
+    /// True when both tensors view the same storage.
+    pub fn shares_storage(&self, other: &Tensor) -> bool {
+        Arc::ptr_eq(&self.storage, &other.storage)
+    }
+
+    pub(crate) fn check_device(&self, op: &'static str, other: &Tensor) -> Result<()> {
+        if self.device().same(other.device()) {
+            Ok(())
+        } else {
+            Err(Error::DeviceMismatch {
+                op,
+                a: format!("{:?}", self.device()),
+                b: format!("{:?}", other.device()),
+            })
+        }
+    }
+
+    // ---- views ----
+
+    /// The same elements in another shape; one size may be `-1`. A view when the data is
+    /// contiguous, a copy otherwise.
+    ///
+    /// ```no_run
+    /// # let dev = kiln::Device::default_device()?;
+    /// let t = kiln::Tensor::arange(0.0, 12.0, 1.0, &dev)?.reshape(&[3, -1])?;
+    /// assert_eq!(t.dims(), &[3, 4]);
+    /// # Ok::<(), kiln::Error>(())
+    /// ```
+    pub fn reshape(&self, shape: &[isize]) -> Result<Tensor> {
+        let shape = resolve_shape("reshape", shape, self.numel())?;
+        if shape.len() > MAX_RANK {
+            return Err(Error::shape(
+                "reshape",
+                format!("rank {} exceeds {MAX_RANK}", shape.len()),
+            ));
+        }
+        let base = if self.is_contiguous() {
+            self.clone()
+        } else {
+            self.contiguous()?
+        };
+        let mut layout = Layout::contiguous(&shape);
+        layout.offset = base.layout.offset;
+        Ok(base.with_layout(layout))
+    }
+
+    /// `reshape` with a shape of `usize`.
+    pub fn reshape_to(&self, shape: &[usize]) -> Result<Tensor> {
+        let s: Vec<isize> = shape.iter().map(|&d| d as isize).collect();
+        self.reshape(&s)
+    }
+
+    /// All axes flattened into one.
+    pub fn flatten_all(&self) -> Result<Tensor> {
+        self.reshape(&[-1])
+    }
+
+    /// Axes `start..=end` merged into one.
+    pub fn flatten(&self, start: isize, end: isize) -> Result<Tensor> {
+        let rank = self.rank().max(1);
+        let s = normalize_axis("flatten", start, rank)?;
+        let e = normalize_axis("flatten", end, rank)?;
+        if s > e || self.rank() == 0 {
+            return if self.rank() == 0 {
+                self.reshape(&[1])
+            } else {
+                Err(Error::invalid(
+                    "flatten",
+                    format!("start {start} is after end {end}"),
+                ))
+            };
+        }
+        let dims = self.dims();
+        let mut shape: Vec<isize> = dims[..s].iter().map(|&d| d as isize).collect();
+        shape.push(dims[s..=e].iter().product::<usize>() as isize);
+        shape.extend(dims[e + 1..].iter().map(|&d| d as isize));
+        self.reshape(&shape)
+    }
+
+    /// Axes reordered: axis `i` of the result is axis `perm[i]` of `self`. A view.
+    pub fn permute(&self, perm: &[isize]) -> Result<Tensor> {
+        let perm: Vec<usize> = perm
+            .iter()
+            .map(|&a| normalize_axis("permute", a, self.rank()))
+            .collect::<Result<_>>()?;
+        Ok(self.with_layout(self.layout.permute("permute", &perm)?))
+    }
+
+    /// Two axes swapped. A view.
+    pub fn transpose(&self, a: isize, b: isize) -> Result<Tensor> {
+        let a = normalize_axis("transpose", a, self.rank())?;
+        let b = normalize_axis("transpose", b, self.rank())?;
+        let mut perm: Vec<usize> = (0..self.rank()).collect();
+        perm.swap(a, b);
+        Ok(self.with_layout(self.layout.permute("transpose", &perm)?))
+    }
+
+    /// The last two axes swapped (a matrix transpose). A view.
+    pub fn t(&self) -> Result<Tensor> {
+        if self.rank() < 2 {
+            return Err(Error::shape(
+                "t",
+                format!("needs rank 2 or more, got shape {:?}", self.dims()),
+            ));
+        }
+        self.transpose(-2, -1)
+    }
+
+    /// Broadcast to `shape` (NumPy rules) without copying.
+    pub fn expand(&self, shape: &[usize]) -> Result<Tensor> {
+        Ok(self.with_layout(self.layout.broadcast_to("expand", shape)?))
+    }
+
+    /// `len` elements of `axis` starting at `start`. A view.
+    pub fn narrow(&self, axis: isize, start: usize, len: usize) -> Result<Tensor> {
+        let a = normalize_axis("narrow", axis, self.rank())?;
+        Ok(self.with_layout(self.layout.narrow("narrow", a, start, len)?))
+    }
+
+    /// Axes of size one removed (all of them with `None`). A view.
+    pub fn squeeze(&self, axis: Option<isize>) -> Result<Tensor> {
+        match axis {
+            None => Ok(self.with_layout(self.layout.squeeze(None))),
+            Some(a) => {
+                let a = normalize_axis("squeeze", a, self.rank())?;
+                Ok(self.with_layout(self.layout.squeeze(Some(&[a]))))
+            }
+        }
+    }
+
+    /// An axis of size one inserted at `axis` (`-1` appends). A view.
+    pub fn unsqueeze(&self, axis: isize) -> Result<Tensor> {
+        if self.rank() >= MAX_RANK {
+            return Err(Error::shape(
+                "unsqueeze",
+                format!("rank would exceed {MAX_RANK}"),
+            ));
+        }
+        let a = normalize_axis("unsqueeze", axis, self.rank() + 1)?;
+        Ok(self.with_layout(self.layout.unsqueeze(a)))
+    }
+
+    /// A tensor with the same values in contiguous row-major storage (itself when already so).
+    pub fn contiguous(&self) -> Result<Tensor> {
+        if self.is_contiguous() {
+            return Ok(self.clone());
+        }
+        crate::ops::elementwise::copy(self)
+    }
+
+    // ---- readback ----
+
+    /// The elements in row-major order. Submits pending work and waits for it.
+    pub fn to_vec(&self) -> Result<Vec<f32>> {
+        if self.numel() == 0 {
+            return Ok(Vec::new());
+        }
+        let t = self.contiguous()?;
+        let bytes = self.device().read_buffer(
+            t.buffer(),
+            t.layout.offset as u64 * 4,
+            t.numel() as u64 * 4,
+        )?;
+        Ok(bytemuck::pod_collect_to_vec(&bytes))
+    }
+
+    /// The value of a one-element tensor.
+    pub fn to_scalar(&self) -> Result<f32> {
+        if self.numel() != 1 {
+            return Err(Error::shape(
+                "to_scalar",
+                format!("needs exactly one element, got shape {:?}", self.dims()),
+            ));
+        }
+        Ok(self.to_vec()?[0])
+    }
+}
+
+impl fmt::Debug for Tensor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "Tensor(shape={:?}, strides={:?}, offset={}, device={:?})",
+            self.dims(),
+            self.strides(),
+            self.layout.offset,
+            self.device()
+        )
+    }
+}
+
+/// Shows the shape and up to 6 values per axis (reads the data back from the GPU).
+impl fmt::Display for Tensor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        const EDGE: usize = 3;
+        write!(f, "Tensor{:?} ", self.dims())?;
+        let values = match self.to_vec() {
+            Ok(v) => v,
+            Err(e) => return write!(f, "<unreadable: {e}>"),
+        };
+        fn rec(f: &mut fmt::Formatter<'_>, v: &[f32], dims: &[usize]) -> fmt::Result {
+            let Some((&n, rest)) = dims.split_first() else {
+                return write!(f, "{:.4}", v.first().copied().unwrap_or(f32::NAN));
+            };
+            let inner: usize = rest.iter().product();
+            f.write_str("[")?;
+            for i in 0..n {
+                if n > 2 * EDGE && i == EDGE {
+                    f.write_str(", ...")?;
+                    continue;
+                }
+                if n > 2 * EDGE && i > EDGE && i < n - EDGE {
+                    continue;
+                }
+                if i > 0 {
+                    f.write_str(", ")?;
+                }
+                rec(f, &v[i * inner..(i + 1) * inner], rest)?;
+            }
+            f.write_str("]")
+        }
+        rec(f, &values, self.dims())
+    }
+}
