@@ -4,7 +4,7 @@
 //! and a runtime that records GPU work lazily and submits it in batches. Runs on any
 //! Vulkan, Metal or DX12 adapter, including a software Vulkan driver on machines without a GPU.
 //!
-//! ```no_run
+//! ```
 //! use kiln::{Device, Tensor};
 //!
 //! let dev = Device::default_device()?;
@@ -33,3 +33,10 @@ pub use device::{Device, DeviceOptions, DeviceStats};
 pub use error::{Error, Result};
 pub use ops::elementwise::{BinaryOp, UnaryOp};
 pub use tensor::Tensor;
+/// The wgpu version kiln is built on, for adapter and limit types in kiln's API.
+pub use wgpu;
+
+/// The README's examples, compiled and run as doc tests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

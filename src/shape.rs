@@ -286,7 +286,7 @@ pub fn resolve_shape(op: &'static str, requested: &[isize], numel: usize) -> Res
     }
     let mut out: Vec<usize> = requested.iter().map(|&d| d.max(0) as usize).collect();
     if let Some(i) = infer {
-        if known == 0 || numel % known != 0 {
+        if known == 0 || !numel.is_multiple_of(known) {
             return Err(Error::shape(
                 op,
                 format!("cannot infer -1 in {requested:?} for {numel} elements"),
@@ -324,7 +324,8 @@ mod tests {
         assert!(l.is_contiguous());
         let p = l.permute("t", &[2, 0, 1]).unwrap();
         assert!(!p.is_contiguous());
-        assert_eq!(p.index_of(1), 12); // p[0,0,1] = l[0,1,0]
+        assert_eq!(p.index_of(1), 4); // p[0,0,1] = l[0,1,0]
+        assert_eq!(p.index_of(3), 12); // p[0,1,0] = l[1,0,0]
         let n = l.narrow("t", 2, 1, 2).unwrap();
         assert_eq!(n.index_of(0), 1);
         assert_eq!(n.index_of(2), 5);
@@ -341,6 +342,6 @@ mod tests {
         assert_eq!(resolve_shape("t", &[-1, 4], 12).unwrap(), vec![3, 4]);
         assert!(resolve_shape("t", &[-1, -1], 12).is_err());
         assert!(resolve_shape("t", &[5], 12).is_err());
-        assert_eq!(resolve_shape("t", &[0, -1], 0).is_err(), true);
+        assert!(resolve_shape("t", &[0, -1], 0).is_err());
     }
 }

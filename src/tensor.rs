@@ -38,7 +38,7 @@ impl Drop for Storage {
 /// through strides, and [`Tensor::contiguous`] copies only when needed. Operations record GPU
 /// work lazily; reading data ([`Tensor::to_vec`]) submits it.
 ///
-/// ```no_run
+/// ```
 /// use kiln::{Device, Tensor};
 /// let dev = Device::default_device()?;
 /// let a = Tensor::from_slice(&[1.0, 2.0, 3.0, 4.0, 5.0, 6.0], &[2, 3], &dev)?;
@@ -180,7 +180,7 @@ impl Tensor {
     /// The same elements in another shape; one size may be `-1`. A view when the data is
     /// contiguous, a copy otherwise.
     ///
-    /// ```no_run
+    /// ```
     /// # let dev = kiln::Device::default_device()?;
     /// let t = kiln::Tensor::arange(0.0, 12.0, 1.0, &dev)?.reshape(&[3, -1])?;
     /// assert_eq!(t.dims(), &[3, 4]);

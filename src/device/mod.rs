@@ -61,7 +61,7 @@ pub struct DeviceStats {
 /// Cheap to clone (a reference count). Tensors remember their device; mixing devices in one
 /// operation is an error.
 ///
-/// ```no_run
+/// ```
 /// let dev = kiln::Device::default_device()?;
 /// println!("{}", dev.name());
 /// # Ok::<(), kiln::Error>(())
@@ -117,7 +117,7 @@ fn describe(info: &wgpu::AdapterInfo) -> String {
 impl Device {
     /// The shared default device, created on first use from `KILN_ADAPTER` and `WGPU_BACKEND`.
     ///
-    /// ```no_run
+    /// ```
     /// let a = kiln::Device::default_device()?;
     /// let b = kiln::Device::default_device()?;
     /// assert!(a.same(&b));
@@ -303,7 +303,9 @@ impl Device {
 
     /// Largest tensor buffer a kernel can bind, in bytes.
     pub(crate) fn max_binding_bytes(&self) -> u64 {
-        (self.inner.limits.max_storage_buffer_binding_size as u64)
+        self.inner
+            .limits
+            .max_storage_buffer_binding_size
             .min(self.inner.limits.max_buffer_size)
     }
 

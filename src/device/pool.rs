@@ -131,7 +131,7 @@ mod tests {
         assert_eq!(size_class(257, u64::MAX), 512);
         assert_eq!(size_class(1 << 20, u64::MAX), 1 << 20);
         let c = size_class((1 << 20) + 1, u64::MAX);
-        assert!(c >= (1 << 20) + 1 && c <= (1 << 20) + (1 << 18));
+        assert!(c > (1 << 20) && c <= (1 << 20) + (1 << 18));
         for bytes in [3_000_000u64, 77_777_777, 1 << 27] {
             let c = size_class(bytes, u64::MAX);
             assert!(

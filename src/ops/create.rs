@@ -26,7 +26,7 @@ fn split_seed(seed: u64) -> [u32; 2] {
 impl Tensor {
     /// A tensor holding `data` in row-major order.
     ///
-    /// ```no_run
+    /// ```
     /// # let dev = kiln::Device::default_device()?;
     /// let t = kiln::Tensor::from_slice(&[1.0, 2.0, 3.0, 4.0], &[2, 2], &dev)?;
     /// assert_eq!(t.to_vec()?, vec![1.0, 2.0, 3.0, 4.0]);
@@ -87,7 +87,7 @@ impl Tensor {
 
     /// `start, start + step, ...` up to but excluding `end` (as `torch.arange`).
     ///
-    /// ```no_run
+    /// ```
     /// # let dev = kiln::Device::default_device()?;
     /// assert_eq!(kiln::Tensor::arange(0.0, 3.0, 1.0, &dev)?.to_vec()?, vec![0.0, 1.0, 2.0]);
     /// # Ok::<(), kiln::Error>(())
@@ -128,7 +128,7 @@ impl Tensor {
         seed: u64,
         device: &Device,
     ) -> Result<Tensor> {
-        if !(low <= high) {
+        if low.is_nan() || high.is_nan() || low > high {
             return Err(Error::invalid(
                 "uniform",
                 format!("low {low} exceeds high {high}"),
@@ -145,7 +145,7 @@ impl Tensor {
 
     /// Standard normal random numbers, reproducible from `seed`.
     ///
-    /// ```no_run
+    /// ```
     /// # let dev = kiln::Device::default_device()?;
     /// let a = kiln::Tensor::randn(&[4, 4], 7, &dev)?;
     /// let b = kiln::Tensor::randn(&[4, 4], 7, &dev)?;
@@ -164,7 +164,7 @@ impl Tensor {
         seed: u64,
         device: &Device,
     ) -> Result<Tensor> {
-        if !(std >= 0.0) {
+        if std.is_nan() || std < 0.0 {
             return Err(Error::invalid(
                 "normal",
                 format!("std must be >= 0, got {std}"),

@@ -390,7 +390,7 @@ impl Tensor {
 
     /// Values limited to `[min, max]`; NaN stays NaN.
     ///
-    /// ```no_run
+    /// ```
     /// # let dev = kiln::Device::default_device()?;
     /// let t = kiln::Tensor::from_slice(&[-2.0, 0.5, 3.0], &[3], &dev)?;
     /// assert_eq!(t.clamp(-1.0, 1.0)?.to_vec()?, vec![-1.0, 0.5, 1.0]);
@@ -423,7 +423,7 @@ impl Tensor {
 
     /// Elements of `a` where `self` is non-zero, of `b` elsewhere (all three broadcast).
     ///
-    /// ```no_run
+    /// ```
     /// # let dev = kiln::Device::default_device()?;
     /// let c = kiln::Tensor::from_slice(&[1.0, 0.0], &[2], &dev)?;
     /// let a = kiln::Tensor::full(&[2], 5.0, &dev)?;

@@ -9,7 +9,7 @@ use crate::tensor::Tensor;
 impl Tensor {
     /// Tensors joined along an existing `axis`; all other sizes must agree.
     ///
-    /// ```no_run
+    /// ```
     /// # let dev = kiln::Device::default_device()?;
     /// let a = kiln::Tensor::ones(&[2, 1], &dev)?;
     /// let b = kiln::Tensor::zeros(&[2, 3], &dev)?;
@@ -84,7 +84,7 @@ impl Tensor {
     /// embeddings). Out-of-range indices cannot be checked without reading the indices back,
     /// so they give zeros; use [`Tensor::index_select_slice`] for host indices that are checked.
     ///
-    /// ```no_run
+    /// ```
     /// # let dev = kiln::Device::default_device()?;
     /// let table = kiln::Tensor::arange(0.0, 6.0, 1.0, &dev)?.reshape(&[3, 2])?;
     /// let idx = kiln::Tensor::from_slice(&[2.0, 0.0], &[2], &dev)?;

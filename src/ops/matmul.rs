@@ -39,7 +39,7 @@ impl Tensor {
     /// batch axes broadcast; a 1-D left operand is a row vector and a 1-D right operand a
     /// column vector (their axis is removed from the result). Transposed views need no copy.
     ///
-    /// ```no_run
+    /// ```
     /// # let dev = kiln::Device::default_device()?;
     /// let a = kiln::Tensor::randn(&[5, 2, 3], 0, &dev)?; // a batch of 5
     /// let w = kiln::Tensor::randn(&[4, 3], 1, &dev)?;

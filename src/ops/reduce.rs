@@ -200,7 +200,7 @@ fn softmax_like(x: &Tensor, axis: isize, kernel: Kernel, name: &'static str) -> 
 impl Tensor {
     /// Sum over `axes` (all axes when empty); reduced axes are kept with size 1 if `keepdim`.
     ///
-    /// ```no_run
+    /// ```
     /// # let dev = kiln::Device::default_device()?;
     /// let t = kiln::Tensor::from_slice(&[1.0, 2.0, 3.0, 4.0], &[2, 2], &dev)?;
     /// assert_eq!(t.sum(&[0], false)?.to_vec()?, vec![4.0, 6.0]);
@@ -239,7 +239,7 @@ impl Tensor {
     /// Index of the largest value along `axis`, as f32 (exact below 2^24). Ties give the
     /// first index; a NaN counts as the largest value (as in PyTorch).
     ///
-    /// ```no_run
+    /// ```
     /// # let dev = kiln::Device::default_device()?;
     /// let t = kiln::Tensor::from_slice(&[1.0, 5.0, 5.0, 0.0], &[4], &dev)?;
     /// assert_eq!(t.argmax(0, false)?.to_scalar()?, 1.0);
@@ -267,7 +267,7 @@ impl Tensor {
 
     /// exp(x) / sum(exp(x)) along `axis`, computed with the row maximum subtracted.
     ///
-    /// ```no_run
+    /// ```
     /// # let dev = kiln::Device::default_device()?;
     /// let t = kiln::Tensor::from_slice(&[1000.0, 1000.0], &[1, 2], &dev)?;
     /// assert_eq!(t.softmax(-1)?.to_vec()?, vec![0.5, 0.5]);

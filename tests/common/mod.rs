@@ -1,0 +1,259 @@
+//! Shared test helpers: the device, seeded random inputs, an f64 CPU reference, comparisons.
+#![allow(dead_code)]
+
+use kiln::{Device, Tensor};
+
+/// The shared default device. A missing adapter fails the test loudly.
+pub fn dev() -> Device {
+    Device::default_device().unwrap_or_else(|e| panic!("no GPU adapter for the tests: {e}"))
+}
+
+/// A device of its own, for tests that read the runtime counters.
+pub fn own_device() -> Device {
+    Device::new(&kiln::DeviceOptions::default())
+        .unwrap_or_else(|e| panic!("no GPU adapter for the tests: {e}"))
+}
+
+/// SplitMix64: small, seeded, good enough for test inputs.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Rng(seed ^ 0x9e37_79b9_7f4a_7c15)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in [lo, hi).
+    pub fn uniform(&mut self, lo: f32, hi: f32) -> f32 {
+        let u = (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32;
+        lo + (hi - lo) * u
+    }
+
+    pub fn vec(&mut self, n: usize, lo: f32, hi: f32) -> Vec<f32> {
+        (0..n).map(|_| self.uniform(lo, hi)).collect()
+    }
+
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next_u64() % n as u64) as usize
+    }
+}
+
+/// A dense row-major f64 array: the CPU oracle.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Nd {
+    pub shape: Vec<usize>,
+    pub data: Vec<f64>,
+}
+
+pub fn strides(shape: &[usize]) -> Vec<usize> {
+    let mut s = vec![1; shape.len()];
+    for i in (0..shape.len().saturating_sub(1)).rev() {
+        s[i] = s[i + 1] * shape[i + 1];
+    }
+    s
+}
+
+pub fn unravel(mut i: usize, shape: &[usize]) -> Vec<usize> {
+    let mut idx = vec![0; shape.len()];
+    for d in (0..shape.len()).rev() {
+        if shape[d] > 0 {
+            idx[d] = i % shape[d];
+            i /= shape[d];
+        }
+    }
+    idx
+}
+
+impl Nd {
+    pub fn new(shape: &[usize], data: Vec<f64>) -> Self {
+        assert_eq!(shape.iter().product::<usize>(), data.len());
+        Nd {
+            shape: shape.to_vec(),
+            data,
+        }
+    }
+
+    pub fn from_f32(shape: &[usize], data: &[f32]) -> Self {
+        Nd::new(shape, data.iter().map(|&v| v as f64).collect())
+    }
+
+    pub fn at(&self, idx: &[usize]) -> f64 {
+        let s = strides(&self.shape);
+        self.data[idx.iter().zip(&s).map(|(i, s)| i * s).sum::<usize>()]
+    }
+
+    pub fn map(&self, f: impl Fn(f64) -> f64) -> Nd {
+        Nd::new(&self.shape, self.data.iter().map(|&v| f(v)).collect())
+    }
+
+    /// Value at `idx` of the broadcast result shape (NumPy rules).
+    fn at_broadcast(&self, idx: &[usize]) -> f64 {
+        let lead = idx.len() - self.shape.len();
+        let own: Vec<usize> = self
+            .shape
+            .iter()
+            .enumerate()
+            .map(|(d, &n)| if n == 1 { 0 } else { idx[lead + d] })
+            .collect();
+        self.at(&own)
+    }
+
+    pub fn zip(&self, other: &Nd, f: impl Fn(f64, f64) -> f64) -> Nd {
+        let rank = self.shape.len().max(other.shape.len());
+        let pad = |s: &[usize]| -> Vec<usize> {
+            std::iter::repeat_n(1, rank - s.len())
+                .chain(s.iter().copied())
+                .collect()
+        };
+        let (a, b) = (pad(&self.shape), pad(&other.shape));
+        let shape: Vec<usize> = a
+            .iter()
+            .zip(&b)
+            .map(|(&x, &y)| if x == 1 { y } else { x })
+            .collect();
+        let n = shape.iter().product();
+        let data = (0..n)
+            .map(|i| {
+                let idx = unravel(i, &shape);
+                f(self.at_broadcast(&idx), other.at_broadcast(&idx))
+            })
+            .collect();
+        Nd::new(&shape, data)
+    }
+
+    pub fn permute(&self, perm: &[usize]) -> Nd {
+        let shape: Vec<usize> = perm.iter().map(|&p| self.shape[p]).collect();
+        let n = self.data.len();
+        let data = (0..n)
+            .map(|i| {
+                let idx = unravel(i, &shape);
+                let mut src = vec![0; perm.len()];
+                for (d, &p) in perm.iter().enumerate() {
+                    src[p] = idx[d];
+                }
+                self.at(&src)
+            })
+            .collect();
+        Nd::new(&shape, data)
+    }
+
+    /// Reduces `axes` (sorted, unique) with `f` over the collected values; keeps them as size 1.
+    pub fn reduce(&self, axes: &[usize], f: impl Fn(&[f64]) -> f64) -> Nd {
+        let out_shape: Vec<usize> = self
+            .shape
+            .iter()
+            .enumerate()
+            .map(|(d, &n)| if axes.contains(&d) { 1 } else { n })
+            .collect();
+        let n_out: usize = out_shape.iter().product();
+        let red_shape: Vec<usize> = axes.iter().map(|&a| self.shape[a]).collect();
+        let n_red: usize = red_shape.iter().product();
+        let data = (0..n_out)
+            .map(|o| {
+                let base = unravel(o, &out_shape);
+                let vals: Vec<f64> = (0..n_red)
+                    .map(|r| {
+                        let ridx = unravel(r, &red_shape);
+                        let mut idx = base.clone();
+                        for (k, &a) in axes.iter().enumerate() {
+                            idx[a] = ridx[k];
+                        }
+                        self.at(&idx)
+                    })
+                    .collect();
+                f(&vals)
+            })
+            .collect();
+        Nd::new(&out_shape, data)
+    }
+
+    /// Batched matmul with broadcasting of the batch axes (both operands rank >= 2).
+    pub fn matmul(&self, other: &Nd) -> Nd {
+        let (ra, rb) = (self.shape.len(), other.shape.len());
+        let (m, k, n) = (self.shape[ra - 2], self.shape[ra - 1], other.shape[rb - 1]);
+        assert_eq!(k, other.shape[rb - 2]);
+        let ba = Nd::new(
+            &self.shape[..ra - 2],
+            vec![0.0; self.shape[..ra - 2].iter().product()],
+        );
+        let bb = Nd::new(
+            &other.shape[..rb - 2],
+            vec![0.0; other.shape[..rb - 2].iter().product()],
+        );
+        let batch = ba.zip(&bb, |_, _| 0.0).shape;
+        let nb: usize = batch.iter().product();
+        let mut data = Vec::with_capacity(nb * m * n);
+        for z in 0..nb {
+            let bidx = unravel(z, &batch);
+            let pick = |t: &Nd, r: usize| -> Vec<usize> {
+                let lead = batch.len() - (r - 2);
+                (0..r - 2)
+                    .map(|d| if t.shape[d] == 1 { 0 } else { bidx[lead + d] })
+                    .collect()
+            };
+            let ia = pick(self, ra);
+            let ib = pick(other, rb);
+            for i in 0..m {
+                for j in 0..n {
+                    let mut acc = 0.0;
+                    for q in 0..k {
+                        let mut x = ia.clone();
+                        x.extend([i, q]);
+                        let mut y = ib.clone();
+                        y.extend([q, j]);
+                        acc += self.at(&x) * other.at(&y);
+                    }
+                    data.push(acc);
+                }
+            }
+        }
+        let mut shape = batch;
+        shape.extend([m, n]);
+        Nd::new(&shape, data)
+    }
+}
+
+/// A GPU tensor and its f64 twin, from seeded uniform values in [lo, hi).
+pub fn rand_pair(rng: &mut Rng, shape: &[usize], lo: f32, hi: f32) -> (Tensor, Nd) {
+    let v = rng.vec(shape.iter().product(), lo, hi);
+    (
+        Tensor::from_slice(&v, shape, &dev()).unwrap(),
+        Nd::from_f32(shape, &v),
+    )
+}
+
+/// Asserts |got - want| <= atol + rtol * |want| elementwise (NaNs must match), and equal shapes.
+pub fn assert_close(what: &str, got: &Tensor, want: &Nd, atol: f64, rtol: f64) {
+    assert_eq!(got.dims(), &want.shape[..], "{what}: shape");
+    let g = got
+        .to_vec()
+        .unwrap_or_else(|e| panic!("{what}: readback failed: {e}"));
+    assert_close_slice(what, &g, &want.data, atol, rtol);
+}
+
+pub fn assert_close_slice(what: &str, got: &[f32], want: &[f64], atol: f64, rtol: f64) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        let g = g as f64;
+        if w.is_nan() {
+            assert!(g.is_nan(), "{what}[{i}]: got {g}, want NaN");
+            continue;
+        }
+        if w.is_infinite() {
+            assert_eq!(g, w, "{what}[{i}]: got {g}, want {w}");
+            continue;
+        }
+        let tol = atol + rtol * w.abs();
+        assert!(
+            (g - w).abs() <= tol,
+            "{what}[{i}]: got {g}, want {w} (tolerance {tol})"
+        );
+    }
+}

@@ -1,0 +1,437 @@
+//! Elementwise kernels against an f64 CPU reference, on random inputs of odd shapes, empty and
+//! size-1 axes, and non-contiguous views.
+
+mod common;
+
+use common::*;
+use kiln::{Result, Tensor};
+
+type GpuFn = fn(&Tensor) -> Result<Tensor>;
+
+/// Views of one random input: contiguous of odd size, transposed, narrowed, broadcast,
+/// rank 0 and empty. Each comes with its f64 reference.
+fn views(rng: &mut Rng, lo: f32, hi: f32) -> Vec<(String, Tensor, Nd)> {
+    let mut out = Vec::new();
+    let (t, r) = rand_pair(rng, &[1031], lo, hi);
+    out.push(("contiguous [1031]".to_string(), t, r));
+    let (t, r) = rand_pair(rng, &[7, 13], lo, hi);
+    out.push((
+        "transposed [13, 7]".into(),
+        t.t().unwrap(),
+        r.permute(&[1, 0]),
+    ));
+    let (t, r) = rand_pair(rng, &[5, 9, 3], lo, hi);
+    let narrowed = t.narrow(1, 2, 5).unwrap();
+    let rn = Nd::new(
+        &[5, 5, 3],
+        (0..75)
+            .map(|i| {
+                let idx = unravel(i, &[5, 5, 3]);
+                r.at(&[idx[0], idx[1] + 2, idx[2]])
+            })
+            .collect(),
+    );
+    out.push(("narrowed [5, 5, 3]".into(), narrowed, rn));
+    let (t, r) = rand_pair(rng, &[3, 1], lo, hi);
+    let expanded = t.expand(&[2, 3, 4]).unwrap();
+    let re = r.zip(&Nd::new(&[2, 3, 4], vec![0.0; 24]), |a, _| a);
+    out.push(("broadcast [2, 3, 4]".into(), expanded, re));
+    let (t, r) = rand_pair(rng, &[], lo, hi);
+    out.push(("rank 0".into(), t, r));
+    let (t, r) = rand_pair(rng, &[3, 0, 5], lo, hi);
+    out.push(("empty [3, 0, 5]".into(), t, r));
+    out
+}
+
+fn check_unary(
+    name: &str,
+    f: GpuFn,
+    reference: fn(f64) -> f64,
+    lo: f32,
+    hi: f32,
+    atol: f64,
+    rtol: f64,
+) {
+    let mut rng = Rng::new(name.len() as u64 * 7919);
+    for (view, t, r) in views(&mut rng, lo, hi) {
+        let got = f(&t).unwrap();
+        assert_close(
+            &format!("{name} on {view}"),
+            &got,
+            &r.map(reference),
+            atol,
+            rtol,
+        );
+    }
+}
+
+fn erf(x: f64) -> f64 {
+    // Series for small |x|, continued fraction (Lentz) for the tail: accurate to ~1e-15.
+    if x.abs() < 2.5 {
+        let mut sum = x;
+        let mut term = x;
+        for n in 1..200 {
+            term *= -x * x / n as f64;
+            let add = term / (2 * n + 1) as f64;
+            sum += add;
+            if add.abs() < 1e-17 {
+                break;
+            }
+        }
+        sum * 2.0 / std::f64::consts::PI.sqrt()
+    } else {
+        let z = x.abs();
+        let mut f = z;
+        for k in (1..60).rev() {
+            f = z + (k as f64 / 2.0) / f;
+        }
+        let erfc = (-z * z).exp() / std::f64::consts::PI.sqrt() / f;
+        x.signum() * (1.0 - erfc)
+    }
+}
+
+fn sigmoid(x: f64) -> f64 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+// Tolerances: ops that are exact in IEEE f32 (neg, abs, relu, comparisons, +, -, *, /) are held
+// to f32 rounding (rtol 1e-6). Transcendentals (exp, log, sqrt, tanh, ...) may be a few ulp off
+// on GPUs: rtol 1e-5 plus atol 1e-6 near zero. GELU's erf approximation has absolute error
+// below 1.5e-7, scaled by |x|/2 <= 2.5: atol 1e-6.
+
+#[test]
+fn unary_exact_ops() {
+    check_unary("neg", Tensor::neg, |x| -x, -5.0, 5.0, 0.0, 1e-6);
+    check_unary("abs", Tensor::abs, f64::abs, -5.0, 5.0, 0.0, 1e-6);
+    check_unary("relu", Tensor::relu, |x| x.max(0.0), -5.0, 5.0, 0.0, 1e-6);
+    check_unary(
+        "leaky_relu",
+        |t| t.leaky_relu(0.01),
+        |x| if x >= 0.0 { x } else { 0.01 * x },
+        -5.0,
+        5.0,
+        0.0,
+        1e-6,
+    );
+    check_unary(
+        "clamp",
+        |t| t.clamp(-1.5, 2.0),
+        |x| x.clamp(-1.5, 2.0),
+        -5.0,
+        5.0,
+        0.0,
+        1e-6,
+    );
+    check_unary("square", Tensor::square, |x| x * x, -5.0, 5.0, 0.0, 1e-6);
+}
+
+#[test]
+fn unary_transcendental_ops() {
+    check_unary("exp", Tensor::exp, f64::exp, -10.0, 10.0, 1e-6, 1e-5);
+    check_unary("log", Tensor::log, f64::ln, 0.01, 100.0, 1e-6, 1e-5);
+    check_unary("sqrt", Tensor::sqrt, f64::sqrt, 0.0, 100.0, 1e-6, 1e-5);
+    check_unary(
+        "rsqrt",
+        Tensor::rsqrt,
+        |x| 1.0 / x.sqrt(),
+        0.01,
+        100.0,
+        1e-6,
+        1e-5,
+    );
+    check_unary("sigmoid", Tensor::sigmoid, sigmoid, -20.0, 20.0, 1e-6, 1e-5);
+    check_unary("tanh", Tensor::tanh, f64::tanh, -20.0, 20.0, 1e-6, 1e-5);
+    check_unary(
+        "silu",
+        Tensor::silu,
+        |x| x * sigmoid(x),
+        -20.0,
+        20.0,
+        1e-6,
+        1e-5,
+    );
+    check_unary(
+        "gelu",
+        Tensor::gelu,
+        |x| 0.5 * x * (1.0 + erf(x / 2f64.sqrt())),
+        -5.0,
+        5.0,
+        1e-6,
+        1e-5,
+    );
+    check_unary(
+        "powf 2.5",
+        |t| t.powf(2.5),
+        |x| x.powf(2.5),
+        0.0,
+        4.0,
+        1e-6,
+        1e-5,
+    );
+    check_unary(
+        "powf -1.5",
+        |t| t.powf(-1.5),
+        |x| x.powf(-1.5),
+        0.1,
+        4.0,
+        1e-6,
+        1e-5,
+    );
+}
+
+#[test]
+fn unary_special_values() {
+    let d = dev();
+    let t = Tensor::from_slice(&[-1.0, 0.0, f32::NAN, 1e30, -1e30], &[5], &d).unwrap();
+    let log = t.log().unwrap().to_vec().unwrap();
+    assert!(log[0].is_nan() && log[1] == f32::NEG_INFINITY && log[2].is_nan() && log[3] > 69.0);
+    let sq = t.sqrt().unwrap().to_vec().unwrap();
+    assert!(sq[0].is_nan() && sq[1] == 0.0);
+    let s = t.sigmoid().unwrap().to_vec().unwrap();
+    assert_eq!((s[3], s[4]), (1.0, 0.0));
+    let th = t.tanh().unwrap().to_vec().unwrap();
+    assert_eq!((th[3], th[4]), (1.0, -1.0));
+    assert!(t.clamp(-1.0, 1.0).unwrap().to_vec().unwrap()[2].is_nan());
+    assert_eq!(t.rsqrt().unwrap().to_vec().unwrap()[1], f32::INFINITY);
+    // pow of a negative base: integral exponents only.
+    let neg = Tensor::from_slice(&[-2.0, -2.0, -2.0, 0.0], &[4], &d).unwrap();
+    let e = Tensor::from_slice(&[3.0, 2.0, 0.5, -1.0], &[4], &d).unwrap();
+    let p = neg.pow(&e).unwrap().to_vec().unwrap();
+    assert_eq!(&p[..2], &[-8.0, 4.0]);
+    assert!(p[2].is_nan());
+    assert_eq!(p[3], f32::INFINITY);
+}
+
+type BinFn = fn(&Tensor, &Tensor) -> Result<Tensor>;
+
+/// Broadcasting cases: equal shapes, trailing broadcast, both sides broadcast, rank 0,
+/// size-1 axes, empty axes, and non-contiguous operands.
+fn check_binary(
+    name: &str,
+    f: BinFn,
+    reference: fn(f64, f64) -> f64,
+    lo: f32,
+    hi: f32,
+    atol: f64,
+    rtol: f64,
+) {
+    let mut rng = Rng::new(name.len() as u64 * 104729 + 1);
+    let shapes: &[(&[usize], &[usize])] = &[
+        (&[257], &[257]),
+        (&[5, 7], &[7]),
+        (&[4, 1, 3], &[1, 5, 1]),
+        (&[], &[3, 2]),
+        (&[2, 3], &[]),
+        (&[1, 1], &[1]),
+        (&[0, 3], &[1, 3]),
+        (&[6, 1, 5], &[6, 0, 5]),
+        (&[2, 3, 4, 5, 3], &[3, 1, 5, 1]),
+    ];
+    for &(sa, sb) in shapes {
+        let (a, ra) = rand_pair(&mut rng, sa, lo, hi);
+        let (b, rb) = rand_pair(&mut rng, sb, lo, hi);
+        let got = f(&a, &b).unwrap();
+        assert_close(
+            &format!("{name} {sa:?} x {sb:?}"),
+            &got,
+            &ra.zip(&rb, reference),
+            atol,
+            rtol,
+        );
+    }
+    // Non-contiguous operands: a transposed matrix with a broadcast row, and a narrowed slice.
+    let (a, ra) = rand_pair(&mut rng, &[9, 6], lo, hi);
+    let (b, rb) = rand_pair(&mut rng, &[9], lo, hi);
+    let got = f(&a.t().unwrap(), &b).unwrap();
+    assert_close(
+        &format!("{name} transposed"),
+        &got,
+        &ra.permute(&[1, 0]).zip(&rb, reference),
+        atol,
+        rtol,
+    );
+    let got = f(&a.narrow(0, 3, 4).unwrap(), &a.narrow(0, 0, 4).unwrap()).unwrap();
+    let top = Nd::new(&[4, 6], ra.data[18..42].to_vec());
+    let bottom = Nd::new(&[4, 6], ra.data[..24].to_vec());
+    assert_close(
+        &format!("{name} narrowed"),
+        &got,
+        &top.zip(&bottom, reference),
+        atol,
+        rtol,
+    );
+}
+
+fn b2f(b: bool) -> f64 {
+    if b {
+        1.0
+    } else {
+        0.0
+    }
+}
+
+#[test]
+fn binary_ops_broadcast() {
+    check_binary("add", Tensor::add, |a, b| a + b, -10.0, 10.0, 0.0, 1e-6);
+    check_binary("sub", Tensor::sub, |a, b| a - b, -10.0, 10.0, 1e-6, 1e-6);
+    check_binary("mul", Tensor::mul, |a, b| a * b, -10.0, 10.0, 0.0, 1e-6);
+    check_binary("div", Tensor::div, |a, b| a / b, 0.5, 10.0, 0.0, 1e-6);
+    check_binary("pow", Tensor::pow, f64::powf, 0.1, 3.0, 1e-6, 1e-5);
+    check_binary("maximum", Tensor::maximum, f64::max, -10.0, 10.0, 0.0, 0.0);
+    check_binary("minimum", Tensor::minimum, f64::min, -10.0, 10.0, 0.0, 0.0);
+}
+
+#[test]
+fn comparisons_give_zero_one() {
+    // Few distinct values so that equality actually happens.
+    fn q(t: &Tensor) -> Tensor {
+        t.mul_scalar(2.0)
+            .unwrap()
+            .clamp(-2.0, 2.0)
+            .unwrap()
+            .relu()
+            .unwrap()
+    }
+    type Case = (&'static str, BinFn, fn(f64, f64) -> f64);
+    let cmp: &[Case] = &[
+        ("eq", Tensor::eq, |a, b| b2f(a == b)),
+        ("ne", Tensor::ne, |a, b| b2f(a != b)),
+        ("lt", Tensor::lt, |a, b| b2f(a < b)),
+        ("le", Tensor::le, |a, b| b2f(a <= b)),
+        ("gt", Tensor::gt, |a, b| b2f(a > b)),
+        ("ge", Tensor::ge, |a, b| b2f(a >= b)),
+    ];
+    let mut rng = Rng::new(5);
+    let (a, _) = rand_pair(&mut rng, &[6, 11], -1.0, 1.0);
+    let (b, _) = rand_pair(&mut rng, &[11], -1.0, 1.0);
+    let (a, b) = (q(&a), q(&b));
+    let ra = Nd::from_f32(&[6, 11], &a.to_vec().unwrap());
+    let rb = Nd::from_f32(&[11], &b.to_vec().unwrap());
+    assert!(
+        ra.data.iter().filter(|&&v| v == 0.0).count() > 10,
+        "inputs should contain ties"
+    );
+    for &(name, f, r) in cmp {
+        assert_close(name, &f(&a, &b).unwrap(), &ra.zip(&rb, r), 0.0, 0.0);
+    }
+}
+
+#[test]
+fn scalar_variants() {
+    let mut rng = Rng::new(11);
+    let (t, r) = rand_pair(&mut rng, &[3, 17], 0.5, 4.0);
+    let tt = t.t().unwrap();
+    let rt = r.permute(&[1, 0]);
+    let cases: Vec<(&str, Tensor, Nd)> = vec![
+        (
+            "add_scalar",
+            tt.add_scalar(1.5).unwrap(),
+            rt.map(|x| x + 1.5),
+        ),
+        (
+            "sub_scalar",
+            tt.sub_scalar(1.5).unwrap(),
+            rt.map(|x| x - 1.5),
+        ),
+        (
+            "mul_scalar",
+            tt.mul_scalar(-3.0).unwrap(),
+            rt.map(|x| x * -3.0),
+        ),
+        (
+            "div_scalar",
+            tt.div_scalar(3.0).unwrap(),
+            rt.map(|x| x / 3.0),
+        ),
+        (
+            "pow_scalar",
+            tt.pow_scalar(3.0).unwrap(),
+            rt.map(|x| x.powi(3)),
+        ),
+        (
+            "maximum_scalar",
+            tt.maximum_scalar(2.0).unwrap(),
+            rt.map(|x| x.max(2.0)),
+        ),
+        (
+            "minimum_scalar",
+            tt.minimum_scalar(2.0).unwrap(),
+            rt.map(|x| x.min(2.0)),
+        ),
+        (
+            "gt_scalar",
+            tt.gt_scalar(2.0).unwrap(),
+            rt.map(|x| b2f(x > 2.0)),
+        ),
+        (
+            "le_scalar",
+            tt.le_scalar(2.0).unwrap(),
+            rt.map(|x| b2f(x <= 2.0)),
+        ),
+        (
+            "rsub_scalar",
+            tt.rsub_scalar(1.0).unwrap(),
+            rt.map(|x| 1.0 - x),
+        ),
+        (
+            "rdiv_scalar",
+            tt.rdiv_scalar(1.0).unwrap(),
+            rt.map(|x| 1.0 / x),
+        ),
+    ];
+    for (name, got, want) in cases {
+        assert_close(name, &got, &want, 1e-6, 1e-5);
+    }
+}
+
+#[test]
+fn where_selects_with_broadcasting() {
+    let d = dev();
+    let mut rng = Rng::new(3);
+    let cond_v: Vec<f32> = (0..15).map(|_| (rng.below(2)) as f32).collect();
+    let cond = Tensor::from_slice(&cond_v, &[3, 5], &d).unwrap();
+    let (a, ra) = rand_pair(&mut rng, &[2, 1, 5], -1.0, 1.0);
+    let (b, rb) = rand_pair(&mut rng, &[3, 1], -1.0, 1.0);
+    let got = cond.where_cond(&a, &b).unwrap();
+    let rc = Nd::from_f32(&[3, 5], &cond_v);
+    // where(c, a, b) = c * a + (1 - c) * b for c in {0, 1}
+    let want = rc
+        .zip(&ra, |c, a| c * a)
+        .zip(&rc.zip(&rb, |c, b| (1.0 - c) * b), |x, y| x + y);
+    assert_close("where", &got, &want, 1e-7, 0.0);
+}
+
+#[test]
+fn maximum_and_minimum_propagate_nan() {
+    let d = dev();
+    let a = Tensor::from_slice(&[f32::NAN, 1.0], &[2], &d).unwrap();
+    let b = Tensor::from_slice(&[0.0, f32::NAN], &[2], &d).unwrap();
+    assert!(a
+        .maximum(&b)
+        .unwrap()
+        .to_vec()
+        .unwrap()
+        .iter()
+        .all(|v| v.is_nan()));
+    assert!(a
+        .minimum(&b)
+        .unwrap()
+        .to_vec()
+        .unwrap()
+        .iter()
+        .all(|v| v.is_nan()));
+}
+
+#[test]
+fn shape_errors_are_err() {
+    let d = dev();
+    let a = Tensor::zeros(&[3, 2], &d).unwrap();
+    let b = Tensor::zeros(&[4, 2], &d).unwrap();
+    let e = a.add(&b).unwrap_err().to_string();
+    assert!(
+        e.contains("add") && e.contains("[3, 2]") && e.contains("[4, 2]"),
+        "{e}"
+    );
+    assert!(a.where_cond(&a, &Tensor::zeros(&[5], &d).unwrap()).is_err());
+    assert!(a.clamp(1.0, -1.0).is_err());
+}

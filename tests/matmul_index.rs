@@ -1,0 +1,317 @@
+//! Matmul, concat/stack, index_select/gather, and constructors against CPU references.
+
+mod common;
+
+use common::*;
+use kiln::Tensor;
+
+/// Matmul: f32 products accumulated in f32 over k <= 300 terms of magnitude <= 1:
+/// atol 1e-5 + rtol 1e-5 against the f64 reference.
+#[test]
+fn matmul_shapes_batches_and_transposes() {
+    let mut rng = Rng::new(1);
+    let cases: &[(&[usize], &[usize])] = &[
+        (&[1, 1], &[1, 1]),
+        (&[33, 17], &[17, 31]),
+        (&[64, 64], &[64, 64]),
+        (&[5, 300], &[300, 3]),
+        (&[3, 7, 5], &[3, 5, 9]),
+        (&[2, 1, 7, 5], &[3, 5, 9]),
+        (&[4, 5], &[2, 3, 5, 6]),
+        (&[0, 5], &[5, 3]),
+        (&[3, 0], &[0, 4]),
+    ];
+    for &(sa, sb) in cases {
+        let (a, ra) = rand_pair(&mut rng, sa, -1.0, 1.0);
+        let (b, rb) = rand_pair(&mut rng, sb, -1.0, 1.0);
+        assert_close(
+            &format!("matmul {sa:?} x {sb:?}"),
+            &a.matmul(&b).unwrap(),
+            &ra.matmul(&rb),
+            1e-5,
+            1e-5,
+        );
+    }
+    // Transposed operands are read through strides.
+    let (a, ra) = rand_pair(&mut rng, &[19, 35], -1.0, 1.0);
+    let (b, rb) = rand_pair(&mut rng, &[22, 19], -1.0, 1.0);
+    let got = a.t().unwrap().matmul(&b.t().unwrap()).unwrap();
+    assert_close(
+        "matmul a^T b^T",
+        &got,
+        &ra.permute(&[1, 0]).matmul(&rb.permute(&[1, 0])),
+        1e-5,
+        1e-5,
+    );
+    let (c, rc) = rand_pair(&mut rng, &[4, 6, 3], -1.0, 1.0);
+    let got = c.transpose(1, 2).unwrap().matmul(&c).unwrap();
+    assert_close(
+        "batched c^T c",
+        &got,
+        &rc.permute(&[0, 2, 1]).matmul(&rc),
+        1e-5,
+        1e-5,
+    );
+    // Narrowed (offset) operand.
+    let got = a
+        .narrow(0, 3, 10)
+        .unwrap()
+        .matmul(&Tensor::ones(&[35, 2], &dev()).unwrap())
+        .unwrap();
+    let want = Nd::new(&[10, 35], ra.data[3 * 35..13 * 35].to_vec())
+        .matmul(&Nd::new(&[35, 2], vec![1.0; 70]));
+    assert_close("narrowed", &got, &want, 1e-5, 1e-5);
+}
+
+#[test]
+fn matmul_vectors() {
+    let mut rng = Rng::new(2);
+    let (v, rv) = rand_pair(&mut rng, &[7], -1.0, 1.0);
+    let (w, rw) = rand_pair(&mut rng, &[7], -1.0, 1.0);
+    let (m, rm) = rand_pair(&mut rng, &[7, 4], -1.0, 1.0);
+    let dot = v.matmul(&w).unwrap();
+    assert_eq!(dot.dims(), &[] as &[usize]);
+    let want: f64 = rv.data.iter().zip(&rw.data).map(|(a, b)| a * b).sum();
+    assert_close_slice("dot", &dot.to_vec().unwrap(), &[want], 1e-6, 1e-5);
+    let vm = v.matmul(&m).unwrap();
+    assert_close(
+        "vector x matrix",
+        &vm,
+        &Nd::new(&[4], Nd::new(&[1, 7], rv.data.clone()).matmul(&rm).data),
+        1e-6,
+        1e-5,
+    );
+    let mv = m.t().unwrap().matmul(&v).unwrap();
+    assert_close(
+        "matrix x vector",
+        &mv,
+        &Nd::new(
+            &[4],
+            rm.permute(&[1, 0]).matmul(&Nd::new(&[7, 1], rv.data)).data,
+        ),
+        1e-6,
+        1e-5,
+    );
+}
+
+#[test]
+fn matmul_errors() {
+    let d = dev();
+    let a = Tensor::zeros(&[3, 4], &d).unwrap();
+    let e = a
+        .matmul(&Tensor::zeros(&[5, 2], &d).unwrap())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("matmul") && e.contains("[3, 4]") && e.contains("[5, 2]"),
+        "{e}"
+    );
+    assert!(a.matmul(&Tensor::scalar(1.0, &d).unwrap()).is_err());
+    let b1 = Tensor::zeros(&[2, 3, 4], &d).unwrap();
+    let b2 = Tensor::zeros(&[3, 4, 5], &d).unwrap();
+    assert!(b1.matmul(&b2).is_err(), "batch 2 vs 3 must not broadcast");
+}
+
+#[test]
+fn concat_and_stack() {
+    let mut rng = Rng::new(3);
+    let (a, ra) = rand_pair(&mut rng, &[2, 3, 4], -1.0, 1.0);
+    let (b, rb) = rand_pair(&mut rng, &[2, 5, 4], -1.0, 1.0);
+    let (e, _) = rand_pair(&mut rng, &[2, 0, 4], -1.0, 1.0);
+    let got = Tensor::concat(&[&a, &e, &b], 1).unwrap();
+    let want = Nd::new(
+        &[2, 8, 4],
+        (0..64)
+            .map(|i| {
+                let idx = unravel(i, &[2, 8, 4]);
+                if idx[1] < 3 {
+                    ra.at(&idx)
+                } else {
+                    rb.at(&[idx[0], idx[1] - 3, idx[2]])
+                }
+            })
+            .collect(),
+    );
+    assert_close("concat axis 1", &got, &want, 0.0, 0.0);
+    // Non-contiguous inputs along the last axis.
+    let got = Tensor::concat(
+        &[&a.transpose(0, 2).unwrap(), &a.transpose(0, 2).unwrap()],
+        -1,
+    )
+    .unwrap();
+    let at = ra.permute(&[2, 1, 0]);
+    let want = Nd::new(
+        &[4, 3, 4],
+        (0..48)
+            .map(|i| {
+                let idx = unravel(i, &[4, 3, 4]);
+                at.at(&[idx[0], idx[1], idx[2] % 2])
+            })
+            .collect(),
+    );
+    assert_close("concat transposed", &got, &want, 0.0, 0.0);
+    let s = Tensor::stack(&[&a, &a, &a], 1).unwrap();
+    assert_eq!(s.dims(), &[2, 3, 3, 4]);
+    let want = Nd::new(
+        &[2, 3, 3, 4],
+        (0..72)
+            .map(|i| {
+                let idx = unravel(i, &[2, 3, 3, 4]);
+                ra.at(&[idx[0], idx[2], idx[3]])
+            })
+            .collect(),
+    );
+    assert_close("stack", &s, &want, 0.0, 0.0);
+    assert!(Tensor::concat(&[&a, &b], 0).is_err());
+    assert!(Tensor::concat(&[], 0).is_err());
+    assert!(Tensor::stack(&[&a, &b], 0).is_err());
+    assert!(Tensor::concat(&[&a], 3).is_err());
+}
+
+#[test]
+fn index_select_and_gather() {
+    let d = dev();
+    let mut rng = Rng::new(4);
+    let (table, rt) = rand_pair(&mut rng, &[11, 5], -1.0, 1.0);
+    let ids: Vec<usize> = (0..9).map(|_| rng.below(11)).collect();
+    let got = table.index_select_slice(0, &ids).unwrap();
+    let want = Nd::new(
+        &[9, 5],
+        ids.iter()
+            .flat_map(|&i| rt.data[i * 5..i * 5 + 5].to_vec())
+            .collect(),
+    );
+    assert_close("embedding lookup", &got, &want, 0.0, 0.0);
+    // Along axis 1 of a transposed view.
+    let cols = [4usize, 0, 4];
+    let got = table.t().unwrap().index_select_slice(1, &cols).unwrap();
+    let want = Nd::new(
+        &[5, 3],
+        (0..15).map(|i| rt.at(&[cols[i % 3], i / 3])).collect(),
+    );
+    assert_close("index_select axis 1", &got, &want, 0.0, 0.0);
+    assert!(table.index_select_slice(0, &[11]).is_err());
+    let idx2 = Tensor::from_slice(&[1.0, 0.0], &[1, 2], &d).unwrap();
+    assert!(table.index_select(0, &idx2).is_err(), "indices must be 1-D");
+
+    // gather along axis 1 (the cross-entropy pattern) and axis 0, with a smaller index tensor.
+    let picks: Vec<f32> = (0..11 * 2).map(|_| rng.below(5) as f32).collect();
+    let index = Tensor::from_slice(&picks, &[11, 2], &d).unwrap();
+    let got = table.gather(1, &index).unwrap();
+    let want = Nd::new(
+        &[11, 2],
+        (0..22)
+            .map(|i| rt.at(&[i / 2, picks[i] as usize]))
+            .collect(),
+    );
+    assert_close("gather axis 1", &got, &want, 0.0, 0.0);
+    let rows: Vec<f32> = (0..3 * 5).map(|_| rng.below(11) as f32).collect();
+    let index = Tensor::from_slice(&rows, &[3, 5], &d).unwrap();
+    let got = table.gather(0, &index).unwrap();
+    let want = Nd::new(
+        &[3, 5],
+        (0..15).map(|i| rt.at(&[rows[i] as usize, i % 5])).collect(),
+    );
+    assert_close("gather axis 0", &got, &want, 0.0, 0.0);
+    assert!(table
+        .gather(0, &Tensor::zeros(&[3, 6], &d).unwrap())
+        .is_err());
+    // Out-of-range tensor indices give zeros (documented).
+    let bad = Tensor::from_slice(&[11.0, -1.0], &[2], &d).unwrap();
+    assert_eq!(
+        table.index_select(0, &bad).unwrap().to_vec().unwrap(),
+        vec![0.0; 10]
+    );
+}
+
+#[test]
+fn constructors() {
+    let d = dev();
+    assert_eq!(
+        Tensor::full(&[2, 3], 2.5, &d).unwrap().to_vec().unwrap(),
+        vec![2.5; 6]
+    );
+    assert_eq!(
+        Tensor::zeros(&[0, 3], &d).unwrap().to_vec().unwrap(),
+        Vec::<f32>::new()
+    );
+    assert_eq!(Tensor::scalar(4.0, &d).unwrap().to_scalar().unwrap(), 4.0);
+    assert_eq!(
+        Tensor::arange(1.0, 2.0, 0.25, &d)
+            .unwrap()
+            .to_vec()
+            .unwrap(),
+        vec![1.0, 1.25, 1.5, 1.75]
+    );
+    assert_eq!(
+        Tensor::arange(3.0, 0.0, -1.0, &d)
+            .unwrap()
+            .to_vec()
+            .unwrap(),
+        vec![3.0, 2.0, 1.0]
+    );
+    assert!(Tensor::arange(0.0, 1.0, 0.0, &d).is_err());
+    assert!(Tensor::arange(0.0, 1.0, -1.0, &d).is_err());
+    assert!(Tensor::from_slice(&[1.0, 2.0], &[3], &d).is_err());
+
+    // Seeded random numbers: reproducible, seed-dependent, with the right moments.
+    let n = 20000;
+    let u = Tensor::rand(&[n], 5, &d).unwrap().to_vec().unwrap();
+    assert_eq!(u, Tensor::rand(&[n], 5, &d).unwrap().to_vec().unwrap());
+    assert_ne!(u, Tensor::rand(&[n], 6, &d).unwrap().to_vec().unwrap());
+    assert!(u.iter().all(|&x| (0.0..1.0).contains(&x)));
+    let m = u.iter().map(|&x| x as f64).sum::<f64>() / n as f64;
+    let v = u.iter().map(|&x| (x as f64 - m).powi(2)).sum::<f64>() / n as f64;
+    // Standard errors: mean 0.002, variance 0.0006.
+    assert!(
+        (m - 0.5).abs() < 0.01 && (v - 1.0 / 12.0).abs() < 0.003,
+        "uniform mean {m} var {v}"
+    );
+    let g = Tensor::randn(&[n], 9, &d).unwrap().to_vec().unwrap();
+    let m = g.iter().map(|&x| x as f64).sum::<f64>() / n as f64;
+    let v = g.iter().map(|&x| (x as f64 - m).powi(2)).sum::<f64>() / n as f64;
+    assert!(
+        m.abs() < 0.03 && (v - 1.0).abs() < 0.05,
+        "normal mean {m} var {v}"
+    );
+    assert!(g.iter().all(|x| x.is_finite()));
+    let within1 = g.iter().filter(|x| x.abs() < 1.0).count() as f64 / n as f64;
+    assert!((within1 - 0.6827).abs() < 0.015, "P(|z| < 1) = {within1}");
+}
+
+#[test]
+fn views_share_storage_and_contiguous_copies() {
+    let d = dev();
+    let t = Tensor::arange(0.0, 24.0, 1.0, &d)
+        .unwrap()
+        .reshape(&[2, 3, 4])
+        .unwrap();
+    let p = t.permute(&[2, 0, 1]).unwrap();
+    assert!(p.shares_storage(&t) && !p.is_contiguous());
+    let c = p.contiguous().unwrap();
+    assert!(c.is_contiguous() && !c.shares_storage(&t));
+    let want: Vec<f32> = (0..24)
+        .map(|i| {
+            let idx = unravel(i, &[4, 2, 3]);
+            (idx[1] * 12 + idx[2] * 4 + idx[0]) as f32
+        })
+        .collect();
+    assert_eq!(c.to_vec().unwrap(), want);
+    assert_eq!(p.to_vec().unwrap(), want);
+    let r = t.reshape(&[4, -1]).unwrap();
+    assert!(r.shares_storage(&t) && r.dims() == [4, 6]);
+    let r2 = p.reshape(&[-1]).unwrap();
+    assert_eq!(r2.to_vec().unwrap(), want);
+    assert_eq!(
+        t.narrow(2, 1, 2).unwrap().squeeze(None).unwrap().dims(),
+        &[2, 3, 2]
+    );
+    assert_eq!(t.unsqueeze(1).unwrap().dims(), &[2, 1, 3, 4]);
+    assert_eq!(t.flatten(1, 2).unwrap().dims(), &[2, 12]);
+    assert!(t.reshape(&[5, -1]).is_err());
+    assert!(t.permute(&[0, 1]).is_err());
+    assert!(t.narrow(1, 2, 2).is_err());
+    assert!(t.expand(&[2, 2, 4]).is_err());
+    let shown = format!("{}", Tensor::arange(0.0, 3.0, 1.0, &d).unwrap());
+    assert!(shown.contains("[3]") && shown.contains("2.0000"), "{shown}");
+}
