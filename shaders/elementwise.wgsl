@@ -192,6 +192,35 @@ fn binary_op(op: u32, x: f32, y: f32) -> f32 {
     }
 }
 
+// Derivative of unary op `op` (UnaryOp codes), from the saved value v: the output y for exp,
+// sqrt, rsqrt, sigmoid and tanh, the input x for the others (UnaryOp::grad_uses_output).
+fn unary_grad(op: u32, v: f32, alpha: f32, beta: f32) -> f32 {
+    switch op {
+        case 0u: { return 1.0; }                                  // identity
+        case 1u: { return -1.0; }                                 // neg
+        case 2u: { return sign(v); }                              // abs: sign(x), 0 at 0
+        case 3u: { return v; }                                    // exp: y
+        case 4u: { return 1.0 / v; }                              // log: 1/x
+        case 5u: { return 0.5 / v; }                              // sqrt: 1/(2y)
+        case 6u: { return -0.5 * v * v * v; }                     // rsqrt: -y^3/2
+        case 7u: { return select(0.0, 1.0, v > 0.0); }            // relu: [x > 0]
+        case 8u: { return select(alpha, 1.0, v > 0.0); }          // leaky_relu
+        case 9u: { return v * (1.0 - v); }                        // sigmoid: y(1 - y)
+        case 10u: { return 1.0 - v * v; }                         // tanh: 1 - y^2
+        case 11u: {                                               // gelu: Phi(x) + x phi(x)
+            let cdf = 0.5 * (1.0 + erf_approx(v * 0.70710678118654752));
+            let pdf = 0.3989422804014327 * exp(-0.5 * v * v);
+            return cdf + v * pdf;
+        }
+        case 12u: {                                               // silu: s + x s (1 - s)
+            let s = sigmoid(v);
+            return s + v * s * (1.0 - s);
+        }
+        case 13u: { return select(0.0, 1.0, v >= alpha && v <= beta); } // clamp: [lo <= x <= hi]
+        default: { return nan(); }
+    }
+}
+
 // ---- entry points ----
 
 // out = unary(a)
@@ -202,6 +231,16 @@ fn unary_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg
     if (i >= p.n) { return; }
     let o = offsets(i);
     out[o.w] = unary_op(p.op, a[o.x], p.alpha, p.beta);
+}
+
+// out = b * f'(a): the gradient of a unary op; a is the saved x or y, b the output gradient
+@compute @workgroup_size(256)
+fn unary_bwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+             @builtin(local_invocation_id) lid: vec3<u32>) {
+    let i = linear_index(wid, nwg, lid);
+    if (i >= p.n) { return; }
+    let o = offsets(i);
+    out[o.w] = b[o.y] * unary_grad(p.op, a[o.x], p.alpha, p.beta);
 }
 
 // out = binary(a, b) with broadcasting through strides
@@ -310,4 +349,26 @@ fn gather_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw
         return;
     }
     out[o.w] = a[o.x + u32(fi) * p.aux1];
+}
+
+// Backward of gather_fwd (a scatter-add without atomics): out has the shape of the index with
+// its gathered axis (p.op) widened to the input's size. Element c of out sums the output
+// gradient a over the p.aux0 positions k along the axis whose index b equals c[axis]. p.sa
+// and p.sb have 0 on that axis; the gradient's and the index's strides along it are p.aux1
+// and p.off_c.
+@compute @workgroup_size(256)
+fn gather_bwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+              @builtin(local_invocation_id) lid: vec3<u32>) {
+    let i = linear_index(wid, nwg, lid);
+    if (i >= p.n) { return; }
+    let o = offsets(i);
+    let axis = p.op;
+    let target_index = f32((i / p.so[axis >> 2u][axis & 3u]) % p.shape[axis >> 2u][axis & 3u]);
+    var acc = 0.0;
+    for (var k = 0u; k < p.aux0; k += 1u) {
+        if (b[o.y + k * p.off_c] == target_index) {
+            acc += a[o.x + k * p.aux1];
+        }
+    }
+    out[o.w] = acc;
 }

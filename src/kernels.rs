@@ -85,6 +85,8 @@ kernels! {
     RandFwd => (Elementwise, "rand_fwd", 0),
     RandnFwd => (Elementwise, "randn_fwd", 0),
     GatherFwd => (Elementwise, "gather_fwd", 2),
+    UnaryBwd => (Elementwise, "unary_bwd", 2),
+    GatherBwd => (Elementwise, "gather_bwd", 2),
     ReduceFwd => (Reduce, "reduce_fwd", 1),
     SoftmaxFwd => (Reduce, "softmax_fwd", 1),
     LogSoftmaxFwd => (Reduce, "log_softmax_fwd", 1),

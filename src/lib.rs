@@ -22,13 +22,16 @@
 
 #![warn(missing_docs)]
 
+mod autograd;
 pub mod device;
 mod error;
 pub mod kernels;
+pub mod loss;
 mod ops;
 pub mod shape;
 mod tensor;
 
+pub use autograd::{is_grad_enabled, no_grad, NoGradGuard};
 pub use device::{Device, DeviceOptions, DeviceStats};
 pub use error::{Error, Result};
 pub use ops::elementwise::{BinaryOp, UnaryOp};

@@ -3,6 +3,7 @@
 use std::fmt;
 use std::sync::Arc;
 
+use crate::autograd::{record, Node, Op};
 use crate::device::{BufferKind, Device};
 use crate::error::{Error, Result};
 use crate::shape::{checked_numel, normalize_axis, resolve_shape, Layout, MAX_RANK};
@@ -51,6 +52,8 @@ impl Drop for Storage {
 pub struct Tensor {
     pub(crate) storage: Arc<Storage>,
     pub(crate) layout: Layout,
+    /// The autograd node: `Some` when this tensor requires grad.
+    pub(crate) node: Option<Arc<Node>>,
 }
 
 impl Tensor {
@@ -93,6 +96,7 @@ impl Tensor {
                 device: device.clone(),
             }),
             layout: Layout::contiguous(shape),
+            node: None,
         })
     }
 
@@ -100,12 +104,18 @@ impl Tensor {
         self.storage.buffer()
     }
 
-    /// The same storage seen through another layout.
+    /// The same storage seen through another layout, without a graph node.
     pub(crate) fn with_layout(&self, layout: Layout) -> Tensor {
         Tensor {
             storage: self.storage.clone(),
             layout,
+            node: None,
         }
+    }
+
+    /// A view with `layout`, recorded for autograd as `op`.
+    fn view(&self, layout: Layout, op: impl FnOnce() -> Op) -> Tensor {
+        record(self.with_layout(layout), &[self], |_| op())
     }
 
     /// The shape.
@@ -201,7 +211,8 @@ impl Tensor {
         };
         let mut layout = Layout::contiguous(&shape);
         layout.offset = base.layout.offset;
-        Ok(base.with_layout(layout))
+        let in_shape = self.shape();
+        Ok(base.view(layout, || Op::Reshape { in_shape }))
     }
 
     /// `reshape` with a shape of `usize`.
@@ -243,7 +254,8 @@ impl Tensor {
             .iter()
             .map(|&a| normalize_axis("permute", a, self.rank()))
             .collect::<Result<_>>()?;
-        Ok(self.with_layout(self.layout.permute("permute", &perm)?))
+        let layout = self.layout.permute("permute", &perm)?;
+        Ok(self.view(layout, || Op::Permute { perm }))
     }
 
     /// Two axes swapped. A view.
@@ -252,7 +264,8 @@ impl Tensor {
         let b = normalize_axis("transpose", b, self.rank())?;
         let mut perm: Vec<usize> = (0..self.rank()).collect();
         perm.swap(a, b);
-        Ok(self.with_layout(self.layout.permute("transpose", &perm)?))
+        let layout = self.layout.permute("transpose", &perm)?;
+        Ok(self.view(layout, || Op::Permute { perm }))
     }
 
     /// The last two axes swapped (a matrix transpose). A view.
@@ -268,24 +281,33 @@ impl Tensor {
 
     /// Broadcast to `shape` (NumPy rules) without copying.
     pub fn expand(&self, shape: &[usize]) -> Result<Tensor> {
-        Ok(self.with_layout(self.layout.broadcast_to("expand", shape)?))
+        let layout = self.layout.broadcast_to("expand", shape)?;
+        let in_shape = self.shape();
+        Ok(self.view(layout, || Op::Expand { in_shape }))
     }
 
     /// `len` elements of `axis` starting at `start`. A view.
     pub fn narrow(&self, axis: isize, start: usize, len: usize) -> Result<Tensor> {
         let a = normalize_axis("narrow", axis, self.rank())?;
-        Ok(self.with_layout(self.layout.narrow("narrow", a, start, len)?))
+        let layout = self.layout.narrow("narrow", a, start, len)?;
+        let in_shape = self.shape();
+        Ok(self.view(layout, || Op::Narrow {
+            axis: a,
+            start,
+            in_shape,
+        }))
     }
 
     /// Axes of size one removed (all of them with `None`). A view.
     pub fn squeeze(&self, axis: Option<isize>) -> Result<Tensor> {
-        match axis {
-            None => Ok(self.with_layout(self.layout.squeeze(None))),
-            Some(a) => {
-                let a = normalize_axis("squeeze", a, self.rank())?;
-                Ok(self.with_layout(self.layout.squeeze(Some(&[a]))))
-            }
-        }
+        let layout = match axis {
+            None => self.layout.squeeze(None),
+            Some(a) => self
+                .layout
+                .squeeze(Some(&[normalize_axis("squeeze", a, self.rank())?])),
+        };
+        let in_shape = self.shape();
+        Ok(self.view(layout, || Op::Reshape { in_shape }))
     }
 
     /// An axis of size one inserted at `axis` (`-1` appends). A view.
@@ -297,7 +319,8 @@ impl Tensor {
             ));
         }
         let a = normalize_axis("unsqueeze", axis, self.rank() + 1)?;
-        Ok(self.with_layout(self.layout.unsqueeze(a)))
+        let in_shape = self.shape();
+        Ok(self.view(self.layout.unsqueeze(a), || Op::Reshape { in_shape }))
     }
 
     /// A tensor with the same values in contiguous row-major storage (itself when already so).
@@ -340,10 +363,11 @@ impl fmt::Debug for Tensor {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "Tensor(shape={:?}, strides={:?}, offset={}, device={:?})",
+            "Tensor(shape={:?}, strides={:?}, offset={}, requires_grad={}, device={:?})",
             self.dims(),
             self.strides(),
             self.layout.offset,
+            self.node.is_some(),
             self.device()
         )
     }

@@ -4,6 +4,7 @@
 use bytemuck::{Pod, Zeroable};
 
 use super::{grid, pack};
+use crate::autograd::{record, Op};
 use crate::error::{Error, Result};
 use crate::kernels::Kernel;
 use crate::shape::{broadcast_shapes, Layout, MAX_RANK};
@@ -128,6 +129,8 @@ pub(crate) struct Extra {
     pub beta: f32,
     pub aux: [u32; 2],
     pub flags: u32,
+    /// Goes to `off_c` when there is no third input (`gather_bwd` reads a stride from it).
+    pub aux2: u32,
 }
 
 /// Records one elementwise dispatch: `inputs` are read through their layouts (already
@@ -153,6 +156,7 @@ pub(crate) fn launch(
         beta: extra.beta,
         aux0: extra.aux[0],
         aux1: extra.aux[1],
+        off_c: extra.aux2,
         shape: pack(out_layout.shape.iter().copied()),
         so: pack(out_layout.strides.iter().copied()),
         ..Zeroable::zeroed()
@@ -192,7 +196,26 @@ fn check_rank(op: &'static str, shape: &[usize]) -> Result<()> {
     Ok(())
 }
 
-pub(crate) fn unary(x: &Tensor, op: UnaryOp, alpha: f32, beta: f32) -> Result<Tensor> {
+impl UnaryOp {
+    /// True when the derivative is computed from the output y rather than the input x.
+    pub(crate) fn grad_uses_output(self) -> bool {
+        matches!(
+            self,
+            UnaryOp::Exp | UnaryOp::Sqrt | UnaryOp::Rsqrt | UnaryOp::Sigmoid | UnaryOp::Tanh
+        )
+    }
+}
+
+impl BinaryOp {
+    fn is_comparison(self) -> bool {
+        matches!(
+            self,
+            BinaryOp::Eq | BinaryOp::Ne | BinaryOp::Lt | BinaryOp::Le | BinaryOp::Gt | BinaryOp::Ge
+        )
+    }
+}
+
+fn unary_raw(x: &Tensor, op: UnaryOp, alpha: f32, beta: f32) -> Result<Tensor> {
     let out = Tensor::uninit("unary", x.dims(), x.device())?;
     let extra = Extra {
         op: op as u32,
@@ -210,12 +233,52 @@ pub(crate) fn unary(x: &Tensor, op: UnaryOp, alpha: f32, beta: f32) -> Result<Te
     Ok(out)
 }
 
-/// A contiguous copy of `x`.
-pub(crate) fn copy(x: &Tensor) -> Result<Tensor> {
-    unary(x, UnaryOp::Identity, 0.0, 0.0)
+pub(crate) fn unary(x: &Tensor, op: UnaryOp, alpha: f32, beta: f32) -> Result<Tensor> {
+    let out = unary_raw(x, op, alpha, beta)?;
+    Ok(record(out, &[x], |y| Op::Unary {
+        op,
+        saved: if op.grad_uses_output() {
+            y.clone()
+        } else {
+            x.detach()
+        },
+        alpha,
+        beta,
+    }))
 }
 
-/// Copies `src` (broadcast to `dst_layout.shape`) into `dst` through `dst_layout`.
+/// `g * f'(saved)` for the unary op `op`, in one dispatch (`unary_bwd`).
+pub(crate) fn unary_backward(
+    saved: &Tensor,
+    g: &Tensor,
+    op: UnaryOp,
+    alpha: f32,
+    beta: f32,
+) -> Result<Tensor> {
+    let out = Tensor::uninit("unary_backward", g.dims(), g.device())?;
+    let extra = Extra {
+        op: op as u32,
+        alpha,
+        beta,
+        ..Default::default()
+    };
+    launch(
+        Kernel::UnaryBwd,
+        &[(saved, &saved.layout), (g, &g.layout)],
+        &out,
+        &out.layout.clone(),
+        extra,
+    );
+    Ok(out)
+}
+
+/// A contiguous copy of `x`.
+pub(crate) fn copy(x: &Tensor) -> Result<Tensor> {
+    let out = unary_raw(x, UnaryOp::Identity, 0.0, 0.0)?;
+    Ok(record(out, &[x], |_| Op::Copy))
+}
+
+/// Copies `src` (broadcast to `dst_layout.shape`) into `dst` through `dst_layout`. Not recorded.
 pub(crate) fn copy_into(src: &Tensor, dst: &Tensor, dst_layout: &Layout) -> Result<()> {
     let l = src.layout.broadcast_to("copy", &dst_layout.shape)?;
     launch(
@@ -247,7 +310,28 @@ pub(crate) fn binary(a: &Tensor, b: &Tensor, op: BinaryOp) -> Result<Tensor> {
         &out.layout.clone(),
         extra,
     );
-    Ok(out)
+    if op.is_comparison() {
+        return Ok(out);
+    }
+    let (a_grad, b_grad) = (a.requires_grad_flag(), b.requires_grad_flag());
+    Ok(record(out, &[a, b], |y| {
+        // Save only what the rule reads for the inputs that need a gradient.
+        let (save_a, save_b, save_out) = match op {
+            BinaryOp::Mul => (b_grad, a_grad, false),
+            BinaryOp::Div => (false, true, b_grad),
+            BinaryOp::Pow => (true, true, b_grad),
+            BinaryOp::Maximum | BinaryOp::Minimum => (true, true, false),
+            _ => (false, false, false),
+        };
+        Op::Binary {
+            op,
+            a: save_a.then(|| a.detach()),
+            b: save_b.then(|| b.detach()),
+            out: save_out.then(|| y.clone()),
+            a_shape: a.shape(),
+            b_shape: b.shape(),
+        }
+    }))
 }
 
 pub(crate) fn binary_scalar(a: &Tensor, s: f32, op: BinaryOp, scalar_left: bool) -> Result<Tensor> {
@@ -265,7 +349,26 @@ pub(crate) fn binary_scalar(a: &Tensor, s: f32, op: BinaryOp, scalar_left: bool)
         &out.layout.clone(),
         extra,
     );
-    Ok(out)
+    if op.is_comparison() {
+        return Ok(out);
+    }
+    Ok(record(out, &[a], |y| {
+        let (save_x, save_out) = match (op, scalar_left) {
+            (BinaryOp::Div, true) => (true, true),
+            (BinaryOp::Pow, false) | (BinaryOp::Maximum, _) | (BinaryOp::Minimum, _) => {
+                (true, false)
+            }
+            (BinaryOp::Pow, true) => (false, true),
+            _ => (false, false),
+        };
+        Op::BinaryScalar {
+            op,
+            s,
+            scalar_left,
+            x: save_x.then(|| a.detach()),
+            out: save_out.then(|| y.clone()),
+        }
+    }))
 }
 
 pub(crate) fn where_cond(cond: &Tensor, a: &Tensor, b: &Tensor) -> Result<Tensor> {
@@ -285,7 +388,11 @@ pub(crate) fn where_cond(cond: &Tensor, a: &Tensor, b: &Tensor) -> Result<Tensor
         &out.layout.clone(),
         Extra::default(),
     );
-    Ok(out)
+    Ok(record(out, &[a, b], |_| Op::Where {
+        cond: cond.detach(),
+        a_shape: a.shape(),
+        b_shape: b.shape(),
+    }))
 }
 
 macro_rules! unary_methods {

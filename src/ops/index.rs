@@ -1,6 +1,7 @@
 //! Joining and indexing: concat, stack, index_select, gather.
 
 use super::elementwise::{copy_into, launch, Extra};
+use crate::autograd::{record, Op};
 use crate::error::{Error, Result};
 use crate::kernels::Kernel;
 use crate::shape::{normalize_axis, Layout, MAX_RANK};
@@ -53,7 +54,8 @@ impl Tensor {
             copy_into(t, &out, &region)?;
             start += len;
         }
-        Ok(out)
+        let sizes = tensors.iter().map(|t| t.dims()[ax]).collect();
+        Ok(record(out, tensors, |_| Op::Concat { axis: ax, sizes }))
     }
 
     /// Tensors of one shape joined along a new `axis`.
@@ -188,5 +190,57 @@ fn gather_into(
         &out.layout.clone(),
         extra,
     );
-    Ok(out)
+    Ok(record(out, &[src], |_| Op::Gather {
+        axis: ax,
+        index: idx.detach(),
+        index_layout: idx_layout.clone(),
+        in_shape: src.shape(),
+    }))
+}
+
+/// Gradient of `gather`: `g` (the output's shape) summed into the positions the index picked,
+/// in a tensor of `in_shape` (`gather_bwd`, no atomics, deterministic).
+pub(crate) fn gather_backward(
+    g: &Tensor,
+    index: &Tensor,
+    index_layout: &Layout,
+    axis: usize,
+    in_shape: &[usize],
+) -> Result<Tensor> {
+    const OP: &str = "gather_backward";
+    let mut shape = g.shape();
+    let k = shape[axis];
+    shape[axis] = in_shape[axis];
+    let out = Tensor::uninit(OP, &shape, g.device())?;
+    let mut gl = g.layout.clone();
+    gl.shape = shape.clone();
+    gl.strides[axis] = 0;
+    let mut il = index_layout.clone();
+    il.shape = shape.clone();
+    il.strides[axis] = 0;
+    let extra = Extra {
+        op: axis as u32,
+        aux: [k as u32, g.strides()[axis] as u32],
+        aux2: index_layout.strides[axis] as u32,
+        ..Default::default()
+    };
+    launch(
+        Kernel::GatherBwd,
+        &[(g, &gl), (index, &il)],
+        &out,
+        &out.layout.clone(),
+        extra,
+    );
+    if shape == in_shape {
+        return Ok(out);
+    }
+    // The index was smaller than the input on other axes: place the result in zeros.
+    let full = Tensor::zeros(in_shape, g.device())?;
+    let region = Layout {
+        shape,
+        strides: full.strides().to_vec(),
+        offset: 0,
+    };
+    copy_into(&out, &full, &region)?;
+    Ok(full)
 }

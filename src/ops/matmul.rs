@@ -4,6 +4,7 @@
 use bytemuck::{Pod, Zeroable};
 
 use super::pack;
+use crate::autograd::{record, Op};
 use crate::error::{Error, Result};
 use crate::kernels::Kernel;
 use crate::shape::{broadcast_shapes, Layout, MAX_RANK};
@@ -141,7 +142,13 @@ impl Tensor {
                 z += chunk;
             }
         }
-        let mut result = out;
+        let (a_grad, b_grad) = (a.requires_grad_flag(), b.requires_grad_flag());
+        let mut result = record(out, &[&a, &b], |_| Op::Matmul {
+            a: b_grad.then(|| a.detach()),
+            b: a_grad.then(|| b.detach()),
+            a_shape: a.shape(),
+            b_shape: b.shape(),
+        });
         if other.rank() == 1 {
             result = result.squeeze(Some(-1))?;
         }

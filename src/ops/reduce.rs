@@ -3,6 +3,7 @@
 use bytemuck::{Pod, Zeroable};
 
 use super::{grid, pack};
+use crate::autograd::{record, Op};
 use crate::error::{Error, Result};
 use crate::kernels::Kernel;
 use crate::shape::{contiguous_strides, normalize_axes, normalize_axis, MAX_RANK};
@@ -92,7 +93,7 @@ fn rows_of(op: &'static str, x: &Tensor, axes: &[usize]) -> Result<(Tensor, Rows
     }
     // Not expressible as one strided run: move the reduced axes last and copy.
     let perm: Vec<isize> = kept.iter().chain(axes).map(|&a| a as isize).collect();
-    let y = x.permute(&perm)?.contiguous()?;
+    let y = x.detach().permute(&perm)?.contiguous()?;
     let k = kept.len();
     let (len, stride) = merged_run(&y, &(k..y.rank()).collect::<Vec<_>>())
         .ok_or_else(|| Error::shape(op, "internal: contiguous copy is not mergeable"))?;
@@ -159,7 +160,24 @@ pub(crate) fn reduce(
             grid(n_out, 1),
         );
     }
-    Ok(out)
+    if matches!(op, ReduceOp::ArgMax | ReduceOp::ArgMin) {
+        return Ok(out);
+    }
+    let keep_shape: Vec<usize> = x
+        .dims()
+        .iter()
+        .enumerate()
+        .map(|(i, &d)| if axes.contains(&i) { 1 } else { d })
+        .collect();
+    Ok(record(out, &[x], |y| Op::Reduce {
+        op,
+        axes: axes.clone(),
+        keep_shape,
+        in_shape: x.shape(),
+        x: matches!(op, ReduceOp::Max | ReduceOp::Min | ReduceOp::Var).then(|| x.detach()),
+        out: matches!(op, ReduceOp::Max | ReduceOp::Min).then(|| y.clone()),
+        correction,
+    }))
 }
 
 fn softmax_like(x: &Tensor, axis: isize, kernel: Kernel, name: &'static str) -> Result<Tensor> {
@@ -194,7 +212,20 @@ fn softmax_like(x: &Tensor, axis: isize, kernel: Kernel, name: &'static str) -> 
             grid(n_out, 1),
         );
     }
-    Ok(out)
+    let ax = axis as isize;
+    Ok(record(out, &[x], |y| {
+        if kernel == Kernel::SoftmaxFwd {
+            Op::Softmax {
+                axis: ax,
+                out: y.clone(),
+            }
+        } else {
+            Op::LogSoftmax {
+                axis: ax,
+                out: y.clone(),
+            }
+        }
+    }))
 }
 
 impl Tensor {

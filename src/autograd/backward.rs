@@ -1,0 +1,358 @@
+//! The calculus: every recorded op and its backward rule, in one place.
+//!
+//! Each rule receives `g = dL/d(output)` and returns `dL/d(input)` for each input that needs
+//! it, written with kiln's own GPU ops (nothing is read back). Inputs that were broadcast get
+//! their gradient summed back to their shape with [`sum_to`]. Elementwise derivatives of the
+//! activations run in one fused kernel, `unary_bwd` in `shaders/elementwise.wgsl`; its
+//! formulas are repeated in the comments below.
+//!
+//! Ties: `max`/`min` over axes share the gradient equally among tied maxima (as PyTorch's
+//! `amax`/`amin`); `maximum`/`minimum` give half to each side on a tie (as PyTorch).
+
+use crate::error::Result;
+use crate::ops::elementwise::{unary_backward, BinaryOp, UnaryOp};
+use crate::ops::index::gather_backward;
+use crate::ops::reduce::ReduceOp;
+use crate::shape::Layout;
+use crate::tensor::Tensor;
+
+/// A recorded operation with what its backward rule needs. Saved tensors are detached.
+pub(crate) enum Op {
+    /// y = f(x) for an activation; `saved` is x or y, whichever the derivative uses
+    /// ([`UnaryOp::grad_uses_output`]).
+    Unary {
+        op: UnaryOp,
+        saved: Tensor,
+        alpha: f32,
+        beta: f32,
+    },
+    /// y = a (op) b with broadcasting. Operands are saved only when the rule needs them.
+    Binary {
+        op: BinaryOp,
+        a: Option<Tensor>,
+        b: Option<Tensor>,
+        out: Option<Tensor>,
+        a_shape: Vec<usize>,
+        b_shape: Vec<usize>,
+    },
+    /// y = x (op) s, or s (op) x when `scalar_left`.
+    BinaryScalar {
+        op: BinaryOp,
+        s: f32,
+        scalar_left: bool,
+        x: Option<Tensor>,
+        out: Option<Tensor>,
+    },
+    /// y = cond ? a : b.
+    Where {
+        cond: Tensor,
+        a_shape: Vec<usize>,
+        b_shape: Vec<usize>,
+    },
+    /// y = reduce(x) over `axes` (sorted); `keep_shape` is y's shape with the axes kept as 1.
+    Reduce {
+        op: ReduceOp,
+        axes: Vec<usize>,
+        keep_shape: Vec<usize>,
+        in_shape: Vec<usize>,
+        x: Option<Tensor>,
+        out: Option<Tensor>,
+        correction: f32,
+    },
+    /// y = softmax(x) along `axis`.
+    Softmax { axis: isize, out: Tensor },
+    /// y = log_softmax(x) along `axis`.
+    LogSoftmax { axis: isize, out: Tensor },
+    /// y = a @ b, both of rank >= 2, batch axes broadcast.
+    Matmul {
+        a: Option<Tensor>,
+        b: Option<Tensor>,
+        a_shape: Vec<usize>,
+        b_shape: Vec<usize>,
+    },
+    /// A view or copy with the same elements in another shape.
+    Reshape { in_shape: Vec<usize> },
+    /// y = x.permute(perm).
+    Permute { perm: Vec<usize> },
+    /// y = x broadcast from `in_shape`.
+    Expand { in_shape: Vec<usize> },
+    /// y = x.narrow(axis, start, len).
+    Narrow {
+        axis: usize,
+        start: usize,
+        in_shape: Vec<usize>,
+    },
+    /// y = x (a contiguous copy).
+    Copy,
+    /// y = concat(inputs, axis); `sizes` are the inputs' sizes along it.
+    Concat { axis: usize, sizes: Vec<usize> },
+    /// y = gather(x, axis, index), `index` seen through `index_layout` (y's shape).
+    Gather {
+        axis: usize,
+        index: Tensor,
+        index_layout: Layout,
+        in_shape: Vec<usize>,
+    },
+    /// y = max(x, 0) - x t + log(1 + e^-|x|) (BCE with logits), then averaged (`scale` = 1/n),
+    /// summed or left unreduced (`scale` = 1).
+    BceWithLogits { x: Tensor, t: Tensor, scale: f32 },
+}
+
+/// `g` summed over the axes that were broadcast to reach its shape from `shape`.
+pub(crate) fn sum_to(g: &Tensor, shape: &[usize]) -> Result<Tensor> {
+    if g.dims() == shape {
+        return Ok(g.clone());
+    }
+    let lead = g.rank() - shape.len();
+    let axes: Vec<isize> = (0..g.rank())
+        .filter(|&i| i < lead || (shape[i - lead] == 1 && g.dims()[i] != 1))
+        .map(|i| i as isize)
+        .collect();
+    let summed = if axes.is_empty() {
+        g.clone()
+    } else {
+        g.sum(&axes, true)?
+    };
+    summed.reshape_to(shape)
+}
+
+fn saved(t: &Option<Tensor>) -> &Tensor {
+    // Rules save what they read; a missing tensor here is a bug in `record`'s caller.
+    t.as_ref()
+        .unwrap_or_else(|| unreachable!("backward rule read a tensor it did not save"))
+}
+
+impl Op {
+    /// Gradients of the inputs, in input order (`None` where `needs` is false).
+    pub(crate) fn backward(&self, g: &Tensor, needs: &[bool]) -> Result<Vec<Option<Tensor>>> {
+        let need = |i: usize| needs.get(i).copied().unwrap_or(false);
+        // Computes the gradient of input `i` only when it is needed.
+        macro_rules! grads {
+            ($($e:expr),* $(,)?) => {{
+                let mut out = Vec::new();
+                let mut i = 0;
+                $(
+                    out.push(if need(i) { Some($e) } else { None });
+                    i += 1;
+                )*
+                let _ = i;
+                out
+            }};
+        }
+        Ok(match self {
+            // neg: -1; abs: sign(x); exp: y; log: 1/x; sqrt: 1/(2y); rsqrt: -y^3/2;
+            // relu: [x > 0]; leaky_relu: x > 0 ? 1 : slope; sigmoid: y(1 - y); tanh: 1 - y^2;
+            // gelu: Phi(x) + x phi(x); silu: s + x s (1 - s) with s = sigmoid(x);
+            // clamp: [lo <= x <= hi]; identity: 1.   dx = g * f'
+            Op::Unary {
+                op,
+                saved,
+                alpha,
+                beta,
+            } => grads![unary_backward(saved, g, *op, *alpha, *beta)?],
+
+            Op::Binary {
+                op,
+                a,
+                b,
+                out,
+                a_shape,
+                b_shape,
+            } => match op {
+                // d(a + b) = (g, g); d(a - b) = (g, -g)
+                BinaryOp::Add => grads![sum_to(g, a_shape)?, sum_to(g, b_shape)?],
+                BinaryOp::Sub => grads![sum_to(g, a_shape)?, sum_to(&g.neg()?, b_shape)?],
+                // d(a b) = (g b, g a)
+                BinaryOp::Mul => grads![
+                    sum_to(&g.mul(saved(b))?, a_shape)?,
+                    sum_to(&g.mul(saved(a))?, b_shape)?
+                ],
+                // d(a / b) = (g / b, -g a / b^2 = -(g / b) y)
+                BinaryOp::Div => {
+                    let gb = g.div(saved(b))?;
+                    grads![
+                        sum_to(&gb, a_shape)?,
+                        sum_to(&gb.mul(saved(out))?.neg()?, b_shape)?
+                    ]
+                }
+                // d(a^b) = (g b a^(b-1), g y ln a)
+                BinaryOp::Pow => grads![
+                    sum_to(
+                        &g.mul(saved(b))?
+                            .mul(&saved(a).pow(&saved(b).sub_scalar(1.0)?)?)?,
+                        a_shape
+                    )?,
+                    sum_to(&g.mul(saved(out))?.mul(&saved(a).log()?)?, b_shape)?,
+                ],
+                // maximum: a gets g where a > b, b where b > a, each half on a tie (minimum: mirrored)
+                BinaryOp::Maximum | BinaryOp::Minimum => {
+                    let (a, b) = (saved(a), saved(b));
+                    let wins = if *op == BinaryOp::Maximum {
+                        a.gt(b)?
+                    } else {
+                        a.lt(b)?
+                    };
+                    let wa = wins.add(&a.eq(b)?.mul_scalar(0.5)?)?;
+                    grads![
+                        sum_to(&g.mul(&wa)?, a_shape)?,
+                        sum_to(&g.mul(&wa.rsub_scalar(1.0)?)?, b_shape)?
+                    ]
+                }
+                // Comparisons are piecewise constant: no gradient (their results never require grad).
+                _ => grads![g.zeros_like()?, g.zeros_like()?],
+            },
+
+            Op::BinaryScalar {
+                op,
+                s,
+                scalar_left,
+                x,
+                out,
+            } => {
+                let s = *s;
+                grads![match (op, scalar_left) {
+                    (BinaryOp::Add, _) | (BinaryOp::Sub, false) => g.clone(),
+                    (BinaryOp::Sub, true) => g.neg()?, // d(s - x) = -g
+                    (BinaryOp::Mul, _) => g.mul_scalar(s)?, // d(x s) = g s
+                    (BinaryOp::Div, false) => g.div_scalar(s)?, // d(x / s) = g / s
+                    (BinaryOp::Div, true) => g.mul(saved(out))?.div(saved(x))?.neg()?, // d(s / x) = -g y / x
+                    // d(x^s) = g s x^(s-1)
+                    (BinaryOp::Pow, false) =>
+                        g.mul(&saved(x).pow_scalar(s - 1.0)?.mul_scalar(s)?)?,
+                    // d(s^x) = g y ln s
+                    (BinaryOp::Pow, true) => g.mul(saved(out))?.mul_scalar(s.ln())?,
+                    (BinaryOp::Maximum, _) | (BinaryOp::Minimum, _) => {
+                        let x = saved(x);
+                        let wins = if *op == BinaryOp::Maximum {
+                            x.gt_scalar(s)?
+                        } else {
+                            x.lt_scalar(s)?
+                        };
+                        g.mul(&wins.add(&x.eq_scalar(s)?.mul_scalar(0.5)?)?)?
+                    }
+                    _ => g.zeros_like()?,
+                }]
+            }
+
+            // d(cond ? a : b) = (cond ? g : 0, cond ? 0 : g)
+            Op::Where {
+                cond,
+                a_shape,
+                b_shape,
+            } => {
+                let zero = Tensor::zeros(&[], g.device())?;
+                grads![
+                    sum_to(&cond.where_cond(g, &zero)?, a_shape)?,
+                    sum_to(&cond.where_cond(&zero, g)?, b_shape)?,
+                ]
+            }
+
+            Op::Reduce {
+                op,
+                axes,
+                keep_shape,
+                in_shape,
+                x,
+                out,
+                correction,
+            } => {
+                let ax: Vec<isize> = axes.iter().map(|&a| a as isize).collect();
+                // g with the reduced axes restored (size 1), broadcast to the input shape.
+                let g_in = g.reshape_to(keep_shape)?.expand(in_shape)?;
+                let n: usize = axes.iter().map(|&a| in_shape[a]).product();
+                grads![match op {
+                    ReduceOp::Sum => g_in,                              // d sum = g
+                    ReduceOp::Mean => g_in.mul_scalar(1.0 / n as f32)?, // d mean = g / n
+                    // d max = g [x == max] / #ties
+                    ReduceOp::Max | ReduceOp::Min => {
+                        let y = saved(out).reshape_to(keep_shape)?;
+                        let mask = saved(x).eq(&y)?;
+                        let ties = mask.sum(&ax, true)?;
+                        g_in.mul(&mask)?.div(&ties)?
+                    }
+                    // d var = g 2 (x - mean) / (n - correction)
+                    ReduceOp::Var => {
+                        let x = saved(x);
+                        let centered = x.sub(&x.mean(&ax, true)?)?;
+                        g_in.mul(&centered)?
+                            .mul_scalar(2.0 / (n as f32 - correction))?
+                    }
+                    ReduceOp::ArgMax | ReduceOp::ArgMin => g_in.zeros_like()?,
+                }]
+            }
+
+            // dx = y (g - sum(g y))
+            Op::Softmax { axis, out } => {
+                let gy = g.mul(out)?;
+                grads![gy.sub(&out.mul(&gy.sum(&[*axis], true)?)?)?]
+            }
+            // dx = g - softmax(x) sum(g) = g - e^y sum(g)
+            Op::LogSoftmax { axis, out } => {
+                grads![g.sub(&out.exp()?.mul(&g.sum(&[*axis], true)?)?)?]
+            }
+
+            // d(a @ b) = (g @ b^T, a^T @ g), summed over broadcast batch axes
+            Op::Matmul {
+                a,
+                b,
+                a_shape,
+                b_shape,
+            } => grads![
+                sum_to(&g.matmul(&saved(b).t()?)?, a_shape)?,
+                sum_to(&saved(a).t()?.matmul(g)?, b_shape)?,
+            ],
+
+            Op::Reshape { in_shape } => grads![g.reshape_to(in_shape)?],
+            Op::Permute { perm } => {
+                let mut inverse = vec![0isize; perm.len()];
+                for (i, &p) in perm.iter().enumerate() {
+                    inverse[p] = i as isize;
+                }
+                grads![g.permute(&inverse)?]
+            }
+            Op::Expand { in_shape } => grads![sum_to(g, in_shape)?],
+            // The gradient of a slice is g placed in a zero tensor of the input's shape.
+            Op::Narrow {
+                axis,
+                start,
+                in_shape,
+            } => {
+                let full = Tensor::zeros(in_shape, g.device())?;
+                let region = full
+                    .layout
+                    .narrow("narrow", *axis, *start, g.dims()[*axis])?;
+                crate::ops::elementwise::copy_into(g, &full, &region)?;
+                grads![full]
+            }
+            Op::Copy => grads![g.clone()],
+            // Each input's gradient is its slice of g.
+            Op::Concat { axis, sizes } => {
+                let mut start = 0;
+                let mut out = Vec::with_capacity(sizes.len());
+                for (i, &len) in sizes.iter().enumerate() {
+                    out.push(if need(i) {
+                        Some(g.narrow(*axis as isize, start, len)?)
+                    } else {
+                        None
+                    });
+                    start += len;
+                }
+                out
+            }
+            // Scatter-add of g back to the gathered positions (deterministic: each input
+            // element sums the gradients of the positions that picked it).
+            Op::Gather {
+                axis,
+                index,
+                index_layout,
+                in_shape,
+            } => {
+                grads![gather_backward(g, index, index_layout, *axis, in_shape)?]
+            }
+            // d/dx = (sigmoid(x) - t) scale, times g (elementwise when unreduced)
+            Op::BceWithLogits { x, t, scale } => {
+                grads![x.sigmoid()?.sub(t)?.mul_scalar(*scale)?.mul(g)?]
+            }
+        })
+    }
+}
