@@ -556,13 +556,21 @@ impl Device {
             );
         }
         self.inner.readbacks.fetch_add(1, Ordering::Relaxed);
-        let result = Arc::new(Mutex::new(None));
-        let slot = result.clone();
+        let (sender, receiver) = std::sync::mpsc::channel();
         staging.map_async(wgpu::MapMode::Read, 0..bytes, move |r| {
-            *lock(&slot) = Some(r);
+            // The receiver outlives every wait below; a failed send cannot happen then.
+            let _ = sender.send(r);
         });
-        self.wait()?;
-        let mapped = lock(&result).take();
+        // Another thread's poll may be the one that runs this callback, slightly after our own
+        // poll returns: keep polling until it has arrived.
+        let mapped = loop {
+            self.wait()?;
+            match receiver.recv_timeout(std::time::Duration::from_millis(1)) {
+                Ok(r) => break Some(r),
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => continue,
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break None,
+            }
+        };
         let out = match mapped {
             Some(Ok(())) => {
                 let data = staging

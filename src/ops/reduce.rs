@@ -258,11 +258,13 @@ impl Tensor {
     }
 
     /// Largest value over `axes` (all when empty); NaN if any element is NaN.
+    /// The gradient is shared equally among tied maxima (as PyTorch's `amax`).
     pub fn max(&self, axes: &[isize], keepdim: bool) -> Result<Tensor> {
         reduce(self, ReduceOp::Max, axes, keepdim, 0.0)
     }
 
     /// Smallest value over `axes` (all when empty); NaN if any element is NaN.
+    /// The gradient is shared equally among tied minima (as PyTorch's `amin`).
     pub fn min(&self, axes: &[isize], keepdim: bool) -> Result<Tensor> {
         reduce(self, ReduceOp::Min, axes, keepdim, 0.0)
     }
