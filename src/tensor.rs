@@ -10,25 +10,22 @@ use crate::shape::{checked_numel, normalize_axis, resolve_shape, Layout, MAX_RAN
 
 /// A GPU buffer owned by one or more tensors; returned to the device's pool on drop.
 pub(crate) struct Storage {
-    buffer: Option<wgpu::Buffer>,
+    buffer: wgpu::Buffer,
     class: u64,
     device: Device,
 }
 
 impl Storage {
     pub(crate) fn buffer(&self) -> &wgpu::Buffer {
-        // Only `Drop` takes the buffer out.
-        self.buffer
-            .as_ref()
-            .unwrap_or_else(|| unreachable!("storage used after drop"))
+        &self.buffer
     }
 }
 
 impl Drop for Storage {
     fn drop(&mut self) {
-        if let Some(b) = self.buffer.take() {
-            self.device.release(BufferKind::Storage, self.class, b);
-        }
+        // wgpu buffers are reference-counted handles: the pool keeps this one alive.
+        self.device
+            .release(BufferKind::Storage, self.class, self.buffer.clone());
     }
 }
 
@@ -91,7 +88,7 @@ impl Tensor {
         let (buffer, class) = device.alloc(op, bytes as u64, BufferKind::Storage, for_upload)?;
         Ok(Tensor {
             storage: Arc::new(Storage {
-                buffer: Some(buffer),
+                buffer,
                 class,
                 device: device.clone(),
             }),

@@ -9,7 +9,7 @@
 //! Ties: `max`/`min` over axes share the gradient equally among tied maxima (as PyTorch's
 //! `amax`/`amin`); `maximum`/`minimum` give half to each side on a tie (as PyTorch).
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::ops::elementwise::{unary_backward, BinaryOp, UnaryOp};
 use crate::ops::index::gather_backward;
 use crate::ops::reduce::ReduceOp;
@@ -116,10 +116,10 @@ pub(crate) fn sum_to(g: &Tensor, shape: &[usize]) -> Result<Tensor> {
     summed.reshape_to(shape)
 }
 
-fn saved(t: &Option<Tensor>) -> &Tensor {
-    // Rules save what they read; a missing tensor here is a bug in `record`'s caller.
+/// A tensor the rule saved. Rules save what they read, so `Err` here means a bug in kiln.
+fn saved(t: &Option<Tensor>) -> Result<&Tensor> {
     t.as_ref()
-        .unwrap_or_else(|| unreachable!("backward rule read a tensor it did not save"))
+        .ok_or_else(|| Error::invalid("backward", "internal: a rule read a tensor it did not save"))
 }
 
 impl Op {
@@ -164,29 +164,29 @@ impl Op {
                 BinaryOp::Sub => grads![sum_to(g, a_shape)?, sum_to(&g.neg()?, b_shape)?],
                 // d(a b) = (g b, g a)
                 BinaryOp::Mul => grads![
-                    sum_to(&g.mul(saved(b))?, a_shape)?,
-                    sum_to(&g.mul(saved(a))?, b_shape)?
+                    sum_to(&g.mul(saved(b)?)?, a_shape)?,
+                    sum_to(&g.mul(saved(a)?)?, b_shape)?
                 ],
                 // d(a / b) = (g / b, -g a / b^2 = -(g / b) y)
                 BinaryOp::Div => {
-                    let gb = g.div(saved(b))?;
+                    let gb = g.div(saved(b)?)?;
                     grads![
                         sum_to(&gb, a_shape)?,
-                        sum_to(&gb.mul(saved(out))?.neg()?, b_shape)?
+                        sum_to(&gb.mul(saved(out)?)?.neg()?, b_shape)?
                     ]
                 }
                 // d(a^b) = (g b a^(b-1), g y ln a)
                 BinaryOp::Pow => grads![
                     sum_to(
-                        &g.mul(saved(b))?
-                            .mul(&saved(a).pow(&saved(b).sub_scalar(1.0)?)?)?,
+                        &g.mul(saved(b)?)?
+                            .mul(&saved(a)?.pow(&saved(b)?.sub_scalar(1.0)?)?)?,
                         a_shape
                     )?,
-                    sum_to(&g.mul(saved(out))?.mul(&saved(a).log()?)?, b_shape)?,
+                    sum_to(&g.mul(saved(out)?)?.mul(&saved(a)?.log()?)?, b_shape)?,
                 ],
                 // maximum: a gets g where a > b, b where b > a, each half on a tie (minimum: mirrored)
                 BinaryOp::Maximum | BinaryOp::Minimum => {
-                    let (a, b) = (saved(a), saved(b));
+                    let (a, b) = (saved(a)?, saved(b)?);
                     let wins = if *op == BinaryOp::Maximum {
                         a.gt(b)?
                     } else {
@@ -215,14 +215,14 @@ impl Op {
                     (BinaryOp::Sub, true) => g.neg()?, // d(s - x) = -g
                     (BinaryOp::Mul, _) => g.mul_scalar(s)?, // d(x s) = g s
                     (BinaryOp::Div, false) => g.div_scalar(s)?, // d(x / s) = g / s
-                    (BinaryOp::Div, true) => g.mul(saved(out))?.div(saved(x))?.neg()?, // d(s / x) = -g y / x
+                    (BinaryOp::Div, true) => g.mul(saved(out)?)?.div(saved(x)?)?.neg()?, // d(s / x) = -g y / x
                     // d(x^s) = g s x^(s-1)
                     (BinaryOp::Pow, false) =>
-                        g.mul(&saved(x).pow_scalar(s - 1.0)?.mul_scalar(s)?)?,
+                        g.mul(&saved(x)?.pow_scalar(s - 1.0)?.mul_scalar(s)?)?,
                     // d(s^x) = g y ln s
-                    (BinaryOp::Pow, true) => g.mul(saved(out))?.mul_scalar(s.ln())?,
+                    (BinaryOp::Pow, true) => g.mul(saved(out)?)?.mul_scalar(s.ln())?,
                     (BinaryOp::Maximum, _) | (BinaryOp::Minimum, _) => {
-                        let x = saved(x);
+                        let x = saved(x)?;
                         let wins = if *op == BinaryOp::Maximum {
                             x.gt_scalar(s)?
                         } else {
@@ -265,14 +265,14 @@ impl Op {
                     ReduceOp::Mean => g_in.mul_scalar(1.0 / n as f32)?, // d mean = g / n
                     // d max = g [x == max] / #ties
                     ReduceOp::Max | ReduceOp::Min => {
-                        let y = saved(out).reshape_to(keep_shape)?;
-                        let mask = saved(x).eq(&y)?;
+                        let y = saved(out)?.reshape_to(keep_shape)?;
+                        let mask = saved(x)?.eq(&y)?;
                         let ties = mask.sum(&ax, true)?;
                         g_in.mul(&mask)?.div(&ties)?
                     }
                     // d var = g 2 (x - mean) / (n - correction)
                     ReduceOp::Var => {
-                        let x = saved(x);
+                        let x = saved(x)?;
                         let centered = x.sub(&x.mean(&ax, true)?)?;
                         g_in.mul(&centered)?
                             .mul_scalar(2.0 / (n as f32 - correction))?
@@ -298,8 +298,8 @@ impl Op {
                 a_shape,
                 b_shape,
             } => grads![
-                sum_to(&g.matmul(&saved(b).t()?)?, a_shape)?,
-                sum_to(&saved(a).t()?.matmul(g)?, b_shape)?,
+                sum_to(&g.matmul(&saved(b)?.t()?)?, a_shape)?,
+                sum_to(&saved(a)?.t()?.matmul(g)?, b_shape)?,
             ],
 
             Op::Reshape { in_shape } => grads![g.reshape_to(in_shape)?],
