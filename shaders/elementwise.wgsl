@@ -322,6 +322,17 @@ fn rand_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg:
     out[offsets(i).w] = p.alpha + (p.beta - p.alpha) * u;
 }
 
+// out = beta where a uniform draw is >= alpha, else 0: a dropout mask with drop probability
+// alpha and scale beta = 1 / (1 - alpha)
+@compute @workgroup_size(256)
+fn dropout_mask_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                    @builtin(local_invocation_id) lid: vec3<u32>) {
+    let i = linear_index(wid, nwg, lid);
+    if (i >= p.n) { return; }
+    let u = f32(random_bits(i, 0u) >> 8u) * (1.0 / 16777216.0);
+    out[offsets(i).w] = select(0.0, p.beta, u >= p.alpha);
+}
+
 // out = normal with mean alpha and standard deviation beta (Box-Muller)
 @compute @workgroup_size(256)
 fn randn_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,

@@ -12,14 +12,20 @@ pub enum ShaderFile {
     Reduce,
     /// `shaders/matmul.wgsl`
     Matmul,
+    /// `shaders/conv.wgsl`
+    Conv,
+    /// `shaders/pool.wgsl`
+    Pool,
 }
 
 impl ShaderFile {
     /// Every shader file, for validation.
-    pub const ALL: [ShaderFile; 3] = [
+    pub const ALL: [ShaderFile; 5] = [
         ShaderFile::Elementwise,
         ShaderFile::Reduce,
         ShaderFile::Matmul,
+        ShaderFile::Conv,
+        ShaderFile::Pool,
     ];
 
     /// The WGSL source.
@@ -28,6 +34,8 @@ impl ShaderFile {
             ShaderFile::Elementwise => include_str!("../shaders/elementwise.wgsl"),
             ShaderFile::Reduce => include_str!("../shaders/reduce.wgsl"),
             ShaderFile::Matmul => include_str!("../shaders/matmul.wgsl"),
+            ShaderFile::Conv => include_str!("../shaders/conv.wgsl"),
+            ShaderFile::Pool => include_str!("../shaders/pool.wgsl"),
         }
     }
 
@@ -37,6 +45,8 @@ impl ShaderFile {
             ShaderFile::Elementwise => "elementwise.wgsl",
             ShaderFile::Reduce => "reduce.wgsl",
             ShaderFile::Matmul => "matmul.wgsl",
+            ShaderFile::Conv => "conv.wgsl",
+            ShaderFile::Pool => "pool.wgsl",
         }
     }
 }
@@ -91,6 +101,13 @@ kernels! {
     SoftmaxFwd => (Reduce, "softmax_fwd", 1),
     LogSoftmaxFwd => (Reduce, "log_softmax_fwd", 1),
     MatmulFwd => (Matmul, "matmul_fwd", 2),
+    DropoutMaskFwd => (Elementwise, "dropout_mask_fwd", 0),
+    Conv2dFwd => (Conv, "conv2d_fwd", 2),
+    Conv2dBwdInput => (Conv, "conv2d_bwd_input", 2),
+    Conv2dBwdWeight => (Conv, "conv2d_bwd_weight", 2),
+    Pool2dFwd => (Pool, "pool2d_fwd", 1),
+    MaxPool2dBwd => (Pool, "max_pool2d_bwd", 2),
+    AvgPool2dBwd => (Pool, "avg_pool2d_bwd", 1),
 }
 
 /// Binding index of a kernel's output buffer.
@@ -120,6 +137,14 @@ mod tests {
             ),
             (ShaderFile::Reduce, std::mem::size_of::<ReduceParams>()),
             (ShaderFile::Matmul, std::mem::size_of::<MatmulParams>()),
+            (
+                ShaderFile::Conv,
+                std::mem::size_of::<crate::ops::conv::ConvParams>(),
+            ),
+            (
+                ShaderFile::Pool,
+                std::mem::size_of::<crate::ops::pool::PoolParams>(),
+            ),
         ];
         for (file, rust_size) in expected {
             let module = parse(file);

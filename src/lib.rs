@@ -34,7 +34,9 @@ mod tensor;
 pub use autograd::{is_grad_enabled, no_grad, NoGradGuard};
 pub use device::{Device, DeviceOptions, DeviceStats};
 pub use error::{Error, Result};
+pub use ops::conv::{Conv2dOptions, ConvTranspose2dOptions};
 pub use ops::elementwise::{BinaryOp, UnaryOp};
+pub use ops::pool::Pool2dOptions;
 pub use tensor::Tensor;
 /// The wgpu version kiln is built on, for adapter and limit types in kiln's API.
 pub use wgpu;

@@ -7,62 +7,6 @@ use common::*;
 use kiln::loss::{self, CrossEntropyOptions, Reduction};
 use kiln::{Result, Tensor};
 
-struct Case {
-    name: String,
-    inputs: Vec<Nd>,
-    w: Nd,
-    out: Nd,
-    grads: Vec<Option<Nd>>,
-}
-
-fn parse_array(fields: &[&str]) -> Nd {
-    let shape: Vec<usize> = if fields[0] == "-" {
-        vec![]
-    } else {
-        fields[0]
-            .split(',')
-            .map(|d| d.parse().expect("dimension"))
-            .collect()
-    };
-    let data: Vec<f64> = fields[1..]
-        .iter()
-        .map(|v| v.parse().expect("value"))
-        .collect();
-    Nd::new(&shape, data)
-}
-
-fn load() -> Vec<Case> {
-    let text = include_str!("fixtures/autograd.txt");
-    let mut cases: Vec<Case> = Vec::new();
-    for line in text
-        .lines()
-        .filter(|l| !l.starts_with('#') && !l.is_empty())
-    {
-        let fields: Vec<&str> = line.split(' ').collect();
-        match fields[0] {
-            "case" => cases.push(Case {
-                name: fields[1].to_string(),
-                inputs: vec![],
-                w: Nd::new(&[], vec![0.0]),
-                out: Nd::new(&[], vec![0.0]),
-                grads: vec![],
-            }),
-            tag => {
-                let c = cases.last_mut().expect("a case line first");
-                match tag {
-                    "in" => c.inputs.push(parse_array(&fields[1..])),
-                    "w" => c.w = parse_array(&fields[1..]),
-                    "out" => c.out = parse_array(&fields[1..]),
-                    "grad" if fields[1] == "none" => c.grads.push(None),
-                    "grad" => c.grads.push(Some(parse_array(&fields[1..]))),
-                    other => panic!("unknown fixture line {other}"),
-                }
-            }
-        }
-    }
-    cases
-}
-
 /// The kiln computation of each fixture case (the same as the Python lambda of that name).
 fn run(name: &str, x: &[Tensor]) -> Result<Tensor> {
     let ce = |x: &Tensor, t: &Tensor, o: CrossEntropyOptions| loss::cross_entropy(x, t, &o);
@@ -162,68 +106,28 @@ fn run(name: &str, x: &[Tensor]) -> Result<Tensor> {
     })
 }
 
-fn tensor(nd: &Nd) -> Tensor {
-    let v: Vec<f32> = nd.data.iter().map(|&x| x as f32).collect();
-    Tensor::from_slice(&v, &nd.shape, &dev()).unwrap()
-}
-
 /// Tolerances: both sides compute in f32 with different orders and transcendental
 /// implementations; atol 2e-5 + rtol 1e-4 covers that (values are O(1)), and is far below any
 /// error a wrong rule makes.
 #[test]
 fn every_op_matches_pytorch() {
-    let cases = load();
+    let cases = load(include_str!("fixtures/autograd.txt"));
     assert!(cases.len() >= 60, "only {} fixture cases", cases.len());
     for c in &cases {
-        let inputs: Vec<Tensor> = c
-            .inputs
-            .iter()
-            .zip(&c.grads)
-            .map(|(v, g)| {
-                if g.is_some() {
-                    tensor(v).requires_grad()
-                } else {
-                    tensor(v)
-                }
-            })
-            .collect();
+        let inputs = leaves(c);
         let y = run(&c.name, &inputs).unwrap_or_else(|e| panic!("{}: {e}", c.name));
-        assert_close(&format!("{} output", c.name), &y, &c.out, 2e-5, 1e-4);
-        y.backward_with(Some(&tensor(&c.w)), false)
-            .unwrap_or_else(|e| panic!("{}: backward: {e}", c.name));
-        for (i, (t, g)) in inputs.iter().zip(&c.grads).enumerate() {
-            match g {
-                Some(want) => {
-                    let got = t
-                        .grad()
-                        .unwrap_or_else(|| panic!("{}: input {i} got no gradient", c.name));
-                    assert_close(&format!("{} grad {i}", c.name), &got, want, 2e-5, 1e-4);
-                }
-                None => assert!(t.grad().is_none()),
-            }
-        }
+        check_case(c, &inputs, &y, 2e-5, 1e-4);
     }
 }
 
 /// The 2-layer MLP: each parameter gradient within 1e-4 relative error (L2 norm) of PyTorch's.
 #[test]
 fn mlp_gradients_match_pytorch() {
-    let c = load()
+    let c = load(include_str!("fixtures/autograd.txt"))
         .into_iter()
         .find(|c| c.name == "mlp")
         .expect("mlp fixture");
-    let inputs: Vec<Tensor> = c
-        .inputs
-        .iter()
-        .zip(&c.grads)
-        .map(|(v, g)| {
-            if g.is_some() {
-                tensor(v).requires_grad()
-            } else {
-                tensor(v)
-            }
-        })
-        .collect();
+    let inputs = leaves(&c);
     let loss = run("mlp", &inputs).unwrap();
     let l = loss.to_scalar().unwrap() as f64;
     assert!(

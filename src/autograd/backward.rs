@@ -10,8 +10,10 @@
 //! `amax`/`amin`); `maximum`/`minimum` give half to each side on a tie (as PyTorch).
 
 use crate::error::{Error, Result};
+use crate::ops::conv::{conv_bwd_input, conv_bwd_weight, conv_fwd, ConvGeometry};
 use crate::ops::elementwise::{unary_backward, BinaryOp, UnaryOp};
 use crate::ops::index::gather_backward;
+use crate::ops::pool::{pool_backward, PoolGeometry};
 use crate::ops::reduce::ReduceOp;
 use crate::shape::Layout;
 use crate::tensor::Tensor;
@@ -96,6 +98,23 @@ pub(crate) enum Op {
     /// y = max(x, 0) - x t + log(1 + e^-|x|) (BCE with logits), then averaged (`scale` = 1/n),
     /// summed or left unreduced (`scale` = 1).
     BceWithLogits { x: Tensor, t: Tensor, scale: f32 },
+    /// y = conv2d(x, w) (no bias: a bias is a recorded broadcast add).
+    Conv2d {
+        x: Option<Tensor>,
+        w: Option<Tensor>,
+        geometry: ConvGeometry,
+    },
+    /// y = conv_transpose2d(x, w); `geometry` is that of the conv2d it transposes.
+    ConvTranspose2d {
+        x: Option<Tensor>,
+        w: Option<Tensor>,
+        geometry: ConvGeometry,
+    },
+    /// y = max/avg/adaptive pooling of x; `indices` are the max positions for max pooling.
+    Pool2d {
+        indices: Option<Tensor>,
+        geometry: PoolGeometry,
+    },
 }
 
 /// `g` summed over the axes that were broadcast to reach its shape from `shape`.
@@ -348,6 +367,23 @@ impl Op {
                 in_shape,
             } => {
                 grads![gather_backward(g, index, index_layout, *axis, in_shape)?]
+            }
+            // conv2d: dx = conv_transpose2d(g, w) (conv2d_bwd_input), dw = correlation of x with
+            // g over every output position (conv2d_bwd_weight)
+            Op::Conv2d { x, w, geometry } => grads![
+                conv_bwd_input(g, saved(w)?, geometry)?,
+                conv_bwd_weight(g, saved(x)?, geometry)?,
+            ],
+            // conv_transpose2d is conv2d_bwd_input: dx = conv2d(g, w), dw = correlation of g
+            // (the conv's input) with x (the conv's output gradient)
+            Op::ConvTranspose2d { x, w, geometry } => grads![
+                conv_fwd(g, saved(w)?, geometry)?,
+                conv_bwd_weight(saved(x)?, g, geometry)?,
+            ],
+            // max: g goes to the chosen element of each window; average: g / window size to
+            // every element of the window (summed over overlapping windows)
+            Op::Pool2d { indices, geometry } => {
+                grads![pool_backward(g, geometry, indices.as_ref())?]
             }
             // d/dx = (sigmoid(x) - t) scale, times g (elementwise when unreduced)
             Op::BceWithLogits { x, t, scale } => {

@@ -1,9 +1,12 @@
 //! Operations, one file per family: shape checks on the CPU, then one or more dispatches.
 
+pub(crate) mod conv;
 pub(crate) mod create;
 pub(crate) mod elementwise;
 pub(crate) mod index;
 pub(crate) mod matmul;
+pub(crate) mod norm;
+pub(crate) mod pool;
 pub(crate) mod reduce;
 
 use crate::shape::MAX_RANK;

@@ -257,3 +257,103 @@ pub fn assert_close_slice(what: &str, got: &[f32], want: &[f64], atol: f64, rtol
         );
     }
 }
+
+// ---- PyTorch fixtures (tests/fixtures/gen_autograd.py) ----
+
+/// One fixture case: inputs, upstream gradient w, PyTorch's output and input gradients.
+pub struct Case {
+    pub name: String,
+    pub inputs: Vec<Nd>,
+    pub w: Nd,
+    pub out: Nd,
+    pub grads: Vec<Option<Nd>>,
+    pub extra: Vec<Nd>,
+}
+
+pub fn parse_array(fields: &[&str]) -> Nd {
+    let shape: Vec<usize> = if fields[0] == "-" {
+        vec![]
+    } else {
+        fields[0]
+            .split(',')
+            .map(|d| d.parse().expect("dimension"))
+            .collect()
+    };
+    let data: Vec<f64> = fields[1..]
+        .iter()
+        .map(|v| v.parse().expect("value"))
+        .collect();
+    Nd::new(&shape, data)
+}
+
+pub fn load(text: &str) -> Vec<Case> {
+    let mut cases: Vec<Case> = Vec::new();
+    for line in text
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+    {
+        let fields: Vec<&str> = line.split(' ').collect();
+        match fields[0] {
+            "case" => cases.push(Case {
+                name: fields[1].to_string(),
+                inputs: vec![],
+                w: Nd::new(&[], vec![0.0]),
+                out: Nd::new(&[], vec![0.0]),
+                grads: vec![],
+                extra: vec![],
+            }),
+            tag => {
+                let c = cases.last_mut().expect("a case line first");
+                match tag {
+                    "in" => c.inputs.push(parse_array(&fields[1..])),
+                    "w" => c.w = parse_array(&fields[1..]),
+                    "out" => c.out = parse_array(&fields[1..]),
+                    "grad" if fields[1] == "none" => c.grads.push(None),
+                    "grad" => c.grads.push(Some(parse_array(&fields[1..]))),
+                    "extra" => c.extra.push(parse_array(&fields[1..])),
+                    other => panic!("unknown fixture line {other}"),
+                }
+            }
+        }
+    }
+    cases
+}
+
+/// A GPU tensor holding an f64 array's values.
+pub fn tensor(nd: &Nd) -> Tensor {
+    let v: Vec<f32> = nd.data.iter().map(|&x| x as f32).collect();
+    Tensor::from_slice(&v, &nd.shape, &dev()).unwrap()
+}
+
+/// The case's inputs as leaves; those with a PyTorch gradient require grad.
+pub fn leaves(c: &Case) -> Vec<Tensor> {
+    c.inputs
+        .iter()
+        .zip(&c.grads)
+        .map(|(v, g)| {
+            if g.is_some() {
+                tensor(v).requires_grad()
+            } else {
+                tensor(v)
+            }
+        })
+        .collect()
+}
+
+/// Backpropagates w through y and compares y and every input gradient with PyTorch's.
+pub fn check_case(c: &Case, inputs: &[Tensor], y: &Tensor, atol: f64, rtol: f64) {
+    assert_close(&format!("{} output", c.name), y, &c.out, atol, rtol);
+    y.backward_with(Some(&tensor(&c.w)), false)
+        .unwrap_or_else(|e| panic!("{}: backward: {e}", c.name));
+    for (i, (t, g)) in inputs.iter().zip(&c.grads).enumerate() {
+        match g {
+            Some(want) => {
+                let got = t
+                    .grad()
+                    .unwrap_or_else(|| panic!("{}: input {i} got no gradient", c.name));
+                assert_close(&format!("{} grad {i}", c.name), &got, want, atol, rtol);
+            }
+            None => assert!(t.grad().is_none()),
+        }
+    }
+}

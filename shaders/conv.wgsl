@@ -1,0 +1,267 @@
+// Convolution family (NCHW, contiguous operands): forward and both backward kernels of conv2d
+// as implicit GEMMs, without a materialised im2col buffer. conv_transpose2d runs the same
+// kernels with the roles swapped (its forward is conv2d_bwd_input).
+//
+// Shapes, per group g (workgroup_id.z), with cin_g = c_in / groups, cout_g = c_out / groups:
+//   x (n, c_in, h, w), weight (c_out, cin_g, kh, kw), y (n, c_out, oh, ow)
+//   oh = (h + 2 ph - dh (kh - 1) - 1) / sh + 1 (likewise ow)
+//
+// Each invocation computes a 4x4 block of its GEMM's output in registers; a workgroup of 8x8
+// invocations covers 32x32. Rows beyond the edge are clamped for loading and never stored.
+//
+// Bindings:
+//   conv2d_fwd:        a (0) = x,      b (1) = weight, out (3) = y
+//   conv2d_bwd_input:  a (0) = dy,     b (1) = weight, out (3) = dx
+//   conv2d_bwd_weight: a (0) = dy,     b (1) = x,      out (3) = dweight
+//   p (4): ConvParams (src/ops/conv.rs)
+
+struct Params {
+    n: u32,
+    c_in: u32,
+    h: u32,
+    w: u32,
+    c_out: u32,
+    oh: u32,
+    ow: u32,
+    groups: u32,
+    kh: u32,
+    kw: u32,
+    sh: u32,
+    sw: u32,
+    ph: u32,
+    pw: u32,
+    dh: u32,
+    dw: u32,
+    row_base: u32,
+    _pad0: u32,
+    _pad1: u32,
+    _pad2: u32,
+}
+
+@group(0) @binding(0) var<storage, read> a: array<f32>;
+@group(0) @binding(1) var<storage, read> b: array<f32>;
+@group(0) @binding(3) var<storage, read_write> out: array<f32>;
+@group(0) @binding(4) var<uniform> p: Params;
+
+struct Acc {
+    r0: vec4<f32>,
+    r1: vec4<f32>,
+    r2: vec4<f32>,
+    r3: vec4<f32>,
+}
+
+// Forward: rows are output positions (n, oy, ox), columns output channels of the group,
+// the reduction runs over (ci, ky, kx).
+@compute @workgroup_size(8, 8)
+fn conv2d_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
+    let g = wid.z;
+    let cin_g = p.c_in / p.groups;
+    let cout_g = p.c_out / p.groups;
+    let rows = p.n * p.oh * p.ow;
+    let col0 = (wid.x * 8u + lid.x) * 4u;
+    let row0 = p.row_base + (wid.y * 8u + lid.y) * 4u;
+    if (col0 >= cout_g || row0 >= rows) {
+        return;
+    }
+    let plane = p.h * p.w;
+    let ksize = p.kh * p.kw;
+    var xbase: vec4<u32>;
+    var iy0: vec4<i32>;
+    var ix0: vec4<i32>;
+    for (var i = 0u; i < 4u; i += 1u) {
+        let r = min(row0 + i, rows - 1u);
+        let nn = r / (p.oh * p.ow);
+        let rem = r % (p.oh * p.ow);
+        xbase[i] = (nn * p.c_in + g * cin_g) * plane;
+        iy0[i] = i32((rem / p.ow) * p.sh) - i32(p.ph);
+        ix0[i] = i32((rem % p.ow) * p.sw) - i32(p.pw);
+    }
+    var wbase: vec4<u32>;
+    for (var j = 0u; j < 4u; j += 1u) {
+        wbase[j] = (g * cout_g + min(col0 + j, cout_g - 1u)) * cin_g * ksize;
+    }
+    var acc = Acc(vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0));
+    for (var ci = 0u; ci < cin_g; ci += 1u) {
+        for (var ky = 0u; ky < p.kh; ky += 1u) {
+            let dy = i32(ky * p.dh);
+            for (var kx = 0u; kx < p.kw; kx += 1u) {
+                let dx = i32(kx * p.dw);
+                let k = ci * ksize + ky * p.kw + kx;
+                let bv = vec4<f32>(b[wbase.x + k], b[wbase.y + k], b[wbase.z + k], b[wbase.w + k]);
+                var av = vec4<f32>(0.0);
+                for (var i = 0u; i < 4u; i += 1u) {
+                    let iy = iy0[i] + dy;
+                    let ix = ix0[i] + dx;
+                    if (iy >= 0 && iy < i32(p.h) && ix >= 0 && ix < i32(p.w)) {
+                        av[i] = a[xbase[i] + ci * plane + u32(iy) * p.w + u32(ix)];
+                    }
+                }
+                acc.r0 += av.x * bv;
+                acc.r1 += av.y * bv;
+                acc.r2 += av.z * bv;
+                acc.r3 += av.w * bv;
+            }
+        }
+    }
+    let res = array<vec4<f32>, 4>(acc.r0, acc.r1, acc.r2, acc.r3);
+    let oplane = p.oh * p.ow;
+    for (var i = 0u; i < 4u; i += 1u) {
+        let r = row0 + i;
+        if (r >= rows) {
+            break;
+        }
+        let nn = r / oplane;
+        let rem = r % oplane;
+        for (var j = 0u; j < 4u; j += 1u) {
+            let c = col0 + j;
+            if (c < cout_g) {
+                out[(nn * p.c_out + g * cout_g + c) * oplane + rem] = res[i][j];
+            }
+        }
+    }
+}
+
+// Gradient of the input: rows are input positions (n, iy, ix), columns input channels of the
+// group; the reduction runs over (co, ky, kx) for which iy = oy sh - ph + ky dh has an
+// integral oy in range (and likewise for x).
+@compute @workgroup_size(8, 8)
+fn conv2d_bwd_input(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
+    let g = wid.z;
+    let cin_g = p.c_in / p.groups;
+    let cout_g = p.c_out / p.groups;
+    let rows = p.n * p.h * p.w;
+    let col0 = (wid.x * 8u + lid.x) * 4u;
+    let row0 = p.row_base + (wid.y * 8u + lid.y) * 4u;
+    if (col0 >= cin_g || row0 >= rows) {
+        return;
+    }
+    let plane = p.h * p.w;
+    let oplane = p.oh * p.ow;
+    let ksize = p.kh * p.kw;
+    var dybase: vec4<u32>;
+    var ty0: vec4<i32>;
+    var tx0: vec4<i32>;
+    for (var i = 0u; i < 4u; i += 1u) {
+        let r = min(row0 + i, rows - 1u);
+        let nn = r / plane;
+        let rem = r % plane;
+        dybase[i] = (nn * p.c_out + g * cout_g) * oplane;
+        ty0[i] = i32(rem / p.w) + i32(p.ph);
+        tx0[i] = i32(rem % p.w) + i32(p.pw);
+    }
+    var ci: vec4<u32>;
+    for (var j = 0u; j < 4u; j += 1u) {
+        ci[j] = min(col0 + j, cin_g - 1u);
+    }
+    var acc = Acc(vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0));
+    for (var co = 0u; co < cout_g; co += 1u) {
+        let wrow = (g * cout_g + co) * cin_g;
+        for (var ky = 0u; ky < p.kh; ky += 1u) {
+            for (var kx = 0u; kx < p.kw; kx += 1u) {
+                let koff = ky * p.kw + kx;
+                let bv = vec4<f32>(b[(wrow + ci.x) * ksize + koff], b[(wrow + ci.y) * ksize + koff],
+                    b[(wrow + ci.z) * ksize + koff], b[(wrow + ci.w) * ksize + koff]);
+                var av = vec4<f32>(0.0);
+                for (var i = 0u; i < 4u; i += 1u) {
+                    let ty = ty0[i] - i32(ky * p.dh);
+                    let tx = tx0[i] - i32(kx * p.dw);
+                    if (ty >= 0 && tx >= 0 && ty % i32(p.sh) == 0 && tx % i32(p.sw) == 0) {
+                        let oy = u32(ty) / p.sh;
+                        let ox = u32(tx) / p.sw;
+                        if (oy < p.oh && ox < p.ow) {
+                            av[i] = a[dybase[i] + co * oplane + oy * p.ow + ox];
+                        }
+                    }
+                }
+                acc.r0 += av.x * bv;
+                acc.r1 += av.y * bv;
+                acc.r2 += av.z * bv;
+                acc.r3 += av.w * bv;
+            }
+        }
+    }
+    let res = array<vec4<f32>, 4>(acc.r0, acc.r1, acc.r2, acc.r3);
+    for (var i = 0u; i < 4u; i += 1u) {
+        let r = row0 + i;
+        if (r >= rows) {
+            break;
+        }
+        let nn = r / plane;
+        let rem = r % plane;
+        for (var j = 0u; j < 4u; j += 1u) {
+            let c = col0 + j;
+            if (c < cin_g) {
+                out[(nn * p.c_in + g * cin_g + c) * plane + rem] = res[i][j];
+            }
+        }
+    }
+}
+
+// Gradient of the weight: rows are output channels of the group, columns (ci, ky, kx); the
+// reduction runs over every output position (n, oy, ox).
+@compute @workgroup_size(8, 8)
+fn conv2d_bwd_weight(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
+    let g = wid.z;
+    let cin_g = p.c_in / p.groups;
+    let cout_g = p.c_out / p.groups;
+    let ksize = p.kh * p.kw;
+    let cols = cin_g * ksize;
+    let col0 = (wid.x * 8u + lid.x) * 4u;
+    let row0 = p.row_base + (wid.y * 8u + lid.y) * 4u;
+    if (col0 >= cols || row0 >= cout_g) {
+        return;
+    }
+    let plane = p.h * p.w;
+    let oplane = p.oh * p.ow;
+    var xoff: vec4<u32>;
+    var ky: vec4<i32>;
+    var kx: vec4<i32>;
+    for (var j = 0u; j < 4u; j += 1u) {
+        let c = min(col0 + j, cols - 1u);
+        let ci = c / ksize;
+        let kk = c % ksize;
+        xoff[j] = (g * cin_g + ci) * plane;
+        ky[j] = i32((kk / p.kw) * p.dh) - i32(p.ph);
+        kx[j] = i32((kk % p.kw) * p.dw) - i32(p.pw);
+    }
+    var dyoff: vec4<u32>;
+    for (var i = 0u; i < 4u; i += 1u) {
+        dyoff[i] = (g * cout_g + min(row0 + i, cout_g - 1u)) * oplane;
+    }
+    var acc = Acc(vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0));
+    for (var nn = 0u; nn < p.n; nn += 1u) {
+        let xn = nn * p.c_in * plane;
+        let dyn_ = nn * p.c_out * oplane;
+        for (var oy = 0u; oy < p.oh; oy += 1u) {
+            for (var ox = 0u; ox < p.ow; ox += 1u) {
+                let o = oy * p.ow + ox;
+                let av = vec4<f32>(a[dyn_ + dyoff.x + o], a[dyn_ + dyoff.y + o], a[dyn_ + dyoff.z + o], a[dyn_ + dyoff.w + o]);
+                var bv = vec4<f32>(0.0);
+                for (var j = 0u; j < 4u; j += 1u) {
+                    let iy = i32(oy * p.sh) + ky[j];
+                    let ix = i32(ox * p.sw) + kx[j];
+                    if (iy >= 0 && iy < i32(p.h) && ix >= 0 && ix < i32(p.w)) {
+                        bv[j] = b[xn + xoff[j] + u32(iy) * p.w + u32(ix)];
+                    }
+                }
+                acc.r0 += av.x * bv;
+                acc.r1 += av.y * bv;
+                acc.r2 += av.z * bv;
+                acc.r3 += av.w * bv;
+            }
+        }
+    }
+    let res = array<vec4<f32>, 4>(acc.r0, acc.r1, acc.r2, acc.r3);
+    for (var i = 0u; i < 4u; i += 1u) {
+        let r = row0 + i;
+        if (r >= cout_g) {
+            break;
+        }
+        for (var j = 0u; j < 4u; j += 1u) {
+            let c = col0 + j;
+            if (c < cols) {
+                out[(g * cout_g + r) * cols + c] = res[i][j];
+            }
+        }
+    }
+}

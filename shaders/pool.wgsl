@@ -1,0 +1,198 @@
+// Pooling family over (n * c) planes of h x w, contiguous: max, average and adaptive average,
+// forward and backward. Backward kernels run one invocation per input element and sum over
+// the windows that contain it, so no atomics are needed and results are deterministic.
+//
+// Bindings:
+//   pool2d_fwd:       a (0) = x (planes, h, w); out (3) = y (planes, oh, ow), and for max
+//                     pooling the chosen index (iy * w + ix, as f32) p.idx_off elements later
+//   max_pool2d_bwd:   a (0) = dy, b (1) = the forward output buffer (indices at p.idx_off);
+//                     out (3) = dx
+//   avg_pool2d_bwd:   a (0) = dy; out (3) = dx
+//   p (4): PoolParams (src/ops/pool.rs)
+//
+// Modes (p.mode): 0 max, 1 average counting padding, 2 average over valid elements only,
+// 3 adaptive average (window i spans floor(i h / oh) .. ceil((i + 1) h / oh)).
+
+struct Params {
+    planes: u32,
+    h: u32,
+    w: u32,
+    oh: u32,
+    ow: u32,
+    kh: u32,
+    kw: u32,
+    sh: u32,
+    sw: u32,
+    ph: u32,
+    pw: u32,
+    dh: u32,
+    dw: u32,
+    mode: u32,
+    idx_off: u32,
+    _pad: u32,
+}
+
+@group(0) @binding(0) var<storage, read> a: array<f32>;
+@group(0) @binding(1) var<storage, read> b: array<f32>;
+@group(0) @binding(3) var<storage, read_write> out: array<f32>;
+@group(0) @binding(4) var<uniform> p: Params;
+
+const WG: u32 = 256u;
+
+fn linear_index(wid: vec3<u32>, nwg: vec3<u32>, lid: vec3<u32>) -> u32 {
+    return (wid.y * nwg.x + wid.x) * WG + lid.x;
+}
+
+fn nan() -> f32 {
+    return bitcast<f32>(0x7fc00000u);
+}
+
+fn is_nan(v: f32) -> bool {
+    let bits = bitcast<u32>(v);
+    return (bits & 0x7f800000u) == 0x7f800000u && (bits & 0x007fffffu) != 0u;
+}
+
+// Window [start, end) of adaptive output index o along an axis of size n split into m.
+fn adaptive_window(o: u32, n: u32, m: u32) -> vec2<u32> {
+    return vec2<u32>((o * n) / m, ((o + 1u) * n + m - 1u) / m);
+}
+
+// Number of elements averaged by window (oy, ox) in the non-adaptive average modes.
+fn avg_divisor(oy: u32, ox: u32) -> f32 {
+    if (p.mode == 1u) {
+        return f32(p.kh * p.kw);
+    }
+    var count = 0u;
+    for (var ky = 0u; ky < p.kh; ky += 1u) {
+        let iy = i32(oy * p.sh + ky * p.dh) - i32(p.ph);
+        for (var kx = 0u; kx < p.kw; kx += 1u) {
+            let ix = i32(ox * p.sw + kx * p.dw) - i32(p.pw);
+            if (iy >= 0 && iy < i32(p.h) && ix >= 0 && ix < i32(p.w)) {
+                count += 1u;
+            }
+        }
+    }
+    return f32(count);
+}
+
+@compute @workgroup_size(256)
+fn pool2d_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+              @builtin(local_invocation_id) lid: vec3<u32>) {
+    let i = linear_index(wid, nwg, lid);
+    let total = p.planes * p.oh * p.ow;
+    if (i >= total) { return; }
+    let plane = i / (p.oh * p.ow);
+    let oy = (i / p.ow) % p.oh;
+    let ox = i % p.ow;
+    let base = plane * p.h * p.w;
+    if (p.mode == 3u) {
+        let wy = adaptive_window(oy, p.h, p.oh);
+        let wx = adaptive_window(ox, p.w, p.ow);
+        var acc = 0.0;
+        for (var iy = wy.x; iy < wy.y; iy += 1u) {
+            for (var ix = wx.x; ix < wx.y; ix += 1u) {
+                acc += a[base + iy * p.w + ix];
+            }
+        }
+        out[i] = acc / f32((wy.y - wy.x) * (wx.y - wx.x));
+        return;
+    }
+    var best = -bitcast<f32>(0x7f800000u);
+    var best_idx = 0u;
+    var found = false;
+    var acc = 0.0;
+    for (var ky = 0u; ky < p.kh; ky += 1u) {
+        let iy = i32(oy * p.sh + ky * p.dh) - i32(p.ph);
+        if (iy < 0 || iy >= i32(p.h)) { continue; }
+        for (var kx = 0u; kx < p.kw; kx += 1u) {
+            let ix = i32(ox * p.sw + kx * p.dw) - i32(p.pw);
+            if (ix < 0 || ix >= i32(p.w)) { continue; }
+            let idx = u32(iy) * p.w + u32(ix);
+            let v = a[base + idx];
+            acc += v;
+            // The first maximum in scan order wins; a NaN wins and stays.
+            if (!found || (!is_nan(best) && (v > best || is_nan(v)))) {
+                best = v;
+                best_idx = idx;
+                found = true;
+            }
+        }
+    }
+    if (p.mode == 0u) {
+        out[i] = best;
+        out[p.idx_off + i] = f32(best_idx);
+    } else {
+        out[i] = acc / avg_divisor(oy, ox);
+    }
+}
+
+@compute @workgroup_size(256)
+fn max_pool2d_bwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                  @builtin(local_invocation_id) lid: vec3<u32>) {
+    let i = linear_index(wid, nwg, lid);
+    let total = p.planes * p.h * p.w;
+    if (i >= total) { return; }
+    let plane = i / (p.h * p.w);
+    let idx = i % (p.h * p.w);
+    let iy = idx / p.w;
+    let ix = idx % p.w;
+    let obase = plane * p.oh * p.ow;
+    var acc = 0.0;
+    for (var ky = 0u; ky < p.kh; ky += 1u) {
+        let ty = i32(iy + p.ph) - i32(ky * p.dh);
+        if (ty < 0 || ty % i32(p.sh) != 0) { continue; }
+        let oy = u32(ty) / p.sh;
+        if (oy >= p.oh) { continue; }
+        for (var kx = 0u; kx < p.kw; kx += 1u) {
+            let tx = i32(ix + p.pw) - i32(kx * p.dw);
+            if (tx < 0 || tx % i32(p.sw) != 0) { continue; }
+            let ox = u32(tx) / p.sw;
+            if (ox >= p.ow) { continue; }
+            let o = obase + oy * p.ow + ox;
+            if (b[p.idx_off + o] == f32(idx)) {
+                acc += a[o];
+            }
+        }
+    }
+    out[i] = acc;
+}
+
+@compute @workgroup_size(256)
+fn avg_pool2d_bwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                  @builtin(local_invocation_id) lid: vec3<u32>) {
+    let i = linear_index(wid, nwg, lid);
+    let total = p.planes * p.h * p.w;
+    if (i >= total) { return; }
+    let plane = i / (p.h * p.w);
+    let iy = (i / p.w) % p.h;
+    let ix = i % p.w;
+    let obase = plane * p.oh * p.ow;
+    var acc = 0.0;
+    if (p.mode == 3u) {
+        for (var oy = 0u; oy < p.oh; oy += 1u) {
+            let wy = adaptive_window(oy, p.h, p.oh);
+            if (iy < wy.x || iy >= wy.y) { continue; }
+            for (var ox = 0u; ox < p.ow; ox += 1u) {
+                let wx = adaptive_window(ox, p.w, p.ow);
+                if (ix < wx.x || ix >= wx.y) { continue; }
+                acc += a[obase + oy * p.ow + ox] / f32((wy.y - wy.x) * (wx.y - wx.x));
+            }
+        }
+        out[i] = acc;
+        return;
+    }
+    for (var ky = 0u; ky < p.kh; ky += 1u) {
+        let ty = i32(iy + p.ph) - i32(ky * p.dh);
+        if (ty < 0 || ty % i32(p.sh) != 0) { continue; }
+        let oy = u32(ty) / p.sh;
+        if (oy >= p.oh) { continue; }
+        for (var kx = 0u; kx < p.kw; kx += 1u) {
+            let tx = i32(ix + p.pw) - i32(kx * p.dw);
+            if (tx < 0 || tx % i32(p.sw) != 0) { continue; }
+            let ox = u32(tx) / p.sw;
+            if (ox >= p.ow) { continue; }
+            acc += a[obase + oy * p.ow + ox] / avg_divisor(oy, ox);
+        }
+    }
+    out[i] = acc;
+}

@@ -1,0 +1,533 @@
+//! Convolutions (NCHW): conv2d, conv1d and conv_transpose2d, forward and backward, as
+//! implicit GEMMs in `shaders/conv.wgsl`.
+
+use bytemuck::{Pod, Zeroable};
+
+use crate::autograd::{record, Op};
+use crate::error::{Error, Result};
+use crate::kernels::Kernel;
+use crate::tensor::Tensor;
+
+/// Uniform parameters of `shaders/conv.wgsl` (its `Params` struct).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Pod, Zeroable)]
+pub(crate) struct ConvParams {
+    pub n: u32,
+    pub c_in: u32,
+    pub h: u32,
+    pub w: u32,
+    pub c_out: u32,
+    pub oh: u32,
+    pub ow: u32,
+    pub groups: u32,
+    pub kh: u32,
+    pub kw: u32,
+    pub sh: u32,
+    pub sw: u32,
+    pub ph: u32,
+    pub pw: u32,
+    pub dh: u32,
+    pub dw: u32,
+    pub row_base: u32,
+    pub _pad: [u32; 3],
+}
+
+/// The geometry of one convolution in conv2d terms: input (n, c_in, h, w), weight
+/// (c_out, c_in / groups, kh, kw), output (n, c_out, oh, ow).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct ConvGeometry {
+    pub n: usize,
+    pub c_in: usize,
+    pub h: usize,
+    pub w: usize,
+    pub c_out: usize,
+    pub oh: usize,
+    pub ow: usize,
+    pub groups: usize,
+    pub k: [usize; 2],
+    pub stride: [usize; 2],
+    pub padding: [usize; 2],
+    pub dilation: [usize; 2],
+}
+
+/// Options of [`Tensor::conv2d`] (PyTorch's defaults by `Default`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Conv2dOptions {
+    /// Step between windows, (height, width).
+    pub stride: [usize; 2],
+    /// Zeros added on each side, (height, width).
+    pub padding: [usize; 2],
+    /// Spacing between kernel taps, (height, width).
+    pub dilation: [usize; 2],
+    /// Channel groups: 1 is a full convolution, `C` a depthwise one.
+    pub groups: usize,
+}
+
+impl Default for Conv2dOptions {
+    fn default() -> Self {
+        Conv2dOptions {
+            stride: [1, 1],
+            padding: [0, 0],
+            dilation: [1, 1],
+            groups: 1,
+        }
+    }
+}
+
+/// Options of [`Tensor::conv_transpose2d`] (PyTorch's defaults by `Default`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConvTranspose2dOptions {
+    /// Stride of the convolution this one transposes.
+    pub stride: [usize; 2],
+    /// Padding of the convolution this one transposes (removed from the output).
+    pub padding: [usize; 2],
+    /// Extra rows/columns added to one side of the output; each below the stride or dilation.
+    pub output_padding: [usize; 2],
+    /// Spacing between kernel taps.
+    pub dilation: [usize; 2],
+    /// Channel groups.
+    pub groups: usize,
+}
+
+impl Default for ConvTranspose2dOptions {
+    fn default() -> Self {
+        ConvTranspose2dOptions {
+            stride: [1, 1],
+            padding: [0, 0],
+            output_padding: [0, 0],
+            dilation: [1, 1],
+            groups: 1,
+        }
+    }
+}
+
+const TILE: usize = 32;
+const MAX_GROUPS: usize = 65535;
+
+impl ConvGeometry {
+    fn params(&self, row_base: usize) -> ConvParams {
+        ConvParams {
+            n: self.n as u32,
+            c_in: self.c_in as u32,
+            h: self.h as u32,
+            w: self.w as u32,
+            c_out: self.c_out as u32,
+            oh: self.oh as u32,
+            ow: self.ow as u32,
+            groups: self.groups as u32,
+            kh: self.k[0] as u32,
+            kw: self.k[1] as u32,
+            sh: self.stride[0] as u32,
+            sw: self.stride[1] as u32,
+            ph: self.padding[0] as u32,
+            pw: self.padding[1] as u32,
+            dh: self.dilation[0] as u32,
+            dw: self.dilation[1] as u32,
+            row_base: row_base as u32,
+            _pad: [0; 3],
+        }
+    }
+
+    /// Records `kernel` over a GEMM of `rows` x `cols` per group, in chunks of rows that fit
+    /// the dispatch limit.
+    fn launch(
+        &self,
+        kernel: Kernel,
+        a: &Tensor,
+        b: &Tensor,
+        out: &Tensor,
+        rows: usize,
+        cols: usize,
+    ) {
+        if rows == 0 || cols == 0 {
+            return;
+        }
+        let chunk = MAX_GROUPS * TILE;
+        let mut base = 0;
+        while base < rows {
+            let these = (rows - base).min(chunk);
+            let p = self.params(base);
+            out.device().dispatch(
+                kernel,
+                &[a.buffer(), b.buffer()],
+                out.buffer(),
+                bytemuck::bytes_of(&p),
+                [
+                    cols.div_ceil(TILE) as u32,
+                    these.div_ceil(TILE) as u32,
+                    self.groups as u32,
+                ],
+            );
+            base += these;
+        }
+    }
+}
+
+/// y = conv2d(x, w), all contiguous. Not recorded.
+pub(crate) fn conv_fwd(x: &Tensor, w: &Tensor, g: &ConvGeometry) -> Result<Tensor> {
+    let (x, w) = (x.contiguous()?, w.contiguous()?);
+    let out = Tensor::uninit("conv2d", &[g.n, g.c_out, g.oh, g.ow], x.device())?;
+    let rows = g.n * g.oh * g.ow;
+    let k = g.c_in / g.groups * g.k[0] * g.k[1];
+    if k == 0 {
+        return Tensor::zeros(out.dims(), x.device());
+    }
+    g.launch(Kernel::Conv2dFwd, &x, &w, &out, rows, g.c_out / g.groups);
+    Ok(out)
+}
+
+/// dx of conv2d given dy and w (also the forward of conv_transpose2d). Not recorded.
+pub(crate) fn conv_bwd_input(dy: &Tensor, w: &Tensor, g: &ConvGeometry) -> Result<Tensor> {
+    let (dy, w) = (dy.contiguous()?, w.contiguous()?);
+    let out = Tensor::uninit("conv2d_backward", &[g.n, g.c_in, g.h, g.w], dy.device())?;
+    if g.c_out == 0 {
+        return Tensor::zeros(out.dims(), dy.device());
+    }
+    g.launch(
+        Kernel::Conv2dBwdInput,
+        &dy,
+        &w,
+        &out,
+        g.n * g.h * g.w,
+        g.c_in / g.groups,
+    );
+    Ok(out)
+}
+
+/// dw of conv2d given dy and x. Not recorded.
+pub(crate) fn conv_bwd_weight(dy: &Tensor, x: &Tensor, g: &ConvGeometry) -> Result<Tensor> {
+    let (dy, x) = (dy.contiguous()?, x.contiguous()?);
+    let shape = [g.c_out, g.c_in / g.groups, g.k[0], g.k[1]];
+    if g.n * g.oh * g.ow == 0 {
+        return Tensor::zeros(&shape, dy.device());
+    }
+    let out = Tensor::uninit("conv2d_backward", &shape, dy.device())?;
+    g.launch(
+        Kernel::Conv2dBwdWeight,
+        &dy,
+        &x,
+        &out,
+        g.c_out / g.groups,
+        g.c_in / g.groups * g.k[0] * g.k[1],
+    );
+    Ok(out)
+}
+
+fn check_common(
+    op: &'static str,
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    stride: [usize; 2],
+    dilation: [usize; 2],
+    groups: usize,
+) -> Result<()> {
+    x.check_device(op, w)?;
+    if x.rank() != 4 {
+        return Err(Error::shape(
+            op,
+            format!(
+                "input must have rank 4 (N, C, H, W), got shape {:?}",
+                x.dims()
+            ),
+        ));
+    }
+    if w.rank() != 4 {
+        return Err(Error::shape(
+            op,
+            format!("weight must have rank 4, got shape {:?}", w.dims()),
+        ));
+    }
+    if stride.contains(&0) {
+        return Err(Error::invalid(
+            op,
+            format!("stride must be positive, got {stride:?}"),
+        ));
+    }
+    if dilation.contains(&0) {
+        return Err(Error::invalid(
+            op,
+            format!("dilation must be positive, got {dilation:?}"),
+        ));
+    }
+    if groups == 0 {
+        return Err(Error::invalid(op, "groups must be positive, got 0"));
+    }
+    if let Some(b) = bias {
+        x.check_device(op, b)?;
+    }
+    Ok(())
+}
+
+fn check_bias(op: &'static str, bias: Option<&Tensor>, channels: usize) -> Result<()> {
+    match bias {
+        Some(b) if b.dims() != [channels] => Err(Error::shape(
+            op,
+            format!("bias must have shape [{channels}], got {:?}", b.dims()),
+        )),
+        _ => Ok(()),
+    }
+}
+
+fn add_bias(y: Tensor, bias: Option<&Tensor>, channels: usize) -> Result<Tensor> {
+    match bias {
+        Some(b) => y.add(&b.reshape_to(&[1, channels, 1, 1])?),
+        None => Ok(y),
+    }
+}
+
+/// Adds a batch axis to an unbatched (C, H, W) input; the flag says to remove it afterwards.
+fn batched(x: &Tensor, spatial: usize) -> Result<(Tensor, bool)> {
+    if x.rank() == spatial + 1 {
+        Ok((x.unsqueeze(0)?, true))
+    } else {
+        Ok((x.clone(), false))
+    }
+}
+
+impl Tensor {
+    /// 2-D convolution of an (N, C, H, W) input (or unbatched (C, H, W)) with a
+    /// (C_out, C / groups, kH, kW) weight and an optional (C_out) bias, as
+    /// `torch.nn.functional.conv2d`.
+    ///
+    /// ```
+    /// use kiln::{Conv2dOptions, Tensor};
+    /// # let dev = kiln::Device::default_device()?;
+    /// let x = Tensor::randn(&[2, 3, 9, 9], 0, &dev)?;
+    /// let w = Tensor::randn(&[8, 3, 3, 3], 1, &dev)?;
+    /// let opts = Conv2dOptions { stride: [2, 2], padding: [1, 1], ..Default::default() };
+    /// assert_eq!(x.conv2d(&w, None, &opts)?.dims(), &[2, 8, 5, 5]);
+    /// # Ok::<(), kiln::Error>(())
+    /// ```
+    pub fn conv2d(
+        &self,
+        weight: &Tensor,
+        bias: Option<&Tensor>,
+        opts: &Conv2dOptions,
+    ) -> Result<Tensor> {
+        const OP: &str = "conv2d";
+        let (x, unbatched) = batched(self, 2)?;
+        check_common(
+            OP,
+            &x,
+            weight,
+            bias,
+            opts.stride,
+            opts.dilation,
+            opts.groups,
+        )?;
+        let [n, c, h, w] = [x.dims()[0], x.dims()[1], x.dims()[2], x.dims()[3]];
+        let [c_out, c_per_group, kh, kw] = [
+            weight.dims()[0],
+            weight.dims()[1],
+            weight.dims()[2],
+            weight.dims()[3],
+        ];
+        let groups = opts.groups;
+        if c % groups != 0 || c_out % groups != 0 {
+            return Err(Error::invalid(
+                OP,
+                format!("channels must be divisible by groups: {c} input and {c_out} output channels, {groups} groups"),
+            ));
+        }
+        if c_per_group != c / groups {
+            return Err(Error::shape(
+                OP,
+                format!("weight {:?} needs {} input channels per group for input {:?} and groups {groups}", weight.dims(), c / groups, x.dims()),
+            ));
+        }
+        check_bias(OP, bias, c_out)?;
+        let mut out_size = [0; 2];
+        for (i, (&size, &k)) in [h, w].iter().zip(&[kh, kw]).enumerate() {
+            let span = opts.dilation[i] * (k.max(1) - 1) + 1;
+            let padded = size + 2 * opts.padding[i];
+            if k == 0 || span > padded {
+                return Err(Error::shape(
+                    OP,
+                    format!(
+                        "kernel {:?} (dilated extent {span}) is larger than the padded input ({padded}) of shape {:?}",
+                        [kh, kw],
+                        x.dims()
+                    ),
+                ));
+            }
+            out_size[i] = (padded - span) / opts.stride[i] + 1;
+        }
+        let geo = ConvGeometry {
+            n,
+            c_in: c,
+            h,
+            w,
+            c_out,
+            oh: out_size[0],
+            ow: out_size[1],
+            groups,
+            k: [kh, kw],
+            stride: opts.stride,
+            padding: opts.padding,
+            dilation: opts.dilation,
+        };
+        let y = conv_fwd(&x, weight, &geo)?;
+        let (x_grad, w_grad) = (x.requires_grad_flag(), weight.requires_grad_flag());
+        let y = record(y, &[&x, weight], |_| Op::Conv2d {
+            x: w_grad.then(|| x.detach()),
+            w: x_grad.then(|| weight.detach()),
+            geometry: geo,
+        });
+        let y = add_bias(y, bias, c_out)?;
+        if unbatched {
+            y.squeeze(Some(0))
+        } else {
+            Ok(y)
+        }
+    }
+
+    /// 1-D convolution of an (N, C, L) input with a (C_out, C / groups, k) weight, as
+    /// `torch.nn.functional.conv1d` (runs as a 2-D convolution of height 1).
+    pub fn conv1d(
+        &self,
+        weight: &Tensor,
+        bias: Option<&Tensor>,
+        stride: usize,
+        padding: usize,
+        dilation: usize,
+        groups: usize,
+    ) -> Result<Tensor> {
+        const OP: &str = "conv1d";
+        if self.rank() != 3 || weight.rank() != 3 {
+            return Err(Error::shape(
+                OP,
+                format!("input (N, C, L) and weight (C_out, C / groups, k) must have rank 3, got {:?} and {:?}", self.dims(), weight.dims()),
+            ));
+        }
+        let opts = Conv2dOptions {
+            stride: [1, stride],
+            padding: [0, padding],
+            dilation: [1, dilation],
+            groups,
+        };
+        self.unsqueeze(2)?
+            .conv2d(&weight.unsqueeze(2)?, bias, &opts)?
+            .squeeze(Some(2))
+    }
+
+    /// Transposed 2-D convolution (the gradient of conv2d with respect to its input) of an
+    /// (N, C_in, H, W) input with a (C_in, C_out / groups, kH, kW) weight, as
+    /// `torch.nn.functional.conv_transpose2d`. Output size:
+    /// `(H - 1) * stride - 2 * padding + dilation * (kH - 1) + output_padding + 1`.
+    ///
+    /// ```
+    /// use kiln::{ConvTranspose2dOptions, Tensor};
+    /// # let dev = kiln::Device::default_device()?;
+    /// let x = Tensor::randn(&[1, 4, 5, 5], 0, &dev)?;
+    /// let w = Tensor::randn(&[4, 2, 3, 3], 1, &dev)?;
+    /// let opts = ConvTranspose2dOptions { stride: [2, 2], padding: [1, 1], output_padding: [1, 1], ..Default::default() };
+    /// assert_eq!(x.conv_transpose2d(&w, None, &opts)?.dims(), &[1, 2, 10, 10]);
+    /// # Ok::<(), kiln::Error>(())
+    /// ```
+    pub fn conv_transpose2d(
+        &self,
+        weight: &Tensor,
+        bias: Option<&Tensor>,
+        opts: &ConvTranspose2dOptions,
+    ) -> Result<Tensor> {
+        const OP: &str = "conv_transpose2d";
+        let (x, unbatched) = batched(self, 2)?;
+        check_common(
+            OP,
+            &x,
+            weight,
+            bias,
+            opts.stride,
+            opts.dilation,
+            opts.groups,
+        )?;
+        let [n, c_in, h, w] = [x.dims()[0], x.dims()[1], x.dims()[2], x.dims()[3]];
+        let [wc, c_out_per_group, kh, kw] = [
+            weight.dims()[0],
+            weight.dims()[1],
+            weight.dims()[2],
+            weight.dims()[3],
+        ];
+        let groups = opts.groups;
+        if wc != c_in {
+            return Err(Error::shape(
+                OP,
+                format!(
+                    "weight {:?} must have {c_in} input channels for input {:?}",
+                    weight.dims(),
+                    x.dims()
+                ),
+            ));
+        }
+        if c_in % groups != 0 {
+            return Err(Error::invalid(
+                OP,
+                format!(
+                    "channels must be divisible by groups: {c_in} input channels, {groups} groups"
+                ),
+            ));
+        }
+        let c_out = c_out_per_group * groups;
+        check_bias(OP, bias, c_out)?;
+        let mut out_size = [0; 2];
+        for i in 0..2 {
+            let k = [kh, kw][i];
+            if opts.output_padding[i] >= opts.stride[i]
+                && opts.output_padding[i] >= opts.dilation[i]
+            {
+                return Err(Error::invalid(
+                    OP,
+                    format!(
+                        "output_padding {:?} must be smaller than stride {:?} or dilation {:?}",
+                        opts.output_padding, opts.stride, opts.dilation
+                    ),
+                ));
+            }
+            let full = ([h, w][i].max(1) - 1) * opts.stride[i]
+                + opts.dilation[i] * (k.max(1) - 1)
+                + opts.output_padding[i]
+                + 1;
+            if k == 0 || full <= 2 * opts.padding[i] {
+                return Err(Error::shape(
+                    OP,
+                    format!(
+                        "padding {:?} leaves no output for input {:?} and kernel {:?}",
+                        opts.padding,
+                        x.dims(),
+                        [kh, kw]
+                    ),
+                ));
+            }
+            out_size[i] = full - 2 * opts.padding[i];
+        }
+        // In conv2d terms: the output here is that convolution's input.
+        let geo = ConvGeometry {
+            n,
+            c_in: c_out,
+            h: out_size[0],
+            w: out_size[1],
+            c_out: c_in,
+            oh: h,
+            ow: w,
+            groups,
+            k: [kh, kw],
+            stride: opts.stride,
+            padding: opts.padding,
+            dilation: opts.dilation,
+        };
+        let y = conv_bwd_input(&x, weight, &geo)?;
+        let (x_grad, w_grad) = (x.requires_grad_flag(), weight.requires_grad_flag());
+        let y = record(y, &[&x, weight], |_| Op::ConvTranspose2d {
+            x: w_grad.then(|| x.detach()),
+            w: x_grad.then(|| weight.detach()),
+            geometry: geo,
+        });
+        let y = add_bias(y, bias, c_out)?;
+        if unbatched {
+            y.squeeze(Some(0))
+        } else {
+            Ok(y)
+        }
+    }
+}

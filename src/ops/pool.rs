@@ -1,0 +1,320 @@
+//! 2-D pooling (NCHW): max, average and adaptive average, forward and backward.
+
+use bytemuck::{Pod, Zeroable};
+
+use super::grid;
+use crate::autograd::{record, Op};
+use crate::error::{Error, Result};
+use crate::kernels::Kernel;
+use crate::shape::Layout;
+use crate::tensor::Tensor;
+
+/// Uniform parameters of `shaders/pool.wgsl` (its `Params` struct).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Pod, Zeroable)]
+pub(crate) struct PoolParams {
+    pub planes: u32,
+    pub h: u32,
+    pub w: u32,
+    pub oh: u32,
+    pub ow: u32,
+    pub kh: u32,
+    pub kw: u32,
+    pub sh: u32,
+    pub sw: u32,
+    pub ph: u32,
+    pub pw: u32,
+    pub dh: u32,
+    pub dw: u32,
+    pub mode: u32,
+    pub idx_off: u32,
+    pub _pad: u32,
+}
+
+const MODE_MAX: u32 = 0;
+const MODE_AVG_WITH_PAD: u32 = 1;
+const MODE_AVG_VALID: u32 = 2;
+const MODE_ADAPTIVE: u32 = 3;
+
+/// One pooling: input (n, c, h, w), output (n, c, oh, ow), windows and mode.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct PoolGeometry {
+    pub n: usize,
+    pub c: usize,
+    pub h: usize,
+    pub w: usize,
+    pub oh: usize,
+    pub ow: usize,
+    pub k: [usize; 2],
+    pub stride: [usize; 2],
+    pub padding: [usize; 2],
+    pub dilation: [usize; 2],
+    pub mode: u32,
+}
+
+impl PoolGeometry {
+    fn params(&self, idx_off: usize) -> PoolParams {
+        PoolParams {
+            planes: (self.n * self.c) as u32,
+            h: self.h as u32,
+            w: self.w as u32,
+            oh: self.oh as u32,
+            ow: self.ow as u32,
+            kh: self.k[0] as u32,
+            kw: self.k[1] as u32,
+            sh: self.stride[0] as u32,
+            sw: self.stride[1] as u32,
+            ph: self.padding[0] as u32,
+            pw: self.padding[1] as u32,
+            dh: self.dilation[0] as u32,
+            dw: self.dilation[1] as u32,
+            mode: self.mode,
+            idx_off: idx_off as u32,
+            _pad: 0,
+        }
+    }
+}
+
+/// Options of [`Tensor::max_pool2d`] and [`Tensor::avg_pool2d`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Pool2dOptions {
+    /// Window size, (height, width).
+    pub kernel: [usize; 2],
+    /// Step between windows; PyTorch's default is the kernel size.
+    pub stride: [usize; 2],
+    /// Implicit padding on each side (at most half the kernel): -inf for max, 0 for average.
+    pub padding: [usize; 2],
+    /// Spacing between window taps (max pooling only).
+    pub dilation: [usize; 2],
+    /// Average pooling: divide by the full window, padding included (PyTorch's default), or
+    /// by the number of real elements.
+    pub count_include_pad: bool,
+}
+
+impl Pool2dOptions {
+    /// Windows of `kernel` with stride equal to the kernel, no padding (PyTorch's defaults).
+    pub fn new(kernel: [usize; 2]) -> Self {
+        Pool2dOptions {
+            kernel,
+            stride: kernel,
+            padding: [0, 0],
+            dilation: [1, 1],
+            count_include_pad: true,
+        }
+    }
+}
+
+fn geometry(op: &'static str, x: &Tensor, o: &Pool2dOptions, mode: u32) -> Result<PoolGeometry> {
+    if x.rank() != 4 {
+        return Err(Error::shape(
+            op,
+            format!(
+                "input must have rank 4 (N, C, H, W), got shape {:?}",
+                x.dims()
+            ),
+        ));
+    }
+    if o.kernel.contains(&0) || o.stride.contains(&0) || o.dilation.contains(&0) {
+        return Err(Error::invalid(
+            op,
+            format!(
+                "kernel {:?}, stride {:?} and dilation {:?} must be positive",
+                o.kernel, o.stride, o.dilation
+            ),
+        ));
+    }
+    let (h, w) = (x.dims()[2], x.dims()[3]);
+    let mut out = [0; 2];
+    for i in 0..2 {
+        let span = o.dilation[i] * (o.kernel[i] - 1) + 1;
+        if 2 * o.padding[i] > span {
+            return Err(Error::invalid(
+                op,
+                format!(
+                    "padding {:?} must be at most half of the (dilated) kernel {:?}",
+                    o.padding, o.kernel
+                ),
+            ));
+        }
+        let padded = [h, w][i] + 2 * o.padding[i];
+        if span > padded {
+            return Err(Error::shape(
+                op,
+                format!(
+                    "kernel {:?} is larger than the padded input of shape {:?}",
+                    o.kernel,
+                    x.dims()
+                ),
+            ));
+        }
+        out[i] = (padded - span) / o.stride[i] + 1;
+    }
+    Ok(PoolGeometry {
+        n: x.dims()[0],
+        c: x.dims()[1],
+        h,
+        w,
+        oh: out[0],
+        ow: out[1],
+        k: o.kernel,
+        stride: o.stride,
+        padding: o.padding,
+        dilation: o.dilation,
+        mode,
+    })
+}
+
+fn pool_forward(x: &Tensor, g: PoolGeometry) -> Result<Tensor> {
+    let x = x.contiguous()?;
+    let total = g.n * g.c * g.oh * g.ow;
+    // Max pooling writes the values and, right after them, the chosen indices.
+    let slots = if g.mode == MODE_MAX { 2 } else { 1 };
+    let both = Tensor::uninit("pool2d", &[slots, total], x.device())?;
+    let p = g.params(total);
+    x.device().dispatch(
+        Kernel::Pool2dFwd,
+        &[x.buffer()],
+        both.buffer(),
+        bytemuck::bytes_of(&p),
+        grid(total, 256),
+    );
+    let values = both.with_layout(Layout::contiguous(&[g.n, g.c, g.oh, g.ow]));
+    let indices = (g.mode == MODE_MAX).then(|| {
+        let mut l = Layout::contiguous(&[g.n, g.c, g.oh, g.ow]);
+        l.offset = total;
+        both.with_layout(l)
+    });
+    Ok(record(values, &[&x], |_| Op::Pool2d {
+        indices,
+        geometry: g,
+    }))
+}
+
+/// Gradient of a pooling: `g` routed back to the input positions. Not recorded.
+pub(crate) fn pool_backward(
+    g: &Tensor,
+    geo: &PoolGeometry,
+    indices: Option<&Tensor>,
+) -> Result<Tensor> {
+    let g = g.contiguous()?;
+    let out = Tensor::uninit("pool2d_backward", &[geo.n, geo.c, geo.h, geo.w], g.device())?;
+    let total = geo.n * geo.c * geo.h * geo.w;
+    match indices {
+        Some(idx) => {
+            let p = geo.params(idx.layout.offset);
+            g.device().dispatch(
+                Kernel::MaxPool2dBwd,
+                &[g.buffer(), idx.buffer()],
+                out.buffer(),
+                bytemuck::bytes_of(&p),
+                grid(total, 256),
+            );
+        }
+        None => {
+            let p = geo.params(0);
+            g.device().dispatch(
+                Kernel::AvgPool2dBwd,
+                &[g.buffer()],
+                out.buffer(),
+                bytemuck::bytes_of(&p),
+                grid(total, 256),
+            );
+        }
+    }
+    Ok(out)
+}
+
+fn unbatched(x: &Tensor, f: impl FnOnce(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
+    if x.rank() == 3 {
+        f(&x.unsqueeze(0)?)?.squeeze(Some(0))
+    } else {
+        f(x)
+    }
+}
+
+impl Tensor {
+    /// Max pooling over windows of an (N, C, H, W) (or (C, H, W)) input, as
+    /// `torch.nn.functional.max_pool2d` (`ceil_mode = false`). The gradient goes to the first
+    /// maximum of each window in row-major scan order (a NaN counts as the maximum).
+    ///
+    /// ```
+    /// use kiln::{Pool2dOptions, Tensor};
+    /// # let dev = kiln::Device::default_device()?;
+    /// let x = Tensor::arange(0.0, 16.0, 1.0, &dev)?.reshape(&[1, 1, 4, 4])?;
+    /// let y = x.max_pool2d(&Pool2dOptions::new([2, 2]))?;
+    /// assert_eq!(y.to_vec()?, vec![5.0, 7.0, 13.0, 15.0]);
+    /// # Ok::<(), kiln::Error>(())
+    /// ```
+    pub fn max_pool2d(&self, opts: &Pool2dOptions) -> Result<Tensor> {
+        unbatched(self, |x| {
+            pool_forward(x, geometry("max_pool2d", x, opts, MODE_MAX)?)
+        })
+    }
+
+    /// Average pooling, as `torch.nn.functional.avg_pool2d` (`ceil_mode = false`; dilation
+    /// must be 1).
+    pub fn avg_pool2d(&self, opts: &Pool2dOptions) -> Result<Tensor> {
+        if opts.dilation != [1, 1] {
+            return Err(Error::invalid(
+                "avg_pool2d",
+                format!("dilation must be [1, 1], got {:?}", opts.dilation),
+            ));
+        }
+        let mode = if opts.count_include_pad {
+            MODE_AVG_WITH_PAD
+        } else {
+            MODE_AVG_VALID
+        };
+        unbatched(self, |x| {
+            pool_forward(x, geometry("avg_pool2d", x, opts, mode)?)
+        })
+    }
+
+    /// Adaptive average pooling to an output of `size` (height, width), as
+    /// `torch.nn.functional.adaptive_avg_pool2d`; `[1, 1]` is global average pooling.
+    ///
+    /// ```
+    /// # let dev = kiln::Device::default_device()?;
+    /// let x = kiln::Tensor::ones(&[2, 3, 7, 5], &dev)?;
+    /// assert_eq!(x.adaptive_avg_pool2d([1, 1])?.dims(), &[2, 3, 1, 1]);
+    /// # Ok::<(), kiln::Error>(())
+    /// ```
+    pub fn adaptive_avg_pool2d(&self, size: [usize; 2]) -> Result<Tensor> {
+        const OP: &str = "adaptive_avg_pool2d";
+        unbatched(self, |x| {
+            if x.rank() != 4 {
+                return Err(Error::shape(
+                    OP,
+                    format!(
+                        "input must have rank 4 (N, C, H, W), got shape {:?}",
+                        x.dims()
+                    ),
+                ));
+            }
+            let (h, w) = (x.dims()[2], x.dims()[3]);
+            if size.contains(&0) || h == 0 || w == 0 {
+                return Err(Error::invalid(
+                    OP,
+                    format!(
+                        "output size {size:?} and input {:?} must be non-empty",
+                        x.dims()
+                    ),
+                ));
+            }
+            let g = PoolGeometry {
+                n: x.dims()[0],
+                c: x.dims()[1],
+                h,
+                w,
+                oh: size[0],
+                ow: size[1],
+                k: [1, 1],
+                stride: [1, 1],
+                padding: [0, 0],
+                dilation: [1, 1],
+                mode: MODE_ADAPTIVE,
+            };
+            pool_forward(x, g)
+        })
+    }
+}
