@@ -236,7 +236,7 @@ impl Tensor {
             ));
         }
         let c = self.dims()[1];
-        if groups == 0 || c % groups != 0 {
+        if groups == 0 || !c.is_multiple_of(groups) {
             return Err(Error::invalid(
                 OP,
                 format!("{c} channels are not divisible into {groups} groups"),

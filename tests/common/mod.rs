@@ -357,3 +357,113 @@ pub fn check_case(c: &Case, inputs: &[Tensor], y: &Tensor, atol: f64, rtol: f64)
         }
     }
 }
+
+// ---- finite differences (see tests/grad_fd.rs for the error analysis) ----
+
+use kiln::Result as KilnResult;
+
+pub const H: f32 = 1e-2;
+
+pub struct Input {
+    pub shape: Vec<usize>,
+    pub data: Vec<f32>,
+    pub grad: bool,
+}
+
+pub fn input(shape: &[usize], data: Vec<f32>) -> Input {
+    Input {
+        shape: shape.to_vec(),
+        data,
+        grad: true,
+    }
+}
+
+pub fn constant(shape: &[usize], data: Vec<f32>) -> Input {
+    Input {
+        shape: shape.to_vec(),
+        data,
+        grad: false,
+    }
+}
+
+pub fn smooth(rng: &mut Rng, shape: &[usize], lo: f32, hi: f32) -> Input {
+    input(shape, rng.vec(shape.iter().product(), lo, hi))
+}
+
+/// |x| in [0.1, 2): away from the kinks at 0.
+pub fn off_zero(rng: &mut Rng, shape: &[usize]) -> Input {
+    let n = shape.iter().product();
+    input(
+        shape,
+        (0..n)
+            .map(|_| rng.uniform(0.1, 2.0) * if rng.below(2) == 0 { -1.0 } else { 1.0 })
+            .collect(),
+    )
+}
+
+/// Distinct values at least 0.25 apart, shuffled: no ties within 2h.
+pub fn spaced(rng: &mut Rng, shape: &[usize]) -> Input {
+    let n: usize = shape.iter().product();
+    let mut v: Vec<f32> = (0..n).map(|i| i as f32 * 0.25 - n as f32 * 0.125).collect();
+    for i in (1..n).rev() {
+        v.swap(i, rng.below(i + 1));
+    }
+    input(shape, v)
+}
+
+fn eval(f: &dyn Fn(&[Tensor]) -> KilnResult<Tensor>, inputs: &[Input], w: &[f32]) -> f64 {
+    let ts: Vec<Tensor> = inputs
+        .iter()
+        .map(|i| Tensor::from_slice(&i.data, &i.shape, &dev()).unwrap())
+        .collect();
+    let y = f(&ts).unwrap().to_vec().unwrap();
+    y.iter().zip(w).map(|(&a, &b)| a as f64 * b as f64).sum()
+}
+
+pub fn check(name: &str, inputs: Vec<Input>, f: &dyn Fn(&[Tensor]) -> KilnResult<Tensor>) {
+    let mut rng = Rng::new(name.bytes().map(u64::from).sum());
+    let leaves: Vec<Tensor> = inputs
+        .iter()
+        .map(|i| {
+            let t = Tensor::from_slice(&i.data, &i.shape, &dev()).unwrap();
+            if i.grad {
+                t.requires_grad()
+            } else {
+                t
+            }
+        })
+        .collect();
+    let y = f(&leaves).unwrap_or_else(|e| panic!("{name}: {e}"));
+    let w = rng.vec(y.numel(), -1.0, 1.0);
+    y.backward_with(
+        Some(&Tensor::from_slice(&w, y.dims(), &dev()).unwrap()),
+        false,
+    )
+    .unwrap();
+    let mut inputs = inputs;
+    for k in 0..inputs.len() {
+        if !inputs[k].grad {
+            continue;
+        }
+        let analytic = leaves[k]
+            .grad()
+            .unwrap_or_else(|| panic!("{name}: input {k} has no gradient"))
+            .to_vec()
+            .unwrap();
+        for (j, &a) in analytic.iter().enumerate() {
+            let x0 = inputs[k].data[j];
+            inputs[k].data[j] = x0 + H;
+            let plus = eval(f, &inputs, &w);
+            inputs[k].data[j] = x0 - H;
+            let minus = eval(f, &inputs, &w);
+            inputs[k].data[j] = x0;
+            let numeric = (plus - minus) / (2.0 * H as f64);
+            let a = a as f64;
+            let tol = 1e-3 + 1e-2 * numeric.abs();
+            assert!(
+                (a - numeric).abs() <= tol,
+                "{name}: d/dx{k}[{j}]: analytic {a}, numeric {numeric}"
+            );
+        }
+    }
+}

@@ -1,0 +1,332 @@
+//! Finite-difference checks of convolution, pooling, normalisation and dropout (see
+//! tests/grad_fd.rs for the step and tolerance), plus invalid configurations and dropout's
+//! statistics.
+
+mod common;
+
+use common::*;
+use kiln::{Conv2dOptions, ConvTranspose2dOptions, Error, Pool2dOptions, Tensor};
+
+#[test]
+fn convolutions() {
+    let mut r = Rng::new(10);
+    let opts = Conv2dOptions {
+        stride: [2, 1],
+        padding: [1, 2],
+        dilation: [1, 2],
+        groups: 2,
+    };
+    check(
+        "conv2d grouped strided dilated",
+        vec![
+            smooth(&mut r, &[2, 4, 5, 4], -1.0, 1.0),
+            smooth(&mut r, &[4, 2, 3, 2], -1.0, 1.0),
+            smooth(&mut r, &[4], -1.0, 1.0),
+        ],
+        &move |x| x[0].conv2d(&x[1], Some(&x[2]), &opts),
+    );
+    let depthwise = Conv2dOptions {
+        padding: [1, 1],
+        groups: 3,
+        ..Default::default()
+    };
+    check(
+        "conv2d depthwise",
+        vec![
+            smooth(&mut r, &[1, 3, 4, 4], -1.0, 1.0),
+            smooth(&mut r, &[3, 1, 3, 3], -1.0, 1.0),
+        ],
+        &move |x| x[0].conv2d(&x[1], None, &depthwise),
+    );
+    check(
+        "conv1d",
+        vec![
+            smooth(&mut r, &[2, 2, 7], -1.0, 1.0),
+            smooth(&mut r, &[3, 2, 3], -1.0, 1.0),
+            smooth(&mut r, &[3], -1.0, 1.0),
+        ],
+        &|x| x[0].conv1d(&x[1], Some(&x[2]), 2, 1, 1, 1),
+    );
+    let t = ConvTranspose2dOptions {
+        stride: [2, 2],
+        padding: [1, 0],
+        output_padding: [1, 1],
+        dilation: [1, 1],
+        groups: 2,
+    };
+    check(
+        "conv_transpose2d",
+        vec![
+            smooth(&mut r, &[1, 4, 3, 3], -1.0, 1.0),
+            smooth(&mut r, &[4, 1, 3, 2], -1.0, 1.0),
+            smooth(&mut r, &[2], -1.0, 1.0),
+        ],
+        &move |x| x[0].conv_transpose2d(&x[1], Some(&x[2]), &t),
+    );
+}
+
+#[test]
+fn pooling() {
+    let mut r = Rng::new(11);
+    let mut o = Pool2dOptions::new([3, 2]);
+    o.stride = [2, 1];
+    o.padding = [1, 1];
+    check(
+        "max_pool2d overlapping",
+        vec![spaced(&mut r, &[1, 2, 5, 4])],
+        &move |x| x[0].max_pool2d(&o),
+    );
+    let mut d = Pool2dOptions::new([2, 2]);
+    d.stride = [1, 1];
+    d.dilation = [2, 1];
+    check(
+        "max_pool2d dilated",
+        vec![spaced(&mut r, &[1, 1, 5, 4])],
+        &move |x| x[0].max_pool2d(&d),
+    );
+    let mut a = Pool2dOptions::new([3, 3]);
+    a.stride = [2, 2];
+    a.padding = [1, 1];
+    check(
+        "avg_pool2d",
+        vec![smooth(&mut r, &[2, 1, 5, 5], -1.0, 1.0)],
+        &move |x| x[0].avg_pool2d(&a),
+    );
+    a.count_include_pad = false;
+    check(
+        "avg_pool2d valid only",
+        vec![smooth(&mut r, &[1, 2, 4, 5], -1.0, 1.0)],
+        &move |x| x[0].avg_pool2d(&a),
+    );
+    check(
+        "adaptive_avg_pool2d",
+        vec![smooth(&mut r, &[1, 2, 5, 7], -1.0, 1.0)],
+        &|x| x[0].adaptive_avg_pool2d([2, 3]),
+    );
+    check(
+        "global_avg_pool",
+        vec![smooth(&mut r, &[2, 2, 3, 3], -1.0, 1.0)],
+        &|x| x[0].adaptive_avg_pool2d([1, 1]),
+    );
+}
+
+#[test]
+fn normalisation_and_dropout() {
+    let mut r = Rng::new(12);
+    check(
+        "batch_norm training",
+        vec![
+            smooth(&mut r, &[3, 2, 2, 2], -1.0, 1.0),
+            smooth(&mut r, &[2], 0.5, 1.5),
+            smooth(&mut r, &[2], -0.5, 0.5),
+        ],
+        &|x| x[0].batch_norm(None, None, Some(&x[1]), Some(&x[2]), true, 0.1, 1e-5),
+    );
+    let (rm, rv) = (
+        constant(&[2], vec![0.1, -0.2]),
+        constant(&[2], vec![0.8, 1.3]),
+    );
+    check(
+        "batch_norm eval",
+        vec![
+            smooth(&mut r, &[3, 2, 2], -1.0, 1.0),
+            smooth(&mut r, &[2], 0.5, 1.5),
+            smooth(&mut r, &[2], -0.5, 0.5),
+            rm,
+            rv,
+        ],
+        &|x| {
+            x[0].batch_norm(
+                Some(&x[3]),
+                Some(&x[4]),
+                Some(&x[1]),
+                Some(&x[2]),
+                false,
+                0.1,
+                1e-5,
+            )
+        },
+    );
+    check(
+        "layer_norm",
+        vec![
+            smooth(&mut r, &[2, 3, 2], -1.0, 1.0),
+            smooth(&mut r, &[3, 2], 0.5, 1.5),
+            smooth(&mut r, &[3, 2], -0.5, 0.5),
+        ],
+        &|x| x[0].layer_norm(&[3, 2], Some(&x[1]), Some(&x[2]), 1e-5),
+    );
+    check(
+        "group_norm",
+        vec![
+            smooth(&mut r, &[2, 4, 3], -1.0, 1.0),
+            smooth(&mut r, &[4], 0.5, 1.5),
+            smooth(&mut r, &[4], -0.5, 0.5),
+        ],
+        &|x| x[0].group_norm(2, Some(&x[1]), Some(&x[2]), 1e-5),
+    );
+    check("dropout", vec![smooth(&mut r, &[3, 5], -1.0, 1.0)], &|x| {
+        x[0].dropout(0.4, 99, true)
+    });
+}
+
+#[test]
+fn dropout_masks_are_seeded_scaled_and_reused_by_backward() {
+    let d = dev();
+    let n = 20000;
+    let x = Tensor::ones(&[n], &d).unwrap().requires_grad();
+    let y = x.dropout(0.25, 5, true).unwrap();
+    let v = y.to_vec().unwrap();
+    assert_eq!(
+        v,
+        x.dropout(0.25, 5, true).unwrap().to_vec().unwrap(),
+        "same seed, same mask"
+    );
+    assert_ne!(v, x.dropout(0.25, 6, true).unwrap().to_vec().unwrap());
+    let scale = 1.0 / 0.75;
+    assert!(v.iter().all(|&e| e == 0.0 || (e - scale).abs() < 1e-6));
+    let dropped = v.iter().filter(|&&e| e == 0.0).count() as f64 / n as f64;
+    assert!((dropped - 0.25).abs() < 0.015, "dropped fraction {dropped}");
+    y.sum_all().unwrap().backward().unwrap();
+    assert_eq!(
+        x.grad().unwrap().to_vec().unwrap(),
+        v,
+        "the gradient is scaled by the same mask"
+    );
+    assert_eq!(
+        x.dropout(0.25, 5, false).unwrap().to_vec().unwrap(),
+        vec![1.0; n],
+        "identity in eval"
+    );
+    assert_eq!(
+        x.dropout(1.0, 5, true).unwrap().to_vec().unwrap(),
+        vec![0.0; n]
+    );
+    assert!(x.dropout(1.5, 5, true).is_err());
+}
+
+fn err_text(r: kiln::Result<Tensor>) -> String {
+    match r {
+        Err(e) => e.to_string(),
+        Ok(t) => panic!("expected an error, got {t:?}"),
+    }
+}
+
+#[test]
+fn invalid_configurations_are_err() {
+    let d = dev();
+    let x = Tensor::zeros(&[1, 4, 5, 5], &d).unwrap();
+    let w = Tensor::zeros(&[6, 4, 7, 7], &d).unwrap();
+    let e = err_text(x.conv2d(&w, None, &Default::default()));
+    assert!(
+        e.contains("conv2d") && e.contains("larger than the padded input") && e.contains("[7, 7]"),
+        "{e}"
+    );
+    let w3 = Tensor::zeros(&[6, 2, 3, 3], &d).unwrap();
+    let e = err_text(x.conv2d(
+        &w3,
+        None,
+        &Conv2dOptions {
+            groups: 3,
+            ..Default::default()
+        },
+    ));
+    assert!(
+        e.contains("divisible by groups") && e.contains("3 groups"),
+        "{e}"
+    );
+    let e = err_text(x.conv2d(
+        &Tensor::zeros(&[6, 4, 3, 3], &d).unwrap(),
+        None,
+        &Conv2dOptions {
+            stride: [0, 1],
+            ..Default::default()
+        },
+    ));
+    assert!(e.contains("stride") && e.contains("[0, 1]"), "{e}");
+    let e = err_text(
+        Tensor::zeros(&[4, 5], &d)
+            .unwrap()
+            .conv2d(&w3, None, &Default::default()),
+    );
+    assert!(e.contains("rank 4") && e.contains("[4, 5]"), "{e}");
+    assert!(
+        x.conv2d(
+            &Tensor::zeros(&[6, 3, 3, 3], &d).unwrap(),
+            None,
+            &Default::default()
+        )
+        .is_err(),
+        "channel mismatch"
+    );
+    let bad_bias = Tensor::zeros(&[5], &d).unwrap();
+    assert!(x
+        .conv2d(
+            &Tensor::zeros(&[6, 4, 3, 3], &d).unwrap(),
+            Some(&bad_bias),
+            &Default::default()
+        )
+        .is_err());
+    assert!(matches!(
+        x.max_pool2d(&Pool2dOptions::new([7, 7])),
+        Err(Error::Shape { .. })
+    ));
+    let mut o = Pool2dOptions::new([2, 2]);
+    o.padding = [2, 2];
+    assert!(x.max_pool2d(&o).is_err(), "padding above half the kernel");
+    o = Pool2dOptions::new([2, 2]);
+    o.stride = [0, 2];
+    assert!(x.avg_pool2d(&o).is_err());
+    assert!(Tensor::zeros(&[5, 5], &d)
+        .unwrap()
+        .max_pool2d(&Pool2dOptions::new([2, 2]))
+        .is_err());
+    let t = ConvTranspose2dOptions {
+        output_padding: [2, 2],
+        stride: [2, 2],
+        ..Default::default()
+    };
+    assert!(x
+        .conv_transpose2d(&Tensor::zeros(&[4, 2, 3, 3], &d).unwrap(), None, &t)
+        .is_err());
+    assert!(x.group_norm(3, None, None, 1e-5).is_err());
+    assert!(x.layer_norm(&[4], None, None, 1e-5).is_err());
+    assert!(
+        x.batch_norm(None, None, None, None, false, 0.1, 1e-5)
+            .is_err(),
+        "eval needs running statistics"
+    );
+    let single = Tensor::zeros(&[1, 4], &d).unwrap();
+    assert!(
+        single
+            .batch_norm(None, None, None, None, true, 0.1, 1e-5)
+            .is_err(),
+        "one value per channel"
+    );
+}
+
+#[test]
+fn unbatched_inputs_and_shapes() {
+    let d = dev();
+    let x = Tensor::randn(&[3, 8, 8], 1, &d).unwrap();
+    let w = Tensor::randn(&[5, 3, 3, 3], 2, &d).unwrap();
+    assert_eq!(
+        x.conv2d(&w, None, &Default::default()).unwrap().dims(),
+        &[5, 6, 6]
+    );
+    assert_eq!(
+        x.max_pool2d(&Pool2dOptions::new([2, 2])).unwrap().dims(),
+        &[3, 4, 4]
+    );
+    // A conv with unit weights equals a box sum.
+    let ones = Tensor::ones(&[1, 1, 3, 3], &d).unwrap();
+    let img = Tensor::ones(&[1, 1, 4, 4], &d).unwrap();
+    let pad = Conv2dOptions {
+        padding: [1, 1],
+        ..Default::default()
+    };
+    assert_eq!(
+        img.conv2d(&ones, None, &pad).unwrap().to_vec().unwrap(),
+        vec![4.0, 6.0, 6.0, 4.0, 6.0, 9.0, 9.0, 6.0, 6.0, 9.0, 9.0, 6.0, 4.0, 6.0, 6.0, 4.0]
+    );
+}
