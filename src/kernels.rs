@@ -16,16 +16,19 @@ pub enum ShaderFile {
     Conv,
     /// `shaders/pool.wgsl`
     Pool,
+    /// `shaders/optim.wgsl`
+    Optim,
 }
 
 impl ShaderFile {
     /// Every shader file, for validation.
-    pub const ALL: [ShaderFile; 5] = [
+    pub const ALL: [ShaderFile; 6] = [
         ShaderFile::Elementwise,
         ShaderFile::Reduce,
         ShaderFile::Matmul,
         ShaderFile::Conv,
         ShaderFile::Pool,
+        ShaderFile::Optim,
     ];
 
     /// The WGSL source.
@@ -36,6 +39,7 @@ impl ShaderFile {
             ShaderFile::Matmul => include_str!("../shaders/matmul.wgsl"),
             ShaderFile::Conv => include_str!("../shaders/conv.wgsl"),
             ShaderFile::Pool => include_str!("../shaders/pool.wgsl"),
+            ShaderFile::Optim => include_str!("../shaders/optim.wgsl"),
         }
     }
 
@@ -47,6 +51,7 @@ impl ShaderFile {
             ShaderFile::Matmul => "matmul.wgsl",
             ShaderFile::Conv => "conv.wgsl",
             ShaderFile::Pool => "pool.wgsl",
+            ShaderFile::Optim => "optim.wgsl",
         }
     }
 }
@@ -108,10 +113,14 @@ kernels! {
     Pool2dFwd => (Pool, "pool2d_fwd", 1),
     MaxPool2dBwd => (Pool, "max_pool2d_bwd", 2),
     AvgPool2dBwd => (Pool, "avg_pool2d_bwd", 1),
+    SgdStep => (Optim, "sgd_step", 1),
+    SgdMomentumStep => (Optim, "sgd_momentum_step", 1),
+    AdamStep => (Optim, "adam_step", 1),
 }
 
-/// Binding index of a kernel's output buffer.
-pub const OUTPUT_BINDING: u32 = 3;
+/// Binding indices of a kernel's read-write buffers: the output first, then (for in-place
+/// kernels such as the optimizers) the state buffers.
+pub const OUTPUT_BINDINGS: [u32; 4] = [3, 5, 6, 7];
 /// Binding index of a kernel's uniform parameters.
 pub const PARAMS_BINDING: u32 = 4;
 
@@ -144,6 +153,10 @@ mod tests {
             (
                 ShaderFile::Pool,
                 std::mem::size_of::<crate::ops::pool::PoolParams>(),
+            ),
+            (
+                ShaderFile::Optim,
+                std::mem::size_of::<crate::optim::OptimParams>(),
             ),
         ];
         for (file, rust_size) in expected {

@@ -28,6 +28,7 @@ mod error;
 pub mod kernels;
 pub mod loss;
 mod ops;
+pub mod optim;
 pub mod shape;
 mod tensor;
 

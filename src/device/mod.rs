@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::error::{Error, Result};
-use crate::kernels::{Kernel, ShaderFile, OUTPUT_BINDING, PARAMS_BINDING};
+use crate::kernels::{Kernel, ShaderFile, OUTPUT_BINDINGS, PARAMS_BINDING};
 pub(crate) use pool::BufferKind;
 use pool::{size_class, Pool};
 
@@ -420,8 +420,22 @@ impl Device {
         params: &[u8],
         workgroups: [u32; 3],
     ) {
+        self.dispatch_outputs(kernel, inputs, &[output], params, workgroups)
+    }
+
+    /// [`Device::dispatch`] with several read-write buffers, bound at 3, 5, 6 and 7 (for
+    /// in-place kernels such as the optimizers).
+    pub(crate) fn dispatch_outputs(
+        &self,
+        kernel: Kernel,
+        inputs: &[&wgpu::Buffer],
+        outputs: &[&wgpu::Buffer],
+        params: &[u8],
+        workgroups: [u32; 3],
+    ) {
         debug_assert_eq!(inputs.len(), kernel.inputs());
         debug_assert!(params.len() <= PARAMS_STRIDE);
+        debug_assert!(!outputs.is_empty() && outputs.len() <= OUTPUT_BINDINGS.len());
         if workgroups.contains(&0) {
             return;
         }
@@ -455,10 +469,12 @@ impl Device {
                 resource: b.as_entire_binding(),
             })
             .collect();
-        entries.push(wgpu::BindGroupEntry {
-            binding: OUTPUT_BINDING,
-            resource: output.as_entire_binding(),
-        });
+        for (&binding, buffer) in OUTPUT_BINDINGS.iter().zip(outputs) {
+            entries.push(wgpu::BindGroupEntry {
+                binding,
+                resource: buffer.as_entire_binding(),
+            });
+        }
         entries.push(wgpu::BindGroupEntry {
             binding: PARAMS_BINDING,
             resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
