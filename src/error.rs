@@ -77,6 +77,17 @@ pub enum Error {
         msg: String,
     },
 
+    /// Reading or writing a file failed.
+    #[error("{op}: {path}: {message}")]
+    Io {
+        /// The operation.
+        op: &'static str,
+        /// The file.
+        path: String,
+        /// What went wrong.
+        message: String,
+    },
+
     /// The GPU reported an error (device lost, out of memory, a failed mapping).
     #[error("GPU error: {0}")]
     Gpu(String),

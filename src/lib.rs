@@ -23,14 +23,18 @@
 #![warn(missing_docs)]
 
 mod autograd;
+pub mod checkpoint;
+pub mod data;
 pub mod device;
 mod error;
 pub mod kernels;
 pub mod loss;
+pub mod nn;
 mod ops;
 pub mod optim;
 pub mod shape;
 mod tensor;
+pub mod train;
 
 pub use autograd::{is_grad_enabled, no_grad, NoGradGuard};
 pub use device::{Device, DeviceOptions, DeviceStats};

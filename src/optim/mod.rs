@@ -66,6 +66,45 @@ pub trait Optimizer {
 
     /// Number of steps taken.
     fn steps(&self) -> u64;
+
+    /// Restores one named state tensor, as listed by [`Optimizer::state`].
+    fn set_state(&mut self, name: &str, value: &Tensor) -> Result<()>;
+}
+
+/// Splits `"{index}.{kind}"` and checks the index and the shape against the parameters.
+fn state_slot<'a>(
+    op: &'static str,
+    params: &[Tensor],
+    name: &'a str,
+    value: &Tensor,
+    scalar: bool,
+) -> Result<(usize, &'a str)> {
+    let (index, kind) = name
+        .split_once('.')
+        .and_then(|(i, k)| i.parse::<usize>().ok().map(|i| (i, k)))
+        .ok_or_else(|| Error::invalid(op, format!("state name {name} is not <index>.<kind>")))?;
+    let param = params.get(index).ok_or_else(|| {
+        Error::invalid(
+            op,
+            format!("state {name} names parameter {index} of {}", params.len()),
+        )
+    })?;
+    let want: &[usize] = if scalar { &[] } else { param.dims() };
+    if value.dims() != want {
+        return Err(Error::shape(
+            op,
+            format!(
+                "state {name} has shape {:?}, expected {want:?}",
+                value.dims()
+            ),
+        ));
+    }
+    Ok((index, kind))
+}
+
+/// A private copy of `value` for optimizer state.
+fn owned_copy(value: &Tensor) -> Result<Tensor> {
+    no_grad(|| value.detach().add_scalar(0.0))
 }
 
 fn check_params(op: &'static str, params: &[Tensor]) -> Result<()> {
@@ -259,6 +298,20 @@ impl Optimizer for Sgd {
     fn steps(&self) -> u64 {
         self.steps
     }
+
+    fn set_state(&mut self, name: &str, value: &Tensor) -> Result<()> {
+        const OP: &str = "Sgd::set_state";
+        match state_slot(OP, &self.params, name, value, false)? {
+            (i, "momentum_buffer") => self.momentum_buffers[i] = Some(owned_copy(value)?),
+            (_, kind) => {
+                return Err(Error::invalid(
+                    OP,
+                    format!("unknown state {kind} in {name}"),
+                ))
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Options of [`Adam`] (PyTorch's defaults by `Default`).
@@ -399,6 +452,9 @@ impl Optimizer for Adam {
             if let Some((m, v)) = m {
                 out.push((format!("{i}.exp_avg"), m.clone()));
                 out.push((format!("{i}.exp_avg_sq"), v.clone()));
+                if let Ok(step) = Tensor::scalar(self.step_counts[i] as f32, m.device()) {
+                    out.push((format!("{i}.step"), step));
+                }
             }
         }
         out
@@ -406,6 +462,33 @@ impl Optimizer for Adam {
 
     fn steps(&self) -> u64 {
         self.steps
+    }
+
+    fn set_state(&mut self, name: &str, value: &Tensor) -> Result<()> {
+        const OP: &str = "Adam::set_state";
+        let scalar = name.ends_with(".step");
+        let (i, kind) = state_slot(OP, &self.params, name, value, scalar)?;
+        if kind == "step" {
+            self.step_counts[i] = value.to_scalar()?.max(0.0) as u64;
+            return Ok(());
+        }
+        let param = &self.params[i];
+        let (m, v) = match self.moments[i].take() {
+            Some(mv) => mv,
+            None => (param.zeros_like()?, param.zeros_like()?),
+        };
+        self.moments[i] = Some(match kind {
+            "exp_avg" => (owned_copy(value)?, v),
+            "exp_avg_sq" => (m, owned_copy(value)?),
+            _ => {
+                self.moments[i] = Some((m, v));
+                return Err(Error::invalid(
+                    OP,
+                    format!("unknown state {kind} in {name}"),
+                ));
+            }
+        });
+        Ok(())
     }
 }
 

@@ -1,0 +1,115 @@
+//! Trains a small CNN on the 8x8 handwritten digits embedded in kiln, then saves it.
+//!
+//! ```text
+//! cargo run --release --example digits [-- --epochs 10 --out digits_cnn.safetensors]
+//! ```
+//!
+//! The network is conv16-conv32-pool-fc64-fc10 with SGD (momentum 0.9, lr 0.05), batch 32,
+//! on a seeded 80/20 split.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use kiln::data::{self, DataLoader, Dataset};
+use kiln::nn::{Conv2d, Flatten, Init, Linear, MaxPool2d, Module, Relu, Sequential};
+use kiln::optim::{Sgd, SgdOptions};
+use kiln::train::{fit, FitOptions};
+use kiln::{Conv2dOptions, Device, Pool2dOptions};
+
+/// The example network (its state-dict names match the same `torch.nn.Sequential`).
+fn digits_cnn(init: &mut Init) -> kiln::Result<Sequential> {
+    let pad1 = Conv2dOptions {
+        padding: [1, 1],
+        ..Default::default()
+    };
+    Ok(Sequential::new()
+        .add(Conv2d::new(init, 1, 16, [3, 3], pad1, true)?)
+        .add(Relu)
+        .add(Conv2d::new(init, 16, 32, [3, 3], pad1, true)?)
+        .add(Relu)
+        .add(MaxPool2d(Pool2dOptions::new([2, 2])))
+        .add(Flatten::default())
+        .add(Linear::new(init, 32 * 4 * 4, 64, true)?)
+        .add(Relu)
+        .add(Linear::new(init, 64, 10, true)?))
+}
+
+fn main() -> kiln::Result<()> {
+    let mut epochs = 10;
+    let mut out = PathBuf::from("digits_cnn.safetensors");
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        match (a.as_str(), args.next()) {
+            ("--epochs", Some(v)) => epochs = v.parse().unwrap_or(epochs),
+            ("--out", Some(v)) => out = PathBuf::from(v),
+            _ => {
+                eprintln!("usage: digits [--epochs N] [--out FILE]");
+                std::process::exit(2);
+            }
+        }
+    }
+    let start = Instant::now();
+    let dev = Device::default_device()?;
+    println!("device: {dev}");
+    let all = data::digits()?;
+    let (train_set, test_set) = all.split(0.8, 0)?;
+    println!(
+        "digits: {} training and {} test images of {:?}",
+        train_set.len(),
+        test_set.len(),
+        all.feature_shape()
+    );
+
+    let mut init = Init::new(&dev, 0);
+    let mut model = digits_cnn(&mut init)?;
+    println!("{}", model.describe());
+    let mut opt = Sgd::new(
+        model.parameters(),
+        SgdOptions {
+            lr: 0.05,
+            momentum: 0.9,
+            ..Default::default()
+        },
+    )?;
+    let train = DataLoader::new(&train_set, 32, &dev).shuffle(1);
+    let test = DataLoader::new(&test_set, 256, &dev);
+    let mut stderr = std::io::stderr();
+    let reports = fit(
+        &mut model,
+        &mut opt,
+        &train,
+        Some(&test),
+        FitOptions {
+            epochs,
+            progress: Some(&mut stderr),
+            ..Default::default()
+        },
+    )?;
+    for r in &reports {
+        println!(
+            "epoch {:>2}: train loss {:.4} acc {:.2}% | test loss {:.4} acc {:.2}% | {:.2} s",
+            r.epoch + 1,
+            r.train_loss,
+            r.train_accuracy * 100.0,
+            r.eval_loss.unwrap_or(f32::NAN),
+            r.eval_accuracy.unwrap_or(f32::NAN) * 100.0,
+            r.seconds
+        );
+    }
+    kiln::checkpoint::save(&out, &model, None)?;
+    println!(
+        "saved {} ({} parameters)",
+        out.display(),
+        model.parameters().iter().map(|p| p.numel()).sum::<usize>()
+    );
+    let s = dev.stats();
+    println!(
+        "total {:.1} s; {} dispatches, {} submits, {} readbacks; peak GPU memory {:.1} MiB",
+        start.elapsed().as_secs_f64(),
+        s.dispatches,
+        s.submits,
+        s.readbacks,
+        s.peak_bytes as f64 / (1 << 20) as f64
+    );
+    Ok(())
+}

@@ -1,0 +1,304 @@
+//! Data: the [`Dataset`] trait, an in-memory dataset, a [`DataLoader`] with seeded shuffling,
+//! an IDX (MNIST) reader, and the UCI 8x8 handwritten digits embedded in the crate.
+
+mod idx;
+
+use std::sync::Arc;
+
+pub use idx::{mnist, read_idx};
+
+use crate::device::Device;
+use crate::error::{Error, Result};
+use crate::tensor::Tensor;
+
+/// A labelled classification dataset.
+pub trait Dataset {
+    /// Number of samples.
+    fn len(&self) -> usize;
+
+    /// True without samples.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Shape of one sample's features, e.g. `[1, 28, 28]`.
+    fn feature_shape(&self) -> Vec<usize>;
+
+    /// Number of classes; labels must be below it.
+    fn num_classes(&self) -> usize;
+
+    /// Appends sample `index`'s features to `features` and returns its label.
+    fn read(&self, index: usize, features: &mut Vec<f32>) -> Result<usize>;
+}
+
+/// Samples held in memory, shared cheaply between splits.
+///
+/// ```
+/// use kiln::data::{Dataset, InMemoryDataset};
+/// let d = InMemoryDataset::new(vec![0.0; 12], vec![0, 1, 1], &[2, 2], 2)?;
+/// let (train, test) = d.split(2.0 / 3.0, 0)?;
+/// assert_eq!((train.len(), test.len()), (2, 1));
+/// # Ok::<(), kiln::Error>(())
+/// ```
+#[derive(Clone)]
+pub struct InMemoryDataset {
+    features: Arc<Vec<f32>>,
+    labels: Arc<Vec<usize>>,
+    shape: Vec<usize>,
+    classes: usize,
+    /// The samples of this view (all when `None`).
+    indices: Option<Arc<Vec<usize>>>,
+}
+
+impl InMemoryDataset {
+    /// `labels.len()` samples whose features (each of `shape`) are concatenated in `features`.
+    /// Every label must be below `classes`.
+    pub fn new(
+        features: Vec<f32>,
+        labels: Vec<usize>,
+        shape: &[usize],
+        classes: usize,
+    ) -> Result<InMemoryDataset> {
+        const OP: &str = "InMemoryDataset";
+        let per: usize = shape.iter().product();
+        if features.len() != per * labels.len() {
+            return Err(Error::shape(
+                OP,
+                format!(
+                    "{} labels of shape {shape:?} need {} features, got {}",
+                    labels.len(),
+                    per * labels.len(),
+                    features.len()
+                ),
+            ));
+        }
+        if let Some((i, &l)) = labels.iter().enumerate().find(|(_, &l)| l >= classes) {
+            return Err(Error::invalid(
+                OP,
+                format!("label {l} of sample {i} is out of range for {classes} classes"),
+            ));
+        }
+        Ok(InMemoryDataset {
+            features: Arc::new(features),
+            labels: Arc::new(labels),
+            shape: shape.to_vec(),
+            classes,
+            indices: None,
+        })
+    }
+
+    fn source_index(&self, i: usize) -> usize {
+        self.indices.as_ref().map_or(i, |ix| ix[i])
+    }
+
+    /// A seeded random split: the first part holds `fraction` of the samples.
+    pub fn split(&self, fraction: f64, seed: u64) -> Result<(InMemoryDataset, InMemoryDataset)> {
+        if !(0.0..=1.0).contains(&fraction) {
+            return Err(Error::invalid(
+                "split",
+                format!("fraction must be in [0, 1], got {fraction}"),
+            ));
+        }
+        let mut order: Vec<usize> = (0..self.len()).map(|i| self.source_index(i)).collect();
+        shuffle(&mut order, seed);
+        let cut = (order.len() as f64 * fraction).round() as usize;
+        let second = order.split_off(cut);
+        let view = |ix: Vec<usize>| InMemoryDataset {
+            indices: Some(Arc::new(ix)),
+            ..self.clone()
+        };
+        Ok((view(order), view(second)))
+    }
+
+    /// The label of sample `i`.
+    pub fn label(&self, i: usize) -> usize {
+        self.labels[self.source_index(i)]
+    }
+}
+
+impl Dataset for InMemoryDataset {
+    fn len(&self) -> usize {
+        self.indices
+            .as_ref()
+            .map_or(self.labels.len(), |ix| ix.len())
+    }
+
+    fn feature_shape(&self) -> Vec<usize> {
+        self.shape.clone()
+    }
+
+    fn num_classes(&self) -> usize {
+        self.classes
+    }
+
+    fn read(&self, index: usize, features: &mut Vec<f32>) -> Result<usize> {
+        if index >= self.len() {
+            return Err(Error::invalid(
+                "read",
+                format!("sample {index} of a dataset of {}", self.len()),
+            ));
+        }
+        let i = self.source_index(index);
+        let per: usize = self.shape.iter().product();
+        features.extend_from_slice(&self.features[i * per..(i + 1) * per]);
+        Ok(self.labels[i])
+    }
+}
+
+/// SplitMix64-driven Fisher-Yates shuffle.
+fn shuffle(v: &mut [usize], seed: u64) {
+    let mut state = seed ^ 0x5851_f42d_4c95_7f2d;
+    let mut next = || {
+        state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    };
+    for i in (1..v.len()).rev() {
+        let j = (next() % (i as u64 + 1)) as usize;
+        v.swap(i, j);
+    }
+}
+
+/// One batch on the GPU.
+pub struct Batch {
+    /// (batch, *feature_shape)
+    pub inputs: Tensor,
+    /// (batch) class indices as f32, for the losses.
+    pub targets: Tensor,
+    /// The same labels on the host.
+    pub labels: Vec<usize>,
+}
+
+/// Batches of a dataset, optionally shuffled with a seed (a new order each epoch).
+///
+/// ```
+/// use kiln::data::{DataLoader, InMemoryDataset};
+/// # let dev = kiln::Device::default_device()?;
+/// let d = InMemoryDataset::new((0..20).map(|v| v as f32).collect(), (0..10).map(|i| i % 3).collect(), &[2], 3)?;
+/// let loader = DataLoader::new(&d, 4, &dev).shuffle(1).drop_last(true);
+/// let batches: Vec<_> = loader.epoch(0).collect::<Result<_, _>>()?;
+/// assert_eq!(batches.len(), 2);
+/// assert_eq!(batches[0].inputs.dims(), &[4, 2]);
+/// # Ok::<(), kiln::Error>(())
+/// ```
+pub struct DataLoader<'a> {
+    dataset: &'a dyn Dataset,
+    batch_size: usize,
+    seed: Option<u64>,
+    drop_last: bool,
+    device: Device,
+}
+
+impl<'a> DataLoader<'a> {
+    /// Batches of `batch_size` in dataset order, the last one possibly smaller.
+    pub fn new(dataset: &'a dyn Dataset, batch_size: usize, device: &Device) -> DataLoader<'a> {
+        DataLoader {
+            dataset,
+            batch_size: batch_size.max(1),
+            seed: None,
+            drop_last: false,
+            device: device.clone(),
+        }
+    }
+
+    /// Shuffles every epoch, from `seed` and the epoch number.
+    pub fn shuffle(mut self, seed: u64) -> Self {
+        self.seed = Some(seed);
+        self
+    }
+
+    /// Drops a last batch smaller than the batch size.
+    pub fn drop_last(mut self, drop: bool) -> Self {
+        self.drop_last = drop;
+        self
+    }
+
+    /// Number of batches per epoch.
+    pub fn len(&self) -> usize {
+        let n = self.dataset.len();
+        if self.drop_last {
+            n / self.batch_size
+        } else {
+            n.div_ceil(self.batch_size)
+        }
+    }
+
+    /// True when an epoch has no batch.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The dataset.
+    pub fn dataset(&self) -> &dyn Dataset {
+        self.dataset
+    }
+
+    /// The batches of epoch `epoch`, uploaded to the device as they are produced.
+    pub fn epoch(&self, epoch: usize) -> impl Iterator<Item = Result<Batch>> + '_ {
+        let mut order: Vec<usize> = (0..self.dataset.len()).collect();
+        if let Some(seed) = self.seed {
+            shuffle(
+                &mut order,
+                seed.wrapping_add((epoch as u64).wrapping_mul(0x2545_f491_4f6c_dd1d)),
+            );
+        }
+        let batches = self.len();
+        (0..batches).map(move |b| {
+            let idx = &order[b * self.batch_size..((b + 1) * self.batch_size).min(order.len())];
+            self.make_batch(idx)
+        })
+    }
+
+    fn make_batch(&self, indices: &[usize]) -> Result<Batch> {
+        let shape = self.dataset.feature_shape();
+        let classes = self.dataset.num_classes();
+        let mut features = Vec::with_capacity(indices.len() * shape.iter().product::<usize>());
+        let mut labels = Vec::with_capacity(indices.len());
+        for &i in indices {
+            let label = self.dataset.read(i, &mut features)?;
+            if label >= classes {
+                return Err(Error::invalid(
+                    "DataLoader",
+                    format!("label {label} of sample {i} is out of range for {classes} classes"),
+                ));
+            }
+            labels.push(label);
+        }
+        let mut batch_shape = vec![indices.len()];
+        batch_shape.extend(&shape);
+        let targets: Vec<f32> = labels.iter().map(|&l| l as f32).collect();
+        Ok(Batch {
+            inputs: Tensor::from_slice(&features, &batch_shape, &self.device)?,
+            targets: Tensor::from_slice(&targets, &[labels.len()], &self.device)?,
+            labels,
+        })
+    }
+}
+
+/// The UCI ML optical recognition of handwritten digits test set as shipped by scikit-learn
+/// (1797 samples of 1x8x8 pixels, values 0..16 scaled to 0..1, 10 classes), embedded in the
+/// crate. Source and licence: `data/digits/README.md`.
+///
+/// ```
+/// use kiln::data::Dataset;
+/// let d = kiln::data::digits()?;
+/// assert_eq!((d.len(), d.feature_shape(), d.num_classes()), (1797, vec![1, 8, 8], 10));
+/// # Ok::<(), kiln::Error>(())
+/// ```
+pub fn digits() -> Result<InMemoryDataset> {
+    const RAW: &[u8] = include_bytes!("../../data/digits/digits.bin");
+    const RECORD: usize = 65;
+    if !RAW.len().is_multiple_of(RECORD) {
+        return Err(Error::invalid("digits", "embedded data is corrupt"));
+    }
+    let n = RAW.len() / RECORD;
+    let mut features = Vec::with_capacity(n * 64);
+    let mut labels = Vec::with_capacity(n);
+    for rec in RAW.chunks_exact(RECORD) {
+        features.extend(rec[..64].iter().map(|&v| v as f32 / 16.0));
+        labels.push(rec[64] as usize);
+    }
+    InMemoryDataset::new(features, labels, &[1, 8, 8], 10)
+}

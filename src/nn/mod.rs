@@ -1,0 +1,244 @@
+//! Layers and the [`Module`] trait: named parameters and buffers (PyTorch `state_dict` names
+//! such as `features.0.weight`), train/eval mode, and PyTorch's default initialisations,
+//! seeded through [`Init`].
+
+mod layers;
+
+pub use layers::{
+    AdaptiveAvgPool2d, AvgPool2d, BatchNorm, Conv2d, ConvTranspose2d, Dropout, Embedding, Flatten,
+    Gelu, LayerNorm, LeakyRelu, Linear, MaxPool2d, Relu, Sigmoid, Silu, Tanh,
+};
+
+use crate::device::Device;
+use crate::error::Result;
+use crate::tensor::Tensor;
+
+/// What a named tensor of a module is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TensorRole {
+    /// A trainable parameter (a leaf that requires grad).
+    Parameter,
+    /// State that is saved but not trained (running statistics, counters).
+    Buffer,
+}
+
+/// A layer or a network of layers.
+///
+/// ```
+/// use kiln::nn::{Init, Linear, Module, Relu, Sequential};
+/// # let dev = kiln::Device::default_device()?;
+/// let mut init = Init::new(&dev, 0);
+/// let net = Sequential::new()
+///     .add(Linear::new(&mut init, 4, 8, true)?)
+///     .add(Relu)
+///     .add(Linear::new(&mut init, 8, 2, true)?);
+/// let names: Vec<String> = net.named_parameters().into_iter().map(|(n, _)| n).collect();
+/// assert_eq!(names, ["0.weight", "0.bias", "2.weight", "2.bias"]);
+/// let y = net.forward(&kiln::Tensor::ones(&[3, 4], &dev)?)?;
+/// assert_eq!(y.dims(), &[3, 2]);
+/// # Ok::<(), kiln::Error>(())
+/// ```
+pub trait Module: Send + Sync {
+    /// Applies the module.
+    fn forward(&self, x: &Tensor) -> Result<Tensor>;
+
+    /// Calls `f` with the name (relative to this module), tensor and role of every parameter
+    /// and buffer, in a stable order.
+    fn visit(&self, f: &mut dyn FnMut(&str, &Tensor, TensorRole)) {
+        let _ = f;
+    }
+
+    /// Switches training-only behaviour (dropout, batch statistics) on or off.
+    fn set_training(&mut self, training: bool) {
+        let _ = training;
+    }
+
+    /// A short description, such as `Linear(784 -> 128)`.
+    fn describe(&self) -> String;
+
+    /// What this module is, for [`crate::infer`] to rebuild it without autograd.
+    fn kind(&self) -> LayerKind<'_>;
+
+    /// Named parameters, as `torch.nn.Module.named_parameters`.
+    fn named_parameters(&self) -> Vec<(String, Tensor)> {
+        let mut out = Vec::new();
+        self.visit(&mut |n, t, r| {
+            if r == TensorRole::Parameter {
+                out.push((n.to_string(), t.clone()));
+            }
+        });
+        out
+    }
+
+    /// The parameters, for an optimizer.
+    fn parameters(&self) -> Vec<Tensor> {
+        self.named_parameters()
+            .into_iter()
+            .map(|(_, t)| t)
+            .collect()
+    }
+
+    /// Parameters and buffers by name, as `torch.nn.Module.state_dict`.
+    fn state_dict(&self) -> Vec<(String, Tensor, TensorRole)> {
+        let mut out = Vec::new();
+        self.visit(&mut |n, t, r| out.push((n.to_string(), t.clone(), r)));
+        out
+    }
+
+    /// Clears every parameter's gradient.
+    fn zero_grad(&self) {
+        for p in self.parameters() {
+            p.zero_grad();
+        }
+    }
+}
+
+/// The built-in layer a module is, with what inference needs to run it.
+pub enum LayerKind<'a> {
+    /// [`Sequential`].
+    Sequential(&'a Sequential),
+    /// [`Linear`].
+    Linear(&'a Linear),
+    /// [`Conv2d`].
+    Conv2d(&'a Conv2d),
+    /// [`ConvTranspose2d`].
+    ConvTranspose2d(&'a ConvTranspose2d),
+    /// [`BatchNorm`].
+    BatchNorm(&'a BatchNorm),
+    /// [`LayerNorm`].
+    LayerNorm(&'a LayerNorm),
+    /// [`Embedding`].
+    Embedding(&'a Embedding),
+    /// An elementwise activation.
+    Activation(crate::UnaryOp, f32),
+    /// [`MaxPool2d`] or [`AvgPool2d`]: `true` for max.
+    Pool(crate::Pool2dOptions, bool),
+    /// [`AdaptiveAvgPool2d`].
+    AdaptiveAvgPool([usize; 2]),
+    /// [`Flatten`].
+    Flatten(isize, isize),
+    /// [`Dropout`]: the identity at inference.
+    Dropout,
+    /// A user-defined module.
+    Other,
+}
+
+/// Seeds for initialisation: every layer created with the same `Init` sequence gets the same
+/// values on every run and device.
+pub struct Init {
+    device: Device,
+    seed: u64,
+    drawn: u64,
+}
+
+impl Init {
+    /// Initialisation on `device` from `seed`.
+    pub fn new(device: &Device, seed: u64) -> Init {
+        Init {
+            device: device.clone(),
+            seed,
+            drawn: 0,
+        }
+    }
+
+    /// The device layers are created on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The next seed of the sequence.
+    pub fn next_seed(&mut self) -> u64 {
+        self.drawn += 1;
+        // SplitMix64 of (seed, count): independent streams per tensor.
+        let mut z = self
+            .seed
+            .wrapping_add(self.drawn.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `[-bound, bound)`, as a parameter.
+    pub fn uniform(&mut self, shape: &[usize], bound: f32) -> Result<Tensor> {
+        let seed = self.next_seed();
+        Ok(Tensor::uniform(shape, -bound, bound, seed, &self.device)?.requires_grad())
+    }
+}
+
+/// Modules applied one after the other; children are named `0`, `1`, ... or by
+/// [`Sequential::add_named`].
+#[derive(Default)]
+pub struct Sequential {
+    children: Vec<(String, Box<dyn Module>)>,
+}
+
+impl Sequential {
+    /// An empty sequence.
+    pub fn new() -> Sequential {
+        Sequential::default()
+    }
+
+    /// Appends a module named by its position.
+    #[allow(clippy::should_implement_trait)]
+    pub fn add(mut self, m: impl Module + 'static) -> Sequential {
+        let name = self.children.len().to_string();
+        self.children.push((name, Box::new(m)));
+        self
+    }
+
+    /// Appends a module under `name` (its parameters are named `name.<param>`).
+    pub fn add_named(mut self, name: &str, m: impl Module + 'static) -> Sequential {
+        self.children.push((name.to_string(), Box::new(m)));
+        self
+    }
+
+    /// The children with their names.
+    pub fn children(&self) -> impl Iterator<Item = (&str, &dyn Module)> {
+        self.children.iter().map(|(n, m)| (n.as_str(), m.as_ref()))
+    }
+
+    /// Number of children.
+    pub fn len(&self) -> usize {
+        self.children.len()
+    }
+
+    /// True without children.
+    pub fn is_empty(&self) -> bool {
+        self.children.is_empty()
+    }
+}
+
+impl Module for Sequential {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let mut h = x.clone();
+        for (_, m) in &self.children {
+            h = m.forward(&h)?;
+        }
+        Ok(h)
+    }
+
+    fn visit(&self, f: &mut dyn FnMut(&str, &Tensor, TensorRole)) {
+        for (name, m) in &self.children {
+            m.visit(&mut |n, t, r| f(&format!("{name}.{n}"), t, r));
+        }
+    }
+
+    fn set_training(&mut self, training: bool) {
+        for (_, m) in &mut self.children {
+            m.set_training(training);
+        }
+    }
+
+    fn describe(&self) -> String {
+        let inner: Vec<String> = self
+            .children
+            .iter()
+            .map(|(n, m)| format!("  ({n}): {}", m.describe()))
+            .collect();
+        format!("Sequential(\n{}\n)", inner.join("\n"))
+    }
+
+    fn kind(&self) -> LayerKind<'_> {
+        LayerKind::Sequential(self)
+    }
+}

@@ -1,0 +1,212 @@
+//! A training loop for classifiers: epochs, loss and accuracy, evaluation on a held-out
+//! split, a progress line on a terminal, and an error naming the step whose loss is not finite.
+//!
+//! The loop reads data back a few times per epoch (for the progress line and the epoch's
+//! totals), never once per step.
+
+use std::io::Write;
+use std::time::Instant;
+
+use crate::autograd::no_grad;
+use crate::data::DataLoader;
+use crate::error::{Error, Result};
+use crate::loss::{cross_entropy, CrossEntropyOptions, Reduction};
+use crate::nn::Module;
+use crate::optim::{clip_grad_norm, LrSchedule, Optimizer};
+use crate::tensor::Tensor;
+
+/// What one epoch did.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EpochReport {
+    /// 0-based epoch number.
+    pub epoch: usize,
+    /// Learning rate used.
+    pub lr: f32,
+    /// Mean training loss over the epoch's samples.
+    pub train_loss: f32,
+    /// Fraction of training samples classified correctly (while training).
+    pub train_accuracy: f32,
+    /// Loss on the evaluation set, when one was given.
+    pub eval_loss: Option<f32>,
+    /// Accuracy on the evaluation set, when one was given.
+    pub eval_accuracy: Option<f32>,
+    /// Wall-clock seconds of the epoch, evaluation included.
+    pub seconds: f64,
+}
+
+/// Options of [`fit`].
+pub struct FitOptions<'a> {
+    /// Number of epochs.
+    pub epochs: usize,
+    /// Learning rate per epoch (the optimizer's own rate when `None`).
+    pub schedule: Option<&'a dyn LrSchedule>,
+    /// Clip gradients to this global norm before each step.
+    pub clip_grad_norm: Option<f32>,
+    /// Where to draw the progress line and the per-epoch summary (e.g. `std::io::stderr()`).
+    pub progress: Option<&'a mut dyn Write>,
+}
+
+impl Default for FitOptions<'_> {
+    fn default() -> Self {
+        FitOptions {
+            epochs: 1,
+            schedule: None,
+            clip_grad_norm: None,
+            progress: None,
+        }
+    }
+}
+
+/// Sum of cross-entropy and number of correct predictions of `logits` for `targets`, as GPU
+/// scalars.
+fn batch_totals(logits: &Tensor, targets: &Tensor) -> Result<(Tensor, Tensor)> {
+    no_grad(|| {
+        let loss = cross_entropy(
+            logits,
+            targets,
+            &CrossEntropyOptions {
+                reduction: Reduction::Sum,
+                ..Default::default()
+            },
+        )?;
+        let correct = logits.argmax(-1, false)?.eq(targets)?.sum_all()?;
+        Ok((loss, correct))
+    })
+}
+
+fn sum_scalars(v: &[Tensor]) -> Result<Vec<f32>> {
+    if v.is_empty() {
+        return Ok(Vec::new());
+    }
+    let parts: Vec<Tensor> = v.iter().map(|t| t.reshape(&[1])).collect::<Result<_>>()?;
+    let refs: Vec<&Tensor> = parts.iter().collect();
+    Tensor::concat(&refs, 0)?.to_vec()
+}
+
+/// Trains a classifier with cross-entropy: for each epoch, every batch of `train` runs
+/// forward, backward and an optimizer step; then `eval` (if any) is scored. Returns one report
+/// per epoch. A non-finite loss stops training with an error naming the epoch and step.
+pub fn fit(
+    model: &mut dyn Module,
+    optimizer: &mut dyn Optimizer,
+    train: &DataLoader<'_>,
+    eval: Option<&DataLoader<'_>>,
+    mut options: FitOptions<'_>,
+) -> Result<Vec<EpochReport>> {
+    let mut reports = Vec::with_capacity(options.epochs);
+    let steps = train.len();
+    let progress_every = (steps / 10).max(1);
+    for epoch in 0..options.epochs {
+        let start = Instant::now();
+        if let Some(s) = options.schedule {
+            optimizer.set_lr(s.lr_at(epoch));
+        }
+        model.set_training(true);
+        let mut losses = Vec::with_capacity(steps);
+        let mut correct = Vec::with_capacity(steps);
+        let mut seen = 0usize;
+        for (step, batch) in train.epoch(epoch).enumerate() {
+            let batch = batch?;
+            let n = batch.labels.len();
+            let logits = model.forward(&batch.inputs)?;
+            let loss = cross_entropy(&logits, &batch.targets, &Default::default())?;
+            optimizer.zero_grad();
+            loss.backward()?;
+            if let Some(max) = options.clip_grad_norm {
+                clip_grad_norm(optimizer.params(), max)?;
+            }
+            optimizer.step()?;
+            let (sum, right) = batch_totals(&logits.detach(), &batch.targets)?;
+            losses.push(sum);
+            correct.push(right);
+            seen += n;
+            if let Some(out) = options.progress.as_mut() {
+                if (step + 1) % progress_every == 0 || step + 1 == steps {
+                    let total: f32 = sum_scalars(&losses)?.iter().sum();
+                    let done = (step + 1) * 20 / steps.max(1);
+                    let _ = write!(
+                        out,
+                        "\repoch {:>3}/{} [{}{}] {:>3}% loss {:.4}",
+                        epoch + 1,
+                        options.epochs,
+                        "=".repeat(done),
+                        " ".repeat(20 - done),
+                        (step + 1) * 100 / steps.max(1),
+                        total / seen as f32
+                    );
+                    let _ = out.flush();
+                }
+            }
+        }
+        let loss_values = sum_scalars(&losses)?;
+        if let Some(bad) = loss_values.iter().position(|v| !v.is_finite()) {
+            return Err(Error::invalid(
+                "fit",
+                format!(
+                    "loss became {} at epoch {} step {} (global step {})",
+                    loss_values[bad],
+                    epoch + 1,
+                    bad + 1,
+                    epoch * steps + bad + 1
+                ),
+            ));
+        }
+        let right: f32 = sum_scalars(&correct)?.iter().sum();
+        let train_loss = loss_values.iter().sum::<f32>() / seen.max(1) as f32;
+        let train_accuracy = right / seen.max(1) as f32;
+        let (eval_loss, eval_accuracy) = match eval {
+            Some(loader) => {
+                let (l, a) = evaluate(model, loader)?;
+                (Some(l), Some(a))
+            }
+            None => (None, None),
+        };
+        let report = EpochReport {
+            epoch,
+            lr: optimizer.lr(),
+            train_loss,
+            train_accuracy,
+            eval_loss,
+            eval_accuracy,
+            seconds: start.elapsed().as_secs_f64(),
+        };
+        if let Some(out) = options.progress.as_mut() {
+            let eval_part = match (eval_loss, eval_accuracy) {
+                (Some(l), Some(a)) => format!("  eval loss {l:.4} acc {:.2}%", a * 100.0),
+                _ => String::new(),
+            };
+            let _ = writeln!(
+                out,
+                "\repoch {:>3}/{}  loss {:.4} acc {:.2}%{eval_part}  {:.2} s{}",
+                epoch + 1,
+                options.epochs,
+                train_loss,
+                train_accuracy * 100.0,
+                report.seconds,
+                " ".repeat(12)
+            );
+        }
+        reports.push(report);
+    }
+    Ok(reports)
+}
+
+/// Mean cross-entropy and accuracy of `model` over `loader`, in eval mode without a graph
+/// (the model is left in eval mode).
+pub fn evaluate(model: &mut dyn Module, loader: &DataLoader<'_>) -> Result<(f32, f32)> {
+    model.set_training(false);
+    let mut losses = Vec::with_capacity(loader.len());
+    let mut correct = Vec::with_capacity(loader.len());
+    let mut seen = 0usize;
+    for batch in loader.epoch(0) {
+        let batch = batch?;
+        let logits = no_grad(|| model.forward(&batch.inputs))?;
+        let (l, c) = batch_totals(&logits, &batch.targets)?;
+        losses.push(l);
+        correct.push(c);
+        seen += batch.labels.len();
+    }
+    let loss: f32 = sum_scalars(&losses)?.iter().sum();
+    let right: f32 = sum_scalars(&correct)?.iter().sum();
+    Ok((loss / seen.max(1) as f32, right / seen.max(1) as f32))
+}
