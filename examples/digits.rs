@@ -11,28 +11,14 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use kiln::data::{self, DataLoader, Dataset};
-use kiln::nn::{Conv2d, Flatten, Init, Linear, MaxPool2d, Module, Relu, Sequential};
+use kiln::nn::{Init, Module, Sequential};
 use kiln::optim::{Sgd, SgdOptions};
 use kiln::train::{fit, FitOptions};
-use kiln::{Conv2dOptions, Device, Pool2dOptions};
+use kiln::Device;
 
 /// The example network (its state-dict names match the same `torch.nn.Sequential`).
-fn digits_cnn(init: &mut Init) -> kiln::Result<Sequential> {
-    let pad1 = Conv2dOptions {
-        padding: [1, 1],
-        ..Default::default()
-    };
-    Ok(Sequential::new()
-        .add(Conv2d::new(init, 1, 16, [3, 3], pad1, true)?)
-        .add(Relu)
-        .add(Conv2d::new(init, 16, 32, [3, 3], pad1, true)?)
-        .add(Relu)
-        .add(MaxPool2d(Pool2dOptions::new([2, 2])))
-        .add(Flatten::default())
-        .add(Linear::new(init, 32 * 4 * 4, 64, true)?)
-        .add(Relu)
-        .add(Linear::new(init, 64, 10, true)?))
-}
+const DIGITS_CNN: &str =
+    "conv2d(1,16,3,p=1) relu conv2d(16,32,3,p=1) relu maxpool2d(2) flatten linear(512,64) relu linear(64,10)";
 
 fn main() -> kiln::Result<()> {
     let mut epochs = 10;
@@ -61,7 +47,7 @@ fn main() -> kiln::Result<()> {
     );
 
     let mut init = Init::new(&dev, 0);
-    let mut model = digits_cnn(&mut init)?;
+    let mut model = Sequential::from_spec(&mut init, DIGITS_CNN)?;
     println!("{}", model.describe());
     let mut opt = Sgd::new(
         model.parameters(),
@@ -96,7 +82,7 @@ fn main() -> kiln::Result<()> {
             r.seconds
         );
     }
-    kiln::checkpoint::save(&out, &model, None)?;
+    kiln::checkpoint::save(&out, &model, None, Some(DIGITS_CNN))?;
     println!(
         "saved {} ({} parameters)",
         out.display(),

@@ -14,6 +14,8 @@ use crate::optim::Optimizer;
 use crate::tensor::Tensor;
 
 const OPTIMIZER_PREFIX: &str = "optimizer.";
+/// Metadata key of the architecture description.
+const SPEC_KEY: &str = "kiln.spec";
 /// PyTorch stores this counter as int64.
 const COUNTER: &str = "num_batches_tracked";
 
@@ -25,26 +27,37 @@ fn io(op: &'static str, path: &Path, e: impl std::fmt::Display) -> Error {
     }
 }
 
-/// Saves `model`'s state dict (and `optimizer`'s state, if given) to `path`.
+/// Saves `model`'s state dict (and `optimizer`'s state, if given) to `path`. With `spec`, the
+/// architecture description ([`crate::spec`]) is stored in the file's metadata under
+/// `kiln.spec`, so [`crate::infer`] can rebuild the model from the file alone.
 ///
 /// ```
 /// use kiln::nn::{Init, Linear, Module};
 /// # let dev = kiln::Device::default_device()?;
 /// let net = Linear::new(&mut Init::new(&dev, 0), 3, 2, true)?;
 /// let path = std::env::temp_dir().join("kiln-doc-linear.safetensors");
-/// kiln::checkpoint::save(&path, &net, None)?;
+/// kiln::checkpoint::save(&path, &net, None, Some("linear(3,2)"))?;
 /// let copy = Linear::new(&mut Init::new(&dev, 1), 3, 2, true)?;
 /// kiln::checkpoint::load(&path, &copy, None)?;
 /// assert_eq!(copy.weight.to_vec()?, net.weight.to_vec()?);
 /// # Ok::<(), kiln::Error>(())
 /// ```
-pub fn save(path: &Path, model: &dyn Module, optimizer: Option<&dyn Optimizer>) -> Result<()> {
-    let bytes = to_bytes(model, optimizer)?;
+pub fn save(
+    path: &Path,
+    model: &dyn Module,
+    optimizer: Option<&dyn Optimizer>,
+    spec: Option<&str>,
+) -> Result<()> {
+    let bytes = to_bytes(model, optimizer, spec)?;
     std::fs::write(path, bytes).map_err(|e| io("checkpoint::save", path, e))
 }
 
 /// The bytes [`save`] writes.
-pub fn to_bytes(model: &dyn Module, optimizer: Option<&dyn Optimizer>) -> Result<Vec<u8>> {
+pub fn to_bytes(
+    model: &dyn Module,
+    optimizer: Option<&dyn Optimizer>,
+    spec: Option<&str>,
+) -> Result<Vec<u8>> {
     let mut entries: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
     for (name, t, _) in model.state_dict() {
         let values = t.to_vec()?;
@@ -82,7 +95,12 @@ pub fn to_bytes(model: &dyn Module, optimizer: Option<&dyn Optimizer>) -> Result
                 .map_err(|e| Error::invalid("checkpoint::save", format!("{n}: {e}")))
         })
         .collect::<Result<_>>()?;
-    safetensors::serialize(views, None)
+    let metadata = spec.map(|s| {
+        [(SPEC_KEY.to_string(), s.to_string())]
+            .into_iter()
+            .collect()
+    });
+    safetensors::serialize(views, metadata)
         .map_err(|e| Error::invalid("checkpoint::save", e.to_string()))
 }
 
@@ -153,6 +171,22 @@ pub fn from_bytes(bytes: &[u8]) -> Result<BTreeMap<String, StoredTensor>> {
         );
     }
     Ok(out)
+}
+
+/// The architecture description stored by [`save`], if any.
+pub fn read_spec(path: &Path) -> Result<Option<String>> {
+    let bytes = std::fs::read(path).map_err(|e| io("checkpoint::read_spec", path, e))?;
+    let (_, meta) = SafeTensors::read_metadata(&bytes).map_err(|e| {
+        io(
+            "checkpoint::read_spec",
+            path,
+            format!("not a valid safetensors file: {e}"),
+        )
+    })?;
+    Ok(meta
+        .metadata()
+        .as_ref()
+        .and_then(|m| m.get(SPEC_KEY).cloned()))
 }
 
 /// Loads a checkpoint into `model`'s tensors (and `optimizer`'s state, if given), strictly:

@@ -33,6 +33,7 @@ pub mod nn;
 mod ops;
 pub mod optim;
 pub mod shape;
+pub mod spec;
 mod tensor;
 pub mod train;
 

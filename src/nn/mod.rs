@@ -206,6 +206,129 @@ impl Sequential {
     pub fn is_empty(&self) -> bool {
         self.children.is_empty()
     }
+
+    /// The network described by `spec` (see [`crate::spec`]), freshly initialised.
+    ///
+    /// ```
+    /// use kiln::nn::{Init, Module, Sequential};
+    /// # let dev = kiln::Device::default_device()?;
+    /// let net = Sequential::from_spec(&mut Init::new(&dev, 0), "linear(4,8) relu dropout(0.1) linear(8,2)")?;
+    /// assert_eq!(net.parameters().len(), 4);
+    /// # Ok::<(), kiln::Error>(())
+    /// ```
+    pub fn from_spec(init: &mut Init, spec: &str) -> Result<Sequential> {
+        use crate::spec::LayerSpec as L;
+        let mut seq = Sequential::new();
+        for layer in crate::spec::parse(spec)? {
+            seq = match layer {
+                L::Linear {
+                    in_features,
+                    out_features,
+                    bias,
+                } => seq.add(Linear::new(init, in_features, out_features, bias)?),
+                L::Conv2d {
+                    in_channels,
+                    out_channels,
+                    kernel,
+                    stride,
+                    padding,
+                    dilation,
+                    groups,
+                    bias,
+                } => {
+                    let o = crate::Conv2dOptions {
+                        stride: [stride; 2],
+                        padding: [padding; 2],
+                        dilation: [dilation; 2],
+                        groups,
+                    };
+                    seq.add(Conv2d::new(
+                        init,
+                        in_channels,
+                        out_channels,
+                        [kernel; 2],
+                        o,
+                        bias,
+                    )?)
+                }
+                L::ConvTranspose2d {
+                    in_channels,
+                    out_channels,
+                    kernel,
+                    stride,
+                    padding,
+                    output_padding,
+                    dilation,
+                    groups,
+                    bias,
+                } => {
+                    let o = crate::ConvTranspose2dOptions {
+                        stride: [stride; 2],
+                        padding: [padding; 2],
+                        output_padding: [output_padding; 2],
+                        dilation: [dilation; 2],
+                        groups,
+                    };
+                    seq.add(ConvTranspose2d::new(
+                        init,
+                        in_channels,
+                        out_channels,
+                        [kernel; 2],
+                        o,
+                        bias,
+                    )?)
+                }
+                L::BatchNorm {
+                    channels,
+                    two_d,
+                    eps,
+                    momentum,
+                } => {
+                    let mut bn = if two_d {
+                        BatchNorm::new_2d(init, channels)?
+                    } else {
+                        BatchNorm::new_1d(init, channels)?
+                    };
+                    bn.eps = eps;
+                    bn.momentum = momentum;
+                    seq.add(bn)
+                }
+                L::LayerNorm { shape, eps } => {
+                    let mut ln = LayerNorm::new(init, &shape)?;
+                    ln.eps = eps;
+                    seq.add(ln)
+                }
+                L::Pool {
+                    max,
+                    kernel,
+                    stride,
+                    padding,
+                } => {
+                    let mut o = crate::Pool2dOptions::new([kernel; 2]);
+                    o.stride = [stride; 2];
+                    o.padding = [padding; 2];
+                    if max {
+                        seq.add(MaxPool2d(o))
+                    } else {
+                        seq.add(AvgPool2d(o))
+                    }
+                }
+                L::AdaptiveAvgPool { size } => seq.add(AdaptiveAvgPool2d(size)),
+                L::Flatten { start, end } => seq.add(Flatten { start, end }),
+                L::Dropout { p } => seq.add(Dropout::new(init, p)?),
+                L::Embedding { count, dim } => seq.add(Embedding::new(init, count, dim)?),
+                L::Activation { op, slope } => match op {
+                    crate::UnaryOp::Gelu => seq.add(Gelu),
+                    crate::UnaryOp::Tanh => seq.add(Tanh),
+                    crate::UnaryOp::Sigmoid => seq.add(Sigmoid),
+                    crate::UnaryOp::Silu => seq.add(Silu),
+                    crate::UnaryOp::LeakyRelu => seq.add(LeakyRelu(slope)),
+                    _ => seq.add(Relu),
+                },
+            };
+        }
+        Ok(seq)
+    }
 }
 
 impl Module for Sequential {

@@ -1,0 +1,254 @@
+//! Checkpoints: round trips, strict loading errors, and PyTorch interoperability in both
+//! directions (fixtures from tests/fixtures/gen_checkpoint.py).
+//!
+//! To regenerate the kiln-written fixtures: `KILN_WRITE_FIXTURES=1 cargo test --release --test
+//! checkpoint`, then `python3 tests/fixtures/gen_checkpoint.py`.
+
+mod common;
+
+use std::path::PathBuf;
+
+use common::*;
+use kiln::data::{self, Dataset};
+use kiln::nn::{BatchNorm, Conv2d, Flatten, Init, Linear, MaxPool2d, Module, Relu, Sequential};
+use kiln::optim::{Adam, AdamOptions, Optimizer};
+use kiln::{Conv2dOptions, Error, Pool2dOptions, Tensor};
+
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+}
+
+/// The digits example's CNN (`torch.nn.Sequential` with the same layers has the same names).
+fn digits_cnn(seed: u64) -> Sequential {
+    let mut init = Init::new(&dev(), seed);
+    let pad1 = Conv2dOptions {
+        padding: [1, 1],
+        ..Default::default()
+    };
+    Sequential::new()
+        .add(Conv2d::new(&mut init, 1, 16, [3, 3], pad1, true).unwrap())
+        .add(Relu)
+        .add(Conv2d::new(&mut init, 16, 32, [3, 3], pad1, true).unwrap())
+        .add(Relu)
+        .add(MaxPool2d(Pool2dOptions::new([2, 2])))
+        .add(Flatten::default())
+        .add(Linear::new(&mut init, 512, 64, true).unwrap())
+        .add(Relu)
+        .add(Linear::new(&mut init, 64, 10, true).unwrap())
+}
+
+/// A small network with batch norm (running statistics and PyTorch's int64 counter).
+fn digits_bn(seed: u64) -> Sequential {
+    let mut init = Init::new(&dev(), seed);
+    let pad1 = Conv2dOptions {
+        padding: [1, 1],
+        ..Default::default()
+    };
+    Sequential::new()
+        .add(Conv2d::new(&mut init, 1, 4, [3, 3], pad1, true).unwrap())
+        .add(BatchNorm::new_2d(&mut init, 4).unwrap())
+        .add(Relu)
+        .add(Flatten::default())
+        .add(Linear::new(&mut init, 256, 10, true).unwrap())
+}
+
+/// The first 8 digits, as the fixtures' input batch.
+fn digits_batch() -> Tensor {
+    let d = data::digits().unwrap();
+    let mut x = Vec::new();
+    for i in 0..8 {
+        d.read(i, &mut x).unwrap();
+    }
+    Tensor::from_slice(&x, &[8, 1, 8, 8], &dev()).unwrap()
+}
+
+fn logits_fixture(name: &str) -> Nd {
+    let text = include_str!("fixtures/checkpoint.txt");
+    let line = text
+        .lines()
+        .find(|l| l.starts_with(&format!("{name} ")))
+        .unwrap_or_else(|| panic!("no logits for {name}"));
+    let fields: Vec<&str> = line.split(' ').collect();
+    parse_array(&fields[1..])
+}
+
+fn trained_bn() -> Sequential {
+    // A few training-mode passes move the running statistics away from their defaults.
+    let m = digits_bn(3);
+    let x = digits_batch();
+    for _ in 0..3 {
+        m.forward(&x).unwrap();
+    }
+    m
+}
+
+#[test]
+fn kiln_files_are_stable_and_pytorch_reads_them() {
+    let models = [
+        ("kiln_digits_cnn.safetensors", digits_cnn(5)),
+        ("kiln_digits_bn.safetensors", trained_bn()),
+    ];
+    if std::env::var_os("KILN_WRITE_FIXTURES").is_some() {
+        for (file, model) in &models {
+            std::fs::write(
+                fixture(file),
+                kiln::checkpoint::to_bytes(model, None, None).unwrap(),
+            )
+            .unwrap();
+        }
+    }
+    for (file, mut model) in models {
+        let bytes = kiln::checkpoint::to_bytes(&model, None, None).unwrap();
+        let committed = std::fs::read(fixture(file)).unwrap();
+        assert!(
+            bytes == committed,
+            "{file}: kiln's writer changed; regenerate the fixtures"
+        );
+        // PyTorch loaded this file (strict load_state_dict) and computed these logits in eval mode.
+        model.set_training(false);
+        let logits = model.forward(&digits_batch()).unwrap();
+        assert_close(
+            &format!("PyTorch's logits for {file}"),
+            &logits,
+            &logits_fixture(file),
+            1e-4,
+            1e-4,
+        );
+    }
+}
+
+#[test]
+fn pytorch_files_load_into_kiln() {
+    for (file, mut model) in [
+        ("torch_digits_cnn.safetensors", digits_cnn(9)),
+        ("torch_digits_bn.safetensors", digits_bn(9)),
+    ] {
+        kiln::checkpoint::load(&fixture(file), &model, None).unwrap();
+        model.set_training(false);
+        let logits = model.forward(&digits_batch()).unwrap();
+        assert_close(
+            &format!("kiln's logits for {file}"),
+            &logits,
+            &logits_fixture(file),
+            1e-4,
+            1e-4,
+        );
+    }
+}
+
+#[test]
+fn round_trip_with_optimizer_state() {
+    let model = digits_cnn(1);
+    let mut opt = Adam::new(model.parameters(), AdamOptions::default()).unwrap();
+    let x = digits_batch();
+    let t = Tensor::from_slice(&[0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0], &[8], &dev()).unwrap();
+    for _ in 0..2 {
+        let loss = kiln::loss::cross_entropy(&model.forward(&x).unwrap(), &t, &Default::default())
+            .unwrap();
+        opt.zero_grad();
+        loss.backward().unwrap();
+        opt.step().unwrap();
+    }
+    let path = std::env::temp_dir().join(format!("kiln-test-{}.safetensors", std::process::id()));
+    kiln::checkpoint::save(&path, &model, Some(&opt), None).unwrap();
+    let copy = digits_cnn(2);
+    let mut copy_opt = Adam::new(copy.parameters(), AdamOptions::default()).unwrap();
+    kiln::checkpoint::load(&path, &copy, Some(&mut copy_opt)).unwrap();
+    std::fs::remove_file(&path).ok();
+    for ((n, a, _), (_, b, _)) in model.state_dict().iter().zip(copy.state_dict().iter()) {
+        assert_eq!(a.to_vec().unwrap(), b.to_vec().unwrap(), "{n}");
+    }
+    let s1: Vec<Vec<f32>> = opt
+        .state()
+        .iter()
+        .map(|(_, t)| t.to_vec().unwrap())
+        .collect();
+    let s2: Vec<Vec<f32>> = copy_opt
+        .state()
+        .iter()
+        .map(|(_, t)| t.to_vec().unwrap())
+        .collect();
+    assert_eq!(s1, s2, "optimizer state restored (moments and step counts)");
+    // The next step is identical for both.
+    for (m, o) in [
+        (&model, &mut opt as &mut dyn Optimizer),
+        (&copy, &mut copy_opt as &mut dyn Optimizer),
+    ] {
+        let loss =
+            kiln::loss::cross_entropy(&m.forward(&x).unwrap(), &t, &Default::default()).unwrap();
+        o.zero_grad();
+        loss.backward().unwrap();
+        o.step().unwrap();
+    }
+    assert_eq!(
+        model.parameters()[0].to_vec().unwrap(),
+        copy.parameters()[0].to_vec().unwrap()
+    );
+}
+
+#[test]
+fn bad_checkpoints_are_err_naming_the_tensor() {
+    let model = digits_cnn(1);
+    let good = kiln::checkpoint::to_bytes(&model, None, None).unwrap();
+    let dir = std::env::temp_dir();
+    let path = dir.join(format!("kiln-bad-{}.safetensors", std::process::id()));
+    let load = |bytes: &[u8]| {
+        std::fs::write(&path, bytes).unwrap();
+        kiln::checkpoint::load(&path, &digits_cnn(2), None)
+            .unwrap_err()
+            .to_string()
+    };
+    // Missing: a model with an extra layer.
+    let bigger = Sequential::new().add_named(
+        "0",
+        Linear::new(&mut Init::new(&dev(), 0), 2, 2, true).unwrap(),
+    );
+    std::fs::write(&path, &good).unwrap();
+    let e = kiln::checkpoint::load(&path, &bigger, None)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("0.weight") && e.contains("shape"), "{e}");
+    let smaller = digits_cnn(3);
+    let stored = kiln::checkpoint::from_bytes(&good).unwrap();
+    let mut partial = stored;
+    partial.remove("6.bias");
+    let e = kiln::checkpoint::load_stored(&partial, &smaller, None)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("6.bias") && e.contains("missing"), "{e}");
+    // Extra: a file with one more tensor than the model.
+    let extra = Sequential::new().add(
+        Conv2d::new(
+            &mut Init::new(&dev(), 0),
+            1,
+            16,
+            [3, 3],
+            Conv2dOptions {
+                padding: [1, 1],
+                ..Default::default()
+            },
+            true,
+        )
+        .unwrap(),
+    );
+    std::fs::write(&path, &good).unwrap();
+    let e = kiln::checkpoint::load(&path, &extra, None)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("tensor 2.") && e.contains("not in the model"),
+        "{e}"
+    );
+    // Truncated and corrupt files.
+    let e = load(&good[..good.len() / 2]);
+    assert!(e.contains("not a valid safetensors"), "{e}");
+    let e = load(b"not a checkpoint at all");
+    assert!(e.contains("not a valid safetensors"), "{e}");
+    assert!(matches!(
+        kiln::checkpoint::load(&dir.join("kiln-no-such-file.safetensors"), &model, None),
+        Err(Error::Io { .. })
+    ));
+    std::fs::remove_file(&path).ok();
+}
