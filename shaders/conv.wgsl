@@ -10,7 +10,8 @@
 // invocations covers 32x32. Rows beyond the edge are clamped for loading and never stored.
 //
 // Bindings:
-//   conv2d_fwd:        a (0) = x,      b (1) = weight, out (3) = y
+//   conv2d_fwd:        a (0) = x,      b (1) = weight, bias (2) = bias (c_out) from
+//                      p.off_bias when p.epilogue asks for it, out (3) = y
 //   conv2d_bwd_input:  a (0) = dy,     b (1) = weight, out (3) = dx
 //   conv2d_bwd_weight: a (0) = dy,     b (1) = x,      out (3) = dweight
 //   p (4): ConvParams (src/ops/conv.rs)
@@ -33,13 +34,14 @@ struct Params {
     dh: u32,
     dw: u32,
     row_base: u32,
-    _pad0: u32,
-    _pad1: u32,
-    _pad2: u32,
+    epilogue: u32,
+    act_alpha: f32,
+    off_bias: u32,
 }
 
 @group(0) @binding(0) var<storage, read> a: array<f32>;
 @group(0) @binding(1) var<storage, read> b: array<f32>;
+@group(0) @binding(2) var<storage, read> bias: array<f32>;
 @group(0) @binding(3) var<storage, read_write> out: array<f32>;
 @group(0) @binding(4) var<uniform> p: Params;
 
@@ -115,7 +117,11 @@ fn conv2d_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_i
         for (var j = 0u; j < 4u; j += 1u) {
             let c = col0 + j;
             if (c < cout_g) {
-                out[(nn * p.c_out + g * cout_g + c) * oplane + rem] = res[i][j];
+                var v = res[i][j];
+                if ((p.epilogue & EPILOGUE_BIAS) != 0u) {
+                    v += bias[p.off_bias + g * cout_g + c];
+                }
+                out[(nn * p.c_out + g * cout_g + c) * oplane + rem] = epilogue_activation(v, p.epilogue, p.act_alpha);
             }
         }
     }

@@ -8,6 +8,8 @@
 // Bindings:
 //   a   (0): (batch..., m, k) strided: rows p.a_rs, columns p.a_cs, batches p.sa
 //   b   (1): (batch..., k, n) strided: rows p.b_rs, columns p.b_cs, batches p.sb
+//   bias (2): (n) from p.off_bias, added when p.epilogue has EPILOGUE_BIAS (then the
+//             activation of the epilogue, if any: the fused tail of a linear layer)
 //   out (3): (batch..., m, n) contiguous
 //   p   (4): MatmulParams (src/ops/matmul.rs)
 
@@ -23,7 +25,11 @@ struct Params {
     b_rs: u32,
     b_cs: u32,
     z_base: u32,
-    _pad: u32,
+    epilogue: u32,
+    act_alpha: f32,
+    off_bias: u32,
+    _pad0: u32,
+    _pad1: u32,
     bshape: array<vec4<u32>, 2>,
     sa: array<vec4<u32>, 2>,
     sb: array<vec4<u32>, 2>,
@@ -31,6 +37,7 @@ struct Params {
 
 @group(0) @binding(0) var<storage, read> a: array<f32>;
 @group(0) @binding(1) var<storage, read> b: array<f32>;
+@group(0) @binding(2) var<storage, read> bias: array<f32>;
 @group(0) @binding(3) var<storage, read_write> out: array<f32>;
 @group(0) @binding(4) var<uniform> p: Params;
 
@@ -87,7 +94,11 @@ fn matmul_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_i
         for (var j = 0u; j < 4u; j += 1u) {
             let cc = col0 + j;
             if (cc < p.n) {
-                out[out_base + r * p.n + cc] = rows[i][j];
+                var v = rows[i][j];
+                if ((p.epilogue & EPILOGUE_BIAS) != 0u) {
+                    v += bias[p.off_bias + cc];
+                }
+                out[out_base + r * p.n + cc] = epilogue_activation(v, p.epilogue, p.act_alpha);
             }
         }
     }

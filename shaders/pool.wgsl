@@ -43,15 +43,6 @@ fn linear_index(wid: vec3<u32>, nwg: vec3<u32>, lid: vec3<u32>) -> u32 {
     return (wid.y * nwg.x + wid.x) * WG + lid.x;
 }
 
-fn nan() -> f32 {
-    return bitcast<f32>(0x7fc00000u);
-}
-
-fn is_nan(v: f32) -> bool {
-    let bits = bitcast<u32>(v);
-    return (bits & 0x7f800000u) == 0x7f800000u && (bits & 0x007fffffu) != 0u;
-}
-
 // Window [start, end) of adaptive output index o along an axis of size n split into m.
 fn adaptive_window(o: u32, n: u32, m: u32) -> vec2<u32> {
     return vec2<u32>((o * n) / m, ((o + 1u) * n + m - 1u) / m);
@@ -120,7 +111,10 @@ fn pool2d_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw
     }
     if (p.mode == 0u) {
         out[i] = best;
-        out[p.idx_off + i] = f32(best_idx);
+        // Inference asks for no indices (idx_off = 0xffffffff).
+        if (p.idx_off != 0xffffffffu) {
+            out[p.idx_off + i] = f32(best_idx);
+        }
     } else {
         out[i] = acc / avg_divisor(oy, ox);
     }

@@ -34,19 +34,6 @@ const WG: u32 = 64u;
 var<workgroup> sv: array<f32, 64>;
 var<workgroup> si: array<u32, 64>;
 
-fn inf() -> f32 {
-    return bitcast<f32>(0x7f800000u);
-}
-
-fn nan() -> f32 {
-    return bitcast<f32>(0x7fc00000u);
-}
-
-fn is_nan(v: f32) -> bool {
-    let bits = bitcast<u32>(v);
-    return (bits & 0x7f800000u) == 0x7f800000u && (bits & 0x007fffffu) != 0u;
-}
-
 // (input start, output position) of row `row`.
 fn row_bases(row: u32) -> vec2<u32> {
     var rem = row;

@@ -31,15 +31,33 @@ impl ShaderFile {
         ShaderFile::Optim,
     ];
 
-    /// The WGSL source.
+    /// The WGSL source: `shaders/common.wgsl` followed by the file.
     pub fn source(self) -> &'static str {
         match self {
-            ShaderFile::Elementwise => include_str!("../shaders/elementwise.wgsl"),
-            ShaderFile::Reduce => include_str!("../shaders/reduce.wgsl"),
-            ShaderFile::Matmul => include_str!("../shaders/matmul.wgsl"),
-            ShaderFile::Conv => include_str!("../shaders/conv.wgsl"),
-            ShaderFile::Pool => include_str!("../shaders/pool.wgsl"),
-            ShaderFile::Optim => include_str!("../shaders/optim.wgsl"),
+            ShaderFile::Elementwise => concat!(
+                include_str!("../shaders/common.wgsl"),
+                include_str!("../shaders/elementwise.wgsl")
+            ),
+            ShaderFile::Reduce => concat!(
+                include_str!("../shaders/common.wgsl"),
+                include_str!("../shaders/reduce.wgsl")
+            ),
+            ShaderFile::Matmul => concat!(
+                include_str!("../shaders/common.wgsl"),
+                include_str!("../shaders/matmul.wgsl")
+            ),
+            ShaderFile::Conv => concat!(
+                include_str!("../shaders/common.wgsl"),
+                include_str!("../shaders/conv.wgsl")
+            ),
+            ShaderFile::Pool => concat!(
+                include_str!("../shaders/common.wgsl"),
+                include_str!("../shaders/pool.wgsl")
+            ),
+            ShaderFile::Optim => concat!(
+                include_str!("../shaders/common.wgsl"),
+                include_str!("../shaders/optim.wgsl")
+            ),
         }
     }
 
@@ -105,9 +123,9 @@ kernels! {
     ReduceFwd => (Reduce, "reduce_fwd", 1),
     SoftmaxFwd => (Reduce, "softmax_fwd", 1),
     LogSoftmaxFwd => (Reduce, "log_softmax_fwd", 1),
-    MatmulFwd => (Matmul, "matmul_fwd", 2),
+    MatmulFwd => (Matmul, "matmul_fwd", 3),
     DropoutMaskFwd => (Elementwise, "dropout_mask_fwd", 0),
-    Conv2dFwd => (Conv, "conv2d_fwd", 2),
+    Conv2dFwd => (Conv, "conv2d_fwd", 3),
     Conv2dBwdInput => (Conv, "conv2d_bwd_input", 2),
     Conv2dBwdWeight => (Conv, "conv2d_bwd_weight", 2),
     Pool2dFwd => (Pool, "pool2d_fwd", 1),

@@ -1,40 +1,62 @@
-//! Every WGSL file parses and validates with naga: no GPU needed.
+//! Every WGSL source (`shaders/common.wgsl` + one family file) parses and validates with naga:
+//! no GPU needed. Every file in `shaders/` is registered.
 
 use std::fs;
 use std::path::Path;
 
+use kiln::kernels::{Kernel, ShaderFile};
+
+fn validate(name: &str, source: &str) -> naga::Module {
+    let module = naga::front::wgsl::parse_str(source)
+        .unwrap_or_else(|e| panic!("{name}: {}", e.emit_to_string(source)));
+    naga::valid::Validator::new(
+        naga::valid::ValidationFlags::all(),
+        naga::valid::Capabilities::default(),
+    )
+    .validate(&module)
+    .unwrap_or_else(|e| panic!("{name}: {}", e.emit_to_string(source)));
+    module
+}
+
 #[test]
 fn every_shader_parses_and_validates() {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("shaders");
-    let mut count = 0;
-    for entry in fs::read_dir(&dir).expect("shaders/ exists") {
-        let path = entry.expect("readable entry").path();
-        if path.extension().and_then(|e| e.to_str()) != Some("wgsl") {
-            continue;
-        }
-        let source = fs::read_to_string(&path).expect("readable shader");
-        let module = naga::front::wgsl::parse_str(&source)
-            .unwrap_or_else(|e| panic!("{}: {}", path.display(), e.emit_to_string(&source)));
-        naga::valid::Validator::new(
-            naga::valid::ValidationFlags::all(),
-            naga::valid::Capabilities::default(),
-        )
-        .validate(&module)
-        .unwrap_or_else(|e| panic!("{}: {}", path.display(), e.emit_to_string(&source)));
+    for file in ShaderFile::ALL {
+        let module = validate(file.file_name(), file.source());
         assert!(
             !module.entry_points.is_empty(),
             "{} has no entry point",
-            path.display()
+            file.file_name()
         );
         for ep in &module.entry_points {
             assert!(
-                ep.name.ends_with("_fwd") || ep.name.contains("_bwd"),
+                ep.name.ends_with("_fwd") || ep.name.contains("_bwd") || ep.name.ends_with("_step"),
                 "{}: entry point {} should be named <op>_<pass>",
-                path.display(),
+                file.file_name(),
+                ep.name
+            );
+            assert!(
+                Kernel::ALL.iter().any(|k| k.entry() == ep.name),
+                "{} is not in the kernel registry",
                 ep.name
             );
         }
-        count += 1;
     }
-    assert!(count >= 3, "expected the shader files, found {count}");
+}
+
+#[test]
+fn every_shader_file_is_registered() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("shaders");
+    for entry in fs::read_dir(&dir).expect("shaders/ exists") {
+        let name = entry
+            .expect("readable entry")
+            .file_name()
+            .to_string_lossy()
+            .to_string();
+        if name.ends_with(".wgsl") && name != "common.wgsl" {
+            assert!(
+                ShaderFile::ALL.iter().any(|f| f.file_name() == name),
+                "{name} is not a ShaderFile"
+            );
+        }
+    }
 }

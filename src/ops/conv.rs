@@ -3,6 +3,7 @@
 
 use bytemuck::{Pod, Zeroable};
 
+use super::Epilogue;
 use crate::autograd::{record, Op};
 use crate::error::{Error, Result};
 use crate::kernels::Kernel;
@@ -29,7 +30,9 @@ pub(crate) struct ConvParams {
     pub dh: u32,
     pub dw: u32,
     pub row_base: u32,
-    pub _pad: [u32; 3],
+    pub epilogue: u32,
+    pub act_alpha: f32,
+    pub off_bias: u32,
 }
 
 /// The geometry of one convolution in conv2d terms: input (n, c_in, h, w), weight
@@ -105,7 +108,7 @@ const TILE: usize = 32;
 const MAX_GROUPS: usize = 65535;
 
 impl ConvGeometry {
-    fn params(&self, row_base: usize) -> ConvParams {
+    fn params(&self, row_base: usize, epi: &Epilogue<'_>) -> ConvParams {
         ConvParams {
             n: self.n as u32,
             c_in: self.c_in as u32,
@@ -124,7 +127,9 @@ impl ConvGeometry {
             dh: self.dilation[0] as u32,
             dw: self.dilation[1] as u32,
             row_base: row_base as u32,
-            _pad: [0; 3],
+            epilogue: epi.flags(),
+            act_alpha: epi.alpha(),
+            off_bias: epi.off_bias(),
         }
     }
 
@@ -138,6 +143,7 @@ impl ConvGeometry {
         out: &Tensor,
         rows: usize,
         cols: usize,
+        epi: &Epilogue<'_>,
     ) {
         if rows == 0 || cols == 0 {
             return;
@@ -146,10 +152,15 @@ impl ConvGeometry {
         let mut base = 0;
         while base < rows {
             let these = (rows - base).min(chunk);
-            let p = self.params(base);
+            let p = self.params(base, epi);
+            let mut inputs = vec![a.buffer(), b.buffer()];
+            if kernel == Kernel::Conv2dFwd {
+                // Without a bias, any buffer fills the binding the kernel does not read.
+                inputs.push(epi.bias.map_or(b.buffer(), |t| t.buffer()));
+            }
             out.device().dispatch(
                 kernel,
-                &[a.buffer(), b.buffer()],
+                &inputs,
                 out.buffer(),
                 bytemuck::bytes_of(&p),
                 [
@@ -163,17 +174,34 @@ impl ConvGeometry {
     }
 }
 
-/// y = conv2d(x, w), all contiguous. Not recorded.
+/// y = conv2d(x, w). Not recorded.
 pub(crate) fn conv_fwd(x: &Tensor, w: &Tensor, g: &ConvGeometry) -> Result<Tensor> {
-    let (x, w) = (x.contiguous()?, w.contiguous()?);
     let out = Tensor::uninit("conv2d", &[g.n, g.c_out, g.oh, g.ow], x.device())?;
-    let rows = g.n * g.oh * g.ow;
-    let k = g.c_in / g.groups * g.k[0] * g.k[1];
-    if k == 0 {
-        return Tensor::zeros(out.dims(), x.device());
-    }
-    g.launch(Kernel::Conv2dFwd, &x, &w, &out, rows, g.c_out / g.groups);
+    conv_fwd_into(x, w, g, &out, &Epilogue::default())?;
     Ok(out)
+}
+
+/// Records `out = epilogue(conv2d(x, w))` into `out` (contiguous from offset 0). Not recorded
+/// for autograd.
+pub(crate) fn conv_fwd_into(
+    x: &Tensor,
+    w: &Tensor,
+    g: &ConvGeometry,
+    out: &Tensor,
+    epi: &Epilogue<'_>,
+) -> Result<()> {
+    let (x, w) = (x.contiguous()?, w.contiguous()?);
+    let rows = g.n * g.oh * g.ow;
+    g.launch(
+        Kernel::Conv2dFwd,
+        &x,
+        &w,
+        out,
+        rows,
+        g.c_out / g.groups,
+        epi,
+    );
+    Ok(())
 }
 
 /// dx of conv2d given dy and w (also the forward of conv_transpose2d). Not recorded.
@@ -190,6 +218,7 @@ pub(crate) fn conv_bwd_input(dy: &Tensor, w: &Tensor, g: &ConvGeometry) -> Resul
         &out,
         g.n * g.h * g.w,
         g.c_in / g.groups,
+        &Epilogue::default(),
     );
     Ok(out)
 }
@@ -209,6 +238,7 @@ pub(crate) fn conv_bwd_weight(dy: &Tensor, x: &Tensor, g: &ConvGeometry) -> Resu
         &out,
         g.c_out / g.groups,
         g.c_in / g.groups * g.k[0] * g.k[1],
+        &Epilogue::default(),
     );
     Ok(out)
 }

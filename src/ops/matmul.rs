@@ -3,7 +3,7 @@
 
 use bytemuck::{Pod, Zeroable};
 
-use super::pack;
+use super::{pack, Epilogue};
 use crate::autograd::{record, Op};
 use crate::error::{Error, Result};
 use crate::kernels::Kernel;
@@ -25,7 +25,10 @@ pub(crate) struct MatmulParams {
     pub b_rs: u32,
     pub b_cs: u32,
     pub z_base: u32,
-    pub _pad: u32,
+    pub epilogue: u32,
+    pub act_alpha: f32,
+    pub off_bias: u32,
+    pub _pad: [u32; 2],
     pub bshape: [u32; MAX_RANK],
     pub sa: [u32; MAX_RANK],
     pub sb: [u32; MAX_RANK],
@@ -94,54 +97,10 @@ impl Tensor {
                 format!("output of {m} x {n} exceeds the dispatch limits"),
             ));
         }
-        let batch_layout = |t: &Tensor, r: usize| -> Result<Layout> {
-            let l = Layout {
-                shape: t.dims()[..r - 2].to_vec(),
-                strides: t.strides()[..r - 2].to_vec(),
-                offset: 0,
-            };
-            l.broadcast_to(OP, &batch)
-        };
-        let la = batch_layout(&a, ra)?;
-        let lb = batch_layout(&b, rb)?;
-
         let mut out_shape = batch.clone();
         out_shape.extend([m, n]);
         let out = Tensor::uninit(OP, &out_shape, self.device())?;
-        let count: usize = batch.iter().product();
-        if m > 0 && n > 0 && count > 0 {
-            let mut p = MatmulParams {
-                m: m as u32,
-                n: n as u32,
-                k: k as u32,
-                batch_rank: batch.len() as u32,
-                off_a: a.layout.offset as u32,
-                off_b: b.layout.offset as u32,
-                a_rs: a.strides()[ra - 2] as u32,
-                a_cs: a.strides()[ra - 1] as u32,
-                b_rs: b.strides()[rb - 2] as u32,
-                b_cs: b.strides()[rb - 1] as u32,
-                z_base: 0,
-                _pad: 0,
-                bshape: pack(batch.iter().copied()),
-                sa: pack(la.strides.iter().copied()),
-                sb: pack(lb.strides.iter().copied()),
-            };
-            let groups = [n.div_ceil(TILE) as u32, m.div_ceil(TILE) as u32];
-            let mut z = 0;
-            while z < count {
-                let chunk = (count - z).min(MAX_GROUPS);
-                p.z_base = z as u32;
-                self.device().dispatch(
-                    Kernel::MatmulFwd,
-                    &[a.buffer(), b.buffer()],
-                    out.buffer(),
-                    bytemuck::bytes_of(&p),
-                    [groups[0], groups[1], chunk as u32],
-                );
-                z += chunk;
-            }
-        }
+        matmul_into(&a, &b, &out, &Epilogue::default())?;
         let (a_grad, b_grad) = (a.requires_grad_flag(), b.requires_grad_flag());
         let mut result = record(out, &[&a, &b], |_| Op::Matmul {
             a: b_grad.then(|| a.detach()),
@@ -157,4 +116,65 @@ impl Tensor {
         }
         Ok(result)
     }
+}
+
+/// Records `out = epilogue(a @ b)`: `a` (.., m, k) and `b` (.., k, n) of rank >= 2 with
+/// broadcastable batch axes, `out` contiguous from offset 0 with the broadcast shape. Not
+/// recorded for autograd.
+pub(crate) fn matmul_into(a: &Tensor, b: &Tensor, out: &Tensor, epi: &Epilogue<'_>) -> Result<()> {
+    const OP: &str = "matmul";
+    let (ra, rb) = (a.rank(), b.rank());
+    let (m, k, n) = (a.dims()[ra - 2], a.dims()[ra - 1], b.dims()[rb - 1]);
+    let batch = &out.dims()[..out.rank() - 2];
+    let batch_layout = |t: &Tensor, r: usize| -> Result<Layout> {
+        let l = Layout {
+            shape: t.dims()[..r - 2].to_vec(),
+            strides: t.strides()[..r - 2].to_vec(),
+            offset: 0,
+        };
+        l.broadcast_to(OP, batch)
+    };
+    let la = batch_layout(a, ra)?;
+    let lb = batch_layout(b, rb)?;
+    let count: usize = batch.iter().product();
+    if m == 0 || n == 0 || count == 0 {
+        return Ok(());
+    }
+    let mut p = MatmulParams {
+        m: m as u32,
+        n: n as u32,
+        k: k as u32,
+        batch_rank: batch.len() as u32,
+        off_a: a.layout.offset as u32,
+        off_b: b.layout.offset as u32,
+        a_rs: a.strides()[ra - 2] as u32,
+        a_cs: a.strides()[ra - 1] as u32,
+        b_rs: b.strides()[rb - 2] as u32,
+        b_cs: b.strides()[rb - 1] as u32,
+        z_base: 0,
+        epilogue: epi.flags(),
+        act_alpha: epi.alpha(),
+        off_bias: epi.off_bias(),
+        _pad: [0; 2],
+        bshape: pack(batch.iter().copied()),
+        sa: pack(la.strides.iter().copied()),
+        sb: pack(lb.strides.iter().copied()),
+    };
+    // Without a bias, any buffer fills the binding the kernel does not read.
+    let bias = epi.bias.map_or(b.buffer(), |t| t.buffer());
+    let groups = [n.div_ceil(TILE) as u32, m.div_ceil(TILE) as u32];
+    let mut z = 0;
+    while z < count {
+        let chunk = (count - z).min(MAX_GROUPS);
+        p.z_base = z as u32;
+        out.device().dispatch(
+            Kernel::MatmulFwd,
+            &[a.buffer(), b.buffer(), bias],
+            out.buffer(),
+            bytemuck::bytes_of(&p),
+            [groups[0], groups[1], chunk as u32],
+        );
+        z += chunk;
+    }
+    Ok(())
 }

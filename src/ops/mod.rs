@@ -31,3 +31,33 @@ pub(crate) fn pack(values: impl IntoIterator<Item = usize>) -> [u32; MAX_RANK] {
     }
     out
 }
+
+/// The optional tail of a producing kernel (matmul, conv2d): a bias along the output
+/// channels and an activation, applied before the result is stored.
+#[derive(Clone, Copy, Default)]
+pub(crate) struct Epilogue<'a> {
+    pub bias: Option<&'a crate::tensor::Tensor>,
+    pub activation: Option<(elementwise::UnaryOp, f32)>,
+}
+
+impl Epilogue<'_> {
+    /// The `epilogue` word of the kernel parameters (see `shaders/common.wgsl`).
+    pub fn flags(&self) -> u32 {
+        let mut f = 0;
+        if self.bias.is_some() {
+            f |= 1;
+        }
+        if let Some((op, _)) = self.activation {
+            f |= 2 | ((op as u32) << 8);
+        }
+        f
+    }
+
+    pub fn alpha(&self) -> f32 {
+        self.activation.map_or(0.0, |(_, a)| a)
+    }
+
+    pub fn off_bias(&self) -> u32 {
+        self.bias.map_or(0, |b| b.layout.offset as u32)
+    }
+}

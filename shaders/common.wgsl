@@ -1,0 +1,108 @@
+// Shared by every kernel file: kiln prepends this file to each shader source
+// (src/kernels.rs), so special values and the activations have one definition.
+
+fn inf() -> f32 {
+    return bitcast<f32>(0x7f800000u);
+}
+
+fn nan() -> f32 {
+    return bitcast<f32>(0x7fc00000u);
+}
+
+fn is_nan(x: f32) -> bool {
+    // Exponent all ones and a non-zero mantissa; immune to fast-math folding of x != x.
+    let bits = bitcast<u32>(x);
+    return (bits & 0x7f800000u) == 0x7f800000u && (bits & 0x007fffffu) != 0u;
+}
+
+fn erf_approx(x: f32) -> f32 {
+    // Abramowitz & Stegun 7.1.26: absolute error below 1.5e-7.
+    let s = sign(x);
+    let z = abs(x);
+    let t = 1.0 / (1.0 + 0.3275911 * z);
+    let poly = t * (0.254829592 + t * (-0.284496736 + t * (1.421413741 + t * (-1.453152027 + t * 1.061405429))));
+    return s * (1.0 - poly * exp(-z * z));
+}
+
+fn sigmoid(x: f32) -> f32 {
+    if (x >= 0.0) {
+        return 1.0 / (1.0 + exp(-x));
+    }
+    let e = exp(x);
+    return e / (1.0 + e);
+}
+
+fn power(x: f32, y: f32) -> f32 {
+    if (y == 0.0) {
+        return 1.0;
+    }
+    if (is_nan(x) || is_nan(y)) {
+        return nan();
+    }
+    if (x == 0.0) {
+        return select(inf(), 0.0, y > 0.0);
+    }
+    if (x > 0.0) {
+        return exp2(y * log2(x));
+    }
+    // Negative base: defined only for integral exponents.
+    if (y != floor(y)) {
+        return nan();
+    }
+    let r = exp2(y * log2(-x));
+    let odd = (y * 0.5) != floor(y * 0.5);
+    return select(r, -r, odd);
+}
+
+fn safe_log(x: f32) -> f32 {
+    if (x < 0.0) {
+        return nan();
+    }
+    if (x == 0.0) {
+        return -inf();
+    }
+    return log(x);
+}
+
+fn safe_sqrt(x: f32) -> f32 {
+    return select(sqrt(x), nan(), x < 0.0);
+}
+
+// Unary op codes: must match UnaryOp in src/ops/elementwise.rs.
+fn unary_op(op: u32, x: f32, alpha: f32, beta: f32) -> f32 {
+    switch op {
+        case 0u: { return x; }                                   // identity (copy)
+        case 1u: { return -x; }                                  // neg
+        case 2u: { return abs(x); }                              // abs
+        case 3u: { return exp(x); }                              // exp
+        case 4u: { return safe_log(x); }                         // log
+        case 5u: { return safe_sqrt(x); }                        // sqrt
+        case 6u: {                                               // rsqrt
+            if (x == 0.0) { return inf(); }
+            return 1.0 / safe_sqrt(x);
+        }
+        case 7u: { return max(x, 0.0); }                         // relu
+        case 8u: { return select(x * alpha, x, x >= 0.0); }      // leaky_relu(alpha = slope)
+        case 9u: { return sigmoid(x); }                          // sigmoid
+        case 10u: { return tanh(clamp(x, -15.0, 15.0)); }        // tanh
+        case 11u: { return 0.5 * x * (1.0 + erf_approx(x * 0.70710678118654752)); } // gelu (erf)
+        case 12u: { return x * sigmoid(x); }                     // silu
+        case 13u: {                                              // clamp(alpha = min, beta = max)
+            if (is_nan(x)) { return x; }
+            return min(max(x, alpha), beta);
+        }
+        default: { return nan(); }
+    }
+}
+
+// The optional epilogue of a producing kernel (matmul, conv2d): bit 0 adds a bias, bit 1
+// applies the activation whose UnaryOp code is in bits 8..15 (with `alpha`, e.g. a slope).
+const EPILOGUE_BIAS: u32 = 1u;
+const EPILOGUE_ACTIVATION: u32 = 2u;
+
+fn epilogue_activation(v: f32, flags: u32, alpha: f32) -> f32 {
+    if ((flags & EPILOGUE_ACTIVATION) != 0u) {
+        return unary_op((flags >> 8u) & 255u, v, alpha, 0.0);
+    }
+    return v;
+}
