@@ -188,7 +188,7 @@ fn optimizer_state_and_skipped_parameters() {
     // b had no gradient: untouched, and no state for it.
     assert_eq!(b.to_vec().unwrap(), vec![1.0, 1.0]);
     let names: Vec<String> = opt.state().into_iter().map(|(n, _)| n).collect();
-    assert_eq!(names, vec!["0.exp_avg", "0.exp_avg_sq"]);
+    assert_eq!(names, vec!["0.exp_avg", "0.exp_avg_sq", "0.step"]);
     let before = d.stats().readbacks;
     opt.step().unwrap();
     assert_eq!(d.stats().readbacks, before, "a step reads nothing back");
