@@ -27,6 +27,7 @@ pub mod checkpoint;
 pub mod data;
 pub mod device;
 mod error;
+pub mod infer;
 pub mod kernels;
 pub mod loss;
 pub mod nn;

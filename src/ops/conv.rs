@@ -243,6 +243,72 @@ pub(crate) fn conv_bwd_weight(dy: &Tensor, x: &Tensor, g: &ConvGeometry) -> Resu
     Ok(out)
 }
 
+/// The geometry of conv2d for an (N, C, H, W) input and a (C_out, C / groups, kH, kW) weight,
+/// with the checks of [`Tensor::conv2d`].
+pub(crate) fn conv2d_geometry(
+    x_dims: &[usize],
+    w_dims: &[usize],
+    opts: &Conv2dOptions,
+) -> Result<ConvGeometry> {
+    const OP: &str = "conv2d";
+    if x_dims.len() != 4 || w_dims.len() != 4 {
+        return Err(Error::shape(
+            OP,
+            format!("input {x_dims:?} and weight {w_dims:?} must have rank 4"),
+        ));
+    }
+    let [n, c, h, w] = [x_dims[0], x_dims[1], x_dims[2], x_dims[3]];
+    let [c_out, c_per_group, kh, kw] = [w_dims[0], w_dims[1], w_dims[2], w_dims[3]];
+    let groups = opts.groups;
+    if c % groups != 0 || c_out % groups != 0 {
+        return Err(Error::invalid(
+            OP,
+            format!("channels must be divisible by groups: {c} input and {c_out} output channels, {groups} groups"),
+        ));
+    }
+    if c_per_group != c / groups {
+        return Err(Error::shape(
+            OP,
+            format!(
+                "weight {:?} needs {} input channels per group for input {:?} and groups {groups}",
+                w_dims,
+                c / groups,
+                x_dims
+            ),
+        ));
+    }
+    let mut out_size = [0; 2];
+    for (i, (&size, &k)) in [h, w].iter().zip(&[kh, kw]).enumerate() {
+        let span = opts.dilation[i] * (k.max(1) - 1) + 1;
+        let padded = size + 2 * opts.padding[i];
+        if k == 0 || span > padded {
+            return Err(Error::shape(
+                OP,
+                format!(
+                    "kernel {:?} (dilated extent {span}) is larger than the padded input ({padded}) of shape {:?}",
+                    [kh, kw],
+                    x_dims
+                ),
+            ));
+        }
+        out_size[i] = (padded - span) / opts.stride[i] + 1;
+    }
+    Ok(ConvGeometry {
+        n,
+        c_in: c,
+        h,
+        w,
+        c_out,
+        oh: out_size[0],
+        ow: out_size[1],
+        groups,
+        k: [kh, kw],
+        stride: opts.stride,
+        padding: opts.padding,
+        dilation: opts.dilation,
+    })
+}
+
 fn check_common(
     op: &'static str,
     x: &Tensor,
@@ -346,57 +412,9 @@ impl Tensor {
             opts.dilation,
             opts.groups,
         )?;
-        let [n, c, h, w] = [x.dims()[0], x.dims()[1], x.dims()[2], x.dims()[3]];
-        let [c_out, c_per_group, kh, kw] = [
-            weight.dims()[0],
-            weight.dims()[1],
-            weight.dims()[2],
-            weight.dims()[3],
-        ];
-        let groups = opts.groups;
-        if c % groups != 0 || c_out % groups != 0 {
-            return Err(Error::invalid(
-                OP,
-                format!("channels must be divisible by groups: {c} input and {c_out} output channels, {groups} groups"),
-            ));
-        }
-        if c_per_group != c / groups {
-            return Err(Error::shape(
-                OP,
-                format!("weight {:?} needs {} input channels per group for input {:?} and groups {groups}", weight.dims(), c / groups, x.dims()),
-            ));
-        }
-        check_bias(OP, bias, c_out)?;
-        let mut out_size = [0; 2];
-        for (i, (&size, &k)) in [h, w].iter().zip(&[kh, kw]).enumerate() {
-            let span = opts.dilation[i] * (k.max(1) - 1) + 1;
-            let padded = size + 2 * opts.padding[i];
-            if k == 0 || span > padded {
-                return Err(Error::shape(
-                    OP,
-                    format!(
-                        "kernel {:?} (dilated extent {span}) is larger than the padded input ({padded}) of shape {:?}",
-                        [kh, kw],
-                        x.dims()
-                    ),
-                ));
-            }
-            out_size[i] = (padded - span) / opts.stride[i] + 1;
-        }
-        let geo = ConvGeometry {
-            n,
-            c_in: c,
-            h,
-            w,
-            c_out,
-            oh: out_size[0],
-            ow: out_size[1],
-            groups,
-            k: [kh, kw],
-            stride: opts.stride,
-            padding: opts.padding,
-            dilation: opts.dilation,
-        };
+        check_bias(OP, bias, weight.dims()[0])?;
+        let geo = conv2d_geometry(x.dims(), weight.dims(), opts)?;
+        let c_out = geo.c_out;
         let y = conv_fwd(&x, weight, &geo)?;
         let (x_grad, w_grad) = (x.requires_grad_flag(), weight.requires_grad_flag());
         let y = record(y, &[&x, weight], |_| Op::Conv2d {

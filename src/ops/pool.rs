@@ -31,10 +31,10 @@ pub(crate) struct PoolParams {
     pub _pad: u32,
 }
 
-const MODE_MAX: u32 = 0;
-const MODE_AVG_WITH_PAD: u32 = 1;
-const MODE_AVG_VALID: u32 = 2;
-const MODE_ADAPTIVE: u32 = 3;
+pub(crate) const MODE_MAX: u32 = 0;
+pub(crate) const MODE_AVG_WITH_PAD: u32 = 1;
+pub(crate) const MODE_AVG_VALID: u32 = 2;
+pub(crate) const MODE_ADAPTIVE: u32 = 3;
 
 /// One pooling: input (n, c, h, w), output (n, c, oh, ow), windows and mode.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -104,14 +104,16 @@ impl Pool2dOptions {
     }
 }
 
-fn geometry(op: &'static str, x: &Tensor, o: &Pool2dOptions, mode: u32) -> Result<PoolGeometry> {
-    if x.rank() != 4 {
+pub(crate) fn geometry(
+    op: &'static str,
+    dims: &[usize],
+    o: &Pool2dOptions,
+    mode: u32,
+) -> Result<PoolGeometry> {
+    if dims.len() != 4 {
         return Err(Error::shape(
             op,
-            format!(
-                "input must have rank 4 (N, C, H, W), got shape {:?}",
-                x.dims()
-            ),
+            format!("input must have rank 4 (N, C, H, W), got shape {:?}", dims),
         ));
     }
     if o.kernel.contains(&0) || o.stride.contains(&0) || o.dilation.contains(&0) {
@@ -123,7 +125,7 @@ fn geometry(op: &'static str, x: &Tensor, o: &Pool2dOptions, mode: u32) -> Resul
             ),
         ));
     }
-    let (h, w) = (x.dims()[2], x.dims()[3]);
+    let (h, w) = (dims[2], dims[3]);
     let mut out = [0; 2];
     for i in 0..2 {
         let span = o.dilation[i] * (o.kernel[i] - 1) + 1;
@@ -142,16 +144,15 @@ fn geometry(op: &'static str, x: &Tensor, o: &Pool2dOptions, mode: u32) -> Resul
                 op,
                 format!(
                     "kernel {:?} is larger than the padded input of shape {:?}",
-                    o.kernel,
-                    x.dims()
+                    o.kernel, dims
                 ),
             ));
         }
         out[i] = (padded - span) / o.stride[i] + 1;
     }
     Ok(PoolGeometry {
-        n: x.dims()[0],
-        c: x.dims()[1],
+        n: dims[0],
+        c: dims[1],
         h,
         w,
         oh: out[0],
@@ -247,7 +248,7 @@ impl Tensor {
     /// ```
     pub fn max_pool2d(&self, opts: &Pool2dOptions) -> Result<Tensor> {
         unbatched(self, |x| {
-            pool_forward(x, geometry("max_pool2d", x, opts, MODE_MAX)?)
+            pool_forward(x, geometry("max_pool2d", x.dims(), opts, MODE_MAX)?)
         })
     }
 
@@ -266,7 +267,7 @@ impl Tensor {
             MODE_AVG_VALID
         };
         unbatched(self, |x| {
-            pool_forward(x, geometry("avg_pool2d", x, opts, mode)?)
+            pool_forward(x, geometry("avg_pool2d", x.dims(), opts, mode)?)
         })
     }
 
@@ -301,20 +302,39 @@ impl Tensor {
                     ),
                 ));
             }
-            let g = PoolGeometry {
-                n: x.dims()[0],
-                c: x.dims()[1],
-                h,
-                w,
-                oh: size[0],
-                ow: size[1],
-                k: [1, 1],
-                stride: [1, 1],
-                padding: [0, 0],
-                dilation: [1, 1],
-                mode: MODE_ADAPTIVE,
-            };
+            let g = adaptive_geometry(x.dims(), size);
             pool_forward(x, g)
         })
     }
+}
+
+/// Geometry of adaptive average pooling of (N, C, H, W) to `size`.
+pub(crate) fn adaptive_geometry(dims: &[usize], size: [usize; 2]) -> PoolGeometry {
+    PoolGeometry {
+        n: dims[0],
+        c: dims[1],
+        h: dims[2],
+        w: dims[3],
+        oh: size[0],
+        ow: size[1],
+        k: [1, 1],
+        stride: [1, 1],
+        padding: [0, 0],
+        dilation: [1, 1],
+        mode: MODE_ADAPTIVE,
+    }
+}
+
+/// Records a pooling of contiguous `x` into `out` (contiguous from offset 0), without max
+/// indices (for inference). Not recorded for autograd.
+pub(crate) fn pool_into(x: &Tensor, out: &Tensor, g: &PoolGeometry) {
+    let total = g.n * g.c * g.oh * g.ow;
+    let p = g.params(u32::MAX as usize);
+    x.device().dispatch(
+        Kernel::Pool2dFwd,
+        &[x.buffer()],
+        out.buffer(),
+        bytemuck::bytes_of(&p),
+        grid(total, 256),
+    );
 }

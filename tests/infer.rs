@@ -1,0 +1,208 @@
+//! Frozen inference: same outputs as eval mode, folding, planned memory, loading from a
+//! checkpoint, errors, threads.
+
+mod common;
+
+use common::*;
+use kiln::data::{self, DataLoader};
+use kiln::infer::{freeze, InferenceModel};
+use kiln::nn::{Init, Module, Sequential};
+use kiln::optim::{Adam, AdamOptions, Optimizer};
+use kiln::{Device, Tensor};
+
+const SPEC: &str = "conv2d(1,8,3,p=1) batchnorm2d(8) relu conv2d(8,16,3,p=1) relu maxpool2d(2) \
+                    flatten linear(256,32) batchnorm1d(32) gelu dropout(0.3) linear(32,10)";
+
+/// A model trained for a few steps, so batch norm has moved its running statistics.
+fn trained(d: &Device) -> (Sequential, Adam) {
+    let mut model = Sequential::from_spec(&mut Init::new(d, 3), SPEC).unwrap();
+    let mut opt = Adam::new(
+        model.parameters(),
+        AdamOptions {
+            lr: 0.01,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let (train_set, _) = data::digits().unwrap().split(0.8, 0).unwrap();
+    let loader = DataLoader::new(&train_set, 64, d).shuffle(2);
+    for batch in loader.epoch(0).take(5) {
+        let batch = batch.unwrap();
+        let loss = kiln::loss::cross_entropy(
+            &model.forward(&batch.inputs).unwrap(),
+            &batch.targets,
+            &Default::default(),
+        )
+        .unwrap();
+        opt.zero_grad();
+        loss.backward().unwrap();
+        opt.step().unwrap();
+    }
+    model.set_training(false);
+    (model, opt)
+}
+
+fn digits_batch(d: &Device, n: usize) -> Tensor {
+    let (_, test) = data::digits().unwrap().split(0.8, 0).unwrap();
+    let loader = DataLoader::new(&test, n, d);
+    let batch = loader.epoch(0).next().unwrap().unwrap();
+    batch.inputs
+}
+
+fn max_rel_diff(a: &[f32], b: &[f32]) -> f32 {
+    let scale = b.iter().fold(0f32, |m, v| m.max(v.abs()));
+    a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale
+}
+
+#[test]
+fn frozen_outputs_equal_eval_mode_and_memory_holds_only_weights_and_plans() {
+    let d = own_device();
+    let (model, opt) = trained(&d);
+    let x = digits_batch(&d, 64);
+    let eval = kiln::no_grad(|| model.forward(&x))
+        .unwrap()
+        .to_vec()
+        .unwrap();
+    let frozen = freeze(model).unwrap();
+    drop(opt);
+    // conv-bn-relu and linear-bn-gelu each became one kernel; dropout vanished.
+    assert_eq!(
+        frozen.layer_count(),
+        6,
+        "conv+bn+relu, conv+relu, pool, flatten, linear+bn+gelu, linear"
+    );
+    let y = frozen.predict(&x).unwrap();
+    assert_eq!(y.dims(), &[64, 10]);
+    let got = y.to_vec().unwrap();
+    let diff = max_rel_diff(&got, &eval);
+    assert!(
+        diff <= 1e-4,
+        "frozen vs eval-mode: max relative difference {diff}"
+    );
+    drop((y, x));
+    d.synchronize().unwrap();
+    let live = d.live_bytes();
+    let budget = frozen.weight_bytes() + frozen.planned_bytes();
+    // Pooled buffers are rounded up to size classes (at most 2x below 1 MiB).
+    assert!(
+        live <= 2 * budget + 4096,
+        "live {live} bytes > weights + plans {budget}"
+    );
+    // Another batch of the same shape reuses the plan.
+    let planned = frozen.planned_bytes();
+    let x2 = digits_batch(&d, 64);
+    frozen.predict(&x2).unwrap();
+    assert_eq!(frozen.planned_bytes(), planned);
+}
+
+#[test]
+fn loads_from_a_checkpoint_without_training_code() {
+    let d = dev();
+    let (model, _) = trained(&d);
+    let path = std::env::temp_dir().join(format!("kiln-infer-{}.safetensors", std::process::id()));
+    kiln::checkpoint::save(&path, &model, None, Some(SPEC)).unwrap();
+    let x = digits_batch(&d, 16);
+    let want = freeze(model)
+        .unwrap()
+        .predict(&x)
+        .unwrap()
+        .to_vec()
+        .unwrap();
+    let loaded = InferenceModel::load(&path, None, &d).unwrap();
+    let got = loaded.predict(&x).unwrap().to_vec().unwrap();
+    assert!(max_rel_diff(&got, &want) <= 1e-6);
+    let labels = loaded.classify(&x).unwrap();
+    assert_eq!(labels.len(), 16);
+
+    // Mismatches name the tensor; bad files are errors.
+    let e = InferenceModel::load(
+        &path,
+        Some(&SPEC.replace("linear(32,10)", "linear(32,11)")),
+        &d,
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(e.contains("11.weight") && e.contains("shape"), "{e}");
+    let e = InferenceModel::load(
+        &path,
+        Some(&SPEC.replace(" dropout(0.3) linear(32,10)", "")),
+        &d,
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(
+        e.contains("11.") && e.contains("not in the architecture"),
+        "{e}"
+    );
+    let e = InferenceModel::load(&path, Some(&format!("{SPEC} linear(10,2)")), &d)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("12.weight") && e.contains("missing"), "{e}");
+    let bytes = std::fs::read(&path).unwrap();
+    std::fs::write(&path, &bytes[..bytes.len() - 100]).unwrap();
+    assert!(
+        InferenceModel::load(&path, None, &d).is_err(),
+        "truncated file"
+    );
+    std::fs::write(&path, b"garbage").unwrap();
+    assert!(
+        InferenceModel::load(&path, None, &d).is_err(),
+        "corrupt file"
+    );
+    std::fs::remove_file(&path).ok();
+}
+
+#[test]
+fn wrong_inputs_are_err() {
+    let d = dev();
+    let frozen = freeze(Sequential::from_spec(&mut Init::new(&d, 0), SPEC).unwrap()).unwrap();
+    let e = frozen
+        .predict(&Tensor::ones(&[2, 3, 8, 8], &d).unwrap())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("layer 0"), "{e}");
+    let e = frozen
+        .predict(&Tensor::ones(&[2, 1, 10, 10], &d).unwrap())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("layer 4") && e.contains("256 features"), "{e}");
+    assert!(frozen.predict(&Tensor::ones(&[64], &d).unwrap()).is_err());
+    let other = own_device();
+    assert!(frozen
+        .predict(&Tensor::ones(&[1, 1, 8, 8], &other).unwrap())
+        .is_err());
+}
+
+#[test]
+fn concurrent_predictions_agree() {
+    let d = dev();
+    let (model, _) = trained(&d);
+    let frozen = std::sync::Arc::new(freeze(model).unwrap());
+    let inputs: Vec<Tensor> = (0..4)
+        .map(|i| Tensor::randn(&[8, 1, 8, 8], i, &d).unwrap())
+        .collect();
+    let want: Vec<Vec<f32>> = inputs
+        .iter()
+        .map(|x| frozen.predict(x).unwrap().to_vec().unwrap())
+        .collect();
+    let handles: Vec<_> = inputs
+        .into_iter()
+        .zip(want)
+        .map(|(x, w)| {
+            let f = frozen.clone();
+            std::thread::spawn(move || {
+                for _ in 0..10 {
+                    assert_eq!(f.predict(&x).unwrap().to_vec().unwrap(), w);
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().unwrap();
+    }
+}
