@@ -88,6 +88,22 @@ fn main() -> kiln::Result<()> {
         out.display(),
         model.parameters().iter().map(|p| p.numel()).sum::<usize>()
     );
+    // Freeze for inference: batch norm folded, bias and activations fused, memory planned.
+    let frozen = kiln::infer::freeze(model)?;
+    drop(opt);
+    let batches: Vec<_> = test.epoch(0).collect::<kiln::Result<_>>()?;
+    frozen.classify(&batches[0].inputs)?;
+    let t = Instant::now();
+    let mut correct = 0;
+    for b in &batches {
+        let p = frozen.classify(&b.inputs)?;
+        correct += p.iter().zip(&b.labels).filter(|(p, l)| p == l).count();
+    }
+    println!(
+        "frozen inference: accuracy {:.2}%, {:.2} ms per batch of 256",
+        100.0 * correct as f64 / test_set.len() as f64,
+        t.elapsed().as_secs_f64() * 1e3 / batches.len() as f64
+    );
     let s = dev.stats();
     println!(
         "total {:.1} s; {} dispatches, {} submits, {} readbacks; peak GPU memory {:.1} MiB",

@@ -135,6 +135,7 @@ impl ConvGeometry {
 
     /// Records `kernel` over a GEMM of `rows` x `cols` per group, in chunks of rows that fit
     /// the dispatch limit.
+    #[allow(clippy::too_many_arguments)]
     fn launch(
         &self,
         kernel: Kernel,
