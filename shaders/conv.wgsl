@@ -39,10 +39,15 @@ struct Params {
     off_bias: u32,
 }
 
-@group(0) @binding(0) var<storage, read> a: array<f32>;
-@group(0) @binding(1) var<storage, read> b: array<f32>;
-@group(0) @binding(2) var<storage, read> bias: array<f32>;
-@group(0) @binding(3) var<storage, read_write> out: array<f32>;
+// Element types of the input and output buffers: f32, or f16 in the variants that src/kernels.rs
+// derives from this file (arithmetic stays in f32).
+alias IN = f32;
+alias OUT = f32;
+
+@group(0) @binding(0) var<storage, read> a: array<IN>;
+@group(0) @binding(1) var<storage, read> b: array<IN>;
+@group(0) @binding(2) var<storage, read> bias: array<IN>;
+@group(0) @binding(3) var<storage, read_write> out: array<OUT>;
 @group(0) @binding(4) var<uniform> p: Params;
 
 struct Acc {
@@ -89,13 +94,13 @@ fn conv2d_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_i
             for (var kx = 0u; kx < p.kw; kx += 1u) {
                 let dx = i32(kx * p.dw);
                 let k = ci * ksize + ky * p.kw + kx;
-                let bv = vec4<f32>(b[wbase.x + k], b[wbase.y + k], b[wbase.z + k], b[wbase.w + k]);
+                let bv = vec4<f32>(f32(b[wbase.x + k]), f32(b[wbase.y + k]), f32(b[wbase.z + k]), f32(b[wbase.w + k]));
                 var av = vec4<f32>(0.0);
                 for (var i = 0u; i < 4u; i += 1u) {
                     let iy = iy0[i] + dy;
                     let ix = ix0[i] + dx;
                     if (iy >= 0 && iy < i32(p.h) && ix >= 0 && ix < i32(p.w)) {
-                        av[i] = a[xbase[i] + ci * plane + u32(iy) * p.w + u32(ix)];
+                        av[i] = f32(a[xbase[i] + ci * plane + u32(iy) * p.w + u32(ix)]);
                     }
                 }
                 acc.r0 += av.x * bv;
@@ -119,9 +124,9 @@ fn conv2d_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_i
             if (c < cout_g) {
                 var v = res[i][j];
                 if ((p.epilogue & EPILOGUE_BIAS) != 0u) {
-                    v += bias[p.off_bias + g * cout_g + c];
+                    v += f32(bias[p.off_bias + g * cout_g + c]);
                 }
-                out[(nn * p.c_out + g * cout_g + c) * oplane + rem] = epilogue_activation(v, p.epilogue, p.act_alpha);
+                out[(nn * p.c_out + g * cout_g + c) * oplane + rem] = OUT(epilogue_activation(v, p.epilogue, p.act_alpha));
             }
         }
     }
@@ -165,8 +170,8 @@ fn conv2d_bwd_input(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invoca
         for (var ky = 0u; ky < p.kh; ky += 1u) {
             for (var kx = 0u; kx < p.kw; kx += 1u) {
                 let koff = ky * p.kw + kx;
-                let bv = vec4<f32>(b[(wrow + ci.x) * ksize + koff], b[(wrow + ci.y) * ksize + koff],
-                    b[(wrow + ci.z) * ksize + koff], b[(wrow + ci.w) * ksize + koff]);
+                let bv = vec4<f32>(f32(b[(wrow + ci.x) * ksize + koff]), f32(b[(wrow + ci.y) * ksize + koff]),
+                    f32(b[(wrow + ci.z) * ksize + koff]), f32(b[(wrow + ci.w) * ksize + koff]));
                 var av = vec4<f32>(0.0);
                 for (var i = 0u; i < 4u; i += 1u) {
                     let ty = ty0[i] - i32(ky * p.dh);
@@ -175,7 +180,7 @@ fn conv2d_bwd_input(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invoca
                         let oy = u32(ty) / p.sh;
                         let ox = u32(tx) / p.sw;
                         if (oy < p.oh && ox < p.ow) {
-                            av[i] = a[dybase[i] + co * oplane + oy * p.ow + ox];
+                            av[i] = f32(a[dybase[i] + co * oplane + oy * p.ow + ox]);
                         }
                     }
                 }
@@ -197,7 +202,7 @@ fn conv2d_bwd_input(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invoca
         for (var j = 0u; j < 4u; j += 1u) {
             let c = col0 + j;
             if (c < cin_g) {
-                out[(nn * p.c_in + g * cin_g + c) * plane + rem] = res[i][j];
+                out[(nn * p.c_in + g * cin_g + c) * plane + rem] = OUT(res[i][j]);
             }
         }
     }
@@ -241,13 +246,13 @@ fn conv2d_bwd_weight(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invoc
         for (var oy = 0u; oy < p.oh; oy += 1u) {
             for (var ox = 0u; ox < p.ow; ox += 1u) {
                 let o = oy * p.ow + ox;
-                let av = vec4<f32>(a[dyn_ + dyoff.x + o], a[dyn_ + dyoff.y + o], a[dyn_ + dyoff.z + o], a[dyn_ + dyoff.w + o]);
+                let av = vec4<f32>(f32(a[dyn_ + dyoff.x + o]), f32(a[dyn_ + dyoff.y + o]), f32(a[dyn_ + dyoff.z + o]), f32(a[dyn_ + dyoff.w + o]));
                 var bv = vec4<f32>(0.0);
                 for (var j = 0u; j < 4u; j += 1u) {
                     let iy = i32(oy * p.sh) + ky[j];
                     let ix = i32(ox * p.sw) + kx[j];
                     if (iy >= 0 && iy < i32(p.h) && ix >= 0 && ix < i32(p.w)) {
-                        bv[j] = b[xn + xoff[j] + u32(iy) * p.w + u32(ix)];
+                        bv[j] = f32(b[xn + xoff[j] + u32(iy) * p.w + u32(ix)]);
                     }
                 }
                 acc.r0 += av.x * bv;
@@ -266,7 +271,7 @@ fn conv2d_bwd_weight(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invoc
         for (var j = 0u; j < 4u; j += 1u) {
             let c = col0 + j;
             if (c < cols) {
-                out[(g * cout_g + r) * cols + c] = res[i][j];
+                out[(g * cout_g + r) * cols + c] = OUT(res[i][j]);
             }
         }
     }

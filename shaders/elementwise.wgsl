@@ -32,10 +32,15 @@ struct Params {
     so: array<vec4<u32>, 2>,
 }
 
-@group(0) @binding(0) var<storage, read> a: array<f32>;
-@group(0) @binding(1) var<storage, read> b: array<f32>;
-@group(0) @binding(2) var<storage, read> c: array<f32>;
-@group(0) @binding(3) var<storage, read_write> out: array<f32>;
+// Element types of the input and output buffers: f32, or f16 in the variants that src/kernels.rs
+// derives from this file (arithmetic stays in f32).
+alias IN = f32;
+alias OUT = f32;
+
+@group(0) @binding(0) var<storage, read> a: array<IN>;
+@group(0) @binding(1) var<storage, read> b: array<IN>;
+@group(0) @binding(2) var<storage, read> c: array<IN>;
+@group(0) @binding(3) var<storage, read_write> out: array<OUT>;
 @group(0) @binding(4) var<uniform> p: Params;
 
 const FLAG_A_CONTIG: u32 = 1u;
@@ -134,7 +139,7 @@ fn unary_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg
     let i = linear_index(wid, nwg, lid);
     if (i >= p.n) { return; }
     let o = offsets(i);
-    out[o.w] = unary_op(p.op, a[o.x], p.alpha, p.beta);
+    out[o.w] = OUT(unary_op(p.op, f32(a[o.x]), p.alpha, p.beta));
 }
 
 // out = b * f'(a): the gradient of a unary op; a is the saved x or y, b the output gradient
@@ -144,7 +149,7 @@ fn unary_bwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg
     let i = linear_index(wid, nwg, lid);
     if (i >= p.n) { return; }
     let o = offsets(i);
-    out[o.w] = b[o.y] * unary_grad(p.op, a[o.x], p.alpha, p.beta);
+    out[o.w] = OUT(f32(b[o.y]) * unary_grad(p.op, f32(a[o.x]), p.alpha, p.beta));
 }
 
 // out = binary(a, b) with broadcasting through strides
@@ -154,7 +159,7 @@ fn binary_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw
     let i = linear_index(wid, nwg, lid);
     if (i >= p.n) { return; }
     let o = offsets(i);
-    out[o.w] = binary_op(p.op, a[o.x], b[o.y]);
+    out[o.w] = OUT(binary_op(p.op, f32(a[o.x]), f32(b[o.y])));
 }
 
 // out = binary(a, alpha), or binary(alpha, a) with FLAG_SCALAR_LEFT
@@ -164,11 +169,11 @@ fn binary_scalar_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgro
     let i = linear_index(wid, nwg, lid);
     if (i >= p.n) { return; }
     let o = offsets(i);
-    let x = a[o.x];
+    let x = f32(a[o.x]);
     if ((p.flags & FLAG_SCALAR_LEFT) != 0u) {
-        out[o.w] = binary_op(p.op, p.alpha, x);
+        out[o.w] = OUT(binary_op(p.op, p.alpha, x));
     } else {
-        out[o.w] = binary_op(p.op, x, p.alpha);
+        out[o.w] = OUT(binary_op(p.op, x, p.alpha));
     }
 }
 
@@ -179,7 +184,7 @@ fn where_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg
     let i = linear_index(wid, nwg, lid);
     if (i >= p.n) { return; }
     let o = offsets(i);
-    out[o.w] = select(c[o.z], b[o.y], a[o.x] != 0.0);
+    out[o.w] = OUT(select(f32(c[o.z]), f32(b[o.y]), f32(a[o.x]) != 0.0));
 }
 
 // out = alpha
@@ -188,7 +193,7 @@ fn fill_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg:
             @builtin(local_invocation_id) lid: vec3<u32>) {
     let i = linear_index(wid, nwg, lid);
     if (i >= p.n) { return; }
-    out[offsets(i).w] = p.alpha;
+    out[offsets(i).w] = OUT(p.alpha);
 }
 
 // out = alpha + i * beta, computed in f32 as start + index * step
@@ -197,7 +202,7 @@ fn arange_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw
               @builtin(local_invocation_id) lid: vec3<u32>) {
     let i = linear_index(wid, nwg, lid);
     if (i >= p.n) { return; }
-    out[offsets(i).w] = p.alpha + f32(i) * p.beta;
+    out[offsets(i).w] = OUT(p.alpha + f32(i) * p.beta);
 }
 
 fn pcg(v: u32) -> u32 {
@@ -223,7 +228,7 @@ fn rand_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg:
     let i = linear_index(wid, nwg, lid);
     if (i >= p.n) { return; }
     let u = f32(random_bits(i, 0u) >> 8u) * (1.0 / 16777216.0);
-    out[offsets(i).w] = p.alpha + (p.beta - p.alpha) * u;
+    out[offsets(i).w] = OUT(p.alpha + (p.beta - p.alpha) * u);
 }
 
 // out = beta where a uniform draw is >= alpha, else 0: a dropout mask with drop probability
@@ -234,7 +239,7 @@ fn dropout_mask_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgrou
     let i = linear_index(wid, nwg, lid);
     if (i >= p.n) { return; }
     let u = f32(random_bits(i, 0u) >> 8u) * (1.0 / 16777216.0);
-    out[offsets(i).w] = select(0.0, p.beta, u >= p.alpha);
+    out[offsets(i).w] = OUT(select(0.0, p.beta, u >= p.alpha));
 }
 
 // out = normal with mean alpha and standard deviation beta (Box-Muller)
@@ -246,10 +251,10 @@ fn randn_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg
     let u1 = unit_open_closed(random_bits(i, 0u));
     let u2 = f32(random_bits(i, 1u) >> 8u) * (1.0 / 16777216.0);
     let z = sqrt(-2.0 * log(u1)) * cos(6.283185307179586 * u2);
-    out[offsets(i).w] = p.alpha + p.beta * z;
+    out[offsets(i).w] = OUT(p.alpha + p.beta * z);
 }
 
-// out = a[..., b[...], ...]: the index along the gathered axis comes from b (f32 holding an
+// out = f32(a[..., f32(b[...]), ...]): the index along the gathered axis comes from b (f32 holding an
 // integer); the other axes come from the position. p.sa has 0 on the gathered axis, whose
 // size and stride in a are aux0 and aux1. Out-of-range indices give 0.
 @compute @workgroup_size(256)
@@ -258,17 +263,17 @@ fn gather_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw
     let i = linear_index(wid, nwg, lid);
     if (i >= p.n) { return; }
     let o = offsets(i);
-    let fi = b[o.y];
+    let fi = f32(b[o.y]);
     if (!(fi >= 0.0) || fi >= f32(p.aux0)) {
-        out[o.w] = 0.0;
+        out[o.w] = OUT(0.0);
         return;
     }
-    out[o.w] = a[o.x + u32(fi) * p.aux1];
+    out[o.w] = OUT(f32(a[o.x + u32(fi) * p.aux1]));
 }
 
 // Backward of gather_fwd (a scatter-add without atomics): out has the shape of the index with
 // its gathered axis (p.op) widened to the input's size. Element c of out sums the output
-// gradient a over the p.aux0 positions k along the axis whose index b equals c[axis]. p.sa
+// gradient a over the p.aux0 positions k along the axis whose index b equals f32(c[axis]). p.sa
 // and p.sb have 0 on that axis; the gradient's and the index's strides along it are p.aux1
 // and p.off_c.
 @compute @workgroup_size(256)
@@ -281,9 +286,9 @@ fn gather_bwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw
     let target_index = f32((i / p.so[axis >> 2u][axis & 3u]) % p.shape[axis >> 2u][axis & 3u]);
     var acc = 0.0;
     for (var k = 0u; k < p.aux0; k += 1u) {
-        if (b[o.y + k * p.off_c] == target_index) {
-            acc += a[o.x + k * p.aux1];
+        if (f32(b[o.y + k * p.off_c]) == target_index) {
+            acc += f32(a[o.x + k * p.aux1]);
         }
     }
-    out[o.w] = acc;
+    out[o.w] = OUT(acc);
 }

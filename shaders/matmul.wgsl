@@ -35,10 +35,15 @@ struct Params {
     sb: array<vec4<u32>, 2>,
 }
 
-@group(0) @binding(0) var<storage, read> a: array<f32>;
-@group(0) @binding(1) var<storage, read> b: array<f32>;
-@group(0) @binding(2) var<storage, read> bias: array<f32>;
-@group(0) @binding(3) var<storage, read_write> out: array<f32>;
+// Element types of the input and output buffers: f32, or f16 in the variants that src/kernels.rs
+// derives from this file (arithmetic stays in f32).
+alias IN = f32;
+alias OUT = f32;
+
+@group(0) @binding(0) var<storage, read> a: array<IN>;
+@group(0) @binding(1) var<storage, read> b: array<IN>;
+@group(0) @binding(2) var<storage, read> bias: array<IN>;
+@group(0) @binding(3) var<storage, read_write> out: array<OUT>;
 @group(0) @binding(4) var<uniform> p: Params;
 
 @compute @workgroup_size(8, 8)
@@ -77,11 +82,11 @@ fn matmul_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_i
     for (var kk = 0u; kk < p.k; kk += 1u) {
         let ka = kk * p.a_cs;
         let kb = kk * p.b_rs;
-        let bv = vec4<f32>(b[cb.x + kb], b[cb.y + kb], b[cb.z + kb], b[cb.w + kb]);
-        acc0 += a[ra.x + ka] * bv;
-        acc1 += a[ra.y + ka] * bv;
-        acc2 += a[ra.z + ka] * bv;
-        acc3 += a[ra.w + ka] * bv;
+        let bv = vec4<f32>(f32(b[cb.x + kb]), f32(b[cb.y + kb]), f32(b[cb.z + kb]), f32(b[cb.w + kb]));
+        acc0 += f32(a[ra.x + ka]) * bv;
+        acc1 += f32(a[ra.y + ka]) * bv;
+        acc2 += f32(a[ra.z + ka]) * bv;
+        acc3 += f32(a[ra.w + ka]) * bv;
     }
 
     let out_base = z * p.m * p.n;
@@ -96,9 +101,9 @@ fn matmul_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_i
             if (cc < p.n) {
                 var v = rows[i][j];
                 if ((p.epilogue & EPILOGUE_BIAS) != 0u) {
-                    v += bias[p.off_bias + cc];
+                    v += f32(bias[p.off_bias + cc]);
                 }
-                out[out_base + r * p.n + cc] = epilogue_activation(v, p.epilogue, p.act_alpha);
+                out[out_base + r * p.n + cc] = OUT(epilogue_activation(v, p.epilogue, p.act_alpha));
             }
         }
     }

@@ -32,9 +32,14 @@ struct Params {
     _pad: u32,
 }
 
-@group(0) @binding(0) var<storage, read> a: array<f32>;
-@group(0) @binding(1) var<storage, read> b: array<f32>;
-@group(0) @binding(3) var<storage, read_write> out: array<f32>;
+// Element types of the input and output buffers: f32, or f16 in the variants that src/kernels.rs
+// derives from this file (arithmetic stays in f32).
+alias IN = f32;
+alias OUT = f32;
+
+@group(0) @binding(0) var<storage, read> a: array<IN>;
+@group(0) @binding(1) var<storage, read> b: array<IN>;
+@group(0) @binding(3) var<storage, read_write> out: array<OUT>;
 @group(0) @binding(4) var<uniform> p: Params;
 
 const WG: u32 = 256u;
@@ -82,10 +87,10 @@ fn pool2d_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw
         var acc = 0.0;
         for (var iy = wy.x; iy < wy.y; iy += 1u) {
             for (var ix = wx.x; ix < wx.y; ix += 1u) {
-                acc += a[base + iy * p.w + ix];
+                acc += f32(a[base + iy * p.w + ix]);
             }
         }
-        out[i] = acc / f32((wy.y - wy.x) * (wx.y - wx.x));
+        out[i] = OUT(acc / f32((wy.y - wy.x) * (wx.y - wx.x)));
         return;
     }
     var best = -bitcast<f32>(0x7f800000u);
@@ -99,7 +104,7 @@ fn pool2d_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw
             let ix = i32(ox * p.sw + kx * p.dw) - i32(p.pw);
             if (ix < 0 || ix >= i32(p.w)) { continue; }
             let idx = u32(iy) * p.w + u32(ix);
-            let v = a[base + idx];
+            let v = f32(a[base + idx]);
             acc += v;
             // The first maximum in scan order wins; a NaN wins and stays.
             if (!found || (!is_nan(best) && (v > best || is_nan(v)))) {
@@ -110,13 +115,13 @@ fn pool2d_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw
         }
     }
     if (p.mode == 0u) {
-        out[i] = best;
+        out[i] = OUT(best);
         // Inference asks for no indices (idx_off = 0xffffffff).
         if (p.idx_off != 0xffffffffu) {
-            out[p.idx_off + i] = f32(best_idx);
+            out[p.idx_off + i] = OUT(f32(best_idx));
         }
     } else {
-        out[i] = acc / avg_divisor(oy, ox);
+        out[i] = OUT(acc / avg_divisor(oy, ox));
     }
 }
 
@@ -143,12 +148,12 @@ fn max_pool2d_bwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups
             let ox = u32(tx) / p.sw;
             if (ox >= p.ow) { continue; }
             let o = obase + oy * p.ow + ox;
-            if (b[p.idx_off + o] == f32(idx)) {
-                acc += a[o];
+            if (f32(b[p.idx_off + o]) == f32(idx)) {
+                acc += f32(a[o]);
             }
         }
     }
-    out[i] = acc;
+    out[i] = OUT(acc);
 }
 
 @compute @workgroup_size(256)
@@ -169,10 +174,10 @@ fn avg_pool2d_bwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups
             for (var ox = 0u; ox < p.ow; ox += 1u) {
                 let wx = adaptive_window(ox, p.w, p.ow);
                 if (ix < wx.x || ix >= wx.y) { continue; }
-                acc += a[obase + oy * p.ow + ox] / f32((wy.y - wy.x) * (wx.y - wx.x));
+                acc += f32(a[obase + oy * p.ow + ox]) / f32((wy.y - wy.x) * (wx.y - wx.x));
             }
         }
-        out[i] = acc;
+        out[i] = OUT(acc);
         return;
     }
     for (var ky = 0u; ky < p.kh; ky += 1u) {
@@ -185,8 +190,8 @@ fn avg_pool2d_bwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups
             if (tx < 0 || tx % i32(p.sw) != 0) { continue; }
             let ox = u32(tx) / p.sw;
             if (ox >= p.ow) { continue; }
-            acc += a[obase + oy * p.ow + ox] / avg_divisor(oy, ox);
+            acc += f32(a[obase + oy * p.ow + ox]) / avg_divisor(oy, ox);
         }
     }
-    out[i] = acc;
+    out[i] = OUT(acc);
 }

@@ -24,10 +24,10 @@ use crate::autograd::no_grad;
 use crate::checkpoint::StoredTensor;
 use crate::device::Device;
 use crate::error::{Error, Result};
-use crate::kernels::Kernel;
+use crate::kernels::{Kernel, Variant};
 use crate::nn::{LayerKind, Module, Sequential};
 use crate::ops::conv::{conv2d_geometry, conv_fwd_into, Conv2dOptions, ConvTranspose2dOptions};
-use crate::ops::elementwise::{copy_into, launch, Extra, UnaryOp};
+use crate::ops::elementwise::{copy_into, launch_variant, Extra, UnaryOp};
 use crate::ops::matmul::matmul_into;
 use crate::ops::pool::{
     adaptive_geometry, geometry, pool_into, Pool2dOptions, MODE_AVG_VALID, MODE_AVG_WITH_PAD,
@@ -134,6 +134,60 @@ pub struct InferenceModel {
     device: Device,
     layers: Vec<Frozen>,
     plans: Mutex<HashMap<Vec<usize>, Plan>>,
+    precision: Precision,
+}
+
+/// Element type of an inference model's weights and activations.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Precision {
+    /// 32-bit floats.
+    #[default]
+    F32,
+    /// 16-bit floats in memory, f32 arithmetic inside the kernels (needs `SHADER_F16`).
+    F16,
+}
+
+impl Precision {
+    fn variant(self) -> Variant {
+        match self {
+            Precision::F32 => Variant::F32,
+            Precision::F16 => Variant::F16,
+        }
+    }
+
+    fn bytes(self) -> u64 {
+        match self {
+            Precision::F32 => 4,
+            Precision::F16 => 2,
+        }
+    }
+}
+
+/// A tensor of `shape` holding `values` as f16, for the half-precision kernels only: its
+/// storage is sized for halves, its layout counts elements.
+fn half_tensor(t: &Tensor) -> Result<Tensor> {
+    let values = t.to_vec()?;
+    let mut bits: Vec<u16> = values
+        .iter()
+        .map(|&v| half::f16::from_f32(v).to_bits())
+        .collect();
+    if bits.len() % 2 == 1 {
+        bits.push(0);
+    }
+    let storage = Tensor::alloc("to_half", &[bits.len() / 2], t.device(), true)?;
+    t.device()
+        .upload(storage.buffer(), bytemuck::cast_slice(&bits));
+    Ok(storage.with_layout(Layout::contiguous(t.dims())))
+}
+
+/// Storage for `n` elements of `precision`, viewed as a flat tensor of `n` elements.
+fn activation_buffer(n: usize, precision: Precision, device: &Device) -> Result<Tensor> {
+    let units = match precision {
+        Precision::F32 => n,
+        Precision::F16 => n.div_ceil(2),
+    };
+    Ok(Tensor::uninit("InferenceModel", &[units.max(1)], device)?
+        .with_layout(Layout::contiguous(&[n])))
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -310,6 +364,7 @@ impl InferenceModel {
                 device,
                 layers,
                 plans: Mutex::new(HashMap::new()),
+                precision: Precision::F32,
             })
         })
     }
@@ -482,7 +537,7 @@ impl InferenceModel {
 
     /// Bytes of weights and buffers held.
     pub fn weight_bytes(&self) -> u64 {
-        let t = |t: &Tensor| t.numel() as u64 * 4;
+        let t = |t: &Tensor| t.numel() as u64 * self.precision.bytes();
         let o = |x: &Option<Tensor>| x.as_ref().map_or(0, t);
         self.layers
             .iter()
@@ -607,18 +662,20 @@ impl InferenceModel {
         let Some(out_shape) = shapes.last() else {
             return Ok(x);
         };
+        let half = self.precision == Precision::F16;
         let mut plans = lock(&self.plans);
         if !plans.contains_key(x.dims()) {
+            // Two buffers used in turn; in half precision the input is converted into one.
+            let input = if half { x.numel() } else { 0 };
             let max = shapes
                 .iter()
                 .map(|s| s.iter().product::<usize>())
-                .max()
-                .unwrap_or(0)
+                .fold(input, usize::max)
                 .max(1);
             let plan = Plan {
                 buffers: [
-                    Tensor::uninit("InferenceModel", &[max], &self.device)?,
-                    Tensor::uninit("InferenceModel", &[max], &self.device)?,
+                    activation_buffer(max, self.precision, &self.device)?,
+                    activation_buffer(max, self.precision, &self.device)?,
                 ],
             };
             plans.insert(x.shape(), plan);
@@ -631,6 +688,19 @@ impl InferenceModel {
         };
         let mut current = x.clone();
         let mut slot = 0;
+        if half {
+            let staged = view(0, x.dims());
+            launch_variant(
+                Kernel::UnaryFwd,
+                Variant::F32ToF16,
+                &[(&x, &x.layout)],
+                &staged,
+                &staged.layout.clone(),
+                Extra::default(),
+            )?;
+            current = staged;
+            slot = 1;
+        }
         for (layer, shape) in self.layers.iter().zip(&shapes) {
             let out = view(slot, shape);
             let produced = self.run(layer, &current, &out, shape)?;
@@ -642,8 +712,80 @@ impl InferenceModel {
             }
         }
         let result = Tensor::uninit("InferenceModel::predict", out_shape, &self.device)?;
-        copy_into(&current, &result, &result.layout.clone())?;
+        let variant = if half {
+            Variant::F16ToF32
+        } else {
+            Variant::F32
+        };
+        launch_variant(
+            Kernel::UnaryFwd,
+            variant,
+            &[(&current, &current.layout)],
+            &result,
+            &result.layout.clone(),
+            Extra::default(),
+        )?;
         Ok(result)
+    }
+
+    /// The same model with f16 weights and activations (f32 arithmetic inside the kernels):
+    /// half the memory. `Err` when the adapter lacks `SHADER_F16` (keep the f32 model then),
+    /// or for layers without a half-precision path (transposed convolution, layer norm,
+    /// embedding, a batch norm that could not be folded).
+    pub fn to_half(self) -> Result<InferenceModel> {
+        const OP: &str = "InferenceModel::to_half";
+        if !self.device.features().contains(wgpu::Features::SHADER_F16) {
+            return Err(Error::invalid(
+                OP,
+                format!(
+                    "{} has no SHADER_F16 feature: use the f32 model",
+                    self.device.name()
+                ),
+            ));
+        }
+        if self.precision == Precision::F16 {
+            return Ok(self);
+        }
+        let h = |t: &Tensor| half_tensor(t);
+        let oh = |t: &Option<Tensor>| t.as_ref().map(half_tensor).transpose();
+        let mut layers = Vec::with_capacity(self.layers.len());
+        for (i, l) in self.layers.into_iter().enumerate() {
+            layers.push(match l {
+                Frozen::Linear { w, b, act } => Frozen::Linear {
+                    w: h(&w)?,
+                    b: oh(&b)?,
+                    act,
+                },
+                Frozen::Conv2d { w, b, opts, act } => Frozen::Conv2d {
+                    w: h(&w)?,
+                    b: oh(&b)?,
+                    opts,
+                    act,
+                },
+                l @ (Frozen::Pool { .. }
+                | Frozen::AdaptiveAvgPool(_)
+                | Frozen::Flatten(..)
+                | Frozen::Activation(..)) => l,
+                _ => {
+                    return Err(Error::invalid(
+                        OP,
+                        format!("layer {i} has no half-precision kernel path"),
+                    ))
+                }
+            });
+        }
+        self.device.synchronize()?;
+        Ok(InferenceModel {
+            device: self.device,
+            layers,
+            plans: Mutex::new(HashMap::new()),
+            precision: Precision::F16,
+        })
+    }
+
+    /// The element type of weights and activations.
+    pub fn precision(&self) -> Precision {
+        self.precision
     }
 
     /// Runs one layer from `x` into `out`; `false` when the layer only reshapes (no data moves).
@@ -661,6 +803,7 @@ impl InferenceModel {
                     &Epilogue {
                         bias: b.as_ref(),
                         activation: *act,
+                        variant: self.precision.variant(),
                     },
                 )?;
             }
@@ -674,6 +817,7 @@ impl InferenceModel {
                     &Epilogue {
                         bias: b.as_ref(),
                         activation: *act,
+                        variant: self.precision.variant(),
                     },
                 )?;
             }
@@ -708,9 +852,14 @@ impl InferenceModel {
                     MODE_AVG_VALID
                 };
                 let g = geometry("pool2d", x.dims(), opts, mode)?;
-                pool_into(x, out, &g);
+                pool_into(x, out, &g, self.precision.variant())?;
             }
-            Frozen::AdaptiveAvgPool(size) => pool_into(x, out, &adaptive_geometry(x.dims(), *size)),
+            Frozen::AdaptiveAvgPool(size) => pool_into(
+                x,
+                out,
+                &adaptive_geometry(x.dims(), *size),
+                self.precision.variant(),
+            )?,
             Frozen::Flatten(..) => return Ok(false),
             Frozen::Activation(op, alpha) => {
                 let e = Extra {
@@ -718,13 +867,14 @@ impl InferenceModel {
                     alpha: *alpha,
                     ..Default::default()
                 };
-                launch(
+                launch_variant(
                     Kernel::UnaryFwd,
+                    self.precision.variant(),
                     &[(x, &x.layout)],
                     out,
                     &out.layout.clone(),
                     e,
-                );
+                )?;
             }
             Frozen::Embedding(w) => {
                 let y = w.index_select(0, &x.reshape(&[-1])?)?;
@@ -754,7 +904,12 @@ impl InferenceModel {
     pub fn planned_bytes(&self) -> u64 {
         lock(&self.plans)
             .values()
-            .map(|p| p.buffers.iter().map(|b| b.numel() as u64 * 4).sum::<u64>())
+            .map(|p| {
+                p.buffers
+                    .iter()
+                    .map(|b| b.numel() as u64 * self.precision.bytes())
+                    .sum::<u64>()
+            })
             .sum()
     }
 }

@@ -74,6 +74,67 @@ impl ShaderFile {
     }
 }
 
+/// The element types a kernel reads and writes. Files whose buffers are declared through the
+/// `IN`/`OUT` aliases (elementwise, matmul, conv, pool) compile in every variant; arithmetic
+/// stays in f32. The f16 variants need the adapter's `SHADER_F16` feature.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Variant {
+    /// f32 in, f32 out.
+    #[default]
+    F32,
+    /// f16 in, f16 out.
+    F16,
+    /// f16 in, f32 out (reading half-precision results back).
+    F16ToF32,
+    /// f32 in, f16 out (converting inputs).
+    F32ToF16,
+}
+
+impl Variant {
+    /// Every variant.
+    pub const ALL: [Variant; 4] = [
+        Variant::F32,
+        Variant::F16,
+        Variant::F16ToF32,
+        Variant::F32ToF16,
+    ];
+
+    fn types(self) -> (&'static str, &'static str) {
+        match self {
+            Variant::F32 => ("f32", "f32"),
+            Variant::F16 => ("f16", "f16"),
+            Variant::F16ToF32 => ("f16", "f32"),
+            Variant::F32ToF16 => ("f32", "f16"),
+        }
+    }
+}
+
+impl ShaderFile {
+    /// True when the file declares its buffers through the `IN`/`OUT` aliases.
+    pub fn has_variants(self) -> bool {
+        matches!(
+            self,
+            ShaderFile::Elementwise | ShaderFile::Matmul | ShaderFile::Conv | ShaderFile::Pool
+        )
+    }
+
+    /// The WGSL source of `variant` (`None` when the file has no such variant).
+    pub fn variant_source(self, variant: Variant) -> Option<String> {
+        if variant == Variant::F32 {
+            return Some(self.source().to_string());
+        }
+        if !self.has_variants() {
+            return None;
+        }
+        let (input, output) = variant.types();
+        let src = self
+            .source()
+            .replace("alias IN = f32;", &format!("alias IN = {input};"))
+            .replace("alias OUT = f32;", &format!("alias OUT = {output};"));
+        Some(format!("enable f16;\n{src}"))
+    }
+}
+
 macro_rules! kernels {
     ($($variant:ident => ($file:ident, $entry:literal, $inputs:literal)),* $(,)?) => {
         /// One WGSL entry point.

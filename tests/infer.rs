@@ -4,7 +4,7 @@
 mod common;
 
 use common::*;
-use kiln::data::{self, DataLoader};
+use kiln::data::{self, DataLoader, Dataset};
 use kiln::infer::{freeze, InferenceModel};
 use kiln::nn::{Init, Module, Sequential};
 use kiln::optim::{Adam, AdamOptions, Optimizer};
@@ -205,4 +205,71 @@ fn concurrent_predictions_agree() {
     for h in handles {
         h.join().unwrap();
     }
+}
+
+fn accuracy(model: &InferenceModel, d: &Device) -> f64 {
+    let (_, test) = data::digits().unwrap().split(0.8, 0).unwrap();
+    let loader = DataLoader::new(&test, 64, d);
+    let mut right = 0;
+    for b in loader.epoch(0) {
+        let b = b.unwrap();
+        let p = model.classify(&b.inputs).unwrap();
+        right += p.iter().zip(&b.labels).filter(|(p, l)| p == l).count();
+    }
+    right as f64 / test.len() as f64
+}
+
+#[test]
+fn half_precision_keeps_accuracy_and_halves_weights() {
+    let d = dev();
+    if !d.features().contains(kiln::wgpu::Features::SHADER_F16) {
+        // Documented fallback: the conversion is an error and the f32 model stays usable.
+        let f =
+            freeze(Sequential::from_spec(&mut Init::new(&d, 0), "linear(2,2)").unwrap()).unwrap();
+        assert!(f.to_half().is_err());
+        return;
+    }
+    let mut model = Sequential::from_spec(&mut Init::new(&d, 3), SPEC).unwrap();
+    let mut opt = Adam::new(
+        model.parameters(),
+        AdamOptions {
+            lr: 0.01,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let (train_set, _) = data::digits().unwrap().split(0.8, 0).unwrap();
+    let loader = DataLoader::new(&train_set, 32, &d).shuffle(2);
+    kiln::train::fit(
+        &mut model,
+        &mut opt,
+        &loader,
+        None,
+        kiln::train::FitOptions {
+            epochs: 2,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    model.set_training(false);
+    let f32_model = freeze(model).unwrap();
+    let acc32 = accuracy(&f32_model, &d);
+    let x = digits_batch(&d, 32);
+    let y32 = f32_model.predict(&x).unwrap().to_vec().unwrap();
+    let w32 = f32_model.weight_bytes();
+    let f16_model = f32_model.to_half().unwrap();
+    assert_eq!(f16_model.precision(), kiln::infer::Precision::F16);
+    assert_eq!(f16_model.weight_bytes() * 2, w32);
+    let y16 = f16_model.predict(&x).unwrap().to_vec().unwrap();
+    let diff = max_rel_diff(&y16, &y32);
+    assert!(
+        diff < 2e-2,
+        "f16 logits differ from f32 by {diff} (relative to the largest)"
+    );
+    let acc16 = accuracy(&f16_model, &d);
+    assert!(acc32 > 0.9, "f32 accuracy {acc32}");
+    assert!(
+        (acc16 - acc32).abs() <= 0.005,
+        "f16 accuracy {acc16} vs f32 {acc32}"
+    );
 }

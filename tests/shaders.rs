@@ -4,14 +4,14 @@
 use std::fs;
 use std::path::Path;
 
-use kiln::kernels::{Kernel, ShaderFile};
+use kiln::kernels::{Kernel, ShaderFile, Variant};
 
 fn validate(name: &str, source: &str) -> naga::Module {
     let module = naga::front::wgsl::parse_str(source)
         .unwrap_or_else(|e| panic!("{name}: {}", e.emit_to_string(source)));
     naga::valid::Validator::new(
         naga::valid::ValidationFlags::all(),
-        naga::valid::Capabilities::default(),
+        naga::valid::Capabilities::default() | naga::valid::Capabilities::SHADER_FLOAT16,
     )
     .validate(&module)
     .unwrap_or_else(|e| panic!("{name}: {}", e.emit_to_string(source)));
@@ -39,6 +39,20 @@ fn every_shader_parses_and_validates() {
                 "{} is not in the kernel registry",
                 ep.name
             );
+        }
+    }
+}
+
+#[test]
+fn half_precision_variants_validate() {
+    for file in ShaderFile::ALL {
+        for v in Variant::ALL {
+            match file.variant_source(v) {
+                Some(src) => {
+                    validate(&format!("{} {v:?}", file.file_name()), &src);
+                }
+                None => assert!(!file.has_variants() && v != Variant::F32),
+            }
         }
     }
 }

@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::error::{Error, Result};
-use crate::kernels::{Kernel, ShaderFile, OUTPUT_BINDINGS, PARAMS_BINDING};
+use crate::kernels::{Kernel, ShaderFile, Variant, OUTPUT_BINDINGS, PARAMS_BINDING};
 pub(crate) use pool::BufferKind;
 use pool::{size_class, Pool};
 
@@ -91,8 +91,8 @@ struct DeviceInner {
     info: wgpu::AdapterInfo,
     limits: wgpu::Limits,
     features: wgpu::Features,
-    modules: Mutex<HashMap<ShaderFile, wgpu::ShaderModule>>,
-    pipelines: Mutex<HashMap<Kernel, Arc<Pipeline>>>,
+    modules: Mutex<HashMap<(ShaderFile, Variant), wgpu::ShaderModule>>,
+    pipelines: Mutex<HashMap<(Kernel, Variant), Arc<Pipeline>>>,
     batch: Mutex<Batch>,
     pool: Mutex<Pool>,
     gpu_error: Arc<Mutex<Option<String>>>,
@@ -372,24 +372,33 @@ impl Device {
         }
     }
 
-    fn pipeline(&self, kernel: Kernel) -> Arc<Pipeline> {
-        if let Some(p) = lock(&self.inner.pipelines).get(&kernel) {
-            return p.clone();
+    fn pipeline(&self, kernel: Kernel, variant: Variant) -> Result<Arc<Pipeline>> {
+        if let Some(p) = lock(&self.inner.pipelines).get(&(kernel, variant)) {
+            return Ok(p.clone());
         }
         let file = kernel.file();
         let module = {
             let mut modules = lock(&self.inner.modules);
-            modules
-                .entry(file)
-                .or_insert_with(|| {
-                    self.inner
+            match modules.get(&(file, variant)) {
+                Some(m) => m.clone(),
+                None => {
+                    let source = file.variant_source(variant).ok_or_else(|| {
+                        Error::invalid(
+                            "dispatch",
+                            format!("{} has no {variant:?} variant", file.file_name()),
+                        )
+                    })?;
+                    let m = self
+                        .inner
                         .device
                         .create_shader_module(wgpu::ShaderModuleDescriptor {
                             label: Some(file.file_name()),
-                            source: wgpu::ShaderSource::Wgsl(file.source().into()),
-                        })
-                })
-                .clone()
+                            source: wgpu::ShaderSource::Wgsl(source.into()),
+                        });
+                    modules.insert((file, variant), m.clone());
+                    m
+                }
+            }
         };
         let pipeline =
             self.inner
@@ -404,8 +413,8 @@ impl Device {
                 });
         let layout = pipeline.get_bind_group_layout(0);
         let p = Arc::new(Pipeline { pipeline, layout });
-        lock(&self.inner.pipelines).insert(kernel, p.clone());
-        p
+        lock(&self.inner.pipelines).insert((kernel, variant), p.clone());
+        Ok(p)
     }
 
     /// Records one dispatch of `kernel` into the open batch.
@@ -433,13 +442,37 @@ impl Device {
         params: &[u8],
         workgroups: [u32; 3],
     ) {
+        // F32 exists for every kernel: this cannot fail.
+        let _ = self.dispatch_variant(kernel, Variant::F32, inputs, outputs, params, workgroups);
+    }
+
+    /// [`Device::dispatch_outputs`] of one element-type variant of the kernel. `Err` when the
+    /// variant does not exist or needs a feature the device lacks.
+    pub(crate) fn dispatch_variant(
+        &self,
+        kernel: Kernel,
+        variant: Variant,
+        inputs: &[&wgpu::Buffer],
+        outputs: &[&wgpu::Buffer],
+        params: &[u8],
+        workgroups: [u32; 3],
+    ) -> Result<()> {
+        if variant != Variant::F32 && !self.inner.features.contains(wgpu::Features::SHADER_F16) {
+            return Err(Error::invalid(
+                "dispatch",
+                format!(
+                    "{variant:?} kernels need SHADER_F16, which {} lacks",
+                    self.name()
+                ),
+            ));
+        }
         debug_assert_eq!(inputs.len(), kernel.inputs());
         debug_assert!(params.len() <= PARAMS_STRIDE);
         debug_assert!(!outputs.is_empty() && outputs.len() <= OUTPUT_BINDINGS.len());
         if workgroups.contains(&0) {
-            return;
+            return Ok(());
         }
-        let pipeline = self.pipeline(kernel);
+        let pipeline = self.pipeline(kernel, variant)?;
         let mut batch = lock(&self.inner.batch);
         if batch.pass.is_none() {
             self.open_pass(&mut batch);
@@ -448,11 +481,7 @@ impl Device {
             Some(b) => b.clone(),
             None => {
                 let size = (MAX_BATCH_DISPATCHES * PARAMS_STRIDE) as u64;
-                let buffer = match self.alloc("dispatch", size, BufferKind::Uniform, true) {
-                    Ok((b, _)) => b,
-                    // The size is a constant far below any adapter's limit.
-                    Err(_) => return,
-                };
+                let (buffer, _) = self.alloc("dispatch", size, BufferKind::Uniform, true)?;
                 batch.params_buffer = Some(buffer.clone());
                 buffer
             }
@@ -501,6 +530,7 @@ impl Device {
         if batch.dispatches >= MAX_BATCH_DISPATCHES {
             self.submit_locked(&mut batch, None);
         }
+        Ok(())
     }
 
     fn open_pass(&self, batch: &mut Batch) {

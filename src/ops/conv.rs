@@ -145,9 +145,9 @@ impl ConvGeometry {
         rows: usize,
         cols: usize,
         epi: &Epilogue<'_>,
-    ) {
+    ) -> Result<()> {
         if rows == 0 || cols == 0 {
-            return;
+            return Ok(());
         }
         let chunk = MAX_GROUPS * TILE;
         let mut base = 0;
@@ -159,19 +159,21 @@ impl ConvGeometry {
                 // Without a bias, any buffer fills the binding the kernel does not read.
                 inputs.push(epi.bias.map_or(b.buffer(), |t| t.buffer()));
             }
-            out.device().dispatch(
+            out.device().dispatch_variant(
                 kernel,
+                epi.variant,
                 &inputs,
-                out.buffer(),
+                &[out.buffer()],
                 bytemuck::bytes_of(&p),
                 [
                     cols.div_ceil(TILE) as u32,
                     these.div_ceil(TILE) as u32,
                     self.groups as u32,
                 ],
-            );
+            )?;
             base += these;
         }
+        Ok(())
     }
 }
 
@@ -201,7 +203,7 @@ pub(crate) fn conv_fwd_into(
         rows,
         g.c_out / g.groups,
         epi,
-    );
+    )?;
     Ok(())
 }
 
@@ -220,7 +222,7 @@ pub(crate) fn conv_bwd_input(dy: &Tensor, w: &Tensor, g: &ConvGeometry) -> Resul
         g.n * g.h * g.w,
         g.c_in / g.groups,
         &Epilogue::default(),
-    );
+    )?;
     Ok(out)
 }
 
@@ -240,7 +242,7 @@ pub(crate) fn conv_bwd_weight(dy: &Tensor, x: &Tensor, g: &ConvGeometry) -> Resu
         g.c_out / g.groups,
         g.c_in / g.groups * g.k[0] * g.k[1],
         &Epilogue::default(),
-    );
+    )?;
     Ok(out)
 }
 

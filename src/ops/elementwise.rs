@@ -6,7 +6,7 @@ use bytemuck::{Pod, Zeroable};
 use super::{grid, pack};
 use crate::autograd::{record, Op};
 use crate::error::{Error, Result};
-use crate::kernels::Kernel;
+use crate::kernels::{Kernel, Variant};
 use crate::shape::{broadcast_shapes, Layout, MAX_RANK};
 use crate::tensor::Tensor;
 
@@ -142,9 +142,22 @@ pub(crate) fn launch(
     out_layout: &Layout,
     extra: Extra,
 ) {
+    // The f32 variant of every kernel exists on every device.
+    let _ = launch_variant(kernel, Variant::F32, inputs, out, out_layout, extra);
+}
+
+/// [`launch`] of an element-type variant (for half-precision inference).
+pub(crate) fn launch_variant(
+    kernel: Kernel,
+    variant: Variant,
+    inputs: &[(&Tensor, &Layout)],
+    out: &Tensor,
+    out_layout: &Layout,
+    extra: Extra,
+) -> Result<()> {
     let n = out_layout.numel();
     if n == 0 {
-        return;
+        return Ok(());
     }
     let mut p = ElementwiseParams {
         n: n as u32,
@@ -177,13 +190,14 @@ pub(crate) fn launch(
         }
     }
     let buffers: Vec<&wgpu::Buffer> = inputs.iter().map(|(t, _)| t.buffer()).collect();
-    out.device().dispatch(
+    out.device().dispatch_variant(
         kernel,
+        variant,
         &buffers,
-        out.buffer(),
+        &[out.buffer()],
         bytemuck::bytes_of(&p),
         grid(n, 256),
-    );
+    )
 }
 
 fn check_rank(op: &'static str, shape: &[usize]) -> Result<()> {

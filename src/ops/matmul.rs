@@ -167,13 +167,14 @@ pub(crate) fn matmul_into(a: &Tensor, b: &Tensor, out: &Tensor, epi: &Epilogue<'
     while z < count {
         let chunk = (count - z).min(MAX_GROUPS);
         p.z_base = z as u32;
-        out.device().dispatch(
+        out.device().dispatch_variant(
             Kernel::MatmulFwd,
+            epi.variant,
             &[a.buffer(), b.buffer(), bias],
-            out.buffer(),
+            &[out.buffer()],
             bytemuck::bytes_of(&p),
             [groups[0], groups[1], chunk as u32],
-        );
+        )?;
         z += chunk;
     }
     Ok(())

@@ -38,6 +38,8 @@ pub(crate) fn pack(values: impl IntoIterator<Item = usize>) -> [u32; MAX_RANK] {
 pub(crate) struct Epilogue<'a> {
     pub bias: Option<&'a crate::tensor::Tensor>,
     pub activation: Option<(elementwise::UnaryOp, f32)>,
+    /// Element types of the kernel's buffers.
+    pub variant: crate::kernels::Variant,
 }
 
 impl Epilogue<'_> {

@@ -5,7 +5,7 @@ use bytemuck::{Pod, Zeroable};
 use super::grid;
 use crate::autograd::{record, Op};
 use crate::error::{Error, Result};
-use crate::kernels::Kernel;
+use crate::kernels::{Kernel, Variant};
 use crate::shape::Layout;
 use crate::tensor::Tensor;
 
@@ -327,14 +327,20 @@ pub(crate) fn adaptive_geometry(dims: &[usize], size: [usize; 2]) -> PoolGeometr
 
 /// Records a pooling of contiguous `x` into `out` (contiguous from offset 0), without max
 /// indices (for inference). Not recorded for autograd.
-pub(crate) fn pool_into(x: &Tensor, out: &Tensor, g: &PoolGeometry) {
+pub(crate) fn pool_into(
+    x: &Tensor,
+    out: &Tensor,
+    g: &PoolGeometry,
+    variant: Variant,
+) -> Result<()> {
     let total = g.n * g.c * g.oh * g.ow;
     let p = g.params(u32::MAX as usize);
-    x.device().dispatch(
+    x.device().dispatch_variant(
         Kernel::Pool2dFwd,
+        variant,
         &[x.buffer()],
-        out.buffer(),
+        &[out.buffer()],
         bytemuck::bytes_of(&p),
         grid(total, 256),
-    );
+    )
 }
