@@ -108,3 +108,100 @@ fn matmul_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_i
         }
     }
 }
+
+// ---- shared-memory tiled variant ----
+//
+// A workgroup of 16x16 invocations computes a 64x64 tile of the output, each invocation a
+// 4x4 block. The k axis advances in steps of 16: the workgroup stages a 64x16 slice of a and
+// a 16x64 slice of b in workgroup memory (each invocation loads 4 elements of each,
+// consecutive invocations reading consecutive addresses when the operand is row-major), then
+// every invocation reads its 4 rows and 4 columns as vec4s. Out-of-range elements load as 0.
+
+const TM: u32 = 64u;
+const TN: u32 = 64u;
+const TK: u32 = 16u;
+
+// k-major: element (k, r) of the a tile at k * TM + r, so a vec4 covers 4 rows.
+var<workgroup> tile_a: array<vec4<f32>, 256>;
+var<workgroup> tile_b: array<vec4<f32>, 256>;
+
+@compute @workgroup_size(16, 16)
+fn matmul_tiled_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>,
+                    @builtin(local_invocation_index) lindex: u32) {
+    let z = p.z_base + wid.z;
+    var rem = z;
+    var base_a = p.off_a;
+    var base_b = p.off_b;
+    for (var d = i32(p.batch_rank) - 1; d >= 0; d -= 1) {
+        let q = u32(d);
+        let size = p.bshape[q >> 2u][q & 3u];
+        let idx = rem % size;
+        rem = rem / size;
+        base_a += idx * p.sa[q >> 2u][q & 3u];
+        base_b += idx * p.sb[q >> 2u][q & 3u];
+    }
+    let tile_row = wid.y * TM;
+    let tile_col = wid.x * TN;
+    var acc0 = vec4<f32>(0.0);
+    var acc1 = vec4<f32>(0.0);
+    var acc2 = vec4<f32>(0.0);
+    var acc3 = vec4<f32>(0.0);
+    for (var k0 = 0u; k0 < p.k; k0 += TK) {
+        // Stage a (64 rows x 16 k): element e = lindex * 4 + j, k fastest.
+        for (var j = 0u; j < 4u; j += 1u) {
+            let e = lindex * 4u + j;
+            let r = e / TK;
+            let kk = e % TK;
+            let row = tile_row + r;
+            let kg = k0 + kk;
+            var v = 0.0;
+            if (row < p.m && kg < p.k) {
+                v = f32(a[base_a + row * p.a_rs + kg * p.a_cs]);
+            }
+            tile_a[(kk * TM + r) >> 2u][r & 3u] = v;
+        }
+        // Stage b (16 k x 64 columns): column fastest.
+        for (var j = 0u; j < 4u; j += 1u) {
+            let e = lindex * 4u + j;
+            let kk = e / TN;
+            let c = e % TN;
+            let col = tile_col + c;
+            let kg = k0 + kk;
+            var v = 0.0;
+            if (col < p.n && kg < p.k) {
+                v = f32(b[base_b + kg * p.b_rs + col * p.b_cs]);
+            }
+            tile_b[(kk * TN + c) >> 2u][c & 3u] = v;
+        }
+        workgroupBarrier();
+        for (var kk = 0u; kk < TK; kk += 1u) {
+            let av = tile_a[kk * (TM / 4u) + lid.y];
+            let bv = tile_b[kk * (TN / 4u) + lid.x];
+            acc0 += av.x * bv;
+            acc1 += av.y * bv;
+            acc2 += av.z * bv;
+            acc3 += av.w * bv;
+        }
+        workgroupBarrier();
+    }
+    let row0 = tile_row + lid.y * 4u;
+    let col0 = tile_col + lid.x * 4u;
+    let out_base = z * p.m * p.n;
+    let rows = array<vec4<f32>, 4>(acc0, acc1, acc2, acc3);
+    for (var i = 0u; i < 4u; i += 1u) {
+        let r = row0 + i;
+        if (r >= p.m) {
+            break;
+        }
+        for (var j = 0u; j < 4u; j += 1u) {
+            let cc = col0 + j;
+            if (cc < p.n) {
+                var v = rows[i][j];
+                if ((p.epilogue & EPILOGUE_BIAS) != 0u) {
+                    v += f32(bias[p.off_bias + cc]);
+                }
+                out[out_base + r * p.n + cc] = OUT(epilogue_activation(v, p.epilogue, p.act_alpha));
+            }
+        }
+    }
+}

@@ -63,6 +63,49 @@ fn matmul_shapes_batches_and_transposes() {
     assert_close("narrowed", &got, &want, 1e-5, 1e-5);
 }
 
+/// Sizes that take the shared-memory tiled kernel, with partial edge tiles, batches,
+/// transposed operands and a fused bias-free path; and one large enough to be autotuned.
+#[test]
+fn matmul_tiled_kernel_edges() {
+    let mut rng = Rng::new(31);
+    let (a, ra) = rand_pair(&mut rng, &[2, 130, 67], -1.0, 1.0);
+    let (b, rb) = rand_pair(&mut rng, &[67, 71], -1.0, 1.0);
+    assert_close(
+        "tiled batched",
+        &a.matmul(&b).unwrap(),
+        &ra.matmul(&rb),
+        1e-5,
+        1e-5,
+    );
+    let (c, rc) = rand_pair(&mut rng, &[83, 130], -1.0, 1.0);
+    let (e, re) = rand_pair(&mut rng, &[97, 83], -1.0, 1.0);
+    let got = c.t().unwrap().matmul(&e.t().unwrap()).unwrap();
+    assert_close(
+        "tiled transposed",
+        &got,
+        &rc.permute(&[1, 0]).matmul(&re.permute(&[1, 0])),
+        1e-5,
+        1e-5,
+    );
+    // 160 x 144 x 100 x 2 passes the autotuning threshold: whichever kernel wins, same answer.
+    let (f, rf) = rand_pair(&mut rng, &[2, 160, 100], -1.0, 1.0);
+    let (g, rg) = rand_pair(&mut rng, &[100, 144], -1.0, 1.0);
+    assert_close(
+        "autotuned",
+        &f.matmul(&g).unwrap(),
+        &rf.matmul(&rg),
+        1e-5,
+        1e-5,
+    );
+    assert_close(
+        "autotuned again",
+        &f.matmul(&g).unwrap(),
+        &rf.matmul(&rg),
+        1e-5,
+        1e-5,
+    );
+}
+
 #[test]
 fn matmul_vectors() {
     let mut rng = Rng::new(2);

@@ -99,6 +99,8 @@ struct DeviceInner {
     submits: AtomicU64,
     readbacks: AtomicU64,
     dispatches: AtomicU64,
+    autotune: std::sync::atomic::AtomicBool,
+    tuned: Mutex<HashMap<(Kernel, [u8; 4]), Kernel>>,
 }
 
 static NEXT_ID: AtomicUsize = AtomicUsize::new(0);
@@ -228,6 +230,10 @@ impl Device {
                 submits: AtomicU64::new(0),
                 readbacks: AtomicU64::new(0),
                 dispatches: AtomicU64::new(0),
+                autotune: std::sync::atomic::AtomicBool::new(
+                    std::env::var("KILN_AUTOTUNE").map_or(true, |v| v != "0"),
+                ),
+                tuned: Mutex::new(HashMap::new()),
             }),
         })
     }
@@ -284,6 +290,34 @@ impl Device {
     pub fn reset_peak_bytes(&self) {
         let mut pool = lock(&self.inner.pool);
         pool.peak_bytes = pool.live_bytes;
+    }
+
+    /// Turns the kernel autotuner on or off (on by default; `KILN_AUTOTUNE=0` turns it off).
+    /// When on, the first large matmul of each shape class times the candidate kernels once
+    /// (a few synchronised runs) and remembers the fastest for this device.
+    pub fn set_autotune(&self, on: bool) {
+        self.inner.autotune.store(on, Ordering::Relaxed);
+    }
+
+    pub(crate) fn autotune_enabled(&self) -> bool {
+        self.inner.autotune.load(Ordering::Relaxed)
+    }
+
+    /// The kernel chosen for `(family, shape class)`, if tuned.
+    pub(crate) fn tuned(&self, family: Kernel, class: [u8; 4]) -> Option<Kernel> {
+        lock(&self.inner.tuned).get(&(family, class)).copied()
+    }
+
+    pub(crate) fn set_tuned(&self, family: Kernel, class: [u8; 4], choice: Kernel) {
+        lock(&self.inner.tuned).insert((family, class), choice);
+    }
+
+    /// The autotuner's choices so far: (family, shape class as log2 buckets, kernel).
+    pub fn tuned_kernels(&self) -> Vec<(Kernel, [u8; 4], Kernel)> {
+        lock(&self.inner.tuned)
+            .iter()
+            .map(|(&(f, c), &k)| (f, c, k))
+            .collect()
     }
 
     /// Releases the buffers the pool keeps for reuse.

@@ -34,8 +34,62 @@ pub(crate) struct MatmulParams {
     pub sb: [u32; MAX_RANK],
 }
 
-/// Output tile of one workgroup (8x8 invocations, 4x4 outputs each).
+/// Output tile of one workgroup of `matmul_fwd` (8x8 invocations, 4x4 outputs each).
 const TILE: usize = 32;
+/// Output tile of one workgroup of `matmul_tiled_fwd` (16x16 invocations, 4x4 outputs each).
+const TILED: usize = 64;
+/// Matmuls with fewer multiply-adds than this use the heuristic choice without timing.
+const TUNE_MIN_WORK: usize = 1 << 21;
+
+fn log2_bucket(v: usize) -> u8 {
+    (usize::BITS - v.max(1).leading_zeros()) as u8
+}
+
+/// The kernel for an (m, n, k) x `count` product: the device's tuned choice for its shape
+/// class, else a timed choice (autotune on, large enough), else a heuristic.
+fn choose(
+    device: &crate::device::Device,
+    m: usize,
+    n: usize,
+    k: usize,
+    count: usize,
+    record: &dyn Fn(Kernel) -> Result<()>,
+) -> Result<Kernel> {
+    let class = [
+        log2_bucket(m),
+        log2_bucket(n),
+        log2_bucket(k),
+        log2_bucket(count),
+    ];
+    if let Some(kernel) = device.tuned(Kernel::MatmulFwd, class) {
+        return Ok(kernel);
+    }
+    let heuristic = if m >= 64 && n >= 64 && k >= 16 {
+        Kernel::MatmulTiledFwd
+    } else {
+        Kernel::MatmulFwd
+    };
+    if !device.autotune_enabled() || m * n * k * count < TUNE_MIN_WORK {
+        return Ok(heuristic);
+    }
+    let mut best = (f64::INFINITY, heuristic);
+    for kernel in [Kernel::MatmulFwd, Kernel::MatmulTiledFwd] {
+        // A first run compiles the pipeline; then the best of three.
+        record(kernel)?;
+        device.synchronize()?;
+        for _ in 0..3 {
+            let t = std::time::Instant::now();
+            record(kernel)?;
+            device.synchronize()?;
+            let s = t.elapsed().as_secs_f64();
+            if s < best.0 {
+                best = (s, kernel);
+            }
+        }
+    }
+    device.set_tuned(Kernel::MatmulFwd, class, best.1);
+    Ok(best.1)
+}
 const MAX_GROUPS: usize = 65535;
 
 impl Tensor {
@@ -118,6 +172,56 @@ impl Tensor {
     }
 }
 
+impl Tensor {
+    /// `self @ other` for 2-D operands with a chosen kernel, bypassing the autotuner (for
+    /// benchmarks that compare kernels). Not recorded for autograd.
+    #[doc(hidden)]
+    pub fn matmul_with_kernel(&self, other: &Tensor, kernel: Kernel) -> Result<Tensor> {
+        if self.rank() != 2 || other.rank() != 2 || self.dims()[1] != other.dims()[0] {
+            return Err(Error::shape(
+                "matmul_with_kernel",
+                format!("{:?} x {:?}", self.dims(), other.dims()),
+            ));
+        }
+        if !matches!(kernel, Kernel::MatmulFwd | Kernel::MatmulTiledFwd) {
+            return Err(Error::invalid(
+                "matmul_with_kernel",
+                format!("{kernel:?} is not a matmul kernel"),
+            ));
+        }
+        let out = Tensor::uninit("matmul", &[self.dims()[0], other.dims()[1]], self.device())?;
+        let (m, n) = (self.dims()[0], other.dims()[1]);
+        let tile = if kernel == Kernel::MatmulTiledFwd {
+            TILED
+        } else {
+            TILE
+        };
+        let p = MatmulParams {
+            m: m as u32,
+            n: n as u32,
+            k: self.dims()[1] as u32,
+            batch_rank: 0,
+            off_a: self.layout.offset as u32,
+            off_b: other.layout.offset as u32,
+            a_rs: self.strides()[0] as u32,
+            a_cs: self.strides()[1] as u32,
+            b_rs: other.strides()[0] as u32,
+            b_cs: other.strides()[1] as u32,
+            ..Zeroable::zeroed()
+        };
+        if m > 0 && n > 0 {
+            self.device().dispatch(
+                kernel,
+                &[self.buffer(), other.buffer(), other.buffer()],
+                out.buffer(),
+                bytemuck::bytes_of(&p),
+                [n.div_ceil(tile) as u32, m.div_ceil(tile) as u32, 1],
+            );
+        }
+        Ok(out)
+    }
+}
+
 /// Records `out = epilogue(a @ b)`: `a` (.., m, k) and `b` (.., k, n) of rank >= 2 with
 /// broadcastable batch axes, `out` contiguous from offset 0 with the broadcast shape. Not
 /// recorded for autograd.
@@ -140,7 +244,7 @@ pub(crate) fn matmul_into(a: &Tensor, b: &Tensor, out: &Tensor, epi: &Epilogue<'
     if m == 0 || n == 0 || count == 0 {
         return Ok(());
     }
-    let mut p = MatmulParams {
+    let p = MatmulParams {
         m: m as u32,
         n: n as u32,
         k: k as u32,
@@ -162,20 +266,31 @@ pub(crate) fn matmul_into(a: &Tensor, b: &Tensor, out: &Tensor, epi: &Epilogue<'
     };
     // Without a bias, any buffer fills the binding the kernel does not read.
     let bias = epi.bias.map_or(b.buffer(), |t| t.buffer());
-    let groups = [n.div_ceil(TILE) as u32, m.div_ceil(TILE) as u32];
-    let mut z = 0;
-    while z < count {
-        let chunk = (count - z).min(MAX_GROUPS);
-        p.z_base = z as u32;
-        out.device().dispatch_variant(
-            Kernel::MatmulFwd,
-            epi.variant,
-            &[a.buffer(), b.buffer(), bias],
-            &[out.buffer()],
-            bytemuck::bytes_of(&p),
-            [groups[0], groups[1], chunk as u32],
-        )?;
-        z += chunk;
-    }
+    let record = |kernel: Kernel| -> Result<()> {
+        let tile = if kernel == Kernel::MatmulTiledFwd {
+            TILED
+        } else {
+            TILE
+        };
+        let groups = [n.div_ceil(tile) as u32, m.div_ceil(tile) as u32];
+        let mut p = p;
+        let mut z = 0;
+        while z < count {
+            let chunk = (count - z).min(MAX_GROUPS);
+            p.z_base = z as u32;
+            out.device().dispatch_variant(
+                kernel,
+                epi.variant,
+                &[a.buffer(), b.buffer(), bias],
+                &[out.buffer()],
+                bytemuck::bytes_of(&p),
+                [groups[0], groups[1], chunk as u32],
+            )?;
+            z += chunk;
+        }
+        Ok(())
+    };
+    let kernel = choose(out.device(), m, n, k, count, &record)?;
+    record(kernel)?;
     Ok(())
 }
