@@ -178,7 +178,7 @@ fn main() -> Result<()> {
     let ms = time(&dev, reps, || a.add(&b).map(drop))?;
     table.row(
         "add",
-        &format!("{} MiB x 3", n * 4 >> 20),
+        &format!("{} MiB x 3", (n * 4) >> 20),
         ms,
         Some((12.0 * n as f64, "GB/s")),
     );
@@ -186,7 +186,7 @@ fn main() -> Result<()> {
     let ms = time(&dev, reps, || rows.sum(&[-1], false).map(drop))?;
     table.row(
         "sum rows of 1024",
-        &format!("{} MiB", n * 4 >> 20),
+        &format!("{} MiB", (n * 4) >> 20),
         ms,
         Some((4.0 * n as f64, "GB/s")),
     );
