@@ -93,8 +93,8 @@ fn main() -> Result<()> {
         if software { " (reduced sizes)" } else { "" }
     );
     println!(
-        "{:<32} {:<28} {:>13} {:<16} {}",
-        "workload", "shape", "time", "throughput", "torch/kiln"
+        "{:<32} {:<28} {:>13} {:<16} torch/kiln",
+        "workload", "shape", "time", "throughput"
     );
     let reps = if software { 3 } else { 20 };
 
