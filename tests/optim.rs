@@ -179,7 +179,7 @@ fn optimizers_follow_pytorch_for_five_steps() {
 
 #[test]
 fn optimizer_state_and_skipped_parameters() {
-    let d = dev();
+    let d = own_device();
     let a = Tensor::ones(&[3], &d).unwrap().requires_grad();
     let b = Tensor::ones(&[2], &d).unwrap().requires_grad();
     let mut opt = Adam::new(vec![a.clone(), b.clone()], AdamOptions::default()).unwrap();
