@@ -37,6 +37,10 @@ struct Params {
     epilogue: u32,
     act_alpha: f32,
     off_bias: u32,
+    splits: u32,
+    chunk: u32,
+    _pad0: u32,
+    _pad1: u32,
 }
 
 // Element types of the input and output buffers: f32, or f16 in the variants that src/kernels.rs
@@ -209,10 +213,13 @@ fn conv2d_bwd_input(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invoca
 }
 
 // Gradient of the weight: rows are output channels of the group, columns (ci, ky, kx); the
-// reduction runs over every output position (n, oy, ox).
+// reduction runs over the output positions (n, oy, ox). workgroup_id.z = g * p.splits + s:
+// split s sums positions [s * p.chunk, (s + 1) * p.chunk) into slice s of out
+// (p.splits, c_out, cin_g * kh * kw); the launch code adds the slices up.
 @compute @workgroup_size(8, 8)
 fn conv2d_bwd_weight(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
-    let g = wid.z;
+    let g = wid.z / p.splits;
+    let split = wid.z % p.splits;
     let cin_g = p.c_in / p.groups;
     let cout_g = p.c_out / p.groups;
     let ksize = p.kh * p.kw;
@@ -240,27 +247,28 @@ fn conv2d_bwd_weight(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invoc
         dyoff[i] = (g * cout_g + min(row0 + i, cout_g - 1u)) * oplane;
     }
     var acc = Acc(vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0));
-    for (var nn = 0u; nn < p.n; nn += 1u) {
+    let q0 = split * p.chunk;
+    let q1 = min(q0 + p.chunk, p.n * oplane);
+    for (var q = q0; q < q1; q += 1u) {
+        let nn = q / oplane;
+        let o = q % oplane;
+        let oy = o / p.ow;
+        let ox = o % p.ow;
         let xn = nn * p.c_in * plane;
         let dyn_ = nn * p.c_out * oplane;
-        for (var oy = 0u; oy < p.oh; oy += 1u) {
-            for (var ox = 0u; ox < p.ow; ox += 1u) {
-                let o = oy * p.ow + ox;
-                let av = vec4<f32>(f32(a[dyn_ + dyoff.x + o]), f32(a[dyn_ + dyoff.y + o]), f32(a[dyn_ + dyoff.z + o]), f32(a[dyn_ + dyoff.w + o]));
-                var bv = vec4<f32>(0.0);
-                for (var j = 0u; j < 4u; j += 1u) {
-                    let iy = i32(oy * p.sh) + ky[j];
-                    let ix = i32(ox * p.sw) + kx[j];
-                    if (iy >= 0 && iy < i32(p.h) && ix >= 0 && ix < i32(p.w)) {
-                        bv[j] = f32(b[xn + xoff[j] + u32(iy) * p.w + u32(ix)]);
-                    }
-                }
-                acc.r0 += av.x * bv;
-                acc.r1 += av.y * bv;
-                acc.r2 += av.z * bv;
-                acc.r3 += av.w * bv;
+        let av = vec4<f32>(f32(a[dyn_ + dyoff.x + o]), f32(a[dyn_ + dyoff.y + o]), f32(a[dyn_ + dyoff.z + o]), f32(a[dyn_ + dyoff.w + o]));
+        var bv = vec4<f32>(0.0);
+        for (var j = 0u; j < 4u; j += 1u) {
+            let iy = i32(oy * p.sh) + ky[j];
+            let ix = i32(ox * p.sw) + kx[j];
+            if (iy >= 0 && iy < i32(p.h) && ix >= 0 && ix < i32(p.w)) {
+                bv[j] = f32(b[xn + xoff[j] + u32(iy) * p.w + u32(ix)]);
             }
         }
+        acc.r0 += av.x * bv;
+        acc.r1 += av.y * bv;
+        acc.r2 += av.z * bv;
+        acc.r3 += av.w * bv;
     }
     let res = array<vec4<f32>, 4>(acc.r0, acc.r1, acc.r2, acc.r3);
     for (var i = 0u; i < 4u; i += 1u) {
@@ -271,7 +279,7 @@ fn conv2d_bwd_weight(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invoc
         for (var j = 0u; j < 4u; j += 1u) {
             let c = col0 + j;
             if (c < cols) {
-                out[(g * cout_g + r) * cols + c] = OUT(res[i][j]);
+                out[(split * p.c_out + g * cout_g + r) * cols + c] = OUT(res[i][j]);
             }
         }
     }

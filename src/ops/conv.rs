@@ -33,6 +33,9 @@ pub(crate) struct ConvParams {
     pub epilogue: u32,
     pub act_alpha: f32,
     pub off_bias: u32,
+    pub splits: u32,
+    pub chunk: u32,
+    pub _pad: [u32; 2],
 }
 
 /// The geometry of one convolution in conv2d terms: input (n, c_in, h, w), weight
@@ -130,6 +133,9 @@ impl ConvGeometry {
             epilogue: epi.flags(),
             act_alpha: epi.alpha(),
             off_bias: epi.off_bias(),
+            splits: 1,
+            chunk: u32::MAX,
+            _pad: [0; 2],
         }
     }
 
@@ -230,20 +236,32 @@ pub(crate) fn conv_bwd_input(dy: &Tensor, w: &Tensor, g: &ConvGeometry) -> Resul
 pub(crate) fn conv_bwd_weight(dy: &Tensor, x: &Tensor, g: &ConvGeometry) -> Result<Tensor> {
     let (dy, x) = (dy.contiguous()?, x.contiguous()?);
     let shape = [g.c_out, g.c_in / g.groups, g.k[0], g.k[1]];
-    if g.n * g.oh * g.ow == 0 {
+    let positions = g.n * g.oh * g.ow;
+    if positions == 0 {
         return Tensor::zeros(&shape, dy.device());
     }
-    let out = Tensor::uninit("conv2d_backward", &shape, dy.device())?;
-    g.launch(
-        Kernel::Conv2dBwdWeight,
-        &dy,
-        &x,
-        &out,
-        g.c_out / g.groups,
-        g.c_in / g.groups * g.k[0] * g.k[1],
-        &Epilogue::default(),
-    )?;
-    Ok(out)
+    let rows = g.c_out / g.groups;
+    let cols = g.c_in / g.groups * g.k[0] * g.k[1];
+    // The reduction over every output position is long and the output small: split it so
+    // that enough workgroups run, then add the partial sums.
+    let tiles = rows.div_ceil(TILE) * cols.div_ceil(TILE) * g.groups;
+    let splits = 1024usize.div_ceil(tiles).min(positions.div_ceil(256)).min(64).clamp(1, MAX_GROUPS / g.groups.max(1));
+    let chunk = positions.div_ceil(splits);
+    let partial = Tensor::uninit("conv2d_backward", &[splits, g.c_out, cols], dy.device())?;
+    if rows > 0 && cols > 0 {
+        let mut p = g.params(0, &Epilogue::default());
+        p.splits = splits as u32;
+        p.chunk = chunk as u32;
+        dy.device().dispatch(
+            Kernel::Conv2dBwdWeight,
+            &[dy.buffer(), x.buffer()],
+            partial.buffer(),
+            bytemuck::bytes_of(&p),
+            [cols.div_ceil(TILE) as u32, rows.div_ceil(TILE) as u32, (g.groups * splits) as u32],
+        );
+    }
+    let summed = if splits == 1 { partial } else { partial.sum(&[0], false)? };
+    summed.reshape_to(&shape)
 }
 
 /// The geometry of conv2d for an (N, C, H, W) input and a (C_out, C / groups, kH, kW) weight,
