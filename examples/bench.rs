@@ -118,6 +118,7 @@ fn main() -> Result<()> {
         for (k, label) in [
             (Kernel::MatmulFwd, "register 4x4"),
             (Kernel::MatmulTiledFwd, "shared-memory 64x64"),
+            (Kernel::MatmulTiled128Fwd, "shared-memory 128x128"),
         ] {
             let ms = time(&dev, reps, || a.matmul_with_kernel(&b, k).map(drop))?;
             table.row(

@@ -205,3 +205,106 @@ fn matmul_tiled_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invoca
         }
     }
 }
+
+// ---- large-tile variant ----
+//
+// 16x16 invocations compute a 128x128 tile, each an 8x8 block (64 accumulators), with the k
+// axis staged 8 at a time: twice the arithmetic per workgroup-memory read of the 64x64
+// kernel, for large products.
+
+const LM: u32 = 128u;
+const LN: u32 = 128u;
+const LK: u32 = 8u;
+
+var<workgroup> big_a: array<vec4<f32>, 256>;
+var<workgroup> big_b: array<vec4<f32>, 256>;
+
+@compute @workgroup_size(16, 16)
+fn matmul_tiled128_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>,
+                       @builtin(local_invocation_index) lindex: u32) {
+    let z = p.z_base + wid.z;
+    var rem = z;
+    var base_a = p.off_a;
+    var base_b = p.off_b;
+    for (var d = i32(p.batch_rank) - 1; d >= 0; d -= 1) {
+        let q = u32(d);
+        let size = p.bshape[q >> 2u][q & 3u];
+        let idx = rem % size;
+        rem = rem / size;
+        base_a += idx * p.sa[q >> 2u][q & 3u];
+        base_b += idx * p.sb[q >> 2u][q & 3u];
+    }
+    let tile_row = wid.y * LM;
+    let tile_col = wid.x * LN;
+    var acc: array<vec4<f32>, 16>;
+    for (var i = 0u; i < 16u; i += 1u) {
+        acc[i] = vec4<f32>(0.0);
+    }
+    for (var k0 = 0u; k0 < p.k; k0 += LK) {
+        for (var j = 0u; j < 4u; j += 1u) {
+            // a: 128 rows x 8 k, k fastest; b: 8 k x 128 columns, column fastest.
+            let e = lindex * 4u + j;
+            let r = e / LK;
+            let kk = e % LK;
+            let row = tile_row + r;
+            let ka = k0 + kk;
+            var va = 0.0;
+            if (row < p.m && ka < p.k) {
+                va = f32(a[base_a + row * p.a_rs + ka * p.a_cs]);
+            }
+            big_a[(kk * LM + r) >> 2u][r & 3u] = va;
+            let kb = e / LN;
+            let c = e % LN;
+            let col = tile_col + c;
+            let kg = k0 + kb;
+            var vb = 0.0;
+            if (col < p.n && kg < p.k) {
+                vb = f32(b[base_b + kg * p.b_rs + col * p.b_cs]);
+            }
+            big_b[(kb * LN + c) >> 2u][c & 3u] = vb;
+        }
+        workgroupBarrier();
+        for (var kk = 0u; kk < LK; kk += 1u) {
+            let a0 = big_a[kk * (LM / 4u) + lid.y * 2u];
+            let a1 = big_a[kk * (LM / 4u) + lid.y * 2u + 1u];
+            let b0 = big_b[kk * (LN / 4u) + lid.x * 2u];
+            let b1 = big_b[kk * (LN / 4u) + lid.x * 2u + 1u];
+            acc[0] += a0.x * b0;
+            acc[1] += a0.x * b1;
+            acc[2] += a0.y * b0;
+            acc[3] += a0.y * b1;
+            acc[4] += a0.z * b0;
+            acc[5] += a0.z * b1;
+            acc[6] += a0.w * b0;
+            acc[7] += a0.w * b1;
+            acc[8] += a1.x * b0;
+            acc[9] += a1.x * b1;
+            acc[10] += a1.y * b0;
+            acc[11] += a1.y * b1;
+            acc[12] += a1.z * b0;
+            acc[13] += a1.z * b1;
+            acc[14] += a1.w * b0;
+            acc[15] += a1.w * b1;
+        }
+        workgroupBarrier();
+    }
+    let row0 = tile_row + lid.y * 8u;
+    let col0 = tile_col + lid.x * 8u;
+    let out_base = z * p.m * p.n;
+    for (var i = 0u; i < 8u; i += 1u) {
+        let r = row0 + i;
+        if (r >= p.m) {
+            break;
+        }
+        for (var j = 0u; j < 8u; j += 1u) {
+            let cc = col0 + j;
+            if (cc < p.n) {
+                var v = acc[i * 2u + j / 4u][j % 4u];
+                if ((p.epilogue & EPILOGUE_BIAS) != 0u) {
+                    v += f32(bias[p.off_bias + cc]);
+                }
+                out[out_base + r * p.n + cc] = OUT(epilogue_activation(v, p.epilogue, p.act_alpha));
+            }
+        }
+    }
+}

@@ -186,6 +186,7 @@ kernels! {
     LogSoftmaxFwd => (Reduce, "log_softmax_fwd", 1),
     MatmulFwd => (Matmul, "matmul_fwd", 3),
     MatmulTiledFwd => (Matmul, "matmul_tiled_fwd", 3),
+    MatmulTiled128Fwd => (Matmul, "matmul_tiled128_fwd", 3),
     DropoutMaskFwd => (Elementwise, "dropout_mask_fwd", 0),
     Conv2dFwd => (Conv, "conv2d_fwd", 3),
     Conv2dBwdInput => (Conv, "conv2d_bwd_input", 2),

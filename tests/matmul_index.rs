@@ -106,6 +106,22 @@ fn matmul_tiled_kernel_edges() {
     );
 }
 
+/// Every matmul kernel on its own, on edge tiles and transposed operands.
+#[test]
+fn each_matmul_kernel_is_correct() {
+    use kiln::kernels::Kernel;
+    let mut rng = Rng::new(41);
+    let (a, ra) = rand_pair(&mut rng, &[133, 77], -1.0, 1.0);
+    let (b, rb) = rand_pair(&mut rng, &[77, 150], -1.0, 1.0);
+    let (bt, rbt) = rand_pair(&mut rng, &[150, 77], -1.0, 1.0);
+    for k in [Kernel::MatmulFwd, Kernel::MatmulTiledFwd, Kernel::MatmulTiled128Fwd] {
+        assert_close(&format!("{k:?}"), &a.matmul_with_kernel(&b, k).unwrap(), &ra.matmul(&rb), 1e-5, 1e-5);
+        let got = a.matmul_with_kernel(&bt.t().unwrap(), k).unwrap();
+        assert_close(&format!("{k:?} b^T"), &got, &ra.matmul(&rbt.permute(&[1, 0])), 1e-5, 1e-5);
+    }
+    assert!(a.matmul_with_kernel(&b, Kernel::UnaryFwd).is_err());
+}
+
 #[test]
 fn matmul_vectors() {
     let mut rng = Rng::new(2);

@@ -38,6 +38,17 @@ pub(crate) struct MatmulParams {
 const TILE: usize = 32;
 /// Output tile of one workgroup of `matmul_tiled_fwd` (16x16 invocations, 4x4 outputs each).
 const TILED: usize = 64;
+/// Output tile of one workgroup of `matmul_tiled128_fwd` (16x16 invocations, 8x8 outputs each).
+const TILED128: usize = 128;
+
+fn tile_of(kernel: Kernel) -> usize {
+    match kernel {
+        Kernel::MatmulTiledFwd => TILED,
+        Kernel::MatmulTiled128Fwd => TILED128,
+        _ => TILE,
+    }
+}
+
 /// Matmuls with fewer multiply-adds than this use the heuristic choice without timing.
 const TUNE_MIN_WORK: usize = 1 << 21;
 
@@ -73,7 +84,7 @@ fn choose(
         return Ok(heuristic);
     }
     let mut best = (f64::INFINITY, heuristic);
-    for kernel in [Kernel::MatmulFwd, Kernel::MatmulTiledFwd] {
+    for kernel in [Kernel::MatmulFwd, Kernel::MatmulTiledFwd, Kernel::MatmulTiled128Fwd] {
         // A first run compiles the pipeline; then the best of three.
         record(kernel)?;
         device.synchronize()?;
@@ -183,7 +194,7 @@ impl Tensor {
                 format!("{:?} x {:?}", self.dims(), other.dims()),
             ));
         }
-        if !matches!(kernel, Kernel::MatmulFwd | Kernel::MatmulTiledFwd) {
+        if !matches!(kernel, Kernel::MatmulFwd | Kernel::MatmulTiledFwd | Kernel::MatmulTiled128Fwd) {
             return Err(Error::invalid(
                 "matmul_with_kernel",
                 format!("{kernel:?} is not a matmul kernel"),
@@ -191,11 +202,7 @@ impl Tensor {
         }
         let out = Tensor::uninit("matmul", &[self.dims()[0], other.dims()[1]], self.device())?;
         let (m, n) = (self.dims()[0], other.dims()[1]);
-        let tile = if kernel == Kernel::MatmulTiledFwd {
-            TILED
-        } else {
-            TILE
-        };
+        let tile = tile_of(kernel);
         let p = MatmulParams {
             m: m as u32,
             n: n as u32,
@@ -267,11 +274,7 @@ pub(crate) fn matmul_into(a: &Tensor, b: &Tensor, out: &Tensor, epi: &Epilogue<'
     // Without a bias, any buffer fills the binding the kernel does not read.
     let bias = epi.bias.map_or(b.buffer(), |t| t.buffer());
     let record = |kernel: Kernel| -> Result<()> {
-        let tile = if kernel == Kernel::MatmulTiledFwd {
-            TILED
-        } else {
-            TILE
-        };
+        let tile = tile_of(kernel);
         let groups = [n.div_ceil(tile) as u32, m.div_ceil(tile) as u32];
         let mut p = p;
         let mut z = 0;
