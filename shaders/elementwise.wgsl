@@ -50,6 +50,9 @@ const FLAG_O_CONTIG: u32 = 8u;
 const FLAG_SCALAR_LEFT: u32 = 16u;
 
 const WG: u32 = 256u;
+// Elements each invocation of unary_fwd and binary_fwd handles, WG * (grid size) apart, so
+// that more loads are in flight per invocation (Kernel::per_invocation in src/kernels.rs).
+const PER_INVOCATION: u32 = 4u;
 
 fn linear_index(wid: vec3<u32>, nwg: vec3<u32>, lid: vec3<u32>) -> u32 {
     return (wid.y * nwg.x + wid.x) * WG + lid.x;
@@ -136,10 +139,14 @@ fn unary_grad(op: u32, v: f32, alpha: f32, beta: f32) -> f32 {
 @compute @workgroup_size(256)
 fn unary_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
              @builtin(local_invocation_id) lid: vec3<u32>) {
-    let i = linear_index(wid, nwg, lid);
-    if (i >= p.n) { return; }
-    let o = offsets(i);
-    out[o.w] = OUT(unary_op(p.op, f32(a[o.x]), p.alpha, p.beta));
+    let t = linear_index(wid, nwg, lid);
+    let stride = nwg.x * nwg.y * WG;
+    for (var j = 0u; j < PER_INVOCATION; j += 1u) {
+        let i = t + j * stride;
+        if (i >= p.n) { return; }
+        let o = offsets(i);
+        out[o.w] = OUT(unary_op(p.op, f32(a[o.x]), p.alpha, p.beta));
+    }
 }
 
 // out = b * f'(a): the gradient of a unary op; a is the saved x or y, b the output gradient
@@ -156,10 +163,14 @@ fn unary_bwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg
 @compute @workgroup_size(256)
 fn binary_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
               @builtin(local_invocation_id) lid: vec3<u32>) {
-    let i = linear_index(wid, nwg, lid);
-    if (i >= p.n) { return; }
-    let o = offsets(i);
-    out[o.w] = OUT(binary_op(p.op, f32(a[o.x]), f32(b[o.y])));
+    let t = linear_index(wid, nwg, lid);
+    let stride = nwg.x * nwg.y * WG;
+    for (var j = 0u; j < PER_INVOCATION; j += 1u) {
+        let i = t + j * stride;
+        if (i >= p.n) { return; }
+        let o = offsets(i);
+        out[o.w] = OUT(binary_op(p.op, f32(a[o.x]), f32(b[o.y])));
+    }
 }
 
 // out = binary(a, alpha), or binary(alpha, a) with FLAG_SCALAR_LEFT

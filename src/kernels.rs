@@ -199,6 +199,17 @@ kernels! {
     AdamStep => (Optim, "adam_step", 1),
 }
 
+impl Kernel {
+    /// Elements each invocation of an elementwise kernel handles (see `PER_INVOCATION` in
+    /// `shaders/elementwise.wgsl`).
+    pub fn per_invocation(self) -> usize {
+        match self {
+            Kernel::UnaryFwd | Kernel::BinaryFwd => 4,
+            _ => 1,
+        }
+    }
+}
+
 /// Binding indices of a kernel's read-write buffers: the output first, then (for in-place
 /// kernels such as the optimizers) the state buffers.
 pub const OUTPUT_BINDINGS: [u32; 4] = [3, 5, 6, 7];

@@ -196,7 +196,7 @@ pub(crate) fn launch_variant(
         &buffers,
         &[out.buffer()],
         bytemuck::bytes_of(&p),
-        grid(n, 256),
+        grid(n.div_ceil(kernel.per_invocation()), 256),
     )
 }
 
