@@ -284,3 +284,86 @@ fn conv2d_bwd_weight(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invoc
         }
     }
 }
+
+// Gradient of the weight as a shared-memory tiled GEMM: out (c_out, cin_g * kh * kw) of group
+// g = dy (c_out, positions) x im2col(x) (positions, cin_g * kh * kw). A workgroup of 16x16
+// computes a 64x64 tile, staging 16 positions at a time; consecutive invocations load
+// consecutive positions, so reads of dy and x are contiguous along the output row. Splits
+// of the positions work as in conv2d_bwd_weight.
+
+var<workgroup> wtile_a: array<vec4<f32>, 256>;
+var<workgroup> wtile_b: array<vec4<f32>, 256>;
+
+@compute @workgroup_size(16, 16)
+fn conv2d_bwd_weight_tiled(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>,
+                           @builtin(local_invocation_index) lindex: u32) {
+    let g = wid.z / p.splits;
+    let split = wid.z % p.splits;
+    let cin_g = p.c_in / p.groups;
+    let cout_g = p.c_out / p.groups;
+    let ksize = p.kh * p.kw;
+    let cols = cin_g * ksize;
+    let plane = p.h * p.w;
+    let oplane = p.oh * p.ow;
+    let tile_row = wid.y * 64u;
+    let tile_col = wid.x * 64u;
+    let q_start = split * p.chunk;
+    let q_end = min(q_start + p.chunk, p.n * oplane);
+    // This invocation stages row/column lindex / 4 of the tiles, 4 positions of each.
+    let own = lindex / 4u;
+    let co = tile_row + own;
+    let col = tile_col + own;
+    let ci = min(col, cols - 1u) / ksize;
+    let kk2 = min(col, cols - 1u) % ksize;
+    let ky = i32((kk2 / p.kw) * p.dh) - i32(p.ph);
+    let kx = i32((kk2 % p.kw) * p.dw) - i32(p.pw);
+    var acc0 = vec4<f32>(0.0);
+    var acc1 = vec4<f32>(0.0);
+    var acc2 = vec4<f32>(0.0);
+    var acc3 = vec4<f32>(0.0);
+    for (var k0 = q_start; k0 < q_end; k0 += 16u) {
+        for (var j = 0u; j < 4u; j += 1u) {
+            let kk = (lindex % 4u) * 4u + j;
+            let q = k0 + kk;
+            var va = 0.0;
+            var vb = 0.0;
+            if (q < q_end) {
+                let nn = q / oplane;
+                let o = q % oplane;
+                if (co < cout_g) {
+                    va = f32(a[(nn * p.c_out + g * cout_g + co) * oplane + o]);
+                }
+                let iy = i32((o / p.ow) * p.sh) + ky;
+                let ix = i32((o % p.ow) * p.sw) + kx;
+                if (col < cols && iy >= 0 && iy < i32(p.h) && ix >= 0 && ix < i32(p.w)) {
+                    vb = f32(b[(nn * p.c_in + g * cin_g + ci) * plane + u32(iy) * p.w + u32(ix)]);
+                }
+            }
+            wtile_a[(kk * 64u + own) >> 2u][own & 3u] = va;
+            wtile_b[(kk * 64u + own) >> 2u][own & 3u] = vb;
+        }
+        workgroupBarrier();
+        for (var kk = 0u; kk < 16u; kk += 1u) {
+            let av = wtile_a[kk * 16u + lid.y];
+            let bv = wtile_b[kk * 16u + lid.x];
+            acc0 += av.x * bv;
+            acc1 += av.y * bv;
+            acc2 += av.z * bv;
+            acc3 += av.w * bv;
+        }
+        workgroupBarrier();
+    }
+    let res = array<vec4<f32>, 4>(acc0, acc1, acc2, acc3);
+    for (var i = 0u; i < 4u; i += 1u) {
+        let r = tile_row + lid.y * 4u + i;
+        if (r >= cout_g) {
+            break;
+        }
+        for (var jj = 0u; jj < 4u; jj += 1u) {
+            let c = tile_col + lid.x * 4u + jj;
+            if (c < cols) {
+                out[(split * p.c_out + g * cout_g + r) * cols + c] = OUT(res[i][jj]);
+            }
+        }
+    }
+}

@@ -368,5 +368,23 @@ fn weight_gradient_with_split_reduction() {
             }
         }
     }
-    assert_close("split weight gradient", &w.grad().unwrap(), &Nd::new(&[o, c, 3, 3], want), 1e-3, 1e-4);
+    let want = Nd::new(&[o, c, 3, 3], want);
+    assert_close("split weight gradient", &w.grad().unwrap(), &want, 1e-3, 1e-4);
+    // Both kernels, whichever the device would pick.
+    let dy = Tensor::from_slice(&gv, &[n, o, s, s], &d).unwrap();
+    for tiled in [false, true] {
+        for splits in [1, 7] {
+            let got = dy.conv2d_weight_grad_with(&x, &[o, c, 3, 3], &pad, tiled, Some(splits)).unwrap();
+            assert_close(&format!("weight gradient, tiled {tiled}, {splits} splits"), &got, &want, 1e-3, 1e-4);
+        }
+    }
+    // A grouped, strided, dilated case through the tiled kernel.
+    let (gx, gw) = (Tensor::randn(&[2, 4, 33, 35], 3, &d).unwrap(), [6usize, 2, 3, 2]);
+    let o2 = Conv2dOptions { stride: [2, 1], padding: [1, 2], dilation: [1, 2], groups: 2 };
+    let y = gx.conv2d(&Tensor::zeros(&gw, &d).unwrap(), None, &o2).unwrap();
+    let gdy = Tensor::randn(y.dims(), 4, &d).unwrap();
+    let a = gdy.conv2d_weight_grad_with(&gx, &gw, &o2, false, Some(1)).unwrap().to_vec().unwrap();
+    let b = gdy.conv2d_weight_grad_with(&gx, &gw, &o2, true, Some(5)).unwrap().to_vec().unwrap();
+    let ra = Nd::from_f32(&gw, &a);
+    assert_close_slice("tiled vs register, grouped", &b, &ra.data, 1e-3, 1e-4);
 }

@@ -345,3 +345,30 @@ fn mnist_reader_reads_idx_files() {
     assert!(kiln::data::mnist(&dir).is_err(), "truncated file");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// A training step of the example CNN records its work without waiting: at most one queue
+/// submit (when the batch bound is reached) and no readback unless the loss is read.
+#[test]
+fn a_training_step_submits_at_most_once_and_reads_nothing() {
+    let d = own_device();
+    let spec = "conv2d(1,16,3,p=1) relu conv2d(16,32,3,p=1) relu maxpool2d(2) flatten linear(512,64) relu linear(64,10)";
+    let net = Sequential::from_spec(&mut Init::new(&d, 0), spec).unwrap();
+    let mut opt = Sgd::new(net.parameters(), SgdOptions { lr: 0.05, momentum: 0.9, ..Default::default() }).unwrap();
+    let x = Tensor::randn(&[64, 1, 8, 8], 1, &d).unwrap();
+    let t = Tensor::from_slice(&(0..64).map(|i| (i % 10) as f32).collect::<Vec<_>>(), &[64], &d).unwrap();
+    let mut last_loss = None;
+    for _ in 0..5 {
+        let before = d.stats();
+        let loss = kiln::loss::cross_entropy(&net.forward(&x).unwrap(), &t, &Default::default()).unwrap();
+        opt.zero_grad();
+        loss.backward().unwrap();
+        opt.step().unwrap();
+        let after = d.stats();
+        assert!(after.submits - before.submits <= 1, "{} submits in one step", after.submits - before.submits);
+        assert_eq!(after.readbacks, before.readbacks, "no readback in a step");
+        last_loss = Some(loss);
+    }
+    let before = d.stats().readbacks;
+    assert!(last_loss.unwrap().to_scalar().unwrap().is_finite());
+    assert_eq!(d.stats().readbacks, before + 1, "reading the loss is the one readback");
+}
