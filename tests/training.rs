@@ -357,15 +357,19 @@ fn a_training_step_submits_at_most_once_and_reads_nothing() {
     let x = Tensor::randn(&[64, 1, 8, 8], 1, &d).unwrap();
     let t = Tensor::from_slice(&(0..64).map(|i| (i % 10) as f32).collect::<Vec<_>>(), &[64], &d).unwrap();
     let mut last_loss = None;
-    for _ in 0..5 {
+    // The first step compiles pipelines and may time candidate kernels (the autotuner
+    // synchronises); the steps after it are the steady state.
+    for i in 0..6 {
         let before = d.stats();
         let loss = kiln::loss::cross_entropy(&net.forward(&x).unwrap(), &t, &Default::default()).unwrap();
         opt.zero_grad();
         loss.backward().unwrap();
         opt.step().unwrap();
         let after = d.stats();
-        assert!(after.submits - before.submits <= 1, "{} submits in one step", after.submits - before.submits);
         assert_eq!(after.readbacks, before.readbacks, "no readback in a step");
+        if i > 0 {
+            assert!(after.submits - before.submits <= 1, "{} submits in one step", after.submits - before.submits);
+        }
         last_loss = Some(loss);
     }
     let before = d.stats().readbacks;
