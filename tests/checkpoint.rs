@@ -87,7 +87,8 @@ fn host_values(model: Sequential, seed: u64) -> Sequential {
         } else {
             rng.vec(t.numel(), -0.3, 0.3)
         };
-        t.assign(&Tensor::from_slice(&v, t.dims(), &dev()).unwrap()).unwrap();
+        t.assign(&Tensor::from_slice(&v, t.dims(), &dev()).unwrap())
+            .unwrap();
     }
     model
 }

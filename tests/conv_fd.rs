@@ -343,10 +343,19 @@ fn weight_gradient_with_split_reduction() {
     let wv = rng.vec(o * c * 9, -1.0, 1.0);
     let gv = rng.vec(n * o * s * s, -1.0, 1.0);
     let x = Tensor::from_slice(&xv, &[n, c, s, s], &d).unwrap();
-    let w = Tensor::from_slice(&wv, &[o, c, 3, 3], &d).unwrap().requires_grad();
-    let pad = Conv2dOptions { padding: [1, 1], ..Default::default() };
+    let w = Tensor::from_slice(&wv, &[o, c, 3, 3], &d)
+        .unwrap()
+        .requires_grad();
+    let pad = Conv2dOptions {
+        padding: [1, 1],
+        ..Default::default()
+    };
     let y = x.conv2d(&w, None, &pad).unwrap();
-    y.backward_with(Some(&Tensor::from_slice(&gv, &[n, o, s, s], &d).unwrap()), false).unwrap();
+    y.backward_with(
+        Some(&Tensor::from_slice(&gv, &[n, o, s, s], &d).unwrap()),
+        false,
+    )
+    .unwrap();
     let mut want = vec![0f64; o * c * 9];
     for b in 0..n {
         for co in 0..o {
@@ -356,9 +365,11 @@ fn weight_gradient_with_split_reduction() {
                     for ci in 0..c {
                         for ky in 0..3 {
                             for kx in 0..3 {
-                                let (iy, ix) = (oy as isize + ky as isize - 1, ox as isize + kx as isize - 1);
+                                let (iy, ix) =
+                                    (oy as isize + ky as isize - 1, ox as isize + kx as isize - 1);
                                 if iy >= 0 && ix >= 0 && (iy as usize) < s && (ix as usize) < s {
-                                    let xi = xv[((b * c + ci) * s + iy as usize) * s + ix as usize] as f64;
+                                    let xi = xv[((b * c + ci) * s + iy as usize) * s + ix as usize]
+                                        as f64;
                                     want[((co * c + ci) * 3 + ky) * 3 + kx] += g * xi;
                                 }
                             }
@@ -369,22 +380,54 @@ fn weight_gradient_with_split_reduction() {
         }
     }
     let want = Nd::new(&[o, c, 3, 3], want);
-    assert_close("split weight gradient", &w.grad().unwrap(), &want, 1e-3, 1e-4);
+    assert_close(
+        "split weight gradient",
+        &w.grad().unwrap(),
+        &want,
+        1e-3,
+        1e-4,
+    );
     // Both kernels, whichever the device would pick.
     let dy = Tensor::from_slice(&gv, &[n, o, s, s], &d).unwrap();
     for tiled in [false, true] {
         for splits in [1, 7] {
-            let got = dy.conv2d_weight_grad_with(&x, &[o, c, 3, 3], &pad, tiled, Some(splits)).unwrap();
-            assert_close(&format!("weight gradient, tiled {tiled}, {splits} splits"), &got, &want, 1e-3, 1e-4);
+            let got = dy
+                .conv2d_weight_grad_with(&x, &[o, c, 3, 3], &pad, tiled, Some(splits))
+                .unwrap();
+            assert_close(
+                &format!("weight gradient, tiled {tiled}, {splits} splits"),
+                &got,
+                &want,
+                1e-3,
+                1e-4,
+            );
         }
     }
     // A grouped, strided, dilated case through the tiled kernel.
-    let (gx, gw) = (Tensor::randn(&[2, 4, 33, 35], 3, &d).unwrap(), [6usize, 2, 3, 2]);
-    let o2 = Conv2dOptions { stride: [2, 1], padding: [1, 2], dilation: [1, 2], groups: 2 };
-    let y = gx.conv2d(&Tensor::zeros(&gw, &d).unwrap(), None, &o2).unwrap();
+    let (gx, gw) = (
+        Tensor::randn(&[2, 4, 33, 35], 3, &d).unwrap(),
+        [6usize, 2, 3, 2],
+    );
+    let o2 = Conv2dOptions {
+        stride: [2, 1],
+        padding: [1, 2],
+        dilation: [1, 2],
+        groups: 2,
+    };
+    let y = gx
+        .conv2d(&Tensor::zeros(&gw, &d).unwrap(), None, &o2)
+        .unwrap();
     let gdy = Tensor::randn(y.dims(), 4, &d).unwrap();
-    let a = gdy.conv2d_weight_grad_with(&gx, &gw, &o2, false, Some(1)).unwrap().to_vec().unwrap();
-    let b = gdy.conv2d_weight_grad_with(&gx, &gw, &o2, true, Some(5)).unwrap().to_vec().unwrap();
+    let a = gdy
+        .conv2d_weight_grad_with(&gx, &gw, &o2, false, Some(1))
+        .unwrap()
+        .to_vec()
+        .unwrap();
+    let b = gdy
+        .conv2d_weight_grad_with(&gx, &gw, &o2, true, Some(5))
+        .unwrap()
+        .to_vec()
+        .unwrap();
     let ra = Nd::from_f32(&gw, &a);
     assert_close_slice("tiled vs register, grouped", &b, &ra.data, 1e-3, 1e-4);
 }

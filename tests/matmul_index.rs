@@ -114,10 +114,26 @@ fn each_matmul_kernel_is_correct() {
     let (a, ra) = rand_pair(&mut rng, &[133, 77], -1.0, 1.0);
     let (b, rb) = rand_pair(&mut rng, &[77, 150], -1.0, 1.0);
     let (bt, rbt) = rand_pair(&mut rng, &[150, 77], -1.0, 1.0);
-    for k in [Kernel::MatmulFwd, Kernel::MatmulTiledFwd, Kernel::MatmulTiled128Fwd] {
-        assert_close(&format!("{k:?}"), &a.matmul_with_kernel(&b, k).unwrap(), &ra.matmul(&rb), 1e-5, 1e-5);
+    for k in [
+        Kernel::MatmulFwd,
+        Kernel::MatmulTiledFwd,
+        Kernel::MatmulTiled128Fwd,
+    ] {
+        assert_close(
+            &format!("{k:?}"),
+            &a.matmul_with_kernel(&b, k).unwrap(),
+            &ra.matmul(&rb),
+            1e-5,
+            1e-5,
+        );
         let got = a.matmul_with_kernel(&bt.t().unwrap(), k).unwrap();
-        assert_close(&format!("{k:?} b^T"), &got, &ra.matmul(&rbt.permute(&[1, 0])), 1e-5, 1e-5);
+        assert_close(
+            &format!("{k:?} b^T"),
+            &got,
+            &ra.matmul(&rbt.permute(&[1, 0])),
+            1e-5,
+            1e-5,
+        );
     }
     assert!(a.matmul_with_kernel(&b, Kernel::UnaryFwd).is_err());
 }

@@ -353,26 +353,48 @@ fn a_training_step_submits_at_most_once_and_reads_nothing() {
     let d = own_device();
     let spec = "conv2d(1,16,3,p=1) relu conv2d(16,32,3,p=1) relu maxpool2d(2) flatten linear(512,64) relu linear(64,10)";
     let net = Sequential::from_spec(&mut Init::new(&d, 0), spec).unwrap();
-    let mut opt = Sgd::new(net.parameters(), SgdOptions { lr: 0.05, momentum: 0.9, ..Default::default() }).unwrap();
+    let mut opt = Sgd::new(
+        net.parameters(),
+        SgdOptions {
+            lr: 0.05,
+            momentum: 0.9,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     let x = Tensor::randn(&[64, 1, 8, 8], 1, &d).unwrap();
-    let t = Tensor::from_slice(&(0..64).map(|i| (i % 10) as f32).collect::<Vec<_>>(), &[64], &d).unwrap();
+    let t = Tensor::from_slice(
+        &(0..64).map(|i| (i % 10) as f32).collect::<Vec<_>>(),
+        &[64],
+        &d,
+    )
+    .unwrap();
     let mut last_loss = None;
     // The first step compiles pipelines and may time candidate kernels (the autotuner
     // synchronises); the steps after it are the steady state.
     for i in 0..6 {
         let before = d.stats();
-        let loss = kiln::loss::cross_entropy(&net.forward(&x).unwrap(), &t, &Default::default()).unwrap();
+        let loss =
+            kiln::loss::cross_entropy(&net.forward(&x).unwrap(), &t, &Default::default()).unwrap();
         opt.zero_grad();
         loss.backward().unwrap();
         opt.step().unwrap();
         let after = d.stats();
         assert_eq!(after.readbacks, before.readbacks, "no readback in a step");
         if i > 0 {
-            assert!(after.submits - before.submits <= 1, "{} submits in one step", after.submits - before.submits);
+            assert!(
+                after.submits - before.submits <= 1,
+                "{} submits in one step",
+                after.submits - before.submits
+            );
         }
         last_loss = Some(loss);
     }
     let before = d.stats().readbacks;
     assert!(last_loss.unwrap().to_scalar().unwrap().is_finite());
-    assert_eq!(d.stats().readbacks, before + 1, "reading the loss is the one readback");
+    assert_eq!(
+        d.stats().readbacks,
+        before + 1,
+        "reading the loss is the one readback"
+    );
 }

@@ -235,7 +235,8 @@ pub(crate) fn conv_bwd_input(dy: &Tensor, w: &Tensor, g: &ConvGeometry) -> Resul
 /// dw of conv2d given dy and x. Not recorded.
 pub(crate) fn conv_bwd_weight(dy: &Tensor, x: &Tensor, g: &ConvGeometry) -> Result<Tensor> {
     // Barriers are costly on software adapters: keep the register kernel there.
-    let tiled = g.n * g.oh * g.ow >= 1024 && dy.device().adapter_info().device_type != wgpu::DeviceType::Cpu;
+    let tiled = g.n * g.oh * g.ow >= 1024
+        && dy.device().adapter_info().device_type != wgpu::DeviceType::Cpu;
     conv_bwd_weight_with(dy, x, g, tiled, None)
 }
 
@@ -244,13 +245,26 @@ impl Tensor {
     /// kernel or the register kernel and the number of position splits as asked (for tests
     /// and benchmarks that compare them).
     #[doc(hidden)]
-    pub fn conv2d_weight_grad_with(&self, x: &Tensor, weight_shape: &[usize], opts: &Conv2dOptions, tiled: bool, splits: Option<usize>) -> Result<Tensor> {
+    pub fn conv2d_weight_grad_with(
+        &self,
+        x: &Tensor,
+        weight_shape: &[usize],
+        opts: &Conv2dOptions,
+        tiled: bool,
+        splits: Option<usize>,
+    ) -> Result<Tensor> {
         let g = conv2d_geometry(x.dims(), weight_shape, opts)?;
         conv_bwd_weight_with(self, x, &g, tiled, splits)
     }
 }
 
-fn conv_bwd_weight_with(dy: &Tensor, x: &Tensor, g: &ConvGeometry, tiled: bool, force_splits: Option<usize>) -> Result<Tensor> {
+fn conv_bwd_weight_with(
+    dy: &Tensor,
+    x: &Tensor,
+    g: &ConvGeometry,
+    tiled: bool,
+    force_splits: Option<usize>,
+) -> Result<Tensor> {
     let (dy, x) = (dy.contiguous()?, x.contiguous()?);
     let shape = [g.c_out, g.c_in / g.groups, g.k[0], g.k[1]];
     let positions = g.n * g.oh * g.ow;
@@ -262,7 +276,11 @@ fn conv_bwd_weight_with(dy: &Tensor, x: &Tensor, g: &ConvGeometry, tiled: bool, 
     // The reduction over every output position is long and the output small: split it so
     // that enough workgroups run, then add the partial sums. Long reductions use the
     // shared-memory tiled kernel (64x64 tiles), short ones the register kernel (32x32).
-    let (kernel, tile) = if tiled { (Kernel::Conv2dBwdWeightTiled, 64) } else { (Kernel::Conv2dBwdWeight, TILE) };
+    let (kernel, tile) = if tiled {
+        (Kernel::Conv2dBwdWeightTiled, 64)
+    } else {
+        (Kernel::Conv2dBwdWeight, TILE)
+    };
     let tiles = rows.div_ceil(tile) * cols.div_ceil(tile) * g.groups;
     // A software adapter has a core or two: splitting only adds the final sum there.
     let software = dy.device().adapter_info().device_type == wgpu::DeviceType::Cpu;
@@ -273,7 +291,11 @@ fn conv_bwd_weight_with(dy: &Tensor, x: &Tensor, g: &ConvGeometry, tiled: bool, 
     } else {
         1024
     };
-    let splits = target.div_ceil(tiles).min(positions.div_ceil(256)).min(64).clamp(1, MAX_GROUPS / g.groups.max(1));
+    let splits = target
+        .div_ceil(tiles)
+        .min(positions.div_ceil(256))
+        .min(64)
+        .clamp(1, MAX_GROUPS / g.groups.max(1));
     let splits = force_splits.map_or(splits, |s| s.clamp(1, positions));
     let chunk = positions.div_ceil(splits);
     let partial = Tensor::uninit("conv2d_backward", &[splits, g.c_out, cols], dy.device())?;
@@ -286,10 +308,18 @@ fn conv_bwd_weight_with(dy: &Tensor, x: &Tensor, g: &ConvGeometry, tiled: bool, 
             &[dy.buffer(), x.buffer()],
             partial.buffer(),
             bytemuck::bytes_of(&p),
-            [cols.div_ceil(tile) as u32, rows.div_ceil(tile) as u32, (g.groups * splits) as u32],
+            [
+                cols.div_ceil(tile) as u32,
+                rows.div_ceil(tile) as u32,
+                (g.groups * splits) as u32,
+            ],
         );
     }
-    let summed = if splits == 1 { partial } else { partial.sum(&[0], false)? };
+    let summed = if splits == 1 {
+        partial
+    } else {
+        partial.sum(&[0], false)?
+    };
     summed.reshape_to(&shape)
 }
 

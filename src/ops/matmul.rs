@@ -84,7 +84,11 @@ fn choose(
         return Ok(heuristic);
     }
     let mut best = (f64::INFINITY, heuristic);
-    for kernel in [Kernel::MatmulFwd, Kernel::MatmulTiledFwd, Kernel::MatmulTiled128Fwd] {
+    for kernel in [
+        Kernel::MatmulFwd,
+        Kernel::MatmulTiledFwd,
+        Kernel::MatmulTiled128Fwd,
+    ] {
         // A first run compiles the pipeline; then the best of three.
         record(kernel)?;
         device.synchronize()?;
@@ -194,7 +198,10 @@ impl Tensor {
                 format!("{:?} x {:?}", self.dims(), other.dims()),
             ));
         }
-        if !matches!(kernel, Kernel::MatmulFwd | Kernel::MatmulTiledFwd | Kernel::MatmulTiled128Fwd) {
+        if !matches!(
+            kernel,
+            Kernel::MatmulFwd | Kernel::MatmulTiledFwd | Kernel::MatmulTiled128Fwd
+        ) {
             return Err(Error::invalid(
                 "matmul_with_kernel",
                 format!("{kernel:?} is not a matmul kernel"),
