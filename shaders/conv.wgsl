@@ -367,3 +367,93 @@ fn conv2d_bwd_weight_tiled(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local
         }
     }
 }
+
+// Forward as a shared-memory tiled implicit GEMM: rows are output positions (n, oy, ox),
+// columns output channels of group g = workgroup_id.z, the reduction runs over
+// (ci, ky, kx) 16 at a time. A workgroup of 16x16 computes a 64x64 tile; each invocation
+// stages one row of the im2col tile and one column of the weight tile (4 k each), then
+// computes a 4x4 block from workgroup memory. Same bindings and epilogue as conv2d_fwd.
+
+var<workgroup> ftile_a: array<vec4<f32>, 256>;
+var<workgroup> ftile_b: array<vec4<f32>, 256>;
+
+@compute @workgroup_size(16, 16)
+fn conv2d_tiled_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>,
+                    @builtin(local_invocation_index) lindex: u32) {
+    let g = wid.z;
+    let cin_g = p.c_in / p.groups;
+    let cout_g = p.c_out / p.groups;
+    let rows = p.n * p.oh * p.ow;
+    let plane = p.h * p.w;
+    let oplane = p.oh * p.ow;
+    let ksize = p.kh * p.kw;
+    let kdim = cin_g * ksize;
+    let tile_row = p.row_base + wid.y * 64u;
+    let tile_col = wid.x * 64u;
+    let own = lindex / 4u;
+    // The output position this invocation stages.
+    let srow = min(tile_row + own, rows - 1u);
+    let sn = srow / oplane;
+    let so = srow % oplane;
+    let iy0 = i32((so / p.ow) * p.sh) - i32(p.ph);
+    let ix0 = i32((so % p.ow) * p.sw) - i32(p.pw);
+    let xbase = (sn * p.c_in + g * cin_g) * plane;
+    // The output channel (weight row) this invocation stages.
+    let scol = tile_col + own;
+    let wbase = (g * cout_g + min(scol, cout_g - 1u)) * kdim;
+    var acc0 = vec4<f32>(0.0);
+    var acc1 = vec4<f32>(0.0);
+    var acc2 = vec4<f32>(0.0);
+    var acc3 = vec4<f32>(0.0);
+    for (var k0 = 0u; k0 < kdim; k0 += 16u) {
+        for (var j = 0u; j < 4u; j += 1u) {
+            let kk = (lindex % 4u) * 4u + j;
+            let k = k0 + kk;
+            var va = 0.0;
+            var vb = 0.0;
+            if (k < kdim) {
+                let ci = k / ksize;
+                let r = k % ksize;
+                let iy = iy0 + i32((r / p.kw) * p.dh);
+                let ix = ix0 + i32((r % p.kw) * p.dw);
+                if (tile_row + own < rows && iy >= 0 && iy < i32(p.h) && ix >= 0 && ix < i32(p.w)) {
+                    va = f32(a[xbase + ci * plane + u32(iy) * p.w + u32(ix)]);
+                }
+                if (scol < cout_g) {
+                    vb = f32(b[wbase + k]);
+                }
+            }
+            ftile_a[(kk * 64u + own) >> 2u][own & 3u] = va;
+            ftile_b[(kk * 64u + own) >> 2u][own & 3u] = vb;
+        }
+        workgroupBarrier();
+        for (var kk = 0u; kk < 16u; kk += 1u) {
+            let av = ftile_a[kk * 16u + lid.y];
+            let bv = ftile_b[kk * 16u + lid.x];
+            acc0 += av.x * bv;
+            acc1 += av.y * bv;
+            acc2 += av.z * bv;
+            acc3 += av.w * bv;
+        }
+        workgroupBarrier();
+    }
+    let res = array<vec4<f32>, 4>(acc0, acc1, acc2, acc3);
+    for (var i = 0u; i < 4u; i += 1u) {
+        let r = tile_row + lid.y * 4u + i;
+        if (r >= rows) {
+            break;
+        }
+        let nn = r / oplane;
+        let o = r % oplane;
+        for (var jj = 0u; jj < 4u; jj += 1u) {
+            let c = tile_col + lid.x * 4u + jj;
+            if (c < cout_g) {
+                var v = res[i][jj];
+                if ((p.epilogue & EPILOGUE_BIAS) != 0u) {
+                    v += f32(bias[p.off_bias + g * cout_g + c]);
+                }
+                out[(nn * p.c_out + g * cout_g + c) * oplane + o] = OUT(epilogue_activation(v, p.epilogue, p.act_alpha));
+            }
+        }
+    }
+}

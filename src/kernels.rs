@@ -189,6 +189,7 @@ kernels! {
     MatmulTiled128Fwd => (Matmul, "matmul_tiled128_fwd", 3),
     DropoutMaskFwd => (Elementwise, "dropout_mask_fwd", 0),
     Conv2dFwd => (Conv, "conv2d_fwd", 3),
+    Conv2dTiledFwd => (Conv, "conv2d_tiled_fwd", 3),
     Conv2dBwdInput => (Conv, "conv2d_bwd_input", 2),
     Conv2dBwdWeight => (Conv, "conv2d_bwd_weight", 2),
     Conv2dBwdWeightTiled => (Conv, "conv2d_bwd_weight_tiled", 2),

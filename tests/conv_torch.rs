@@ -145,6 +145,29 @@ fn conv2d_grid_matches_pytorch() {
         let x = leaves(c);
         let y = run(&c.name, &x).unwrap_or_else(|e| panic!("{}: {e}", c.name));
         check_case(c, &x, &y, 1e-4, 1e-4);
+        // The shared-memory tiled forward kernel (used on GPUs for larger layers) as well.
+        let opts = Conv2dOptions {
+            stride: pair(&c.name, "s"),
+            padding: pair(&c.name, "p"),
+            dilation: pair(&c.name, "d"),
+            groups: one(&c.name, "g"),
+        };
+        let mut tiled = x[0]
+            .detach()
+            .conv2d_forward_with(&x[1].detach(), &opts, true)
+            .unwrap();
+        if let Some(b) = x.get(2) {
+            tiled = tiled
+                .add(&b.detach().reshape(&[1, -1, 1, 1]).unwrap())
+                .unwrap();
+        }
+        assert_close(
+            &format!("{} tiled forward", c.name),
+            &tiled,
+            &c.out,
+            1e-4,
+            1e-4,
+        );
     }
 }
 

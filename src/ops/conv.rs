@@ -139,6 +139,21 @@ impl ConvGeometry {
         }
     }
 
+    /// [`ConvGeometry::launch`] for the 64x64-tile kernels.
+    #[allow(clippy::too_many_arguments)]
+    fn launch_tiled(
+        &self,
+        kernel: Kernel,
+        a: &Tensor,
+        b: &Tensor,
+        out: &Tensor,
+        rows: usize,
+        cols: usize,
+        epi: &Epilogue<'_>,
+    ) -> Result<()> {
+        self.launch_with_tile(kernel, a, b, out, rows, cols, epi, 64)
+    }
+
     /// Records `kernel` over a GEMM of `rows` x `cols` per group, in chunks of rows that fit
     /// the dispatch limit.
     #[allow(clippy::too_many_arguments)]
@@ -152,16 +167,31 @@ impl ConvGeometry {
         cols: usize,
         epi: &Epilogue<'_>,
     ) -> Result<()> {
+        self.launch_with_tile(kernel, a, b, out, rows, cols, epi, TILE)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn launch_with_tile(
+        &self,
+        kernel: Kernel,
+        a: &Tensor,
+        b: &Tensor,
+        out: &Tensor,
+        rows: usize,
+        cols: usize,
+        epi: &Epilogue<'_>,
+        tile: usize,
+    ) -> Result<()> {
         if rows == 0 || cols == 0 {
             return Ok(());
         }
-        let chunk = MAX_GROUPS * TILE;
+        let chunk = MAX_GROUPS * tile;
         let mut base = 0;
         while base < rows {
             let these = (rows - base).min(chunk);
             let p = self.params(base, epi);
             let mut inputs = vec![a.buffer(), b.buffer()];
-            if kernel == Kernel::Conv2dFwd {
+            if matches!(kernel, Kernel::Conv2dFwd | Kernel::Conv2dTiledFwd) {
                 // Without a bias, any buffer fills the binding the kernel does not read.
                 inputs.push(epi.bias.map_or(b.buffer(), |t| t.buffer()));
             }
@@ -172,8 +202,8 @@ impl ConvGeometry {
                 &[out.buffer()],
                 bytemuck::bytes_of(&p),
                 [
-                    cols.div_ceil(TILE) as u32,
-                    these.div_ceil(TILE) as u32,
+                    cols.div_ceil(tile) as u32,
+                    these.div_ceil(tile) as u32,
                     self.groups as u32,
                 ],
             )?;
@@ -199,18 +229,61 @@ pub(crate) fn conv_fwd_into(
     out: &Tensor,
     epi: &Epilogue<'_>,
 ) -> Result<()> {
+    // Barriers are costly on software adapters: the register kernel there, and for small
+    // problems; the shared-memory tiled kernel elsewhere.
+    let software = x.device().adapter_info().device_type == wgpu::DeviceType::Cpu;
+    let tiled = !software && g.n * g.oh * g.ow >= 256 && g.c_out / g.groups >= 16;
+    conv_fwd_into_with(x, w, g, out, epi, tiled)
+}
+
+fn conv_fwd_into_with(
+    x: &Tensor,
+    w: &Tensor,
+    g: &ConvGeometry,
+    out: &Tensor,
+    epi: &Epilogue<'_>,
+    tiled: bool,
+) -> Result<()> {
     let (x, w) = (x.contiguous()?, w.contiguous()?);
     let rows = g.n * g.oh * g.ow;
-    g.launch(
-        Kernel::Conv2dFwd,
-        &x,
-        &w,
-        out,
-        rows,
-        g.c_out / g.groups,
-        epi,
-    )?;
-    Ok(())
+    if tiled {
+        g.launch_tiled(
+            Kernel::Conv2dTiledFwd,
+            &x,
+            &w,
+            out,
+            rows,
+            g.c_out / g.groups,
+            epi,
+        )
+    } else {
+        g.launch(
+            Kernel::Conv2dFwd,
+            &x,
+            &w,
+            out,
+            rows,
+            g.c_out / g.groups,
+            epi,
+        )
+    }
+}
+
+impl Tensor {
+    /// conv2d (no bias) with the shared-memory tiled kernel or the register kernel as asked
+    /// (for tests and benchmarks that compare them). Not recorded for autograd.
+    #[doc(hidden)]
+    pub fn conv2d_forward_with(
+        &self,
+        weight: &Tensor,
+        opts: &Conv2dOptions,
+        tiled: bool,
+    ) -> Result<Tensor> {
+        let g = conv2d_geometry(self.dims(), weight.dims(), opts)?;
+        let out = Tensor::uninit("conv2d", &[g.n, g.c_out, g.oh, g.ow], self.device())?;
+        conv_fwd_into_with(self, weight, &g, &out, &Epilogue::default(), tiled)?;
+        Ok(out)
+    }
 }
 
 /// dx of conv2d given dy and w (also the forward of conv_transpose2d). Not recorded.
