@@ -288,3 +288,68 @@ fn bad_axes_are_err() {
         .argmax(0, false)
         .is_err());
 }
+
+/// Long rows are reduced in two stages (chunks, then the partials and the tail): every
+/// splittable op, contiguous and strided, with a tail that does not fill a chunk.
+#[test]
+fn long_rows_reduce_in_two_stages() {
+    let mut rng = Rng::new(101);
+    for (shape, axis) in [
+        (&[100_003usize][..], 0usize),
+        (&[3, 20_011], 1),
+        (&[20_011, 3], 0),
+    ] {
+        let (t, r) = rand_pair(&mut rng, shape, -1.0, 1.0);
+        let ax = axis as isize;
+        let want = squeeze(r.reduce(&[axis], sum), &[axis], false);
+        assert_close(
+            &format!("sum {shape:?}"),
+            &t.sum(&[ax], false).unwrap(),
+            &want,
+            1e-3,
+            1e-4,
+        );
+        let want = squeeze(r.reduce(&[axis], mean), &[axis], false);
+        assert_close(
+            &format!("mean {shape:?}"),
+            &t.mean(&[ax], false).unwrap(),
+            &want,
+            1e-6,
+            1e-4,
+        );
+        let want = squeeze(
+            r.reduce(&[axis], |v| v.iter().cloned().fold(f64::MIN, f64::max)),
+            &[axis],
+            false,
+        );
+        assert_close(
+            &format!("max {shape:?}"),
+            &t.max(&[ax], false).unwrap(),
+            &want,
+            0.0,
+            0.0,
+        );
+        let want = squeeze(
+            r.reduce(&[axis], |v| v.iter().cloned().fold(f64::MAX, f64::min)),
+            &[axis],
+            false,
+        );
+        assert_close(
+            &format!("min {shape:?}"),
+            &t.min(&[ax], false).unwrap(),
+            &want,
+            0.0,
+            0.0,
+        );
+    }
+    // Gradients still flow (the sum's rule is unchanged).
+    let x = Tensor::ones(&[50_000], &dev()).unwrap().requires_grad();
+    x.sum_all().unwrap().backward().unwrap();
+    assert!(x
+        .grad()
+        .unwrap()
+        .to_vec()
+        .unwrap()
+        .iter()
+        .all(|&g| g == 1.0));
+}

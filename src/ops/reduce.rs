@@ -78,6 +78,113 @@ fn merged_run(x: &Tensor, axes: &[usize]) -> Option<(usize, usize)> {
     Some((len, run.last().map_or(1, |&(_, s)| s)))
 }
 
+/// Rows at least this long, when there are few of them, are reduced in two stages so that
+/// more than a handful of workgroups share the work.
+const SPLIT_MIN_LEN: usize = 8192;
+const SPLIT_MAX_ROWS: usize = 256;
+/// Elements each workgroup of the first stage reduces.
+const SPLIT_CHUNK: usize = 2048;
+
+/// Rows to reduce: `shape` (kept axes) with input strides `in_strides` from `offset`, each
+/// `len` elements `stride` apart; results written at the positions given by `out_strides`.
+struct Run<'a> {
+    shape: &'a [usize],
+    in_strides: &'a [usize],
+    offset: usize,
+    len: usize,
+    stride: usize,
+    out_strides: &'a [usize],
+}
+
+fn dispatch_rows(src: &Tensor, op: ReduceOp, correction: f32, run: &Run<'_>, out: &Tensor) {
+    let n_out: usize = run.shape.iter().product();
+    if n_out == 0 {
+        return;
+    }
+    let p = ReduceParams {
+        n_out: n_out as u32,
+        rank: run.shape.len() as u32,
+        red_len: run.len as u32,
+        op: op as u32,
+        off_in: run.offset as u32,
+        red_stride: run.stride as u32,
+        out_red_stride: 0,
+        correction,
+        shape: pack(run.shape.iter().copied()),
+        sin: pack(run.in_strides.iter().copied()),
+        sout: pack(run.out_strides.iter().copied()),
+    };
+    src.device().dispatch(
+        Kernel::ReduceFwd,
+        &[src.buffer()],
+        out.buffer(),
+        bytemuck::bytes_of(&p),
+        grid(n_out, 1),
+    );
+}
+
+/// Sum, mean, max or min of long rows: partial results of chunks of each row, then the
+/// partials (and the tail that does not fill a chunk) combined. Returns shape `kept`.
+fn two_stage(
+    src: &Tensor,
+    op: ReduceOp,
+    kept: &[usize],
+    kept_strides: &[usize],
+    len: usize,
+    stride: usize,
+) -> Result<Tensor> {
+    let n_out: usize = kept.iter().product();
+    let chunks = len.div_ceil(SPLIT_CHUNK).min(1024);
+    let chunk_len = len / chunks;
+    let tail = len - chunks * chunk_len;
+    let first = if op == ReduceOp::Mean {
+        ReduceOp::Sum
+    } else {
+        op
+    };
+    let partial = Tensor::uninit(op.name(), &[n_out, chunks], src.device())?;
+    let mut shape = kept.to_vec();
+    shape.push(chunks);
+    let mut in_strides = kept_strides.to_vec();
+    in_strides.push(chunk_len * stride);
+    let mut out_strides: Vec<usize> = contiguous_strides(kept)
+        .iter()
+        .map(|s| s * chunks)
+        .collect();
+    out_strides.push(1);
+    let run = Run {
+        shape: &shape,
+        in_strides: &in_strides,
+        offset: src.layout.offset,
+        len: chunk_len,
+        stride,
+        out_strides: &out_strides,
+    };
+    dispatch_rows(src, first, 0.0, &run, &partial);
+    let mut total = reduce(&partial, first, &[-1], false, 0.0)?;
+    if tail > 0 {
+        let rest = Tensor::uninit(op.name(), &[n_out], src.device())?;
+        let run = Run {
+            shape: kept,
+            in_strides: kept_strides,
+            offset: src.layout.offset + chunks * chunk_len * stride,
+            len: tail,
+            stride,
+            out_strides: &contiguous_strides(kept),
+        };
+        dispatch_rows(src, first, 0.0, &run, &rest);
+        total = match first {
+            ReduceOp::Max => total.maximum(&rest)?,
+            ReduceOp::Min => total.minimum(&rest)?,
+            _ => total.add(&rest)?,
+        };
+    }
+    if op == ReduceOp::Mean {
+        total = total.mul_scalar(1.0 / len as f32)?;
+    }
+    Ok(total)
+}
+
 /// One workgroup per row of the input: `kept` axes index the rows, the reduced elements of a
 /// row are `len` apart by `stride`.
 struct Rows {
@@ -137,29 +244,33 @@ pub(crate) fn reduce(
     } else {
         kept_shape.clone()
     };
-    let out = Tensor::uninit(name, &out_shape, x.device())?;
-    if n_out > 0 {
-        let p = ReduceParams {
-            n_out: n_out as u32,
-            rank: kept_shape.len() as u32,
-            red_len: rows.len as u32,
-            op: op as u32,
-            off_in: src.layout.offset as u32,
-            red_stride: rows.stride as u32,
-            out_red_stride: 0,
-            correction,
-            shape: pack(kept_shape.iter().copied()),
-            sin: pack(rows.kept.iter().map(|&a| src.strides()[a])),
-            sout: pack(contiguous_strides(&kept_shape)),
-        };
-        x.device().dispatch(
-            Kernel::ReduceFwd,
-            &[src.buffer()],
-            out.buffer(),
-            bytemuck::bytes_of(&p),
-            grid(n_out, 1),
-        );
-    }
+    let kept_strides: Vec<usize> = rows.kept.iter().map(|&a| src.strides()[a]).collect();
+    let splittable = matches!(
+        op,
+        ReduceOp::Sum | ReduceOp::Mean | ReduceOp::Max | ReduceOp::Min
+    );
+    let out = if splittable
+        && rows.len >= SPLIT_MIN_LEN
+        && n_out <= SPLIT_MAX_ROWS
+        && kept_shape.len() < MAX_RANK
+    {
+        two_stage(&src, op, &kept_shape, &kept_strides, rows.len, rows.stride)?
+            .reshape_to(&out_shape)?
+    } else {
+        let out = Tensor::uninit(name, &out_shape, x.device())?;
+        if n_out > 0 {
+            let run = Run {
+                shape: &kept_shape,
+                in_strides: &kept_strides,
+                offset: src.layout.offset,
+                len: rows.len,
+                stride: rows.stride,
+                out_strides: &contiguous_strides(&kept_shape),
+            };
+            dispatch_rows(&src, op, correction, &run, &out);
+        }
+        out
+    };
     if matches!(op, ReduceOp::ArgMax | ReduceOp::ArgMin) {
         return Ok(out);
     }
