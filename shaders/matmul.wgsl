@@ -46,20 +46,26 @@ alias OUT = f32;
 @group(0) @binding(3) var<storage, read_write> out: array<OUT>;
 @group(0) @binding(4) var<uniform> p: Params;
 
-@compute @workgroup_size(8, 8)
-fn matmul_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
-    let z = p.z_base + wid.z;
+// Start of batch z in a and in b (stride 0 on a broadcast batch axis).
+fn batch_bases(z: u32) -> vec2<u32> {
     var rem = z;
-    var base_a = p.off_a;
-    var base_b = p.off_b;
+    var base = vec2<u32>(p.off_a, p.off_b);
     for (var d = i32(p.batch_rank) - 1; d >= 0; d -= 1) {
         let q = u32(d);
         let size = p.bshape[q >> 2u][q & 3u];
         let idx = rem % size;
         rem = rem / size;
-        base_a += idx * p.sa[q >> 2u][q & 3u];
-        base_b += idx * p.sb[q >> 2u][q & 3u];
+        base += idx * vec2<u32>(p.sa[q >> 2u][q & 3u], p.sb[q >> 2u][q & 3u]);
     }
+    return base;
+}
+
+@compute @workgroup_size(8, 8)
+fn matmul_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
+    let z = p.z_base + wid.z;
+    let bases = batch_bases(z);
+    let base_a = bases.x;
+    let base_b = bases.y;
 
     let row0 = (wid.y * 8u + lid.y) * 4u;
     let col0 = (wid.x * 8u + lid.x) * 4u;
@@ -129,17 +135,9 @@ var<workgroup> tile_b: array<vec4<f32>, 256>;
 fn matmul_tiled_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>,
                     @builtin(local_invocation_index) lindex: u32) {
     let z = p.z_base + wid.z;
-    var rem = z;
-    var base_a = p.off_a;
-    var base_b = p.off_b;
-    for (var d = i32(p.batch_rank) - 1; d >= 0; d -= 1) {
-        let q = u32(d);
-        let size = p.bshape[q >> 2u][q & 3u];
-        let idx = rem % size;
-        rem = rem / size;
-        base_a += idx * p.sa[q >> 2u][q & 3u];
-        base_b += idx * p.sb[q >> 2u][q & 3u];
-    }
+    let bases = batch_bases(z);
+    let base_a = bases.x;
+    let base_b = bases.y;
     let tile_row = wid.y * TM;
     let tile_col = wid.x * TN;
     var acc0 = vec4<f32>(0.0);
@@ -223,17 +221,9 @@ var<workgroup> big_b: array<vec4<f32>, 256>;
 fn matmul_tiled128_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>,
                        @builtin(local_invocation_index) lindex: u32) {
     let z = p.z_base + wid.z;
-    var rem = z;
-    var base_a = p.off_a;
-    var base_b = p.off_b;
-    for (var d = i32(p.batch_rank) - 1; d >= 0; d -= 1) {
-        let q = u32(d);
-        let size = p.bshape[q >> 2u][q & 3u];
-        let idx = rem % size;
-        rem = rem / size;
-        base_a += idx * p.sa[q >> 2u][q & 3u];
-        base_b += idx * p.sb[q >> 2u][q & 3u];
-    }
+    let bases = batch_bases(z);
+    let base_a = bases.x;
+    let base_b = bases.y;
     let tile_row = wid.y * LM;
     let tile_col = wid.x * LN;
     var acc: array<vec4<f32>, 16>;

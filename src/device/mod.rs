@@ -63,7 +63,7 @@ pub struct DeviceStats {
 ///
 /// ```
 /// let dev = kiln::Device::default_device()?;
-/// println!("{}", dev.name());
+/// assert!(!dev.name().is_empty());
 /// # Ok::<(), kiln::Error>(())
 /// ```
 #[derive(Clone)]
