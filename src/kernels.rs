@@ -1,7 +1,7 @@
 //! The registry of every WGSL entry point: one enum variant per entry point.
 //!
 //! The variant is the pipeline-cache key; [`Kernel::entry`] is the WGSL function name and
-//! [`Kernel::source`] the file it lives in.
+//! [`Kernel::file`] the file it lives in.
 
 /// A shader file of `shaders/`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

@@ -1,9 +1,9 @@
 //! The GPU runtime: adapter choice, limits, pipeline cache, buffer pool, batched submission
 //! and readback.
 //!
-//! Ops never submit work themselves. They call [`Device::dispatch`], which appends a dispatch
+//! Ops never submit work themselves. They call `Device::dispatch`, which appends a dispatch
 //! to one open command encoder and compute pass; the batch is submitted only when the host
-//! reads data ([`Device::read_buffer`]), when [`MAX_BATCH_DISPATCHES`] dispatches are pending,
+//! reads data (`Device::read_buffer`), when [`MAX_BATCH_DISPATCHES`] dispatches are pending,
 //! or on [`Device::synchronize`].
 
 mod pool;
