@@ -205,6 +205,24 @@ fn matmul_tiled_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invoca
 }
 
 // ---- large-tile variant ----
+
+// Stores 8 results of row r from column c0, through the epilogue.
+fn store_row8(out_base: u32, r: u32, c0: u32, lo: vec4<f32>, hi: vec4<f32>) {
+    if (r >= p.m) {
+        return;
+    }
+    let v = array<vec4<f32>, 2>(lo, hi);
+    for (var j = 0u; j < 8u; j += 1u) {
+        let cc = c0 + j;
+        if (cc < p.n) {
+            var x = v[j / 4u][j % 4u];
+            if ((p.epilogue & EPILOGUE_BIAS) != 0u) {
+                x += f32(bias[p.off_bias + cc]);
+            }
+            out[out_base + r * p.n + cc] = OUT(epilogue_activation(x, p.epilogue, p.act_alpha));
+        }
+    }
+}
 //
 // 16x16 invocations compute a 128x128 tile, each an 8x8 block (64 accumulators), with the k
 // axis staged 8 at a time: twice the arithmetic per workgroup-memory read of the 64x64
@@ -226,10 +244,12 @@ fn matmul_tiled128_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_inv
     let base_b = bases.y;
     let tile_row = wid.y * LM;
     let tile_col = wid.x * LN;
-    var acc: array<vec4<f32>, 16>;
-    for (var i = 0u; i < 16u; i += 1u) {
-        acc[i] = vec4<f32>(0.0);
-    }
+    // Sixteen named accumulators (row i, columns 0-3 and 4-7): constant names keep them in
+    // registers, where an indexed array could be placed in memory.
+    var c00 = vec4<f32>(0.0); var c01 = vec4<f32>(0.0); var c10 = vec4<f32>(0.0); var c11 = vec4<f32>(0.0);
+    var c20 = vec4<f32>(0.0); var c21 = vec4<f32>(0.0); var c30 = vec4<f32>(0.0); var c31 = vec4<f32>(0.0);
+    var c40 = vec4<f32>(0.0); var c41 = vec4<f32>(0.0); var c50 = vec4<f32>(0.0); var c51 = vec4<f32>(0.0);
+    var c60 = vec4<f32>(0.0); var c61 = vec4<f32>(0.0); var c70 = vec4<f32>(0.0); var c71 = vec4<f32>(0.0);
     for (var k0 = 0u; k0 < p.k; k0 += LK) {
         for (var j = 0u; j < 4u; j += 1u) {
             // a: 128 rows x 8 k, k fastest; b: 8 k x 128 columns, column fastest.
@@ -259,42 +279,34 @@ fn matmul_tiled128_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_inv
             let a1 = big_a[kk * (LM / 4u) + lid.y * 2u + 1u];
             let b0 = big_b[kk * (LN / 4u) + lid.x * 2u];
             let b1 = big_b[kk * (LN / 4u) + lid.x * 2u + 1u];
-            acc[0] += a0.x * b0;
-            acc[1] += a0.x * b1;
-            acc[2] += a0.y * b0;
-            acc[3] += a0.y * b1;
-            acc[4] += a0.z * b0;
-            acc[5] += a0.z * b1;
-            acc[6] += a0.w * b0;
-            acc[7] += a0.w * b1;
-            acc[8] += a1.x * b0;
-            acc[9] += a1.x * b1;
-            acc[10] += a1.y * b0;
-            acc[11] += a1.y * b1;
-            acc[12] += a1.z * b0;
-            acc[13] += a1.z * b1;
-            acc[14] += a1.w * b0;
-            acc[15] += a1.w * b1;
+            c00 += a0.x * b0;
+            c01 += a0.x * b1;
+            c10 += a0.y * b0;
+            c11 += a0.y * b1;
+            c20 += a0.z * b0;
+            c21 += a0.z * b1;
+            c30 += a0.w * b0;
+            c31 += a0.w * b1;
+            c40 += a1.x * b0;
+            c41 += a1.x * b1;
+            c50 += a1.y * b0;
+            c51 += a1.y * b1;
+            c60 += a1.z * b0;
+            c61 += a1.z * b1;
+            c70 += a1.w * b0;
+            c71 += a1.w * b1;
         }
         workgroupBarrier();
     }
     let row0 = tile_row + lid.y * 8u;
     let col0 = tile_col + lid.x * 8u;
     let out_base = z * p.m * p.n;
-    for (var i = 0u; i < 8u; i += 1u) {
-        let r = row0 + i;
-        if (r >= p.m) {
-            break;
-        }
-        for (var j = 0u; j < 8u; j += 1u) {
-            let cc = col0 + j;
-            if (cc < p.n) {
-                var v = acc[i * 2u + j / 4u][j % 4u];
-                if ((p.epilogue & EPILOGUE_BIAS) != 0u) {
-                    v += f32(bias[p.off_bias + cc]);
-                }
-                out[out_base + r * p.n + cc] = OUT(epilogue_activation(v, p.epilogue, p.act_alpha));
-            }
-        }
-    }
+    store_row8(out_base, row0, col0, c00, c01);
+    store_row8(out_base, row0 + 1u, col0, c10, c11);
+    store_row8(out_base, row0 + 2u, col0, c20, c21);
+    store_row8(out_base, row0 + 3u, col0, c30, c31);
+    store_row8(out_base, row0 + 4u, col0, c40, c41);
+    store_row8(out_base, row0 + 5u, col0, c50, c51);
+    store_row8(out_base, row0 + 6u, col0, c60, c61);
+    store_row8(out_base, row0 + 7u, col0, c70, c71);
 }
