@@ -457,3 +457,92 @@ fn conv2d_tiled_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invoca
         }
     }
 }
+
+// Gradient of the input as a shared-memory tiled GEMM: rows are input positions (n, iy, ix),
+// columns input channels of group g = workgroup_id.z, the reduction runs over (co, ky, kx)
+// 16 at a time, taking dy at oy = (iy + ph - ky dh) / sh when that divides exactly and lands
+// in range (likewise for x). Same bindings as conv2d_bwd_input; 64x64 tiles as conv2d_tiled_fwd.
+
+var<workgroup> itile_a: array<vec4<f32>, 256>;
+var<workgroup> itile_b: array<vec4<f32>, 256>;
+
+@compute @workgroup_size(16, 16)
+fn conv2d_bwd_input_tiled(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>,
+                          @builtin(local_invocation_index) lindex: u32) {
+    let g = wid.z;
+    let cin_g = p.c_in / p.groups;
+    let cout_g = p.c_out / p.groups;
+    let rows = p.n * p.h * p.w;
+    let plane = p.h * p.w;
+    let oplane = p.oh * p.ow;
+    let ksize = p.kh * p.kw;
+    let kdim = cout_g * ksize;
+    let tile_row = p.row_base + wid.y * 64u;
+    let tile_col = wid.x * 64u;
+    let own = lindex / 4u;
+    let srow = min(tile_row + own, rows - 1u);
+    let sn = srow / plane;
+    let sp = srow % plane;
+    let ty0 = i32(sp / p.w) + i32(p.ph);
+    let tx0 = i32(sp % p.w) + i32(p.pw);
+    let dybase = (sn * p.c_out + g * cout_g) * oplane;
+    let scol = tile_col + own;
+    let ci = min(scol, cin_g - 1u);
+    var acc0 = vec4<f32>(0.0);
+    var acc1 = vec4<f32>(0.0);
+    var acc2 = vec4<f32>(0.0);
+    var acc3 = vec4<f32>(0.0);
+    for (var k0 = 0u; k0 < kdim; k0 += 16u) {
+        for (var j = 0u; j < 4u; j += 1u) {
+            let kk = (lindex % 4u) * 4u + j;
+            let k = k0 + kk;
+            var va = 0.0;
+            var vb = 0.0;
+            if (k < kdim) {
+                let co = k / ksize;
+                let r = k % ksize;
+                let ky = r / p.kw;
+                let kx = r % p.kw;
+                let ty = ty0 - i32(ky * p.dh);
+                let tx = tx0 - i32(kx * p.dw);
+                if (tile_row + own < rows && ty >= 0 && tx >= 0 && ty % i32(p.sh) == 0 && tx % i32(p.sw) == 0) {
+                    let oy = u32(ty) / p.sh;
+                    let ox = u32(tx) / p.sw;
+                    if (oy < p.oh && ox < p.ow) {
+                        va = f32(a[dybase + co * oplane + oy * p.ow + ox]);
+                    }
+                }
+                if (scol < cin_g) {
+                    vb = f32(b[((g * cout_g + co) * cin_g + ci) * ksize + r]);
+                }
+            }
+            itile_a[(kk * 64u + own) >> 2u][own & 3u] = va;
+            itile_b[(kk * 64u + own) >> 2u][own & 3u] = vb;
+        }
+        workgroupBarrier();
+        for (var kk = 0u; kk < 16u; kk += 1u) {
+            let av = itile_a[kk * 16u + lid.y];
+            let bv = itile_b[kk * 16u + lid.x];
+            acc0 += av.x * bv;
+            acc1 += av.y * bv;
+            acc2 += av.z * bv;
+            acc3 += av.w * bv;
+        }
+        workgroupBarrier();
+    }
+    let res = array<vec4<f32>, 4>(acc0, acc1, acc2, acc3);
+    for (var i = 0u; i < 4u; i += 1u) {
+        let r = tile_row + lid.y * 4u + i;
+        if (r >= rows) {
+            break;
+        }
+        let nn = r / plane;
+        let o = r % plane;
+        for (var jj = 0u; jj < 4u; jj += 1u) {
+            let c = tile_col + lid.x * 4u + jj;
+            if (c < cin_g) {
+                out[(nn * p.c_in + g * cin_g + c) * plane + o] = OUT(res[i][jj]);
+            }
+        }
+    }
+}

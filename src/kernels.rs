@@ -191,6 +191,7 @@ kernels! {
     Conv2dFwd => (Conv, "conv2d_fwd", 3),
     Conv2dTiledFwd => (Conv, "conv2d_tiled_fwd", 3),
     Conv2dBwdInput => (Conv, "conv2d_bwd_input", 2),
+    Conv2dBwdInputTiled => (Conv, "conv2d_bwd_input_tiled", 2),
     Conv2dBwdWeight => (Conv, "conv2d_bwd_weight", 2),
     Conv2dBwdWeightTiled => (Conv, "conv2d_bwd_weight_tiled", 2),
     Pool2dFwd => (Pool, "pool2d_fwd", 1),

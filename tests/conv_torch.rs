@@ -168,6 +168,18 @@ fn conv2d_grid_matches_pytorch() {
             1e-4,
             1e-4,
         );
+        // And the tiled input-gradient kernel, for the fixture's upstream gradient.
+        let dx = tensor(&c.w)
+            .conv2d_input_grad_with(&x[1].detach(), x[0].dims(), &opts, true)
+            .unwrap();
+        let want = c.grads[0].as_ref().expect("input gradient");
+        assert_close(
+            &format!("{} tiled input gradient", c.name),
+            &dx,
+            want,
+            1e-4,
+            1e-4,
+        );
     }
 }
 

@@ -288,21 +288,58 @@ impl Tensor {
 
 /// dx of conv2d given dy and w (also the forward of conv_transpose2d). Not recorded.
 pub(crate) fn conv_bwd_input(dy: &Tensor, w: &Tensor, g: &ConvGeometry) -> Result<Tensor> {
+    // Barriers are costly on software adapters: the register kernel there and for small
+    // problems, the shared-memory tiled kernel elsewhere.
+    let software = dy.device().adapter_info().device_type == wgpu::DeviceType::Cpu;
+    let tiled = !software && g.n * g.h * g.w >= 256 && g.c_in / g.groups >= 16;
+    conv_bwd_input_with(dy, w, g, tiled)
+}
+
+fn conv_bwd_input_with(dy: &Tensor, w: &Tensor, g: &ConvGeometry, tiled: bool) -> Result<Tensor> {
     let (dy, w) = (dy.contiguous()?, w.contiguous()?);
     let out = Tensor::uninit("conv2d_backward", &[g.n, g.c_in, g.h, g.w], dy.device())?;
     if g.c_out == 0 {
         return Tensor::zeros(out.dims(), dy.device());
     }
-    g.launch(
-        Kernel::Conv2dBwdInput,
-        &dy,
-        &w,
-        &out,
-        g.n * g.h * g.w,
-        g.c_in / g.groups,
-        &Epilogue::default(),
-    )?;
+    let (rows, cols) = (g.n * g.h * g.w, g.c_in / g.groups);
+    if tiled {
+        g.launch_tiled(
+            Kernel::Conv2dBwdInputTiled,
+            &dy,
+            &w,
+            &out,
+            rows,
+            cols,
+            &Epilogue::default(),
+        )?;
+    } else {
+        g.launch(
+            Kernel::Conv2dBwdInput,
+            &dy,
+            &w,
+            &out,
+            rows,
+            cols,
+            &Epilogue::default(),
+        )?;
+    }
     Ok(out)
+}
+
+impl Tensor {
+    /// The input gradient of conv2d for output gradient `self` and `weight`, with the tiled
+    /// kernel or the register kernel as asked (for tests and benchmarks that compare them).
+    #[doc(hidden)]
+    pub fn conv2d_input_grad_with(
+        &self,
+        weight: &Tensor,
+        input_shape: &[usize],
+        opts: &Conv2dOptions,
+        tiled: bool,
+    ) -> Result<Tensor> {
+        let g = conv2d_geometry(input_shape, weight.dims(), opts)?;
+        conv_bwd_input_with(self, weight, &g, tiled)
+    }
 }
 
 /// dw of conv2d given dy and x. Not recorded.
