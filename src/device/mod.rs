@@ -37,6 +37,10 @@ pub struct DeviceOptions {
     pub adapter: Option<String>,
     /// Prefer a low-power (integrated) adapter over a discrete one.
     pub low_power: bool,
+    /// Compile kernels without wgpu's runtime bounds checks (faster). kiln's launch code
+    /// computes every index from shapes it has checked, and the test suite runs the checked
+    /// kernels; off by default, on with `KILN_TRUSTED_SHADERS=1`.
+    pub trusted_shaders: bool,
 }
 
 /// Counters of the runtime, for tests and tuning.
@@ -100,6 +104,7 @@ struct DeviceInner {
     readbacks: AtomicU64,
     dispatches: AtomicU64,
     autotune: std::sync::atomic::AtomicBool,
+    trusted_shaders: bool,
     tuned: Mutex<HashMap<(Kernel, [u8; 4]), Kernel>>,
 }
 
@@ -182,10 +187,12 @@ impl Device {
                 found: found.join(", "),
                 hint: NO_ADAPTER_HINT,
             })?;
-        Self::from_adapter(adapter)
+        let trusted = options.trusted_shaders
+            || std::env::var("KILN_TRUSTED_SHADERS").is_ok_and(|v| v == "1");
+        Self::from_adapter(adapter, trusted)
     }
 
-    fn from_adapter(adapter: wgpu::Adapter) -> Result<Device> {
+    fn from_adapter(adapter: wgpu::Adapter, trusted_shaders: bool) -> Result<Device> {
         let info = adapter.get_info();
         let wanted =
             wgpu::Features::SHADER_F16 | wgpu::Features::SUBGROUP | wgpu::Features::TIMESTAMP_QUERY;
@@ -234,6 +241,7 @@ impl Device {
                     std::env::var("KILN_AUTOTUNE").map_or(true, |v| v != "0"),
                 ),
                 tuned: Mutex::new(HashMap::new()),
+                trusted_shaders,
             }),
         })
     }
@@ -422,13 +430,24 @@ impl Device {
                             format!("{} has no {variant:?} variant", file.file_name()),
                         )
                     })?;
-                    let m = self
-                        .inner
-                        .device
-                        .create_shader_module(wgpu::ShaderModuleDescriptor {
-                            label: Some(file.file_name()),
-                            source: wgpu::ShaderSource::Wgsl(source.into()),
-                        });
+                    let desc = wgpu::ShaderModuleDescriptor {
+                        label: Some(file.file_name()),
+                        source: wgpu::ShaderSource::Wgsl(source.into()),
+                    };
+                    let m = if self.inner.trusted_shaders {
+                        let checks = wgpu::ShaderRuntimeChecks {
+                            bounds_checks: false,
+                            force_loop_bounding: false,
+                            ..wgpu::ShaderRuntimeChecks::checked()
+                        };
+                        // SAFETY: every buffer index in kiln's kernels is derived from shapes,
+                        // strides and offsets that the launch code checked against the
+                        // buffers' sizes before recording the dispatch, and loops are bounded
+                        // by uniform sizes. The user asked for this mode explicitly.
+                        unsafe { self.inner.device.create_shader_module_trusted(desc, checks) }
+                    } else {
+                        self.inner.device.create_shader_module(desc)
+                    };
                     modules.insert((file, variant), m.clone());
                     m
                 }
