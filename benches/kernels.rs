@@ -67,6 +67,7 @@ fn matmul(c: &mut Criterion) {
             (Kernel::MatmulFwd, "register 4x4"),
             (Kernel::MatmulTiledFwd, "tiled 64"),
             (Kernel::MatmulTiled128Fwd, "tiled 128"),
+            (Kernel::MatmulReg8Fwd, "register 8x8"),
         ] {
             g.bench_with_input(BenchmarkId::new(label, n), &n, |bench, _| {
                 bench.iter(|| {

@@ -119,6 +119,7 @@ fn main() -> Result<()> {
             (Kernel::MatmulFwd, "register 4x4"),
             (Kernel::MatmulTiledFwd, "shared-memory 64x64"),
             (Kernel::MatmulTiled128Fwd, "shared-memory 128x128"),
+            (Kernel::MatmulReg8Fwd, "register 8x8"),
         ] {
             let ms = time(&dev, reps, || a.matmul_with_kernel(&b, k).map(drop))?;
             table.row(

@@ -206,14 +206,14 @@ fn matmul_tiled_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invoca
 
 // ---- large-tile variant ----
 
-// Stores 8 results of row r from column c0, through the epilogue.
-fn store_row8(out_base: u32, r: u32, c0: u32, lo: vec4<f32>, hi: vec4<f32>) {
+// Stores 8 results of row r at columns c0, c0 + step, ..., through the epilogue.
+fn store_row8(out_base: u32, r: u32, c0: u32, step: u32, lo: vec4<f32>, hi: vec4<f32>) {
     if (r >= p.m) {
         return;
     }
     let v = array<vec4<f32>, 2>(lo, hi);
     for (var j = 0u; j < 8u; j += 1u) {
-        let cc = c0 + j;
+        let cc = c0 + j * step;
         if (cc < p.n) {
             var x = v[j / 4u][j % 4u];
             if ((p.epilogue & EPILOGUE_BIAS) != 0u) {
@@ -301,12 +301,71 @@ fn matmul_tiled128_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_inv
     let row0 = tile_row + lid.y * 8u;
     let col0 = tile_col + lid.x * 8u;
     let out_base = z * p.m * p.n;
-    store_row8(out_base, row0, col0, c00, c01);
-    store_row8(out_base, row0 + 1u, col0, c10, c11);
-    store_row8(out_base, row0 + 2u, col0, c20, c21);
-    store_row8(out_base, row0 + 3u, col0, c30, c31);
-    store_row8(out_base, row0 + 4u, col0, c40, c41);
-    store_row8(out_base, row0 + 5u, col0, c50, c51);
-    store_row8(out_base, row0 + 6u, col0, c60, c61);
-    store_row8(out_base, row0 + 7u, col0, c70, c71);
+    store_row8(out_base, row0, col0, 1u, c00, c01);
+    store_row8(out_base, row0 + 1u, col0, 1u, c10, c11);
+    store_row8(out_base, row0 + 2u, col0, 1u, c20, c21);
+    store_row8(out_base, row0 + 3u, col0, 1u, c30, c31);
+    store_row8(out_base, row0 + 4u, col0, 1u, c40, c41);
+    store_row8(out_base, row0 + 5u, col0, 1u, c50, c51);
+    store_row8(out_base, row0 + 6u, col0, 1u, c60, c61);
+    store_row8(out_base, row0 + 7u, col0, 1u, c70, c71);
+}
+
+// ---- register-only 8x8 variant ----
+//
+// Each invocation computes 8 rows x 8 columns (the columns 8 apart) straight from global
+// memory (no workgroup memory, no barriers): 64 multiply-adds per 16 loads, neighbouring
+// invocations on neighbouring columns. Suits CPU-based adapters, where barriers are costly;
+// a workgroup of 8x8 invocations covers a 64x64 tile.
+
+@compute @workgroup_size(8, 8)
+fn matmul_reg8_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
+    let z = p.z_base + wid.z;
+    let bases = batch_bases(z);
+    // Rows row0..row0+7; columns col0, col0 + 8, ..., col0 + 56, so that neighbouring
+    // invocations read and write neighbouring columns.
+    let row0 = (wid.y * 8u + lid.y) * 8u;
+    let col0 = wid.x * 64u + lid.x;
+    if (row0 >= p.m || col0 >= p.n) {
+        return;
+    }
+    var ra0: vec4<u32>;
+    var ra1: vec4<u32>;
+    var cb0: vec4<u32>;
+    var cb1: vec4<u32>;
+    for (var i = 0u; i < 4u; i += 1u) {
+        ra0[i] = bases.x + min(row0 + i, p.m - 1u) * p.a_rs;
+        ra1[i] = bases.x + min(row0 + 4u + i, p.m - 1u) * p.a_rs;
+        cb0[i] = bases.y + min(col0 + 8u * i, p.n - 1u) * p.b_cs;
+        cb1[i] = bases.y + min(col0 + 8u * (4u + i), p.n - 1u) * p.b_cs;
+    }
+    var c00 = vec4<f32>(0.0); var c01 = vec4<f32>(0.0); var c10 = vec4<f32>(0.0); var c11 = vec4<f32>(0.0);
+    var c20 = vec4<f32>(0.0); var c21 = vec4<f32>(0.0); var c30 = vec4<f32>(0.0); var c31 = vec4<f32>(0.0);
+    var c40 = vec4<f32>(0.0); var c41 = vec4<f32>(0.0); var c50 = vec4<f32>(0.0); var c51 = vec4<f32>(0.0);
+    var c60 = vec4<f32>(0.0); var c61 = vec4<f32>(0.0); var c70 = vec4<f32>(0.0); var c71 = vec4<f32>(0.0);
+    for (var kk = 0u; kk < p.k; kk += 1u) {
+        let ka = kk * p.a_cs;
+        let kb = kk * p.b_rs;
+        let b0 = vec4<f32>(f32(b[cb0.x + kb]), f32(b[cb0.y + kb]), f32(b[cb0.z + kb]), f32(b[cb0.w + kb]));
+        let b1 = vec4<f32>(f32(b[cb1.x + kb]), f32(b[cb1.y + kb]), f32(b[cb1.z + kb]), f32(b[cb1.w + kb]));
+        let a0 = vec4<f32>(f32(a[ra0.x + ka]), f32(a[ra0.y + ka]), f32(a[ra0.z + ka]), f32(a[ra0.w + ka]));
+        let a1 = vec4<f32>(f32(a[ra1.x + ka]), f32(a[ra1.y + ka]), f32(a[ra1.z + ka]), f32(a[ra1.w + ka]));
+        c00 += a0.x * b0; c01 += a0.x * b1;
+        c10 += a0.y * b0; c11 += a0.y * b1;
+        c20 += a0.z * b0; c21 += a0.z * b1;
+        c30 += a0.w * b0; c31 += a0.w * b1;
+        c40 += a1.x * b0; c41 += a1.x * b1;
+        c50 += a1.y * b0; c51 += a1.y * b1;
+        c60 += a1.z * b0; c61 += a1.z * b1;
+        c70 += a1.w * b0; c71 += a1.w * b1;
+    }
+    let out_base = z * p.m * p.n;
+    store_row8(out_base, row0, col0, 8u, c00, c01);
+    store_row8(out_base, row0 + 1u, col0, 8u, c10, c11);
+    store_row8(out_base, row0 + 2u, col0, 8u, c20, c21);
+    store_row8(out_base, row0 + 3u, col0, 8u, c30, c31);
+    store_row8(out_base, row0 + 4u, col0, 8u, c40, c41);
+    store_row8(out_base, row0 + 5u, col0, 8u, c50, c51);
+    store_row8(out_base, row0 + 6u, col0, 8u, c60, c61);
+    store_row8(out_base, row0 + 7u, col0, 8u, c70, c71);
 }

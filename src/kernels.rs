@@ -187,6 +187,7 @@ kernels! {
     MatmulFwd => (Matmul, "matmul_fwd", 3),
     MatmulTiledFwd => (Matmul, "matmul_tiled_fwd", 3),
     MatmulTiled128Fwd => (Matmul, "matmul_tiled128_fwd", 3),
+    MatmulReg8Fwd => (Matmul, "matmul_reg8_fwd", 3),
     DropoutMaskFwd => (Elementwise, "dropout_mask_fwd", 0),
     Conv2dFwd => (Conv, "conv2d_fwd", 3),
     Conv2dTiledFwd => (Conv, "conv2d_tiled_fwd", 3),

@@ -118,6 +118,7 @@ fn each_matmul_kernel_is_correct() {
         Kernel::MatmulFwd,
         Kernel::MatmulTiledFwd,
         Kernel::MatmulTiled128Fwd,
+        Kernel::MatmulReg8Fwd,
     ] {
         assert_close(
             &format!("{k:?}"),

@@ -45,6 +45,7 @@ fn tile_of(kernel: Kernel) -> usize {
     match kernel {
         Kernel::MatmulTiledFwd => TILED,
         Kernel::MatmulTiled128Fwd => TILED128,
+        Kernel::MatmulReg8Fwd => TILED,
         _ => TILE,
     }
 }
@@ -88,6 +89,7 @@ fn choose(
         Kernel::MatmulFwd,
         Kernel::MatmulTiledFwd,
         Kernel::MatmulTiled128Fwd,
+        Kernel::MatmulReg8Fwd,
     ] {
         // A first run compiles the pipeline; then the best of three.
         record(kernel)?;
@@ -200,7 +202,10 @@ impl Tensor {
         }
         if !matches!(
             kernel,
-            Kernel::MatmulFwd | Kernel::MatmulTiledFwd | Kernel::MatmulTiled128Fwd
+            Kernel::MatmulFwd
+                | Kernel::MatmulReg8Fwd
+                | Kernel::MatmulTiledFwd
+                | Kernel::MatmulTiled128Fwd
         ) {
             return Err(Error::invalid(
                 "matmul_with_kernel",
