@@ -411,6 +411,9 @@ impl InferenceModel {
         let mut raw = Vec::new();
         for (i, layer) in crate::spec::parse(spec)?.into_iter().enumerate() {
             let p = |n: &str| format!("{i}.{n}");
+            let conv = layer.conv2d_options();
+            let transposed = layer.conv_transpose2d_options();
+            let pool = layer.pool_options();
             raw.push(match layer {
                 LayerSpec::Linear {
                     in_features,
@@ -428,11 +431,9 @@ impl InferenceModel {
                     in_channels,
                     out_channels,
                     kernel,
-                    stride,
-                    padding,
-                    dilation,
                     groups,
                     bias,
+                    ..
                 } => RawLayer::Conv2d {
                     w: take(
                         p("weight"),
@@ -443,23 +444,15 @@ impl InferenceModel {
                     } else {
                         None
                     },
-                    opts: Conv2dOptions {
-                        stride: [stride; 2],
-                        padding: [padding; 2],
-                        dilation: [dilation; 2],
-                        groups,
-                    },
+                    opts: conv.unwrap_or_default(),
                 },
                 LayerSpec::ConvTranspose2d {
                     in_channels,
                     out_channels,
                     kernel,
-                    stride,
-                    padding,
-                    output_padding,
-                    dilation,
                     groups,
                     bias,
+                    ..
                 } => RawLayer::ConvTranspose2d {
                     w: take(
                         p("weight"),
@@ -470,13 +463,7 @@ impl InferenceModel {
                     } else {
                         None
                     },
-                    opts: ConvTranspose2dOptions {
-                        stride: [stride; 2],
-                        padding: [padding; 2],
-                        output_padding: [output_padding; 2],
-                        dilation: [dilation; 2],
-                        groups,
-                    },
+                    opts: transposed.unwrap_or_default(),
                 },
                 LayerSpec::BatchNorm { channels, eps, .. } => {
                     // The step counter is training state: accepted, not needed.
@@ -500,17 +487,10 @@ impl InferenceModel {
                 LayerSpec::Embedding { count, dim } => {
                     RawLayer::Embedding(take(p("weight"), &[count, dim])?)
                 }
-                LayerSpec::Pool {
+                LayerSpec::Pool { max, kernel, .. } => RawLayer::Pool {
+                    opts: pool.unwrap_or_else(|| Pool2dOptions::new([kernel; 2])),
                     max,
-                    kernel,
-                    stride,
-                    padding,
-                } => {
-                    let mut opts = Pool2dOptions::new([kernel; 2]);
-                    opts.stride = [stride; 2];
-                    opts.padding = [padding; 2];
-                    RawLayer::Pool { opts, max }
-                }
+                },
                 LayerSpec::AdaptiveAvgPool { size } => RawLayer::AdaptiveAvgPool(size),
                 LayerSpec::Flatten { start, end } => RawLayer::Flatten(start, end),
                 LayerSpec::Dropout { .. } => RawLayer::Identity,

@@ -90,6 +90,66 @@ pub enum LayerSpec {
     Activation { op: crate::UnaryOp, slope: f32 },
 }
 
+impl LayerSpec {
+    /// The convolution options of a `conv2d` layer.
+    pub fn conv2d_options(&self) -> Option<crate::Conv2dOptions> {
+        match *self {
+            LayerSpec::Conv2d {
+                stride,
+                padding,
+                dilation,
+                groups,
+                ..
+            } => Some(crate::Conv2dOptions {
+                stride: [stride; 2],
+                padding: [padding; 2],
+                dilation: [dilation; 2],
+                groups,
+            }),
+            _ => None,
+        }
+    }
+
+    /// The options of a `conv_transpose2d` layer.
+    pub fn conv_transpose2d_options(&self) -> Option<crate::ConvTranspose2dOptions> {
+        match *self {
+            LayerSpec::ConvTranspose2d {
+                stride,
+                padding,
+                output_padding,
+                dilation,
+                groups,
+                ..
+            } => Some(crate::ConvTranspose2dOptions {
+                stride: [stride; 2],
+                padding: [padding; 2],
+                output_padding: [output_padding; 2],
+                dilation: [dilation; 2],
+                groups,
+            }),
+            _ => None,
+        }
+    }
+
+    /// The window options of a `maxpool2d` or `avgpool2d` layer.
+    pub fn pool_options(&self) -> Option<crate::Pool2dOptions> {
+        match *self {
+            LayerSpec::Pool {
+                kernel,
+                stride,
+                padding,
+                ..
+            } => {
+                let mut o = crate::Pool2dOptions::new([kernel; 2]);
+                o.stride = [stride; 2];
+                o.padding = [padding; 2];
+                Some(o)
+            }
+            _ => None,
+        }
+    }
+}
+
 struct Args<'a> {
     token: &'a str,
     positional: Vec<&'a str>,

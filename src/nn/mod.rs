@@ -220,6 +220,9 @@ impl Sequential {
         use crate::spec::LayerSpec as L;
         let mut seq = Sequential::new();
         for layer in crate::spec::parse(spec)? {
+            let conv = layer.conv2d_options();
+            let transposed = layer.conv_transpose2d_options();
+            let pool = layer.pool_options();
             seq = match layer {
                 L::Linear {
                     in_features,
@@ -230,54 +233,30 @@ impl Sequential {
                     in_channels,
                     out_channels,
                     kernel,
-                    stride,
-                    padding,
-                    dilation,
-                    groups,
                     bias,
-                } => {
-                    let o = crate::Conv2dOptions {
-                        stride: [stride; 2],
-                        padding: [padding; 2],
-                        dilation: [dilation; 2],
-                        groups,
-                    };
-                    seq.add(Conv2d::new(
-                        init,
-                        in_channels,
-                        out_channels,
-                        [kernel; 2],
-                        o,
-                        bias,
-                    )?)
-                }
+                    ..
+                } => seq.add(Conv2d::new(
+                    init,
+                    in_channels,
+                    out_channels,
+                    [kernel; 2],
+                    conv.unwrap_or_default(),
+                    bias,
+                )?),
                 L::ConvTranspose2d {
                     in_channels,
                     out_channels,
                     kernel,
-                    stride,
-                    padding,
-                    output_padding,
-                    dilation,
-                    groups,
                     bias,
-                } => {
-                    let o = crate::ConvTranspose2dOptions {
-                        stride: [stride; 2],
-                        padding: [padding; 2],
-                        output_padding: [output_padding; 2],
-                        dilation: [dilation; 2],
-                        groups,
-                    };
-                    seq.add(ConvTranspose2d::new(
-                        init,
-                        in_channels,
-                        out_channels,
-                        [kernel; 2],
-                        o,
-                        bias,
-                    )?)
-                }
+                    ..
+                } => seq.add(ConvTranspose2d::new(
+                    init,
+                    in_channels,
+                    out_channels,
+                    [kernel; 2],
+                    transposed.unwrap_or_default(),
+                    bias,
+                )?),
                 L::BatchNorm {
                     channels,
                     two_d,
@@ -298,15 +277,8 @@ impl Sequential {
                     ln.eps = eps;
                     seq.add(ln)
                 }
-                L::Pool {
-                    max,
-                    kernel,
-                    stride,
-                    padding,
-                } => {
-                    let mut o = crate::Pool2dOptions::new([kernel; 2]);
-                    o.stride = [stride; 2];
-                    o.padding = [padding; 2];
+                L::Pool { max, kernel, .. } => {
+                    let o = pool.unwrap_or_else(|| crate::Pool2dOptions::new([kernel; 2]));
                     if max {
                         seq.add(MaxPool2d(o))
                     } else {

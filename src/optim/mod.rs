@@ -518,10 +518,9 @@ pub fn clip_grad_norm(params: &[Tensor], max_norm: f32) -> Result<Tensor> {
         .iter()
         .filter_map(|p| p.grad().map(|g| (p, g)))
         .collect();
-    let Some((first, _)) = grads.first() else {
+    if grads.is_empty() {
         return Err(Error::invalid(OP, "no parameter has a gradient"));
-    };
-    let _ = first;
+    }
     no_grad(|| {
         let mut squares = Vec::with_capacity(grads.len());
         for (_, g) in &grads {
