@@ -46,11 +46,11 @@ alias OUT = f32;
 @group(0) @binding(3) var<storage, read_write> out: array<OUT>;
 @group(0) @binding(4) var<uniform> p: Params;
 
-// Start of batch z in a and in b (stride 0 on a broadcast batch axis).
-fn batch_bases(z: u32) -> vec2<u32> {
+// Start of batch z in a and in b (stride 0 on a broadcast batch axis); `rank` is p.batch_rank.
+fn batch_bases(z: u32, rank: u32) -> vec2<u32> {
     var rem = z;
     var base = vec2<u32>(p.off_a, p.off_b);
-    for (var d = i32(p.batch_rank) - 1; d >= 0; d -= 1) {
+    for (var d = i32(rank) - 1; d >= 0; d -= 1) {
         let q = u32(d);
         let size = p.bshape[q >> 2u][q & 3u];
         let idx = rem % size;
@@ -63,7 +63,7 @@ fn batch_bases(z: u32) -> vec2<u32> {
 @compute @workgroup_size(8, 8)
 fn matmul_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
     let z = p.z_base + wid.z;
-    let bases = batch_bases(z);
+    let bases = batch_bases(z, p.batch_rank);
     let base_a = bases.x;
     let base_b = bases.y;
 
@@ -135,7 +135,7 @@ var<workgroup> tile_b: array<vec4<f32>, 256>;
 fn matmul_tiled_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>,
                     @builtin(local_invocation_index) lindex: u32) {
     let z = p.z_base + wid.z;
-    let bases = batch_bases(z);
+    let bases = batch_bases(z, p.batch_rank);
     let base_a = bases.x;
     let base_b = bases.y;
     let tile_row = wid.y * TM;
@@ -239,7 +239,7 @@ var<workgroup> big_b: array<vec4<f32>, 256>;
 fn matmul_tiled128_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>,
                        @builtin(local_invocation_index) lindex: u32) {
     let z = p.z_base + wid.z;
-    let bases = batch_bases(z);
+    let bases = batch_bases(z, p.batch_rank);
     let base_a = bases.x;
     let base_b = bases.y;
     let tile_row = wid.y * LM;
@@ -321,7 +321,7 @@ fn matmul_tiled128_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_inv
 @compute @workgroup_size(8, 8)
 fn matmul_reg8_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
     let z = p.z_base + wid.z;
-    let bases = batch_bases(z);
+    let bases = batch_bases(z, p.batch_rank);
     // Rows row0..row0+7; columns col0, col0 + 8, ..., col0 + 56, so that neighbouring
     // invocations read and write neighbouring columns.
     let row0 = (wid.y * 8u + lid.y) * 8u;

@@ -10,7 +10,7 @@ pub enum ShaderFile {
     Elementwise,
     /// `shaders/reduce.wgsl`
     Reduce,
-    /// `shaders/matmul.wgsl`
+    /// `shaders/matmul.wgsl` followed by `shaders/matmul_vec4.wgsl`
     Matmul,
     /// `shaders/conv.wgsl`
     Conv,
@@ -44,7 +44,8 @@ impl ShaderFile {
             ),
             ShaderFile::Matmul => concat!(
                 include_str!("../shaders/common.wgsl"),
-                include_str!("../shaders/matmul.wgsl")
+                include_str!("../shaders/matmul.wgsl"),
+                include_str!("../shaders/matmul_vec4.wgsl")
             ),
             ShaderFile::Conv => concat!(
                 include_str!("../shaders/common.wgsl"),
@@ -188,6 +189,9 @@ kernels! {
     MatmulTiledFwd => (Matmul, "matmul_tiled_fwd", 3),
     MatmulTiled128Fwd => (Matmul, "matmul_tiled128_fwd", 3),
     MatmulReg8Fwd => (Matmul, "matmul_reg8_fwd", 3),
+    MatmulVec4NnFwd => (Matmul, "matmul_vec4_nn_fwd", 3),
+    MatmulVec4NtFwd => (Matmul, "matmul_vec4_nt_fwd", 3),
+    MatmulVec4TnFwd => (Matmul, "matmul_vec4_tn_fwd", 3),
     DropoutMaskFwd => (Elementwise, "dropout_mask_fwd", 0),
     Conv2dFwd => (Conv, "conv2d_fwd", 3),
     Conv2dTiledFwd => (Conv, "conv2d_tiled_fwd", 3),

@@ -139,6 +139,93 @@ fn each_matmul_kernel_is_correct() {
     assert!(a.matmul_with_kernel(&b, Kernel::UnaryFwd).is_err());
 }
 
+/// The vec4 kernels need aligned operands: each of their three layouts against the reference,
+/// with m and k that leave partial tiles (m not a multiple of 16, n not of 128), batches with a
+/// broadcast operand, views at an offset, and refusal of a layout they do not fit.
+#[test]
+fn vec4_matmul_kernels() {
+    use kiln::kernels::Kernel;
+    let mut rng = Rng::new(43);
+    let (m, k, n) = (36, 52, 140);
+    let (a, ra) = rand_pair(&mut rng, &[m, k], -1.0, 1.0);
+    let (at, rat) = rand_pair(&mut rng, &[k, m], -1.0, 1.0);
+    let (b, rb) = rand_pair(&mut rng, &[k, n], -1.0, 1.0);
+    let (bt, rbt) = rand_pair(&mut rng, &[n, k], -1.0, 1.0);
+    let cases = [
+        (Kernel::MatmulVec4NnFwd, &a, &b, ra.clone(), rb.clone()),
+        (
+            Kernel::MatmulVec4NtFwd,
+            &a,
+            &bt,
+            ra.clone(),
+            rbt.permute(&[1, 0]),
+        ),
+        (
+            Kernel::MatmulVec4TnFwd,
+            &at,
+            &b,
+            rat.permute(&[1, 0]),
+            rb.clone(),
+        ),
+    ];
+    for (kernel, x, y, rx, ry) in cases {
+        let x = if kernel == Kernel::MatmulVec4TnFwd {
+            x.t().unwrap()
+        } else {
+            x.clone()
+        };
+        let y = if kernel == Kernel::MatmulVec4NtFwd {
+            y.t().unwrap()
+        } else {
+            y.clone()
+        };
+        let want = rx.matmul(&ry);
+        let got = x.matmul_with_kernel(&y, kernel).unwrap();
+        assert_close(&format!("{kernel:?}"), &got, &want, 1e-5, 1e-5);
+        // The same product through the public path, which may choose this kernel.
+        assert_close(
+            &format!("{kernel:?} matmul"),
+            &x.matmul(&y).unwrap(),
+            &want,
+            1e-5,
+            1e-5,
+        );
+    }
+    // The nn kernel refuses a transposed operand and unaligned sizes.
+    assert!(a
+        .matmul_with_kernel(&bt.t().unwrap(), Kernel::MatmulVec4NnFwd)
+        .is_err());
+    let (odd, _) = rand_pair(&mut rng, &[k, n - 1], -1.0, 1.0);
+    assert!(a.matmul_with_kernel(&odd, Kernel::MatmulVec4NnFwd).is_err());
+
+    // Batches (3 x 2, the right operand broadcast over the first axis) at an aligned offset.
+    let (big, rbig) = rand_pair(&mut rng, &[4 + 3 * 2 * 20 * 8], -1.0, 1.0);
+    let x = big
+        .narrow(0, 4, 3 * 2 * 20 * 8)
+        .unwrap()
+        .reshape(&[3, 2, 20, 8])
+        .unwrap();
+    let rx = Nd::new(&[3, 2, 20, 8], rbig.data[4..].to_vec());
+    let (y, ry) = rand_pair(&mut rng, &[2, 8, 12], -1.0, 1.0);
+    let want = rx.matmul(&Nd::new(&[1, 2, 8, 12], ry.data.clone()));
+    assert_close("vec4 batched", &x.matmul(&y).unwrap(), &want, 1e-5, 1e-5);
+    // An unaligned offset (1) takes another kernel, with the same answer.
+    let x1 = big
+        .narrow(0, 1, 3 * 2 * 20 * 8)
+        .unwrap()
+        .reshape(&[3, 2, 20, 8])
+        .unwrap();
+    let rx1 = Nd::new(&[3, 2, 20, 8], rbig.data[1..1 + 3 * 2 * 20 * 8].to_vec());
+    let want1 = rx1.matmul(&Nd::new(&[1, 2, 8, 12], ry.data));
+    assert_close(
+        "unaligned offset",
+        &x1.matmul(&y).unwrap(),
+        &want1,
+        1e-5,
+        1e-5,
+    );
+}
+
 #[test]
 fn matmul_vectors() {
     let mut rng = Rng::new(2);

@@ -41,12 +41,48 @@ const TILED: usize = 64;
 /// Output tile of one workgroup of `matmul_tiled128_fwd` (16x16 invocations, 8x8 outputs each).
 const TILED128: usize = 128;
 
-fn tile_of(kernel: Kernel) -> usize {
+/// Output rows of one workgroup of the `matmul_vec4_*` kernels (8 invocations side by side,
+/// 16x16 outputs each).
+const VEC4_ROWS: usize = 16;
+/// Output columns of one workgroup of the `matmul_vec4_*` kernels.
+const VEC4_COLS: usize = 128;
+
+/// Output tile (columns, rows) of one workgroup of a matmul kernel.
+fn tile_of(kernel: Kernel) -> [usize; 2] {
     match kernel {
-        Kernel::MatmulTiledFwd => TILED,
-        Kernel::MatmulTiled128Fwd => TILED128,
-        Kernel::MatmulReg8Fwd => TILED,
-        _ => TILE,
+        Kernel::MatmulTiledFwd | Kernel::MatmulReg8Fwd => [TILED, TILED],
+        Kernel::MatmulTiled128Fwd => [TILED128, TILED128],
+        Kernel::MatmulVec4NnFwd | Kernel::MatmulVec4NtFwd | Kernel::MatmulVec4TnFwd => {
+            [VEC4_COLS, VEC4_ROWS]
+        }
+        _ => [TILE, TILE],
+    }
+}
+
+/// The `matmul_vec4_*` kernel whose aligned vec4 reads fit these parameters (see the header of
+/// `shaders/matmul_vec4.wgsl`), if any. `sa`/`sb` are the batch strides; `epi` may add a bias
+/// but not apply an activation.
+fn vec4_kernel(p: &MatmulParams, sa: &[usize], sb: &[usize], epi: &Epilogue) -> Option<Kernel> {
+    let four = |v: usize| v.is_multiple_of(4);
+    let (m, n, k) = (p.m as usize, p.n as usize, p.k as usize);
+    let common = k > 0
+        && four(n)
+        && four(p.off_a as usize)
+        && four(p.off_b as usize)
+        && sa.iter().chain(sb).all(|&s| four(s))
+        && epi.activation.is_none()
+        && (epi.bias.is_none() || four(p.off_bias as usize))
+        && m.div_ceil(VEC4_ROWS) <= MAX_GROUPS;
+    let a_rows = p.a_cs == 1 && four(p.a_rs as usize) && four(k);
+    let a_cols = p.a_rs == 1 && four(p.a_cs as usize) && four(m);
+    let b_rows = p.b_cs == 1 && four(p.b_rs as usize);
+    let b_cols = p.b_rs == 1 && four(p.b_cs as usize) && four(k);
+    match (common, a_rows, a_cols, b_rows, b_cols) {
+        (false, ..) => None,
+        (true, true, _, true, _) => Some(Kernel::MatmulVec4NnFwd),
+        (true, true, _, _, true) => Some(Kernel::MatmulVec4NtFwd),
+        (true, _, true, true, _) => Some(Kernel::MatmulVec4TnFwd),
+        _ => None,
     }
 }
 
@@ -58,13 +94,12 @@ fn log2_bucket(v: usize) -> u8 {
 }
 
 /// The kernel for an (m, n, k) x `count` product: the device's tuned choice for its shape
-/// class, else a timed choice (autotune on, large enough), else a heuristic.
+/// class, else a timed choice (autotune on, large enough), else a heuristic. `vec4` is the
+/// vec4 kernel the operands' layout allows, if any.
 fn choose(
     device: &crate::device::Device,
-    m: usize,
-    n: usize,
-    k: usize,
-    count: usize,
+    [m, n, k, count]: [usize; 4],
+    vec4: Option<Kernel>,
     record: &dyn Fn(Kernel) -> Result<()>,
 ) -> Result<Kernel> {
     let class = [
@@ -73,24 +108,28 @@ fn choose(
         log2_bucket(k),
         log2_bucket(count),
     ];
-    if let Some(kernel) = device.tuned(Kernel::MatmulFwd, class) {
+    // Choices are kept per layout family: a vec4 choice never serves unaligned operands.
+    let family = vec4.unwrap_or(Kernel::MatmulFwd);
+    if let Some(kernel) = device.tuned(family, class) {
         return Ok(kernel);
     }
-    let heuristic = if m >= 64 && n >= 64 && k >= 16 {
-        Kernel::MatmulTiledFwd
-    } else {
-        Kernel::MatmulFwd
+    let software = device.adapter_info().device_type == wgpu::DeviceType::Cpu;
+    let heuristic = match vec4 {
+        Some(kernel) if software => kernel,
+        _ if m >= 64 && n >= 64 && k >= 16 => Kernel::MatmulTiledFwd,
+        _ => Kernel::MatmulFwd,
     };
     if !device.autotune_enabled() || m * n * k * count < TUNE_MIN_WORK {
         return Ok(heuristic);
     }
     let mut best = (f64::INFINITY, heuristic);
-    for kernel in [
+    let candidates = [
         Kernel::MatmulFwd,
         Kernel::MatmulTiledFwd,
         Kernel::MatmulTiled128Fwd,
         Kernel::MatmulReg8Fwd,
-    ] {
+    ];
+    for kernel in candidates.into_iter().chain(vec4) {
         // A first run compiles the pipeline; then the best of three.
         record(kernel)?;
         device.synchronize()?;
@@ -104,7 +143,7 @@ fn choose(
             }
         }
     }
-    device.set_tuned(Kernel::MatmulFwd, class, best.1);
+    device.set_tuned(family, class, best.1);
     Ok(best.1)
 }
 const MAX_GROUPS: usize = 65535;
@@ -206,6 +245,9 @@ impl Tensor {
                 | Kernel::MatmulReg8Fwd
                 | Kernel::MatmulTiledFwd
                 | Kernel::MatmulTiled128Fwd
+                | Kernel::MatmulVec4NnFwd
+                | Kernel::MatmulVec4NtFwd
+                | Kernel::MatmulVec4TnFwd
         ) {
             return Err(Error::invalid(
                 "matmul_with_kernel",
@@ -214,7 +256,7 @@ impl Tensor {
         }
         let out = Tensor::uninit("matmul", &[self.dims()[0], other.dims()[1]], self.device())?;
         let (m, n) = (self.dims()[0], other.dims()[1]);
-        let tile = tile_of(kernel);
+        let [tn, tm] = tile_of(kernel);
         let p = MatmulParams {
             m: m as u32,
             n: n as u32,
@@ -228,13 +270,25 @@ impl Tensor {
             b_cs: other.strides()[1] as u32,
             ..Zeroable::zeroed()
         };
+        let vec4 = [
+            Kernel::MatmulVec4NnFwd,
+            Kernel::MatmulVec4NtFwd,
+            Kernel::MatmulVec4TnFwd,
+        ];
+        if vec4.contains(&kernel) && vec4_kernel(&p, &[], &[], &Epilogue::default()) != Some(kernel)
+        {
+            return Err(Error::invalid(
+                "matmul_with_kernel",
+                format!("{kernel:?} does not fit these operands' layout"),
+            ));
+        }
         if m > 0 && n > 0 {
             self.device().dispatch(
                 kernel,
                 &[self.buffer(), other.buffer(), other.buffer()],
                 out.buffer(),
                 bytemuck::bytes_of(&p),
-                [n.div_ceil(tile) as u32, m.div_ceil(tile) as u32, 1],
+                [n.div_ceil(tn) as u32, m.div_ceil(tm) as u32, 1],
             );
         }
         Ok(out)
@@ -286,8 +340,8 @@ pub(crate) fn matmul_into(a: &Tensor, b: &Tensor, out: &Tensor, epi: &Epilogue<'
     // Without a bias, any buffer fills the binding the kernel does not read.
     let bias = epi.bias.map_or(b.buffer(), |t| t.buffer());
     let record = |kernel: Kernel| -> Result<()> {
-        let tile = tile_of(kernel);
-        let groups = [n.div_ceil(tile) as u32, m.div_ceil(tile) as u32];
+        let [tn, tm] = tile_of(kernel);
+        let groups = [n.div_ceil(tn) as u32, m.div_ceil(tm) as u32];
         let mut p = p;
         let mut z = 0;
         while z < count {
@@ -305,7 +359,8 @@ pub(crate) fn matmul_into(a: &Tensor, b: &Tensor, out: &Tensor, epi: &Epilogue<'
         }
         Ok(())
     };
-    let kernel = choose(out.device(), m, n, k, count, &record)?;
+    let vec4 = vec4_kernel(&p, &la.strides, &lb.strides, epi);
+    let kernel = choose(out.device(), [m, n, k, count], vec4, &record)?;
     record(kernel)?;
     Ok(())
 }
