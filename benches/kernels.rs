@@ -68,6 +68,7 @@ fn matmul(c: &mut Criterion) {
             (Kernel::MatmulTiledFwd, "tiled 64"),
             (Kernel::MatmulTiled128Fwd, "tiled 128"),
             (Kernel::MatmulReg8Fwd, "register 8x8"),
+            (Kernel::MatmulVec4NnFwd, "vec4 16x16"),
         ] {
             g.bench_with_input(BenchmarkId::new(label, n), &n, |bench, _| {
                 bench.iter(|| {

@@ -120,6 +120,7 @@ fn main() -> Result<()> {
             (Kernel::MatmulTiledFwd, "shared-memory 64x64"),
             (Kernel::MatmulTiled128Fwd, "shared-memory 128x128"),
             (Kernel::MatmulReg8Fwd, "register 8x8"),
+            (Kernel::MatmulVec4NnFwd, "vec4 16x16"),
         ] {
             let ms = time(&dev, reps, || a.matmul_with_kernel(&b, k).map(drop))?;
             table.row(
@@ -328,9 +329,16 @@ fn main() -> Result<()> {
     );
     let tuned = Device::default_device()?.tuned_kernels();
     println!("autotuned matmul choices: {}", tuned.len());
-    for (_, class, k) in tuned {
+    for (family, class, k) in tuned {
+        // The family says which operand layouts the choice serves (vec4-aligned or any).
+        let layout = match family {
+            Kernel::MatmulVec4NnFwd => "aligned a @ b",
+            Kernel::MatmulVec4NtFwd => "aligned a @ b^T",
+            Kernel::MatmulVec4TnFwd => "aligned a^T @ b",
+            _ => "any layout",
+        };
         println!(
-            "    log2 (m, n, k, batch) buckets {class:?} -> {}",
+            "    log2 (m, n, k, batch) buckets {class:?}, {layout} -> {}",
             k.entry()
         );
     }
