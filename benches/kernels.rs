@@ -69,6 +69,7 @@ fn matmul(c: &mut Criterion) {
             (Kernel::MatmulTiled128Fwd, "tiled 128"),
             (Kernel::MatmulReg8Fwd, "register 8x8"),
             (Kernel::MatmulVec4NnFwd, "vec4 16x16"),
+            (Kernel::MatmulT128v4NnFwd, "vec4 128x128 2-stage"),
         ] {
             g.bench_with_input(BenchmarkId::new(label, n), &n, |bench, _| {
                 bench.iter(|| {

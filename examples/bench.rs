@@ -121,6 +121,7 @@ fn main() -> Result<()> {
             (Kernel::MatmulTiled128Fwd, "shared-memory 128x128"),
             (Kernel::MatmulReg8Fwd, "register 8x8"),
             (Kernel::MatmulVec4NnFwd, "vec4 16x16"),
+            (Kernel::MatmulT128v4NnFwd, "vec4 128x128 2-stage"),
         ] {
             let ms = time(&dev, reps, || a.matmul_with_kernel(&b, k).map(drop))?;
             table.row(

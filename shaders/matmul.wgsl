@@ -369,3 +369,175 @@ fn matmul_reg8_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocat
     store_row8(out_base, row0 + 6u, col0, 8u, c60, c61);
     store_row8(out_base, row0 + 7u, col0, 8u, c70, c71);
 }
+
+// ---- aligned large-tile variant, double-buffered ----
+//
+// 16x16 invocations compute a 128x128 tile, each 8 rows x 8 columns split in two groups 64
+// apart (rows 4ty..4ty+3 and 64+4ty..64+4ty+3, likewise columns), so that neighbouring
+// invocations read neighbouring vec4s of workgroup memory. The k axis advances 8 at a time.
+// Each invocation reads one vec4 of a and one of b per step from global memory, and reads
+// the next step's pair before computing on the current one, which sits in the other half of
+// the double-buffered workgroup tiles: one barrier per step. For aligned operands only, in
+// the three layouts of matmul_vec4.wgsl (entry points matmul_t128v4_{nn,nt,tn}_fwd; the same
+// alignment checks in src/ops/matmul.rs); the stores are scalar, with the full epilogue.
+
+const XM: u32 = 128u;
+const XN: u32 = 128u;
+const XK: u32 = 8u;
+// [stage][k][row] and [stage][k][column], as vec4s of 4 rows or columns.
+var<workgroup> x_a: array<vec4<f32>, 512>;
+var<workgroup> x_b: array<vec4<f32>, 512>;
+
+// This invocation's global vec4 of a and of b for the k step at k0 (zero past k).
+struct XStep {
+    a: vec4<f32>,
+    b: vec4<f32>,
+}
+
+fn t128_load(ta: bool, tb: bool, base: vec2<u32>, tile_row: u32, tile_col: u32, k0: u32, t: u32) -> XStep {
+    var s: XStep;
+    if (ta) {
+        // a^T is (k, m) row-major: k0 + t / 32, rows 4 (t % 32) .. + 3.
+        let kg = k0 + t / 32u;
+        let r = min(tile_row + 4u * (t % 32u), p.m - 4u);
+        if (kg < p.k) {
+            s.a = vec4<f32>(a4[(base.x + kg * p.a_cs + r) / 4u]);
+        }
+    } else {
+        // a is (m, k) row-major: row t / 2, k0 + 4 (t % 2) .. + 3.
+        let r = min(tile_row + t / 2u, p.m - 1u);
+        let kg = k0 + 4u * (t % 2u);
+        if (kg < p.k) {
+            s.a = vec4<f32>(a4[(base.x + r * p.a_rs + kg) / 4u]);
+        }
+    }
+    if (tb) {
+        // b^T is (n, k) row-major: column t / 2, k0 + 4 (t % 2) .. + 3.
+        let c = min(tile_col + t / 2u, p.n - 1u);
+        let kg = k0 + 4u * (t % 2u);
+        if (kg < p.k) {
+            s.b = vec4<f32>(b4[(base.y + c * p.b_cs + kg) / 4u]);
+        }
+    } else {
+        // b is (k, n) row-major: k0 + t / 32, columns 4 (t % 32) .. + 3.
+        let kg = k0 + t / 32u;
+        let c = min(tile_col + 4u * (t % 32u), p.n - 4u);
+        if (kg < p.k) {
+            s.b = vec4<f32>(b4[(base.y + kg * p.b_rs + c) / 4u]);
+        }
+    }
+    return s;
+}
+
+// Writes a step's vec4s into stage `st` of the workgroup tiles.
+fn t128_stage(ta: bool, tb: bool, s: XStep, st: u32, t: u32) {
+    let at = st * (XK * XM / 4u);
+    if (ta) {
+        x_a[at + (t / 32u) * (XM / 4u) + t % 32u] = s.a;
+    } else {
+        let r = t / 2u;
+        let k = 4u * (t % 2u);
+        for (var i = 0u; i < 4u; i += 1u) {
+            x_a[at + (k + i) * (XM / 4u) + r / 4u][r % 4u] = s.a[i];
+        }
+    }
+    if (tb) {
+        let c = t / 2u;
+        let k = 4u * (t % 2u);
+        for (var i = 0u; i < 4u; i += 1u) {
+            x_b[at + (k + i) * (XN / 4u) + c / 4u][c % 4u] = s.b[i];
+        }
+    } else {
+        x_b[at + (t / 32u) * (XN / 4u) + t % 32u] = s.b;
+    }
+}
+
+// Stores row r, columns c..c+3, through the epilogue.
+fn t128_store(out_base: u32, r: u32, c: u32, v: vec4<f32>) {
+    if (r >= p.m) {
+        return;
+    }
+    for (var j = 0u; j < 4u; j += 1u) {
+        let cc = c + j;
+        if (cc < p.n) {
+            var x = v[j];
+            if ((p.epilogue & EPILOGUE_BIAS) != 0u) {
+                x += f32(bias[p.off_bias + cc]);
+            }
+            out[out_base + r * p.n + cc] = OUT(epilogue_activation(x, p.epilogue, p.act_alpha));
+        }
+    }
+}
+
+fn matmul_t128(wid: vec3<u32>, lid: vec3<u32>, t: u32, ta: bool, tb: bool) {
+    let z = p.z_base + wid.z;
+    let base = batch_bases(z, p.batch_rank);
+    let tile_row = wid.y * XM;
+    let tile_col = wid.x * XN;
+    var c00 = vec4<f32>(0.0); var c01 = vec4<f32>(0.0); var c10 = vec4<f32>(0.0); var c11 = vec4<f32>(0.0);
+    var c20 = vec4<f32>(0.0); var c21 = vec4<f32>(0.0); var c30 = vec4<f32>(0.0); var c31 = vec4<f32>(0.0);
+    var c40 = vec4<f32>(0.0); var c41 = vec4<f32>(0.0); var c50 = vec4<f32>(0.0); var c51 = vec4<f32>(0.0);
+    var c60 = vec4<f32>(0.0); var c61 = vec4<f32>(0.0); var c70 = vec4<f32>(0.0); var c71 = vec4<f32>(0.0);
+    t128_stage(ta, tb, t128_load(ta, tb, base, tile_row, tile_col, 0u, t), 0u, t);
+    workgroupBarrier();
+    let steps = (p.k + XK - 1u) / XK;
+    for (var s = 0u; s < steps; s += 1u) {
+        let st = s % 2u;
+        let more = s + 1u < steps;
+        var next: XStep;
+        if (more) {
+            next = t128_load(ta, tb, base, tile_row, tile_col, (s + 1u) * XK, t);
+        }
+        let at = st * (XK * XM / 4u);
+        for (var kk = 0u; kk < XK; kk += 1u) {
+            let row = at + kk * (XM / 4u);
+            let a0 = x_a[row + lid.y];
+            let a1 = x_a[row + 16u + lid.y];
+            let b0 = x_b[row + lid.x];
+            let b1 = x_b[row + 16u + lid.x];
+            c00 += a0.x * b0; c01 += a0.x * b1;
+            c10 += a0.y * b0; c11 += a0.y * b1;
+            c20 += a0.z * b0; c21 += a0.z * b1;
+            c30 += a0.w * b0; c31 += a0.w * b1;
+            c40 += a1.x * b0; c41 += a1.x * b1;
+            c50 += a1.y * b0; c51 += a1.y * b1;
+            c60 += a1.z * b0; c61 += a1.z * b1;
+            c70 += a1.w * b0; c71 += a1.w * b1;
+        }
+        if (more) {
+            t128_stage(ta, tb, next, 1u - st, t);
+        }
+        workgroupBarrier();
+    }
+    let r0 = tile_row + 4u * lid.y;
+    let r1 = r0 + 64u;
+    let col0 = tile_col + 4u * lid.x;
+    let col1 = col0 + 64u;
+    let out_base = z * p.m * p.n;
+    t128_store(out_base, r0, col0, c00); t128_store(out_base, r0, col1, c01);
+    t128_store(out_base, r0 + 1u, col0, c10); t128_store(out_base, r0 + 1u, col1, c11);
+    t128_store(out_base, r0 + 2u, col0, c20); t128_store(out_base, r0 + 2u, col1, c21);
+    t128_store(out_base, r0 + 3u, col0, c30); t128_store(out_base, r0 + 3u, col1, c31);
+    t128_store(out_base, r1, col0, c40); t128_store(out_base, r1, col1, c41);
+    t128_store(out_base, r1 + 1u, col0, c50); t128_store(out_base, r1 + 1u, col1, c51);
+    t128_store(out_base, r1 + 2u, col0, c60); t128_store(out_base, r1 + 2u, col1, c61);
+    t128_store(out_base, r1 + 3u, col0, c70); t128_store(out_base, r1 + 3u, col1, c71);
+}
+
+@compute @workgroup_size(16, 16)
+fn matmul_t128v4_nn_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>,
+                        @builtin(local_invocation_index) t: u32) {
+    matmul_t128(wid, lid, t, false, false);
+}
+
+@compute @workgroup_size(16, 16)
+fn matmul_t128v4_nt_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>,
+                        @builtin(local_invocation_index) t: u32) {
+    matmul_t128(wid, lid, t, false, true);
+}
+
+@compute @workgroup_size(16, 16)
+fn matmul_t128v4_tn_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>,
+                        @builtin(local_invocation_index) t: u32) {
+    matmul_t128(wid, lid, t, true, false);
+}

@@ -139,9 +139,10 @@ fn each_matmul_kernel_is_correct() {
     assert!(a.matmul_with_kernel(&b, Kernel::UnaryFwd).is_err());
 }
 
-/// The vec4 kernels need aligned operands: each of their three layouts against the reference,
-/// with m and k that leave partial tiles (m not a multiple of 16, n not of 128), batches with a
-/// broadcast operand, views at an offset, and refusal of a layout they do not fit.
+/// The vec4-reading kernels need aligned operands: each of their three layouts against the
+/// reference, with sizes that leave partial tiles (m = 36, n = 140, k = 52: not multiples of
+/// 16 or 128, and a last k step of 4 in the 128-tile kernels), batches with a broadcast
+/// operand, views at an offset, and refusal of a layout they do not fit.
 #[test]
 fn vec4_matmul_kernels() {
     use kiln::kernels::Kernel;
@@ -152,39 +153,44 @@ fn vec4_matmul_kernels() {
     let (b, rb) = rand_pair(&mut rng, &[k, n], -1.0, 1.0);
     let (bt, rbt) = rand_pair(&mut rng, &[n, k], -1.0, 1.0);
     let cases = [
-        (Kernel::MatmulVec4NnFwd, &a, &b, ra.clone(), rb.clone()),
+        (
+            Kernel::MatmulVec4NnFwd,
+            Kernel::MatmulT128v4NnFwd,
+            false,
+            false,
+        ),
         (
             Kernel::MatmulVec4NtFwd,
-            &a,
-            &bt,
-            ra.clone(),
-            rbt.permute(&[1, 0]),
+            Kernel::MatmulT128v4NtFwd,
+            false,
+            true,
         ),
         (
             Kernel::MatmulVec4TnFwd,
-            &at,
-            &b,
-            rat.permute(&[1, 0]),
-            rb.clone(),
+            Kernel::MatmulT128v4TnFwd,
+            true,
+            false,
         ),
     ];
-    for (kernel, x, y, rx, ry) in cases {
-        let x = if kernel == Kernel::MatmulVec4TnFwd {
-            x.t().unwrap()
+    for (vec4, t128, ta, tb) in cases {
+        let (x, rx) = if ta {
+            (at.t().unwrap(), rat.permute(&[1, 0]))
         } else {
-            x.clone()
+            (a.clone(), ra.clone())
         };
-        let y = if kernel == Kernel::MatmulVec4NtFwd {
-            y.t().unwrap()
+        let (y, ry) = if tb {
+            (bt.t().unwrap(), rbt.permute(&[1, 0]))
         } else {
-            y.clone()
+            (b.clone(), rb.clone())
         };
         let want = rx.matmul(&ry);
-        let got = x.matmul_with_kernel(&y, kernel).unwrap();
-        assert_close(&format!("{kernel:?}"), &got, &want, 1e-5, 1e-5);
-        // The same product through the public path, which may choose this kernel.
+        for kernel in [vec4, t128] {
+            let got = x.matmul_with_kernel(&y, kernel).unwrap();
+            assert_close(&format!("{kernel:?}"), &got, &want, 1e-5, 1e-5);
+        }
+        // The same product through the public path, which may choose these kernels.
         assert_close(
-            &format!("{kernel:?} matmul"),
+            &format!("{vec4:?} matmul"),
             &x.matmul(&y).unwrap(),
             &want,
             1e-5,

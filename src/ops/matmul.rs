@@ -51,7 +51,10 @@ const VEC4_COLS: usize = 128;
 fn tile_of(kernel: Kernel) -> [usize; 2] {
     match kernel {
         Kernel::MatmulTiledFwd | Kernel::MatmulReg8Fwd => [TILED, TILED],
-        Kernel::MatmulTiled128Fwd => [TILED128, TILED128],
+        Kernel::MatmulTiled128Fwd
+        | Kernel::MatmulT128v4NnFwd
+        | Kernel::MatmulT128v4NtFwd
+        | Kernel::MatmulT128v4TnFwd => [TILED128, TILED128],
         Kernel::MatmulVec4NnFwd | Kernel::MatmulVec4NtFwd | Kernel::MatmulVec4TnFwd => {
             [VEC4_COLS, VEC4_ROWS]
         }
@@ -59,30 +62,60 @@ fn tile_of(kernel: Kernel) -> [usize; 2] {
     }
 }
 
-/// The `matmul_vec4_*` kernel whose aligned vec4 reads fit these parameters (see the header of
-/// `shaders/matmul_vec4.wgsl`), if any. `sa`/`sb` are the batch strides; `epi` may add a bias
-/// but not apply an activation.
-fn vec4_kernel(p: &MatmulParams, sa: &[usize], sb: &[usize], epi: &Epilogue) -> Option<Kernel> {
-    let four = |v: usize| v.is_multiple_of(4);
-    let (m, n, k) = (p.m as usize, p.n as usize, p.k as usize);
-    let common = k > 0
-        && four(n)
-        && four(p.off_a as usize)
-        && four(p.off_b as usize)
-        && sa.iter().chain(sb).all(|&s| four(s))
-        && epi.activation.is_none()
-        && (epi.bias.is_none() || four(p.off_bias as usize))
-        && m.div_ceil(VEC4_ROWS) <= MAX_GROUPS;
-    let a_rows = p.a_cs == 1 && four(p.a_rs as usize) && four(k);
-    let a_cols = p.a_rs == 1 && four(p.a_cs as usize) && four(m);
-    let b_rows = p.b_cs == 1 && four(p.b_rs as usize);
-    let b_cols = p.b_rs == 1 && four(p.b_cs as usize) && four(k);
-    match (common, a_rows, a_cols, b_rows, b_cols) {
-        (false, ..) => None,
-        (true, true, _, true, _) => Some(Kernel::MatmulVec4NnFwd),
-        (true, true, _, _, true) => Some(Kernel::MatmulVec4NtFwd),
-        (true, _, true, true, _) => Some(Kernel::MatmulVec4TnFwd),
-        _ => None,
+/// Operand layouts with 4-aligned rows, read as vec4s by the `matmul_vec4_*` and
+/// `matmul_t128v4_*` kernels (see the header of `shaders/matmul_vec4.wgsl`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Aligned {
+    /// a (m, k) and b (k, n) row-major.
+    Nn,
+    /// b transposed: b^T (n, k) row-major.
+    Nt,
+    /// a transposed: a^T (k, m) row-major.
+    Tn,
+}
+
+impl Aligned {
+    /// The layout of these parameters, if aligned. `sa`/`sb` are the batch strides; `bias` says
+    /// whether the epilogue reads the bias.
+    fn of(p: &MatmulParams, sa: &[usize], sb: &[usize], bias: bool) -> Option<Aligned> {
+        let four = |v: usize| v.is_multiple_of(4);
+        let (m, n, k) = (p.m as usize, p.n as usize, p.k as usize);
+        let common = k > 0
+            && four(n)
+            && four(p.off_a as usize)
+            && four(p.off_b as usize)
+            && sa.iter().chain(sb).all(|&s| four(s))
+            && (!bias || four(p.off_bias as usize))
+            && m.div_ceil(VEC4_ROWS) <= MAX_GROUPS;
+        let a_rows = p.a_cs == 1 && four(p.a_rs as usize) && four(k);
+        let a_cols = p.a_rs == 1 && four(p.a_cs as usize) && four(m);
+        let b_rows = p.b_cs == 1 && four(p.b_rs as usize);
+        let b_cols = p.b_rs == 1 && four(p.b_cs as usize) && four(k);
+        match (common, a_rows, a_cols, b_rows, b_cols) {
+            (false, ..) => None,
+            (true, true, _, true, _) => Some(Aligned::Nn),
+            (true, true, _, _, true) => Some(Aligned::Nt),
+            (true, _, true, true, _) => Some(Aligned::Tn),
+            _ => None,
+        }
+    }
+
+    /// The 16x16-per-invocation kernel (no fused activation).
+    fn vec4(self) -> Kernel {
+        match self {
+            Aligned::Nn => Kernel::MatmulVec4NnFwd,
+            Aligned::Nt => Kernel::MatmulVec4NtFwd,
+            Aligned::Tn => Kernel::MatmulVec4TnFwd,
+        }
+    }
+
+    /// The double-buffered 128x128-tile kernel.
+    fn t128(self) -> Kernel {
+        match self {
+            Aligned::Nn => Kernel::MatmulT128v4NnFwd,
+            Aligned::Nt => Kernel::MatmulT128v4NtFwd,
+            Aligned::Tn => Kernel::MatmulT128v4TnFwd,
+        }
     }
 }
 
@@ -94,26 +127,32 @@ fn log2_bucket(v: usize) -> u8 {
 }
 
 /// The kernel for an (m, n, k) x `count` product: the device's tuned choice for its shape
-/// class, else a timed choice (autotune on, large enough), else a heuristic. `vec4` is the
-/// vec4 kernel the operands' layout allows, if any.
+/// class, else a timed choice (autotune on, large enough), else a heuristic. `aligned` is the
+/// operands' layout when the vec4-reading kernels fit it; `activation` says whether the
+/// epilogue applies one (the `matmul_vec4_*` kernels do not).
 fn choose(
     device: &crate::device::Device,
     [m, n, k, count]: [usize; 4],
-    vec4: Option<Kernel>,
+    aligned: Option<Aligned>,
+    activation: bool,
     record: &dyn Fn(Kernel) -> Result<()>,
 ) -> Result<Kernel> {
+    let vec4 = aligned.filter(|_| !activation).map(Aligned::vec4);
+    let software = device.adapter_info().device_type == wgpu::DeviceType::Cpu;
     let class = [
         log2_bucket(m),
         log2_bucket(n),
         log2_bucket(k),
         log2_bucket(count),
     ];
-    // Choices are kept per layout family: a vec4 choice never serves unaligned operands.
-    let family = vec4.unwrap_or(Kernel::MatmulFwd);
+    // Choices are kept per family of candidates: an aligned kernel never serves unaligned
+    // operands.
+    let family = vec4
+        .or(aligned.map(Aligned::t128))
+        .unwrap_or(Kernel::MatmulFwd);
     if let Some(kernel) = device.tuned(family, class) {
         return Ok(kernel);
     }
-    let software = device.adapter_info().device_type == wgpu::DeviceType::Cpu;
     let heuristic = match vec4 {
         Some(kernel) if software => kernel,
         _ if m >= 64 && n >= 64 && k >= 16 => Kernel::MatmulTiledFwd,
@@ -123,13 +162,19 @@ fn choose(
         return Ok(heuristic);
     }
     let mut best = (f64::INFINITY, heuristic);
-    let candidates = [
-        Kernel::MatmulFwd,
-        Kernel::MatmulTiledFwd,
-        Kernel::MatmulTiled128Fwd,
-        Kernel::MatmulReg8Fwd,
-    ];
-    for kernel in candidates.into_iter().chain(vec4) {
+    // Shared-memory kernels are left out on software adapters, where barriers are costly.
+    let candidates: &[Kernel] = if software {
+        &[Kernel::MatmulFwd, Kernel::MatmulReg8Fwd]
+    } else {
+        &[
+            Kernel::MatmulFwd,
+            Kernel::MatmulTiledFwd,
+            Kernel::MatmulTiled128Fwd,
+            Kernel::MatmulReg8Fwd,
+        ]
+    };
+    let t128 = aligned.filter(|_| !software).map(Aligned::t128);
+    for &kernel in candidates.iter().chain(&vec4).chain(&t128) {
         // A first run compiles the pipeline; then the best of three.
         record(kernel)?;
         device.synchronize()?;
@@ -248,6 +293,9 @@ impl Tensor {
                 | Kernel::MatmulVec4NnFwd
                 | Kernel::MatmulVec4NtFwd
                 | Kernel::MatmulVec4TnFwd
+                | Kernel::MatmulT128v4NnFwd
+                | Kernel::MatmulT128v4NtFwd
+                | Kernel::MatmulT128v4TnFwd
         ) {
             return Err(Error::invalid(
                 "matmul_with_kernel",
@@ -270,13 +318,11 @@ impl Tensor {
             b_cs: other.strides()[1] as u32,
             ..Zeroable::zeroed()
         };
-        let vec4 = [
-            Kernel::MatmulVec4NnFwd,
-            Kernel::MatmulVec4NtFwd,
-            Kernel::MatmulVec4TnFwd,
-        ];
-        if vec4.contains(&kernel) && vec4_kernel(&p, &[], &[], &Epilogue::default()) != Some(kernel)
-        {
+        // An aligned kernel needs its own layout.
+        let needs = [Aligned::Nn, Aligned::Nt, Aligned::Tn]
+            .into_iter()
+            .find(|l| l.vec4() == kernel || l.t128() == kernel);
+        if needs.is_some() && Aligned::of(&p, &[], &[], false) != needs {
             return Err(Error::invalid(
                 "matmul_with_kernel",
                 format!("{kernel:?} does not fit these operands' layout"),
@@ -359,8 +405,14 @@ pub(crate) fn matmul_into(a: &Tensor, b: &Tensor, out: &Tensor, epi: &Epilogue<'
         }
         Ok(())
     };
-    let vec4 = vec4_kernel(&p, &la.strides, &lb.strides, epi);
-    let kernel = choose(out.device(), [m, n, k, count], vec4, &record)?;
+    let aligned = Aligned::of(&p, &la.strides, &lb.strides, epi.bias.is_some());
+    let kernel = choose(
+        out.device(),
+        [m, n, k, count],
+        aligned,
+        epi.activation.is_some(),
+        &record,
+    )?;
     record(kernel)?;
     Ok(())
 }
