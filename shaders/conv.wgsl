@@ -54,6 +54,14 @@ alias OUT = f32;
 @group(0) @binding(3) var<storage, read_write> out: array<OUT>;
 @group(0) @binding(4) var<uniform> p: Params;
 
+// t / s when t >= 0 and s divides t, else a value no size reaches. Float division (exact here:
+// positions stay far below 2^24) instead of an integer division by a non-constant, which CPU
+// adapters run one lane at a time and GPUs emulate.
+fn div_exact(t: i32, s: u32) -> u32 {
+    let q = u32(round(f32(t) / f32(s)));
+    return select(0xffffffffu, q, t >= 0 && q * s == u32(t));
+}
+
 struct Acc {
     r0: vec4<f32>,
     r1: vec4<f32>,
@@ -180,12 +188,10 @@ fn conv2d_bwd_input(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invoca
                 for (var i = 0u; i < 4u; i += 1u) {
                     let ty = ty0[i] - i32(ky * p.dh);
                     let tx = tx0[i] - i32(kx * p.dw);
-                    if (ty >= 0 && tx >= 0 && ty % i32(p.sh) == 0 && tx % i32(p.sw) == 0) {
-                        let oy = u32(ty) / p.sh;
-                        let ox = u32(tx) / p.sw;
-                        if (oy < p.oh && ox < p.ow) {
-                            av[i] = f32(a[dybase[i] + co * oplane + oy * p.ow + ox]);
-                        }
+                    let oy = div_exact(ty, p.sh);
+                    let ox = div_exact(tx, p.sw);
+                    if (oy < p.oh && ox < p.ow) {
+                        av[i] = f32(a[dybase[i] + co * oplane + oy * p.ow + ox]);
                     }
                 }
                 acc.r0 += av.x * bv;
@@ -505,12 +511,10 @@ fn conv2d_bwd_input_tiled(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_
                 let kx = r % p.kw;
                 let ty = ty0 - i32(ky * p.dh);
                 let tx = tx0 - i32(kx * p.dw);
-                if (tile_row + own < rows && ty >= 0 && tx >= 0 && ty % i32(p.sh) == 0 && tx % i32(p.sw) == 0) {
-                    let oy = u32(ty) / p.sh;
-                    let ox = u32(tx) / p.sw;
-                    if (oy < p.oh && ox < p.ow) {
-                        va = f32(a[dybase + co * oplane + oy * p.ow + ox]);
-                    }
+                let oy = div_exact(ty, p.sh);
+                let ox = div_exact(tx, p.sw);
+                if (tile_row + own < rows && oy < p.oh && ox < p.ow) {
+                    va = f32(a[dybase + co * oplane + oy * p.ow + ox]);
                 }
                 if (scol < cin_g) {
                     vb = f32(b[((g * cout_g + co) * cin_g + ci) * ksize + r]);

@@ -431,3 +431,100 @@ fn weight_gradient_with_split_reduction() {
     let ra = Nd::from_f32(&gw, &a);
     assert_close_slice("tiled vs register, grouped", &b, &ra.data, 1e-3, 1e-4);
 }
+
+/// f64 reference of conv2d (NCHW, grouped): returns y and, for `dy`, the input gradient.
+fn conv_reference(
+    x: &[f32],
+    [n, c, h, w]: [usize; 4],
+    wt: &[f32],
+    [o, cg, kh, kw]: [usize; 4],
+    opts: &Conv2dOptions,
+    dy: &[f32],
+) -> (Vec<f64>, Vec<f64>, [usize; 2]) {
+    let [sh, sw] = opts.stride;
+    let [ph, pw] = opts.padding;
+    let [dh, dw] = opts.dilation;
+    let oh = (h + 2 * ph - dh * (kh - 1) - 1) / sh + 1;
+    let ow = (w + 2 * pw - dw * (kw - 1) - 1) / sw + 1;
+    let og = o / opts.groups;
+    let mut y = vec![0.0; n * o * oh * ow];
+    let mut dx = vec![0.0; n * c * h * w];
+    for b in 0..n {
+        for co in 0..o {
+            let g = co / og;
+            for oy in 0..oh {
+                for ox in 0..ow {
+                    let yi = ((b * o + co) * oh + oy) * ow + ox;
+                    for ci in 0..cg {
+                        for ky in 0..kh {
+                            for kx in 0..kw {
+                                let iy = (oy * sh + ky * dh) as isize - ph as isize;
+                                let ix = (ox * sw + kx * dw) as isize - pw as isize;
+                                if iy < 0 || ix < 0 || iy as usize >= h || ix as usize >= w {
+                                    continue;
+                                }
+                                let xi =
+                                    ((b * c + g * cg + ci) * h + iy as usize) * w + ix as usize;
+                                let wv = wt[((co * cg + ci) * kh + ky) * kw + kx] as f64;
+                                y[yi] += x[xi] as f64 * wv;
+                                dx[xi] += dy[yi] as f64 * wv;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    (y, dx, [oh, ow])
+}
+
+/// The forward and input-gradient kernels, register-blocked and shared-memory tiled (a device
+/// picks one of them by its type, so each is run here by name), against the f64 reference on
+/// odd sizes with strides that do not divide, padding, dilation and groups.
+#[test]
+fn forward_and_input_gradient_kernels() {
+    let d = dev();
+    let mut rng = Rng::new(77);
+    let cases = [
+        ([2, 4, 9, 11], [6, 2, 3, 2], [2, 1], [1, 2], [1, 2], 2),
+        ([3, 5, 7, 6], [7, 5, 3, 3], [1, 1], [1, 1], [1, 1], 1),
+        ([1, 3, 10, 8], [3, 1, 3, 3], [3, 2], [2, 0], [1, 1], 3),
+    ];
+    for (xs, ws, stride, padding, dilation, groups) in cases {
+        let opts = Conv2dOptions {
+            stride,
+            padding,
+            dilation,
+            groups,
+        };
+        let xv = rng.vec(xs.iter().product(), -1.0, 1.0);
+        let wv = rng.vec(ws.iter().product(), -1.0, 1.0);
+        let x = Tensor::from_slice(&xv, &xs, &d).unwrap();
+        let w = Tensor::from_slice(&wv, &ws, &d).unwrap();
+        let y_dims = x.conv2d(&w, None, &opts).unwrap().dims().to_vec();
+        let dyv = rng.vec(y_dims.iter().product(), -1.0, 1.0);
+        let dy = Tensor::from_slice(&dyv, &y_dims, &d).unwrap();
+        let (y, dx, [oh, ow]) = conv_reference(&xv, xs, &wv, ws, &opts, &dyv);
+        assert_eq!(y_dims, vec![xs[0], ws[0], oh, ow]);
+        for tiled in [false, true] {
+            let what =
+                format!("{xs:?} * {ws:?} s{stride:?} p{padding:?} d{dilation:?}, tiled {tiled}");
+            let got = x.conv2d_forward_with(&w, &opts, tiled).unwrap();
+            assert_close(
+                &format!("forward {what}"),
+                &got,
+                &Nd::new(&y_dims, y.clone()),
+                1e-5,
+                1e-5,
+            );
+            let got = dy.conv2d_input_grad_with(&w, &xs, &opts, tiled).unwrap();
+            assert_close(
+                &format!("input gradient {what}"),
+                &got,
+                &Nd::new(&xs, dx.clone()),
+                1e-5,
+                1e-5,
+            );
+        }
+    }
+}
