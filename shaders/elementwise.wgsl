@@ -149,6 +149,82 @@ fn unary_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg
     }
 }
 
+// ---- vec4 variants ----
+//
+// unary_fwd, binary_fwd, binary_scalar_fwd and unary_bwd for operands that are all contiguous
+// with the same shape, n and every offset a multiple of 4 (src/ops/elementwise.rs checks):
+// each step reads and writes vec4s, a quarter of the memory instructions. Each invocation
+// handles PER_INVOCATION vec4s, WG * (grid size) apart.
+
+@group(0) @binding(0) var<storage, read> a4: array<vec4<IN>>;
+@group(0) @binding(1) var<storage, read> b4: array<vec4<IN>>;
+@group(0) @binding(3) var<storage, read_write> out4: array<vec4<OUT>>;
+
+@compute @workgroup_size(256)
+fn unary_vec4_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                  @builtin(local_invocation_id) lid: vec3<u32>) {
+    let t = linear_index(wid, nwg, lid);
+    let stride = nwg.x * nwg.y * WG;
+    for (var j = 0u; j < PER_INVOCATION; j += 1u) {
+        let i = t + j * stride;
+        if (i >= p.n / 4u) { return; }
+        let x = vec4<f32>(a4[p.off_a / 4u + i]);
+        out4[p.off_o / 4u + i] = vec4<OUT>(vec4<f32>(unary_op(p.op, x.x, p.alpha, p.beta),
+            unary_op(p.op, x.y, p.alpha, p.beta), unary_op(p.op, x.z, p.alpha, p.beta),
+            unary_op(p.op, x.w, p.alpha, p.beta)));
+    }
+}
+
+@compute @workgroup_size(256)
+fn binary_vec4_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                   @builtin(local_invocation_id) lid: vec3<u32>) {
+    let t = linear_index(wid, nwg, lid);
+    let stride = nwg.x * nwg.y * WG;
+    for (var j = 0u; j < PER_INVOCATION; j += 1u) {
+        let i = t + j * stride;
+        if (i >= p.n / 4u) { return; }
+        let x = vec4<f32>(a4[p.off_a / 4u + i]);
+        let y = vec4<f32>(b4[p.off_b / 4u + i]);
+        out4[p.off_o / 4u + i] = vec4<OUT>(vec4<f32>(binary_op(p.op, x.x, y.x),
+            binary_op(p.op, x.y, y.y), binary_op(p.op, x.z, y.z), binary_op(p.op, x.w, y.w)));
+    }
+}
+
+// binary_scalar_fwd, four elements at a time.
+@compute @workgroup_size(256)
+fn binary_scalar_vec4_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                          @builtin(local_invocation_id) lid: vec3<u32>) {
+    let t = linear_index(wid, nwg, lid);
+    let stride = nwg.x * nwg.y * WG;
+    let left = (p.flags & FLAG_SCALAR_LEFT) != 0u;
+    for (var j = 0u; j < PER_INVOCATION; j += 1u) {
+        let i = t + j * stride;
+        if (i >= p.n / 4u) { return; }
+        let v = vec4<f32>(a4[p.off_a / 4u + i]);
+        let x = select(v, vec4<f32>(p.alpha), left);
+        let y = select(vec4<f32>(p.alpha), v, left);
+        out4[p.off_o / 4u + i] = vec4<OUT>(vec4<f32>(binary_op(p.op, x.x, y.x),
+            binary_op(p.op, x.y, y.y), binary_op(p.op, x.z, y.z), binary_op(p.op, x.w, y.w)));
+    }
+}
+
+// unary_bwd, four elements at a time.
+@compute @workgroup_size(256)
+fn unary_bwd_vec4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                  @builtin(local_invocation_id) lid: vec3<u32>) {
+    let t = linear_index(wid, nwg, lid);
+    let stride = nwg.x * nwg.y * WG;
+    for (var j = 0u; j < PER_INVOCATION; j += 1u) {
+        let i = t + j * stride;
+        if (i >= p.n / 4u) { return; }
+        let x = vec4<f32>(a4[p.off_a / 4u + i]);
+        let g = vec4<f32>(b4[p.off_b / 4u + i]);
+        out4[p.off_o / 4u + i] = vec4<OUT>(g * vec4<f32>(unary_grad(p.op, x.x, p.alpha, p.beta),
+            unary_grad(p.op, x.y, p.alpha, p.beta), unary_grad(p.op, x.z, p.alpha, p.beta),
+            unary_grad(p.op, x.w, p.alpha, p.beta)));
+    }
+}
+
 // out = b * f'(a): the gradient of a unary op; a is the saved x or y, b the output gradient
 @compute @workgroup_size(256)
 fn unary_bwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,

@@ -173,6 +173,10 @@ macro_rules! kernels {
 kernels! {
     UnaryFwd => (Elementwise, "unary_fwd", 1),
     BinaryFwd => (Elementwise, "binary_fwd", 2),
+    UnaryVec4Fwd => (Elementwise, "unary_vec4_fwd", 1),
+    BinaryVec4Fwd => (Elementwise, "binary_vec4_fwd", 2),
+    BinaryScalarVec4Fwd => (Elementwise, "binary_scalar_vec4_fwd", 1),
+    UnaryBwdVec4 => (Elementwise, "unary_bwd_vec4", 2),
     BinaryScalarFwd => (Elementwise, "binary_scalar_fwd", 1),
     WhereFwd => (Elementwise, "where_fwd", 3),
     FillFwd => (Elementwise, "fill_fwd", 0),
@@ -216,6 +220,10 @@ impl Kernel {
     pub fn per_invocation(self) -> usize {
         match self {
             Kernel::UnaryFwd | Kernel::BinaryFwd => 4,
+            Kernel::UnaryVec4Fwd
+            | Kernel::BinaryVec4Fwd
+            | Kernel::BinaryScalarVec4Fwd
+            | Kernel::UnaryBwdVec4 => 16,
             _ => 1,
         }
     }

@@ -435,3 +435,96 @@ fn shape_errors_are_err() {
     assert!(a.where_cond(&a, &Tensor::zeros(&[5], &d).unwrap()).is_err());
     assert!(a.clamp(1.0, -1.0).is_err());
 }
+
+/// Contiguous operands in whole vec4s take the vec4 kernels (unary, binary, binary with a
+/// scalar, unary gradients); the same values at an unaligned offset take the scalar kernels,
+/// which the other tests check against references and finite differences. Both must agree
+/// exactly, for every op, with and without an aligned view offset.
+#[test]
+fn vec4_kernels_match_scalar_kernels() {
+    let d = dev();
+    let mut rng = Rng::new(404);
+    let n = 4 * 259;
+    let v = rng.vec(n, 0.1, 3.0);
+    let w = rng.vec(n, -2.0, 2.0);
+    // Aligned: contiguous from offset 0, and rows 1.. of a [n / 4 + 1, 4] tensor (offset 4).
+    // Unaligned: the same values from offset 1 of a longer buffer.
+    let at = |vals: &[f32], pad: usize| {
+        let mut data = vec![0.5; pad];
+        data.extend_from_slice(vals);
+        Tensor::from_slice(&data, &[data.len()], &d)
+            .unwrap()
+            .narrow(0, pad, vals.len())
+            .unwrap()
+            .reshape(&[4, 259])
+            .unwrap()
+    };
+    let (x0, x4, x1) = (at(&v, 0), at(&v, 4), at(&v, 1));
+    let (y0, y4, y1) = (at(&w, 0), at(&w, 4), at(&w, 1));
+    let same = |what: &str, a: &Tensor, b: &Tensor| {
+        assert_eq!(a.to_vec().unwrap(), b.to_vec().unwrap(), "{what}");
+    };
+    let unary: &[(&str, GpuFn)] = &[
+        ("neg", Tensor::neg),
+        ("abs", Tensor::abs),
+        ("exp", Tensor::exp),
+        ("log", Tensor::log),
+        ("sqrt", Tensor::sqrt),
+        ("rsqrt", Tensor::rsqrt),
+        ("relu", Tensor::relu),
+        ("sigmoid", Tensor::sigmoid),
+        ("tanh", Tensor::tanh),
+        ("gelu", Tensor::gelu),
+        ("silu", Tensor::silu),
+    ];
+    for &(name, f) in unary {
+        let want = f(&x1).unwrap();
+        same(name, &f(&x0).unwrap(), &want);
+        same(&format!("{name} at offset 4"), &f(&x4).unwrap(), &want);
+        // The gradient: unary_bwd on aligned and unaligned operands.
+        let grads: Vec<Vec<f32>> = [&x0, &x1]
+            .into_iter()
+            .map(|x| {
+                let x = x.detach().requires_grad();
+                f(&x)
+                    .unwrap()
+                    .mul(&y0)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .backward()
+                    .unwrap();
+                x.grad().unwrap().to_vec().unwrap()
+            })
+            .collect();
+        assert_eq!(grads[0], grads[1], "{name} gradient");
+    }
+    let binary: &[(&str, BinFn)] = &[
+        ("add", Tensor::add),
+        ("sub", Tensor::sub),
+        ("mul", Tensor::mul),
+        ("div", Tensor::div),
+        ("pow", Tensor::pow),
+        ("maximum", Tensor::maximum),
+        ("lt", Tensor::lt),
+    ];
+    for &(name, f) in binary {
+        let want = f(&x1, &y1).unwrap();
+        same(name, &f(&x0, &y0).unwrap(), &want);
+        same(&format!("{name} at offset 4"), &f(&x4, &y4).unwrap(), &want);
+        same(&format!("{name} mixed"), &f(&x4, &y0).unwrap(), &want);
+    }
+    for (name, s) in [("mul_scalar", 1.5f32), ("add_scalar", -0.25)] {
+        let f = if name == "mul_scalar" {
+            Tensor::mul_scalar
+        } else {
+            Tensor::add_scalar
+        };
+        same(name, &f(&x0, s).unwrap(), &f(&x1, s).unwrap());
+    }
+    same(
+        "rsub_scalar",
+        &x0.rsub_scalar(2.0).unwrap(),
+        &x1.rsub_scalar(2.0).unwrap(),
+    );
+}

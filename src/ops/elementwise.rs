@@ -121,6 +121,9 @@ impl BinaryOp {
     }
 }
 
+/// `flags` bit of a contiguous output (bits 0-2: inputs a, b, c; see `shaders/elementwise.wgsl`).
+const FLAG_O_CONTIG: u32 = 8;
+
 /// Scalar arguments and extra words of one elementwise dispatch.
 #[derive(Clone, Copy, Default)]
 pub(crate) struct Extra {
@@ -175,7 +178,7 @@ pub(crate) fn launch_variant(
         ..Zeroable::zeroed()
     };
     if out_layout.is_contiguous() {
-        p.flags |= 8;
+        p.flags |= FLAG_O_CONTIG;
     }
     for (i, (_, l)) in inputs.iter().enumerate() {
         let strides = pack(l.strides.iter().copied());
@@ -189,6 +192,19 @@ pub(crate) fn launch_variant(
             _ => (p.off_c, p.sc) = (l.offset as u32, strides),
         }
     }
+    // Every operand contiguous and in whole vec4s: the vec4 variant, where there is one.
+    let contiguous = ((1 << inputs.len()) - 1) | FLAG_O_CONTIG;
+    let aligned = p.flags & contiguous == contiguous
+        && n.is_multiple_of(4)
+        && p.off_o.is_multiple_of(4)
+        && inputs.iter().all(|(_, l)| l.offset.is_multiple_of(4));
+    let kernel = match kernel {
+        Kernel::UnaryFwd if aligned => Kernel::UnaryVec4Fwd,
+        Kernel::BinaryFwd if aligned => Kernel::BinaryVec4Fwd,
+        Kernel::BinaryScalarFwd if aligned => Kernel::BinaryScalarVec4Fwd,
+        Kernel::UnaryBwd if aligned => Kernel::UnaryBwdVec4,
+        k => k,
+    };
     let buffers: Vec<&wgpu::Buffer> = inputs.iter().map(|(t, _)| t.buffer()).collect();
     out.device().dispatch_variant(
         kernel,
