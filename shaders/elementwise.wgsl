@@ -225,6 +225,23 @@ fn unary_bwd_vec4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups
     }
 }
 
+// out = unary(out) in place, four elements at a time: the activation after a matmul kernel
+// that has no fused one.
+@compute @workgroup_size(256)
+fn unary_inplace_vec4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                      @builtin(local_invocation_id) lid: vec3<u32>) {
+    let t = linear_index(wid, nwg, lid);
+    let stride = nwg.x * nwg.y * WG;
+    for (var j = 0u; j < PER_INVOCATION; j += 1u) {
+        let i = t + j * stride;
+        if (i >= p.n / 4u) { return; }
+        let x = vec4<f32>(out4[p.off_o / 4u + i]);
+        out4[p.off_o / 4u + i] = vec4<OUT>(vec4<f32>(unary_op(p.op, x.x, p.alpha, p.beta),
+            unary_op(p.op, x.y, p.alpha, p.beta), unary_op(p.op, x.z, p.alpha, p.beta),
+            unary_op(p.op, x.w, p.alpha, p.beta)));
+    }
+}
+
 // out = b * f'(a): the gradient of a unary op; a is the saved x or y, b the output gradient
 @compute @workgroup_size(256)
 fn unary_bwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,

@@ -177,6 +177,7 @@ kernels! {
     BinaryVec4Fwd => (Elementwise, "binary_vec4_fwd", 2),
     BinaryScalarVec4Fwd => (Elementwise, "binary_scalar_vec4_fwd", 1),
     UnaryBwdVec4 => (Elementwise, "unary_bwd_vec4", 2),
+    UnaryInplaceVec4 => (Elementwise, "unary_inplace_vec4", 0),
     BinaryScalarFwd => (Elementwise, "binary_scalar_fwd", 1),
     WhereFwd => (Elementwise, "where_fwd", 3),
     FillFwd => (Elementwise, "fill_fwd", 0),
@@ -223,7 +224,8 @@ impl Kernel {
             Kernel::UnaryVec4Fwd
             | Kernel::BinaryVec4Fwd
             | Kernel::BinaryScalarVec4Fwd
-            | Kernel::UnaryBwdVec4 => 16,
+            | Kernel::UnaryBwdVec4
+            | Kernel::UnaryInplaceVec4 => 16,
             _ => 1,
         }
     }

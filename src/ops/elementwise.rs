@@ -216,6 +216,34 @@ pub(crate) fn launch_variant(
     )
 }
 
+/// `out = op(out)` in place, for a contiguous `out` from offset 0 whose size is a multiple of
+/// 4: the activation after a kernel that has no fused one. `variant` is the producing kernel's
+/// (the pass reads and writes its output type).
+pub(crate) fn activation_in_place(
+    out: &Tensor,
+    op: UnaryOp,
+    alpha: f32,
+    variant: Variant,
+) -> Result<()> {
+    let variant = match variant {
+        Variant::F32 | Variant::F16ToF32 => Variant::F32,
+        Variant::F16 | Variant::F32ToF16 => Variant::F16,
+    };
+    let extra = Extra {
+        op: op as u32,
+        alpha,
+        ..Default::default()
+    };
+    launch_variant(
+        Kernel::UnaryInplaceVec4,
+        variant,
+        &[],
+        out,
+        &out.layout.clone(),
+        extra,
+    )
+}
+
 fn check_rank(op: &'static str, shape: &[usize]) -> Result<()> {
     if shape.len() > MAX_RANK {
         return Err(Error::shape(

@@ -3,7 +3,8 @@
 
 use bytemuck::{Pod, Zeroable};
 
-use super::{pack, Epilogue};
+use super::elementwise::activation_in_place;
+use super::{pack, Epilogue, EPILOGUE_ACTIVATION_BITS};
 use crate::autograd::{record, Op};
 use crate::error::{Error, Result};
 use crate::kernels::Kernel;
@@ -129,7 +130,7 @@ fn log2_bucket(v: usize) -> u8 {
 /// The kernel for an (m, n, k) x `count` product: the device's tuned choice for its shape
 /// class, else a timed choice (autotune on, large enough), else a heuristic. `aligned` is the
 /// operands' layout when the vec4-reading kernels fit it; `activation` says whether the
-/// epilogue applies one (the `matmul_vec4_*` kernels do not).
+/// epilogue applies one (the `matmul_vec4_*` kernels then need a second pass for it).
 fn choose(
     device: &crate::device::Device,
     [m, n, k, count]: [usize; 4],
@@ -137,13 +138,14 @@ fn choose(
     activation: bool,
     record: &dyn Fn(Kernel) -> Result<()>,
 ) -> Result<Kernel> {
-    let vec4 = aligned.filter(|_| !activation).map(Aligned::vec4);
+    let vec4 = aligned.map(Aligned::vec4);
     let software = device.adapter_info().device_type == wgpu::DeviceType::Cpu;
+    // The top bit of the batch bucket marks a fused activation, which changes the costs.
     let class = [
         log2_bucket(m),
         log2_bucket(n),
         log2_bucket(k),
-        log2_bucket(count),
+        log2_bucket(count) | if activation { 0x80 } else { 0 },
     ];
     // Choices are kept per family of candidates: an aligned kernel never serves unaligned
     // operands.
@@ -385,10 +387,20 @@ pub(crate) fn matmul_into(a: &Tensor, b: &Tensor, out: &Tensor, epi: &Epilogue<'
     };
     // Without a bias, any buffer fills the binding the kernel does not read.
     let bias = epi.bias.map_or(b.buffer(), |t| t.buffer());
+    // The vec4 kernels leave an activation to an in-place pass over the output.
+    let split = |kernel: Kernel| {
+        epi.activation.is_some()
+            && [Aligned::Nn, Aligned::Nt, Aligned::Tn]
+                .iter()
+                .any(|l| l.vec4() == kernel)
+    };
     let record = |kernel: Kernel| -> Result<()> {
         let [tn, tm] = tile_of(kernel);
         let groups = [n.div_ceil(tn) as u32, m.div_ceil(tm) as u32];
         let mut p = p;
+        if split(kernel) {
+            p.epilogue &= !EPILOGUE_ACTIVATION_BITS;
+        }
         let mut z = 0;
         while z < count {
             let chunk = (count - z).min(MAX_GROUPS);
@@ -402,6 +414,9 @@ pub(crate) fn matmul_into(a: &Tensor, b: &Tensor, out: &Tensor, epi: &Epilogue<'
                 [groups[0], groups[1], chunk as u32],
             )?;
             z += chunk;
+        }
+        if let (true, Some((op, alpha))) = (split(kernel), epi.activation) {
+            activation_in_place(out, op, alpha, epi.variant)?;
         }
         Ok(())
     };

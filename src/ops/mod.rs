@@ -42,6 +42,9 @@ pub(crate) struct Epilogue<'a> {
     pub variant: crate::kernels::Variant,
 }
 
+/// The bits of an epilogue word that ask for an activation (its flag and op code).
+pub(crate) const EPILOGUE_ACTIVATION_BITS: u32 = 2 | 0xff00;
+
 impl Epilogue<'_> {
     /// The `epilogue` word of the kernel parameters (see `shaders/common.wgsl`).
     pub fn flags(&self) -> u32 {
