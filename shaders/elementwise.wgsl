@@ -210,7 +210,7 @@ fn binary_scalar_vec4_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_wo
 
 // unary_bwd, four elements at a time.
 @compute @workgroup_size(256)
-fn unary_bwd_vec4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+fn unary_vec4_bwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                   @builtin(local_invocation_id) lid: vec3<u32>) {
     let t = linear_index(wid, nwg, lid);
     let stride = nwg.x * nwg.y * WG;
@@ -228,7 +228,7 @@ fn unary_bwd_vec4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups
 // out = unary(out) in place, four elements at a time: the activation after a matmul kernel
 // that has no fused one.
 @compute @workgroup_size(256)
-fn unary_inplace_vec4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+fn unary_inplace_vec4_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                       @builtin(local_invocation_id) lid: vec3<u32>) {
     let t = linear_index(wid, nwg, lid);
     let stride = nwg.x * nwg.y * WG;

@@ -176,8 +176,8 @@ kernels! {
     UnaryVec4Fwd => (Elementwise, "unary_vec4_fwd", 1),
     BinaryVec4Fwd => (Elementwise, "binary_vec4_fwd", 2),
     BinaryScalarVec4Fwd => (Elementwise, "binary_scalar_vec4_fwd", 1),
-    UnaryBwdVec4 => (Elementwise, "unary_bwd_vec4", 2),
-    UnaryInplaceVec4 => (Elementwise, "unary_inplace_vec4", 0),
+    UnaryVec4Bwd => (Elementwise, "unary_vec4_bwd", 2),
+    UnaryInplaceVec4Fwd => (Elementwise, "unary_inplace_vec4_fwd", 0),
     BinaryScalarFwd => (Elementwise, "binary_scalar_fwd", 1),
     WhereFwd => (Elementwise, "where_fwd", 3),
     FillFwd => (Elementwise, "fill_fwd", 0),
@@ -224,8 +224,8 @@ impl Kernel {
             Kernel::UnaryVec4Fwd
             | Kernel::BinaryVec4Fwd
             | Kernel::BinaryScalarVec4Fwd
-            | Kernel::UnaryBwdVec4
-            | Kernel::UnaryInplaceVec4 => 16,
+            | Kernel::UnaryVec4Bwd
+            | Kernel::UnaryInplaceVec4Fwd => 16,
             _ => 1,
         }
     }

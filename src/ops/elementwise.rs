@@ -202,7 +202,7 @@ pub(crate) fn launch_variant(
         Kernel::UnaryFwd if aligned => Kernel::UnaryVec4Fwd,
         Kernel::BinaryFwd if aligned => Kernel::BinaryVec4Fwd,
         Kernel::BinaryScalarFwd if aligned => Kernel::BinaryScalarVec4Fwd,
-        Kernel::UnaryBwd if aligned => Kernel::UnaryBwdVec4,
+        Kernel::UnaryBwd if aligned => Kernel::UnaryVec4Bwd,
         k => k,
     };
     let buffers: Vec<&wgpu::Buffer> = inputs.iter().map(|(t, _)| t.buffer()).collect();
@@ -235,7 +235,7 @@ pub(crate) fn activation_in_place(
         ..Default::default()
     };
     launch_variant(
-        Kernel::UnaryInplaceVec4,
+        Kernel::UnaryInplaceVec4Fwd,
         variant,
         &[],
         out,
