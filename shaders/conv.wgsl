@@ -255,11 +255,13 @@ fn conv2d_bwd_weight(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invoc
     var acc = Acc(vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0));
     let q0 = split * p.chunk;
     let q1 = min(q0 + p.chunk, p.n * oplane);
+    // Position q = (nn, oy, ox), stepped with carries rather than divided out each time
+    // (integer division by a non-constant runs one lane at a time on CPU adapters).
+    var nn = q0 / oplane;
+    var o = q0 % oplane;
+    var oy = o / p.ow;
+    var ox = o % p.ow;
     for (var q = q0; q < q1; q += 1u) {
-        let nn = q / oplane;
-        let o = q % oplane;
-        let oy = o / p.ow;
-        let ox = o % p.ow;
         let xn = nn * p.c_in * plane;
         let dyn_ = nn * p.c_out * oplane;
         let av = vec4<f32>(f32(a[dyn_ + dyoff.x + o]), f32(a[dyn_ + dyoff.y + o]), f32(a[dyn_ + dyoff.z + o]), f32(a[dyn_ + dyoff.w + o]));
@@ -275,6 +277,15 @@ fn conv2d_bwd_weight(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invoc
         acc.r1 += av.y * bv;
         acc.r2 += av.z * bv;
         acc.r3 += av.w * bv;
+        o += 1u;
+        ox += 1u;
+        let row_end = ox == p.ow;
+        ox = select(ox, 0u, row_end);
+        oy = select(oy, oy + 1u, row_end);
+        let plane_end = o == oplane;
+        o = select(o, 0u, plane_end);
+        oy = select(oy, 0u, plane_end);
+        nn = select(nn, nn + 1u, plane_end);
     }
     let res = array<vec4<f32>, 4>(acc.r0, acc.r1, acc.r2, acc.r3);
     for (var i = 0u; i < 4u; i += 1u) {
