@@ -62,6 +62,13 @@ fn div_exact(t: i32, s: u32) -> u32 {
     return select(0xffffffffu, q, t >= 0 && q * s == u32(t));
 }
 
+// k / d for k + d below 2^23 (positions in a kernel or an image plane): float arithmetic, exact
+// at these sizes, instead of an integer division by a non-constant (emulated on GPUs, one lane
+// at a time on CPU adapters).
+fn div_small(k: u32, d: u32) -> u32 {
+    return u32((f32(k) + 0.5) / f32(d));
+}
+
 struct Acc {
     r0: vec4<f32>,
     r1: vec4<f32>,
@@ -339,19 +346,29 @@ fn conv2d_bwd_weight_tiled(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local
     var acc2 = vec4<f32>(0.0);
     var acc3 = vec4<f32>(0.0);
     for (var k0 = q_start; k0 < q_end; k0 += 16u) {
+        // This invocation's first position of the step, (nb, ob); the next three follow with
+        // carries, so that one integer division serves four elements.
+        let qb = k0 + (lindex % 4u) * 4u;
+        let nb = qb / oplane;
+        let ob = qb - nb * oplane;
         for (var j = 0u; j < 4u; j += 1u) {
             let kk = (lindex % 4u) * 4u + j;
             let q = k0 + kk;
             var va = 0.0;
             var vb = 0.0;
             if (q < q_end) {
-                let nn = q / oplane;
-                let o = q % oplane;
+                var nn = nb;
+                var o = ob + j;
+                while (o >= oplane) {
+                    o -= oplane;
+                    nn += 1u;
+                }
                 if (co < cout_g) {
                     va = f32(a[(nn * p.c_out + g * cout_g + co) * oplane + o]);
                 }
-                let iy = i32((o / p.ow) * p.sh) + ky;
-                let ix = i32((o % p.ow) * p.sw) + kx;
+                let oy = div_small(o, p.ow);
+                let iy = i32(oy * p.sh) + ky;
+                let ix = i32((o - oy * p.ow) * p.sw) + kx;
                 if (col < cols && iy >= 0 && iy < i32(p.h) && ix >= 0 && ix < i32(p.w)) {
                     vb = f32(b[(nn * p.c_in + g * cin_g + ci) * plane + u32(iy) * p.w + u32(ix)]);
                 }
@@ -429,10 +446,11 @@ fn conv2d_tiled_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invoca
             var va = 0.0;
             var vb = 0.0;
             if (k < kdim) {
-                let ci = k / ksize;
-                let r = k % ksize;
-                let iy = iy0 + i32((r / p.kw) * p.dh);
-                let ix = ix0 + i32((r % p.kw) * p.dw);
+                let ci = div_small(k, ksize);
+                let r = k - ci * ksize;
+                let ky = div_small(r, p.kw);
+                let iy = iy0 + i32(ky * p.dh);
+                let ix = ix0 + i32((r - ky * p.kw) * p.dw);
                 if (tile_row + own < rows && iy >= 0 && iy < i32(p.h) && ix >= 0 && ix < i32(p.w)) {
                     va = f32(a[xbase + ci * plane + u32(iy) * p.w + u32(ix)]);
                 }
@@ -516,10 +534,10 @@ fn conv2d_bwd_input_tiled(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_
             var va = 0.0;
             var vb = 0.0;
             if (k < kdim) {
-                let co = k / ksize;
-                let r = k % ksize;
-                let ky = r / p.kw;
-                let kx = r % p.kw;
+                let co = div_small(k, ksize);
+                let r = k - co * ksize;
+                let ky = div_small(r, p.kw);
+                let kx = r - ky * p.kw;
                 let ty = ty0 - i32(ky * p.dh);
                 let tx = tx0 - i32(kx * p.dw);
                 let oy = div_exact(ty, p.sh);

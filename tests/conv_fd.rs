@@ -432,7 +432,8 @@ fn weight_gradient_with_split_reduction() {
     assert_close_slice("tiled vs register, grouped", &b, &ra.data, 1e-3, 1e-4);
 }
 
-/// f64 reference of conv2d (NCHW, grouped): returns y and, for `dy`, the input gradient.
+/// f64 reference of conv2d (NCHW, grouped): returns y and, for `dy`, the input and weight
+/// gradients.
 fn conv_reference(
     x: &[f32],
     [n, c, h, w]: [usize; 4],
@@ -440,7 +441,7 @@ fn conv_reference(
     [o, cg, kh, kw]: [usize; 4],
     opts: &Conv2dOptions,
     dy: &[f32],
-) -> (Vec<f64>, Vec<f64>, [usize; 2]) {
+) -> (Vec<f64>, Vec<f64>, Vec<f64>, [usize; 2]) {
     let [sh, sw] = opts.stride;
     let [ph, pw] = opts.padding;
     let [dh, dw] = opts.dilation;
@@ -449,6 +450,7 @@ fn conv_reference(
     let og = o / opts.groups;
     let mut y = vec![0.0; n * o * oh * ow];
     let mut dx = vec![0.0; n * c * h * w];
+    let mut dwt = vec![0.0; wt.len()];
     for b in 0..n {
         for co in 0..o {
             let g = co / og;
@@ -465,9 +467,10 @@ fn conv_reference(
                                 }
                                 let xi =
                                     ((b * c + g * cg + ci) * h + iy as usize) * w + ix as usize;
-                                let wv = wt[((co * cg + ci) * kh + ky) * kw + kx] as f64;
-                                y[yi] += x[xi] as f64 * wv;
-                                dx[xi] += dy[yi] as f64 * wv;
+                                let wi = ((co * cg + ci) * kh + ky) * kw + kx;
+                                y[yi] += x[xi] as f64 * wt[wi] as f64;
+                                dx[xi] += dy[yi] as f64 * wt[wi] as f64;
+                                dwt[wi] += dy[yi] as f64 * x[xi] as f64;
                             }
                         }
                     }
@@ -475,20 +478,23 @@ fn conv_reference(
             }
         }
     }
-    (y, dx, [oh, ow])
+    (y, dx, dwt, [oh, ow])
 }
 
-/// The forward and input-gradient kernels, register-blocked and shared-memory tiled (a device
+/// The forward and both gradient kernels, register-blocked and shared-memory tiled (a device
 /// picks one of them by its type, so each is run here by name), against the f64 reference on
-/// odd sizes with strides that do not divide, padding, dilation and groups.
+/// odd sizes with strides that do not divide, padding, dilation and groups, and output planes
+/// of one and four positions (the weight gradient walks positions across images).
 #[test]
-fn forward_and_input_gradient_kernels() {
+fn forward_and_gradient_kernels() {
     let d = dev();
     let mut rng = Rng::new(77);
     let cases = [
         ([2, 4, 9, 11], [6, 2, 3, 2], [2, 1], [1, 2], [1, 2], 2),
         ([3, 5, 7, 6], [7, 5, 3, 3], [1, 1], [1, 1], [1, 1], 1),
         ([1, 3, 10, 8], [3, 1, 3, 3], [3, 2], [2, 0], [1, 1], 3),
+        ([5, 3, 1, 1], [4, 3, 1, 1], [1, 1], [0, 0], [1, 1], 1),
+        ([6, 2, 2, 2], [3, 2, 3, 3], [1, 1], [1, 1], [1, 1], 1),
     ];
     for (xs, ws, stride, padding, dilation, groups) in cases {
         let opts = Conv2dOptions {
@@ -504,7 +510,7 @@ fn forward_and_input_gradient_kernels() {
         let y_dims = x.conv2d(&w, None, &opts).unwrap().dims().to_vec();
         let dyv = rng.vec(y_dims.iter().product(), -1.0, 1.0);
         let dy = Tensor::from_slice(&dyv, &y_dims, &d).unwrap();
-        let (y, dx, [oh, ow]) = conv_reference(&xv, xs, &wv, ws, &opts, &dyv);
+        let (y, dx, dw, [oh, ow]) = conv_reference(&xv, xs, &wv, ws, &opts, &dyv);
         assert_eq!(y_dims, vec![xs[0], ws[0], oh, ow]);
         for tiled in [false, true] {
             let what =
@@ -525,6 +531,18 @@ fn forward_and_input_gradient_kernels() {
                 1e-5,
                 1e-5,
             );
+            for splits in [1, 3] {
+                let got = dy
+                    .conv2d_weight_grad_with(&x, &ws, &opts, tiled, Some(splits))
+                    .unwrap();
+                assert_close(
+                    &format!("weight gradient {what}, {splits} splits"),
+                    &got,
+                    &Nd::new(&ws, dw.clone()),
+                    1e-5,
+                    1e-5,
+                );
+            }
         }
     }
 }
