@@ -65,12 +65,16 @@ pub(crate) enum Op {
     Softmax { axis: isize, out: Tensor },
     /// y = log_softmax(x) along `axis`.
     LogSoftmax { axis: isize, out: Tensor },
-    /// y = a @ b, both of rank >= 2, batch axes broadcast.
+    /// y = a @ b, both of rank >= 2, batch axes broadcast. `a_t`/`b_t`: the operand is a
+    /// 2-D transposed view (as `w.t()` in a linear layer), whose gradient is then computed
+    /// transposed so that it comes back in the storage order of the tensor it views.
     Matmul {
         a: Option<Tensor>,
         b: Option<Tensor>,
         a_shape: Vec<usize>,
         b_shape: Vec<usize>,
+        a_t: bool,
+        b_t: bool,
     },
     /// A view or copy with the same elements in another shape.
     Reshape { in_shape: Vec<usize> },
@@ -311,14 +315,26 @@ impl Op {
             }
 
             // d(a @ b) = (g @ b^T, a^T @ g), summed over broadcast batch axes
+            // (for a transposed 2-D operand, (b g^T)^T and (g^T a)^T: the same values, laid out
+            // so that the transposing view's own backward leaves them contiguous, no copy)
             Op::Matmul {
                 a,
                 b,
                 a_shape,
                 b_shape,
+                a_t,
+                b_t,
             } => grads![
-                sum_to(&g.matmul(&saved(b)?.t()?)?, a_shape)?,
-                sum_to(&saved(a)?.t()?.matmul(g)?, b_shape)?,
+                if *a_t {
+                    saved(b)?.matmul(&g.t()?)?.t()?
+                } else {
+                    sum_to(&g.matmul(&saved(b)?.t()?)?, a_shape)?
+                },
+                if *b_t {
+                    g.t()?.matmul(saved(a)?)?.t()?
+                } else {
+                    sum_to(&saved(a)?.t()?.matmul(g)?, b_shape)?
+                },
             ],
 
             Op::Reshape { in_shape } => grads![g.reshape_to(in_shape)?],

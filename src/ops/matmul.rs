@@ -259,11 +259,16 @@ impl Tensor {
         let out = Tensor::uninit(OP, &out_shape, self.device())?;
         matmul_into(&a, &b, &out, &Epilogue::default())?;
         let (a_grad, b_grad) = (a.requires_grad_flag(), b.requires_grad_flag());
+        // A 2-D operand that is a transposed view (both operands 2-D, so no batch sums).
+        let plain = out.rank() == 2 && a.rank() == 2 && b.rank() == 2;
+        let transposed = |t: &Tensor| plain && t.strides()[0] == 1 && t.strides()[1] > 1;
         let mut result = record(out, &[&a, &b], |_| Op::Matmul {
             a: b_grad.then(|| a.detach()),
             b: a_grad.then(|| b.detach()),
             a_shape: a.shape(),
             b_shape: b.shape(),
+            a_t: transposed(&a),
+            b_t: transposed(&b),
         });
         if other.rank() == 1 {
             result = result.squeeze(Some(-1))?;
