@@ -213,6 +213,9 @@ kernels! {
     SgdStep => (Optim, "sgd_step", 1),
     SgdMomentumStep => (Optim, "sgd_momentum_step", 1),
     AdamStep => (Optim, "adam_step", 1),
+    SgdVec4Step => (Optim, "sgd_vec4_step", 1),
+    SgdMomentumVec4Step => (Optim, "sgd_momentum_vec4_step", 1),
+    AdamVec4Step => (Optim, "adam_vec4_step", 1),
 }
 
 impl Kernel {

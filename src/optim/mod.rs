@@ -146,12 +146,20 @@ fn check_hyper(
 fn launch(kernel: Kernel, param: &Tensor, grad: &Tensor, states: &[&Tensor], p: OptimParams) {
     let mut outputs = vec![param.buffer()];
     outputs.extend(states.iter().map(|s| s.buffer()));
+    // Whole vec4s at aligned offsets (the state buffers start at 0): the vec4 variant.
+    let (kernel, per) = match kernel {
+        _ if p.n % 4 != 0 || p.off_p % 4 != 0 || p.off_g % 4 != 0 => (kernel, 1),
+        Kernel::SgdStep => (Kernel::SgdVec4Step, 4),
+        Kernel::SgdMomentumStep => (Kernel::SgdMomentumVec4Step, 4),
+        Kernel::AdamStep => (Kernel::AdamVec4Step, 4),
+        k => (k, 1),
+    };
     param.device().dispatch_outputs(
         kernel,
         &[grad.buffer()],
         &outputs,
         bytemuck::bytes_of(&p),
-        grid(p.n as usize, 256),
+        grid((p.n as usize).div_ceil(per), 256),
     );
 }
 
