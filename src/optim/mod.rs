@@ -148,7 +148,7 @@ fn launch(kernel: Kernel, param: &Tensor, grad: &Tensor, states: &[&Tensor], p: 
     outputs.extend(states.iter().map(|s| s.buffer()));
     // Whole vec4s at aligned offsets (the state buffers start at 0): the vec4 variant.
     let (kernel, per) = match kernel {
-        _ if p.n % 4 != 0 || p.off_p % 4 != 0 || p.off_g % 4 != 0 => (kernel, 1),
+        _ if ![p.n, p.off_p, p.off_g].iter().all(|v| v.is_multiple_of(4)) => (kernel, 1),
         Kernel::SgdStep => (Kernel::SgdVec4Step, 4),
         Kernel::SgdMomentumStep => (Kernel::SgdMomentumVec4Step, 4),
         Kernel::AdamStep => (Kernel::AdamVec4Step, 4),
