@@ -155,6 +155,54 @@ fn reduce_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw
     }
 }
 
+// The same reductions with one invocation per row and no workgroup memory, every statistic
+// gathered in one pass (the variance by Welford's update): for software adapters, where
+// barriers are costly, and for reductions across rows, where neighbouring invocations read
+// neighbouring elements. 64 rows per workgroup.
+@compute @workgroup_size(64)
+fn reduce_serial_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                     @builtin(local_invocation_id) lid: vec3<u32>) {
+    let row = row_index(wid, nwg) * WG + lid.x;
+    if (row >= p.n_out) { return; }
+    let base = row_bases(row);
+    var sum = 0.0;
+    var mean = 0.0;
+    var m2 = 0.0;
+    var hi = -inf();
+    var hi_i = 0xffffffffu;
+    var lo = inf();
+    var lo_i = 0xffffffffu;
+    for (var r = 0u; r < p.red_len; r += 1u) {
+        let v = x[base.x + r * p.red_stride];
+        sum += v;
+        let d = v - mean;
+        mean += d / f32(r + 1u);
+        m2 += d * (v - mean);
+        if (better(v, r, hi, hi_i, true)) {
+            hi = v;
+            hi_i = r;
+        }
+        if (better(v, r, lo, lo_i, false)) {
+            lo = v;
+            lo_i = r;
+        }
+    }
+    let n = f32(p.red_len);
+    let dof = n - p.correction;
+    var result = nan();
+    switch p.op {
+        case 0u: { result = sum; }
+        case 1u: { result = sum / n; }
+        case 2u: { result = hi; }
+        case 3u: { result = lo; }
+        case 4u: { result = f32(hi_i); }
+        case 5u: { result = f32(lo_i); }
+        case 6u: { result = select(m2 / dof, nan(), dof <= 0.0); }
+        default: {}
+    }
+    out[base.y] = result;
+}
+
 fn row_max(t: u32, start: u32) -> f32 {
     return bitcast<f32>(row_arg(t, start, true).x);
 }

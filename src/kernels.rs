@@ -188,6 +188,7 @@ kernels! {
     UnaryBwd => (Elementwise, "unary_bwd", 2),
     GatherBwd => (Elementwise, "gather_bwd", 2),
     ReduceFwd => (Reduce, "reduce_fwd", 1),
+    ReduceSerialFwd => (Reduce, "reduce_serial_fwd", 1),
     SoftmaxFwd => (Reduce, "softmax_fwd", 1),
     LogSoftmaxFwd => (Reduce, "log_softmax_fwd", 1),
     MatmulFwd => (Matmul, "matmul_fwd", 3),

@@ -353,3 +353,88 @@ fn long_rows_reduce_in_two_stages() {
         .iter()
         .all(|&g| g == 1.0));
 }
+
+/// Both row kernels (one invocation per row, and a workgroup per row with a tree) on every
+/// op, rows along and across memory, short and long (300) rows, with ties: the device picks
+/// one of them by its type, so each is forced here on a device of its own.
+#[test]
+fn both_row_kernels() {
+    let d = own_device();
+    let mut rng = Rng::new(31);
+    let cases: &[(&[usize], usize)] =
+        &[(&[7, 13], 0), (&[7, 13], 1), (&[3, 300], 1), (&[300, 5], 0)];
+    for serial in [true, false] {
+        d.force_row_reduction(Some(serial));
+        for &(shape, axis) in cases {
+            // Values on a coarse grid, so that max/min ties happen.
+            let n: usize = shape.iter().product();
+            let v: Vec<f32> = (0..n)
+                .map(|_| {
+                    (rng.below(9) as f32 - 4.0) * 0.5
+                        + rng.uniform(0.0, 0.01) * (rng.below(2) as f32)
+                })
+                .collect();
+            let t = Tensor::from_slice(&v, shape, &d).unwrap();
+            let r = Nd::from_f32(shape, &v);
+            let a = axis as isize;
+            let what = |op: &str| format!("{op} of {shape:?} along {axis}, serial {serial}");
+            let want = |f: &dyn Fn(&[f64]) -> f64| squeeze(r.reduce(&[axis], f), &[axis], false);
+            assert_close(
+                &what("sum"),
+                &t.sum(&[a], false).unwrap(),
+                &want(&sum),
+                1e-5,
+                1e-5,
+            );
+            assert_close(
+                &what("mean"),
+                &t.mean(&[a], false).unwrap(),
+                &want(&mean),
+                1e-5,
+                1e-5,
+            );
+            let max = |v: &[f64]| v.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let min = |v: &[f64]| v.iter().cloned().fold(f64::INFINITY, f64::min);
+            assert_close(
+                &what("max"),
+                &t.max(&[a], false).unwrap(),
+                &want(&max),
+                0.0,
+                0.0,
+            );
+            assert_close(
+                &what("min"),
+                &t.min(&[a], false).unwrap(),
+                &want(&min),
+                0.0,
+                0.0,
+            );
+            let argmax = |v: &[f64]| first_arg(v, |x, b| x > b);
+            let argmin = |v: &[f64]| first_arg(v, |x, b| x < b);
+            assert_close(
+                &what("argmax"),
+                &t.argmax(a, false).unwrap(),
+                &want(&argmax),
+                0.0,
+                0.0,
+            );
+            assert_close(
+                &what("argmin"),
+                &t.argmin(a, false).unwrap(),
+                &want(&argmin),
+                0.0,
+                0.0,
+            );
+            for c in [0usize, 1] {
+                let var_c = |v: &[f64]| var(v, c as f64);
+                assert_close(
+                    &what("var"),
+                    &t.var(&[a], false, c).unwrap(),
+                    &want(&var_c),
+                    1e-5,
+                    1e-4,
+                );
+            }
+        }
+    }
+}

@@ -104,6 +104,8 @@ struct DeviceInner {
     readbacks: AtomicU64,
     dispatches: AtomicU64,
     autotune: std::sync::atomic::AtomicBool,
+    /// Row-reduction kernel override: 0 by the device's choice, 1 serial, 2 a workgroup per row.
+    row_reduction: std::sync::atomic::AtomicU8,
     trusted_shaders: bool,
     tuned: Mutex<HashMap<(Kernel, [u8; 4]), Kernel>>,
 }
@@ -241,6 +243,7 @@ impl Device {
                     std::env::var("KILN_AUTOTUNE").map_or(true, |v| v != "0"),
                 ),
                 tuned: Mutex::new(HashMap::new()),
+                row_reduction: std::sync::atomic::AtomicU8::new(0),
                 trusted_shaders,
             }),
         })
@@ -305,6 +308,26 @@ impl Device {
     /// (a few synchronised runs) and remembers the fastest for this device.
     pub fn set_autotune(&self, on: bool) {
         self.inner.autotune.store(on, Ordering::Relaxed);
+    }
+
+    /// Forces the row-reduction kernel: `Some(true)` one invocation per row, `Some(false)` a
+    /// workgroup per row, `None` the device's own choice (for tests that run both).
+    #[doc(hidden)]
+    pub fn force_row_reduction(&self, serial: Option<bool>) {
+        let v = match serial {
+            None => 0,
+            Some(true) => 1,
+            Some(false) => 2,
+        };
+        self.inner.row_reduction.store(v, Ordering::Relaxed);
+    }
+
+    pub(crate) fn row_reduction_override(&self) -> Option<bool> {
+        match self.inner.row_reduction.load(Ordering::Relaxed) {
+            1 => Some(true),
+            2 => Some(false),
+            _ => None,
+        }
     }
 
     pub(crate) fn autotune_enabled(&self) -> bool {

@@ -114,12 +114,25 @@ fn dispatch_rows(src: &Tensor, op: ReduceOp, correction: f32, run: &Run<'_>, out
         sin: pack(run.in_strides.iter().copied()),
         sout: pack(run.out_strides.iter().copied()),
     };
+    // One invocation per row on software adapters (no barriers), and on GPUs for reductions
+    // across rows, whose neighbouring rows are neighbours in memory; else a workgroup per row.
+    let software = src.device().adapter_info().device_type == wgpu::DeviceType::Cpu;
+    let across = run.in_strides.last() == Some(&1) && run.stride != 1;
+    let serial = src
+        .device()
+        .row_reduction_override()
+        .unwrap_or(software || (across && n_out >= 256 && run.len <= 1024));
+    let (kernel, per_group) = if serial {
+        (Kernel::ReduceSerialFwd, 64)
+    } else {
+        (Kernel::ReduceFwd, 1)
+    };
     src.device().dispatch(
-        Kernel::ReduceFwd,
+        kernel,
         &[src.buffer()],
         out.buffer(),
         bytemuck::bytes_of(&p),
-        grid(n_out, 1),
+        grid(n_out, per_group),
     );
 }
 
