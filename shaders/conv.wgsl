@@ -6,8 +6,9 @@
 //   x (n, c_in, h, w), weight (c_out, cin_g, kh, kw), y (n, c_out, oh, ow)
 //   oh = (h + 2 ph - dh (kh - 1) - 1) / sh + 1 (likewise ow)
 //
-// Each invocation computes a 4x4 block of its GEMM's output in registers; a workgroup of 8x8
-// invocations covers 32x32. Rows beyond the edge are clamped for loading and never stored.
+// The register kernels compute a block of their GEMM's output per invocation (8x8 for the
+// forward, 4x4 for the gradients); the tiled ones stage 64x64 tiles in workgroup memory. Rows
+// beyond the edge are clamped for loading and never stored.
 //
 // Bindings:
 //   conv2d_fwd:        a (0) = x,      b (1) = weight, bias (2) = bias (c_out) from
@@ -77,78 +78,115 @@ struct Acc {
 }
 
 // Forward: rows are output positions (n, oy, ox), columns output channels of the group,
-// the reduction runs over (ci, ky, kx).
+// the reduction runs over (ci, ky, kx). Each invocation computes 8 rows x 8 columns (16 loads
+// per 64 multiply-adds); neighbouring invocations (lid.x) take neighbouring rows, so that all
+// lanes are busy even with few output channels. A workgroup covers 64 x 64.
+fn conv_x(base: u32, iy: i32, ix: i32) -> f32 {
+    if (iy >= 0 && iy < i32(p.h) && ix >= 0 && ix < i32(p.w)) {
+        return f32(a[base + u32(iy) * p.w + u32(ix)]);
+    }
+    return 0.0;
+}
+
+// Stores output row r (a position), channels col0..col0+7 of group g, through the epilogue.
+fn conv_store8(r: u32, rows: u32, g: u32, cout_g: u32, col0: u32, lo: vec4<f32>, hi: vec4<f32>) {
+    if (r >= rows) {
+        return;
+    }
+    let oplane = p.oh * p.ow;
+    let nn = r / oplane;
+    let rem = r - nn * oplane;
+    let v = array<vec4<f32>, 2>(lo, hi);
+    for (var j = 0u; j < 8u; j += 1u) {
+        let c = col0 + j;
+        if (c < cout_g) {
+            var x = v[j / 4u][j % 4u];
+            if ((p.epilogue & EPILOGUE_BIAS) != 0u) {
+                x += f32(bias[p.off_bias + g * cout_g + c]);
+            }
+            out[(nn * p.c_out + g * cout_g + c) * oplane + rem] = OUT(epilogue_activation(x, p.epilogue, p.act_alpha));
+        }
+    }
+}
+
 @compute @workgroup_size(8, 8)
 fn conv2d_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
     let g = wid.z;
     let cin_g = p.c_in / p.groups;
     let cout_g = p.c_out / p.groups;
     let rows = p.n * p.oh * p.ow;
-    let col0 = (wid.x * 8u + lid.x) * 4u;
-    let row0 = p.row_base + (wid.y * 8u + lid.y) * 4u;
+    let row0 = p.row_base + (wid.x * 8u + lid.x) * 8u;
+    let col0 = (wid.y * 8u + lid.y) * 8u;
     if (col0 >= cout_g || row0 >= rows) {
         return;
     }
     let plane = p.h * p.w;
     let ksize = p.kh * p.kw;
-    var xbase: vec4<u32>;
-    var iy0: vec4<i32>;
-    var ix0: vec4<i32>;
-    for (var i = 0u; i < 4u; i += 1u) {
-        let r = min(row0 + i, rows - 1u);
-        let nn = r / (p.oh * p.ow);
-        let rem = r % (p.oh * p.ow);
-        xbase[i] = (nn * p.c_in + g * cin_g) * plane;
-        iy0[i] = i32((rem / p.ow) * p.sh) - i32(p.ph);
-        ix0[i] = i32((rem % p.ow) * p.sw) - i32(p.pw);
-    }
-    var wbase: vec4<u32>;
-    for (var j = 0u; j < 4u; j += 1u) {
-        wbase[j] = (g * cout_g + min(col0 + j, cout_g - 1u)) * cin_g * ksize;
-    }
-    var acc = Acc(vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0));
-    for (var ci = 0u; ci < cin_g; ci += 1u) {
-        for (var ky = 0u; ky < p.kh; ky += 1u) {
-            let dy = i32(ky * p.dh);
-            for (var kx = 0u; kx < p.kw; kx += 1u) {
-                let dx = i32(kx * p.dw);
-                let k = ci * ksize + ky * p.kw + kx;
-                let bv = vec4<f32>(f32(b[wbase.x + k]), f32(b[wbase.y + k]), f32(b[wbase.z + k]), f32(b[wbase.w + k]));
-                var av = vec4<f32>(0.0);
-                for (var i = 0u; i < 4u; i += 1u) {
-                    let iy = iy0[i] + dy;
-                    let ix = ix0[i] + dx;
-                    if (iy >= 0 && iy < i32(p.h) && ix >= 0 && ix < i32(p.w)) {
-                        av[i] = f32(a[xbase[i] + ci * plane + u32(iy) * p.w + u32(ix)]);
-                    }
-                }
-                acc.r0 += av.x * bv;
-                acc.r1 += av.y * bv;
-                acc.r2 += av.z * bv;
-                acc.r3 += av.w * bv;
-            }
-        }
-    }
-    let res = array<vec4<f32>, 4>(acc.r0, acc.r1, acc.r2, acc.r3);
     let oplane = p.oh * p.ow;
+    // Rows row0..row0+3 in the "a" vectors, row0+4..row0+7 in the "b" vectors.
+    var xba: vec4<u32>; var xbb: vec4<u32>;
+    var iya: vec4<i32>; var iyb: vec4<i32>;
+    var ixa: vec4<i32>; var ixb: vec4<i32>;
     for (var i = 0u; i < 4u; i += 1u) {
-        let r = row0 + i;
-        if (r >= rows) {
-            break;
-        }
-        let nn = r / oplane;
-        let rem = r % oplane;
-        for (var j = 0u; j < 4u; j += 1u) {
-            let c = col0 + j;
-            if (c < cout_g) {
-                var v = res[i][j];
-                if ((p.epilogue & EPILOGUE_BIAS) != 0u) {
-                    v += f32(bias[p.off_bias + g * cout_g + c]);
-                }
-                out[(nn * p.c_out + g * cout_g + c) * oplane + rem] = OUT(epilogue_activation(v, p.epilogue, p.act_alpha));
+        for (var h = 0u; h < 2u; h += 1u) {
+            let r = min(row0 + 4u * h + i, rows - 1u);
+            let nn = r / oplane;
+            let rem = r - nn * oplane;
+            let oy = rem / p.ow;
+            let base = (nn * p.c_in + g * cin_g) * plane;
+            let iy = i32(oy * p.sh) - i32(p.ph);
+            let ix = i32((rem - oy * p.ow) * p.sw) - i32(p.pw);
+            if (h == 0u) {
+                xba[i] = base; iya[i] = iy; ixa[i] = ix;
+            } else {
+                xbb[i] = base; iyb[i] = iy; ixb[i] = ix;
             }
         }
     }
+    var wba: vec4<u32>; var wbb: vec4<u32>;
+    for (var j = 0u; j < 4u; j += 1u) {
+        wba[j] = (g * cout_g + min(col0 + j, cout_g - 1u)) * cin_g * ksize;
+        wbb[j] = (g * cout_g + min(col0 + 4u + j, cout_g - 1u)) * cin_g * ksize;
+    }
+    var c00 = vec4<f32>(0.0); var c01 = vec4<f32>(0.0); var c10 = vec4<f32>(0.0); var c11 = vec4<f32>(0.0);
+    var c20 = vec4<f32>(0.0); var c21 = vec4<f32>(0.0); var c30 = vec4<f32>(0.0); var c31 = vec4<f32>(0.0);
+    var c40 = vec4<f32>(0.0); var c41 = vec4<f32>(0.0); var c50 = vec4<f32>(0.0); var c51 = vec4<f32>(0.0);
+    var c60 = vec4<f32>(0.0); var c61 = vec4<f32>(0.0); var c70 = vec4<f32>(0.0); var c71 = vec4<f32>(0.0);
+    for (var ci = 0u; ci < cin_g; ci += 1u) {
+        let xa = xba + ci * plane;
+        let xb = xbb + ci * plane;
+        for (var ky = 0u; ky < p.kh; ky += 1u) {
+            let ya = iya + i32(ky * p.dh);
+            let yb = iyb + i32(ky * p.dh);
+            for (var kx = 0u; kx < p.kw; kx += 1u) {
+                let xxa = ixa + i32(kx * p.dw);
+                let xxb = ixb + i32(kx * p.dw);
+                let k = ci * ksize + ky * p.kw + kx;
+                let w0 = vec4<f32>(f32(b[wba.x + k]), f32(b[wba.y + k]), f32(b[wba.z + k]), f32(b[wba.w + k]));
+                let w1 = vec4<f32>(f32(b[wbb.x + k]), f32(b[wbb.y + k]), f32(b[wbb.z + k]), f32(b[wbb.w + k]));
+                let a0 = vec4<f32>(conv_x(xa.x, ya.x, xxa.x), conv_x(xa.y, ya.y, xxa.y),
+                    conv_x(xa.z, ya.z, xxa.z), conv_x(xa.w, ya.w, xxa.w));
+                let a1 = vec4<f32>(conv_x(xb.x, yb.x, xxb.x), conv_x(xb.y, yb.y, xxb.y),
+                    conv_x(xb.z, yb.z, xxb.z), conv_x(xb.w, yb.w, xxb.w));
+                c00 += a0.x * w0; c01 += a0.x * w1;
+                c10 += a0.y * w0; c11 += a0.y * w1;
+                c20 += a0.z * w0; c21 += a0.z * w1;
+                c30 += a0.w * w0; c31 += a0.w * w1;
+                c40 += a1.x * w0; c41 += a1.x * w1;
+                c50 += a1.y * w0; c51 += a1.y * w1;
+                c60 += a1.z * w0; c61 += a1.z * w1;
+                c70 += a1.w * w0; c71 += a1.w * w1;
+            }
+        }
+    }
+    conv_store8(row0, rows, g, cout_g, col0, c00, c01);
+    conv_store8(row0 + 1u, rows, g, cout_g, col0, c10, c11);
+    conv_store8(row0 + 2u, rows, g, cout_g, col0, c20, c21);
+    conv_store8(row0 + 3u, rows, g, cout_g, col0, c30, c31);
+    conv_store8(row0 + 4u, rows, g, cout_g, col0, c40, c41);
+    conv_store8(row0 + 5u, rows, g, cout_g, col0, c50, c51);
+    conv_store8(row0 + 6u, rows, g, cout_g, col0, c60, c61);
+    conv_store8(row0 + 7u, rows, g, cout_g, col0, c70, c71);
 }
 
 // Gradient of the input: rows are input positions (n, iy, ix), columns input channels of the

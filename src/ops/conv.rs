@@ -189,6 +189,13 @@ impl ConvGeometry {
         let mut base = 0;
         while base < rows {
             let these = (rows - base).min(chunk);
+            // conv2d_fwd takes rows along x (neighbouring invocations on neighbouring rows).
+            let (gx, gy) = (cols.div_ceil(tile) as u32, these.div_ceil(tile) as u32);
+            let [gx, gy] = if kernel == Kernel::Conv2dFwd {
+                [gy, gx]
+            } else {
+                [gx, gy]
+            };
             let p = self.params(base, epi);
             let mut inputs = vec![a.buffer(), b.buffer()];
             if matches!(kernel, Kernel::Conv2dFwd | Kernel::Conv2dTiledFwd) {
@@ -201,11 +208,7 @@ impl ConvGeometry {
                 &inputs,
                 &[out.buffer()],
                 bytemuck::bytes_of(&p),
-                [
-                    cols.div_ceil(tile) as u32,
-                    these.div_ceil(tile) as u32,
-                    self.groups as u32,
-                ],
+                [gx, gy, self.groups as u32],
             )?;
             base += these;
         }
@@ -257,7 +260,7 @@ fn conv_fwd_into_with(
             epi,
         )
     } else {
-        g.launch(
+        g.launch_with_tile(
             Kernel::Conv2dFwd,
             &x,
             &w,
@@ -265,6 +268,7 @@ fn conv_fwd_into_with(
             rows,
             g.c_out / g.groups,
             epi,
+            64,
         )
     }
 }
