@@ -338,8 +338,15 @@ fn main() -> Result<()> {
             Kernel::MatmulVec4TnFwd => "aligned a^T @ b",
             _ => "any layout",
         };
+        // The top bit of the batch bucket marks a fused activation.
+        let act = if class[3] & 0x80 != 0 {
+            ", fused activation"
+        } else {
+            ""
+        };
+        let class = [class[0], class[1], class[2], class[3] & 0x7f];
         println!(
-            "    log2 (m, n, k, batch) buckets {class:?}, {layout} -> {}",
+            "    log2 (m, n, k, batch) buckets {class:?}, {layout}{act} -> {}",
             k.entry()
         );
     }

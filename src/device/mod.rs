@@ -343,7 +343,10 @@ impl Device {
         lock(&self.inner.tuned).insert((family, class), choice);
     }
 
-    /// The autotuner's choices so far: (family, shape class as log2 buckets, kernel).
+    /// The autotuner's choices so far: (family, shape class, kernel). The family is the
+    /// candidate set (for matmul: `MatmulFwd` for any layout, or the aligned layout's vec4 or
+    /// 128-tile kernel); the class is the log2 buckets of (m, n, k, batch), the top bit of the
+    /// last set when the epilogue applies an activation.
     pub fn tuned_kernels(&self) -> Vec<(Kernel, [u8; 4], Kernel)> {
         lock(&self.inner.tuned)
             .iter()
