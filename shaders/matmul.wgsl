@@ -60,6 +60,16 @@ fn batch_bases(z: u32, rank: u32) -> vec2<u32> {
     return base;
 }
 
+// Stores v at row r, column c (both in range) through the epilogue: the bias at column c,
+// then the activation.
+fn store_out(out_base: u32, r: u32, c: u32, v: f32) {
+    var x = v;
+    if ((p.epilogue & EPILOGUE_BIAS) != 0u) {
+        x += f32(bias[p.off_bias + c]);
+    }
+    out[out_base + r * p.n + c] = OUT(epilogue_activation(x, p.epilogue, p.act_alpha));
+}
+
 @compute @workgroup_size(8, 8)
 fn matmul_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
     let z = p.z_base + wid.z;
@@ -105,11 +115,7 @@ fn matmul_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_i
         for (var j = 0u; j < 4u; j += 1u) {
             let cc = col0 + j;
             if (cc < p.n) {
-                var v = rows[i][j];
-                if ((p.epilogue & EPILOGUE_BIAS) != 0u) {
-                    v += f32(bias[p.off_bias + cc]);
-                }
-                out[out_base + r * p.n + cc] = OUT(epilogue_activation(v, p.epilogue, p.act_alpha));
+                store_out(out_base, r, cc, rows[i][j]);
             }
         }
     }
@@ -194,11 +200,7 @@ fn matmul_tiled_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invoca
         for (var j = 0u; j < 4u; j += 1u) {
             let cc = col0 + j;
             if (cc < p.n) {
-                var v = rows[i][j];
-                if ((p.epilogue & EPILOGUE_BIAS) != 0u) {
-                    v += f32(bias[p.off_bias + cc]);
-                }
-                out[out_base + r * p.n + cc] = OUT(epilogue_activation(v, p.epilogue, p.act_alpha));
+                store_out(out_base, r, cc, rows[i][j]);
             }
         }
     }
@@ -215,11 +217,7 @@ fn store_row8(out_base: u32, r: u32, c0: u32, step: u32, lo: vec4<f32>, hi: vec4
     for (var j = 0u; j < 8u; j += 1u) {
         let cc = c0 + j * step;
         if (cc < p.n) {
-            var x = v[j / 4u][j % 4u];
-            if ((p.epilogue & EPILOGUE_BIAS) != 0u) {
-                x += f32(bias[p.off_bias + cc]);
-            }
-            out[out_base + r * p.n + cc] = OUT(epilogue_activation(x, p.epilogue, p.act_alpha));
+            store_out(out_base, r, cc, v[j / 4u][j % 4u]);
         }
     }
 }
@@ -460,11 +458,7 @@ fn t128_store(out_base: u32, r: u32, c: u32, v: vec4<f32>) {
     for (var j = 0u; j < 4u; j += 1u) {
         let cc = c + j;
         if (cc < p.n) {
-            var x = v[j];
-            if ((p.epilogue & EPILOGUE_BIAS) != 0u) {
-                x += f32(bias[p.off_bias + cc]);
-            }
-            out[out_base + r * p.n + cc] = OUT(epilogue_activation(x, p.epilogue, p.act_alpha));
+            store_out(out_base, r, cc, v[j]);
         }
     }
 }

@@ -76,6 +76,16 @@ enum Aligned {
 }
 
 impl Aligned {
+    const ALL: [Aligned; 3] = [Aligned::Nn, Aligned::Nt, Aligned::Tn];
+
+    /// The layout a vec4-reading kernel needs (`None` for other kernels), and whether it is
+    /// one of the `matmul_vec4_*` kernels.
+    fn of_kernel(kernel: Kernel) -> Option<(Aligned, bool)> {
+        Aligned::ALL.into_iter().find_map(|l| {
+            (l.vec4() == kernel || l.t128() == kernel).then_some((l, l.vec4() == kernel))
+        })
+    }
+
     /// The layout of these parameters, if aligned. `sa`/`sb` are the batch strides; `bias` says
     /// whether the epilogue reads the bias.
     fn of(p: &MatmulParams, sa: &[usize], sb: &[usize], bias: bool) -> Option<Aligned> {
@@ -326,9 +336,7 @@ impl Tensor {
             ..Zeroable::zeroed()
         };
         // An aligned kernel needs its own layout.
-        let needs = [Aligned::Nn, Aligned::Nt, Aligned::Tn]
-            .into_iter()
-            .find(|l| l.vec4() == kernel || l.t128() == kernel);
+        let needs = Aligned::of_kernel(kernel).map(|(l, _)| l);
         if needs.is_some() && Aligned::of(&p, &[], &[], false) != needs {
             return Err(Error::invalid(
                 "matmul_with_kernel",
@@ -394,10 +402,7 @@ pub(crate) fn matmul_into(a: &Tensor, b: &Tensor, out: &Tensor, epi: &Epilogue<'
     let bias = epi.bias.map_or(b.buffer(), |t| t.buffer());
     // The vec4 kernels leave an activation to an in-place pass over the output.
     let split = |kernel: Kernel| {
-        epi.activation.is_some()
-            && [Aligned::Nn, Aligned::Nt, Aligned::Tn]
-                .iter()
-                .any(|l| l.vec4() == kernel)
+        epi.activation.is_some() && Aligned::of_kernel(kernel).is_some_and(|(_, vec4)| vec4)
     };
     let record = |kernel: Kernel| -> Result<()> {
         let [tn, tm] = tile_of(kernel);
