@@ -273,3 +273,40 @@ fn half_precision_keeps_accuracy_and_halves_weights() {
         "f16 accuracy {acc16} vs f32 {acc32}"
     );
 }
+
+/// Linear layers with a fused activation, on aligned sizes (the vec4 kernels plus an in-place
+/// activation pass on software adapters) and unaligned ones (the activation in the matmul
+/// kernel's epilogue), in f32 and f16, against the eval-mode model.
+#[test]
+fn fused_linear_activations() {
+    let d = dev();
+    for spec in [
+        "linear(12,20) relu linear(20,8) tanh linear(8,4) sigmoid",
+        "linear(13,7) relu linear(7,5) gelu linear(5,3) silu",
+    ] {
+        let mut model = Sequential::from_spec(&mut Init::new(&d, 5), spec).unwrap();
+        model.set_training(false);
+        let inputs = spec.split('(').nth(1).unwrap().split(',').next().unwrap();
+        let x = Tensor::randn(&[33, inputs.parse().unwrap()], 6, &d).unwrap();
+        let want = model.forward(&x).unwrap().to_vec().unwrap();
+        let frozen = freeze(model).unwrap();
+        let got = frozen.predict(&x).unwrap().to_vec().unwrap();
+        assert_close_slice(
+            spec,
+            &got,
+            &want.iter().map(|&v| v as f64).collect::<Vec<_>>(),
+            1e-5,
+            1e-5,
+        );
+        if let Ok(half) = frozen.to_half() {
+            let got = half.predict(&x).unwrap().to_vec().unwrap();
+            assert_close_slice(
+                &format!("{spec} f16"),
+                &got,
+                &want.iter().map(|&v| v as f64).collect::<Vec<_>>(),
+                2e-2,
+                2e-2,
+            );
+        }
+    }
+}
