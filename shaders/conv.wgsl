@@ -7,7 +7,7 @@
 //   oh = (h + 2 ph - dh (kh - 1) - 1) / sh + 1 (likewise ow)
 //
 // The register kernels compute a block of their GEMM's output per invocation (8x8 for the
-// forward, 4x4 for the gradients); the tiled ones stage 64x64 tiles in workgroup memory. Rows
+// forward and the input gradient, 4x4 for the weight gradient); the tiled ones stage 64x64 tiles in workgroup memory. Rows
 // beyond the edge are clamped for loading and never stored.
 //
 // Bindings:
@@ -191,76 +191,117 @@ fn conv2d_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_i
 
 // Gradient of the input: rows are input positions (n, iy, ix), columns input channels of the
 // group; the reduction runs over (co, ky, kx) for which iy = oy sh - ph + ky dh has an
-// integral oy in range (and likewise for x).
+// integral oy in range (and likewise for x). 8 rows x 8 columns per invocation, neighbouring
+// invocations (lid.x) on neighbouring rows, as in conv2d_fwd.
+fn div_exact4(t: vec4<i32>, s: u32) -> vec4<u32> {
+    return vec4<u32>(div_exact(t.x, s), div_exact(t.y, s), div_exact(t.z, s), div_exact(t.w, s));
+}
+
+// dy at output position (oy, ox) from `base`, or 0 outside the output.
+fn conv_dy(base: u32, oy: u32, ox: u32) -> f32 {
+    if (oy < p.oh && ox < p.ow) {
+        return f32(a[base + oy * p.ow + ox]);
+    }
+    return 0.0;
+}
+
+// Stores input-gradient row r (a position), channels col0..col0+7 of group g.
+fn conv_store_dx8(r: u32, rows: u32, g: u32, cin_g: u32, col0: u32, lo: vec4<f32>, hi: vec4<f32>) {
+    if (r >= rows) {
+        return;
+    }
+    let plane = p.h * p.w;
+    let nn = r / plane;
+    let rem = r - nn * plane;
+    let v = array<vec4<f32>, 2>(lo, hi);
+    for (var j = 0u; j < 8u; j += 1u) {
+        let c = col0 + j;
+        if (c < cin_g) {
+            out[(nn * p.c_in + g * cin_g + c) * plane + rem] = OUT(v[j / 4u][j % 4u]);
+        }
+    }
+}
+
 @compute @workgroup_size(8, 8)
 fn conv2d_bwd_input(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
     let g = wid.z;
     let cin_g = p.c_in / p.groups;
     let cout_g = p.c_out / p.groups;
     let rows = p.n * p.h * p.w;
-    let col0 = (wid.x * 8u + lid.x) * 4u;
-    let row0 = p.row_base + (wid.y * 8u + lid.y) * 4u;
+    let row0 = p.row_base + (wid.x * 8u + lid.x) * 8u;
+    let col0 = (wid.y * 8u + lid.y) * 8u;
     if (col0 >= cin_g || row0 >= rows) {
         return;
     }
     let plane = p.h * p.w;
     let oplane = p.oh * p.ow;
     let ksize = p.kh * p.kw;
-    var dybase: vec4<u32>;
-    var ty0: vec4<i32>;
-    var tx0: vec4<i32>;
+    // Rows row0..row0+3 in the "a" vectors, row0+4..row0+7 in the "b" vectors.
+    var dba: vec4<u32>; var dbb: vec4<u32>;
+    var tya: vec4<i32>; var tyb: vec4<i32>;
+    var txa: vec4<i32>; var txb: vec4<i32>;
     for (var i = 0u; i < 4u; i += 1u) {
-        let r = min(row0 + i, rows - 1u);
-        let nn = r / plane;
-        let rem = r % plane;
-        dybase[i] = (nn * p.c_out + g * cout_g) * oplane;
-        ty0[i] = i32(rem / p.w) + i32(p.ph);
-        tx0[i] = i32(rem % p.w) + i32(p.pw);
+        for (var h = 0u; h < 2u; h += 1u) {
+            let r = min(row0 + 4u * h + i, rows - 1u);
+            let nn = r / plane;
+            let rem = r - nn * plane;
+            let iy = rem / p.w;
+            let base = (nn * p.c_out + g * cout_g) * oplane;
+            let ty = i32(iy) + i32(p.ph);
+            let tx = i32(rem - iy * p.w) + i32(p.pw);
+            if (h == 0u) {
+                dba[i] = base; tya[i] = ty; txa[i] = tx;
+            } else {
+                dbb[i] = base; tyb[i] = ty; txb[i] = tx;
+            }
+        }
     }
-    var ci: vec4<u32>;
+    // Weight rows (co, ci) start at ((g cout_g + co) cin_g + ci) ksize.
+    var cia: vec4<u32>; var cib: vec4<u32>;
     for (var j = 0u; j < 4u; j += 1u) {
-        ci[j] = min(col0 + j, cin_g - 1u);
+        cia[j] = min(col0 + j, cin_g - 1u) * ksize;
+        cib[j] = min(col0 + 4u + j, cin_g - 1u) * ksize;
     }
-    var acc = Acc(vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0));
-    for (var co = 0u; co < cout_g; co += 1u) {
-        let wrow = (g * cout_g + co) * cin_g;
-        for (var ky = 0u; ky < p.kh; ky += 1u) {
-            for (var kx = 0u; kx < p.kw; kx += 1u) {
-                let koff = ky * p.kw + kx;
-                let bv = vec4<f32>(f32(b[(wrow + ci.x) * ksize + koff]), f32(b[(wrow + ci.y) * ksize + koff]),
-                    f32(b[(wrow + ci.z) * ksize + koff]), f32(b[(wrow + ci.w) * ksize + koff]));
-                var av = vec4<f32>(0.0);
-                for (var i = 0u; i < 4u; i += 1u) {
-                    let ty = ty0[i] - i32(ky * p.dh);
-                    let tx = tx0[i] - i32(kx * p.dw);
-                    let oy = div_exact(ty, p.sh);
-                    let ox = div_exact(tx, p.sw);
-                    if (oy < p.oh && ox < p.ow) {
-                        av[i] = f32(a[dybase[i] + co * oplane + oy * p.ow + ox]);
-                    }
-                }
-                acc.r0 += av.x * bv;
-                acc.r1 += av.y * bv;
-                acc.r2 += av.z * bv;
-                acc.r3 += av.w * bv;
+    var c00 = vec4<f32>(0.0); var c01 = vec4<f32>(0.0); var c10 = vec4<f32>(0.0); var c11 = vec4<f32>(0.0);
+    var c20 = vec4<f32>(0.0); var c21 = vec4<f32>(0.0); var c30 = vec4<f32>(0.0); var c31 = vec4<f32>(0.0);
+    var c40 = vec4<f32>(0.0); var c41 = vec4<f32>(0.0); var c50 = vec4<f32>(0.0); var c51 = vec4<f32>(0.0);
+    var c60 = vec4<f32>(0.0); var c61 = vec4<f32>(0.0); var c70 = vec4<f32>(0.0); var c71 = vec4<f32>(0.0);
+    for (var ky = 0u; ky < p.kh; ky += 1u) {
+        let oya = div_exact4(tya - i32(ky * p.dh), p.sh);
+        let oyb = div_exact4(tyb - i32(ky * p.dh), p.sh);
+        for (var kx = 0u; kx < p.kw; kx += 1u) {
+            let oxa = div_exact4(txa - i32(kx * p.dw), p.sw);
+            let oxb = div_exact4(txb - i32(kx * p.dw), p.sw);
+            let koff = ky * p.kw + kx;
+            for (var co = 0u; co < cout_g; co += 1u) {
+                let wrow = (g * cout_g + co) * cin_g * ksize + koff;
+                let w0 = vec4<f32>(f32(b[wrow + cia.x]), f32(b[wrow + cia.y]), f32(b[wrow + cia.z]), f32(b[wrow + cia.w]));
+                let w1 = vec4<f32>(f32(b[wrow + cib.x]), f32(b[wrow + cib.y]), f32(b[wrow + cib.z]), f32(b[wrow + cib.w]));
+                let da = dba + co * oplane;
+                let db = dbb + co * oplane;
+                let a0 = vec4<f32>(conv_dy(da.x, oya.x, oxa.x), conv_dy(da.y, oya.y, oxa.y),
+                    conv_dy(da.z, oya.z, oxa.z), conv_dy(da.w, oya.w, oxa.w));
+                let a1 = vec4<f32>(conv_dy(db.x, oyb.x, oxb.x), conv_dy(db.y, oyb.y, oxb.y),
+                    conv_dy(db.z, oyb.z, oxb.z), conv_dy(db.w, oyb.w, oxb.w));
+                c00 += a0.x * w0; c01 += a0.x * w1;
+                c10 += a0.y * w0; c11 += a0.y * w1;
+                c20 += a0.z * w0; c21 += a0.z * w1;
+                c30 += a0.w * w0; c31 += a0.w * w1;
+                c40 += a1.x * w0; c41 += a1.x * w1;
+                c50 += a1.y * w0; c51 += a1.y * w1;
+                c60 += a1.z * w0; c61 += a1.z * w1;
+                c70 += a1.w * w0; c71 += a1.w * w1;
             }
         }
     }
-    let res = array<vec4<f32>, 4>(acc.r0, acc.r1, acc.r2, acc.r3);
-    for (var i = 0u; i < 4u; i += 1u) {
-        let r = row0 + i;
-        if (r >= rows) {
-            break;
-        }
-        let nn = r / plane;
-        let rem = r % plane;
-        for (var j = 0u; j < 4u; j += 1u) {
-            let c = col0 + j;
-            if (c < cin_g) {
-                out[(nn * p.c_in + g * cin_g + c) * plane + rem] = OUT(res[i][j]);
-            }
-        }
-    }
+    conv_store_dx8(row0, rows, g, cin_g, col0, c00, c01);
+    conv_store_dx8(row0 + 1u, rows, g, cin_g, col0, c10, c11);
+    conv_store_dx8(row0 + 2u, rows, g, cin_g, col0, c20, c21);
+    conv_store_dx8(row0 + 3u, rows, g, cin_g, col0, c30, c31);
+    conv_store_dx8(row0 + 4u, rows, g, cin_g, col0, c40, c41);
+    conv_store_dx8(row0 + 5u, rows, g, cin_g, col0, c50, c51);
+    conv_store_dx8(row0 + 6u, rows, g, cin_g, col0, c60, c61);
+    conv_store_dx8(row0 + 7u, rows, g, cin_g, col0, c70, c71);
 }
 
 // Gradient of the weight: rows are output channels of the group, columns (ci, ky, kx); the

@@ -107,6 +107,7 @@ impl Default for ConvTranspose2dOptions {
     }
 }
 
+/// Output tile of one workgroup of the 4x4 register kernel (conv2d_bwd_weight).
 const TILE: usize = 32;
 const MAX_GROUPS: usize = 65535;
 
@@ -154,22 +155,8 @@ impl ConvGeometry {
         self.launch_with_tile(kernel, a, b, out, rows, cols, epi, 64)
     }
 
-    /// Records `kernel` over a GEMM of `rows` x `cols` per group, in chunks of rows that fit
-    /// the dispatch limit.
-    #[allow(clippy::too_many_arguments)]
-    fn launch(
-        &self,
-        kernel: Kernel,
-        a: &Tensor,
-        b: &Tensor,
-        out: &Tensor,
-        rows: usize,
-        cols: usize,
-        epi: &Epilogue<'_>,
-    ) -> Result<()> {
-        self.launch_with_tile(kernel, a, b, out, rows, cols, epi, TILE)
-    }
-
+    /// Records `kernel` over a GEMM of `rows` x `cols` per group (`tile` x `tile` per
+    /// workgroup), in chunks of rows that fit the dispatch limit.
     #[allow(clippy::too_many_arguments)]
     fn launch_with_tile(
         &self,
@@ -189,9 +176,10 @@ impl ConvGeometry {
         let mut base = 0;
         while base < rows {
             let these = (rows - base).min(chunk);
-            // conv2d_fwd takes rows along x (neighbouring invocations on neighbouring rows).
+            // The 8x8 register kernels take rows along x (neighbouring invocations on
+            // neighbouring rows).
             let (gx, gy) = (cols.div_ceil(tile) as u32, these.div_ceil(tile) as u32);
-            let [gx, gy] = if kernel == Kernel::Conv2dFwd {
+            let [gx, gy] = if matches!(kernel, Kernel::Conv2dFwd | Kernel::Conv2dBwdInput) {
                 [gy, gx]
             } else {
                 [gx, gy]
@@ -317,7 +305,7 @@ fn conv_bwd_input_with(dy: &Tensor, w: &Tensor, g: &ConvGeometry, tiled: bool) -
             &Epilogue::default(),
         )?;
     } else {
-        g.launch(
+        g.launch_with_tile(
             Kernel::Conv2dBwdInput,
             &dy,
             &w,
@@ -325,6 +313,7 @@ fn conv_bwd_input_with(dy: &Tensor, w: &Tensor, g: &ConvGeometry, tiled: bool) -
             rows,
             cols,
             &Epilogue::default(),
+            64,
         )?;
     }
     Ok(out)
