@@ -6,8 +6,7 @@
 //   x (n, c_in, h, w), weight (c_out, cin_g, kh, kw), y (n, c_out, oh, ow)
 //   oh = (h + 2 ph - dh (kh - 1) - 1) / sh + 1 (likewise ow)
 //
-// The register kernels compute a block of their GEMM's output per invocation (8x8 for the
-// forward and the input gradient, 4x4 for the weight gradient); the tiled ones stage 64x64 tiles in workgroup memory. Rows
+// The register kernels compute an 8x8 block of their GEMM's output per invocation; the tiled ones stage 64x64 tiles in workgroup memory. Rows
 // beyond the edge are clamped for loading and never stored.
 //
 // Bindings:
@@ -307,7 +306,14 @@ fn conv2d_bwd_input(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invoca
 // Gradient of the weight: rows are output channels of the group, columns (ci, ky, kx); the
 // reduction runs over the output positions (n, oy, ox). workgroup_id.z = g * p.splits + s:
 // split s sums positions [s * p.chunk, (s + 1) * p.chunk) into slice s of out
-// (p.splits, c_out, cin_g * kh * kw); the launch code adds the slices up.
+// (p.splits, c_out, cin_g * kh * kw); the launch code adds the slices up. 8x8 per invocation.
+fn conv_xw(base: u32, iy: i32, ix: i32) -> f32 {
+    if (iy >= 0 && iy < i32(p.h) && ix >= 0 && ix < i32(p.w)) {
+        return f32(b[base + u32(iy) * p.w + u32(ix)]);
+    }
+    return 0.0;
+}
+
 @compute @workgroup_size(8, 8)
 fn conv2d_bwd_weight(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
     let g = wid.z / p.splits;
@@ -316,29 +322,42 @@ fn conv2d_bwd_weight(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invoc
     let cout_g = p.c_out / p.groups;
     let ksize = p.kh * p.kw;
     let cols = cin_g * ksize;
-    let col0 = (wid.x * 8u + lid.x) * 4u;
-    let row0 = p.row_base + (wid.y * 8u + lid.y) * 4u;
+    let col0 = (wid.x * 8u + lid.x) * 8u;
+    let row0 = p.row_base + (wid.y * 8u + lid.y) * 8u;
     if (col0 >= cols || row0 >= cout_g) {
         return;
     }
     let plane = p.h * p.w;
     let oplane = p.oh * p.ow;
-    var xoff: vec4<u32>;
-    var ky: vec4<i32>;
-    var kx: vec4<i32>;
+    // Columns col0..col0+3 in the "a" vectors, col0+4..col0+7 in the "b" vectors.
+    var xoa: vec4<u32>; var xob: vec4<u32>;
+    var kya: vec4<i32>; var kyb: vec4<i32>;
+    var kxa: vec4<i32>; var kxb: vec4<i32>;
     for (var j = 0u; j < 4u; j += 1u) {
-        let c = min(col0 + j, cols - 1u);
-        let ci = c / ksize;
-        let kk = c % ksize;
-        xoff[j] = (g * cin_g + ci) * plane;
-        ky[j] = i32((kk / p.kw) * p.dh) - i32(p.ph);
-        kx[j] = i32((kk % p.kw) * p.dw) - i32(p.pw);
+        for (var h = 0u; h < 2u; h += 1u) {
+            let c = min(col0 + 4u * h + j, cols - 1u);
+            let ci = c / ksize;
+            let kk = c - ci * ksize;
+            let ky = kk / p.kw;
+            let xo = (g * cin_g + ci) * plane;
+            let y = i32(ky * p.dh) - i32(p.ph);
+            let x = i32((kk - ky * p.kw) * p.dw) - i32(p.pw);
+            if (h == 0u) {
+                xoa[j] = xo; kya[j] = y; kxa[j] = x;
+            } else {
+                xob[j] = xo; kyb[j] = y; kxb[j] = x;
+            }
+        }
     }
-    var dyoff: vec4<u32>;
+    var dya: vec4<u32>; var dyb: vec4<u32>;
     for (var i = 0u; i < 4u; i += 1u) {
-        dyoff[i] = (g * cout_g + min(row0 + i, cout_g - 1u)) * oplane;
+        dya[i] = (g * cout_g + min(row0 + i, cout_g - 1u)) * oplane;
+        dyb[i] = (g * cout_g + min(row0 + 4u + i, cout_g - 1u)) * oplane;
     }
-    var acc = Acc(vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0));
+    var c00 = vec4<f32>(0.0); var c01 = vec4<f32>(0.0); var c10 = vec4<f32>(0.0); var c11 = vec4<f32>(0.0);
+    var c20 = vec4<f32>(0.0); var c21 = vec4<f32>(0.0); var c30 = vec4<f32>(0.0); var c31 = vec4<f32>(0.0);
+    var c40 = vec4<f32>(0.0); var c41 = vec4<f32>(0.0); var c50 = vec4<f32>(0.0); var c51 = vec4<f32>(0.0);
+    var c60 = vec4<f32>(0.0); var c61 = vec4<f32>(0.0); var c70 = vec4<f32>(0.0); var c71 = vec4<f32>(0.0);
     let q0 = split * p.chunk;
     let q1 = min(q0 + p.chunk, p.n * oplane);
     // Position q = (nn, oy, ox), stepped with carries rather than divided out each time
@@ -348,21 +367,26 @@ fn conv2d_bwd_weight(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invoc
     var oy = o / p.ow;
     var ox = o % p.ow;
     for (var q = q0; q < q1; q += 1u) {
+        let dyq = nn * p.c_out * oplane + o;
         let xn = nn * p.c_in * plane;
-        let dyn_ = nn * p.c_out * oplane;
-        let av = vec4<f32>(f32(a[dyn_ + dyoff.x + o]), f32(a[dyn_ + dyoff.y + o]), f32(a[dyn_ + dyoff.z + o]), f32(a[dyn_ + dyoff.w + o]));
-        var bv = vec4<f32>(0.0);
-        for (var j = 0u; j < 4u; j += 1u) {
-            let iy = i32(oy * p.sh) + ky[j];
-            let ix = i32(ox * p.sw) + kx[j];
-            if (iy >= 0 && iy < i32(p.h) && ix >= 0 && ix < i32(p.w)) {
-                bv[j] = f32(b[xn + xoff[j] + u32(iy) * p.w + u32(ix)]);
-            }
-        }
-        acc.r0 += av.x * bv;
-        acc.r1 += av.y * bv;
-        acc.r2 += av.z * bv;
-        acc.r3 += av.w * bv;
+        let a0 = vec4<f32>(f32(a[dyq + dya.x]), f32(a[dyq + dya.y]), f32(a[dyq + dya.z]), f32(a[dyq + dya.w]));
+        let a1 = vec4<f32>(f32(a[dyq + dyb.x]), f32(a[dyq + dyb.y]), f32(a[dyq + dyb.z]), f32(a[dyq + dyb.w]));
+        let ya = i32(oy * p.sh) + kya;
+        let yb = i32(oy * p.sh) + kyb;
+        let xa = i32(ox * p.sw) + kxa;
+        let xb = i32(ox * p.sw) + kxb;
+        let w0 = vec4<f32>(conv_xw(xn + xoa.x, ya.x, xa.x), conv_xw(xn + xoa.y, ya.y, xa.y),
+            conv_xw(xn + xoa.z, ya.z, xa.z), conv_xw(xn + xoa.w, ya.w, xa.w));
+        let w1 = vec4<f32>(conv_xw(xn + xob.x, yb.x, xb.x), conv_xw(xn + xob.y, yb.y, xb.y),
+            conv_xw(xn + xob.z, yb.z, xb.z), conv_xw(xn + xob.w, yb.w, xb.w));
+        c00 += a0.x * w0; c01 += a0.x * w1;
+        c10 += a0.y * w0; c11 += a0.y * w1;
+        c20 += a0.z * w0; c21 += a0.z * w1;
+        c30 += a0.w * w0; c31 += a0.w * w1;
+        c40 += a1.x * w0; c41 += a1.x * w1;
+        c50 += a1.y * w0; c51 += a1.y * w1;
+        c60 += a1.z * w0; c61 += a1.z * w1;
+        c70 += a1.w * w0; c71 += a1.w * w1;
         o += 1u;
         ox += 1u;
         let row_end = ox == p.ow;
@@ -373,17 +397,27 @@ fn conv2d_bwd_weight(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invoc
         oy = select(oy, 0u, plane_end);
         nn = select(nn, nn + 1u, plane_end);
     }
-    let res = array<vec4<f32>, 4>(acc.r0, acc.r1, acc.r2, acc.r3);
-    for (var i = 0u; i < 4u; i += 1u) {
-        let r = row0 + i;
-        if (r >= cout_g) {
-            break;
-        }
-        for (var j = 0u; j < 4u; j += 1u) {
-            let c = col0 + j;
-            if (c < cols) {
-                out[(split * p.c_out + g * cout_g + r) * cols + c] = OUT(res[i][j]);
-            }
+    let out_base = split * p.c_out + g * cout_g;
+    conv_store_dw8(out_base, row0, cout_g, cols, col0, c00, c01);
+    conv_store_dw8(out_base, row0 + 1u, cout_g, cols, col0, c10, c11);
+    conv_store_dw8(out_base, row0 + 2u, cout_g, cols, col0, c20, c21);
+    conv_store_dw8(out_base, row0 + 3u, cout_g, cols, col0, c30, c31);
+    conv_store_dw8(out_base, row0 + 4u, cout_g, cols, col0, c40, c41);
+    conv_store_dw8(out_base, row0 + 5u, cout_g, cols, col0, c50, c51);
+    conv_store_dw8(out_base, row0 + 6u, cout_g, cols, col0, c60, c61);
+    conv_store_dw8(out_base, row0 + 7u, cout_g, cols, col0, c70, c71);
+}
+
+// Stores weight-gradient row r (an output channel), columns col0..col0+7.
+fn conv_store_dw8(out_base: u32, r: u32, cout_g: u32, cols: u32, col0: u32, lo: vec4<f32>, hi: vec4<f32>) {
+    if (r >= cout_g) {
+        return;
+    }
+    let v = array<vec4<f32>, 2>(lo, hi);
+    for (var j = 0u; j < 8u; j += 1u) {
+        let c = col0 + j;
+        if (c < cols) {
+            out[(out_base + r) * cols + c] = OUT(v[j / 4u][j % 4u]);
         }
     }
 }

@@ -107,8 +107,6 @@ impl Default for ConvTranspose2dOptions {
     }
 }
 
-/// Output tile of one workgroup of the 4x4 register kernel (conv2d_bwd_weight).
-const TILE: usize = 32;
 const MAX_GROUPS: usize = 65535;
 
 impl ConvGeometry {
@@ -378,17 +376,17 @@ fn conv_bwd_weight_with(
     let cols = g.c_in / g.groups * g.k[0] * g.k[1];
     // The reduction over every output position is long and the output small: split it so
     // that enough workgroups run, then add the partial sums. Long reductions use the
-    // shared-memory tiled kernel (64x64 tiles), short ones the register kernel (32x32).
+    // shared-memory tiled kernel, short ones the register kernel (both 64x64 per workgroup).
     let (kernel, tile) = if tiled {
         (Kernel::Conv2dBwdWeightTiled, 64)
     } else {
-        (Kernel::Conv2dBwdWeight, TILE)
+        (Kernel::Conv2dBwdWeight, 64)
     };
     let tiles = rows.div_ceil(tile) * cols.div_ceil(tile) * g.groups;
-    // A software adapter has a core or two: splitting only adds the final sum there.
+    // A software adapter has a few cores: a few workgroups keep them busy.
     let software = dy.device().adapter_info().device_type == wgpu::DeviceType::Cpu;
     let target: usize = if software {
-        1
+        8
     } else if tiled {
         512
     } else {
