@@ -157,8 +157,7 @@ fn reduce_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw
 
 // The same reductions with one invocation per row and no workgroup memory, every statistic
 // gathered in one pass (the variance by Welford's update): for software adapters, where
-// barriers are costly, and for reductions across rows, where neighbouring invocations read
-// neighbouring elements. 64 rows per workgroup.
+// barriers are costly. 64 rows per workgroup.
 @compute @workgroup_size(64)
 fn reduce_serial_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                      @builtin(local_invocation_id) lid: vec3<u32>) {

@@ -114,14 +114,10 @@ fn dispatch_rows(src: &Tensor, op: ReduceOp, correction: f32, run: &Run<'_>, out
         sin: pack(run.in_strides.iter().copied()),
         sout: pack(run.out_strides.iter().copied()),
     };
-    // One invocation per row on software adapters (no barriers), and on GPUs for reductions
-    // across rows, whose neighbouring rows are neighbours in memory; else a workgroup per row.
+    // One invocation per row on software adapters (no barriers); a workgroup per row on GPUs,
+    // where a serial row would leave most of the chip idle and wait on every load.
     let software = src.device().adapter_info().device_type == wgpu::DeviceType::Cpu;
-    let across = run.in_strides.last() == Some(&1) && run.stride != 1;
-    let serial = src
-        .device()
-        .row_reduction_override()
-        .unwrap_or(software || (across && n_out >= 256 && run.len <= 1024));
+    let serial = src.device().row_reduction_override().unwrap_or(software);
     let (kernel, per_group) = if serial {
         (Kernel::ReduceSerialFwd, 64)
     } else {
