@@ -111,7 +111,7 @@ impl Aligned {
         }
     }
 
-    /// The 16x16-per-invocation kernel (no fused activation).
+    /// The 16x16-per-invocation kernel (an activation runs as a second pass after it).
     fn vec4(self) -> Kernel {
         match self {
             Aligned::Nn => Kernel::MatmulVec4NnFwd,
@@ -159,9 +159,7 @@ fn choose(
     ];
     // Choices are kept per family of candidates: an aligned kernel never serves unaligned
     // operands.
-    let family = vec4
-        .or(aligned.map(Aligned::t128))
-        .unwrap_or(Kernel::MatmulFwd);
+    let family = vec4.unwrap_or(Kernel::MatmulFwd);
     if let Some(kernel) = device.tuned(family, class) {
         return Ok(kernel);
     }
