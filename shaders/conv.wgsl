@@ -54,21 +54,6 @@ alias OUT = f32;
 @group(0) @binding(3) var<storage, read_write> out: array<OUT>;
 @group(0) @binding(4) var<uniform> p: Params;
 
-// t / s when t >= 0 and s divides t, else a value no size reaches. Float division (exact here:
-// positions stay far below 2^24) instead of an integer division by a non-constant, which CPU
-// adapters run one lane at a time and GPUs emulate.
-fn div_exact(t: i32, s: u32) -> u32 {
-    let q = u32(round(f32(t) / f32(s)));
-    return select(0xffffffffu, q, t >= 0 && q * s == u32(t));
-}
-
-// k / d for k + d below 2^23 (positions in a kernel or an image plane): float arithmetic, exact
-// at these sizes, instead of an integer division by a non-constant (emulated on GPUs, one lane
-// at a time on CPU adapters).
-fn div_small(k: u32, d: u32) -> u32 {
-    return u32((f32(k) + 0.5) / f32(d));
-}
-
 struct Acc {
     r0: vec4<f32>,
     r1: vec4<f32>,

@@ -132,20 +132,16 @@ fn max_pool2d_bwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups
     let total = p.planes * p.h * p.w;
     if (i >= total) { return; }
     let plane = i / (p.h * p.w);
-    let idx = i % (p.h * p.w);
-    let iy = idx / p.w;
-    let ix = idx % p.w;
+    let idx = i - plane * (p.h * p.w);
+    let iy = div_small(idx, p.w);
+    let ix = idx - iy * p.w;
     let obase = plane * p.oh * p.ow;
     var acc = 0.0;
     for (var ky = 0u; ky < p.kh; ky += 1u) {
-        let ty = i32(iy + p.ph) - i32(ky * p.dh);
-        if (ty < 0 || ty % i32(p.sh) != 0) { continue; }
-        let oy = u32(ty) / p.sh;
+        let oy = div_exact(i32(iy + p.ph) - i32(ky * p.dh), p.sh);
         if (oy >= p.oh) { continue; }
         for (var kx = 0u; kx < p.kw; kx += 1u) {
-            let tx = i32(ix + p.pw) - i32(kx * p.dw);
-            if (tx < 0 || tx % i32(p.sw) != 0) { continue; }
-            let ox = u32(tx) / p.sw;
+            let ox = div_exact(i32(ix + p.pw) - i32(kx * p.dw), p.sw);
             if (ox >= p.ow) { continue; }
             let o = obase + oy * p.ow + ox;
             if (f32(b[p.idx_off + o]) == f32(idx)) {
@@ -163,8 +159,9 @@ fn avg_pool2d_bwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups
     let total = p.planes * p.h * p.w;
     if (i >= total) { return; }
     let plane = i / (p.h * p.w);
-    let iy = (i / p.w) % p.h;
-    let ix = i % p.w;
+    let idx = i - plane * (p.h * p.w);
+    let iy = div_small(idx, p.w);
+    let ix = idx - iy * p.w;
     let obase = plane * p.oh * p.ow;
     var acc = 0.0;
     if (p.mode == 3u) {
@@ -181,14 +178,10 @@ fn avg_pool2d_bwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups
         return;
     }
     for (var ky = 0u; ky < p.kh; ky += 1u) {
-        let ty = i32(iy + p.ph) - i32(ky * p.dh);
-        if (ty < 0 || ty % i32(p.sh) != 0) { continue; }
-        let oy = u32(ty) / p.sh;
+        let oy = div_exact(i32(iy + p.ph) - i32(ky * p.dh), p.sh);
         if (oy >= p.oh) { continue; }
         for (var kx = 0u; kx < p.kw; kx += 1u) {
-            let tx = i32(ix + p.pw) - i32(kx * p.dw);
-            if (tx < 0 || tx % i32(p.sw) != 0) { continue; }
-            let ox = u32(tx) / p.sw;
+            let ox = div_exact(i32(ix + p.pw) - i32(kx * p.dw), p.sw);
             if (ox >= p.ow) { continue; }
             acc += f32(a[obase + oy * p.ow + ox]) / avg_divisor(oy, ox);
         }
