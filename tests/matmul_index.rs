@@ -230,6 +230,27 @@ fn vec4_matmul_kernels() {
         1e-5,
         1e-5,
     );
+    // The transposed layouts, batched: x @ w^T with w (2, 12, 8) broadcast over the first
+    // axis, and x^T @ y with x stored (3, 2, 8, 20).
+    let (w, rw) = rand_pair(&mut rng, &[2, 12, 8], -1.0, 1.0);
+    let wt = w.transpose(-1, -2).unwrap();
+    let rwt = Nd::new(&[1, 2, 12, 8], rw.data).permute(&[0, 1, 3, 2]);
+    assert_close(
+        "vec4 batched a @ b^T",
+        &x.matmul(&wt).unwrap(),
+        &rx.matmul(&rwt),
+        1e-5,
+        1e-5,
+    );
+    let (s, rs) = rand_pair(&mut rng, &[3, 2, 8, 20], -1.0, 1.0);
+    let (y2, ry2) = rand_pair(&mut rng, &[3, 2, 8, 12], -1.0, 1.0);
+    assert_close(
+        "vec4 batched a^T @ b",
+        &s.transpose(-1, -2).unwrap().matmul(&y2).unwrap(),
+        &rs.permute(&[0, 1, 3, 2]).matmul(&ry2),
+        1e-5,
+        1e-5,
+    );
 }
 
 #[test]
