@@ -259,6 +259,12 @@ impl Device {
         &self.inner.info
     }
 
+    /// True on a CPU-based (software) adapter such as lavapipe, where kernels that avoid
+    /// workgroup barriers and read vec4s are chosen.
+    pub(crate) fn is_software(&self) -> bool {
+        self.inner.info.device_type == wgpu::DeviceType::Cpu
+    }
+
     /// The limits the device was created with (the adapter's own).
     pub fn limits(&self) -> &wgpu::Limits {
         &self.inner.limits

@@ -220,7 +220,7 @@ pub(crate) fn conv_fwd_into(
 ) -> Result<()> {
     // Barriers are costly on software adapters: the register kernel there, and for small
     // problems; the shared-memory tiled kernel elsewhere.
-    let software = x.device().adapter_info().device_type == wgpu::DeviceType::Cpu;
+    let software = x.device().is_software();
     let tiled = !software && g.n * g.oh * g.ow >= 256 && g.c_out / g.groups >= 16;
     conv_fwd_into_with(x, w, g, out, epi, tiled)
 }
@@ -280,7 +280,7 @@ impl Tensor {
 pub(crate) fn conv_bwd_input(dy: &Tensor, w: &Tensor, g: &ConvGeometry) -> Result<Tensor> {
     // Barriers are costly on software adapters: the register kernel there and for small
     // problems, the shared-memory tiled kernel elsewhere.
-    let software = dy.device().adapter_info().device_type == wgpu::DeviceType::Cpu;
+    let software = dy.device().is_software();
     let tiled = !software && g.n * g.h * g.w >= 256 && g.c_in / g.groups >= 16;
     conv_bwd_input_with(dy, w, g, tiled)
 }
@@ -336,8 +336,7 @@ impl Tensor {
 /// dw of conv2d given dy and x. Not recorded.
 pub(crate) fn conv_bwd_weight(dy: &Tensor, x: &Tensor, g: &ConvGeometry) -> Result<Tensor> {
     // Barriers are costly on software adapters: keep the register kernel there.
-    let tiled = g.n * g.oh * g.ow >= 1024
-        && dy.device().adapter_info().device_type != wgpu::DeviceType::Cpu;
+    let tiled = g.n * g.oh * g.ow >= 1024 && !dy.device().is_software();
     conv_bwd_weight_with(dy, x, g, tiled, None)
 }
 
@@ -384,7 +383,7 @@ fn conv_bwd_weight_with(
     };
     let tiles = rows.div_ceil(tile) * cols.div_ceil(tile) * g.groups;
     // A software adapter has a few cores: a few workgroups keep them busy.
-    let software = dy.device().adapter_info().device_type == wgpu::DeviceType::Cpu;
+    let software = dy.device().is_software();
     let target: usize = if software {
         8
     } else if tiled {

@@ -149,7 +149,7 @@ fn choose(
     record: &dyn Fn(Kernel) -> Result<()>,
 ) -> Result<Kernel> {
     let vec4 = aligned.map(Aligned::vec4);
-    let software = device.adapter_info().device_type == wgpu::DeviceType::Cpu;
+    let software = device.is_software();
     // The top bit of the batch bucket marks a fused activation, which changes the costs.
     let class = [
         log2_bucket(m),

@@ -116,7 +116,7 @@ fn dispatch_rows(src: &Tensor, op: ReduceOp, correction: f32, run: &Run<'_>, out
     };
     // One invocation per row on software adapters (no barriers); a workgroup per row on GPUs,
     // where a serial row would leave most of the chip idle and wait on every load.
-    let software = src.device().adapter_info().device_type == wgpu::DeviceType::Cpu;
+    let software = src.device().is_software();
     let serial = src.device().row_reduction_override().unwrap_or(software);
     let (kernel, per_group) = if serial {
         (Kernel::ReduceSerialFwd, 64)
