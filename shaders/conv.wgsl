@@ -54,13 +54,6 @@ alias OUT = f32;
 @group(0) @binding(3) var<storage, read_write> out: array<OUT>;
 @group(0) @binding(4) var<uniform> p: Params;
 
-struct Acc {
-    r0: vec4<f32>,
-    r1: vec4<f32>,
-    r2: vec4<f32>,
-    r3: vec4<f32>,
-}
-
 // Forward: rows are output positions (n, oy, ox), columns output channels of the group,
 // the reduction runs over (ci, ky, kx). Each invocation computes 8 rows x 8 columns (16 loads
 // per 64 multiply-adds); neighbouring invocations (lid.x) take neighbouring rows, so that all
