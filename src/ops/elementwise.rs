@@ -239,7 +239,7 @@ pub(crate) fn activation_in_place(
         variant,
         &[],
         out,
-        &out.layout.clone(),
+        &out.layout,
         extra,
     )
 }
