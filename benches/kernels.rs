@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use kiln::infer::freeze;
-use kiln::kernels::Kernel;
+use kiln::kernels::{Kernel, ShaderFile};
 use kiln::nn::{Init, Module, Sequential};
 use kiln::optim::{Optimizer, Sgd, SgdOptions};
 use kiln::{Conv2dOptions, Device, Tensor};
@@ -38,6 +38,7 @@ fn config<'a>(
 
 fn matmul(c: &mut Criterion) {
     let (dev, software) = device();
+    let subgroups = dev.subgroups_of_at_least(8);
     let sizes: &[usize] = if software {
         &[64, 128, 256]
     } else {
@@ -70,7 +71,16 @@ fn matmul(c: &mut Criterion) {
             (Kernel::MatmulReg8Fwd, "register 8x8"),
             (Kernel::MatmulVec4NnFwd, "vec4 16x16"),
             (Kernel::MatmulT128v4NnFwd, "vec4 128x128 2-stage"),
+            (Kernel::MatmulSg8NnFwd, "vec4 16x16, A by subgroup"),
+            (
+                Kernel::MatmulSg32NnFwd,
+                "vec4 16x16, A by subgroup, 32 wide",
+            ),
         ] {
+            // The subgroup kernels need subgroups of 8 or more invocations.
+            if k.file() == ShaderFile::MatmulSubgroup && !subgroups {
+                continue;
+            }
             g.bench_with_input(BenchmarkId::new(label, n), &n, |bench, _| {
                 bench.iter(|| {
                     let c = a.matmul_with_kernel(&b, k).expect("matmul");

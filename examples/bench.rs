@@ -15,7 +15,7 @@ use std::time::Instant;
 
 use kiln::data::Dataset;
 use kiln::infer::freeze;
-use kiln::kernels::Kernel;
+use kiln::kernels::{Kernel, ShaderFile};
 use kiln::nn::{Init, Module, Sequential};
 use kiln::optim::{Optimizer, Sgd, SgdOptions};
 use kiln::{Conv2dOptions, Device, Result, Tensor};
@@ -72,6 +72,7 @@ fn main() -> Result<()> {
     let dev = Device::default_device()?;
     let software = dev.adapter_info().device_type == kiln::wgpu::DeviceType::Cpu
         && std::env::var_os("KILN_BENCH_FULL").is_none();
+    let subgroups = dev.subgroups_of_at_least(8);
     let torch = std::env::var("KILN_TORCH")
         .ok()
         .and_then(|p| std::fs::read_to_string(p).ok())
@@ -122,7 +123,16 @@ fn main() -> Result<()> {
             (Kernel::MatmulReg8Fwd, "register 8x8"),
             (Kernel::MatmulVec4NnFwd, "vec4 16x16"),
             (Kernel::MatmulT128v4NnFwd, "vec4 128x128 2-stage"),
+            (Kernel::MatmulSg8NnFwd, "vec4 16x16, A by subgroup"),
+            (
+                Kernel::MatmulSg32NnFwd,
+                "vec4 16x16, A by subgroup, 32 wide",
+            ),
         ] {
+            // The subgroup kernels need subgroups of 8 or more invocations.
+            if k.file() == ShaderFile::MatmulSubgroup && !subgroups {
+                continue;
+            }
             let ms = time(&dev, reps, || a.matmul_with_kernel(&b, k).map(drop))?;
             table.row(
                 &format!("matmul {n} {label}"),

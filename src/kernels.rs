@@ -12,6 +12,9 @@ pub enum ShaderFile {
     Reduce,
     /// `shaders/matmul.wgsl` followed by `shaders/matmul_vec4.wgsl`
     Matmul,
+    /// `shaders/matmul.wgsl`, `shaders/matmul_vec4.wgsl` and `shaders/matmul_sg.wgsl`: the
+    /// kernels that need the adapter's `SUBGROUP` feature, in a module of their own
+    MatmulSubgroup,
     /// `shaders/conv.wgsl`
     Conv,
     /// `shaders/pool.wgsl`
@@ -22,10 +25,11 @@ pub enum ShaderFile {
 
 impl ShaderFile {
     /// Every shader file, for validation.
-    pub const ALL: [ShaderFile; 6] = [
+    pub const ALL: [ShaderFile; 7] = [
         ShaderFile::Elementwise,
         ShaderFile::Reduce,
         ShaderFile::Matmul,
+        ShaderFile::MatmulSubgroup,
         ShaderFile::Conv,
         ShaderFile::Pool,
         ShaderFile::Optim,
@@ -46,6 +50,12 @@ impl ShaderFile {
                 include_str!("../shaders/common.wgsl"),
                 include_str!("../shaders/matmul.wgsl"),
                 include_str!("../shaders/matmul_vec4.wgsl")
+            ),
+            ShaderFile::MatmulSubgroup => concat!(
+                include_str!("../shaders/common.wgsl"),
+                include_str!("../shaders/matmul.wgsl"),
+                include_str!("../shaders/matmul_vec4.wgsl"),
+                include_str!("../shaders/matmul_sg.wgsl")
             ),
             ShaderFile::Conv => concat!(
                 include_str!("../shaders/common.wgsl"),
@@ -68,6 +78,7 @@ impl ShaderFile {
             ShaderFile::Elementwise => "elementwise.wgsl",
             ShaderFile::Reduce => "reduce.wgsl",
             ShaderFile::Matmul => "matmul.wgsl",
+            ShaderFile::MatmulSubgroup => "matmul_sg.wgsl",
             ShaderFile::Conv => "conv.wgsl",
             ShaderFile::Pool => "pool.wgsl",
             ShaderFile::Optim => "optim.wgsl",
@@ -115,8 +126,17 @@ impl ShaderFile {
     pub fn has_variants(self) -> bool {
         matches!(
             self,
-            ShaderFile::Elementwise | ShaderFile::Matmul | ShaderFile::Conv | ShaderFile::Pool
+            ShaderFile::Elementwise
+                | ShaderFile::Matmul
+                | ShaderFile::MatmulSubgroup
+                | ShaderFile::Conv
+                | ShaderFile::Pool
         )
+    }
+
+    /// True when the file uses subgroup operations (the adapter's `SUBGROUP` feature).
+    pub fn needs_subgroups(self) -> bool {
+        self == ShaderFile::MatmulSubgroup
     }
 
     /// The WGSL source of `variant` (`None` when the file has no such variant).
@@ -201,6 +221,12 @@ kernels! {
     MatmulT128v4NnFwd => (Matmul, "matmul_t128v4_nn_fwd", 3),
     MatmulT128v4NtFwd => (Matmul, "matmul_t128v4_nt_fwd", 3),
     MatmulT128v4TnFwd => (Matmul, "matmul_t128v4_tn_fwd", 3),
+    MatmulSg8NnFwd => (MatmulSubgroup, "matmul_sg8_nn_fwd", 3),
+    MatmulSg8NtFwd => (MatmulSubgroup, "matmul_sg8_nt_fwd", 3),
+    MatmulSg8TnFwd => (MatmulSubgroup, "matmul_sg8_tn_fwd", 3),
+    MatmulSg32NnFwd => (MatmulSubgroup, "matmul_sg32_nn_fwd", 3),
+    MatmulSg32NtFwd => (MatmulSubgroup, "matmul_sg32_nt_fwd", 3),
+    MatmulSg32TnFwd => (MatmulSubgroup, "matmul_sg32_tn_fwd", 3),
     DropoutMaskFwd => (Elementwise, "dropout_mask_fwd", 0),
     Conv2dFwd => (Conv, "conv2d_fwd", 3),
     Conv2dTiledFwd => (Conv, "conv2d_tiled_fwd", 3),
@@ -263,6 +289,10 @@ mod tests {
             ),
             (ShaderFile::Reduce, std::mem::size_of::<ReduceParams>()),
             (ShaderFile::Matmul, std::mem::size_of::<MatmulParams>()),
+            (
+                ShaderFile::MatmulSubgroup,
+                std::mem::size_of::<MatmulParams>(),
+            ),
             (
                 ShaderFile::Conv,
                 std::mem::size_of::<crate::ops::conv::ConvParams>(),

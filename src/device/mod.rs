@@ -265,6 +265,21 @@ impl Device {
         self.inner.info.device_type == wgpu::DeviceType::Cpu
     }
 
+    /// True when the device has the `SUBGROUP` feature and every subgroup has at least `size`
+    /// invocations (the adapter's minimum subgroup size). The subgroup matmul kernels need 8.
+    ///
+    /// ```
+    /// let dev = kiln::Device::default_device()?;
+    /// if dev.subgroups_of_at_least(8) {
+    ///     assert!(dev.features().contains(kiln::wgpu::Features::SUBGROUP));
+    /// }
+    /// # Ok::<(), kiln::Error>(())
+    /// ```
+    pub fn subgroups_of_at_least(&self, size: u32) -> bool {
+        self.inner.features.contains(wgpu::Features::SUBGROUP)
+            && self.inner.info.subgroup_min_size >= size
+    }
+
     /// The limits the device was created with (the adapter's own).
     pub fn limits(&self) -> &wgpu::Limits {
         &self.inner.limits
@@ -451,6 +466,16 @@ impl Device {
             return Ok(p.clone());
         }
         let file = kernel.file();
+        if file.needs_subgroups() && !self.subgroups_of_at_least(8) {
+            return Err(Error::invalid(
+                "dispatch",
+                format!(
+                    "{} needs subgroups of 8 or more invocations, which {} does not have",
+                    kernel.entry(),
+                    self.name()
+                ),
+            ));
+        }
         let module = {
             let mut modules = lock(&self.inner.modules);
             match modules.get(&(file, variant)) {

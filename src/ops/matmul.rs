@@ -7,7 +7,7 @@ use super::elementwise::activation_in_place;
 use super::{pack, Epilogue, EPILOGUE_ACTIVATION_BITS};
 use crate::autograd::{record, Op};
 use crate::error::{Error, Result};
-use crate::kernels::Kernel;
+use crate::kernels::{Kernel, Variant};
 use crate::shape::{broadcast_shapes, Layout, MAX_RANK};
 use crate::tensor::Tensor;
 
@@ -47,6 +47,9 @@ const TILED128: usize = 128;
 const VEC4_ROWS: usize = 16;
 /// Output columns of one workgroup of the `matmul_vec4_*` kernels.
 const VEC4_COLS: usize = 128;
+/// Output columns of one workgroup of the `matmul_sg32_*` kernels (32 invocations side by
+/// side); the `matmul_sg8_*` kernels cover [`VEC4_COLS`].
+const SG32_COLS: usize = 512;
 
 /// Output tile (columns, rows) of one workgroup of a matmul kernel.
 fn tile_of(kernel: Kernel) -> [usize; 2] {
@@ -56,15 +59,22 @@ fn tile_of(kernel: Kernel) -> [usize; 2] {
         | Kernel::MatmulT128v4NnFwd
         | Kernel::MatmulT128v4NtFwd
         | Kernel::MatmulT128v4TnFwd => [TILED128, TILED128],
-        Kernel::MatmulVec4NnFwd | Kernel::MatmulVec4NtFwd | Kernel::MatmulVec4TnFwd => {
-            [VEC4_COLS, VEC4_ROWS]
+        Kernel::MatmulVec4NnFwd
+        | Kernel::MatmulVec4NtFwd
+        | Kernel::MatmulVec4TnFwd
+        | Kernel::MatmulSg8NnFwd
+        | Kernel::MatmulSg8NtFwd
+        | Kernel::MatmulSg8TnFwd => [VEC4_COLS, VEC4_ROWS],
+        Kernel::MatmulSg32NnFwd | Kernel::MatmulSg32NtFwd | Kernel::MatmulSg32TnFwd => {
+            [SG32_COLS, VEC4_ROWS]
         }
         _ => [TILE, TILE],
     }
 }
 
-/// Operand layouts with 4-aligned rows, read as vec4s by the `matmul_vec4_*` and
-/// `matmul_t128v4_*` kernels (see the header of `shaders/matmul_vec4.wgsl`).
+/// Operand layouts with 4-aligned rows, read as vec4s by the `matmul_vec4_*`,
+/// `matmul_sg*_*` and `matmul_t128v4_*` kernels (see the header of
+/// `shaders/matmul_vec4.wgsl`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Aligned {
     /// a (m, k) and b (k, n) row-major.
@@ -78,11 +88,12 @@ enum Aligned {
 impl Aligned {
     const ALL: [Aligned; 3] = [Aligned::Nn, Aligned::Nt, Aligned::Tn];
 
-    /// The layout a vec4-reading kernel needs (`None` for other kernels), and whether it is
-    /// one of the `matmul_vec4_*` kernels.
+    /// The layout a vec4-reading kernel needs (`None` for other kernels), and whether it
+    /// leaves an activation to a second pass (the `matmul_vec4_*` and `matmul_sg*_*` kernels).
     fn of_kernel(kernel: Kernel) -> Option<(Aligned, bool)> {
         Aligned::ALL.into_iter().find_map(|l| {
-            (l.vec4() == kernel || l.t128() == kernel).then_some((l, l.vec4() == kernel))
+            let split = [l.vec4(), l.sg8(), l.sg32()].contains(&kernel);
+            (split || l.t128() == kernel).then_some((l, split))
         })
     }
 
@@ -117,6 +128,24 @@ impl Aligned {
             Aligned::Nn => Kernel::MatmulVec4NnFwd,
             Aligned::Nt => Kernel::MatmulVec4NtFwd,
             Aligned::Tn => Kernel::MatmulVec4TnFwd,
+        }
+    }
+
+    /// The vec4 kernel with A shared through subgroups, 8 invocations per workgroup.
+    fn sg8(self) -> Kernel {
+        match self {
+            Aligned::Nn => Kernel::MatmulSg8NnFwd,
+            Aligned::Nt => Kernel::MatmulSg8NtFwd,
+            Aligned::Tn => Kernel::MatmulSg8TnFwd,
+        }
+    }
+
+    /// The same with 32 invocations per workgroup.
+    fn sg32(self) -> Kernel {
+        match self {
+            Aligned::Nn => Kernel::MatmulSg32NnFwd,
+            Aligned::Nt => Kernel::MatmulSg32NtFwd,
+            Aligned::Tn => Kernel::MatmulSg32TnFwd,
         }
     }
 
@@ -163,8 +192,10 @@ fn choose(
     if let Some(kernel) = device.tuned(family, class) {
         return Ok(kernel);
     }
-    let heuristic = match vec4 {
-        Some(kernel) if software => kernel,
+    let heuristic = match aligned {
+        // A shared through subgroups: 1.4x the vec4 kernel on lavapipe (subgroups of 8).
+        Some(l) if software && device.subgroups_of_at_least(8) => l.sg8(),
+        Some(l) if software => l.vec4(),
         _ if m >= 64 && n >= 64 && k >= 16 => Kernel::MatmulTiledFwd,
         _ => Kernel::MatmulFwd,
     };
@@ -184,7 +215,19 @@ fn choose(
         ]
     };
     let t128 = aligned.filter(|_| !software).map(Aligned::t128);
-    for &kernel in candidates.iter().chain(&vec4).chain(&t128) {
+    // The subgroup kernels where every subgroup has 8 or more invocations; the 32-wide one
+    // only where subgroups are that wide (on narrower ones it idles lanes past n).
+    let subgroup: Vec<Kernel> = match aligned {
+        Some(l) if device.subgroups_of_at_least(8) => {
+            let wide = device.adapter_info().subgroup_max_size >= 32;
+            [Some(l.sg8()), wide.then(|| l.sg32())]
+                .into_iter()
+                .flatten()
+                .collect()
+        }
+        _ => Vec::new(),
+    };
+    for &kernel in candidates.iter().chain(&vec4).chain(&t128).chain(&subgroup) {
         // A first run compiles the pipeline; then the best of three.
         record(kernel)?;
         device.synchronize()?;
@@ -311,6 +354,12 @@ impl Tensor {
                 | Kernel::MatmulT128v4NnFwd
                 | Kernel::MatmulT128v4NtFwd
                 | Kernel::MatmulT128v4TnFwd
+                | Kernel::MatmulSg8NnFwd
+                | Kernel::MatmulSg8NtFwd
+                | Kernel::MatmulSg8TnFwd
+                | Kernel::MatmulSg32NnFwd
+                | Kernel::MatmulSg32NtFwd
+                | Kernel::MatmulSg32TnFwd
         ) {
             return Err(Error::invalid(
                 "matmul_with_kernel",
@@ -342,13 +391,15 @@ impl Tensor {
             ));
         }
         if m > 0 && n > 0 {
-            self.device().dispatch(
+            // Err for a subgroup kernel on a device without suitable subgroups.
+            self.device().dispatch_variant(
                 kernel,
+                Variant::F32,
                 &[self.buffer(), other.buffer(), other.buffer()],
-                out.buffer(),
+                &[out.buffer()],
                 bytemuck::bytes_of(&p),
                 [n.div_ceil(tn) as u32, m.div_ceil(tm) as u32, 1],
-            );
+            )?;
         }
         Ok(out)
     }
