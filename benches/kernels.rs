@@ -154,10 +154,17 @@ fn conv(c: &mut Criterion) {
             })
         });
         g.bench_function(BenchmarkId::new("grad weight", &id), |bench| {
-            let tiled = !software;
+            // The kernel the device would pick at these sizes.
+            let kernel = if !software {
+                Kernel::Conv2dBwdWeightTiled
+            } else if dev.subgroups_of_at_least(8) {
+                Kernel::Conv2dSgBwdWeight
+            } else {
+                Kernel::Conv2dBwdWeight
+            };
             bench.iter(|| {
                 let dw = dy
-                    .conv2d_weight_grad_with(&x, &[co, ci, 3, 3], &pad, tiled, None)
+                    .conv2d_weight_grad_with(&x, &[co, ci, 3, 3], &pad, kernel, None)
                     .expect("conv");
                 dev.synchronize().expect("sync");
                 dw

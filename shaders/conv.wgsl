@@ -6,8 +6,11 @@
 //   x (n, c_in, h, w), weight (c_out, cin_g, kh, kw), y (n, c_out, oh, ow)
 //   oh = (h + 2 ph - dh (kh - 1) - 1) / sh + 1 (likewise ow)
 //
-// The register kernels compute an 8x8 block of their GEMM's output per invocation; the tiled ones stage 64x64 tiles in workgroup memory. Rows
-// beyond the edge are clamped for loading and never stored.
+// The register kernels compute an 8x8 block of their GEMM's output per invocation (the
+// *_block functions here; their entry points and the loads of the operand that 8 neighbouring
+// invocations share are in conv_reg.wgsl, or in conv_sg.wgsl through subgroups); the tiled
+// ones stage 64x64 tiles in workgroup memory. Rows beyond the edge are clamped for loading and
+// never stored.
 //
 // Bindings:
 //   conv2d_fwd:        a (0) = x,      b (1) = weight, bias (2) = bias (c_out) from
@@ -57,7 +60,7 @@ alias OUT = f32;
 // Forward: rows are output positions (n, oy, ox), columns output channels of the group,
 // the reduction runs over (ci, ky, kx). Each invocation computes 8 rows x 8 columns (16 loads
 // per 64 multiply-adds); neighbouring invocations (lid.x) take neighbouring rows, so that all
-// lanes are busy even with few output channels. A workgroup covers 64 x 64.
+// lanes are busy even with few output channels.
 fn conv_x(base: u32, iy: i32, ix: i32) -> f32 {
     if (iy >= 0 && iy < i32(p.h) && ix >= 0 && ix < i32(p.w)) {
         return f32(a[base + u32(iy) * p.w + u32(ix)]);
@@ -86,17 +89,13 @@ fn conv_store8(r: u32, rows: u32, g: u32, cout_g: u32, col0: u32, lo: vec4<f32>,
     }
 }
 
-@compute @workgroup_size(8, 8)
-fn conv2d_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
-    let g = wid.z;
+// The block of rows row0..row0+7, columns col0..col0+7 of group g (col0 in range; rows past
+// the end are computed clamped and not stored). `lane` is this invocation's lane in a group
+// of 8 that share col0, for load8_b (conv_reg.wgsl or conv_sg.wgsl, whichever the module has).
+fn conv_fwd_block(g: u32, row0: u32, col0: u32, lane: u32) {
     let cin_g = p.c_in / p.groups;
     let cout_g = p.c_out / p.groups;
     let rows = p.n * p.oh * p.ow;
-    let row0 = p.row_base + (wid.x * 8u + lid.x) * 8u;
-    let col0 = (wid.y * 8u + lid.y) * 8u;
-    if (col0 >= cout_g || row0 >= rows) {
-        return;
-    }
     let plane = p.h * p.w;
     let ksize = p.kh * p.kw;
     let oplane = p.oh * p.ow;
@@ -125,6 +124,7 @@ fn conv2d_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_i
         wba[j] = (g * cout_g + min(col0 + j, cout_g - 1u)) * cin_g * ksize;
         wbb[j] = (g * cout_g + min(col0 + 4u + j, cout_g - 1u)) * cin_g * ksize;
     }
+    let wbl = select(wba, wbb, lane >= 4u)[lane & 3u];
     var c00 = vec4<f32>(0.0); var c01 = vec4<f32>(0.0); var c10 = vec4<f32>(0.0); var c11 = vec4<f32>(0.0);
     var c20 = vec4<f32>(0.0); var c21 = vec4<f32>(0.0); var c30 = vec4<f32>(0.0); var c31 = vec4<f32>(0.0);
     var c40 = vec4<f32>(0.0); var c41 = vec4<f32>(0.0); var c50 = vec4<f32>(0.0); var c51 = vec4<f32>(0.0);
@@ -139,8 +139,9 @@ fn conv2d_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_i
                 let xxa = ixa + i32(kx * p.dw);
                 let xxb = ixb + i32(kx * p.dw);
                 let k = ci * ksize + ky * p.kw + kx;
-                let w0 = vec4<f32>(f32(b[wba.x + k]), f32(b[wba.y + k]), f32(b[wba.z + k]), f32(b[wba.w + k]));
-                let w1 = vec4<f32>(f32(b[wbb.x + k]), f32(b[wbb.y + k]), f32(b[wbb.z + k]), f32(b[wbb.w + k]));
+                let w = load8_b(wba, wbb, wbl, k);
+                let w0 = w[0];
+                let w1 = w[1];
                 let a0 = vec4<f32>(conv_x(xa.x, ya.x, xxa.x), conv_x(xa.y, ya.y, xxa.y),
                     conv_x(xa.z, ya.z, xxa.z), conv_x(xa.w, ya.w, xxa.w));
                 let a1 = vec4<f32>(conv_x(xb.x, yb.x, xxb.x), conv_x(xb.y, yb.y, xxb.y),
@@ -199,17 +200,11 @@ fn conv_store_dx8(r: u32, rows: u32, g: u32, cin_g: u32, col0: u32, lo: vec4<f32
     }
 }
 
-@compute @workgroup_size(8, 8)
-fn conv2d_bwd_input(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
-    let g = wid.z;
+// The block of rows row0..row0+7, columns col0..col0+7 of group g, as conv_fwd_block.
+fn conv_bwd_input_block(g: u32, row0: u32, col0: u32, lane: u32) {
     let cin_g = p.c_in / p.groups;
     let cout_g = p.c_out / p.groups;
     let rows = p.n * p.h * p.w;
-    let row0 = p.row_base + (wid.x * 8u + lid.x) * 8u;
-    let col0 = (wid.y * 8u + lid.y) * 8u;
-    if (col0 >= cin_g || row0 >= rows) {
-        return;
-    }
     let plane = p.h * p.w;
     let oplane = p.oh * p.ow;
     let ksize = p.kh * p.kw;
@@ -239,6 +234,7 @@ fn conv2d_bwd_input(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invoca
         cia[j] = min(col0 + j, cin_g - 1u) * ksize;
         cib[j] = min(col0 + 4u + j, cin_g - 1u) * ksize;
     }
+    let cil = select(cia, cib, lane >= 4u)[lane & 3u];
     var c00 = vec4<f32>(0.0); var c01 = vec4<f32>(0.0); var c10 = vec4<f32>(0.0); var c11 = vec4<f32>(0.0);
     var c20 = vec4<f32>(0.0); var c21 = vec4<f32>(0.0); var c30 = vec4<f32>(0.0); var c31 = vec4<f32>(0.0);
     var c40 = vec4<f32>(0.0); var c41 = vec4<f32>(0.0); var c50 = vec4<f32>(0.0); var c51 = vec4<f32>(0.0);
@@ -252,8 +248,9 @@ fn conv2d_bwd_input(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invoca
             let koff = ky * p.kw + kx;
             for (var co = 0u; co < cout_g; co += 1u) {
                 let wrow = (g * cout_g + co) * cin_g * ksize + koff;
-                let w0 = vec4<f32>(f32(b[wrow + cia.x]), f32(b[wrow + cia.y]), f32(b[wrow + cia.z]), f32(b[wrow + cia.w]));
-                let w1 = vec4<f32>(f32(b[wrow + cib.x]), f32(b[wrow + cib.y]), f32(b[wrow + cib.z]), f32(b[wrow + cib.w]));
+                let w = load8_b(cia, cib, cil, wrow);
+                let w0 = w[0];
+                let w1 = w[1];
                 let da = dba + co * oplane;
                 let db = dbb + co * oplane;
                 let a0 = vec4<f32>(conv_dy(da.x, oya.x, oxa.x), conv_dy(da.y, oya.y, oxa.y),
@@ -292,19 +289,14 @@ fn conv_xw(base: u32, iy: i32, ix: i32) -> f32 {
     return 0.0;
 }
 
-@compute @workgroup_size(8, 8)
-fn conv2d_bwd_weight(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
-    let g = wid.z / p.splits;
-    let split = wid.z % p.splits;
+// The block of rows row0..row0+7 (row0 in range), columns col0..col0+7 of split `split` of
+// group g; columns past the end are computed clamped and not stored. `lane` as in
+// conv_fwd_block, for load8_a (lanes that share row0).
+fn conv_bwd_weight_block(g: u32, split: u32, row0: u32, col0: u32, lane: u32) {
     let cin_g = p.c_in / p.groups;
     let cout_g = p.c_out / p.groups;
     let ksize = p.kh * p.kw;
     let cols = cin_g * ksize;
-    let col0 = (wid.x * 8u + lid.x) * 8u;
-    let row0 = p.row_base + (wid.y * 8u + lid.y) * 8u;
-    if (col0 >= cols || row0 >= cout_g) {
-        return;
-    }
     let plane = p.h * p.w;
     let oplane = p.oh * p.ow;
     // Columns col0..col0+3 in the "a" vectors, col0+4..col0+7 in the "b" vectors.
@@ -332,6 +324,7 @@ fn conv2d_bwd_weight(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invoc
         dya[i] = (g * cout_g + min(row0 + i, cout_g - 1u)) * oplane;
         dyb[i] = (g * cout_g + min(row0 + 4u + i, cout_g - 1u)) * oplane;
     }
+    let dyl = select(dya, dyb, lane >= 4u)[lane & 3u];
     var c00 = vec4<f32>(0.0); var c01 = vec4<f32>(0.0); var c10 = vec4<f32>(0.0); var c11 = vec4<f32>(0.0);
     var c20 = vec4<f32>(0.0); var c21 = vec4<f32>(0.0); var c30 = vec4<f32>(0.0); var c31 = vec4<f32>(0.0);
     var c40 = vec4<f32>(0.0); var c41 = vec4<f32>(0.0); var c50 = vec4<f32>(0.0); var c51 = vec4<f32>(0.0);
@@ -347,8 +340,9 @@ fn conv2d_bwd_weight(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invoc
     for (var q = q0; q < q1; q += 1u) {
         let dyq = nn * p.c_out * oplane + o;
         let xn = nn * p.c_in * plane;
-        let a0 = vec4<f32>(f32(a[dyq + dya.x]), f32(a[dyq + dya.y]), f32(a[dyq + dya.z]), f32(a[dyq + dya.w]));
-        let a1 = vec4<f32>(f32(a[dyq + dyb.x]), f32(a[dyq + dyb.y]), f32(a[dyq + dyb.z]), f32(a[dyq + dyb.w]));
+        let d = load8_a(dya, dyb, dyl, dyq);
+        let a0 = d[0];
+        let a1 = d[1];
         let ya = i32(oy * p.sh) + kya;
         let yb = i32(oy * p.sh) + kyb;
         let xa = i32(ox * p.sw) + kxa;

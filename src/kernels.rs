@@ -15,8 +15,10 @@ pub enum ShaderFile {
     /// `shaders/matmul.wgsl`, `shaders/matmul_vec4.wgsl` and `shaders/matmul_sg.wgsl`: the
     /// kernels that need the adapter's `SUBGROUP` feature, in a module of their own
     MatmulSubgroup,
-    /// `shaders/conv.wgsl`
+    /// `shaders/conv.wgsl` followed by `shaders/conv_reg.wgsl`
     Conv,
+    /// `shaders/conv.wgsl` followed by `shaders/conv_sg.wgsl` (needs `SUBGROUP`)
+    ConvSubgroup,
     /// `shaders/pool.wgsl`
     Pool,
     /// `shaders/optim.wgsl`
@@ -25,12 +27,13 @@ pub enum ShaderFile {
 
 impl ShaderFile {
     /// Every shader file, for validation.
-    pub const ALL: [ShaderFile; 7] = [
+    pub const ALL: [ShaderFile; 8] = [
         ShaderFile::Elementwise,
         ShaderFile::Reduce,
         ShaderFile::Matmul,
         ShaderFile::MatmulSubgroup,
         ShaderFile::Conv,
+        ShaderFile::ConvSubgroup,
         ShaderFile::Pool,
         ShaderFile::Optim,
     ];
@@ -59,7 +62,13 @@ impl ShaderFile {
             ),
             ShaderFile::Conv => concat!(
                 include_str!("../shaders/common.wgsl"),
-                include_str!("../shaders/conv.wgsl")
+                include_str!("../shaders/conv.wgsl"),
+                include_str!("../shaders/conv_reg.wgsl")
+            ),
+            ShaderFile::ConvSubgroup => concat!(
+                include_str!("../shaders/common.wgsl"),
+                include_str!("../shaders/conv.wgsl"),
+                include_str!("../shaders/conv_sg.wgsl")
             ),
             ShaderFile::Pool => concat!(
                 include_str!("../shaders/common.wgsl"),
@@ -80,6 +89,7 @@ impl ShaderFile {
             ShaderFile::Matmul => "matmul.wgsl",
             ShaderFile::MatmulSubgroup => "matmul_sg.wgsl",
             ShaderFile::Conv => "conv.wgsl",
+            ShaderFile::ConvSubgroup => "conv_sg.wgsl",
             ShaderFile::Pool => "pool.wgsl",
             ShaderFile::Optim => "optim.wgsl",
         }
@@ -130,13 +140,14 @@ impl ShaderFile {
                 | ShaderFile::Matmul
                 | ShaderFile::MatmulSubgroup
                 | ShaderFile::Conv
+                | ShaderFile::ConvSubgroup
                 | ShaderFile::Pool
         )
     }
 
     /// True when the file uses subgroup operations (the adapter's `SUBGROUP` feature).
     pub fn needs_subgroups(self) -> bool {
-        self == ShaderFile::MatmulSubgroup
+        matches!(self, ShaderFile::MatmulSubgroup | ShaderFile::ConvSubgroup)
     }
 
     /// The WGSL source of `variant` (`None` when the file has no such variant).
@@ -231,6 +242,9 @@ kernels! {
     Conv2dFwd => (Conv, "conv2d_fwd", 3),
     Conv2dTiledFwd => (Conv, "conv2d_tiled_fwd", 3),
     Conv2dBwdInput => (Conv, "conv2d_bwd_input", 2),
+    Conv2dSgFwd => (ConvSubgroup, "conv2d_sg_fwd", 3),
+    Conv2dSgBwdInput => (ConvSubgroup, "conv2d_sg_bwd_input", 2),
+    Conv2dSgBwdWeight => (ConvSubgroup, "conv2d_sg_bwd_weight", 2),
     Conv2dBwdInputTiled => (Conv, "conv2d_bwd_input_tiled", 2),
     Conv2dBwdWeight => (Conv, "conv2d_bwd_weight", 2),
     Conv2dBwdWeightTiled => (Conv, "conv2d_bwd_weight_tiled", 2),
@@ -295,6 +309,10 @@ mod tests {
             ),
             (
                 ShaderFile::Conv,
+                std::mem::size_of::<crate::ops::conv::ConvParams>(),
+            ),
+            (
+                ShaderFile::ConvSubgroup,
                 std::mem::size_of::<crate::ops::conv::ConvParams>(),
             ),
             (

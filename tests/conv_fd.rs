@@ -5,6 +5,7 @@
 mod common;
 
 use common::*;
+use kiln::kernels::Kernel;
 use kiln::{Conv2dOptions, ConvTranspose2dOptions, Error, Pool2dOptions, Tensor};
 
 #[test]
@@ -389,13 +390,20 @@ fn weight_gradient_with_split_reduction() {
     );
     // Both kernels, whichever the device would pick.
     let dy = Tensor::from_slice(&gv, &[n, o, s, s], &d).unwrap();
-    for tiled in [false, true] {
+    for kernel in [
+        Kernel::Conv2dBwdWeight,
+        Kernel::Conv2dSgBwdWeight,
+        Kernel::Conv2dBwdWeightTiled,
+    ] {
+        if kernel == Kernel::Conv2dSgBwdWeight && !d.subgroups_of_at_least(8) {
+            continue;
+        }
         for splits in [1, 7] {
             let got = dy
-                .conv2d_weight_grad_with(&x, &[o, c, 3, 3], &pad, tiled, Some(splits))
+                .conv2d_weight_grad_with(&x, &[o, c, 3, 3], &pad, kernel, Some(splits))
                 .unwrap();
             assert_close(
-                &format!("weight gradient, tiled {tiled}, {splits} splits"),
+                &format!("weight gradient, {kernel:?}, {splits} splits"),
                 &got,
                 &want,
                 1e-3,
@@ -419,12 +427,12 @@ fn weight_gradient_with_split_reduction() {
         .unwrap();
     let gdy = Tensor::randn(y.dims(), 4, &d).unwrap();
     let a = gdy
-        .conv2d_weight_grad_with(&gx, &gw, &o2, false, Some(1))
+        .conv2d_weight_grad_with(&gx, &gw, &o2, Kernel::Conv2dBwdWeight, Some(1))
         .unwrap()
         .to_vec()
         .unwrap();
     let b = gdy
-        .conv2d_weight_grad_with(&gx, &gw, &o2, true, Some(5))
+        .conv2d_weight_grad_with(&gx, &gw, &o2, Kernel::Conv2dBwdWeightTiled, Some(5))
         .unwrap()
         .to_vec()
         .unwrap();
@@ -481,9 +489,9 @@ fn conv_reference(
     (y, dx, dwt, [oh, ow])
 }
 
-/// The forward and both gradient kernels, register-blocked and shared-memory tiled (a device
-/// picks one of them by its type, so each is run here by name), against the f64 reference on
-/// odd sizes with strides that do not divide, padding, dilation and groups, and output planes
+/// The forward and both gradient kernels, register-blocked (with and without subgroups) and
+/// shared-memory tiled (a device picks one of them by its type, so each is run here by name),
+/// against the f64 reference on odd sizes with strides that do not divide, padding, dilation and groups, and output planes
 /// of one and four positions (the weight gradient walks positions across images).
 #[test]
 fn forward_and_gradient_kernels() {
@@ -512,10 +520,37 @@ fn forward_and_gradient_kernels() {
         let dy = Tensor::from_slice(&dyv, &y_dims, &d).unwrap();
         let (y, dx, dw, [oh, ow]) = conv_reference(&xv, xs, &wv, ws, &opts, &dyv);
         assert_eq!(y_dims, vec![xs[0], ws[0], oh, ow]);
-        for tiled in [false, true] {
-            let what =
-                format!("{xs:?} * {ws:?} s{stride:?} p{padding:?} d{dilation:?}, tiled {tiled}");
-            let got = x.conv2d_forward_with(&w, &opts, tiled).unwrap();
+        for (fwd, bwd_input, bwd_weight) in [
+            (
+                Kernel::Conv2dFwd,
+                Kernel::Conv2dBwdInput,
+                Kernel::Conv2dBwdWeight,
+            ),
+            (
+                Kernel::Conv2dSgFwd,
+                Kernel::Conv2dSgBwdInput,
+                Kernel::Conv2dSgBwdWeight,
+            ),
+            (
+                Kernel::Conv2dTiledFwd,
+                Kernel::Conv2dBwdInputTiled,
+                Kernel::Conv2dBwdWeightTiled,
+            ),
+        ] {
+            let what = format!("{xs:?} * {ws:?} s{stride:?} p{padding:?} d{dilation:?}, {fwd:?}");
+            // The subgroup kernels need subgroups of 8 or more (lavapipe on AVX2 has 8);
+            // elsewhere they are refused.
+            if fwd == Kernel::Conv2dSgFwd && !d.subgroups_of_at_least(8) {
+                assert!(x.conv2d_forward_with(&w, &opts, fwd).is_err());
+                assert!(dy
+                    .conv2d_input_grad_with(&w, &xs, &opts, bwd_input)
+                    .is_err());
+                assert!(dy
+                    .conv2d_weight_grad_with(&x, &ws, &opts, bwd_weight, None)
+                    .is_err());
+                continue;
+            }
+            let got = x.conv2d_forward_with(&w, &opts, fwd).unwrap();
             assert_close(
                 &format!("forward {what}"),
                 &got,
@@ -523,7 +558,9 @@ fn forward_and_gradient_kernels() {
                 1e-5,
                 1e-5,
             );
-            let got = dy.conv2d_input_grad_with(&w, &xs, &opts, tiled).unwrap();
+            let got = dy
+                .conv2d_input_grad_with(&w, &xs, &opts, bwd_input)
+                .unwrap();
             assert_close(
                 &format!("input gradient {what}"),
                 &got,
@@ -533,7 +570,7 @@ fn forward_and_gradient_kernels() {
             );
             for splits in [1, 3] {
                 let got = dy
-                    .conv2d_weight_grad_with(&x, &ws, &opts, tiled, Some(splits))
+                    .conv2d_weight_grad_with(&x, &ws, &opts, bwd_weight, Some(splits))
                     .unwrap();
                 assert_close(
                     &format!("weight gradient {what}, {splits} splits"),

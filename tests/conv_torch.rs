@@ -154,7 +154,7 @@ fn conv2d_grid_matches_pytorch() {
         };
         let mut tiled = x[0]
             .detach()
-            .conv2d_forward_with(&x[1].detach(), &opts, true)
+            .conv2d_forward_with(&x[1].detach(), &opts, kiln::kernels::Kernel::Conv2dTiledFwd)
             .unwrap();
         if let Some(b) = x.get(2) {
             tiled = tiled
@@ -170,7 +170,12 @@ fn conv2d_grid_matches_pytorch() {
         );
         // And the tiled input-gradient kernel, for the fixture's upstream gradient.
         let dx = tensor(&c.w)
-            .conv2d_input_grad_with(&x[1].detach(), x[0].dims(), &opts, true)
+            .conv2d_input_grad_with(
+                &x[1].detach(),
+                x[0].dims(),
+                &opts,
+                kiln::kernels::Kernel::Conv2dBwdInputTiled,
+            )
             .unwrap();
         let want = c.grads[0].as_ref().expect("input gradient");
         assert_close(

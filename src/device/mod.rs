@@ -552,7 +552,9 @@ impl Device {
         params: &[u8],
         workgroups: [u32; 3],
     ) {
-        // F32 exists for every kernel: this cannot fail.
+        // F32 exists for every kernel, and kernels that need subgroups go through
+        // dispatch_variant: this cannot fail.
+        debug_assert!(!kernel.file().needs_subgroups());
         let _ = self.dispatch_variant(kernel, Variant::F32, inputs, outputs, params, workgroups);
     }
 

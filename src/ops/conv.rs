@@ -6,7 +6,7 @@ use bytemuck::{Pod, Zeroable};
 use super::Epilogue;
 use crate::autograd::{record, Op};
 use crate::error::{Error, Result};
-use crate::kernels::Kernel;
+use crate::kernels::{Kernel, Variant};
 use crate::tensor::Tensor;
 
 /// Uniform parameters of `shaders/conv.wgsl` (its `Params` struct).
@@ -138,9 +138,10 @@ impl ConvGeometry {
         }
     }
 
-    /// [`ConvGeometry::launch`] for the 64x64-tile kernels.
+    /// Records `kernel` (forward or input gradient) over a GEMM of `rows` x `cols` per group,
+    /// in chunks of rows that fit the dispatch limit.
     #[allow(clippy::too_many_arguments)]
-    fn launch_tiled(
+    fn launch(
         &self,
         kernel: Kernel,
         a: &Tensor,
@@ -149,42 +150,32 @@ impl ConvGeometry {
         rows: usize,
         cols: usize,
         epi: &Epilogue<'_>,
-    ) -> Result<()> {
-        self.launch_with_tile(kernel, a, b, out, rows, cols, epi, 64)
-    }
-
-    /// Records `kernel` over a GEMM of `rows` x `cols` per group (`tile` x `tile` per
-    /// workgroup), in chunks of rows that fit the dispatch limit.
-    #[allow(clippy::too_many_arguments)]
-    fn launch_with_tile(
-        &self,
-        kernel: Kernel,
-        a: &Tensor,
-        b: &Tensor,
-        out: &Tensor,
-        rows: usize,
-        cols: usize,
-        epi: &Epilogue<'_>,
-        tile: usize,
     ) -> Result<()> {
         if rows == 0 || cols == 0 {
             return Ok(());
         }
-        let chunk = MAX_GROUPS * tile;
+        // Rows x columns per workgroup; the register kernels take rows along x (neighbouring
+        // invocations on neighbouring rows), the tiled ones along y.
+        let ([tile_rows, tile_cols], rows_on_x) = match kernel {
+            Kernel::Conv2dSgFwd | Kernel::Conv2dSgBwdInput => ([512, 8], true),
+            Kernel::Conv2dFwd | Kernel::Conv2dBwdInput => ([64, 64], true),
+            _ => ([64, 64], false),
+        };
+        let chunk = MAX_GROUPS * tile_rows;
         let mut base = 0;
         while base < rows {
             let these = (rows - base).min(chunk);
-            // The 8x8 register kernels take rows along x (neighbouring invocations on
-            // neighbouring rows).
-            let (gx, gy) = (cols.div_ceil(tile) as u32, these.div_ceil(tile) as u32);
-            let [gx, gy] = if matches!(kernel, Kernel::Conv2dFwd | Kernel::Conv2dBwdInput) {
-                [gy, gx]
-            } else {
-                [gx, gy]
-            };
+            let (gr, gc) = (
+                these.div_ceil(tile_rows) as u32,
+                cols.div_ceil(tile_cols) as u32,
+            );
+            let [gx, gy] = if rows_on_x { [gr, gc] } else { [gc, gr] };
             let p = self.params(base, epi);
             let mut inputs = vec![a.buffer(), b.buffer()];
-            if matches!(kernel, Kernel::Conv2dFwd | Kernel::Conv2dTiledFwd) {
+            if matches!(
+                kernel,
+                Kernel::Conv2dFwd | Kernel::Conv2dSgFwd | Kernel::Conv2dTiledFwd
+            ) {
                 // Without a bias, any buffer fills the binding the kernel does not read.
                 inputs.push(epi.bias.map_or(b.buffer(), |t| t.buffer()));
             }
@@ -218,11 +209,40 @@ pub(crate) fn conv_fwd_into(
     out: &Tensor,
     epi: &Epilogue<'_>,
 ) -> Result<()> {
-    // Barriers are costly on software adapters: the register kernel there, and for small
-    // problems; the shared-memory tiled kernel elsewhere.
-    let software = x.device().is_software();
-    let tiled = !software && g.n * g.oh * g.ow >= 256 && g.c_out / g.groups >= 16;
-    conv_fwd_into_with(x, w, g, out, epi, tiled)
+    let kernel = register_or_tiled(
+        x.device(),
+        g.n * g.oh * g.ow,
+        g.c_out / g.groups,
+        [
+            Kernel::Conv2dFwd,
+            Kernel::Conv2dSgFwd,
+            Kernel::Conv2dTiledFwd,
+        ],
+    );
+    conv_fwd_into_with(x, w, g, out, epi, kernel)
+}
+
+/// The kernel of `[register, register with subgroups, tiled]` for a GEMM of `rows` x
+/// `cols` per group. Barriers are costly on software adapters: a register kernel there (the
+/// subgroup one where subgroups have 8 or more invocations: fewer loads of the weights) and
+/// for small problems; the shared-memory tiled kernel elsewhere.
+fn register_or_tiled(
+    device: &crate::device::Device,
+    rows: usize,
+    cols: usize,
+    [register, subgroup, tiled]: [Kernel; 3],
+) -> Kernel {
+    if device.is_software() {
+        if device.subgroups_of_at_least(8) {
+            subgroup
+        } else {
+            register
+        }
+    } else if rows >= 256 && cols >= 16 {
+        tiled
+    } else {
+        register
+    }
 }
 
 fn conv_fwd_into_with(
@@ -231,130 +251,136 @@ fn conv_fwd_into_with(
     g: &ConvGeometry,
     out: &Tensor,
     epi: &Epilogue<'_>,
-    tiled: bool,
+    kernel: Kernel,
 ) -> Result<()> {
-    let (x, w) = (x.contiguous()?, w.contiguous()?);
-    let rows = g.n * g.oh * g.ow;
-    if tiled {
-        g.launch_tiled(
-            Kernel::Conv2dTiledFwd,
-            &x,
-            &w,
-            out,
-            rows,
-            g.c_out / g.groups,
-            epi,
-        )
-    } else {
-        g.launch_with_tile(
-            Kernel::Conv2dFwd,
-            &x,
-            &w,
-            out,
-            rows,
-            g.c_out / g.groups,
-            epi,
-            64,
-        )
+    if !matches!(
+        kernel,
+        Kernel::Conv2dFwd | Kernel::Conv2dSgFwd | Kernel::Conv2dTiledFwd
+    ) {
+        return Err(Error::invalid(
+            "conv2d",
+            format!("{kernel:?} is not a conv2d forward kernel"),
+        ));
     }
+    let (x, w) = (x.contiguous()?, w.contiguous()?);
+    g.launch(
+        kernel,
+        &x,
+        &w,
+        out,
+        g.n * g.oh * g.ow,
+        g.c_out / g.groups,
+        epi,
+    )
 }
 
 impl Tensor {
-    /// conv2d (no bias) with the shared-memory tiled kernel or the register kernel as asked
-    /// (for tests and benchmarks that compare them). Not recorded for autograd.
+    /// conv2d (no bias) with the kernel asked for (`Conv2dFwd`, `Conv2dSgFwd` or
+    /// `Conv2dTiledFwd`; for tests and benchmarks that compare them). Not recorded for
+    /// autograd.
     #[doc(hidden)]
     pub fn conv2d_forward_with(
         &self,
         weight: &Tensor,
         opts: &Conv2dOptions,
-        tiled: bool,
+        kernel: Kernel,
     ) -> Result<Tensor> {
         let g = conv2d_geometry(self.dims(), weight.dims(), opts)?;
         let out = Tensor::uninit("conv2d", &[g.n, g.c_out, g.oh, g.ow], self.device())?;
-        conv_fwd_into_with(self, weight, &g, &out, &Epilogue::default(), tiled)?;
+        conv_fwd_into_with(self, weight, &g, &out, &Epilogue::default(), kernel)?;
         Ok(out)
     }
 }
 
 /// dx of conv2d given dy and w (also the forward of conv_transpose2d). Not recorded.
 pub(crate) fn conv_bwd_input(dy: &Tensor, w: &Tensor, g: &ConvGeometry) -> Result<Tensor> {
-    // Barriers are costly on software adapters: the register kernel there and for small
-    // problems, the shared-memory tiled kernel elsewhere.
-    let software = dy.device().is_software();
-    let tiled = !software && g.n * g.h * g.w >= 256 && g.c_in / g.groups >= 16;
-    conv_bwd_input_with(dy, w, g, tiled)
+    let kernel = register_or_tiled(
+        dy.device(),
+        g.n * g.h * g.w,
+        g.c_in / g.groups,
+        [
+            Kernel::Conv2dBwdInput,
+            Kernel::Conv2dSgBwdInput,
+            Kernel::Conv2dBwdInputTiled,
+        ],
+    );
+    conv_bwd_input_with(dy, w, g, kernel)
 }
 
-fn conv_bwd_input_with(dy: &Tensor, w: &Tensor, g: &ConvGeometry, tiled: bool) -> Result<Tensor> {
+fn conv_bwd_input_with(
+    dy: &Tensor,
+    w: &Tensor,
+    g: &ConvGeometry,
+    kernel: Kernel,
+) -> Result<Tensor> {
+    if !matches!(
+        kernel,
+        Kernel::Conv2dBwdInput | Kernel::Conv2dSgBwdInput | Kernel::Conv2dBwdInputTiled
+    ) {
+        return Err(Error::invalid(
+            "conv2d_backward",
+            format!("{kernel:?} is not a conv2d input-gradient kernel"),
+        ));
+    }
     let (dy, w) = (dy.contiguous()?, w.contiguous()?);
     let out = Tensor::uninit("conv2d_backward", &[g.n, g.c_in, g.h, g.w], dy.device())?;
     if g.c_out == 0 {
         return Tensor::zeros(out.dims(), dy.device());
     }
     let (rows, cols) = (g.n * g.h * g.w, g.c_in / g.groups);
-    if tiled {
-        g.launch_tiled(
-            Kernel::Conv2dBwdInputTiled,
-            &dy,
-            &w,
-            &out,
-            rows,
-            cols,
-            &Epilogue::default(),
-        )?;
-    } else {
-        g.launch_with_tile(
-            Kernel::Conv2dBwdInput,
-            &dy,
-            &w,
-            &out,
-            rows,
-            cols,
-            &Epilogue::default(),
-            64,
-        )?;
-    }
+    g.launch(kernel, &dy, &w, &out, rows, cols, &Epilogue::default())?;
     Ok(out)
 }
 
 impl Tensor {
-    /// The input gradient of conv2d for output gradient `self` and `weight`, with the tiled
-    /// kernel or the register kernel as asked (for tests and benchmarks that compare them).
+    /// The input gradient of conv2d for output gradient `self` and `weight`, with the kernel
+    /// asked for (`Conv2dBwdInput`, `Conv2dSgBwdInput` or `Conv2dBwdInputTiled`; for tests
+    /// and benchmarks that compare them).
     #[doc(hidden)]
     pub fn conv2d_input_grad_with(
         &self,
         weight: &Tensor,
         input_shape: &[usize],
         opts: &Conv2dOptions,
-        tiled: bool,
+        kernel: Kernel,
     ) -> Result<Tensor> {
         let g = conv2d_geometry(input_shape, weight.dims(), opts)?;
-        conv_bwd_input_with(self, weight, &g, tiled)
+        conv_bwd_input_with(self, weight, &g, kernel)
     }
 }
 
 /// dw of conv2d given dy and x. Not recorded.
 pub(crate) fn conv_bwd_weight(dy: &Tensor, x: &Tensor, g: &ConvGeometry) -> Result<Tensor> {
-    // Barriers are costly on software adapters: keep the register kernel there.
-    let tiled = g.n * g.oh * g.ow >= 1024 && !dy.device().is_software();
-    conv_bwd_weight_with(dy, x, g, tiled, None)
+    // The reduction runs over positions: the tiled kernel for long ones (on GPUs).
+    let long = if g.n * g.oh * g.ow >= 1024 { 256 } else { 0 };
+    let kernel = register_or_tiled(
+        dy.device(),
+        long,
+        16,
+        [
+            Kernel::Conv2dBwdWeight,
+            Kernel::Conv2dSgBwdWeight,
+            Kernel::Conv2dBwdWeightTiled,
+        ],
+    );
+    conv_bwd_weight_with(dy, x, g, kernel, None)
 }
 
 impl Tensor {
-    /// The weight gradient of conv2d for output gradient `self` and input `x`, with the tiled
-    /// kernel or the register kernel and the number of position splits as asked (for tests
-    /// and benchmarks that compare them).
+    /// The weight gradient of conv2d for output gradient `self` and input `x`, with the
+    /// kernel (`Conv2dBwdWeight`, `Conv2dSgBwdWeight` or `Conv2dBwdWeightTiled`) and the
+    /// number of position splits as asked (for tests and benchmarks that compare them).
     #[doc(hidden)]
     pub fn conv2d_weight_grad_with(
         &self,
         x: &Tensor,
         weight_shape: &[usize],
         opts: &Conv2dOptions,
-        tiled: bool,
+        kernel: Kernel,
         splits: Option<usize>,
     ) -> Result<Tensor> {
         let g = conv2d_geometry(x.dims(), weight_shape, opts)?;
-        conv_bwd_weight_with(self, x, &g, tiled, splits)
+        conv_bwd_weight_with(self, x, &g, kernel, splits)
     }
 }
 
@@ -362,9 +388,21 @@ fn conv_bwd_weight_with(
     dy: &Tensor,
     x: &Tensor,
     g: &ConvGeometry,
-    tiled: bool,
+    kernel: Kernel,
     force_splits: Option<usize>,
 ) -> Result<Tensor> {
+    // Rows x columns of the GEMM per workgroup.
+    let [tile_rows, tile_cols] = match kernel {
+        Kernel::Conv2dBwdWeight | Kernel::Conv2dBwdWeightTiled => [64, 64],
+        Kernel::Conv2dSgBwdWeight => [8, 512],
+        _ => {
+            return Err(Error::invalid(
+                "conv2d_backward",
+                format!("{kernel:?} is not a conv2d weight-gradient kernel"),
+            ))
+        }
+    };
+    let tiled = kernel == Kernel::Conv2dBwdWeightTiled;
     let (dy, x) = (dy.contiguous()?, x.contiguous()?);
     let shape = [g.c_out, g.c_in / g.groups, g.k[0], g.k[1]];
     let positions = g.n * g.oh * g.ow;
@@ -374,14 +412,8 @@ fn conv_bwd_weight_with(
     let rows = g.c_out / g.groups;
     let cols = g.c_in / g.groups * g.k[0] * g.k[1];
     // The reduction over every output position is long and the output small: split it so
-    // that enough workgroups run, then add the partial sums. Long reductions use the
-    // shared-memory tiled kernel, short ones the register kernel (both 64x64 per workgroup).
-    let (kernel, tile) = if tiled {
-        (Kernel::Conv2dBwdWeightTiled, 64)
-    } else {
-        (Kernel::Conv2dBwdWeight, 64)
-    };
-    let tiles = rows.div_ceil(tile) * cols.div_ceil(tile) * g.groups;
+    // that enough workgroups run, then add the partial sums.
+    let tiles = rows.div_ceil(tile_rows) * cols.div_ceil(tile_cols) * g.groups;
     // A software adapter has a few cores: a few workgroups keep them busy.
     let software = dy.device().is_software();
     let target: usize = if software {
@@ -403,17 +435,19 @@ fn conv_bwd_weight_with(
         let mut p = g.params(0, &Epilogue::default());
         p.splits = splits as u32;
         p.chunk = chunk as u32;
-        dy.device().dispatch(
+        // Err for a subgroup kernel on a device without suitable subgroups.
+        dy.device().dispatch_variant(
             kernel,
+            Variant::F32,
             &[dy.buffer(), x.buffer()],
-            partial.buffer(),
+            &[partial.buffer()],
             bytemuck::bytes_of(&p),
             [
-                cols.div_ceil(tile) as u32,
-                rows.div_ceil(tile) as u32,
+                cols.div_ceil(tile_cols) as u32,
+                rows.div_ceil(tile_rows) as u32,
                 (g.groups * splits) as u32,
             ],
-        );
+        )?;
     }
     let summed = if splits == 1 {
         partial
