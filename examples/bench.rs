@@ -123,11 +123,8 @@ fn main() -> Result<()> {
             (Kernel::MatmulReg8Fwd, "register 8x8"),
             (Kernel::MatmulVec4NnFwd, "vec4 16x16"),
             (Kernel::MatmulT128v4NnFwd, "vec4 128x128 2-stage"),
-            (Kernel::MatmulSg8NnFwd, "vec4 16x16, A by subgroup"),
-            (
-                Kernel::MatmulSg32NnFwd,
-                "vec4 16x16, A by subgroup, 32 wide",
-            ),
+            (Kernel::MatmulSg8NnFwd, "vec4 16x16 subgroup"),
+            (Kernel::MatmulSg32NnFwd, "vec4 16x16 subgroup x32"),
         ] {
             // The subgroup kernels need subgroups of 8 or more invocations.
             if k.file() == ShaderFile::MatmulSubgroup && !subgroups {
