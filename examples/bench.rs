@@ -336,24 +336,28 @@ fn main() -> Result<()> {
         infer_peak as f64 / 1024.0
     );
     let tuned = Device::default_device()?.tuned_kernels();
-    println!("autotuned matmul choices: {}", tuned.len());
+    println!("autotuned choices: {}", tuned.len());
     for (family, class, k) in tuned {
-        // The family says which operand layouts the choice serves (vec4-aligned or any).
-        let layout = match family {
-            Kernel::MatmulVec4NnFwd => "aligned a @ b",
-            Kernel::MatmulVec4NtFwd => "aligned a @ b^T",
-            Kernel::MatmulVec4TnFwd => "aligned a^T @ b",
-            _ => "any layout",
+        // The family says which operation and operand layouts the choice serves.
+        let (what, dims) = match family {
+            Kernel::MatmulVec4NnFwd => ("matmul, aligned a @ b", "(m, n, k, batch)"),
+            Kernel::MatmulVec4NtFwd => ("matmul, aligned a @ b^T", "(m, n, k, batch)"),
+            Kernel::MatmulVec4TnFwd => ("matmul, aligned a^T @ b", "(m, n, k, batch)"),
+            Kernel::Conv2dFwd => ("conv2d forward", "(rows, cols, depth, groups)"),
+            Kernel::Conv2dBwdInput => ("conv2d input gradient", "(rows, cols, depth, groups)"),
+            Kernel::Conv2dBwdWeight => ("conv2d weight gradient", "(rows, cols, depth, groups)"),
+            _ => ("matmul, any layout", "(m, n, k, batch)"),
         };
-        // The top bit of the batch bucket marks a fused activation.
-        let act = if class[3] & 0x80 != 0 {
+        // For matmuls, the top bit of the batch bucket marks a fused activation.
+        let matmul = what.starts_with("matmul");
+        let act = if matmul && class[3] & 0x80 != 0 {
             ", fused activation"
         } else {
             ""
         };
         let class = [class[0], class[1], class[2], class[3] & 0x7f];
         println!(
-            "    log2 (m, n, k, batch) buckets {class:?}, {layout}{act} -> {}",
+            "    {what}{act}: log2 {dims} buckets {class:?} -> {}",
             k.entry()
         );
     }

@@ -325,8 +325,9 @@ impl Device {
     }
 
     /// Turns the kernel autotuner on or off (on by default; `KILN_AUTOTUNE=0` turns it off).
-    /// When on, the first large matmul of each shape class times the candidate kernels once
-    /// (a few synchronised runs) and remembers the fastest for this device.
+    /// When on, the first large matmul or convolution (forward or gradient) of each shape
+    /// class times the candidate kernels once (a few synchronised runs) and remembers the
+    /// fastest for this device.
     pub fn set_autotune(&self, on: bool) {
         self.inner.autotune.store(on, Ordering::Relaxed);
     }
@@ -365,9 +366,11 @@ impl Device {
     }
 
     /// The autotuner's choices so far: (family, shape class, kernel). The family is the
-    /// candidate set (for matmul: `MatmulFwd` for any layout, or the aligned layout's vec4 or
-    /// 128-tile kernel); the class is the log2 buckets of (m, n, k, batch), the top bit of the
-    /// last set when the epilogue applies an activation.
+    /// candidate set: for matmul `MatmulFwd` for any layout, or the aligned layout's vec4
+    /// kernel, with the class the log2 buckets of (m, n, k, batch), the top bit of the last set
+    /// when the epilogue applies an activation; for convolutions (not tuned on software
+    /// adapters) `Conv2dFwd`, `Conv2dBwdInput` or `Conv2dBwdWeight`, with the log2 buckets of
+    /// their GEMM's (rows, columns, reduction length, groups).
     pub fn tuned_kernels(&self) -> Vec<(Kernel, [u8; 4], Kernel)> {
         lock(&self.inner.tuned)
             .iter()

@@ -3,7 +3,7 @@
 
 use bytemuck::{Pod, Zeroable};
 
-use super::Epilogue;
+use super::{log2_bucket, tune, Epilogue, TUNE_MIN_WORK};
 use crate::autograd::{record, Op};
 use crate::error::{Error, Result};
 use crate::kernels::{Kernel, Variant};
@@ -209,40 +209,56 @@ pub(crate) fn conv_fwd_into(
     out: &Tensor,
     epi: &Epilogue<'_>,
 ) -> Result<()> {
-    let kernel = register_or_tiled(
+    let (rows, cols) = (g.n * g.oh * g.ow, g.c_out / g.groups);
+    let kernel = choose(
         x.device(),
-        g.n * g.oh * g.ow,
-        g.c_out / g.groups,
+        [rows, cols, g.c_in / g.groups * g.k[0] * g.k[1], g.groups],
         [
             Kernel::Conv2dFwd,
             Kernel::Conv2dSgFwd,
             Kernel::Conv2dTiledFwd,
         ],
-    );
+        rows >= 256 && cols >= 16,
+        &|k| conv_fwd_into_with(x, w, g, out, epi, k),
+    )?;
     conv_fwd_into_with(x, w, g, out, epi, kernel)
 }
 
-/// The kernel of `[register, register with subgroups, tiled]` for a GEMM of `rows` x
-/// `cols` per group. Barriers are costly on software adapters: a register kernel there (the
-/// subgroup one where subgroups have 8 or more invocations: fewer loads of the weights) and
-/// for small problems; the shared-memory tiled kernel elsewhere.
-fn register_or_tiled(
+/// The kernel of `[register, register with subgroups, tiled]` for a GEMM of `rows` x `cols`
+/// x `depth` per group. Barriers are costly on software adapters: a register kernel there
+/// (the subgroup one where subgroups have 8 or more invocations: fewer loads of the shared
+/// operand). Elsewhere the device's tuned choice for the shape class, else a timed choice
+/// (autotune on, large enough), else `tiled` where `tiled_by_default` and the register kernel
+/// otherwise.
+fn choose(
     device: &crate::device::Device,
-    rows: usize,
-    cols: usize,
+    [rows, cols, depth, groups]: [usize; 4],
     [register, subgroup, tiled]: [Kernel; 3],
-) -> Kernel {
+    tiled_by_default: bool,
+    record: &dyn Fn(Kernel) -> Result<()>,
+) -> Result<Kernel> {
+    let subgroups = device.subgroups_of_at_least(8);
     if device.is_software() {
-        if device.subgroups_of_at_least(8) {
-            subgroup
-        } else {
-            register
-        }
-    } else if rows >= 256 && cols >= 16 {
-        tiled
-    } else {
-        register
+        return Ok(if subgroups { subgroup } else { register });
     }
+    let class = [
+        log2_bucket(rows),
+        log2_bucket(cols),
+        log2_bucket(depth),
+        log2_bucket(groups),
+    ];
+    if let Some(kernel) = device.tuned(register, class) {
+        return Ok(kernel);
+    }
+    let heuristic = if tiled_by_default { tiled } else { register };
+    if !device.autotune_enabled() || rows * cols * depth * groups < TUNE_MIN_WORK {
+        return Ok(heuristic);
+    }
+    let mut candidates = vec![heuristic, if tiled_by_default { register } else { tiled }];
+    if subgroups {
+        candidates.push(subgroup);
+    }
+    tune(device, register, class, &candidates, record)
 }
 
 fn conv_fwd_into_with(
@@ -294,16 +310,18 @@ impl Tensor {
 
 /// dx of conv2d given dy and w (also the forward of conv_transpose2d). Not recorded.
 pub(crate) fn conv_bwd_input(dy: &Tensor, w: &Tensor, g: &ConvGeometry) -> Result<Tensor> {
-    let kernel = register_or_tiled(
+    let (rows, cols) = (g.n * g.h * g.w, g.c_in / g.groups);
+    let kernel = choose(
         dy.device(),
-        g.n * g.h * g.w,
-        g.c_in / g.groups,
+        [rows, cols, g.c_out / g.groups * g.k[0] * g.k[1], g.groups],
         [
             Kernel::Conv2dBwdInput,
             Kernel::Conv2dSgBwdInput,
             Kernel::Conv2dBwdInputTiled,
         ],
-    );
+        rows >= 256 && cols >= 16,
+        &|k| conv_bwd_input_with(dy, w, g, k).map(drop),
+    )?;
     conv_bwd_input_with(dy, w, g, kernel)
 }
 
@@ -351,18 +369,24 @@ impl Tensor {
 
 /// dw of conv2d given dy and x. Not recorded.
 pub(crate) fn conv_bwd_weight(dy: &Tensor, x: &Tensor, g: &ConvGeometry) -> Result<Tensor> {
-    // The reduction runs over positions: the tiled kernel for long ones (on GPUs).
-    let long = if g.n * g.oh * g.ow >= 1024 { 256 } else { 0 };
-    let kernel = register_or_tiled(
+    // The reduction runs over positions: by default the tiled kernel for long ones.
+    let positions = g.n * g.oh * g.ow;
+    let kernel = choose(
         dy.device(),
-        long,
-        16,
+        [
+            g.c_out / g.groups,
+            g.c_in / g.groups * g.k[0] * g.k[1],
+            positions,
+            g.groups,
+        ],
         [
             Kernel::Conv2dBwdWeight,
             Kernel::Conv2dSgBwdWeight,
             Kernel::Conv2dBwdWeightTiled,
         ],
-    );
+        positions >= 1024,
+        &|k| conv_bwd_weight_with(dy, x, g, k, None).map(drop),
+    )?;
     conv_bwd_weight_with(dy, x, g, kernel, None)
 }
 

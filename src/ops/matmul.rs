@@ -4,7 +4,7 @@
 use bytemuck::{Pod, Zeroable};
 
 use super::elementwise::activation_in_place;
-use super::{pack, Epilogue, EPILOGUE_ACTIVATION_BITS};
+use super::{log2_bucket, pack, tune, Epilogue, EPILOGUE_ACTIVATION_BITS, TUNE_MIN_WORK};
 use crate::autograd::{record, Op};
 use crate::error::{Error, Result};
 use crate::kernels::{Kernel, Variant};
@@ -159,13 +159,6 @@ impl Aligned {
     }
 }
 
-/// Matmuls with fewer multiply-adds than this use the heuristic choice without timing.
-const TUNE_MIN_WORK: usize = 1 << 21;
-
-fn log2_bucket(v: usize) -> u8 {
-    (usize::BITS - v.max(1).leading_zeros()) as u8
-}
-
 /// The kernel for an (m, n, k) x `count` product: the device's tuned choice for its shape
 /// class, else a timed choice (autotune on, large enough), else a heuristic. `aligned` is the
 /// operands' layout when the vec4-reading kernels fit it; `activation` says whether the
@@ -202,47 +195,28 @@ fn choose(
     if !device.autotune_enabled() || m * n * k * count < TUNE_MIN_WORK {
         return Ok(heuristic);
     }
-    let mut best = (f64::INFINITY, heuristic);
     // Shared-memory kernels are left out on software adapters, where barriers are costly.
-    let candidates: &[Kernel] = if software {
-        &[Kernel::MatmulFwd, Kernel::MatmulReg8Fwd]
+    let mut candidates: Vec<Kernel> = if software {
+        vec![Kernel::MatmulFwd, Kernel::MatmulReg8Fwd]
     } else {
-        &[
+        vec![
             Kernel::MatmulFwd,
             Kernel::MatmulTiledFwd,
             Kernel::MatmulTiled128Fwd,
             Kernel::MatmulReg8Fwd,
         ]
     };
-    let t128 = aligned.filter(|_| !software).map(Aligned::t128);
+    candidates.extend(vec4);
+    candidates.extend(aligned.filter(|_| !software).map(Aligned::t128));
     // The subgroup kernels where every subgroup has 8 or more invocations; the 32-wide one
     // only where subgroups are that wide (on narrower ones it idles lanes past n).
-    let subgroup: Vec<Kernel> = match aligned {
-        Some(l) if device.subgroups_of_at_least(8) => {
-            let wide = device.adapter_info().subgroup_max_size >= 32;
-            [Some(l.sg8()), wide.then(|| l.sg32())]
-                .into_iter()
-                .flatten()
-                .collect()
-        }
-        _ => Vec::new(),
-    };
-    for &kernel in candidates.iter().chain(&vec4).chain(&t128).chain(&subgroup) {
-        // A first run compiles the pipeline; then the best of three.
-        record(kernel)?;
-        device.synchronize()?;
-        for _ in 0..3 {
-            let t = std::time::Instant::now();
-            record(kernel)?;
-            device.synchronize()?;
-            let s = t.elapsed().as_secs_f64();
-            if s < best.0 {
-                best = (s, kernel);
-            }
+    if let Some(l) = aligned.filter(|_| device.subgroups_of_at_least(8)) {
+        candidates.push(l.sg8());
+        if device.adapter_info().subgroup_max_size >= 32 {
+            candidates.push(l.sg32());
         }
     }
-    device.set_tuned(family, class, best.1);
-    Ok(best.1)
+    tune(device, family, class, &candidates, record)
 }
 const MAX_GROUPS: usize = 65535;
 
