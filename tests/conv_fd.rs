@@ -583,3 +583,89 @@ fn forward_and_gradient_kernels() {
         }
     }
 }
+
+/// The hardware path of kernel choice, run on any adapter: with autotuning on, the first
+/// convolution of each shape class (forward, input and weight gradient) times its candidate
+/// kernels and keeps one; the results match the f64 reference on that run and on the next,
+/// which takes the kept choice.
+#[test]
+fn hardware_choices_tune_the_convolutions() {
+    let d = own_device();
+    d.choose_as_hardware(true);
+    d.set_autotune(true);
+    let mut rng = Rng::new(5);
+    // GEMMs of 2^21 multiply-adds or more, the autotuner's threshold.
+    let (xs, ws) = ([4, 8, 16, 15], [32, 8, 3, 3]);
+    let opts = Conv2dOptions {
+        padding: [1, 1],
+        ..Default::default()
+    };
+    let xv = rng.vec(xs.iter().product(), -1.0, 1.0);
+    let wv = rng.vec(ws.iter().product(), -1.0, 1.0);
+    let dyv = rng.vec(4 * 32 * 16 * 15, -1.0, 1.0);
+    let (y, dx, dw, _) = conv_reference(&xv, xs, &wv, ws, &opts, &dyv);
+    for run in 0..2 {
+        let x = Tensor::from_slice(&xv, &xs, &d).unwrap().requires_grad();
+        let w = Tensor::from_slice(&wv, &ws, &d).unwrap().requires_grad();
+        let out = x.conv2d(&w, None, &opts).unwrap();
+        let dy = Tensor::from_slice(&dyv, out.dims(), &d).unwrap();
+        out.backward_with(Some(&dy), false).unwrap();
+        let what = format!("run {run}");
+        assert_close(
+            &format!("forward, {what}"),
+            &out,
+            &Nd::new(out.dims(), y.clone()),
+            1e-5,
+            1e-5,
+        );
+        assert_close(
+            &format!("input gradient, {what}"),
+            &x.grad().unwrap(),
+            &Nd::new(&xs, dx.clone()),
+            1e-5,
+            1e-5,
+        );
+        assert_close(
+            &format!("weight gradient, {what}"),
+            &w.grad().unwrap(),
+            &Nd::new(&ws, dw.clone()),
+            1e-4,
+            1e-5,
+        );
+    }
+    let tuned = d.tuned_kernels();
+    for (family, candidates) in [
+        (
+            Kernel::Conv2dFwd,
+            [
+                Kernel::Conv2dFwd,
+                Kernel::Conv2dSgFwd,
+                Kernel::Conv2dTiledFwd,
+            ],
+        ),
+        (
+            Kernel::Conv2dBwdInput,
+            [
+                Kernel::Conv2dBwdInput,
+                Kernel::Conv2dSgBwdInput,
+                Kernel::Conv2dBwdInputTiled,
+            ],
+        ),
+        (
+            Kernel::Conv2dBwdWeight,
+            [
+                Kernel::Conv2dBwdWeight,
+                Kernel::Conv2dSgBwdWeight,
+                Kernel::Conv2dBwdWeightTiled,
+            ],
+        ),
+    ] {
+        let chosen: Vec<Kernel> = tuned
+            .iter()
+            .filter(|(f, _, _)| *f == family)
+            .map(|&(_, _, k)| k)
+            .collect();
+        assert_eq!(chosen.len(), 1, "{family:?}: {tuned:?}");
+        assert!(candidates.contains(&chosen[0]), "{family:?}: {chosen:?}");
+    }
+}

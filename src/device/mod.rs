@@ -107,6 +107,8 @@ struct DeviceInner {
     /// Row-reduction kernel override: 0 by the device's choice, 1 serial, 2 a workgroup per row.
     row_reduction: std::sync::atomic::AtomicU8,
     trusted_shaders: bool,
+    /// Set by [`Device::choose_as_hardware`].
+    as_hardware: std::sync::atomic::AtomicBool,
     tuned: Mutex<HashMap<(Kernel, [u8; 4]), Kernel>>,
 }
 
@@ -245,6 +247,7 @@ impl Device {
                 tuned: Mutex::new(HashMap::new()),
                 row_reduction: std::sync::atomic::AtomicU8::new(0),
                 trusted_shaders,
+                as_hardware: std::sync::atomic::AtomicBool::new(false),
             }),
         })
     }
@@ -260,9 +263,17 @@ impl Device {
     }
 
     /// True on a CPU-based (software) adapter such as lavapipe, where kernels that avoid
-    /// workgroup barriers and read vec4s are chosen.
+    /// workgroup barriers and read vec4s are chosen (unless [`Device::choose_as_hardware`]).
     pub(crate) fn is_software(&self) -> bool {
         self.inner.info.device_type == wgpu::DeviceType::Cpu
+            && !self.inner.as_hardware.load(Ordering::Relaxed)
+    }
+
+    /// Makes kernel choices as on a hardware adapter whatever this one is (for tests that run
+    /// the hardware paths, autotuning included, on a software adapter).
+    #[doc(hidden)]
+    pub fn choose_as_hardware(&self, on: bool) {
+        self.inner.as_hardware.store(on, Ordering::Relaxed);
     }
 
     /// True when the device has the `SUBGROUP` feature and every subgroup has at least `size`
