@@ -316,25 +316,14 @@ impl Tensor {
                 format!("{:?} x {:?}", self.dims(), other.dims()),
             ));
         }
-        if !matches!(
+        let general = matches!(
             kernel,
             Kernel::MatmulFwd
                 | Kernel::MatmulReg8Fwd
                 | Kernel::MatmulTiledFwd
                 | Kernel::MatmulTiled128Fwd
-                | Kernel::MatmulVec4NnFwd
-                | Kernel::MatmulVec4NtFwd
-                | Kernel::MatmulVec4TnFwd
-                | Kernel::MatmulT128v4NnFwd
-                | Kernel::MatmulT128v4NtFwd
-                | Kernel::MatmulT128v4TnFwd
-                | Kernel::MatmulSg8NnFwd
-                | Kernel::MatmulSg8NtFwd
-                | Kernel::MatmulSg8TnFwd
-                | Kernel::MatmulSg32NnFwd
-                | Kernel::MatmulSg32NtFwd
-                | Kernel::MatmulSg32TnFwd
-        ) {
+        );
+        if !general && Aligned::of_kernel(kernel).is_none() {
             return Err(Error::invalid(
                 "matmul_with_kernel",
                 format!("{kernel:?} is not a matmul kernel"),
