@@ -10,9 +10,18 @@ use crate::shape::{checked_numel, normalize_axis, resolve_shape, Layout, MAX_RAN
 
 /// A GPU buffer owned by one or more tensors; returned to the device's pool on drop.
 pub(crate) struct Storage {
+    /// Increasing with each allocation: capture tells weights from tensors it saw made.
+    pub(crate) id: u64,
     buffer: wgpu::Buffer,
     class: u64,
     device: Device,
+}
+
+static NEXT_STORAGE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// The id the next storage will get.
+pub(crate) fn next_storage_id() -> u64 {
+    NEXT_STORAGE.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 impl Storage {
@@ -88,6 +97,7 @@ impl Tensor {
         let (buffer, class) = device.alloc(op, bytes as u64, BufferKind::Storage, for_upload)?;
         Ok(Tensor {
             storage: Arc::new(Storage {
+                id: NEXT_STORAGE.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
                 buffer,
                 class,
                 device: device.clone(),
@@ -194,6 +204,7 @@ impl Tensor {
     /// # Ok::<(), kiln::Error>(())
     /// ```
     pub fn reshape(&self, shape: &[isize]) -> Result<Tensor> {
+        crate::infer::capture::traced(&[self], crate::infer::graph::reshape_node, || {
         let shape = resolve_shape("reshape", shape, self.numel())?;
         if shape.len() > MAX_RANK {
             return Err(Error::shape(
@@ -210,6 +221,7 @@ impl Tensor {
         layout.offset = base.layout.offset;
         let in_shape = self.shape();
         Ok(base.view(layout, || Op::Reshape { in_shape }))
+    })
     }
 
     /// `reshape` with a shape of `usize`.
@@ -247,22 +259,26 @@ impl Tensor {
 
     /// Axes reordered: axis `i` of the result is axis `perm[i]` of `self`. A view.
     pub fn permute(&self, perm: &[isize]) -> Result<Tensor> {
+        crate::infer::capture::traced(&[self], |_| crate::infer::graph::permute_node(perm, self.rank()), || {
         let perm: Vec<usize> = perm
             .iter()
             .map(|&a| normalize_axis("permute", a, self.rank()))
             .collect::<Result<_>>()?;
         let layout = self.layout.permute("permute", &perm)?;
         Ok(self.view(layout, || Op::Permute { perm }))
+    })
     }
 
     /// Two axes swapped. A view.
     pub fn transpose(&self, a: isize, b: isize) -> Result<Tensor> {
+        crate::infer::capture::traced(&[self], |_| crate::infer::graph::transpose_node(a, b, self.rank()), || {
         let a = normalize_axis("transpose", a, self.rank())?;
         let b = normalize_axis("transpose", b, self.rank())?;
         let mut perm: Vec<usize> = (0..self.rank()).collect();
         perm.swap(a, b);
         let layout = self.layout.permute("transpose", &perm)?;
         Ok(self.view(layout, || Op::Permute { perm }))
+    })
     }
 
     /// The last two axes swapped (a matrix transpose). A view.
@@ -278,13 +294,16 @@ impl Tensor {
 
     /// Broadcast to `shape` (NumPy rules) without copying.
     pub fn expand(&self, shape: &[usize]) -> Result<Tensor> {
+        crate::infer::capture::traced(&[self], crate::infer::graph::expand_node, || {
         let layout = self.layout.broadcast_to("expand", shape)?;
         let in_shape = self.shape();
         Ok(self.view(layout, || Op::Expand { in_shape }))
+    })
     }
 
     /// `len` elements of `axis` starting at `start`. A view.
     pub fn narrow(&self, axis: isize, start: usize, len: usize) -> Result<Tensor> {
+        crate::infer::capture::traced(&[self], |_| crate::infer::graph::narrow_node(axis, start, len, self.rank()), || {
         let a = normalize_axis("narrow", axis, self.rank())?;
         let layout = self.layout.narrow("narrow", a, start, len)?;
         let in_shape = self.shape();
@@ -293,10 +312,12 @@ impl Tensor {
             start,
             in_shape,
         }))
+    })
     }
 
     /// Axes of size one removed (all of them with `None`). A view.
     pub fn squeeze(&self, axis: Option<isize>) -> Result<Tensor> {
+        crate::infer::capture::traced(&[self], crate::infer::graph::reshape_node, || {
         let layout = match axis {
             None => self.layout.squeeze(None),
             Some(a) => self
@@ -305,10 +326,12 @@ impl Tensor {
         };
         let in_shape = self.shape();
         Ok(self.view(layout, || Op::Reshape { in_shape }))
+    })
     }
 
     /// An axis of size one inserted at `axis` (`-1` appends). A view.
     pub fn unsqueeze(&self, axis: isize) -> Result<Tensor> {
+        crate::infer::capture::traced(&[self], crate::infer::graph::reshape_node, || {
         if self.rank() >= MAX_RANK {
             return Err(Error::shape(
                 "unsqueeze",
@@ -318,6 +341,7 @@ impl Tensor {
         let a = normalize_axis("unsqueeze", axis, self.rank() + 1)?;
         let in_shape = self.shape();
         Ok(self.view(self.layout.unsqueeze(a), || Op::Reshape { in_shape }))
+    })
     }
 
     /// A tensor with the same values in contiguous row-major storage (itself when already so).
@@ -325,7 +349,9 @@ impl Tensor {
         if self.is_contiguous() {
             return Ok(self.clone());
         }
-        crate::ops::elementwise::copy(self)
+        let out = crate::ops::elementwise::copy(self)?;
+        crate::infer::capture::alias(self, &out)?;
+        Ok(out)
     }
 
     // ---- readback ----

@@ -2,11 +2,10 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use super::{Init, LayerKind, Module, TensorRole};
+use super::{Init, Module, TensorRole};
 use crate::autograd::no_grad;
 use crate::error::{Error, Result};
 use crate::ops::conv::{Conv2dOptions, ConvTranspose2dOptions};
-use crate::ops::elementwise::UnaryOp;
 use crate::ops::pool::Pool2dOptions;
 use crate::tensor::Tensor;
 
@@ -78,10 +77,6 @@ impl Module for Linear {
             self.weight.dims()[0]
         )
     }
-
-    fn kind(&self) -> LayerKind<'_> {
-        LayerKind::Linear(self)
-    }
 }
 
 /// 2-D convolution, as `torch.nn.Conv2d` (kaiming-uniform weights: ±1/sqrt(fan_in)).
@@ -148,10 +143,6 @@ impl Module for Conv2d {
             self.options
         )
     }
-
-    fn kind(&self) -> LayerKind<'_> {
-        LayerKind::Conv2d(self)
-    }
 }
 
 /// Transposed 2-D convolution, as `torch.nn.ConvTranspose2d`.
@@ -217,10 +208,6 @@ impl Module for ConvTranspose2d {
             d[1] * self.options.groups,
             [d[2], d[3]]
         )
-    }
-
-    fn kind(&self) -> LayerKind<'_> {
-        LayerKind::ConvTranspose2d(self)
     }
 }
 
@@ -328,10 +315,6 @@ impl Module for BatchNorm {
     fn describe(&self) -> String {
         format!("BatchNorm({})", self.running_mean.dims()[0])
     }
-
-    fn kind(&self) -> LayerKind<'_> {
-        LayerKind::BatchNorm(self)
-    }
 }
 
 /// Layer normalisation over the trailing `normalized_shape`, as `torch.nn.LayerNorm`.
@@ -377,10 +360,6 @@ impl Module for LayerNorm {
     fn describe(&self) -> String {
         format!("LayerNorm({:?})", self.normalized_shape)
     }
-
-    fn kind(&self) -> LayerKind<'_> {
-        LayerKind::LayerNorm(self)
-    }
 }
 
 /// Rows of a table picked by integer indices, as `torch.nn.Embedding` (weights N(0, 1)).
@@ -420,10 +399,6 @@ impl Module for Embedding {
             self.weight.dims()[0],
             self.weight.dims()[1]
         )
-    }
-
-    fn kind(&self) -> LayerKind<'_> {
-        LayerKind::Embedding(self)
     }
 }
 
@@ -472,10 +447,6 @@ impl Module for Dropout {
     fn describe(&self) -> String {
         format!("Dropout({})", self.p)
     }
-
-    fn kind(&self) -> LayerKind<'_> {
-        LayerKind::Dropout
-    }
 }
 
 /// Max pooling, as `torch.nn.MaxPool2d`.
@@ -491,10 +462,6 @@ impl Module for MaxPool2d {
             "MaxPool2d(kernel {:?}, stride {:?})",
             self.0.kernel, self.0.stride
         )
-    }
-
-    fn kind(&self) -> LayerKind<'_> {
-        LayerKind::Pool(self.0, true)
     }
 }
 
@@ -512,10 +479,6 @@ impl Module for AvgPool2d {
             self.0.kernel, self.0.stride
         )
     }
-
-    fn kind(&self) -> LayerKind<'_> {
-        LayerKind::Pool(self.0, false)
-    }
 }
 
 /// Adaptive average pooling to a fixed output size, as `torch.nn.AdaptiveAvgPool2d`.
@@ -528,10 +491,6 @@ impl Module for AdaptiveAvgPool2d {
 
     fn describe(&self) -> String {
         format!("AdaptiveAvgPool2d({:?})", self.0)
-    }
-
-    fn kind(&self) -> LayerKind<'_> {
-        LayerKind::AdaptiveAvgPool(self.0)
     }
 }
 
@@ -557,10 +516,6 @@ impl Module for Flatten {
     fn describe(&self) -> String {
         format!("Flatten({}, {})", self.start, self.end)
     }
-
-    fn kind(&self) -> LayerKind<'_> {
-        LayerKind::Flatten(self.start, self.end)
-    }
 }
 
 macro_rules! activation {
@@ -577,10 +532,6 @@ macro_rules! activation {
 
                 fn describe(&self) -> String {
                     stringify!($name).to_string()
-                }
-
-                fn kind(&self) -> LayerKind<'_> {
-                    LayerKind::Activation(UnaryOp::$op, 0.0)
                 }
             }
         )*
@@ -617,9 +568,5 @@ impl Module for LeakyRelu {
 
     fn describe(&self) -> String {
         format!("LeakyReLU({})", self.0)
-    }
-
-    fn kind(&self) -> LayerKind<'_> {
-        LayerKind::Activation(UnaryOp::LeakyRelu, self.0)
     }
 }

@@ -56,8 +56,6 @@ pub trait Module: Send + Sync {
     /// A short description, such as `Linear(784 -> 128)`.
     fn describe(&self) -> String;
 
-    /// What this module is, for [`crate::infer`] to rebuild it without autograd.
-    fn kind(&self) -> LayerKind<'_>;
 
     /// Named parameters, as `torch.nn.Module.named_parameters`.
     fn named_parameters(&self) -> Vec<(String, Tensor)> {
@@ -91,36 +89,6 @@ pub trait Module: Send + Sync {
             p.zero_grad();
         }
     }
-}
-
-/// The built-in layer a module is, with what inference needs to run it.
-pub enum LayerKind<'a> {
-    /// [`Sequential`].
-    Sequential(&'a Sequential),
-    /// [`Linear`].
-    Linear(&'a Linear),
-    /// [`Conv2d`].
-    Conv2d(&'a Conv2d),
-    /// [`ConvTranspose2d`].
-    ConvTranspose2d(&'a ConvTranspose2d),
-    /// [`BatchNorm`].
-    BatchNorm(&'a BatchNorm),
-    /// [`LayerNorm`].
-    LayerNorm(&'a LayerNorm),
-    /// [`Embedding`].
-    Embedding(&'a Embedding),
-    /// An elementwise activation.
-    Activation(crate::UnaryOp, f32),
-    /// [`MaxPool2d`] or [`AvgPool2d`]: `true` for max.
-    Pool(crate::Pool2dOptions, bool),
-    /// [`AdaptiveAvgPool2d`].
-    AdaptiveAvgPool([usize; 2]),
-    /// [`Flatten`].
-    Flatten(isize, isize),
-    /// [`Dropout`]: the identity at inference.
-    Dropout,
-    /// A user-defined module.
-    Other,
 }
 
 /// Seeds for initialisation: every layer created with the same `Init` sequence gets the same
@@ -331,9 +299,5 @@ impl Module for Sequential {
             .map(|(n, m)| format!("  ({n}): {}", m.describe()))
             .collect();
         format!("Sequential(\n{}\n)", inner.join("\n"))
-    }
-
-    fn kind(&self) -> LayerKind<'_> {
-        LayerKind::Sequential(self)
     }
 }

@@ -498,6 +498,12 @@ pub(crate) fn conv2d_geometry(
     let [n, c, h, w] = [x_dims[0], x_dims[1], x_dims[2], x_dims[3]];
     let [c_out, c_per_group, kh, kw] = [w_dims[0], w_dims[1], w_dims[2], w_dims[3]];
     let groups = opts.groups;
+    if groups == 0 || opts.stride.contains(&0) || opts.dilation.contains(&0) {
+        return Err(Error::invalid(
+            OP,
+            format!("stride, dilation and groups must be positive: {opts:?}"),
+        ));
+    }
     if c % groups != 0 || c_out % groups != 0 {
         return Err(Error::invalid(
             OP,
@@ -517,9 +523,9 @@ pub(crate) fn conv2d_geometry(
     }
     let mut out_size = [0; 2];
     for (i, (&size, &k)) in [h, w].iter().zip(&[kh, kw]).enumerate() {
-        let span = opts.dilation[i] * (k.max(1) - 1) + 1;
-        let padded = size + 2 * opts.padding[i];
-        if k == 0 || span > padded {
+        let span = opts.dilation[i] as u128 * (k.max(1) as u128 - 1) + 1;
+        let padded = size as u128 + 2 * opts.padding[i] as u128;
+        if k == 0 || span > padded || padded > u32::MAX as u128 {
             return Err(Error::shape(
                 OP,
                 format!(
@@ -529,7 +535,7 @@ pub(crate) fn conv2d_geometry(
                 ),
             ));
         }
-        out_size[i] = (padded - span) / opts.stride[i] + 1;
+        out_size[i] = ((padded - span) / opts.stride[i].max(1) as u128 + 1) as usize;
     }
     Ok(ConvGeometry {
         n,
@@ -610,6 +616,155 @@ fn add_bias(y: Tensor, bias: Option<&Tensor>, channels: usize) -> Result<Tensor>
     }
 }
 
+/// The geometry of a transposed conv2d of an (N, C_in, H, W) input and a
+/// (C_in, C_out / groups, kH, kW) weight, in the terms of the conv2d it transposes, with the
+/// checks of [`Tensor::conv_transpose2d`].
+pub(crate) fn conv_transpose2d_geometry(
+    x_dims: &[usize],
+    w_dims: &[usize],
+    opts: &ConvTranspose2dOptions,
+) -> Result<ConvGeometry> {
+    const OP: &str = "conv_transpose2d";
+    if x_dims.len() != 4 || w_dims.len() != 4 {
+        return Err(Error::shape(
+            OP,
+            format!("input {x_dims:?} and weight {w_dims:?} must have rank 4"),
+        ));
+    }
+    if opts.stride.contains(&0) || opts.dilation.contains(&0) || opts.groups == 0 {
+        return Err(Error::invalid(
+            OP,
+            format!("stride, dilation and groups must be positive: {opts:?}"),
+        ));
+    }
+        let [n, c_in, h, w] = [x_dims[0], x_dims[1], x_dims[2], x_dims[3]];
+        let [wc, c_out_per_group, kh, kw] = [
+            w_dims[0], w_dims[1], w_dims[2], w_dims[3],
+        ];
+        let groups = opts.groups;
+        if wc != c_in {
+            return Err(Error::shape(
+                OP,
+                format!(
+                    "weight {:?} must have {c_in} input channels for input {:?}",
+                    w_dims,
+                    x_dims
+                ),
+            ));
+        }
+        if c_in % groups != 0 {
+            return Err(Error::invalid(
+                OP,
+                format!(
+                    "channels must be divisible by groups: {c_in} input channels, {groups} groups"
+                ),
+            ));
+        }
+        let c_out = c_out_per_group * groups;
+        let mut out_size = [0; 2];
+        for i in 0..2 {
+            let k = [kh, kw][i];
+            if opts.output_padding[i] >= opts.stride[i]
+                && opts.output_padding[i] >= opts.dilation[i]
+            {
+                return Err(Error::invalid(
+                    OP,
+                    format!(
+                        "output_padding {:?} must be smaller than stride {:?} or dilation {:?}",
+                        opts.output_padding, opts.stride, opts.dilation
+                    ),
+                ));
+            }
+            let full = ([h, w][i].max(1) as u128 - 1) * opts.stride[i] as u128
+                + opts.dilation[i] as u128 * (k.max(1) as u128 - 1)
+                + opts.output_padding[i] as u128
+                + 1;
+            if full > u32::MAX as u128 {
+                return Err(Error::shape(
+                    OP,
+                    format!("output size {full} for input {x_dims:?} and {opts:?} exceeds what kernels index"),
+                ));
+            }
+            let full = full as usize;
+            if k == 0 || full <= 2 * opts.padding[i] {
+                return Err(Error::shape(
+                    OP,
+                    format!(
+                        "padding {:?} leaves no output for input {:?} and kernel {:?}",
+                        opts.padding,
+                        x_dims,
+                        [kh, kw]
+                    ),
+                ));
+            }
+            out_size[i] = full - 2 * opts.padding[i];
+        }
+        // In conv2d terms: the output here is that convolution's input.
+        let geo = ConvGeometry {
+            n,
+            c_in: c_out,
+            h: out_size[0],
+            w: out_size[1],
+            c_out: c_in,
+            oh: h,
+            ow: w,
+            groups,
+            k: [kh, kw],
+            stride: opts.stride,
+            padding: opts.padding,
+            dilation: opts.dilation,
+        };
+    Ok(geo)
+}
+
+/// The output shape of [`Tensor::conv_transpose2d`] for a batched input.
+pub(crate) fn conv_transpose2d_shape(
+    x_dims: &[usize],
+    w_dims: &[usize],
+    opts: &ConvTranspose2dOptions,
+) -> Result<Vec<usize>> {
+    let g = conv_transpose2d_geometry(x_dims, w_dims, opts)?;
+    Ok(vec![g.n, g.c_in, g.h, g.w])
+}
+
+/// `act(conv2d(x, w) + b)` in one dispatch, for inference: `variant` gives the element type
+/// of `x`, `w`, `b` and the result. Not recorded for autograd.
+pub(crate) fn conv2d_fused(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    opts: &Conv2dOptions,
+    act: Option<(crate::UnaryOp, f32)>,
+    variant: crate::kernels::Variant,
+) -> Result<Tensor> {
+    const OP: &str = "conv2d";
+    let (xb, unbatched) = batched(x, 2)?;
+    check_common(OP, &xb, weight, bias, opts.stride, opts.dilation, opts.groups)?;
+    check_bias(OP, bias, weight.dims()[0])?;
+    let g = conv2d_geometry(xb.dims(), weight.dims(), opts)?;
+    let shape = [g.n, g.c_out, g.oh, g.ow];
+    let out = match variant {
+        crate::kernels::Variant::F16 => crate::infer::graph::half_uninit(&shape, x.device())?,
+        _ => Tensor::uninit(OP, &shape, x.device())?,
+    };
+    conv_fwd_into(
+        &xb,
+        weight,
+        &g,
+        &out,
+        &Epilogue {
+            bias,
+            activation: act,
+            variant,
+        },
+    )?;
+    Ok(if unbatched {
+        out.with_layout(crate::shape::Layout::contiguous(&shape[1..]))
+    } else {
+        out
+    })
+}
+
 /// Adds a batch axis to an unbatched (C, H, W) input; the flag says to remove it afterwards.
 fn batched(x: &Tensor, spatial: usize) -> Result<(Tensor, bool)> {
     if x.rank() == spatial + 1 {
@@ -639,6 +794,7 @@ impl Tensor {
         bias: Option<&Tensor>,
         opts: &Conv2dOptions,
     ) -> Result<Tensor> {
+        crate::infer::capture::traced(&[Some(self), Some(weight), bias].into_iter().flatten().collect::<Vec<&Tensor>>(), |_| crate::infer::graph::OpKind::Conv2d { opts: *opts, bias: bias.is_some(), act: None }, || {
         const OP: &str = "conv2d";
         let (x, unbatched) = batched(self, 2)?;
         check_common(
@@ -666,6 +822,7 @@ impl Tensor {
         } else {
             Ok(y)
         }
+    })
     }
 
     /// 1-D convolution of an (N, C, L) input with a (C_out, C / groups, k) weight, as
@@ -717,6 +874,7 @@ impl Tensor {
         bias: Option<&Tensor>,
         opts: &ConvTranspose2dOptions,
     ) -> Result<Tensor> {
+        crate::infer::capture::traced(&[Some(self), Some(weight), bias].into_iter().flatten().collect::<Vec<&Tensor>>(), |_| crate::infer::graph::OpKind::ConvTranspose2d { opts: *opts, bias: bias.is_some() }, || {
         const OP: &str = "conv_transpose2d";
         let (x, unbatched) = batched(self, 2)?;
         check_common(
@@ -728,80 +886,9 @@ impl Tensor {
             opts.dilation,
             opts.groups,
         )?;
-        let [n, c_in, h, w] = [x.dims()[0], x.dims()[1], x.dims()[2], x.dims()[3]];
-        let [wc, c_out_per_group, kh, kw] = [
-            weight.dims()[0],
-            weight.dims()[1],
-            weight.dims()[2],
-            weight.dims()[3],
-        ];
-        let groups = opts.groups;
-        if wc != c_in {
-            return Err(Error::shape(
-                OP,
-                format!(
-                    "weight {:?} must have {c_in} input channels for input {:?}",
-                    weight.dims(),
-                    x.dims()
-                ),
-            ));
-        }
-        if c_in % groups != 0 {
-            return Err(Error::invalid(
-                OP,
-                format!(
-                    "channels must be divisible by groups: {c_in} input channels, {groups} groups"
-                ),
-            ));
-        }
-        let c_out = c_out_per_group * groups;
+        let geo = conv_transpose2d_geometry(x.dims(), weight.dims(), opts)?;
+        let c_out = geo.c_in;
         check_bias(OP, bias, c_out)?;
-        let mut out_size = [0; 2];
-        for i in 0..2 {
-            let k = [kh, kw][i];
-            if opts.output_padding[i] >= opts.stride[i]
-                && opts.output_padding[i] >= opts.dilation[i]
-            {
-                return Err(Error::invalid(
-                    OP,
-                    format!(
-                        "output_padding {:?} must be smaller than stride {:?} or dilation {:?}",
-                        opts.output_padding, opts.stride, opts.dilation
-                    ),
-                ));
-            }
-            let full = ([h, w][i].max(1) - 1) * opts.stride[i]
-                + opts.dilation[i] * (k.max(1) - 1)
-                + opts.output_padding[i]
-                + 1;
-            if k == 0 || full <= 2 * opts.padding[i] {
-                return Err(Error::shape(
-                    OP,
-                    format!(
-                        "padding {:?} leaves no output for input {:?} and kernel {:?}",
-                        opts.padding,
-                        x.dims(),
-                        [kh, kw]
-                    ),
-                ));
-            }
-            out_size[i] = full - 2 * opts.padding[i];
-        }
-        // In conv2d terms: the output here is that convolution's input.
-        let geo = ConvGeometry {
-            n,
-            c_in: c_out,
-            h: out_size[0],
-            w: out_size[1],
-            c_out: c_in,
-            oh: h,
-            ow: w,
-            groups,
-            k: [kh, kw],
-            stride: opts.stride,
-            padding: opts.padding,
-            dilation: opts.dilation,
-        };
         let y = conv_bwd_input(&x, weight, &geo)?;
         let (x_grad, w_grad) = (x.requires_grad_flag(), weight.requires_grad_flag());
         let y = record(y, &[&x, weight], |_| Op::ConvTranspose2d {
@@ -815,5 +902,6 @@ impl Tensor {
         } else {
             Ok(y)
         }
+    })
     }
 }

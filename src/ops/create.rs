@@ -43,6 +43,7 @@ impl Tensor {
         }
         let t = Tensor::alloc("from_slice", shape, device, true)?;
         device.upload(t.buffer(), bytemuck::cast_slice(data));
+        crate::infer::capture::constant(&t);
         Ok(t)
     }
 
@@ -58,11 +59,13 @@ impl Tensor {
 
     /// Every element equal to `value`.
     pub fn full(shape: &[usize], value: f32, device: &Device) -> Result<Tensor> {
+        crate::infer::capture::traced(&[], |o| crate::infer::graph::OpKind::Full { shape: o.dims().iter().map(|&d| crate::infer::graph::Dim::fixed(d)).collect(), value }, || {
         let extra = Extra {
             alpha: value,
             ..Default::default()
         };
         filled("full", Kernel::FillFwd, shape, device, extra)
+    })
     }
 
     /// All zeros.
@@ -112,7 +115,9 @@ impl Tensor {
             beta: step,
             ..Default::default()
         };
-        filled("arange", Kernel::ArangeFwd, &[n], device, extra)
+        let t = filled("arange", Kernel::ArangeFwd, &[n], device, extra)?;
+        crate::infer::capture::constant(&t);
+        Ok(t)
     }
 
     /// Uniform random numbers in `[0, 1)`, reproducible from `seed` on any device.
@@ -140,6 +145,7 @@ impl Tensor {
             aux: split_seed(seed),
             ..Default::default()
         };
+        crate::infer::capture::refuse("rand", "random numbers would be frozen into the graph")?;
         filled("rand", Kernel::RandFwd, shape, device, extra)
     }
 
@@ -176,6 +182,7 @@ impl Tensor {
             aux: split_seed(seed),
             ..Default::default()
         };
+        crate::infer::capture::refuse("randn", "random numbers would be frozen into the graph")?;
         filled("randn", Kernel::RandnFwd, shape, device, extra)
     }
 }

@@ -292,6 +292,7 @@ fn unary_raw(x: &Tensor, op: UnaryOp, alpha: f32, beta: f32) -> Result<Tensor> {
 }
 
 pub(crate) fn unary(x: &Tensor, op: UnaryOp, alpha: f32, beta: f32) -> Result<Tensor> {
+        crate::infer::capture::traced(&[x], |_| crate::infer::graph::OpKind::Unary { op, alpha, beta }, || {
     let out = unary_raw(x, op, alpha, beta)?;
     Ok(record(out, &[x], |y| Op::Unary {
         op,
@@ -303,7 +304,8 @@ pub(crate) fn unary(x: &Tensor, op: UnaryOp, alpha: f32, beta: f32) -> Result<Te
         alpha,
         beta,
     }))
-}
+})
+    }
 
 /// `g * f'(saved)` for the unary op `op`, in one dispatch (`unary_bwd`).
 pub(crate) fn unary_backward(
@@ -350,6 +352,7 @@ pub(crate) fn copy_into(src: &Tensor, dst: &Tensor, dst_layout: &Layout) -> Resu
 }
 
 pub(crate) fn binary(a: &Tensor, b: &Tensor, op: BinaryOp) -> Result<Tensor> {
+        crate::infer::capture::traced(&[a, b], |_| crate::infer::graph::OpKind::Binary { op }, || {
     let name = op.name();
     a.check_device(name, b)?;
     let shape = broadcast_shapes(name, a.dims(), b.dims())?;
@@ -390,9 +393,11 @@ pub(crate) fn binary(a: &Tensor, b: &Tensor, op: BinaryOp) -> Result<Tensor> {
             b_shape: b.shape(),
         }
     }))
-}
+})
+    }
 
 pub(crate) fn binary_scalar(a: &Tensor, s: f32, op: BinaryOp, scalar_left: bool) -> Result<Tensor> {
+        crate::infer::capture::traced(&[a], |_| crate::infer::graph::OpKind::BinaryScalar { op, scalar: s, left: scalar_left }, || {
     let out = Tensor::uninit(op.name(), a.dims(), a.device())?;
     let extra = Extra {
         op: op as u32,
@@ -427,9 +432,11 @@ pub(crate) fn binary_scalar(a: &Tensor, s: f32, op: BinaryOp, scalar_left: bool)
             out: save_out.then(|| y.clone()),
         }
     }))
-}
+})
+    }
 
 pub(crate) fn where_cond(cond: &Tensor, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+        crate::infer::capture::traced(&[cond, a, b], |_| crate::infer::graph::OpKind::Where, || {
     const OP: &str = "where";
     cond.check_device(OP, a)?;
     cond.check_device(OP, b)?;
@@ -451,7 +458,8 @@ pub(crate) fn where_cond(cond: &Tensor, a: &Tensor, b: &Tensor) -> Result<Tensor
         a_shape: a.shape(),
         b_shape: b.shape(),
     }))
-}
+})
+    }
 
 macro_rules! unary_methods {
     ($($(#[$doc:meta])* $name:ident => $op:ident),* $(,)?) => {

@@ -18,6 +18,7 @@ impl Tensor {
     /// # Ok::<(), kiln::Error>(())
     /// ```
     pub fn concat(tensors: &[&Tensor], axis: isize) -> Result<Tensor> {
+        crate::infer::capture::traced(tensors, |_| crate::infer::graph::OpKind::Concat { axis }, || {
         const OP: &str = "concat";
         let first = tensors
             .first()
@@ -56,6 +57,7 @@ impl Tensor {
         }
         let sizes = tensors.iter().map(|t| t.dims()[ax]).collect();
         Ok(record(out, tensors, |_| Op::Concat { axis: ax, sizes }))
+    })
     }
 
     /// Tensors of one shape joined along a new `axis`.
@@ -94,6 +96,7 @@ impl Tensor {
     /// # Ok::<(), kiln::Error>(())
     /// ```
     pub fn index_select(&self, axis: isize, indices: &Tensor) -> Result<Tensor> {
+        crate::infer::capture::traced(&[self, indices], |_| crate::infer::graph::OpKind::IndexSelect { axis }, || {
         const OP: &str = "index_select";
         self.check_device(OP, indices)?;
         let ax = normalize_axis(OP, axis, self.rank())?;
@@ -114,6 +117,7 @@ impl Tensor {
         };
         il.strides[ax] = indices.strides()[0];
         gather_into(OP, self, ax, indices, &il, &shape)
+    })
     }
 
     /// [`Tensor::index_select`] with indices from the host, checked against the axis size.
@@ -142,6 +146,7 @@ impl Tensor {
     /// as `torch.gather`: `index` has the rank of `self` and no larger size on the other axes.
     /// Out-of-range indices give zeros.
     pub fn gather(&self, axis: isize, index: &Tensor) -> Result<Tensor> {
+        crate::infer::capture::traced(&[self, index], |_| crate::infer::graph::OpKind::Gather { axis }, || {
         const OP: &str = "gather";
         self.check_device(OP, index)?;
         let ax = normalize_axis(OP, axis, self.rank())?;
@@ -164,6 +169,7 @@ impl Tensor {
         }
         let shape = index.shape();
         gather_into(OP, self, ax, index, &index.layout.clone(), &shape)
+    })
     }
 }
 

@@ -234,6 +234,7 @@ impl Tensor {
     /// # Ok::<(), kiln::Error>(())
     /// ```
     pub fn matmul(&self, other: &Tensor) -> Result<Tensor> {
+        crate::infer::capture::traced(&[self, other], |_| crate::infer::graph::OpKind::Matmul, || {
         const OP: &str = "matmul";
         self.check_device(OP, other)?;
         if self.rank() == 0 || other.rank() == 0 {
@@ -302,6 +303,7 @@ impl Tensor {
             result = result.squeeze(Some(-2).filter(|_| result.rank() >= 2).or(Some(-1)))?;
         }
         Ok(result)
+    })
     }
 }
 
@@ -452,4 +454,61 @@ pub(crate) fn matmul_into(a: &Tensor, b: &Tensor, out: &Tensor, epi: &Epilogue<'
     )?;
     record(kernel)?;
     Ok(())
+}
+
+/// `act(x W^T + b)` over the last axis of `x` in one dispatch, for inference: `w` is
+/// (out, in) and `variant` gives the element type of the operands and the result. Not
+/// recorded for autograd.
+pub(crate) fn linear(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    act: Option<(crate::UnaryOp, f32)>,
+    variant: Variant,
+) -> Result<Tensor> {
+    const OP: &str = "linear";
+    x.check_device(OP, w)?;
+    if w.rank() != 2 || x.rank() == 0 || x.dims()[x.rank() - 1] != w.dims()[1] {
+        return Err(Error::shape(
+            OP,
+            format!("input {:?} must end in the features of weight {:?}", x.dims(), w.dims()),
+        ));
+    }
+    if let Some(b) = bias {
+        x.check_device(OP, b)?;
+        if b.dims() != [w.dims()[0]] {
+            return Err(Error::shape(
+                OP,
+                format!("bias {:?} must be [{}]", b.dims(), w.dims()[0]),
+            ));
+        }
+    }
+    let (k, n) = (w.dims()[1], w.dims()[0]);
+    let x = if x.is_contiguous() { x.clone() } else { x.contiguous()? };
+    let rows = x.numel() / k.max(1);
+    let mut shape = x.shape();
+    *shape.last_mut().unwrap_or(&mut 0) = n;
+    if rows.div_ceil(TILE) > MAX_GROUPS || n.div_ceil(TILE) > MAX_GROUPS {
+        return Err(Error::shape(
+            OP,
+            format!("output of {rows} x {n} exceeds the dispatch limits"),
+        ));
+    }
+    let out = match variant {
+        Variant::F16 => crate::infer::graph::half_uninit(&[rows, n], x.device())?,
+        _ => Tensor::uninit(OP, &[rows, n], x.device())?,
+    };
+    let mut x2 = Layout::contiguous(&[rows, k]);
+    x2.offset = x.layout.offset;
+    matmul_into(
+        &x.with_layout(x2),
+        &w.t()?,
+        &out,
+        &Epilogue {
+            bias,
+            activation: act,
+            variant,
+        },
+    )?;
+    Ok(out.with_layout(Layout::contiguous(&shape)))
 }

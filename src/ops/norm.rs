@@ -59,6 +59,7 @@ impl Tensor {
     /// ```
     pub fn assign(&self, src: &Tensor) -> Result<()> {
         const OP: &str = "assign";
+        crate::infer::capture::refuse(OP, "an in-place write during the forward pass")?;
         self.check_device(OP, src)?;
         if self.dims() != src.dims() {
             return Err(Error::shape(
@@ -108,7 +109,11 @@ impl Tensor {
         momentum: f32,
         eps: f32,
     ) -> Result<Tensor> {
+        crate::infer::capture::traced(&[Some(self), running_mean, running_var, weight, bias].into_iter().flatten().collect::<Vec<&Tensor>>(), |_| crate::infer::graph::OpKind::BatchNorm { eps, weight: weight.is_some(), bias: bias.is_some() }, || {
         const OP: &str = "batch_norm";
+        if training || running_mean.is_none() || running_var.is_none() {
+            crate::infer::capture::refuse(OP, "batch statistics (training mode or no running statistics); call set_training(false)")?;
+        }
         if self.rank() < 2 {
             return Err(Error::shape(
                 OP,
@@ -174,6 +179,7 @@ impl Tensor {
             self.sub(&rm)?.mul(&rv.add_scalar(eps)?.rsqrt()?)?
         };
         channel_affine(y, weight, bias, c, self.rank(), OP)
+    })
     }
 
     /// Layer normalisation over the trailing axes `normalized_shape`, with optional
@@ -185,6 +191,7 @@ impl Tensor {
         bias: Option<&Tensor>,
         eps: f32,
     ) -> Result<Tensor> {
+        crate::infer::capture::traced(&[Some(self), weight, bias].into_iter().flatten().collect::<Vec<&Tensor>>(), |_| crate::infer::graph::OpKind::LayerNorm { shape: normalized_shape.to_vec(), eps, weight: weight.is_some(), bias: bias.is_some() }, || {
         const OP: &str = "layer_norm";
         let k = normalized_shape.len();
         if k == 0 || k > self.rank() || self.dims()[self.rank() - k..] != *normalized_shape {
@@ -216,6 +223,7 @@ impl Tensor {
             };
         }
         Ok(y)
+    })
     }
 
     /// Group normalisation of an (N, C, ...) input: channels split into `groups`, each
@@ -228,6 +236,7 @@ impl Tensor {
         bias: Option<&Tensor>,
         eps: f32,
     ) -> Result<Tensor> {
+        crate::infer::capture::traced(&[Some(self), weight, bias].into_iter().flatten().collect::<Vec<&Tensor>>(), |_| crate::infer::graph::OpKind::GroupNorm { groups, eps, weight: weight.is_some(), bias: bias.is_some() }, || {
         const OP: &str = "group_norm";
         if self.rank() < 2 {
             return Err(Error::shape(
@@ -247,6 +256,7 @@ impl Tensor {
         let (y, _, _) = standardize(&grouped, &[2], eps)?;
         let y = y.reshape_to(self.dims())?;
         channel_affine(y, weight, bias, c, self.rank(), OP)
+    })
     }
 
     /// Dropout: in training, zeroes each element with probability `p` (a mask drawn on the GPU
@@ -271,6 +281,7 @@ impl Tensor {
         if !training || p == 0.0 {
             return Ok(self.clone());
         }
+        crate::infer::capture::refuse("dropout", "dropout in training mode; call set_training(false)")?;
         let mask = Tensor::uninit("dropout", self.dims(), self.device())?;
         let extra = Extra {
             alpha: p,

@@ -128,8 +128,8 @@ pub(crate) fn geometry(
     let (h, w) = (dims[2], dims[3]);
     let mut out = [0; 2];
     for i in 0..2 {
-        let span = o.dilation[i] * (o.kernel[i] - 1) + 1;
-        if 2 * o.padding[i] > span {
+        let span = o.dilation[i] as u128 * (o.kernel[i] as u128 - 1) + 1;
+        if 2 * o.padding[i] as u128 > span {
             return Err(Error::invalid(
                 op,
                 format!(
@@ -138,8 +138,8 @@ pub(crate) fn geometry(
                 ),
             ));
         }
-        let padded = [h, w][i] + 2 * o.padding[i];
-        if span > padded {
+        let padded = [h, w][i] as u128 + 2 * o.padding[i] as u128;
+        if span > padded || padded > u32::MAX as u128 {
             return Err(Error::shape(
                 op,
                 format!(
@@ -148,7 +148,7 @@ pub(crate) fn geometry(
                 ),
             ));
         }
-        out[i] = (padded - span) / o.stride[i] + 1;
+        out[i] = ((padded - span) / o.stride[i] as u128 + 1) as usize;
     }
     Ok(PoolGeometry {
         n: dims[0],
@@ -247,14 +247,17 @@ impl Tensor {
     /// # Ok::<(), kiln::Error>(())
     /// ```
     pub fn max_pool2d(&self, opts: &Pool2dOptions) -> Result<Tensor> {
+        crate::infer::capture::traced(&[self], |_| crate::infer::graph::OpKind::Pool { opts: *opts, max: true }, || {
         unbatched(self, |x| {
             pool_forward(x, geometry("max_pool2d", x.dims(), opts, MODE_MAX)?)
         })
+    })
     }
 
     /// Average pooling, as `torch.nn.functional.avg_pool2d` (`ceil_mode = false`; dilation
     /// must be 1).
     pub fn avg_pool2d(&self, opts: &Pool2dOptions) -> Result<Tensor> {
+        crate::infer::capture::traced(&[self], |_| crate::infer::graph::OpKind::Pool { opts: *opts, max: false }, || {
         if opts.dilation != [1, 1] {
             return Err(Error::invalid(
                 "avg_pool2d",
@@ -269,6 +272,7 @@ impl Tensor {
         unbatched(self, |x| {
             pool_forward(x, geometry("avg_pool2d", x.dims(), opts, mode)?)
         })
+    })
     }
 
     /// Adaptive average pooling to an output of `size` (height, width), as
@@ -281,6 +285,7 @@ impl Tensor {
     /// # Ok::<(), kiln::Error>(())
     /// ```
     pub fn adaptive_avg_pool2d(&self, size: [usize; 2]) -> Result<Tensor> {
+        crate::infer::capture::traced(&[self], |_| crate::infer::graph::OpKind::AdaptiveAvgPool { size }, || {
         const OP: &str = "adaptive_avg_pool2d";
         unbatched(self, |x| {
             if x.rank() != 4 {
@@ -305,6 +310,7 @@ impl Tensor {
             let g = adaptive_geometry(x.dims(), size);
             pool_forward(x, g)
         })
+    })
     }
 }
 

@@ -230,6 +230,7 @@ pub(crate) fn reduce(
     keepdim: bool,
     correction: f32,
 ) -> Result<Tensor> {
+        crate::infer::capture::traced(&[x], |_| crate::infer::graph::OpKind::Reduce { op, axes: axes.to_vec(), keepdim, correction }, || {
     let name = op.name();
     let axes = normalize_axes(name, axes, x.rank())?;
     let (src, rows) = rows_of(name, x, &axes)?;
@@ -298,9 +299,11 @@ pub(crate) fn reduce(
         out: matches!(op, ReduceOp::Max | ReduceOp::Min).then(|| y.clone()),
         correction,
     }))
-}
+})
+    }
 
 fn softmax_like(x: &Tensor, axis: isize, kernel: Kernel, name: &'static str) -> Result<Tensor> {
+        crate::infer::capture::traced(&[x], |_| crate::infer::graph::OpKind::Softmax { axis, log: name == "log_softmax" }, || {
     let axis = normalize_axis(name, axis, x.rank().max(1))?;
     if x.rank() == 0 {
         let x1 = x.reshape(&[1])?;
@@ -346,7 +349,8 @@ fn softmax_like(x: &Tensor, axis: isize, kernel: Kernel, name: &'static str) -> 
             }
         }
     }))
-}
+})
+    }
 
 impl Tensor {
     /// Sum over `axes` (all axes when empty); reduced axes are kept with size 1 if `keepdim`.
