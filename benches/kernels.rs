@@ -255,7 +255,7 @@ fn networks(c: &mut Criterion) {
                 },
             );
             drop(opt);
-            let frozen = freeze(model).expect("freeze");
+            let frozen = freeze(model, &x).expect("freeze");
             g.bench_function(
                 BenchmarkId::new(format!("{name} frozen inference"), batch),
                 |bench| {

@@ -257,7 +257,7 @@ fn main() -> Result<()> {
                 None,
             );
             drop(opt);
-            let frozen = freeze(model)?;
+            let frozen = freeze(model, &x)?;
             let ms_frozen = time(&dev, reps, || frozen.predict(&x).map(drop))?;
             table.row(
                 &format!("inference {name} batch {batch}"),
@@ -312,7 +312,7 @@ fn main() -> Result<()> {
     dev.synchronize()?;
     let train_peak = dev.peak_bytes();
     drop(opt);
-    let frozen = freeze(model)?;
+    let frozen = freeze(model, &x)?;
     frozen.predict(&x)?;
     dev.synchronize()?;
     dev.reset_peak_bytes();

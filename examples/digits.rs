@@ -89,9 +89,13 @@ fn main() -> kiln::Result<()> {
         model.parameters().iter().map(|p| p.numel()).sum::<usize>()
     );
     // Freeze for inference: batch norm folded, bias and activations fused, memory planned.
-    let frozen = kiln::infer::freeze(model)?;
-    drop(opt);
     let batches: Vec<_> = test.epoch(0).collect::<kiln::Result<_>>()?;
+    let frozen = kiln::infer::freeze(model, &batches[0].inputs)?;
+    drop(opt);
+    // One deployable file: the graph and its weights, loadable without this code.
+    let frozen_path = out.with_extension("frozen.safetensors");
+    frozen.save(&frozen_path)?;
+    println!("saved the frozen model to {}", frozen_path.display());
     frozen.classify(&batches[0].inputs)?;
     let t = Instant::now();
     let mut correct = 0;

@@ -1,8 +1,8 @@
-//! Loads the digits example's checkpoint into a frozen model (no training code involved) and
-//! classifies the held-out digits: accuracy, latency per batch and GPU memory.
+//! Loads the frozen model the digits example wrote (no training code involved) and classifies
+//! the held-out digits: accuracy, latency per batch and GPU memory.
 //!
 //! ```text
-//! cargo run --release --example digits            # writes digits_cnn.safetensors
+//! cargo run --release --example digits            # writes digits_cnn.frozen.safetensors
 //! cargo run --release --example infer [-- FILE]
 //! ```
 
@@ -17,18 +17,18 @@ fn main() -> kiln::Result<()> {
     let path = PathBuf::from(
         std::env::args()
             .nth(1)
-            .unwrap_or_else(|| "digits_cnn.safetensors".into()),
+            .unwrap_or_else(|| "digits_cnn.frozen.safetensors".into()),
     );
     let dev = Device::default_device()?;
     println!("device: {dev}");
     let t0 = Instant::now();
-    // The architecture description is stored in the checkpoint by the digits example.
-    let model = InferenceModel::load(&path, None, &dev)?;
+    // The file holds the captured graph and its weights.
+    let model = InferenceModel::load(&path, &dev)?;
     println!(
-        "loaded {} in {:.1} ms: {} kernels after folding and fusion, {:.1} KiB of weights",
+        "loaded {} in {:.1} ms: {} nodes after folding and fusion, {:.1} KiB of weights",
         path.display(),
         t0.elapsed().as_secs_f64() * 1e3,
-        model.layer_count(),
+        model.node_count(),
         model.weight_bytes() as f64 / 1024.0
     );
     // The same seeded split as the training example: these images were never trained on.
@@ -59,7 +59,7 @@ fn main() -> kiln::Result<()> {
         "GPU memory in use: {:.1} KiB ({:.1} KiB weights, {:.1} KiB planned activations)",
         dev.live_bytes() as f64 / 1024.0,
         model.weight_bytes() as f64 / 1024.0,
-        model.planned_bytes() as f64 / 1024.0
+        model.memory_plan(&[batches[0].inputs.dims()])?.planned_bytes as f64 / 1024.0
     );
     Ok(())
 }

@@ -63,13 +63,21 @@ fn frozen_outputs_equal_eval_mode_and_memory_holds_only_weights_and_plans() {
         .unwrap()
         .to_vec()
         .unwrap();
-    let frozen = freeze(model).unwrap();
+    d.synchronize().unwrap();
+    let base = d.live_bytes();
+    d.reset_peak_bytes();
+    let y = kiln::no_grad(|| model.forward(&x)).unwrap();
+    d.synchronize().unwrap();
+    let eval_peak = d.peak_bytes() - base;
+    drop(y);
+    let frozen = freeze(model, &x).unwrap();
     drop(opt);
     // conv-bn-relu and linear-bn-gelu each became one kernel; dropout vanished.
     assert_eq!(
-        frozen.layer_count(),
+        frozen.node_count(),
         6,
-        "conv+bn+relu, conv+relu, pool, flatten, linear+bn+gelu, linear"
+        "conv+bn+relu, conv+relu, pool, flatten, linear+bn+gelu, linear:\n{}",
+        frozen.describe()
     );
     let y = frozen.predict(&x).unwrap();
     assert_eq!(y.dims(), &[64, 10]);
@@ -79,98 +87,76 @@ fn frozen_outputs_equal_eval_mode_and_memory_holds_only_weights_and_plans() {
         diff <= 1e-4,
         "frozen vs eval-mode: max relative difference {diff}"
     );
-    drop((y, x));
+    drop(y);
+    // Peak memory of a call: at most the plan's buffers above what was live before (the
+    // weights and the input), and below the eval-mode forward's.
+    let plan = frozen.memory_plan(&[x.dims()]).unwrap();
     d.synchronize().unwrap();
-    let live = d.live_bytes();
-    let budget = frozen.weight_bytes() + frozen.planned_bytes();
-    // Pooled buffers are rounded up to size classes (at most 2x below 1 MiB).
+    let base = d.live_bytes();
+    d.reset_peak_bytes();
+    let y = frozen.predict(&x).unwrap();
+    d.synchronize().unwrap();
+    let peak = d.peak_bytes() - base;
     assert!(
-        live <= 2 * budget + 4096,
-        "live {live} bytes > weights + plans {budget}"
+        peak <= plan.planned_bytes,
+        "frozen peak {peak} bytes > planned {}",
+        plan.planned_bytes
     );
-    // Another batch of the same shape reuses the plan.
-    let planned = frozen.planned_bytes();
-    let x2 = digits_batch(&d, 64);
-    frozen.predict(&x2).unwrap();
-    assert_eq!(frozen.planned_bytes(), planned);
+    assert!(peak < eval_peak, "frozen peak {peak} >= eval peak {eval_peak}");
+    drop(y);
 }
 
 #[test]
-fn loads_from_a_checkpoint_without_training_code() {
+fn loads_from_the_file_alone() {
     let d = dev();
     let (model, _) = trained(&d);
     let path = std::env::temp_dir().join(format!("kiln-infer-{}.safetensors", std::process::id()));
-    kiln::checkpoint::save(&path, &model, None, Some(SPEC)).unwrap();
     let x = digits_batch(&d, 16);
-    let want = freeze(model)
-        .unwrap()
-        .predict(&x)
-        .unwrap()
-        .to_vec()
-        .unwrap();
-    let loaded = InferenceModel::load(&path, None, &d).unwrap();
-    let got = loaded.predict(&x).unwrap().to_vec().unwrap();
-    assert!(max_rel_diff(&got, &want) <= 1e-6);
-    let labels = loaded.classify(&x).unwrap();
+    let frozen = freeze(model, &x).unwrap();
+    frozen.save(&path).unwrap();
+    let want = frozen.predict(&x).unwrap().to_vec().unwrap();
+    let fresh = own_device();
+    let loaded = InferenceModel::load(&path, &fresh).unwrap();
+    let xf = Tensor::from_slice(&x.to_vec().unwrap(), x.dims(), &fresh).unwrap();
+    let got = loaded.predict(&xf).unwrap().to_vec().unwrap();
+    assert_eq!(got, want);
+    let labels = loaded.classify(&xf).unwrap();
     assert_eq!(labels.len(), 16);
 
-    // Mismatches name the tensor; bad files are errors.
-    let e = InferenceModel::load(
-        &path,
-        Some(&SPEC.replace("linear(32,10)", "linear(32,11)")),
-        &d,
-    )
-    .err()
-    .unwrap()
-    .to_string();
-    assert!(e.contains("11.weight") && e.contains("shape"), "{e}");
-    let e = InferenceModel::load(
-        &path,
-        Some(&SPEC.replace(" dropout(0.3) linear(32,10)", "")),
-        &d,
-    )
-    .err()
-    .unwrap()
-    .to_string();
-    assert!(
-        e.contains("11.") && e.contains("not in the architecture"),
-        "{e}"
-    );
-    let e = InferenceModel::load(&path, Some(&format!("{SPEC} linear(10,2)")), &d)
-        .err()
-        .unwrap()
-        .to_string();
-    assert!(e.contains("12.weight") && e.contains("missing"), "{e}");
+    // A checkpoint of a training module is not a frozen model; bad files are errors.
+    let (model, _) = trained(&d);
+    kiln::checkpoint::save(&path, &model, None, Some(SPEC)).unwrap();
+    let e = InferenceModel::load(&path, &d).err().unwrap().to_string();
+    assert!(e.contains("not a frozen kiln model"), "{e}");
+    frozen.save(&path).unwrap();
     let bytes = std::fs::read(&path).unwrap();
     std::fs::write(&path, &bytes[..bytes.len() - 100]).unwrap();
-    assert!(
-        InferenceModel::load(&path, None, &d).is_err(),
-        "truncated file"
-    );
+    assert!(InferenceModel::load(&path, &d).is_err(), "truncated file");
     std::fs::write(&path, b"garbage").unwrap();
-    assert!(
-        InferenceModel::load(&path, None, &d).is_err(),
-        "corrupt file"
-    );
+    assert!(InferenceModel::load(&path, &d).is_err(), "corrupt file");
     std::fs::remove_file(&path).ok();
 }
 
 #[test]
 fn wrong_inputs_are_err() {
     let d = dev();
-    let frozen = freeze(Sequential::from_spec(&mut Init::new(&d, 0), SPEC).unwrap()).unwrap();
+    let frozen = freeze(
+        Sequential::from_spec(&mut Init::new(&d, 0), SPEC).unwrap(),
+        &Tensor::ones(&[3, 1, 8, 8], &d).unwrap(),
+    )
+    .unwrap();
     let e = frozen
         .predict(&Tensor::ones(&[2, 3, 8, 8], &d).unwrap())
         .err()
         .unwrap()
         .to_string();
-    assert!(e.contains("layer 0"), "{e}");
+    assert!(e.contains("needs [2, 1, 8, 8]"), "{e}");
     let e = frozen
         .predict(&Tensor::ones(&[2, 1, 10, 10], &d).unwrap())
         .err()
         .unwrap()
         .to_string();
-    assert!(e.contains("layer 4") && e.contains("256 features"), "{e}");
+    assert!(e.contains("needs [2, 1, 8, 8]"), "{e}");
     assert!(frozen.predict(&Tensor::ones(&[64], &d).unwrap()).is_err());
     let other = own_device();
     assert!(frozen
@@ -182,10 +168,10 @@ fn wrong_inputs_are_err() {
 fn concurrent_predictions_agree() {
     let d = dev();
     let (model, _) = trained(&d);
-    let frozen = std::sync::Arc::new(freeze(model).unwrap());
     let inputs: Vec<Tensor> = (0..4)
         .map(|i| Tensor::randn(&[8, 1, 8, 8], i, &d).unwrap())
         .collect();
+    let frozen = std::sync::Arc::new(freeze(model, &inputs[0]).unwrap());
     let want: Vec<Vec<f32>> = inputs
         .iter()
         .map(|x| frozen.predict(x).unwrap().to_vec().unwrap())
@@ -224,8 +210,11 @@ fn half_precision_keeps_accuracy_and_halves_weights() {
     let d = dev();
     if !d.features().contains(kiln::wgpu::Features::SHADER_F16) {
         // Documented fallback: the conversion is an error and the f32 model stays usable.
-        let f =
-            freeze(Sequential::from_spec(&mut Init::new(&d, 0), "linear(2,2)").unwrap()).unwrap();
+        let f = freeze(
+            Sequential::from_spec(&mut Init::new(&d, 0), "linear(2,2)").unwrap(),
+            &Tensor::ones(&[1, 2], &d).unwrap(),
+        )
+        .unwrap();
         assert!(f.to_half().is_err());
         return;
     }
@@ -252,9 +241,9 @@ fn half_precision_keeps_accuracy_and_halves_weights() {
     )
     .unwrap();
     model.set_training(false);
-    let f32_model = freeze(model).unwrap();
-    let acc32 = accuracy(&f32_model, &d);
     let x = digits_batch(&d, 32);
+    let f32_model = freeze(model, &x).unwrap();
+    let acc32 = accuracy(&f32_model, &d);
     let y32 = f32_model.predict(&x).unwrap().to_vec().unwrap();
     let w32 = f32_model.weight_bytes();
     let f16_model = f32_model.to_half().unwrap();
@@ -289,7 +278,7 @@ fn fused_linear_activations() {
         let inputs = spec.split('(').nth(1).unwrap().split(',').next().unwrap();
         let x = Tensor::randn(&[33, inputs.parse().unwrap()], 6, &d).unwrap();
         let want = model.forward(&x).unwrap().to_vec().unwrap();
-        let frozen = freeze(model).unwrap();
+        let frozen = freeze(model, &x).unwrap();
         let got = frozen.predict(&x).unwrap().to_vec().unwrap();
         assert_close_slice(
             spec,

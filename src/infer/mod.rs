@@ -128,7 +128,10 @@ pub(crate) fn half_from_bits(bits: &[u16], shape: &[usize], device: &Device) -> 
     if bits.len() % 2 == 1 {
         bits.push(0);
     }
-    let storage = graph::half_uninit(shape, device)?;
+    // Storage for upload: never a pooled buffer that recorded work may still write.
+    let words = bits.len().div_ceil(2).max(1);
+    let storage = Tensor::alloc("to_half", &[words], device, true)?
+        .with_layout(crate::shape::Layout::contiguous(shape));
     if !bits.is_empty() {
         device.upload(storage.buffer(), bytemuck::cast_slice(&bits));
     }

@@ -10,8 +10,8 @@ use crate::tensor::Tensor;
 pub(crate) fn optimize(g: &mut Graph) -> Result<()> {
     eliminate_dead(g);
     fuse_linear(g);
-    fold_batch_norm(g)?;
     fuse_bias(g)?;
+    fold_batch_norm(g)?;
     fuse_activation(g);
     fold_constants(g)?;
     eliminate_dead(g);
@@ -146,6 +146,7 @@ fn const_tensor(g: &Graph, s: Src) -> Option<&Tensor> {
 /// folded into that node's weight and bias: `w * s` along the output channels and
 /// `(b - mean) * s + beta`, with `s = gamma / sqrt(var + eps)`.
 pub(crate) fn fold_batch_norm(g: &mut Graph) -> Result<()> {
+    eliminate_dead(g);
     let _no_grad = crate::autograd::NoGradGuard::new();
     for i in 0..g.nodes.len() {
         let OpKind::BatchNorm { eps, weight, bias } = g.nodes[i].op else { continue };
@@ -189,6 +190,8 @@ fn internal(what: &str) -> crate::Error {
 /// `producer + c` with a constant `c` along the output channels, after a conv2d or linear
 /// node without bias that nothing else reads, becomes that node's bias.
 pub(crate) fn fuse_bias(g: &mut Graph) -> Result<()> {
+    // Readers that earlier rewrites left unused must not count as users.
+    eliminate_dead(g);
     for i in 0..g.nodes.len() {
         if g.nodes[i].op != (OpKind::Binary { op: BinaryOp::Add }) {
             continue;
@@ -227,6 +230,7 @@ pub(crate) fn fuse_bias(g: &mut Graph) -> Result<()> {
 /// An activation of a conv2d or linear node that nothing else reads runs in that node's
 /// epilogue.
 pub(crate) fn fuse_activation(g: &mut Graph) {
+    eliminate_dead(g);
     for i in 0..g.nodes.len() {
         let OpKind::Unary { op, alpha, .. } = g.nodes[i].op else { continue };
         if !fusable_activation(op) {

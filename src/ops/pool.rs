@@ -168,10 +168,12 @@ pub(crate) fn geometry(
 fn pool_forward(x: &Tensor, g: PoolGeometry) -> Result<Tensor> {
     let x = x.contiguous()?;
     let total = g.n * g.c * g.oh * g.ow;
-    // Max pooling writes the values and, right after them, the chosen indices.
-    let slots = if g.mode == MODE_MAX { 2 } else { 1 };
+    // Max pooling writes the values and, right after them, the chosen indices when a
+    // gradient will need them.
+    let keep = g.mode == MODE_MAX && crate::autograd::is_grad_enabled() && x.requires_grad_flag();
+    let slots = if keep { 2 } else { 1 };
     let both = Tensor::uninit("pool2d", &[slots, total], x.device())?;
-    let p = g.params(total);
+    let p = g.params(if keep { total } else { u32::MAX as usize });
     x.device().dispatch(
         Kernel::Pool2dFwd,
         &[x.buffer()],
@@ -180,7 +182,7 @@ fn pool_forward(x: &Tensor, g: PoolGeometry) -> Result<Tensor> {
         grid(total, 256),
     );
     let values = both.with_layout(Layout::contiguous(&[g.n, g.c, g.oh, g.ow]));
-    let indices = (g.mode == MODE_MAX).then(|| {
+    let indices = keep.then(|| {
         let mut l = Layout::contiguous(&[g.n, g.c, g.oh, g.ow]);
         l.offset = total;
         both.with_layout(l)
