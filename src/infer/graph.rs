@@ -9,6 +9,7 @@ use crate::ops::elementwise::{BinaryOp, UnaryOp};
 use crate::ops::reduce::ReduceOp;
 use crate::shape::{broadcast_shapes, checked_numel, normalize_axes, normalize_axis, MAX_RANK};
 use crate::tensor::Tensor;
+use crate::Device;
 use crate::{Conv2dOptions, ConvTranspose2dOptions, Pool2dOptions};
 
 /// Largest size, stride, padding or other integer a graph may hold: kernels take u32.
@@ -525,7 +526,11 @@ impl OpKind {
     }
 
     /// Runs the op on `inputs` (f32) through the tensor ops every caller uses.
-    pub(crate) fn apply(&self, inputs: &[&Tensor], n: usize) -> Result<Tensor> {
+    /// `dev` is where ops without operands (`full`) allocate.
+    pub(crate) fn apply(&self, inputs: &[&Tensor], n: usize, dev: &Device) -> Result<Tensor> {
+        if let OpKind::Full { shape, value } = self {
+            return Tensor::full(&dims_at(shape, n)?, *value, dev);
+        }
         let x = inputs[0];
         let opt = |present: bool, i: usize| present.then(|| inputs[i]);
         match self {
@@ -586,7 +591,7 @@ impl OpKind {
             OpKind::Concat { axis } => Tensor::concat(inputs, *axis),
             OpKind::IndexSelect { axis } => x.index_select(*axis, inputs[1]),
             OpKind::Gather { axis } => x.gather(*axis, inputs[1]),
-            OpKind::Full { shape, value } => Tensor::full(&dims_at(shape, n)?, *value, x.device()),
+            OpKind::Full { .. } => unreachable!("handled above"),
             OpKind::Cast { .. } => x.contiguous(),
         }
     }

@@ -249,7 +249,7 @@ impl InferenceModel {
             let out = if node.dtype == DType::F16 || matches!(node.op, OpKind::Cast { .. }) {
                 node.op.apply_half(&ins, &plan.shapes[i])?
             } else {
-                node.op.apply(&ins, plan.n)?
+                node.op.apply(&ins, plan.n, &self.device)?
             };
             if out.dims() != plan.shapes[i] {
                 return Err(Error::shape(

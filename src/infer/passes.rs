@@ -259,15 +259,17 @@ pub(crate) fn fold_constants(g: &mut Graph) -> Result<()> {
         let node = &mut g.nodes[i];
         let dynamic = node.op.clone().dims_mut().iter().any(|d| d.is_dynamic());
         let all_const = node.inputs.iter().all(|s| matches!(s, Src::Const(_)));
-        if dynamic || !all_const || node.inputs.is_empty() || node.dtype != DType::F32 {
+        if dynamic || !all_const || node.dtype != DType::F32 {
             continue;
         }
+        // An op without operands (`full`) allocates where the weights live.
+        let Some(dev) = g.consts.first().map(|c| c.device().clone()) else { continue };
         let ins: Vec<Tensor> = g.nodes[i].inputs.iter().filter_map(|&s| const_tensor(g, s).cloned()).collect();
         if ins.iter().zip(&g.nodes[i].inputs).any(|(_, s)| matches!(s, Src::Const(k) if g.const_dtypes[*k] != DType::F32)) {
             continue;
         }
         let refs: Vec<&Tensor> = ins.iter().collect();
-        let value = g.nodes[i].op.apply(&refs, 0)?.contiguous()?;
+        let value = g.nodes[i].op.apply(&refs, 0, &dev)?.contiguous()?;
         let src = add_const(g, value);
         replace_uses(g, Src::Node(i), src);
     }
@@ -317,7 +319,7 @@ mod tests {
                 })
                 .collect();
             let refs: Vec<&Tensor> = ins.iter().collect();
-            vals.push(n.op.apply(&refs, 2).unwrap());
+            vals.push(n.op.apply(&refs, 2, x.device()).unwrap());
         }
         let Src::Node(k) = g.outputs[0] else { panic!("output is not a node") };
         vals[k].to_vec().unwrap()

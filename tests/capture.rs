@@ -1,0 +1,403 @@
+//! Capture of any model's forward pass: four models (the digits CNN, a ResNet-style net, a
+//! pre-LN transformer block and a module kiln does not know) are frozen, saved, loaded from
+//! the file alone on a fresh device, and compared with their eval-mode outputs at two batch
+//! sizes. Then the memory plan of the ResNet and capture errors (the file fuzz is in
+//! `artifact_fuzz.rs`).
+
+mod common;
+
+use common::*;
+use kiln::infer::{freeze, freeze_fn, InferenceModel};
+use kiln::nn::{BatchNorm, Conv2d, Embedding, Init, LayerNorm, Linear, Module, Sequential, TensorRole};
+use kiln::{Conv2dOptions, Device, Result, Tensor};
+
+fn max_rel_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    let scale = b.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-12);
+    a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale
+}
+
+/// Random running statistics and affine parameters, so that folding has work to do.
+fn randomize_bn(bn: &BatchNorm, seed: u64) {
+    let c = bn.running_mean.numel();
+    let d = bn.running_mean.device().clone();
+    let mut rng = Rng::new(seed);
+    bn.running_mean.assign(&Tensor::from_slice(&rng.vec(c, -0.5, 0.5), &[c], &d).unwrap()).unwrap();
+    bn.running_var.assign(&Tensor::from_slice(&rng.vec(c, 0.5, 2.0), &[c], &d).unwrap()).unwrap();
+    for t in [&bn.weight, &bn.bias].into_iter().flatten() {
+        t.assign(&Tensor::from_slice(&rng.vec(c, -1.0, 1.0), &[c], &d).unwrap()).unwrap();
+    }
+}
+
+fn conv(init: &mut Init, cin: usize, cout: usize, k: usize, stride: usize, pad: usize) -> Conv2d {
+    let opts = Conv2dOptions { stride: [stride, stride], padding: [pad, pad], ..Default::default() };
+    Conv2d::new(init, cin, cout, [k, k], opts, false).unwrap()
+}
+
+/// A residual block: conv-bn-relu-conv-bn plus the input (or a 1x1 stride-2 conv-bn
+/// shortcut), then relu.
+struct ResBlock {
+    conv1: Conv2d,
+    bn1: BatchNorm,
+    conv2: Conv2d,
+    bn2: BatchNorm,
+    shortcut: Option<(Conv2d, BatchNorm)>,
+}
+
+impl ResBlock {
+    fn new(init: &mut Init, cin: usize, cout: usize, stride: usize, seed: u64) -> ResBlock {
+        let b = ResBlock {
+            conv1: conv(init, cin, cout, 3, stride, 1),
+            bn1: BatchNorm::new_2d(init, cout).unwrap(),
+            conv2: conv(init, cout, cout, 3, 1, 1),
+            bn2: BatchNorm::new_2d(init, cout).unwrap(),
+            shortcut: (stride != 1 || cin != cout)
+                .then(|| (conv(init, cin, cout, 1, stride, 0), BatchNorm::new_2d(init, cout).unwrap())),
+        };
+        randomize_bn(&b.bn1, seed);
+        randomize_bn(&b.bn2, seed + 1);
+        if let Some((_, bn)) = &b.shortcut {
+            randomize_bn(bn, seed + 2);
+        }
+        b
+    }
+}
+
+impl Module for ResBlock {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let h = self.bn1.forward(&self.conv1.forward(x)?)?.relu()?;
+        let h = self.bn2.forward(&self.conv2.forward(&h)?)?;
+        let s = match &self.shortcut {
+            Some((c, bn)) => bn.forward(&c.forward(x)?)?,
+            None => x.clone(),
+        };
+        h.add(&s)?.relu()
+    }
+
+    fn visit(&self, f: &mut dyn FnMut(&str, &Tensor, TensorRole)) {
+        self.conv1.visit(f);
+        self.bn1.visit(f);
+        self.conv2.visit(f);
+        self.bn2.visit(f);
+        if let Some((c, bn)) = &self.shortcut {
+            c.visit(f);
+            bn.visit(f);
+        }
+    }
+
+    fn set_training(&mut self, training: bool) {
+        self.bn1.set_training(training);
+        self.bn2.set_training(training);
+        if let Some((_, bn)) = &mut self.shortcut {
+            bn.set_training(training);
+        }
+    }
+
+    fn describe(&self) -> String {
+        "ResBlock".into()
+    }
+}
+
+/// stem conv-bn-relu, two blocks at 8 channels, one down to 16 with a 1x1 stride-2
+/// shortcut, global average pooling, linear head.
+struct ResNet {
+    stem: Conv2d,
+    bn: BatchNorm,
+    blocks: Vec<ResBlock>,
+    head: Linear,
+}
+
+fn resnet(d: &Device) -> ResNet {
+    let mut init = Init::new(d, 11);
+    let stem = conv(&mut init, 1, 8, 3, 1, 1);
+    let bn = BatchNorm::new_2d(&mut init, 8).unwrap();
+    randomize_bn(&bn, 100);
+    let blocks = vec![
+        ResBlock::new(&mut init, 8, 8, 1, 200),
+        ResBlock::new(&mut init, 8, 8, 1, 300),
+        ResBlock::new(&mut init, 8, 16, 2, 400),
+    ];
+    let head = Linear::new(&mut init, 16, 10, true).unwrap();
+    ResNet { stem, bn, blocks, head }
+}
+
+impl Module for ResNet {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let mut h = self.bn.forward(&self.stem.forward(x)?)?.relu()?;
+        for b in &self.blocks {
+            h = b.forward(&h)?;
+        }
+        self.head.forward(&h.adaptive_avg_pool2d([1, 1])?.flatten(1, -1)?)
+    }
+
+    fn set_training(&mut self, training: bool) {
+        self.bn.set_training(training);
+        for b in &mut self.blocks {
+            b.set_training(training);
+        }
+    }
+
+    fn describe(&self) -> String {
+        "ResNet".into()
+    }
+}
+
+/// A pre-LN transformer encoder block over token ids: embedding, causal multi-head attention
+/// from matmul and softmax with the mask applied by `where_cond`, layer norms, a GELU MLP and
+/// residuals.
+struct Block {
+    emb: Embedding,
+    ln1: LayerNorm,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    ln2: LayerNorm,
+    fc1: Linear,
+    fc2: Linear,
+    heads: usize,
+}
+
+const T: usize = 5;
+const DIM: usize = 8;
+
+fn block(d: &Device) -> Block {
+    let mut init = Init::new(d, 21);
+    let i = &mut init;
+    Block {
+        emb: Embedding::new(i, 13, DIM).unwrap(),
+        ln1: LayerNorm::new(i, &[DIM]).unwrap(),
+        q: Linear::new(i, DIM, DIM, true).unwrap(),
+        k: Linear::new(i, DIM, DIM, true).unwrap(),
+        v: Linear::new(i, DIM, DIM, true).unwrap(),
+        o: Linear::new(i, DIM, DIM, true).unwrap(),
+        ln2: LayerNorm::new(i, &[DIM]).unwrap(),
+        fc1: Linear::new(i, DIM, 2 * DIM, true).unwrap(),
+        fc2: Linear::new(i, 2 * DIM, DIM, true).unwrap(),
+        heads: 2,
+    }
+}
+
+/// 1 where position j may attend to position i (j <= i), as a (T, T) tensor.
+fn causal_mask(d: &Device) -> Tensor {
+    let m: Vec<f32> = (0..T * T).map(|p| ((p % T) <= (p / T)) as u8 as f32).collect();
+    Tensor::from_slice(&m, &[T, T], d).unwrap()
+}
+
+impl Block {
+    fn run(&self, tokens: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        let (n, t) = (tokens.dims()[0] as isize, tokens.dims()[1] as isize);
+        let (h, dh) = (self.heads as isize, (DIM / self.heads) as isize);
+        let x = self.emb.forward(tokens)?;
+        let a = self.ln1.forward(&x)?;
+        let split = |y: Tensor| y.reshape(&[n, t, h, dh])?.permute(&[0, 2, 1, 3]);
+        let (q, k, v) = (split(self.q.forward(&a)?)?, split(self.k.forward(&a)?)?, split(self.v.forward(&a)?)?);
+        let scores = q.matmul(&k.transpose(-2, -1)?)?.mul_scalar(1.0 / (dh as f32).sqrt())?;
+        let neg = Tensor::full(&[1], -1e9, tokens.device())?;
+        let p = mask.where_cond(&scores, &neg)?.softmax(-1)?;
+        let att = p.matmul(&v)?.permute(&[0, 2, 1, 3])?.reshape(&[n, t, DIM as isize])?;
+        let x = x.add(&self.o.forward(&att)?)?;
+        let m = self.fc2.forward(&self.fc1.forward(&self.ln2.forward(&x)?)?.gelu()?)?;
+        x.add(&m)
+    }
+}
+
+impl Module for Block {
+    fn forward(&self, tokens: &Tensor) -> Result<Tensor> {
+        self.run(tokens, &causal_mask(tokens.device()))
+    }
+
+    fn describe(&self) -> String {
+        "Block".into()
+    }
+}
+
+/// A module kiln has never seen: a gated unit on raw tensors, with concat and narrow.
+struct Gated {
+    w1: Tensor,
+    w2: Tensor,
+    scale: Tensor,
+}
+
+impl Module for Gated {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let a = x.matmul(&self.w1)?;
+        let g = x.matmul(&self.w2.t()?)?.sigmoid()?;
+        let y = a.mul(&g)?.mul(&self.scale)?;
+        let z = Tensor::concat(&[&y, &x.narrow(1, 1, 3)?], 1)?;
+        z.tanh()?.sub(&z.mean(&[-1], true)?)
+    }
+
+    fn describe(&self) -> String {
+        "Gated".into()
+    }
+}
+
+fn tokens(n: usize, seed: u64, d: &Device) -> Tensor {
+    let mut rng = Rng::new(seed);
+    let v: Vec<f32> = (0..n * T).map(|_| rng.below(13) as f32).collect();
+    Tensor::from_slice(&v, &[n, T], d).unwrap()
+}
+
+fn images(n: usize, seed: u64, d: &Device) -> Tensor {
+    Tensor::randn(&[n, 1, 8, 8], seed, d).unwrap()
+}
+
+/// Eval outputs at two batch sizes, frozen on a third; the file loaded on a fresh device gives
+/// the same outputs.
+fn check<M: Module>(name: &str, mut model: M, input: impl Fn(usize, u64, &Device) -> Tensor) {
+    let d = dev();
+    model.set_training(false);
+    let sizes = [3usize, 6];
+    let xs: Vec<Tensor> = sizes.iter().map(|&n| input(n, n as u64, &d)).collect();
+    let want: Vec<Vec<f32>> = xs
+        .iter()
+        .map(|x| kiln::no_grad(|| model.forward(x)).unwrap().to_vec().unwrap())
+        .collect();
+    let frozen = freeze(model, &input(4, 99, &d)).unwrap();
+    let path = std::env::temp_dir().join(format!("kiln-capture-{name}-{}.safetensors", std::process::id()));
+    frozen.save(&path).unwrap();
+    drop(frozen);
+    let fresh = own_device();
+    let loaded = InferenceModel::load(&path, &fresh).unwrap();
+    std::fs::remove_file(&path).ok();
+    for (x, w) in xs.iter().zip(&want) {
+        let xf = Tensor::from_slice(&x.to_vec().unwrap(), x.dims(), &fresh).unwrap();
+        let got = loaded.predict(&xf).unwrap().to_vec().unwrap();
+        let diff = max_rel_diff(&got, w);
+        assert!(diff <= 1e-4, "{name} at batch {}: relative difference {diff}\n{}", x.dims()[0], loaded.describe());
+    }
+}
+
+#[test]
+fn digits_cnn_round_trips() {
+    let d = dev();
+    let spec = "conv2d(1,16,3,p=1) batchnorm2d(16) relu conv2d(16,32,3,p=1) relu maxpool2d(2) \
+                flatten linear(512,64) relu dropout(0.2) linear(64,10)";
+    let model = Sequential::from_spec(&mut Init::new(&d, 1), spec).unwrap();
+    check("digits", model, images);
+}
+
+#[test]
+fn resnet_round_trips_with_folded_batch_norms() {
+    let d = dev();
+    check("resnet", resnet(&d), images);
+    let frozen = freeze(resnet(&d), &images(2, 1, &d)).unwrap();
+    let g = frozen.describe();
+    assert!(!g.contains("batch_norm"), "every batch norm folds into its conv:\n{g}");
+    // stem (relu fused), 2 convs per block, 1 shortcut, 3 adds each with its relu, pooling,
+    // flatten, head.
+    assert_eq!(frozen.node_count(), 1 + 6 + 1 + 3 * 2 + 1 + 1 + 1, "{g}");
+}
+
+#[test]
+fn transformer_block_round_trips() {
+    let d = dev();
+    check("transformer", block(&d), tokens);
+}
+
+#[test]
+fn user_module_round_trips() {
+    let d = dev();
+    let r = |s: &[usize], seed| Tensor::randn(s, seed, &d).unwrap();
+    let model = Gated { w1: r(&[6, 4], 1), w2: r(&[4, 6], 2), scale: r(&[4], 3) };
+    check("gated", model, |n, seed, d| Tensor::randn(&[n, 6], seed, d).unwrap());
+}
+
+#[test]
+fn closures_with_several_inputs_and_outputs() {
+    let d = dev();
+    let model = block(&d);
+    let mask = causal_mask(&d);
+    let want: Vec<f32> = kiln::no_grad(|| model.run(&tokens(3, 5, &d), &mask)).unwrap().to_vec().unwrap();
+    let frozen = freeze_fn(&[tokens(2, 1, &d), mask.clone()], &[Some(0), None], |t| {
+        let y = model.run(&t[0], &t[1])?;
+        Ok(vec![y.clone(), y.sum(&[-1], false)?])
+    })
+    .unwrap();
+    let out = frozen.run(&[&tokens(3, 5, &d), &mask]).unwrap();
+    assert_eq!(out.len(), 2);
+    assert!(max_rel_diff(&out[0].to_vec().unwrap(), &want) <= 1e-4);
+    assert_eq!(out[1].dims(), &[3, T]);
+    // Another mask is an input, not a constant: a full mask changes the result.
+    let ones = Tensor::ones(&[T, T], &d).unwrap();
+    let other = frozen.run(&[&tokens(3, 5, &d), &ones]).unwrap();
+    let full: Vec<f32> = kiln::no_grad(|| model.run(&tokens(3, 5, &d), &ones)).unwrap().to_vec().unwrap();
+    assert!(max_rel_diff(&other[0].to_vec().unwrap(), &full) <= 1e-4);
+    assert!(max_rel_diff(&full, &want) > 1e-3);
+}
+
+#[test]
+fn uncapturable_ops_are_errors() {
+    let d = dev();
+    let x = Tensor::randn(&[2, 3], 0, &d).unwrap();
+    let e = freeze_fn(&[x.clone()], &[Some(0)], |t| Ok(vec![t[0].add(&Tensor::rand(&[3], 0, t[0].device())?)?]))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("rand") && e.contains("cannot be captured"), "{e}");
+    let e = freeze_fn(&[x.clone()], &[Some(0)], |t| Ok(vec![t[0].dropout(0.5, 1, true)?]))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("dropout"), "{e}");
+    let mut bn = BatchNorm::new_1d(&mut Init::new(&d, 0), 3).unwrap();
+    bn.set_training(true);
+    let e = freeze_fn(&[x.clone()], &[Some(0)], |t| Ok(vec![bn.forward(&t[0])?])).err().unwrap().to_string();
+    assert!(e.contains("batch_norm"), "{e}");
+    // Control flow on the batch size records another graph at another size.
+    let e = freeze_fn(&[x.clone()], &[Some(0)], |t| {
+        Ok(vec![if t[0].dims()[0] % 2 == 0 { t[0].relu()? } else { t[0].exp()? }])
+    })
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(e.contains("different graph"), "{e}");
+    // A constant made in the forward whose shape follows the batch.
+    let e = freeze_fn(&[x], &[Some(0)], |t| {
+        let n = t[0].dims()[0];
+        let c = Tensor::from_slice(&vec![1.0; n * 3], &[n, 3], t[0].device())?;
+        Ok(vec![t[0].add(&c)?])
+    })
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(e.contains("batch size"), "{e}");
+}
+
+/// The ResNet at batch 64: peak bytes during frozen inference stay within the weights plus the
+/// planned buffers, below the eval-mode forward's peak, and the plan reuses buffers.
+#[test]
+fn resnet_memory_plan() {
+    let d = own_device();
+    let mut model = resnet(&d);
+    model.set_training(false);
+    let x = images(64, 3, &d);
+    kiln::no_grad(|| model.forward(&x)).unwrap();
+    d.synchronize().unwrap();
+    let base = d.live_bytes();
+    d.reset_peak_bytes();
+    let y = kiln::no_grad(|| model.forward(&x)).unwrap();
+    d.synchronize().unwrap();
+    let eval_peak = d.peak_bytes() - base;
+    drop(y);
+    let frozen = freeze(model, &x).unwrap();
+    d.synchronize().unwrap();
+    let weights = frozen.weight_bytes();
+    let plan = frozen.memory_plan(&[x.dims()]).unwrap();
+    frozen.predict(&x).unwrap();
+    d.synchronize().unwrap();
+    let base = d.live_bytes();
+    d.reset_peak_bytes();
+    let y = frozen.predict(&x).unwrap();
+    d.synchronize().unwrap();
+    let peak = d.peak_bytes() - base;
+    drop(y);
+    println!(
+        "resnet batch 64: weights {weights} B, planned {} B, all activations {} B, frozen peak {peak} B, eval peak {eval_peak} B",
+        plan.planned_bytes, plan.activation_bytes
+    );
+    assert!(peak <= plan.planned_bytes, "peak {peak} > planned {}", plan.planned_bytes);
+    assert!(peak < eval_peak, "frozen peak {peak} >= eval peak {eval_peak}");
+    assert!(plan.planned_bytes < plan.activation_bytes / 2, "{plan:?}");
+}
