@@ -17,6 +17,9 @@ use kiln::{Conv2dOptions, Device, Tensor};
 
 const MLP: &str = "linear(784,512) relu linear(512,512) relu linear(512,10)";
 const CNN: &str = "conv2d(1,32,3,p=1) relu maxpool2d(2) conv2d(32,64,3,p=1) relu maxpool2d(2) flatten linear(3136,128) relu linear(128,10)";
+/// A small ResNet: a stem, two basic blocks (the second with a 1x1 stride-2 shortcut), global
+/// average pooling and a linear head, with batch norm throughout.
+const RESNET: &str = "conv2d(3,16,3,p=1,bias=false) batchnorm2d(16) relu basicblock(16,16) basicblock(16,32,s=2) adaptive_avgpool2d(1,1) flatten linear(32,10)";
 
 fn device() -> (Device, bool) {
     let dev = Device::default_device().expect("a GPU adapter");
@@ -200,9 +203,13 @@ fn bandwidth(c: &mut Criterion) {
 fn networks(c: &mut Criterion) {
     let (dev, software) = device();
     let mut g = config(c, "networks");
-    for (name, spec, input) in [("mlp", MLP, vec![784usize]), ("cnn", CNN, vec![1, 28, 28])] {
+    for (name, spec, input) in [
+        ("mlp", MLP, vec![784usize]),
+        ("cnn", CNN, vec![1, 28, 28]),
+        ("resnet", RESNET, vec![3, 32, 32]),
+    ] {
         let batches: &[usize] = match (software, name) {
-            (true, "cnn") => &[16],
+            (true, "cnn" | "resnet") => &[16],
             (true, _) => &[64],
             _ => &[64, 256],
         };

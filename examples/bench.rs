@@ -22,6 +22,9 @@ use kiln::{Conv2dOptions, Device, Result, Tensor};
 
 const MLP: &str = "linear(784,512) relu linear(512,512) relu linear(512,10)";
 const CNN: &str = "conv2d(1,32,3,p=1) relu maxpool2d(2) conv2d(32,64,3,p=1) relu maxpool2d(2) flatten linear(3136,128) relu linear(128,10)";
+/// A small ResNet: a stem, two basic blocks (the second with a 1x1 stride-2 shortcut), global
+/// average pooling and a linear head, with batch norm throughout.
+const RESNET: &str = "conv2d(3,16,3,p=1,bias=false) batchnorm2d(16) relu basicblock(16,16) basicblock(16,32,s=2) adaptive_avgpool2d(1,1) flatten linear(32,10)";
 
 struct Table {
     torch: HashMap<String, f64>,
@@ -205,7 +208,11 @@ fn main() -> Result<()> {
     // The networks: one training step (forward, cross-entropy, backward, SGD momentum 0.9),
     // the training module's eval-mode forward, and frozen inference.
     let batches: &[usize] = if software { &[64] } else { &[64, 256] };
-    for (name, spec, input) in [("mlp", MLP, vec![784usize]), ("cnn", CNN, vec![1, 28, 28])] {
+    for (name, spec, input) in [
+        ("mlp", MLP, vec![784usize]),
+        ("cnn", CNN, vec![1, 28, 28]),
+        ("resnet", RESNET, vec![3, 32, 32]),
+    ] {
         for &batch in batches {
             let mut model = Sequential::from_spec(&mut Init::new(&dev, 0), spec)?;
             let mut opt = Sgd::new(

@@ -1,11 +1,14 @@
-//! Trains a small CNN on the 8x8 handwritten digits embedded in kiln, then saves it.
+//! Trains a small network on the 8x8 handwritten digits embedded in kiln, then saves its
+//! checkpoint and its frozen inference model.
 //!
 //! ```text
-//! cargo run --release --example digits [-- --epochs 10 --out digits_cnn.safetensors]
+//! cargo run --release --example digits [-- --model cnn|resnet --epochs 10 --out FILE]
 //! ```
 //!
-//! The network is conv16-conv32-pool-fc64-fc10 with SGD (momentum 0.9, lr 0.05), batch 32,
-//! on a seeded 80/20 split.
+//! `cnn` (the default) is conv16-conv32-pool-fc64-fc10; `resnet` is a stem and two residual
+//! blocks (the second with a 1x1 stride-2 shortcut) with batch norm, global average pooling
+//! and a linear head. Both train with SGD (momentum 0.9, lr 0.05), batch 32, on a seeded 80/20
+//! split, and write `digits_<model>.safetensors` and `digits_<model>.frozen.safetensors`.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -19,21 +22,31 @@ use kiln::Device;
 /// The example network (its state-dict names match the same `torch.nn.Sequential`).
 const DIGITS_CNN: &str =
     "conv2d(1,16,3,p=1) relu conv2d(16,32,3,p=1) relu maxpool2d(2) flatten linear(512,64) relu linear(64,10)";
+/// The residual network (torchvision's `BasicBlock` names inside each block).
+const DIGITS_RESNET: &str = "conv2d(1,16,3,p=1,bias=false) batchnorm2d(16) relu basicblock(16,16) basicblock(16,32,s=2) adaptive_avgpool2d(1,1) flatten linear(32,10)";
 
 fn main() -> kiln::Result<()> {
     let mut epochs = 10;
-    let mut out = PathBuf::from("digits_cnn.safetensors");
+    let mut name = "cnn".to_string();
+    let mut out = None;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match (a.as_str(), args.next()) {
             ("--epochs", Some(v)) => epochs = v.parse().unwrap_or(epochs),
-            ("--out", Some(v)) => out = PathBuf::from(v),
+            ("--out", Some(v)) => out = Some(PathBuf::from(v)),
+            ("--model", Some(v)) if v == "cnn" || v == "resnet" => name = v,
             _ => {
-                eprintln!("usage: digits [--epochs N] [--out FILE]");
+                eprintln!("usage: digits [--model cnn|resnet] [--epochs N] [--out FILE]");
                 std::process::exit(2);
             }
         }
     }
+    let spec = if name == "cnn" {
+        DIGITS_CNN
+    } else {
+        DIGITS_RESNET
+    };
+    let out = out.unwrap_or_else(|| PathBuf::from(format!("digits_{name}.safetensors")));
     let start = Instant::now();
     let dev = Device::default_device()?;
     println!("device: {dev}");
@@ -47,7 +60,7 @@ fn main() -> kiln::Result<()> {
     );
 
     let mut init = Init::new(&dev, 0);
-    let mut model = Sequential::from_spec(&mut init, DIGITS_CNN)?;
+    let mut model = Sequential::from_spec(&mut init, spec)?;
     println!("{}", model.describe());
     let mut opt = Sgd::new(
         model.parameters(),
@@ -82,7 +95,7 @@ fn main() -> kiln::Result<()> {
             r.seconds
         );
     }
-    kiln::checkpoint::save(&out, &model, None, Some(DIGITS_CNN))?;
+    kiln::checkpoint::save(&out, &model, None, Some(spec))?;
     println!(
         "saved {} ({} parameters)",
         out.display(),

@@ -1,6 +1,6 @@
-//! A one-line description of a sequential architecture, shared by the training module
-//! ([`crate::nn::Sequential::from_spec`]) and frozen inference ([`crate::infer`]), so a
-//! checkpoint can be loaded without the code that trained it.
+//! A one-line description of a sequential architecture, a short way to build a
+//! [`crate::nn::Sequential`] ([`crate::nn::Sequential::from_spec`]). Frozen inference does not
+//! need it: a frozen file holds its own graph.
 //!
 //! Layers are separated by whitespace; each is `name` or `name(args)` with positional and
 //! `key=value` arguments. Layer `i` gets the state-dict prefix `i.`, as in
@@ -18,6 +18,7 @@
 //! | `flatten` | `start=1`, `end=-1` |
 //! | `dropout` | p |
 //! | `embedding` | count, dim |
+//! | `basicblock` | in, out, `s=1` (torchvision's ResNet `BasicBlock`, [`crate::nn::Residual`]) |
 //! | `relu`, `gelu`, `tanh`, `sigmoid`, `silu` | |
 //! | `leaky_relu` | `slope=0.01` |
 //!
@@ -86,6 +87,12 @@ pub enum LayerSpec {
     Dropout { p: f32 },
     /// `embedding(n, d)`
     Embedding { count: usize, dim: usize },
+    /// `basicblock(in, out)`: a residual block of two 3x3 convolutions.
+    BasicBlock {
+        in_channels: usize,
+        out_channels: usize,
+        stride: usize,
+    },
     /// An activation: `relu`, `gelu`, `tanh`, `sigmoid`, `silu`, `leaky_relu(slope)`.
     Activation { op: crate::UnaryOp, slope: f32 },
 }
@@ -323,6 +330,11 @@ fn parse_layer(token: &str) -> Result<LayerSpec> {
             count: a.get(0, "n", None)?,
             dim: a.get(1, "dim", None)?,
         },
+        "basicblock" => LayerSpec::BasicBlock {
+            in_channels: a.get(0, "in", None)?,
+            out_channels: a.get(1, "out", None)?,
+            stride: a.get(2, "s", Some(1))?,
+        },
         "relu" => LayerSpec::Activation {
             op: U::Relu,
             slope: 0.0,
@@ -359,8 +371,16 @@ mod tests {
 
     #[test]
     fn parses_layers_and_rejects_mistakes() {
-        let l = parse("conv2d(1, 16, 3, p=1)  relu\nmaxpool2d(2) flatten linear(512,64,bias=false) layernorm(4,5) leaky_relu(0.2)").unwrap();
-        assert_eq!(l.len(), 7);
+        let l = parse("conv2d(1, 16, 3, p=1)  relu\nmaxpool2d(2) flatten linear(512,64,bias=false) layernorm(4,5) leaky_relu(0.2) basicblock(4,8,s=2)").unwrap();
+        assert_eq!(l.len(), 8);
+        assert_eq!(
+            l[7],
+            LayerSpec::BasicBlock {
+                in_channels: 4,
+                out_channels: 8,
+                stride: 2
+            }
+        );
         assert!(matches!(
             l[0],
             LayerSpec::Conv2d {

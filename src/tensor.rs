@@ -205,23 +205,23 @@ impl Tensor {
     /// ```
     pub fn reshape(&self, shape: &[isize]) -> Result<Tensor> {
         crate::infer::capture::traced(&[self], crate::infer::graph::reshape_node, || {
-        let shape = resolve_shape("reshape", shape, self.numel())?;
-        if shape.len() > MAX_RANK {
-            return Err(Error::shape(
-                "reshape",
-                format!("rank {} exceeds {MAX_RANK}", shape.len()),
-            ));
-        }
-        let base = if self.is_contiguous() {
-            self.clone()
-        } else {
-            self.contiguous()?
-        };
-        let mut layout = Layout::contiguous(&shape);
-        layout.offset = base.layout.offset;
-        let in_shape = self.shape();
-        Ok(base.view(layout, || Op::Reshape { in_shape }))
-    })
+            let shape = resolve_shape("reshape", shape, self.numel())?;
+            if shape.len() > MAX_RANK {
+                return Err(Error::shape(
+                    "reshape",
+                    format!("rank {} exceeds {MAX_RANK}", shape.len()),
+                ));
+            }
+            let base = if self.is_contiguous() {
+                self.clone()
+            } else {
+                self.contiguous()?
+            };
+            let mut layout = Layout::contiguous(&shape);
+            layout.offset = base.layout.offset;
+            let in_shape = self.shape();
+            Ok(base.view(layout, || Op::Reshape { in_shape }))
+        })
     }
 
     /// `reshape` with a shape of `usize`.
@@ -259,26 +259,34 @@ impl Tensor {
 
     /// Axes reordered: axis `i` of the result is axis `perm[i]` of `self`. A view.
     pub fn permute(&self, perm: &[isize]) -> Result<Tensor> {
-        crate::infer::capture::traced(&[self], |_| crate::infer::graph::permute_node(perm, self.rank()), || {
-        let perm: Vec<usize> = perm
-            .iter()
-            .map(|&a| normalize_axis("permute", a, self.rank()))
-            .collect::<Result<_>>()?;
-        let layout = self.layout.permute("permute", &perm)?;
-        Ok(self.view(layout, || Op::Permute { perm }))
-    })
+        crate::infer::capture::traced(
+            &[self],
+            |_| crate::infer::graph::permute_node(perm, self.rank()),
+            || {
+                let perm: Vec<usize> = perm
+                    .iter()
+                    .map(|&a| normalize_axis("permute", a, self.rank()))
+                    .collect::<Result<_>>()?;
+                let layout = self.layout.permute("permute", &perm)?;
+                Ok(self.view(layout, || Op::Permute { perm }))
+            },
+        )
     }
 
     /// Two axes swapped. A view.
     pub fn transpose(&self, a: isize, b: isize) -> Result<Tensor> {
-        crate::infer::capture::traced(&[self], |_| crate::infer::graph::transpose_node(a, b, self.rank()), || {
-        let a = normalize_axis("transpose", a, self.rank())?;
-        let b = normalize_axis("transpose", b, self.rank())?;
-        let mut perm: Vec<usize> = (0..self.rank()).collect();
-        perm.swap(a, b);
-        let layout = self.layout.permute("transpose", &perm)?;
-        Ok(self.view(layout, || Op::Permute { perm }))
-    })
+        crate::infer::capture::traced(
+            &[self],
+            |_| crate::infer::graph::transpose_node(a, b, self.rank()),
+            || {
+                let a = normalize_axis("transpose", a, self.rank())?;
+                let b = normalize_axis("transpose", b, self.rank())?;
+                let mut perm: Vec<usize> = (0..self.rank()).collect();
+                perm.swap(a, b);
+                let layout = self.layout.permute("transpose", &perm)?;
+                Ok(self.view(layout, || Op::Permute { perm }))
+            },
+        )
     }
 
     /// The last two axes swapped (a matrix transpose). A view.
@@ -295,53 +303,57 @@ impl Tensor {
     /// Broadcast to `shape` (NumPy rules) without copying.
     pub fn expand(&self, shape: &[usize]) -> Result<Tensor> {
         crate::infer::capture::traced(&[self], crate::infer::graph::expand_node, || {
-        let layout = self.layout.broadcast_to("expand", shape)?;
-        let in_shape = self.shape();
-        Ok(self.view(layout, || Op::Expand { in_shape }))
-    })
+            let layout = self.layout.broadcast_to("expand", shape)?;
+            let in_shape = self.shape();
+            Ok(self.view(layout, || Op::Expand { in_shape }))
+        })
     }
 
     /// `len` elements of `axis` starting at `start`. A view.
     pub fn narrow(&self, axis: isize, start: usize, len: usize) -> Result<Tensor> {
-        crate::infer::capture::traced(&[self], |_| crate::infer::graph::narrow_node(axis, start, len, self.rank()), || {
-        let a = normalize_axis("narrow", axis, self.rank())?;
-        let layout = self.layout.narrow("narrow", a, start, len)?;
-        let in_shape = self.shape();
-        Ok(self.view(layout, || Op::Narrow {
-            axis: a,
-            start,
-            in_shape,
-        }))
-    })
+        crate::infer::capture::traced(
+            &[self],
+            |_| crate::infer::graph::narrow_node(axis, start, len, self.rank()),
+            || {
+                let a = normalize_axis("narrow", axis, self.rank())?;
+                let layout = self.layout.narrow("narrow", a, start, len)?;
+                let in_shape = self.shape();
+                Ok(self.view(layout, || Op::Narrow {
+                    axis: a,
+                    start,
+                    in_shape,
+                }))
+            },
+        )
     }
 
     /// Axes of size one removed (all of them with `None`). A view.
     pub fn squeeze(&self, axis: Option<isize>) -> Result<Tensor> {
         crate::infer::capture::traced(&[self], crate::infer::graph::reshape_node, || {
-        let layout = match axis {
-            None => self.layout.squeeze(None),
-            Some(a) => self
-                .layout
-                .squeeze(Some(&[normalize_axis("squeeze", a, self.rank())?])),
-        };
-        let in_shape = self.shape();
-        Ok(self.view(layout, || Op::Reshape { in_shape }))
-    })
+            let layout = match axis {
+                None => self.layout.squeeze(None),
+                Some(a) => self
+                    .layout
+                    .squeeze(Some(&[normalize_axis("squeeze", a, self.rank())?])),
+            };
+            let in_shape = self.shape();
+            Ok(self.view(layout, || Op::Reshape { in_shape }))
+        })
     }
 
     /// An axis of size one inserted at `axis` (`-1` appends). A view.
     pub fn unsqueeze(&self, axis: isize) -> Result<Tensor> {
         crate::infer::capture::traced(&[self], crate::infer::graph::reshape_node, || {
-        if self.rank() >= MAX_RANK {
-            return Err(Error::shape(
-                "unsqueeze",
-                format!("rank would exceed {MAX_RANK}"),
-            ));
-        }
-        let a = normalize_axis("unsqueeze", axis, self.rank() + 1)?;
-        let in_shape = self.shape();
-        Ok(self.view(self.layout.unsqueeze(a), || Op::Reshape { in_shape }))
-    })
+            if self.rank() >= MAX_RANK {
+                return Err(Error::shape(
+                    "unsqueeze",
+                    format!("rank would exceed {MAX_RANK}"),
+                ));
+            }
+            let a = normalize_axis("unsqueeze", axis, self.rank() + 1)?;
+            let in_shape = self.shape();
+            Ok(self.view(self.layout.unsqueeze(a), || Op::Reshape { in_shape }))
+        })
     }
 
     /// A tensor with the same values in contiguous row-major storage (itself when already so).

@@ -28,13 +28,18 @@ fn bases(d: &Device) -> Vec<Base> {
     let cnn = Sequential::from_spec(&mut Init::new(d, 1), spec).unwrap();
     let x = Tensor::randn(&[2, 1, 4, 4], 2, d).unwrap();
     let frozen = freeze(cnn, &x).unwrap();
-    out.push(Base { name: "cnn", bytes: frozen.to_bytes().unwrap(), inputs: vec![x] });
+    out.push(Base {
+        name: "cnn",
+        bytes: frozen.to_bytes().unwrap(),
+        inputs: vec![x],
+    });
 
     // Attention-like: layer norm, matmul, softmax, permutes, where, reductions.
     let wq = Tensor::randn(&[6, 6], 3, d).unwrap();
     let g = Tensor::randn(&[6], 4, d).unwrap();
     let x = Tensor::randn(&[2, 3, 6], 5, d).unwrap();
-    let mask = Tensor::from_slice(&[1.0, 0.0, 0.0, 1.0, 1.0, 0.0, 1.0, 1.0, 1.0], &[3, 3], d).unwrap();
+    let mask =
+        Tensor::from_slice(&[1.0, 0.0, 0.0, 1.0, 1.0, 0.0, 1.0, 1.0, 1.0], &[3, 3], d).unwrap();
     let frozen = freeze_fn(&[x.clone(), mask.clone()], &[Some(0), None], |t| {
         let h = t[0].layer_norm(&[6], Some(&g), None, 1e-5)?;
         let q = h.matmul(&wq)?;
@@ -44,24 +49,39 @@ fn bases(d: &Device) -> Vec<Base> {
         Ok(vec![a.add(&t[0])?, a.mean(&[1], false)?])
     })
     .unwrap();
-    out.push(Base { name: "attention", bytes: frozen.to_bytes().unwrap(), inputs: vec![x, mask] });
+    out.push(Base {
+        name: "attention",
+        bytes: frozen.to_bytes().unwrap(),
+        inputs: vec![x, mask],
+    });
 
     // Transposed and grouped convolutions, concat, narrow, index select, average pooling.
     let w1 = Tensor::randn(&[4, 1, 3, 3], 6, d).unwrap();
     let w2 = Tensor::randn(&[4, 2, 2, 2], 7, d).unwrap();
     let idx = Tensor::from_slice(&[2.0, 0.0, 1.0], &[3], d).unwrap();
     let x = Tensor::randn(&[2, 4, 3, 3], 8, d).unwrap();
-    let frozen = freeze_fn(&[x.clone()], &[Some(0)], |t| {
-        let opts = Conv2dOptions { padding: [1, 1], groups: 4, ..Default::default() };
+    let frozen = freeze_fn(std::slice::from_ref(&x), &[Some(0)], |t| {
+        let opts = Conv2dOptions {
+            padding: [1, 1],
+            groups: 4,
+            ..Default::default()
+        };
         let a = t[0].conv2d(&w1, None, &opts)?.gelu()?;
-        let topts = ConvTranspose2dOptions { stride: [2, 2], ..Default::default() };
+        let topts = ConvTranspose2dOptions {
+            stride: [2, 2],
+            ..Default::default()
+        };
         let b = t[0].conv_transpose2d(&w2, None, &topts)?;
         let b = b.avg_pool2d(&Pool2dOptions::new([2, 2]))?;
         let c = Tensor::concat(&[&a, &b.narrow(1, 0, 2)?], 1)?;
         Ok(vec![c.index_select(1, &idx)?.sigmoid()?])
     })
     .unwrap();
-    out.push(Base { name: "transposed", bytes: frozen.to_bytes().unwrap(), inputs: vec![x] });
+    out.push(Base {
+        name: "transposed",
+        bytes: frozen.to_bytes().unwrap(),
+        inputs: vec![x],
+    });
     out
 }
 
@@ -74,7 +94,7 @@ fn split(bytes: &[u8]) -> (Value, Vec<u8>) {
 
 fn join(header: &Value, data: &[u8]) -> Vec<u8> {
     let mut h = serde_json::to_vec(header).unwrap();
-    while h.len() % 8 != 0 {
+    while !h.len().is_multiple_of(8) {
         h.push(b' ');
     }
     let mut out = (h.len() as u64).to_le_bytes().to_vec();
@@ -168,7 +188,10 @@ fn mutate_graph(g: &mut Value, rng: &mut Rng) -> String {
             format!("one operand fewer at node {i}")
         }
         2 => {
-            node["inputs"].as_array_mut().unwrap().push(json!(["input", 0]));
+            node["inputs"]
+                .as_array_mut()
+                .unwrap()
+                .push(json!(["input", 0]));
             format!("one operand more at node {i}")
         }
         3 => {
@@ -193,9 +216,17 @@ fn mutate_graph(g: &mut Value, rng: &mut Rng) -> String {
             format!("attribute {k} missing at node {i}")
         }
         6 => {
-            for k in ["stride", "groups", "dilation", "kernel", "padding", "axis", "size"] {
+            for k in [
+                "stride", "groups", "dilation", "kernel", "padding", "axis", "size",
+            ] {
                 if node["op"].get(k).is_some() {
-                    let v = [json!([0, 1]), json!(0), json!([1u64 << 63, 1]), json!([1, u32::MAX]), json!(-1)];
+                    let v = [
+                        json!([0, 1]),
+                        json!(0),
+                        json!([1u64 << 63, 1]),
+                        json!([1, u32::MAX]),
+                        json!(-1),
+                    ];
                     node["op"][k] = v[rng.below(v.len())].clone();
                     return format!("{k} broken at node {i}");
                 }
@@ -220,7 +251,12 @@ fn mutate_graph(g: &mut Value, rng: &mut Rng) -> String {
             "const shape differs from its tensor".into()
         }
         10 => {
-            let outs = [json!([]), json!([["node", nodes + 3]]), json!([["input", 9]]), json!("all")];
+            let outs = [
+                json!([]),
+                json!([["node", nodes + 3]]),
+                json!([["input", 9]]),
+                json!("all"),
+            ];
             g["outputs"] = outs[rng.below(outs.len())].clone();
             "bad outputs".into()
         }
@@ -233,7 +269,13 @@ fn mutate_graph(g: &mut Value, rng: &mut Rng) -> String {
 
 /// Loads and, if that works, runs; returns whether it loaded. Panics become test failures
 /// naming the case.
-fn exercise(case: &str, bytes: &[u8], inputs: &[Tensor], d: &Device, failures: &mut Vec<String>) -> bool {
+fn exercise(
+    case: &str,
+    bytes: &[u8],
+    inputs: &[Tensor],
+    d: &Device,
+    failures: &mut Vec<String>,
+) -> bool {
     let loaded = catch_unwind(AssertUnwindSafe(|| InferenceModel::from_bytes(bytes, d)));
     match loaded {
         Err(_) => {
@@ -249,7 +291,9 @@ fn exercise(case: &str, bytes: &[u8], inputs: &[Tensor], d: &Device, failures: &
         }
         Ok(Ok(model)) => {
             let refs: Vec<&Tensor> = inputs.iter().collect();
-            let ran = catch_unwind(AssertUnwindSafe(|| model.run(&refs).and_then(|o| o[0].to_vec())));
+            let ran = catch_unwind(AssertUnwindSafe(|| {
+                model.run(&refs).and_then(|o| o[0].to_vec())
+            }));
             if ran.is_err() {
                 failures.push(format!("run panicked: {case}"));
             }
@@ -267,11 +311,19 @@ fn hostile_artifacts_are_err_never_panics() {
     for base in bases(&d) {
         let (header, data) = split(&base.bytes);
         let graph = graph_of(&header);
-        assert!(InferenceModel::from_bytes(&base.bytes, &d).is_ok(), "{}: the base file loads", base.name);
+        assert!(
+            InferenceModel::from_bytes(&base.bytes, &d).is_ok(),
+            "{}: the base file loads",
+            base.name
+        );
 
         // Truncations, including inside the length prefix and the header.
         for k in 0..40 {
-            let cut = if k < 10 { k } else { rng.below(base.bytes.len()) };
+            let cut = if k < 10 {
+                k
+            } else {
+                rng.below(base.bytes.len())
+            };
             let case = format!("{}: truncated to {cut} bytes", base.name);
             loaded += exercise(&case, &base.bytes[..cut], &base.inputs, &d, &mut failures) as usize;
             cases += 1;
@@ -281,7 +333,11 @@ fn hostile_artifacts_are_err_never_panics() {
             let mut b = base.bytes.clone();
             let flips = 1 + rng.below(4);
             for _ in 0..flips {
-                let at = if rng.below(2) == 0 { rng.below(b.len()) } else { rng.below(b.len().min(400)) };
+                let at = if rng.below(2) == 0 {
+                    rng.below(b.len())
+                } else {
+                    rng.below(b.len().min(400))
+                };
                 b[at] ^= 1 << rng.below(8);
             }
             let case = format!("{}: {flips} byte flips", base.name);
@@ -293,7 +349,13 @@ fn hostile_artifacts_are_err_never_panics() {
             let mut g = graph.clone();
             let what = mutate_graph(&mut g, &mut rng);
             let case = format!("{}: {what}", base.name);
-            loaded += exercise(&case, &with_graph(&header, &data, &g), &base.inputs, &d, &mut failures) as usize;
+            loaded += exercise(
+                &case,
+                &with_graph(&header, &data, &g),
+                &base.inputs,
+                &d,
+                &mut failures,
+            ) as usize;
             cases += 1;
         }
         // Any value in the graph replaced by a hostile one.
@@ -305,29 +367,73 @@ fn hostile_artifacts_are_err_never_panics() {
             let v = hostile(&mut rng);
             *at_mut(&mut g, p) = v.clone();
             let case = format!("{}: {p:?} = {v}", base.name);
-            loaded += exercise(&case, &with_graph(&header, &data, &g), &base.inputs, &d, &mut failures) as usize;
+            loaded += exercise(
+                &case,
+                &with_graph(&header, &data, &g),
+                &base.inputs,
+                &d,
+                &mut failures,
+            ) as usize;
             cases += 1;
         }
         // The safetensors header itself: metadata removed or retyped, tensor entries lying.
         let mut h = header.clone();
-        h["__metadata__"].as_object_mut().unwrap().remove("kiln.graph");
-        exercise(&format!("{}: no graph", base.name), &join(&h, &data), &base.inputs, &d, &mut failures);
+        h["__metadata__"]
+            .as_object_mut()
+            .unwrap()
+            .remove("kiln.graph");
+        exercise(
+            &format!("{}: no graph", base.name),
+            &join(&h, &data),
+            &base.inputs,
+            &d,
+            &mut failures,
+        );
         let mut h = header.clone();
         h["__metadata__"]["kiln.format"] = json!("kiln.checkpoint");
-        exercise(&format!("{}: other format", base.name), &join(&h, &data), &base.inputs, &d, &mut failures);
+        exercise(
+            &format!("{}: other format", base.name),
+            &join(&h, &data),
+            &base.inputs,
+            &d,
+            &mut failures,
+        );
         let mut h = header.clone();
         h["c0"]["dtype"] = json!("I64");
-        exercise(&format!("{}: const of another type", base.name), &join(&h, &data), &base.inputs, &d, &mut failures);
+        exercise(
+            &format!("{}: const of another type", base.name),
+            &join(&h, &data),
+            &base.inputs,
+            &d,
+            &mut failures,
+        );
         let mut h = header.clone();
         h.as_object_mut().unwrap().remove("c0");
-        exercise(&format!("{}: const missing", base.name), &join(&h, &data), &base.inputs, &d, &mut failures);
+        exercise(
+            &format!("{}: const missing", base.name),
+            &join(&h, &data),
+            &base.inputs,
+            &d,
+            &mut failures,
+        );
         cases += 4;
     }
-    eprintln!("{cases} hostile artifacts, {loaded} loaded and ran, {} failures", failures.len());
+    eprintln!(
+        "{cases} hostile artifacts, {loaded} loaded and ran, {} failures",
+        failures.len()
+    );
     assert!(cases >= 500, "{cases} cases");
     // Byte flips in the weights give files that load; not everything may.
-    assert!(loaded < cases / 2, "{loaded} of {cases} loaded: the mutations do not reach the checks");
-    assert!(failures.is_empty(), "{} failures:\n{}", failures.len(), failures.join("\n"));
+    assert!(
+        loaded < cases / 2,
+        "{loaded} of {cases} loaded: the mutations do not reach the checks"
+    );
+    assert!(
+        failures.is_empty(),
+        "{} failures:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
 }
 
 #[test]

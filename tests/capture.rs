@@ -8,7 +8,9 @@ mod common;
 
 use common::*;
 use kiln::infer::{freeze, freeze_fn, InferenceModel};
-use kiln::nn::{BatchNorm, Conv2d, Embedding, Init, LayerNorm, Linear, Module, Sequential, TensorRole};
+use kiln::nn::{
+    BatchNorm, Conv2d, Embedding, Init, LayerNorm, Linear, Module, Sequential, TensorRole,
+};
 use kiln::{Conv2dOptions, Device, Result, Tensor};
 
 fn max_rel_diff(a: &[f32], b: &[f32]) -> f32 {
@@ -22,15 +24,24 @@ fn randomize_bn(bn: &BatchNorm, seed: u64) {
     let c = bn.running_mean.numel();
     let d = bn.running_mean.device().clone();
     let mut rng = Rng::new(seed);
-    bn.running_mean.assign(&Tensor::from_slice(&rng.vec(c, -0.5, 0.5), &[c], &d).unwrap()).unwrap();
-    bn.running_var.assign(&Tensor::from_slice(&rng.vec(c, 0.5, 2.0), &[c], &d).unwrap()).unwrap();
+    bn.running_mean
+        .assign(&Tensor::from_slice(&rng.vec(c, -0.5, 0.5), &[c], &d).unwrap())
+        .unwrap();
+    bn.running_var
+        .assign(&Tensor::from_slice(&rng.vec(c, 0.5, 2.0), &[c], &d).unwrap())
+        .unwrap();
     for t in [&bn.weight, &bn.bias].into_iter().flatten() {
-        t.assign(&Tensor::from_slice(&rng.vec(c, -1.0, 1.0), &[c], &d).unwrap()).unwrap();
+        t.assign(&Tensor::from_slice(&rng.vec(c, -1.0, 1.0), &[c], &d).unwrap())
+            .unwrap();
     }
 }
 
 fn conv(init: &mut Init, cin: usize, cout: usize, k: usize, stride: usize, pad: usize) -> Conv2d {
-    let opts = Conv2dOptions { stride: [stride, stride], padding: [pad, pad], ..Default::default() };
+    let opts = Conv2dOptions {
+        stride: [stride, stride],
+        padding: [pad, pad],
+        ..Default::default()
+    };
     Conv2d::new(init, cin, cout, [k, k], opts, false).unwrap()
 }
 
@@ -51,8 +62,12 @@ impl ResBlock {
             bn1: BatchNorm::new_2d(init, cout).unwrap(),
             conv2: conv(init, cout, cout, 3, 1, 1),
             bn2: BatchNorm::new_2d(init, cout).unwrap(),
-            shortcut: (stride != 1 || cin != cout)
-                .then(|| (conv(init, cin, cout, 1, stride, 0), BatchNorm::new_2d(init, cout).unwrap())),
+            shortcut: (stride != 1 || cin != cout).then(|| {
+                (
+                    conv(init, cin, cout, 1, stride, 0),
+                    BatchNorm::new_2d(init, cout).unwrap(),
+                )
+            }),
         };
         randomize_bn(&b.bn1, seed);
         randomize_bn(&b.bn2, seed + 1);
@@ -118,7 +133,12 @@ fn resnet(d: &Device) -> ResNet {
         ResBlock::new(&mut init, 8, 16, 2, 400),
     ];
     let head = Linear::new(&mut init, 16, 10, true).unwrap();
-    ResNet { stem, bn, blocks, head }
+    ResNet {
+        stem,
+        bn,
+        blocks,
+        head,
+    }
 }
 
 impl Module for ResNet {
@@ -127,7 +147,8 @@ impl Module for ResNet {
         for b in &self.blocks {
             h = b.forward(&h)?;
         }
-        self.head.forward(&h.adaptive_avg_pool2d([1, 1])?.flatten(1, -1)?)
+        self.head
+            .forward(&h.adaptive_avg_pool2d([1, 1])?.flatten(1, -1)?)
     }
 
     fn set_training(&mut self, training: bool) {
@@ -180,7 +201,9 @@ fn block(d: &Device) -> Block {
 
 /// 1 where position j may attend to position i (j <= i), as a (T, T) tensor.
 fn causal_mask(d: &Device) -> Tensor {
-    let m: Vec<f32> = (0..T * T).map(|p| ((p % T) <= (p / T)) as u8 as f32).collect();
+    let m: Vec<f32> = (0..T * T)
+        .map(|p| ((p % T) <= (p / T)) as u8 as f32)
+        .collect();
     Tensor::from_slice(&m, &[T, T], d).unwrap()
 }
 
@@ -191,13 +214,24 @@ impl Block {
         let x = self.emb.forward(tokens)?;
         let a = self.ln1.forward(&x)?;
         let split = |y: Tensor| y.reshape(&[n, t, h, dh])?.permute(&[0, 2, 1, 3]);
-        let (q, k, v) = (split(self.q.forward(&a)?)?, split(self.k.forward(&a)?)?, split(self.v.forward(&a)?)?);
-        let scores = q.matmul(&k.transpose(-2, -1)?)?.mul_scalar(1.0 / (dh as f32).sqrt())?;
+        let (q, k, v) = (
+            split(self.q.forward(&a)?)?,
+            split(self.k.forward(&a)?)?,
+            split(self.v.forward(&a)?)?,
+        );
+        let scores = q
+            .matmul(&k.transpose(-2, -1)?)?
+            .mul_scalar(1.0 / (dh as f32).sqrt())?;
         let neg = Tensor::full(&[1], -1e9, tokens.device())?;
         let p = mask.where_cond(&scores, &neg)?.softmax(-1)?;
-        let att = p.matmul(&v)?.permute(&[0, 2, 1, 3])?.reshape(&[n, t, DIM as isize])?;
+        let att = p
+            .matmul(&v)?
+            .permute(&[0, 2, 1, 3])?
+            .reshape(&[n, t, DIM as isize])?;
         let x = x.add(&self.o.forward(&att)?)?;
-        let m = self.fc2.forward(&self.fc1.forward(&self.ln2.forward(&x)?)?.gelu()?)?;
+        let m = self
+            .fc2
+            .forward(&self.fc1.forward(&self.ln2.forward(&x)?)?.gelu()?)?;
         x.add(&m)
     }
 }
@@ -252,10 +286,18 @@ fn check<M: Module>(name: &str, mut model: M, input: impl Fn(usize, u64, &Device
     let xs: Vec<Tensor> = sizes.iter().map(|&n| input(n, n as u64, &d)).collect();
     let want: Vec<Vec<f32>> = xs
         .iter()
-        .map(|x| kiln::no_grad(|| model.forward(x)).unwrap().to_vec().unwrap())
+        .map(|x| {
+            kiln::no_grad(|| model.forward(x))
+                .unwrap()
+                .to_vec()
+                .unwrap()
+        })
         .collect();
     let frozen = freeze(model, &input(4, 99, &d)).unwrap();
-    let path = std::env::temp_dir().join(format!("kiln-capture-{name}-{}.safetensors", std::process::id()));
+    let path = std::env::temp_dir().join(format!(
+        "kiln-capture-{name}-{}.safetensors",
+        std::process::id()
+    ));
     frozen.save(&path).unwrap();
     drop(frozen);
     let fresh = own_device();
@@ -265,7 +307,12 @@ fn check<M: Module>(name: &str, mut model: M, input: impl Fn(usize, u64, &Device
         let xf = Tensor::from_slice(&x.to_vec().unwrap(), x.dims(), &fresh).unwrap();
         let got = loaded.predict(&xf).unwrap().to_vec().unwrap();
         let diff = max_rel_diff(&got, w);
-        assert!(diff <= 1e-4, "{name} at batch {}: relative difference {diff}\n{}", x.dims()[0], loaded.describe());
+        assert!(
+            diff <= 1e-4,
+            "{name} at batch {}: relative difference {diff}\n{}",
+            x.dims()[0],
+            loaded.describe()
+        );
     }
 }
 
@@ -284,7 +331,10 @@ fn resnet_round_trips_with_folded_batch_norms() {
     check("resnet", resnet(&d), images);
     let frozen = freeze(resnet(&d), &images(2, 1, &d)).unwrap();
     let g = frozen.describe();
-    assert!(!g.contains("batch_norm"), "every batch norm folds into its conv:\n{g}");
+    assert!(
+        !g.contains("batch_norm"),
+        "every batch norm folds into its conv:\n{g}"
+    );
     // stem (relu fused), 2 convs per block, 1 shortcut, 3 adds each with its relu, pooling,
     // flatten, head.
     assert_eq!(frozen.node_count(), 1 + 6 + 1 + 3 * 2 + 1 + 1 + 1, "{g}");
@@ -300,8 +350,14 @@ fn transformer_block_round_trips() {
 fn user_module_round_trips() {
     let d = dev();
     let r = |s: &[usize], seed| Tensor::randn(s, seed, &d).unwrap();
-    let model = Gated { w1: r(&[6, 4], 1), w2: r(&[4, 6], 2), scale: r(&[4], 3) };
-    check("gated", model, |n, seed, d| Tensor::randn(&[n, 6], seed, d).unwrap());
+    let model = Gated {
+        w1: r(&[6, 4], 1),
+        w2: r(&[4, 6], 2),
+        scale: r(&[4], 3),
+    };
+    check("gated", model, |n, seed, d| {
+        Tensor::randn(&[n, 6], seed, d).unwrap()
+    });
 }
 
 #[test]
@@ -309,7 +365,10 @@ fn closures_with_several_inputs_and_outputs() {
     let d = dev();
     let model = block(&d);
     let mask = causal_mask(&d);
-    let want: Vec<f32> = kiln::no_grad(|| model.run(&tokens(3, 5, &d), &mask)).unwrap().to_vec().unwrap();
+    let want: Vec<f32> = kiln::no_grad(|| model.run(&tokens(3, 5, &d), &mask))
+        .unwrap()
+        .to_vec()
+        .unwrap();
     let frozen = freeze_fn(&[tokens(2, 1, &d), mask.clone()], &[Some(0), None], |t| {
         let y = model.run(&t[0], &t[1])?;
         Ok(vec![y.clone(), y.sum(&[-1], false)?])
@@ -322,7 +381,10 @@ fn closures_with_several_inputs_and_outputs() {
     // Another mask is an input, not a constant: a full mask changes the result.
     let ones = Tensor::ones(&[T, T], &d).unwrap();
     let other = frozen.run(&[&tokens(3, 5, &d), &ones]).unwrap();
-    let full: Vec<f32> = kiln::no_grad(|| model.run(&tokens(3, 5, &d), &ones)).unwrap().to_vec().unwrap();
+    let full: Vec<f32> = kiln::no_grad(|| model.run(&tokens(3, 5, &d), &ones))
+        .unwrap()
+        .to_vec()
+        .unwrap();
     assert!(max_rel_diff(&other[0].to_vec().unwrap(), &full) <= 1e-4);
     assert!(max_rel_diff(&full, &want) > 1e-3);
 }
@@ -331,23 +393,39 @@ fn closures_with_several_inputs_and_outputs() {
 fn uncapturable_ops_are_errors() {
     let d = dev();
     let x = Tensor::randn(&[2, 3], 0, &d).unwrap();
-    let e = freeze_fn(&[x.clone()], &[Some(0)], |t| Ok(vec![t[0].add(&Tensor::rand(&[3], 0, t[0].device())?)?]))
-        .err()
-        .unwrap()
-        .to_string();
-    assert!(e.contains("rand") && e.contains("cannot be captured"), "{e}");
-    let e = freeze_fn(&[x.clone()], &[Some(0)], |t| Ok(vec![t[0].dropout(0.5, 1, true)?]))
-        .err()
-        .unwrap()
-        .to_string();
+    let e = freeze_fn(std::slice::from_ref(&x), &[Some(0)], |t| {
+        Ok(vec![t[0].add(&Tensor::rand(&[3], 0, t[0].device())?)?])
+    })
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(
+        e.contains("rand") && e.contains("cannot be captured"),
+        "{e}"
+    );
+    let e = freeze_fn(std::slice::from_ref(&x), &[Some(0)], |t| {
+        Ok(vec![t[0].dropout(0.5, 1, true)?])
+    })
+    .err()
+    .unwrap()
+    .to_string();
     assert!(e.contains("dropout"), "{e}");
     let mut bn = BatchNorm::new_1d(&mut Init::new(&d, 0), 3).unwrap();
     bn.set_training(true);
-    let e = freeze_fn(&[x.clone()], &[Some(0)], |t| Ok(vec![bn.forward(&t[0])?])).err().unwrap().to_string();
+    let e = freeze_fn(std::slice::from_ref(&x), &[Some(0)], |t| {
+        Ok(vec![bn.forward(&t[0])?])
+    })
+    .err()
+    .unwrap()
+    .to_string();
     assert!(e.contains("batch_norm"), "{e}");
     // Control flow on the batch size records another graph at another size.
-    let e = freeze_fn(&[x.clone()], &[Some(0)], |t| {
-        Ok(vec![if t[0].dims()[0] % 2 == 0 { t[0].relu()? } else { t[0].exp()? }])
+    let e = freeze_fn(std::slice::from_ref(&x), &[Some(0)], |t| {
+        Ok(vec![if t[0].dims()[0] % 2 == 0 {
+            t[0].relu()?
+        } else {
+            t[0].exp()?
+        }])
     })
     .err()
     .unwrap()
@@ -397,7 +475,14 @@ fn resnet_memory_plan() {
         "resnet batch 64: weights {weights} B, planned {} B, all activations {} B, frozen peak {peak} B, eval peak {eval_peak} B",
         plan.planned_bytes, plan.activation_bytes
     );
-    assert!(peak <= plan.planned_bytes, "peak {peak} > planned {}", plan.planned_bytes);
-    assert!(peak < eval_peak, "frozen peak {peak} >= eval peak {eval_peak}");
+    assert!(
+        peak <= plan.planned_bytes,
+        "peak {peak} > planned {}",
+        plan.planned_bytes
+    );
+    assert!(
+        peak < eval_peak,
+        "frozen peak {peak} >= eval peak {eval_peak}"
+    );
     assert!(plan.planned_bytes < plan.activation_bytes / 2, "{plan:?}");
 }

@@ -102,7 +102,10 @@ fn frozen_outputs_equal_eval_mode_and_memory_holds_only_weights_and_plans() {
         "frozen peak {peak} bytes > planned {}",
         plan.planned_bytes
     );
-    assert!(peak < eval_peak, "frozen peak {peak} >= eval peak {eval_peak}");
+    assert!(
+        peak < eval_peak,
+        "frozen peak {peak} >= eval peak {eval_peak}"
+    );
     drop(y);
 }
 

@@ -15,8 +15,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::error::{Error, Result};
 use crate::kernels::{Kernel, ShaderFile, Variant, OUTPUT_BINDINGS, PARAMS_BINDING};
-pub(crate) use pool::{size_class, BufferKind};
 use pool::Pool;
+pub(crate) use pool::{size_class, BufferKind};
 
 /// Dispatches recorded before a batch is submitted without being asked.
 pub const MAX_BATCH_DISPATCHES: usize = 512;

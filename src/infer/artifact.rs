@@ -92,16 +92,27 @@ fn act_json(a: &super::graph::Act) -> Value {
 
 fn op_json(op: &OpKind) -> Value {
     let mut v = match op {
-        OpKind::Reshape { shape } | OpKind::Expand { shape } => json!({ "shape": dims_json(shape) }),
+        OpKind::Reshape { shape } | OpKind::Expand { shape } => {
+            json!({ "shape": dims_json(shape) })
+        }
         OpKind::Permute { perm } => json!({ "perm": perm }),
         OpKind::Narrow { axis, start, len } => {
             json!({ "axis": axis, "start": dims_json(&[*start]), "len": dims_json(&[*len]) })
         }
-        OpKind::Unary { op, alpha, beta } => json!({ "code": *op as u32, "alpha": alpha, "beta": beta }),
+        OpKind::Unary { op, alpha, beta } => {
+            json!({ "code": *op as u32, "alpha": alpha, "beta": beta })
+        }
         OpKind::Binary { op } => json!({ "code": *op as u32 }),
-        OpKind::BinaryScalar { op, scalar, left } => json!({ "code": *op as u32, "scalar": scalar, "left": left }),
+        OpKind::BinaryScalar { op, scalar, left } => {
+            json!({ "code": *op as u32, "scalar": scalar, "left": left })
+        }
         OpKind::Where | OpKind::Matmul => json!({}),
-        OpKind::Reduce { op, axes, keepdim, correction } => {
+        OpKind::Reduce {
+            op,
+            axes,
+            keepdim,
+            correction,
+        } => {
             json!({ "code": *op as u32, "axes": axes, "keepdim": keepdim, "correction": correction })
         }
         OpKind::Softmax { axis, log } => json!({ "axis": axis, "log": log }),
@@ -119,14 +130,28 @@ fn op_json(op: &OpKind) -> Value {
             "dilation": opts.dilation, "count_include_pad": opts.count_include_pad, "max": max
         }),
         OpKind::AdaptiveAvgPool { size } => json!({ "size": size }),
-        OpKind::BatchNorm { eps, weight, bias } => json!({ "eps": eps, "weight": weight, "bias": bias }),
-        OpKind::LayerNorm { shape, eps, weight, bias } => {
+        OpKind::BatchNorm { eps, weight, bias } => {
+            json!({ "eps": eps, "weight": weight, "bias": bias })
+        }
+        OpKind::LayerNorm {
+            shape,
+            eps,
+            weight,
+            bias,
+        } => {
             json!({ "normalized_shape": shape, "eps": eps, "weight": weight, "bias": bias })
         }
-        OpKind::GroupNorm { groups, eps, weight, bias } => {
+        OpKind::GroupNorm {
+            groups,
+            eps,
+            weight,
+            bias,
+        } => {
             json!({ "groups": groups, "eps": eps, "weight": weight, "bias": bias })
         }
-        OpKind::Concat { axis } | OpKind::IndexSelect { axis } | OpKind::Gather { axis } => json!({ "axis": axis }),
+        OpKind::Concat { axis } | OpKind::IndexSelect { axis } | OpKind::Gather { axis } => {
+            json!({ "axis": axis })
+        }
         OpKind::Full { shape, value } => json!({ "shape": dims_json(shape), "value": value }),
         OpKind::Cast { to } => json!({ "to": to.name() }),
     };
@@ -187,7 +212,9 @@ impl InferenceModel {
             let (dtype, bytes) = match d {
                 DType::F32 => (Dtype::F32, bytemuck::cast_slice(&t.to_vec()?).to_vec()),
                 DType::F16 => {
-                    let words = t.with_layout(crate::shape::Layout::contiguous(&[t.numel().div_ceil(2)])).to_vec()?;
+                    let words = t
+                        .with_layout(crate::shape::Layout::contiguous(&[t.numel().div_ceil(2)]))
+                        .to_vec()?;
                     let mut b: Vec<u8> = bytemuck::cast_slice(&words).to_vec();
                     b.truncate(t.numel() * 2);
                     (Dtype::F16, b)
@@ -226,38 +253,57 @@ impl InferenceModel {
 
     /// [`InferenceModel::load`] from memory.
     pub fn from_bytes(bytes: &[u8], device: &Device) -> Result<InferenceModel> {
-        let st = SafeTensors::deserialize(bytes).map_err(|e| bad(format!("not a valid safetensors file: {e}")))?;
-        let (_, meta) = SafeTensors::read_metadata(bytes).map_err(|e| bad(format!("not a valid safetensors file: {e}")))?;
+        let st = SafeTensors::deserialize(bytes)
+            .map_err(|e| bad(format!("not a valid safetensors file: {e}")))?;
+        let (_, meta) = SafeTensors::read_metadata(bytes)
+            .map_err(|e| bad(format!("not a valid safetensors file: {e}")))?;
         let meta = meta.metadata().clone().unwrap_or_default();
         if meta.get(FORMAT_KEY).map(String::as_str) != Some(FORMAT) {
-            return Err(bad(format!("the file is not a frozen kiln model (no {FORMAT_KEY} = {FORMAT} in its metadata)")));
+            return Err(bad(format!(
+                "the file is not a frozen kiln model (no {FORMAT_KEY} = {FORMAT} in its metadata)"
+            )));
         }
-        let text = meta.get(GRAPH_KEY).ok_or_else(|| bad(format!("the file has no {GRAPH_KEY}")))?;
-        let v: Value = serde_json::from_str(text).map_err(|e| bad(format!("the graph is not valid JSON: {e}")))?;
+        let text = meta
+            .get(GRAPH_KEY)
+            .ok_or_else(|| bad(format!("the file has no {GRAPH_KEY}")))?;
+        let v: Value = serde_json::from_str(text)
+            .map_err(|e| bad(format!("the graph is not valid JSON: {e}")))?;
         let parsed = parse_graph(&v)?;
         // Constants: shapes and types from the graph must match the tensors in the file.
         let mut host = Vec::with_capacity(parsed.consts.len());
         for (k, (shape, dtype)) in parsed.consts.iter().enumerate() {
             let name = format!("c{k}");
-            let view = st.tensor(&name).map_err(|_| bad(format!("constant {name} is missing from the file")))?;
+            let view = st
+                .tensor(&name)
+                .map_err(|_| bad(format!("constant {name} is missing from the file")))?;
             if view.shape() != &shape[..] {
-                return Err(bad(format!("constant {name} has shape {:?}, the graph says {shape:?}", view.shape())));
+                return Err(bad(format!(
+                    "constant {name} has shape {:?}, the graph says {shape:?}",
+                    view.shape()
+                )));
             }
             let want = match dtype {
                 DType::F32 => Dtype::F32,
                 DType::F16 => Dtype::F16,
             };
             if view.dtype() != want {
-                return Err(bad(format!("constant {name} is {:?}, the graph says {}", view.dtype(), dtype.name())));
+                return Err(bad(format!(
+                    "constant {name} is {:?}, the graph says {}",
+                    view.dtype(),
+                    dtype.name()
+                )));
             }
             crate::shape::checked_numel(shape)
                 .filter(|&n| n as u64 * 4 <= device.max_binding_bytes())
                 .ok_or_else(|| bad(format!("constant {name} of shape {shape:?} is too large")))?;
             host.push(view.data().to_vec());
         }
-        let names: std::collections::HashSet<String> = (0..parsed.consts.len()).map(|k| format!("c{k}")).collect();
+        let names: std::collections::HashSet<String> =
+            (0..parsed.consts.len()).map(|k| format!("c{k}")).collect();
         if let Some(extra) = st.names().into_iter().find(|n| !names.contains(*n)) {
-            return Err(bad(format!("tensor {extra} in the file is not in the graph")));
+            return Err(bad(format!(
+                "tensor {extra} in the file is not in the graph"
+            )));
         }
         // The graph, checked with placeholder constants of the right shapes: no GPU data yet.
         let mut graph = Graph {
@@ -270,15 +316,27 @@ impl InferenceModel {
         check_graph(&graph, &parsed.consts)?;
         for ((shape, dtype), data) in parsed.consts.iter().zip(&host) {
             graph.consts.push(match dtype {
-                DType::F32 => Tensor::from_slice(bytemuck::pod_collect_to_vec::<u8, f32>(data).as_slice(), shape, device)?,
+                DType::F32 => Tensor::from_slice(
+                    bytemuck::pod_collect_to_vec::<u8, f32>(data).as_slice(),
+                    shape,
+                    device,
+                )?,
                 DType::F16 => {
-                    let bits: Vec<u16> = data.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect();
+                    let bits: Vec<u16> = data
+                        .chunks_exact(2)
+                        .map(|c| u16::from_le_bytes([c[0], c[1]]))
+                        .collect();
                     super::half_from_bits(&bits, shape, device)?
                 }
             });
         }
-        if graph.nodes.iter().any(|n| n.dtype == DType::F16) && !device.features().contains(wgpu::Features::SHADER_F16) {
-            return Err(bad(format!("the model is f16 and {} has no SHADER_F16 feature", device.name())));
+        if graph.nodes.iter().any(|n| n.dtype == DType::F16)
+            && !device.features().contains(wgpu::Features::SHADER_F16)
+        {
+            return Err(bad(format!(
+                "the model is f16 and {} has no SHADER_F16 feature",
+                device.name()
+            )));
         }
         device.synchronize()?;
         Ok(InferenceModel::from_graph(device.clone(), graph))
@@ -297,13 +355,17 @@ fn check_graph(g: &Graph, consts: &[(Vec<usize>, DType)]) -> Result<()> {
             .map(|i| i.shape.iter().map(|d| d.at(n)).collect::<Result<Vec<_>>>())
             .collect::<Result<Vec<_>>>()
             .map_err(|e| bad(format!("input shapes: {e}")))?;
-        fake.infer_shapes(g, &inputs, n).map_err(|e| bad(e.to_string()))?;
+        fake.infer_shapes(g, &inputs, n)
+            .map_err(|e| bad(e.to_string()))?;
     }
     // Element types: f16 only where a half kernel exists, and casts where types change.
     for (i, node) in g.nodes.iter().enumerate() {
         let is_cast = matches!(node.op, OpKind::Cast { .. });
         if node.dtype == DType::F16 && !node.op.has_half_kernel() {
-            return Err(bad(format!("node {i} ({}) is f16 but has no half-precision kernel", node.op.name())));
+            return Err(bad(format!(
+                "node {i} ({}) is f16 but has no half-precision kernel",
+                node.op.name()
+            )));
         }
         for s in &node.inputs {
             let d = match *s {
@@ -312,12 +374,21 @@ fn check_graph(g: &Graph, consts: &[(Vec<usize>, DType)]) -> Result<()> {
                 Src::Node(k) => g.nodes[k].dtype,
             };
             if !is_cast && d != node.dtype {
-                return Err(bad(format!("node {i} ({}) is {} but reads an {} operand", node.op.name(), node.dtype.name(), d.name())));
+                return Err(bad(format!(
+                    "node {i} ({}) is {} but reads an {} operand",
+                    node.op.name(),
+                    node.dtype.name(),
+                    d.name()
+                )));
             }
         }
         if let OpKind::Cast { to } = node.op {
             if to != node.dtype {
-                return Err(bad(format!("node {i} casts to {} but is {}", to.name(), node.dtype.name())));
+                return Err(bad(format!(
+                    "node {i} casts to {} but is {}",
+                    to.name(),
+                    node.dtype.name()
+                )));
             }
         }
     }
@@ -350,12 +421,18 @@ impl FakeConsts<'_> {
             }
             if let Some(a) = node.op.arity() {
                 if node.inputs.len() != a {
-                    return Err(bad(format!("node {i} ({}) has {} operands, needs {a}", node.op.name(), node.inputs.len())));
+                    return Err(bad(format!(
+                        "node {i} ({}) has {} operands, needs {a}",
+                        node.op.name(),
+                        node.inputs.len()
+                    )));
                 }
             } else if node.inputs.is_empty() {
                 return Err(bad(format!("node {i} ({}) has no operand", node.op.name())));
             }
-            node.op.check_attributes().map_err(|e| bad(format!("node {i}: {e}")))?;
+            node.op
+                .check_attributes()
+                .map_err(|e| bad(format!("node {i}: {e}")))?;
         }
         if g.outputs.is_empty() {
             return Err(bad("the graph has no output"));
@@ -378,10 +455,17 @@ impl FakeConsts<'_> {
                     Src::Node(k) => &shapes[k][..],
                 })
                 .collect();
-            let s = node.op.output_shape(&ins, n).map_err(|e| bad(format!("node {i}: {e}")))?;
-            let recorded = super::graph::dims_at(&node.shape, n).map_err(|e| bad(format!("node {i}: {e}")))?;
+            let s = node
+                .op
+                .output_shape(&ins, n)
+                .map_err(|e| bad(format!("node {i}: {e}")))?;
+            let recorded =
+                super::graph::dims_at(&node.shape, n).map_err(|e| bad(format!("node {i}: {e}")))?;
             if s != recorded {
-                return Err(bad(format!("node {i} ({}) gives {s:?}, the graph says {recorded:?}", node.op.name())));
+                return Err(bad(format!(
+                    "node {i} ({}) gives {s:?}, the graph says {recorded:?}",
+                    node.op.name()
+                )));
             }
             shapes.push(s);
         }
@@ -397,24 +481,36 @@ struct Parsed {
 }
 
 fn field<'a>(v: &'a Value, key: &str, what: &str) -> Result<&'a Value> {
-    v.get(key).ok_or_else(|| bad(format!("{what} has no {key}")))
+    v.get(key)
+        .ok_or_else(|| bad(format!("{what} has no {key}")))
 }
 
 fn arr<'a>(v: &'a Value, what: &str) -> Result<&'a Vec<Value>> {
-    v.as_array().ok_or_else(|| bad(format!("{what} must be a list")))
+    v.as_array()
+        .ok_or_else(|| bad(format!("{what} must be a list")))
 }
 
 fn uint(v: &Value, what: &str) -> Result<usize> {
     v.as_u64()
         .filter(|&x| x <= super::graph::MAX_ATTR as u64)
         .map(|x| x as usize)
-        .ok_or_else(|| bad(format!("{what} must be an integer in 0..={}, got {v}", super::graph::MAX_ATTR)))
+        .ok_or_else(|| {
+            bad(format!(
+                "{what} must be an integer in 0..={}, got {v}",
+                super::graph::MAX_ATTR
+            ))
+        })
 }
 
 fn int(v: &Value, what: &str) -> Result<i64> {
     v.as_i64()
         .filter(|x| x.unsigned_abs() <= super::graph::MAX_ATTR as u64)
-        .ok_or_else(|| bad(format!("{what} must be an integer of magnitude at most {}, got {v}", super::graph::MAX_ATTR)))
+        .ok_or_else(|| {
+            bad(format!(
+                "{what} must be an integer of magnitude at most {}, got {v}",
+                super::graph::MAX_ATTR
+            ))
+        })
 }
 
 fn float(v: &Value, what: &str) -> Result<f32> {
@@ -425,7 +521,8 @@ fn float(v: &Value, what: &str) -> Result<f32> {
 }
 
 fn boolean(v: &Value, what: &str) -> Result<bool> {
-    v.as_bool().ok_or_else(|| bad(format!("{what} must be true or false, got {v}")))
+    v.as_bool()
+        .ok_or_else(|| bad(format!("{what} must be true or false, got {v}")))
 }
 
 fn uints(v: &Value, what: &str) -> Result<Vec<usize>> {
@@ -484,7 +581,10 @@ fn dtype(v: &Value, what: &str) -> Result<DType> {
 
 fn code<T: Copy>(table: &[T], v: &Value, what: &str) -> Result<T> {
     let c = uint(v, what)?;
-    table.get(c).copied().ok_or_else(|| bad(format!("{what}: unknown op code {c}")))
+    table
+        .get(c)
+        .copied()
+        .ok_or_else(|| bad(format!("{what}: unknown op code {c}")))
 }
 
 fn act(v: &Value, what: &str) -> Result<super::graph::Act> {
@@ -497,30 +597,49 @@ fn act(v: &Value, what: &str) -> Result<super::graph::Act> {
     }
     let op = code(&UNARY, &p[0], what)?;
     if !super::graph::fusable_activation(op) {
-        return Err(bad(format!("{what}: {op:?} cannot run in a kernel epilogue")));
+        return Err(bad(format!(
+            "{what}: {op:?} cannot run in a kernel epilogue"
+        )));
     }
     Ok(Some((op, float(&p[1], what)?)))
 }
 
 fn parse_op(v: &Value, what: &str) -> Result<OpKind> {
-    let name = field(v, "op", what)?.as_str().ok_or_else(|| bad(format!("{what}: op must be a name")))?;
+    let name = field(v, "op", what)?
+        .as_str()
+        .ok_or_else(|| bad(format!("{what}: op must be a name")))?;
     let f = |k: &str| field(v, k, what);
     Ok(match name {
-        "reshape" => OpKind::Reshape { shape: dims(f("shape")?, what)? },
-        "expand" => OpKind::Expand { shape: dims(f("shape")?, what)? },
-        "permute" => OpKind::Permute { perm: uints(f("perm")?, what)? },
+        "reshape" => OpKind::Reshape {
+            shape: dims(f("shape")?, what)?,
+        },
+        "expand" => OpKind::Expand {
+            shape: dims(f("shape")?, what)?,
+        },
+        "permute" => OpKind::Permute {
+            perm: uints(f("perm")?, what)?,
+        },
         "narrow" => {
             let one = |k: &str| -> Result<Dim> {
-                dims(f(k)?, what)?.first().copied().ok_or_else(|| bad(format!("{what}: {k} is empty")))
+                dims(f(k)?, what)?
+                    .first()
+                    .copied()
+                    .ok_or_else(|| bad(format!("{what}: {k} is empty")))
             };
-            OpKind::Narrow { axis: uint(f("axis")?, what)?, start: one("start")?, len: one("len")? }
+            OpKind::Narrow {
+                axis: uint(f("axis")?, what)?,
+                start: one("start")?,
+                len: one("len")?,
+            }
         }
         "unary" => OpKind::Unary {
             op: code(&UNARY, f("code")?, what)?,
             alpha: float(f("alpha")?, what)?,
             beta: float(f("beta")?, what)?,
         },
-        "binary" => OpKind::Binary { op: code(&BINARY, f("code")?, what)? },
+        "binary" => OpKind::Binary {
+            op: code(&BINARY, f("code")?, what)?,
+        },
         "binary_scalar" => OpKind::BinaryScalar {
             op: code(&BINARY, f("code")?, what)?,
             scalar: float(f("scalar")?, what)?,
@@ -530,12 +649,21 @@ fn parse_op(v: &Value, what: &str) -> Result<OpKind> {
         "matmul" => OpKind::Matmul,
         "reduce" => OpKind::Reduce {
             op: code(&REDUCE, f("code")?, what)?,
-            axes: arr(f("axes")?, what)?.iter().map(|a| int(a, what).map(|x| x as isize)).collect::<Result<_>>()?,
+            axes: arr(f("axes")?, what)?
+                .iter()
+                .map(|a| int(a, what).map(|x| x as isize))
+                .collect::<Result<_>>()?,
             keepdim: boolean(f("keepdim")?, what)?,
             correction: float(f("correction")?, what)?,
         },
-        "softmax" => OpKind::Softmax { axis: int(f("axis")?, what)? as isize, log: boolean(f("log")?, what)? },
-        "linear" => OpKind::Linear { bias: boolean(f("bias")?, what)?, act: act(f("act")?, what)? },
+        "softmax" => OpKind::Softmax {
+            axis: int(f("axis")?, what)? as isize,
+            log: boolean(f("log")?, what)?,
+        },
+        "linear" => OpKind::Linear {
+            bias: boolean(f("bias")?, what)?,
+            act: act(f("act")?, what)?,
+        },
         "conv2d" => OpKind::Conv2d {
             opts: Conv2dOptions {
                 stride: pair(f("stride")?, what)?,
@@ -566,7 +694,9 @@ fn parse_op(v: &Value, what: &str) -> Result<OpKind> {
             },
             max: boolean(f("max")?, what)?,
         },
-        "adaptive_avg_pool2d" => OpKind::AdaptiveAvgPool { size: pair(f("size")?, what)? },
+        "adaptive_avg_pool2d" => OpKind::AdaptiveAvgPool {
+            size: pair(f("size")?, what)?,
+        },
         "batch_norm" => OpKind::BatchNorm {
             eps: float(f("eps")?, what)?,
             weight: boolean(f("weight")?, what)?,
@@ -584,11 +714,22 @@ fn parse_op(v: &Value, what: &str) -> Result<OpKind> {
             weight: boolean(f("weight")?, what)?,
             bias: boolean(f("bias")?, what)?,
         },
-        "concat" => OpKind::Concat { axis: int(f("axis")?, what)? as isize },
-        "index_select" => OpKind::IndexSelect { axis: int(f("axis")?, what)? as isize },
-        "gather" => OpKind::Gather { axis: int(f("axis")?, what)? as isize },
-        "full" => OpKind::Full { shape: dims(f("shape")?, what)?, value: float(f("value")?, what)? },
-        "cast" => OpKind::Cast { to: dtype(f("to")?, what)? },
+        "concat" => OpKind::Concat {
+            axis: int(f("axis")?, what)? as isize,
+        },
+        "index_select" => OpKind::IndexSelect {
+            axis: int(f("axis")?, what)? as isize,
+        },
+        "gather" => OpKind::Gather {
+            axis: int(f("axis")?, what)? as isize,
+        },
+        "full" => OpKind::Full {
+            shape: dims(f("shape")?, what)?,
+            value: float(f("value")?, what)?,
+        },
+        "cast" => OpKind::Cast {
+            to: dtype(f("to")?, what)?,
+        },
         other => return Err(bad(format!("{what}: unknown op {other:?}"))),
     })
 }
@@ -598,19 +739,28 @@ fn parse_graph(v: &Value) -> Result<Parsed> {
         .as_u64()
         .ok_or_else(|| bad("the graph's version must be an integer"))?;
     if version != VERSION {
-        return Err(bad(format!("the file has graph version {version}; this kiln reads version {VERSION}")));
+        return Err(bad(format!(
+            "the file has graph version {version}; this kiln reads version {VERSION}"
+        )));
     }
     let inputs = arr(field(v, "inputs", "the graph")?, "inputs")?
         .iter()
         .enumerate()
-        .map(|(k, i)| Ok(InputSpec { shape: dims(field(i, "shape", "an input")?, &format!("input {k}"))? }))
+        .map(|(k, i)| {
+            Ok(InputSpec {
+                shape: dims(field(i, "shape", "an input")?, &format!("input {k}"))?,
+            })
+        })
         .collect::<Result<Vec<_>>>()?;
     let consts = arr(field(v, "consts", "the graph")?, "consts")?
         .iter()
         .enumerate()
         .map(|(k, c)| {
             let what = format!("constant {k}");
-            Ok((uints(field(c, "shape", &what)?, &what)?, dtype(field(c, "dtype", &what)?, &what)?))
+            Ok((
+                uints(field(c, "shape", &what)?, &what)?,
+                dtype(field(c, "dtype", &what)?, &what)?,
+            ))
         })
         .collect::<Result<Vec<_>>>()?;
     let nodes = arr(field(v, "nodes", "the graph")?, "nodes")?
@@ -638,5 +788,10 @@ fn parse_graph(v: &Value) -> Result<Parsed> {
     if inputs.is_empty() {
         return Err(bad("the graph has no input"));
     }
-    Ok(Parsed { inputs, consts, nodes, outputs })
+    Ok(Parsed {
+        inputs,
+        consts,
+        nodes,
+        outputs,
+    })
 }

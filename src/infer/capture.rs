@@ -172,7 +172,10 @@ impl Drop for CaptureGuard {
 
 fn trace_once(inputs: &[Tensor], f: &dyn Fn(&[Tensor]) -> Result<Vec<Tensor>>) -> Result<Trace> {
     if RECORDER.with(|r| r.borrow().is_some()) {
-        return Err(Error::invalid("freeze", "capture is already running on this thread"));
+        return Err(Error::invalid(
+            "freeze",
+            "capture is already running on this thread",
+        ));
     }
     let mut rec = Recorder {
         first_storage: crate::tensor::next_storage_id(),
@@ -218,17 +221,30 @@ pub(crate) fn capture(
     if batch_axes.len() != inputs.len() {
         return Err(Error::invalid(
             OP,
-            format!("{} batch axes for {} inputs", batch_axes.len(), inputs.len()),
+            format!(
+                "{} batch axes for {} inputs",
+                batch_axes.len(),
+                inputs.len()
+            ),
         ));
     }
     let mut batch = None;
     for (t, axis) in inputs.iter().zip(batch_axes) {
         let Some(a) = *axis else { continue };
         let size = *t.dims().get(a).ok_or_else(|| {
-            Error::invalid(OP, format!("batch axis {a} is out of range for an input of shape {:?}", t.dims()))
+            Error::invalid(
+                OP,
+                format!(
+                    "batch axis {a} is out of range for an input of shape {:?}",
+                    t.dims()
+                ),
+            )
         })?;
         if batch.is_some_and(|b| b != size) {
-            return Err(Error::shape(OP, format!("inputs disagree on the batch size: {batch:?} and {size}")));
+            return Err(Error::shape(
+                OP,
+                format!("inputs disagree on the batch size: {batch:?} and {size}"),
+            ));
         }
         batch = Some(size);
     }
@@ -268,14 +284,25 @@ fn linear_fit(sizes: &[usize], values: &[usize], what: &dyn Fn() -> String) -> R
         if a * n as i64 + b != v as i64 {
             return Err(Error::invalid(
                 "freeze",
-                format!("{} is {values:?} at batch sizes {sizes:?}: not linear in the batch size", what()),
+                format!(
+                    "{} is {values:?} at batch sizes {sizes:?}: not linear in the batch size",
+                    what()
+                ),
             ));
         }
     }
-    Ok(Dim { per_batch: a, fixed: b })
+    Ok(Dim {
+        per_batch: a,
+        fixed: b,
+    })
 }
 
-fn merge(inputs: &[Tensor], batch_axes: &[Option<usize>], sizes: &[usize], mut traces: Vec<Trace>) -> Result<Graph> {
+fn merge(
+    inputs: &[Tensor],
+    batch_axes: &[Option<usize>],
+    sizes: &[usize],
+    mut traces: Vec<Trace>,
+) -> Result<Graph> {
     const OP: &str = "freeze";
     let differs = |what: String| {
         Err(Error::invalid(
@@ -285,8 +312,15 @@ fn merge(inputs: &[Tensor], batch_axes: &[Option<usize>], sizes: &[usize], mut t
     };
     let first = traces.remove(0);
     for t in &traces {
-        if t.nodes.len() != first.nodes.len() || t.consts.len() != first.consts.len() || t.outputs != first.outputs {
-            return differs(format!("{} against {} nodes", t.nodes.len(), first.nodes.len()));
+        if t.nodes.len() != first.nodes.len()
+            || t.consts.len() != first.consts.len()
+            || t.outputs != first.outputs
+        {
+            return differs(format!(
+                "{} against {} nodes",
+                t.nodes.len(),
+                first.nodes.len()
+            ));
         }
         for (k, (a, b)) in first.consts.iter().zip(&t.consts).enumerate() {
             if a.shares_storage(b) && a.layout() == b.layout() {
@@ -300,7 +334,10 @@ fn merge(inputs: &[Tensor], batch_axes: &[Option<usize>], sizes: &[usize], mut t
                 ));
             }
             if a.to_vec()? != b.to_vec()? {
-                return differs(format!("constant {k} of shape {:?} has other values", a.dims()));
+                return differs(format!(
+                    "constant {k} of shape {:?} has other values",
+                    a.dims()
+                ));
             }
         }
     }
@@ -326,13 +363,17 @@ fn merge(inputs: &[Tensor], batch_axes: &[Option<usize>], sizes: &[usize], mut t
         for (j, d) in op.dims_mut().into_iter().enumerate() {
             let mut values = vec![d.fixed as usize];
             values.extend(other_dims.iter_mut().map(|o| o[j].fixed as usize));
-            *d = linear_fit(sizes, &values, &|| format!("attribute {j} of node {i} ({name})"))?;
+            *d = linear_fit(sizes, &values, &|| {
+                format!("attribute {j} of node {i} ({name})")
+            })?;
         }
         let mut dims = Vec::with_capacity(shape.len());
         for (j, &s) in shape.iter().enumerate() {
             let mut values = vec![s];
             values.extend(traces.iter().map(|t| t.nodes[i].2[j]));
-            dims.push(linear_fit(sizes, &values, &|| format!("axis {j} of the output of node {i} ({name})"))?);
+            dims.push(linear_fit(sizes, &values, &|| {
+                format!("axis {j} of the output of node {i} ({name})")
+            })?);
         }
         nodes.push(Node {
             op,
@@ -351,7 +392,10 @@ fn merge(inputs: &[Tensor], batch_axes: &[Option<usize>], sizes: &[usize], mut t
                 .enumerate()
                 .map(|(a, &d)| {
                     if Some(a) == *axis {
-                        Dim { per_batch: 1, fixed: 0 }
+                        Dim {
+                            per_batch: 1,
+                            fixed: 0,
+                        }
                     } else {
                         Dim::fixed(d)
                     }

@@ -39,7 +39,10 @@ impl Dim {
         if v < 0 || v > MAX_ATTR as i128 {
             return Err(Error::invalid(
                 "InferenceModel",
-                format!("size {} * N + {} is {v} for batch size {n}", self.per_batch, self.fixed),
+                format!(
+                    "size {} * N + {} is {v} for batch size {n}",
+                    self.per_batch, self.fixed
+                ),
             ));
         }
         Ok(v as usize)
@@ -99,34 +102,102 @@ pub(crate) type Act = Option<(UnaryOp, f32)>;
 /// The ops a graph can hold.
 #[derive(Clone, Debug, PartialEq)]
 pub(crate) enum OpKind {
-    Reshape { shape: Vec<Dim> },
-    Permute { perm: Vec<usize> },
-    Expand { shape: Vec<Dim> },
-    Narrow { axis: usize, start: Dim, len: Dim },
-    Unary { op: UnaryOp, alpha: f32, beta: f32 },
-    Binary { op: BinaryOp },
-    BinaryScalar { op: BinaryOp, scalar: f32, left: bool },
+    Reshape {
+        shape: Vec<Dim>,
+    },
+    Permute {
+        perm: Vec<usize>,
+    },
+    Expand {
+        shape: Vec<Dim>,
+    },
+    Narrow {
+        axis: usize,
+        start: Dim,
+        len: Dim,
+    },
+    Unary {
+        op: UnaryOp,
+        alpha: f32,
+        beta: f32,
+    },
+    Binary {
+        op: BinaryOp,
+    },
+    BinaryScalar {
+        op: BinaryOp,
+        scalar: f32,
+        left: bool,
+    },
     Where,
-    Reduce { op: ReduceOp, axes: Vec<isize>, keepdim: bool, correction: f32 },
-    Softmax { axis: isize, log: bool },
+    Reduce {
+        op: ReduceOp,
+        axes: Vec<isize>,
+        keepdim: bool,
+        correction: f32,
+    },
+    Softmax {
+        axis: isize,
+        log: bool,
+    },
     Matmul,
     /// `act(x W^T + b)`: operands x, W (out, in), and b when `bias`.
-    Linear { bias: bool, act: Act },
+    Linear {
+        bias: bool,
+        act: Act,
+    },
     /// `act(conv2d(x, w) + b)`: operands x, w, and b when `bias`.
-    Conv2d { opts: Conv2dOptions, bias: bool, act: Act },
-    ConvTranspose2d { opts: ConvTranspose2dOptions, bias: bool },
-    Pool { opts: Pool2dOptions, max: bool },
-    AdaptiveAvgPool { size: [usize; 2] },
+    Conv2d {
+        opts: Conv2dOptions,
+        bias: bool,
+        act: Act,
+    },
+    ConvTranspose2d {
+        opts: ConvTranspose2dOptions,
+        bias: bool,
+    },
+    Pool {
+        opts: Pool2dOptions,
+        max: bool,
+    },
+    AdaptiveAvgPool {
+        size: [usize; 2],
+    },
     /// Eval-mode batch norm: operands x, running mean, running var, then weight and bias.
-    BatchNorm { eps: f32, weight: bool, bias: bool },
-    LayerNorm { shape: Vec<usize>, eps: f32, weight: bool, bias: bool },
-    GroupNorm { groups: usize, eps: f32, weight: bool, bias: bool },
-    Concat { axis: isize },
-    IndexSelect { axis: isize },
-    Gather { axis: isize },
-    Full { shape: Vec<Dim>, value: f32 },
+    BatchNorm {
+        eps: f32,
+        weight: bool,
+        bias: bool,
+    },
+    LayerNorm {
+        shape: Vec<usize>,
+        eps: f32,
+        weight: bool,
+        bias: bool,
+    },
+    GroupNorm {
+        groups: usize,
+        eps: f32,
+        weight: bool,
+        bias: bool,
+    },
+    Concat {
+        axis: isize,
+    },
+    IndexSelect {
+        axis: isize,
+    },
+    Gather {
+        axis: isize,
+    },
+    Full {
+        shape: Vec<Dim>,
+        value: f32,
+    },
     /// A change of element type (inserted by `to_half`).
-    Cast { to: DType },
+    Cast {
+        to: DType,
+    },
 }
 
 /// The activations a producing kernel's epilogue applies.
@@ -189,7 +260,10 @@ impl OpKind {
             | OpKind::Pool { .. }
             | OpKind::AdaptiveAvgPool { .. }
             | OpKind::Cast { .. } => 1,
-            OpKind::Binary { .. } | OpKind::Matmul | OpKind::IndexSelect { .. } | OpKind::Gather { .. } => 2,
+            OpKind::Binary { .. }
+            | OpKind::Matmul
+            | OpKind::IndexSelect { .. }
+            | OpKind::Gather { .. } => 2,
             OpKind::Where => 3,
             OpKind::Linear { bias, .. }
             | OpKind::Conv2d { bias, .. }
@@ -236,7 +310,11 @@ impl OpKind {
         match self {
             OpKind::Permute { perm } => {
                 let mut seen = [false; MAX_RANK];
-                if perm.len() > MAX_RANK || perm.iter().any(|&p| p >= perm.len() || std::mem::replace(&mut seen[p], true)) {
+                if perm.len() > MAX_RANK
+                    || perm
+                        .iter()
+                        .any(|&p| p >= perm.len() || std::mem::replace(&mut seen[p], true))
+                {
                     return bad(format!("{perm:?} is not a permutation"));
                 }
             }
@@ -246,16 +324,26 @@ impl OpKind {
                     return bad(format!("{opts:?} holds a size beyond {MAX_ATTR}"));
                 }
                 if opts.stride.contains(&0) || opts.dilation.contains(&0) || opts.groups == 0 {
-                    return bad(format!("stride, dilation and groups must be positive: {opts:?}"));
+                    return bad(format!(
+                        "stride, dilation and groups must be positive: {opts:?}"
+                    ));
                 }
             }
             OpKind::ConvTranspose2d { opts, .. } => {
-                let all = [opts.stride, opts.padding, opts.dilation, opts.output_padding].concat();
+                let all = [
+                    opts.stride,
+                    opts.padding,
+                    opts.dilation,
+                    opts.output_padding,
+                ]
+                .concat();
                 if big(&all) || opts.groups > MAX_ATTR {
                     return bad(format!("{opts:?} holds a size beyond {MAX_ATTR}"));
                 }
                 if opts.stride.contains(&0) || opts.dilation.contains(&0) || opts.groups == 0 {
-                    return bad(format!("stride, dilation and groups must be positive: {opts:?}"));
+                    return bad(format!(
+                        "stride, dilation and groups must be positive: {opts:?}"
+                    ));
                 }
             }
             OpKind::Pool { opts, .. } => {
@@ -263,16 +351,21 @@ impl OpKind {
                 if big(&all) {
                     return bad(format!("{opts:?} holds a size beyond {MAX_ATTR}"));
                 }
-                if opts.kernel.contains(&0) || opts.stride.contains(&0) || opts.dilation.contains(&0) {
-                    return bad(format!("kernel, stride and dilation must be positive: {opts:?}"));
+                if opts.kernel.contains(&0)
+                    || opts.stride.contains(&0)
+                    || opts.dilation.contains(&0)
+                {
+                    return bad(format!(
+                        "kernel, stride and dilation must be positive: {opts:?}"
+                    ));
                 }
             }
-            OpKind::AdaptiveAvgPool { size } => {
-                if size.contains(&0) || big(size) {
-                    return bad(format!("output size {size:?} must be in 1..={MAX_ATTR}"));
-                }
+            OpKind::AdaptiveAvgPool { size } if (size.contains(&0) || big(size)) => {
+                return bad(format!("output size {size:?} must be in 1..={MAX_ATTR}"));
             }
-            OpKind::BatchNorm { eps, .. } | OpKind::LayerNorm { eps, .. } | OpKind::GroupNorm { eps, .. } => {
+            OpKind::BatchNorm { eps, .. }
+            | OpKind::LayerNorm { eps, .. }
+            | OpKind::GroupNorm { eps, .. } => {
                 if !finite(*eps) || *eps < 0.0 {
                     return bad(format!("eps must be finite and >= 0, got {eps}"));
                 }
@@ -285,22 +378,25 @@ impl OpKind {
                     }
                 }
             }
-            OpKind::Reduce { axes, .. } => {
-                if axes.len() > MAX_RANK {
-                    return bad(format!("{} axes exceed rank {MAX_RANK}", axes.len()));
-                }
+            OpKind::Reduce { axes, .. } if axes.len() > MAX_RANK => {
+                return bad(format!("{} axes exceed rank {MAX_RANK}", axes.len()));
             }
             OpKind::Reshape { shape } | OpKind::Expand { shape } | OpKind::Full { shape, .. } => {
                 if shape.len() > MAX_RANK {
                     return bad(format!("rank {} exceeds {MAX_RANK}", shape.len()));
                 }
-                if shape.iter().any(|d| d.per_batch.unsigned_abs() > MAX_ATTR as u64 || d.fixed.unsigned_abs() > MAX_ATTR as u64) {
+                if shape.iter().any(|d| {
+                    d.per_batch.unsigned_abs() > MAX_ATTR as u64
+                        || d.fixed.unsigned_abs() > MAX_ATTR as u64
+                }) {
                     return bad(format!("a size of {shape:?} is beyond {MAX_ATTR}"));
                 }
             }
             OpKind::Narrow { start, len, .. } => {
                 for d in [start, len] {
-                    if d.per_batch.unsigned_abs() > MAX_ATTR as u64 || d.fixed.unsigned_abs() > MAX_ATTR as u64 {
+                    if d.per_batch.unsigned_abs() > MAX_ATTR as u64
+                        || d.fixed.unsigned_abs() > MAX_ATTR as u64
+                    {
                         return bad(format!("size {d:?} is beyond {MAX_ATTR}"));
                     }
                 }
@@ -317,14 +413,19 @@ impl OpKind {
         self.check_attributes()?;
         if let Some(a) = self.arity() {
             if inputs.len() != a {
-                return Err(Error::invalid(op, format!("takes {a} operands, got {}", inputs.len())));
+                return Err(Error::invalid(
+                    op,
+                    format!("takes {a} operands, got {}", inputs.len()),
+                ));
             }
         } else if inputs.is_empty() {
             return Err(Error::invalid(op, "takes at least one operand"));
         }
         let x = inputs.first().copied().unwrap_or(&[]);
         let shape_err = |msg: String| Error::shape(op, msg);
-        let numel = |s: &[usize]| checked_numel(s).ok_or_else(|| shape_err(format!("shape {s:?} overflows")));
+        let numel = |s: &[usize]| {
+            checked_numel(s).ok_or_else(|| shape_err(format!("shape {s:?} overflows")))
+        };
         for s in inputs {
             numel(s)?;
         }
@@ -353,7 +454,9 @@ impl OpKind {
             OpKind::Narrow { axis, start, len } => {
                 let (start, len) = (start.at(n)?, len.at(n)?);
                 if *axis >= x.len() || start + len > x[*axis] {
-                    return Err(shape_err(format!("{len} elements from {start} of axis {axis} of {x:?}")));
+                    return Err(shape_err(format!(
+                        "{len} elements from {start} of axis {axis} of {x:?}"
+                    )));
                 }
                 let mut s = x.to_vec();
                 s[*axis] = len;
@@ -362,7 +465,12 @@ impl OpKind {
             OpKind::Unary { .. } | OpKind::BinaryScalar { .. } | OpKind::Cast { .. } => x.to_vec(),
             OpKind::Binary { .. } => broadcast_shapes(op, x, inputs[1])?,
             OpKind::Where => broadcast_shapes(op, &broadcast_shapes(op, x, inputs[1])?, inputs[2])?,
-            OpKind::Reduce { op: r, axes, keepdim, .. } => {
+            OpKind::Reduce {
+                op: r,
+                axes,
+                keepdim,
+                ..
+            } => {
                 let axes = if matches!(r, ReduceOp::ArgMax | ReduceOp::ArgMin) && axes.len() != 1 {
                     return Err(shape_err(format!("takes one axis, got {axes:?}")));
                 } else {
@@ -388,10 +496,20 @@ impl OpKind {
             OpKind::Matmul => {
                 let b = inputs[1];
                 if x.is_empty() || b.is_empty() {
-                    return Err(shape_err(format!("operands {x:?} and {b:?} need rank 1 or more")));
+                    return Err(shape_err(format!(
+                        "operands {x:?} and {b:?} need rank 1 or more"
+                    )));
                 }
-                let a2: Vec<usize> = if x.len() == 1 { vec![1, x[0]] } else { x.to_vec() };
-                let b2: Vec<usize> = if b.len() == 1 { vec![b[0], 1] } else { b.to_vec() };
+                let a2: Vec<usize> = if x.len() == 1 {
+                    vec![1, x[0]]
+                } else {
+                    x.to_vec()
+                };
+                let b2: Vec<usize> = if b.len() == 1 {
+                    vec![b[0], 1]
+                } else {
+                    b.to_vec()
+                };
                 let (ra, rb) = (a2.len(), b2.len());
                 if a2[ra - 1] != b2[rb - 2] {
                     return Err(shape_err(format!("inner sizes differ: {x:?} x {b:?}")));
@@ -408,10 +526,16 @@ impl OpKind {
             OpKind::Linear { bias, .. } => {
                 let w = inputs[1];
                 if w.len() != 2 || x.is_empty() || x[x.len() - 1] != w[1] {
-                    return Err(shape_err(format!("input {x:?} must end in the {:?} features of weight {w:?}", w.get(1))));
+                    return Err(shape_err(format!(
+                        "input {x:?} must end in the {:?} features of weight {w:?}",
+                        w.get(1)
+                    )));
                 }
                 if *bias && inputs[2] != [w[0]] {
-                    return Err(shape_err(format!("bias {:?} must be [{}]", inputs[2], w[0])));
+                    return Err(shape_err(format!(
+                        "bias {:?} must be [{}]",
+                        inputs[2], w[0]
+                    )));
                 }
                 let mut s = x.to_vec();
                 s[x.len() - 1] = w[0];
@@ -419,37 +543,79 @@ impl OpKind {
             }
             OpKind::Conv2d { opts, bias, .. } => {
                 let unbatched = x.len() == 3;
-                let xb: Vec<usize> = if unbatched { [&[1], x].concat() } else { x.to_vec() };
+                let xb: Vec<usize> = if unbatched {
+                    [&[1], x].concat()
+                } else {
+                    x.to_vec()
+                };
                 let g = crate::ops::conv::conv2d_geometry(&xb, inputs[1], opts)?;
                 if *bias && inputs[2] != [g.c_out] {
-                    return Err(shape_err(format!("bias {:?} must be [{}]", inputs[2], g.c_out)));
+                    return Err(shape_err(format!(
+                        "bias {:?} must be [{}]",
+                        inputs[2], g.c_out
+                    )));
                 }
                 let s = vec![g.n, g.c_out, g.oh, g.ow];
-                if unbatched { s[1..].to_vec() } else { s }
+                if unbatched {
+                    s[1..].to_vec()
+                } else {
+                    s
+                }
             }
             OpKind::ConvTranspose2d { opts, bias } => {
                 let unbatched = x.len() == 3;
-                let xb: Vec<usize> = if unbatched { [&[1], x].concat() } else { x.to_vec() };
+                let xb: Vec<usize> = if unbatched {
+                    [&[1], x].concat()
+                } else {
+                    x.to_vec()
+                };
                 let s = crate::ops::conv::conv_transpose2d_shape(&xb, inputs[1], opts)?;
                 if *bias && inputs[2] != [s[1]] {
-                    return Err(shape_err(format!("bias {:?} must be [{}]", inputs[2], s[1])));
+                    return Err(shape_err(format!(
+                        "bias {:?} must be [{}]",
+                        inputs[2], s[1]
+                    )));
                 }
-                if unbatched { s[1..].to_vec() } else { s }
+                if unbatched {
+                    s[1..].to_vec()
+                } else {
+                    s
+                }
             }
             OpKind::Pool { opts, max } => {
                 let unbatched = x.len() == 3;
-                let xb: Vec<usize> = if unbatched { [&[1], x].concat() } else { x.to_vec() };
-                let mode = if *max { crate::ops::pool::MODE_MAX } else { crate::ops::pool::MODE_AVG_WITH_PAD };
+                let xb: Vec<usize> = if unbatched {
+                    [&[1], x].concat()
+                } else {
+                    x.to_vec()
+                };
+                let mode = if *max {
+                    crate::ops::pool::MODE_MAX
+                } else {
+                    crate::ops::pool::MODE_AVG_WITH_PAD
+                };
                 if !*max && opts.dilation != [1, 1] {
-                    return Err(Error::invalid(op, format!("average pooling needs dilation [1, 1], got {:?}", opts.dilation)));
+                    return Err(Error::invalid(
+                        op,
+                        format!(
+                            "average pooling needs dilation [1, 1], got {:?}",
+                            opts.dilation
+                        ),
+                    ));
                 }
                 let g = crate::ops::pool::geometry(op, &xb, opts, mode)?;
                 let s = vec![g.n, g.c, g.oh, g.ow];
-                if unbatched { s[1..].to_vec() } else { s }
+                if unbatched {
+                    s[1..].to_vec()
+                } else {
+                    s
+                }
             }
             OpKind::AdaptiveAvgPool { size } => {
                 if !(x.len() == 3 || x.len() == 4) || x[x.len() - 1] == 0 || x[x.len() - 2] == 0 {
-                    return Err(shape_err(format!("input {x:?} must be a non-empty (N, C, H, W)")));
+                    return Err(shape_err(format!(
+                        "input {x:?} must be a non-empty (N, C, H, W)"
+                    )));
                 }
                 let mut s = x.to_vec();
                 let r = s.len();
@@ -462,14 +628,19 @@ impl OpKind {
                     return Err(shape_err(format!("input {x:?} must be (N, C, ...)")));
                 }
                 if inputs[1..].iter().any(|s| *s != [x[1]]) {
-                    return Err(shape_err(format!("statistics and affine must be [{}]", x[1])));
+                    return Err(shape_err(format!(
+                        "statistics and affine must be [{}]",
+                        x[1]
+                    )));
                 }
                 x.to_vec()
             }
             OpKind::LayerNorm { shape, .. } => {
                 let k = shape.len();
                 if k > x.len() || x[x.len() - k..] != shape[..] {
-                    return Err(shape_err(format!("normalized shape {shape:?} must end {x:?}")));
+                    return Err(shape_err(format!(
+                        "normalized shape {shape:?} must end {x:?}"
+                    )));
                 }
                 if inputs[1..].iter().any(|s| *s != &shape[..]) {
                     return Err(shape_err(format!("weight and bias must be {shape:?}")));
@@ -478,7 +649,9 @@ impl OpKind {
             }
             OpKind::GroupNorm { groups, .. } => {
                 if x.len() < 2 || x[1] % groups != 0 {
-                    return Err(shape_err(format!("input {x:?} must be (N, C, ...) with C divisible by {groups}")));
+                    return Err(shape_err(format!(
+                        "input {x:?} must be (N, C, ...) with C divisible by {groups}"
+                    )));
                 }
                 if inputs[1..].iter().any(|s| *s != [x[1]]) {
                     return Err(shape_err(format!("weight and bias must be [{}]", x[1])));
@@ -490,17 +663,26 @@ impl OpKind {
                 let mut s = x.to_vec();
                 s[ax] = 0;
                 for t in inputs {
-                    if t.len() != x.len() || t.iter().enumerate().any(|(i, &d)| i != ax && d != x[i]) {
-                        return Err(shape_err(format!("shapes {x:?} and {t:?} differ off axis {ax}")));
+                    if t.len() != x.len()
+                        || t.iter().enumerate().any(|(i, &d)| i != ax && d != x[i])
+                    {
+                        return Err(shape_err(format!(
+                            "shapes {x:?} and {t:?} differ off axis {ax}"
+                        )));
                     }
-                    s[ax] = s[ax].checked_add(t[ax]).ok_or_else(|| shape_err("size overflows".into()))?;
+                    s[ax] = s[ax]
+                        .checked_add(t[ax])
+                        .ok_or_else(|| shape_err("size overflows".into()))?;
                 }
                 s
             }
             OpKind::IndexSelect { axis } => {
                 let ax = normalize_axis(op, *axis, x.len())?;
                 if inputs[1].len() != 1 {
-                    return Err(shape_err(format!("indices must be 1-D, got {:?}", inputs[1])));
+                    return Err(shape_err(format!(
+                        "indices must be 1-D, got {:?}",
+                        inputs[1]
+                    )));
                 }
                 let mut s = x.to_vec();
                 s[ax] = inputs[1][0];
@@ -509,7 +691,10 @@ impl OpKind {
             OpKind::Gather { axis } => {
                 normalize_axis(op, *axis, x.len())?;
                 if inputs[1].len() != x.len() {
-                    return Err(shape_err(format!("index {:?} must have the rank of {x:?}", inputs[1])));
+                    return Err(shape_err(format!(
+                        "index {:?} must have the rank of {x:?}",
+                        inputs[1]
+                    )));
                 }
                 inputs[1].to_vec()
             }
@@ -520,7 +705,9 @@ impl OpKind {
         }
         let count = numel(&out)?;
         if count > MAX_ATTR {
-            return Err(shape_err(format!("{count} elements exceed what kernels index")));
+            return Err(shape_err(format!(
+                "{count} elements exceed what kernels index"
+            )));
         }
         Ok(out)
     }
@@ -540,16 +727,23 @@ impl OpKind {
                 x.permute(&p)
             }
             OpKind::Expand { shape } => x.expand(&dims_at(shape, n)?),
-            OpKind::Narrow { axis, start, len } => x.narrow(*axis as isize, start.at(n)?, len.at(n)?),
-            OpKind::Unary { op, alpha, beta } => crate::ops::elementwise::unary(x, *op, *alpha, *beta),
+            OpKind::Narrow { axis, start, len } => {
+                x.narrow(*axis as isize, start.at(n)?, len.at(n)?)
+            }
+            OpKind::Unary { op, alpha, beta } => {
+                crate::ops::elementwise::unary(x, *op, *alpha, *beta)
+            }
             OpKind::Binary { op } => crate::ops::elementwise::binary(x, inputs[1], *op),
             OpKind::BinaryScalar { op, scalar, left } => {
                 crate::ops::elementwise::binary_scalar(x, *scalar, *op, *left)
             }
             OpKind::Where => x.where_cond(inputs[1], inputs[2]),
-            OpKind::Reduce { op, axes, keepdim, correction } => {
-                crate::ops::reduce::reduce(x, *op, axes, *keepdim, *correction)
-            }
+            OpKind::Reduce {
+                op,
+                axes,
+                keepdim,
+                correction,
+            } => crate::ops::reduce::reduce(x, *op, axes, *keepdim, *correction),
             OpKind::Softmax { axis, log } => {
                 if *log {
                     x.log_softmax(*axis)
@@ -561,10 +755,17 @@ impl OpKind {
             OpKind::Linear { bias, act } => {
                 crate::ops::matmul::linear(x, inputs[1], opt(*bias, 2), *act, Variant::F32)
             }
-            OpKind::Conv2d { opts, bias, act } => {
-                crate::ops::conv::conv2d_fused(x, inputs[1], opt(*bias, 2), opts, *act, Variant::F32)
+            OpKind::Conv2d { opts, bias, act } => crate::ops::conv::conv2d_fused(
+                x,
+                inputs[1],
+                opt(*bias, 2),
+                opts,
+                *act,
+                Variant::F32,
+            ),
+            OpKind::ConvTranspose2d { opts, bias } => {
+                x.conv_transpose2d(inputs[1], opt(*bias, 2), opts)
             }
-            OpKind::ConvTranspose2d { opts, bias } => x.conv_transpose2d(inputs[1], opt(*bias, 2), opts),
             OpKind::Pool { opts, max } => {
                 if *max {
                     x.max_pool2d(opts)
@@ -582,12 +783,28 @@ impl OpKind {
                 0.0,
                 *eps,
             ),
-            OpKind::LayerNorm { shape, eps, weight, bias } => {
-                x.layer_norm(shape, opt(*weight, 1), opt(*bias, 1 + *weight as usize), *eps)
-            }
-            OpKind::GroupNorm { groups, eps, weight, bias } => {
-                x.group_norm(*groups, opt(*weight, 1), opt(*bias, 1 + *weight as usize), *eps)
-            }
+            OpKind::LayerNorm {
+                shape,
+                eps,
+                weight,
+                bias,
+            } => x.layer_norm(
+                shape,
+                opt(*weight, 1),
+                opt(*bias, 1 + *weight as usize),
+                *eps,
+            ),
+            OpKind::GroupNorm {
+                groups,
+                eps,
+                weight,
+                bias,
+            } => x.group_norm(
+                *groups,
+                opt(*weight, 1),
+                opt(*bias, 1 + *weight as usize),
+                *eps,
+            ),
             OpKind::Concat { axis } => Tensor::concat(inputs, *axis),
             OpKind::IndexSelect { axis } => x.index_select(*axis, inputs[1]),
             OpKind::Gather { axis } => x.gather(*axis, inputs[1]),
@@ -602,12 +819,21 @@ impl OpKind {
         let dev = x.device();
         let f16_out = || half_uninit(out_shape, dev);
         match self {
-            OpKind::Linear { bias, act } => {
-                crate::ops::matmul::linear(x, inputs[1], bias.then(|| inputs[2]), *act, Variant::F16)
-            }
-            OpKind::Conv2d { opts, bias, act } => {
-                crate::ops::conv::conv2d_fused(x, inputs[1], bias.then(|| inputs[2]), opts, *act, Variant::F16)
-            }
+            OpKind::Linear { bias, act } => crate::ops::matmul::linear(
+                x,
+                inputs[1],
+                bias.then(|| inputs[2]),
+                *act,
+                Variant::F16,
+            ),
+            OpKind::Conv2d { opts, bias, act } => crate::ops::conv::conv2d_fused(
+                x,
+                inputs[1],
+                bias.then(|| inputs[2]),
+                opts,
+                *act,
+                Variant::F16,
+            ),
             OpKind::Pool { .. } | OpKind::AdaptiveAvgPool { .. } => {
                 let out = f16_out()?;
                 let g = match self {
@@ -621,13 +847,17 @@ impl OpKind {
                         };
                         crate::ops::pool::geometry("pool2d", x.dims(), opts, mode)?
                     }
-                    OpKind::AdaptiveAvgPool { size } => crate::ops::pool::adaptive_geometry(x.dims(), *size),
+                    OpKind::AdaptiveAvgPool { size } => {
+                        crate::ops::pool::adaptive_geometry(x.dims(), *size)
+                    }
                     _ => unreachable!("matched above"),
                 };
                 crate::ops::pool::pool_into(x, &out, &g, Variant::F16)?;
                 Ok(out)
             }
-            OpKind::Reshape { .. } => Ok(x.with_layout(crate::shape::Layout::contiguous(out_shape))),
+            OpKind::Reshape { .. } => {
+                Ok(x.with_layout(crate::shape::Layout::contiguous(out_shape)))
+            }
             OpKind::Unary { op, alpha, beta } => {
                 let out = f16_out()?;
                 let e = crate::ops::elementwise::Extra {
@@ -656,16 +886,24 @@ impl OpKind {
 pub(crate) fn half_uninit(shape: &[usize], device: &crate::Device) -> Result<Tensor> {
     let n = checked_numel(shape).unwrap_or(usize::MAX);
     let words = n.div_ceil(2).max(1);
-    Ok(Tensor::uninit("to_half", &[words], device)?.with_layout(crate::shape::Layout::contiguous(shape)))
+    Ok(Tensor::uninit("to_half", &[words], device)?
+        .with_layout(crate::shape::Layout::contiguous(shape)))
 }
 
 /// `x` converted to `to` (f16 storage from f32 or back).
 pub(crate) fn cast(x: &Tensor, to: DType) -> Result<Tensor> {
     let (out, variant) = match to {
         DType::F16 => (half_uninit(x.dims(), x.device())?, Variant::F32ToF16),
-        DType::F32 => (Tensor::uninit("cast", x.dims(), x.device())?, Variant::F16ToF32),
+        DType::F32 => (
+            Tensor::uninit("cast", x.dims(), x.device())?,
+            Variant::F16ToF32,
+        ),
     };
-    let src = if to == DType::F16 { x.contiguous()? } else { x.clone() };
+    let src = if to == DType::F16 {
+        x.contiguous()?
+    } else {
+        x.clone()
+    };
     crate::ops::elementwise::launch_variant(
         crate::kernels::Kernel::UnaryFwd,
         variant,
@@ -705,7 +943,12 @@ pub(crate) struct Graph {
 
 impl Graph {
     /// The shape of `src` at batch `n`, given the node shapes computed so far.
-    pub(crate) fn src_shape<'a>(&'a self, src: Src, node_shapes: &'a [Vec<usize>], input_shapes: &'a [Vec<usize>]) -> &'a [usize] {
+    pub(crate) fn src_shape<'a>(
+        &'a self,
+        src: Src,
+        node_shapes: &'a [Vec<usize>],
+        input_shapes: &'a [Vec<usize>],
+    ) -> &'a [usize] {
         match src {
             Src::Input(k) => &input_shapes[k],
             Src::Const(k) => self.consts[k].dims(),
@@ -716,7 +959,12 @@ impl Graph {
     /// Number of nodes reading each node's output (graph outputs count as readers).
     pub(crate) fn users(&self) -> Vec<usize> {
         let mut users = vec![0; self.nodes.len()];
-        for src in self.nodes.iter().flat_map(|n| &n.inputs).chain(&self.outputs) {
+        for src in self
+            .nodes
+            .iter()
+            .flat_map(|n| &n.inputs)
+            .chain(&self.outputs)
+        {
             if let Src::Node(k) = src {
                 users[*k] += 1;
             }
@@ -726,10 +974,18 @@ impl Graph {
 
     /// Every node's output shape at the given input shapes and batch size, checking each op
     /// and that the result matches the shape recorded in the node.
-    pub(crate) fn infer_shapes(&self, input_shapes: &[Vec<usize>], n: usize) -> Result<Vec<Vec<usize>>> {
+    pub(crate) fn infer_shapes(
+        &self,
+        input_shapes: &[Vec<usize>],
+        n: usize,
+    ) -> Result<Vec<Vec<usize>>> {
         let mut shapes: Vec<Vec<usize>> = Vec::with_capacity(self.nodes.len());
         for (i, node) in self.nodes.iter().enumerate() {
-            let ins: Vec<&[usize]> = node.inputs.iter().map(|&s| self.src_shape(s, &shapes, input_shapes)).collect();
+            let ins: Vec<&[usize]> = node
+                .inputs
+                .iter()
+                .map(|&s| self.src_shape(s, &shapes, input_shapes))
+                .collect();
             let s = node
                 .op
                 .output_shape(&ins, n)
@@ -738,7 +994,10 @@ impl Graph {
             if s != recorded {
                 return Err(Error::shape(
                     "InferenceModel",
-                    format!("node {i} ({}) gives {s:?} for inputs {ins:?}, the graph says {recorded:?}", node.op.name()),
+                    format!(
+                        "node {i} ({}) gives {s:?} for inputs {ins:?}, the graph says {recorded:?}",
+                        node.op.name()
+                    ),
                 ));
             }
             shapes.push(s);
@@ -750,7 +1009,13 @@ impl Graph {
     pub(crate) fn describe(&self) -> String {
         let mut s = String::new();
         for (i, n) in self.nodes.iter().enumerate() {
-            s.push_str(&format!("%{i} = {}{:?} {:?} -> {}\n", n.op.name(), n.inputs, n.op, n.dtype.name()));
+            s.push_str(&format!(
+                "%{i} = {}{:?} {:?} -> {}\n",
+                n.op.name(),
+                n.inputs,
+                n.op,
+                n.dtype.name()
+            ));
         }
         s.push_str(&format!("outputs {:?}\n", self.outputs));
         s
@@ -789,7 +1054,10 @@ pub(crate) fn permute_node(perm: &[isize], rank: usize) -> OpKind {
 /// The permutation that swaps axes `a` and `b`.
 pub(crate) fn transpose_node(a: isize, b: isize, rank: usize) -> OpKind {
     let mut perm: Vec<usize> = (0..rank).collect();
-    perm.swap(axis_of(a, rank).min(rank.saturating_sub(1)), axis_of(b, rank).min(rank.saturating_sub(1)));
+    perm.swap(
+        axis_of(a, rank).min(rank.saturating_sub(1)),
+        axis_of(b, rank).min(rank.saturating_sub(1)),
+    );
     OpKind::Permute { perm }
 }
 

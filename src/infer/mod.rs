@@ -78,7 +78,9 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 pub fn freeze<M: Module>(mut model: M, example: &Tensor) -> Result<InferenceModel> {
     model.set_training(false);
     let m = &model;
-    let graph = capture::capture(&[example.clone()], &[Some(0)], &|xs| Ok(vec![m.forward(&xs[0])?]))?;
+    let graph = capture::capture(std::slice::from_ref(example), &[Some(0)], &|xs| {
+        Ok(vec![m.forward(&xs[0])?])
+    })?;
     drop(model);
     InferenceModel::compile(example.device().clone(), graph)
 }
@@ -119,7 +121,11 @@ pub fn freeze_fn(
 
 /// A tensor holding `t`'s values as f16 (storage sized for halves, layout counting elements).
 fn half_tensor(t: &Tensor) -> Result<Tensor> {
-    let bits: Vec<u16> = t.to_vec()?.iter().map(|&v| half::f16::from_f32(v).to_bits()).collect();
+    let bits: Vec<u16> = t
+        .to_vec()?
+        .iter()
+        .map(|&v| half::f16::from_f32(v).to_bits())
+        .collect();
     half_from_bits(&bits, t.dims(), t.device())
 }
 
@@ -213,7 +219,11 @@ impl InferenceModel {
         if let Some(p) = lock(&self.plans).get(&shapes) {
             return Ok(p.clone());
         }
-        let p = Arc::new(plan::make(&self.graph, &shapes, self.device.max_binding_bytes())?);
+        let p = Arc::new(plan::make(
+            &self.graph,
+            &shapes,
+            self.device.max_binding_bytes(),
+        )?);
         lock(&self.plans).insert(shapes, p.clone());
         Ok(p)
     }
@@ -236,7 +246,8 @@ impl InferenceModel {
         let inputs: Vec<Tensor> = inputs.iter().map(|t| t.detach()).collect();
         let g = &self.graph;
         let mut values: Vec<Option<Tensor>> = vec![None; g.nodes.len()];
-        let missing = |i: usize| Error::invalid(OP, format!("internal: node {i} reads a freed value"));
+        let missing =
+            |i: usize| Error::invalid(OP, format!("internal: node {i} reads a freed value"));
         for (i, node) in g.nodes.iter().enumerate() {
             let mut ins: Vec<&Tensor> = Vec::with_capacity(node.inputs.len());
             for s in &node.inputs {
@@ -254,7 +265,12 @@ impl InferenceModel {
             if out.dims() != plan.shapes[i] {
                 return Err(Error::shape(
                     OP,
-                    format!("internal: node {i} ({}) gave {:?}, the plan says {:?}", node.op.name(), out.dims(), plan.shapes[i]),
+                    format!(
+                        "internal: node {i} ({}) gave {:?}, the plan says {:?}",
+                        node.op.name(),
+                        out.dims(),
+                        plan.shapes[i]
+                    ),
                 ));
             }
             values[i] = Some(out);
@@ -314,7 +330,10 @@ impl InferenceModel {
         if !self.device.features().contains(wgpu::Features::SHADER_F16) {
             return Err(Error::invalid(
                 OP,
-                format!("{} has no SHADER_F16 feature: use the f32 model", self.device.name()),
+                format!(
+                    "{} has no SHADER_F16 feature: use the f32 model",
+                    self.device.name()
+                ),
             ));
         }
         if self.precision == Precision::F16 {
@@ -361,16 +380,27 @@ impl InferenceModel {
                     _ => *casts.entry((s, half)).or_insert_with(|| {
                         let shape = match s {
                             Src::Input(k) => g.inputs[k].shape.clone(),
-                            Src::Const(k) => g.consts[k].dims().iter().map(|&d| Dim::fixed(d)).collect(),
+                            Src::Const(k) => {
+                                g.consts[k].dims().iter().map(|&d| Dim::fixed(d)).collect()
+                            }
                             Src::Node(k) => nodes[k].shape.clone(),
                         };
-                        nodes.push(Node { op: OpKind::Cast { to: want }, inputs: vec![s], shape, dtype: want });
+                        nodes.push(Node {
+                            op: OpKind::Cast { to: want },
+                            inputs: vec![s],
+                            shape,
+                            dtype: want,
+                        });
                         Src::Node(nodes.len() - 1)
                     }),
                 };
                 inputs.push(converted);
             }
-            nodes.push(Node { inputs, dtype: want, ..node });
+            nodes.push(Node {
+                inputs,
+                dtype: want,
+                ..node
+            });
             map.push(Src::Node(nodes.len() - 1));
         }
         let outputs = std::mem::take(&mut g.outputs);
@@ -382,7 +412,12 @@ impl InferenceModel {
             let s = match s {
                 Src::Node(k) if nodes[k].dtype == DType::F16 => {
                     let shape = nodes[k].shape.clone();
-                    nodes.push(Node { op: OpKind::Cast { to: DType::F32 }, inputs: vec![s], shape, dtype: DType::F32 });
+                    nodes.push(Node {
+                        op: OpKind::Cast { to: DType::F32 },
+                        inputs: vec![s],
+                        shape,
+                        dtype: DType::F32,
+                    });
                     Src::Node(nodes.len() - 1)
                 }
                 other => other,

@@ -20,7 +20,12 @@ pub(crate) fn optimize(g: &mut Graph) -> Result<()> {
 
 /// Every reader of `from` reads `to` instead.
 fn replace_uses(g: &mut Graph, from: Src, to: Src) {
-    for src in g.nodes.iter_mut().flat_map(|n| n.inputs.iter_mut()).chain(g.outputs.iter_mut()) {
+    for src in g
+        .nodes
+        .iter_mut()
+        .flat_map(|n| n.inputs.iter_mut())
+        .chain(g.outputs.iter_mut())
+    {
         if *src == from {
             *src = to;
         }
@@ -99,15 +104,21 @@ pub(crate) fn fuse_linear(g: &mut Graph) {
         if g.nodes[i].op != OpKind::Matmul {
             continue;
         }
-        let Some(j) = node_of(g.nodes[i].inputs[1]) else { continue };
-        let (OpKind::Permute { perm }, [Src::Const(c)]) = (&g.nodes[j].op, &g.nodes[j].inputs[..]) else {
+        let Some(j) = node_of(g.nodes[i].inputs[1]) else {
+            continue;
+        };
+        let (OpKind::Permute { perm }, [Src::Const(c)]) = (&g.nodes[j].op, &g.nodes[j].inputs[..])
+        else {
             continue;
         };
         let c = *c;
         if perm[..] != [1, 0] || g.consts[c].rank() != 2 || g.const_dtypes[c] != DType::F32 {
             continue;
         }
-        g.nodes[i].op = OpKind::Linear { bias: false, act: None };
+        g.nodes[i].op = OpKind::Linear {
+            bias: false,
+            act: None,
+        };
         g.nodes[i].inputs[1] = Src::Const(c);
     }
 }
@@ -122,7 +133,9 @@ fn sole_producer(g: &Graph, users: &[usize], src: Src) -> Option<usize> {
         OpKind::Linear { act: None, .. } => g.nodes[p].shape.len() == 2,
         _ => false,
     };
-    let consts = g.nodes[p].inputs[1..].iter().all(|s| matches!(s, Src::Const(_)));
+    let consts = g.nodes[p].inputs[1..]
+        .iter()
+        .all(|s| matches!(s, Src::Const(_)));
     (ok && consts && users[p] == 1).then_some(p)
 }
 
@@ -149,11 +162,19 @@ pub(crate) fn fold_batch_norm(g: &mut Graph) -> Result<()> {
     eliminate_dead(g);
     let _no_grad = crate::autograd::NoGradGuard::new();
     for i in 0..g.nodes.len() {
-        let OpKind::BatchNorm { eps, weight, bias } = g.nodes[i].op else { continue };
+        let OpKind::BatchNorm { eps, weight, bias } = g.nodes[i].op else {
+            continue;
+        };
         let users = g.users();
-        let Some(p) = sole_producer(g, &users, g.nodes[i].inputs[0]) else { continue };
+        let Some(p) = sole_producer(g, &users, g.nodes[i].inputs[0]) else {
+            continue;
+        };
         let ins = g.nodes[i].inputs.clone();
-        let Some(stats) = ins[1..].iter().map(|&s| const_tensor(g, s).cloned()).collect::<Option<Vec<Tensor>>>() else {
+        let Some(stats) = ins[1..]
+            .iter()
+            .map(|&s| const_tensor(g, s).cloned())
+            .collect::<Option<Vec<Tensor>>>()
+        else {
             continue;
         };
         let (mean, var) = (&stats[0], &stats[1]);
@@ -163,8 +184,13 @@ pub(crate) fn fold_batch_norm(g: &mut Graph) -> Result<()> {
         if let Some(w) = gamma {
             scale = scale.mul(w)?;
         }
-        let w = const_tensor(g, g.nodes[p].inputs[1]).cloned().ok_or_else(|| internal("weight"))?;
-        let old_bias = g.nodes[p].inputs.get(2).and_then(|&s| const_tensor(g, s).cloned());
+        let w = const_tensor(g, g.nodes[p].inputs[1])
+            .cloned()
+            .ok_or_else(|| internal("weight"))?;
+        let old_bias = g.nodes[p]
+            .inputs
+            .get(2)
+            .and_then(|&s| const_tensor(g, s).cloned());
         let mut s_shape = vec![1usize; w.rank()];
         s_shape[0] = scale.numel();
         let w2 = w.mul(&scale.reshape_to(&s_shape)?)?.contiguous()?;
@@ -199,9 +225,16 @@ pub(crate) fn fuse_bias(g: &mut Graph) -> Result<()> {
         let users = g.users();
         let ins = g.nodes[i].inputs.clone();
         for (a, b) in [(ins[0], ins[1]), (ins[1], ins[0])] {
-            let Some(p) = sole_producer(g, &users, a) else { continue };
-            let Some(c) = const_tensor(g, b).cloned() else { continue };
-            let has_bias = matches!(g.nodes[p].op, OpKind::Conv2d { bias: true, .. } | OpKind::Linear { bias: true, .. });
+            let Some(p) = sole_producer(g, &users, a) else {
+                continue;
+            };
+            let Some(c) = const_tensor(g, b).cloned() else {
+                continue;
+            };
+            let has_bias = matches!(
+                g.nodes[p].op,
+                OpKind::Conv2d { bias: true, .. } | OpKind::Linear { bias: true, .. }
+            );
             if has_bias || g.nodes[i].shape != g.nodes[p].shape {
                 continue;
             }
@@ -210,7 +243,11 @@ pub(crate) fn fuse_bias(g: &mut Graph) -> Result<()> {
                 _ => continue,
             };
             let mut dims: Vec<usize> = c.dims().to_vec();
-            let trailing = if matches!(g.nodes[p].op, OpKind::Conv2d { .. }) { vec![channels, 1, 1] } else { vec![channels] };
+            let trailing = if matches!(g.nodes[p].op, OpKind::Conv2d { .. }) {
+                vec![channels, 1, 1]
+            } else {
+                vec![channels]
+            };
             while dims.len() > trailing.len() && dims[0] == 1 {
                 dims.remove(0);
             }
@@ -232,17 +269,26 @@ pub(crate) fn fuse_bias(g: &mut Graph) -> Result<()> {
 pub(crate) fn fuse_activation(g: &mut Graph) {
     eliminate_dead(g);
     for i in 0..g.nodes.len() {
-        let OpKind::Unary { op, alpha, .. } = g.nodes[i].op else { continue };
+        let OpKind::Unary { op, alpha, .. } = g.nodes[i].op else {
+            continue;
+        };
         if !fusable_activation(op) {
             continue;
         }
         let users = g.users();
-        let Some(p) = node_of(g.nodes[i].inputs[0]) else { continue };
+        let Some(p) = node_of(g.nodes[i].inputs[0]) else {
+            continue;
+        };
         if users[p] != 1 {
             continue;
         }
         match &mut g.nodes[p].op {
-            OpKind::Conv2d { act: act @ None, .. } | OpKind::Linear { act: act @ None, .. } => {
+            OpKind::Conv2d {
+                act: act @ None, ..
+            }
+            | OpKind::Linear {
+                act: act @ None, ..
+            } => {
                 *act = Some((op, alpha));
             }
             _ => continue,
@@ -263,9 +309,19 @@ pub(crate) fn fold_constants(g: &mut Graph) -> Result<()> {
             continue;
         }
         // An op without operands (`full`) allocates where the weights live.
-        let Some(dev) = g.consts.first().map(|c| c.device().clone()) else { continue };
-        let ins: Vec<Tensor> = g.nodes[i].inputs.iter().filter_map(|&s| const_tensor(g, s).cloned()).collect();
-        if ins.iter().zip(&g.nodes[i].inputs).any(|(_, s)| matches!(s, Src::Const(k) if g.const_dtypes[*k] != DType::F32)) {
+        let Some(dev) = g.consts.first().map(|c| c.device().clone()) else {
+            continue;
+        };
+        let ins: Vec<Tensor> = g.nodes[i]
+            .inputs
+            .iter()
+            .filter_map(|&s| const_tensor(g, s).cloned())
+            .collect();
+        if ins
+            .iter()
+            .zip(&g.nodes[i].inputs)
+            .any(|(_, s)| matches!(s, Src::Const(k) if g.const_dtypes[*k] != DType::F32))
+        {
             continue;
         }
         let refs: Vec<&Tensor> = ins.iter().collect();
@@ -285,12 +341,20 @@ mod tests {
 
     fn dims(v: &[usize]) -> Vec<Dim> {
         let mut d: Vec<Dim> = v.iter().map(|&x| Dim::fixed(x)).collect();
-        d[0] = Dim { per_batch: 1, fixed: 0 };
+        d[0] = Dim {
+            per_batch: 1,
+            fixed: 0,
+        };
         d
     }
 
     fn node(op: OpKind, inputs: Vec<Src>, shape: &[usize]) -> Node {
-        Node { op, inputs, shape: dims(shape), dtype: DType::F32 }
+        Node {
+            op,
+            inputs,
+            shape: dims(shape),
+            dtype: DType::F32,
+        }
     }
 
     fn graph(consts: Vec<Tensor>, nodes: Vec<Node>, input: &[usize]) -> Graph {
@@ -321,7 +385,9 @@ mod tests {
             let refs: Vec<&Tensor> = ins.iter().collect();
             vals.push(n.op.apply(&refs, 2, x.device()).unwrap());
         }
-        let Src::Node(k) = g.outputs[0] else { panic!("output is not a node") };
+        let Src::Node(k) = g.outputs[0] else {
+            panic!("output is not a node")
+        };
         vals[k].to_vec().unwrap()
     }
 
@@ -339,16 +405,49 @@ mod tests {
     fn conv_bn_relu(dev: &Device) -> Graph {
         let r = |s: &[usize], seed| Tensor::randn(s, seed, dev).unwrap();
         let var = r(&[3], 5).abs().unwrap().add_scalar(0.5).unwrap();
-        let consts = vec![r(&[3, 2, 3, 3], 1), r(&[3], 2), r(&[3], 3), var, r(&[3], 4), r(&[3], 6)];
-        let conv = OpKind::Conv2d { opts: Conv2dOptions::default(), bias: true, act: None };
+        let consts = vec![
+            r(&[3, 2, 3, 3], 1),
+            r(&[3], 2),
+            r(&[3], 3),
+            var,
+            r(&[3], 4),
+            r(&[3], 6),
+        ];
+        let conv = OpKind::Conv2d {
+            opts: Conv2dOptions::default(),
+            bias: true,
+            act: None,
+        };
         let nodes = vec![
-            node(conv, vec![Src::Input(0), Src::Const(0), Src::Const(1)], &[2, 3, 3, 3]),
             node(
-                OpKind::BatchNorm { eps: 1e-5, weight: true, bias: true },
-                vec![Src::Node(0), Src::Const(2), Src::Const(3), Src::Const(4), Src::Const(5)],
+                conv,
+                vec![Src::Input(0), Src::Const(0), Src::Const(1)],
                 &[2, 3, 3, 3],
             ),
-            node(OpKind::Unary { op: UnaryOp::Relu, alpha: 0.0, beta: 0.0 }, vec![Src::Node(1)], &[2, 3, 3, 3]),
+            node(
+                OpKind::BatchNorm {
+                    eps: 1e-5,
+                    weight: true,
+                    bias: true,
+                },
+                vec![
+                    Src::Node(0),
+                    Src::Const(2),
+                    Src::Const(3),
+                    Src::Const(4),
+                    Src::Const(5),
+                ],
+                &[2, 3, 3, 3],
+            ),
+            node(
+                OpKind::Unary {
+                    op: UnaryOp::Relu,
+                    alpha: 0.0,
+                    beta: 0.0,
+                },
+                vec![Src::Node(1)],
+                &[2, 3, 3, 3],
+            ),
         ];
         graph(consts, nodes, &[2, 2, 5, 5])
     }
@@ -362,7 +461,14 @@ mod tests {
         fuse_activation(&mut g);
         eliminate_dead(&mut g);
         assert_eq!(g.nodes.len(), 1, "{}", g.describe());
-        assert!(matches!(g.nodes[0].op, OpKind::Conv2d { bias: true, act: Some((UnaryOp::Relu, _)), .. }));
+        assert!(matches!(
+            g.nodes[0].op,
+            OpKind::Conv2d {
+                bias: true,
+                act: Some((UnaryOp::Relu, _)),
+                ..
+            }
+        ));
         close(&run(&g, &dev), &before);
     }
 
@@ -371,13 +477,20 @@ mod tests {
         let dev = Device::default_device().unwrap();
         let mut g = conv_bn_relu(&dev);
         // A second reader of the conv output: %3 = %0 + %2.
-        g.nodes.push(node(OpKind::Binary { op: BinaryOp::Add }, vec![Src::Node(0), Src::Node(2)], &[2, 3, 3, 3]));
+        g.nodes.push(node(
+            OpKind::Binary { op: BinaryOp::Add },
+            vec![Src::Node(0), Src::Node(2)],
+            &[2, 3, 3, 3],
+        ));
         g.outputs = vec![Src::Node(3)];
         let before = run(&g, &dev);
         fold_batch_norm(&mut g).unwrap();
         fuse_activation(&mut g);
         eliminate_dead(&mut g);
-        assert!(g.nodes.iter().any(|n| matches!(n.op, OpKind::BatchNorm { .. })));
+        assert!(g
+            .nodes
+            .iter()
+            .any(|n| matches!(n.op, OpKind::BatchNorm { .. })));
         assert!(matches!(g.nodes[0].op, OpKind::Conv2d { act: None, .. }));
         close(&run(&g, &dev), &before);
     }
@@ -389,11 +502,35 @@ mod tests {
         let consts = vec![r(&[4, 3], 1), r(&[4], 2)];
         let nodes = vec![
             // w * 0.5, then its transpose: both only read constants.
-            node(OpKind::BinaryScalar { op: BinaryOp::Mul, scalar: 0.5, left: false }, vec![Src::Const(0)], &[4, 3]),
-            node(OpKind::Permute { perm: vec![1, 0] }, vec![Src::Node(0)], &[3, 4]),
+            node(
+                OpKind::BinaryScalar {
+                    op: BinaryOp::Mul,
+                    scalar: 0.5,
+                    left: false,
+                },
+                vec![Src::Const(0)],
+                &[4, 3],
+            ),
+            node(
+                OpKind::Permute { perm: vec![1, 0] },
+                vec![Src::Node(0)],
+                &[3, 4],
+            ),
             node(OpKind::Matmul, vec![Src::Input(0), Src::Node(1)], &[2, 4]),
-            node(OpKind::Binary { op: BinaryOp::Add }, vec![Src::Node(2), Src::Const(1)], &[2, 4]),
-            node(OpKind::Unary { op: UnaryOp::Tanh, alpha: 0.0, beta: 0.0 }, vec![Src::Node(3)], &[2, 4]),
+            node(
+                OpKind::Binary { op: BinaryOp::Add },
+                vec![Src::Node(2), Src::Const(1)],
+                &[2, 4],
+            ),
+            node(
+                OpKind::Unary {
+                    op: UnaryOp::Tanh,
+                    alpha: 0.0,
+                    beta: 0.0,
+                },
+                vec![Src::Node(3)],
+                &[2, 4],
+            ),
         ];
         let mut g = graph(consts, nodes, &[2, 3]);
         // Shapes that do not depend on the batch.
@@ -408,17 +545,39 @@ mod tests {
         let mut g = graph(
             vec![r(&[4, 3], 1).mul_scalar(0.5).unwrap(), r(&[4], 2)],
             vec![
-                node(OpKind::Permute { perm: vec![1, 0] }, vec![Src::Const(0)], &[3, 4]),
+                node(
+                    OpKind::Permute { perm: vec![1, 0] },
+                    vec![Src::Const(0)],
+                    &[3, 4],
+                ),
                 node(OpKind::Matmul, vec![Src::Input(0), Src::Node(0)], &[2, 4]),
-                node(OpKind::Binary { op: BinaryOp::Add }, vec![Src::Const(1), Src::Node(1)], &[2, 4]),
-                node(OpKind::Unary { op: UnaryOp::Tanh, alpha: 0.0, beta: 0.0 }, vec![Src::Node(2)], &[2, 4]),
+                node(
+                    OpKind::Binary { op: BinaryOp::Add },
+                    vec![Src::Const(1), Src::Node(1)],
+                    &[2, 4],
+                ),
+                node(
+                    OpKind::Unary {
+                        op: UnaryOp::Tanh,
+                        alpha: 0.0,
+                        beta: 0.0,
+                    },
+                    vec![Src::Node(2)],
+                    &[2, 4],
+                ),
             ],
             &[2, 3],
         );
         g.nodes[0].shape = vec![Dim::fixed(3), Dim::fixed(4)];
         optimize(&mut g).unwrap();
         assert_eq!(g.nodes.len(), 1, "{}", g.describe());
-        assert!(matches!(g.nodes[0].op, OpKind::Linear { bias: true, act: Some((UnaryOp::Tanh, _)) }));
+        assert!(matches!(
+            g.nodes[0].op,
+            OpKind::Linear {
+                bias: true,
+                act: Some((UnaryOp::Tanh, _))
+            }
+        ));
         close(&run(&g, &dev), &before);
     }
 
@@ -427,8 +586,20 @@ mod tests {
         let dev = Device::default_device().unwrap();
         let r = |s: &[usize], seed| Tensor::randn(s, seed, &dev).unwrap();
         let nodes = vec![
-            node(OpKind::Unary { op: UnaryOp::Exp, alpha: 0.0, beta: 0.0 }, vec![Src::Input(0)], &[2, 3]),
-            node(OpKind::Binary { op: BinaryOp::Mul }, vec![Src::Input(0), Src::Const(1)], &[2, 3]),
+            node(
+                OpKind::Unary {
+                    op: UnaryOp::Exp,
+                    alpha: 0.0,
+                    beta: 0.0,
+                },
+                vec![Src::Input(0)],
+                &[2, 3],
+            ),
+            node(
+                OpKind::Binary { op: BinaryOp::Mul },
+                vec![Src::Input(0), Src::Const(1)],
+                &[2, 3],
+            ),
         ];
         let mut g = graph(vec![r(&[3], 1), r(&[3], 2)], nodes, &[2, 3]);
         eliminate_dead(&mut g);

@@ -22,19 +22,38 @@ pub(crate) struct Plan {
 
 /// True when the node's output is a view of its first operand's storage.
 fn is_view(op: &OpKind) -> bool {
-    matches!(op, OpKind::Reshape { .. } | OpKind::Permute { .. } | OpKind::Expand { .. } | OpKind::Narrow { .. })
+    matches!(
+        op,
+        OpKind::Reshape { .. }
+            | OpKind::Permute { .. }
+            | OpKind::Expand { .. }
+            | OpKind::Narrow { .. }
+    )
 }
 
 /// The batch size that input shapes `shapes` give the graph's inputs.
 pub(crate) fn batch_of(g: &Graph, shapes: &[Vec<usize>]) -> Result<usize> {
     const OP: &str = "InferenceModel::run";
     if shapes.len() != g.inputs.len() {
-        return Err(Error::invalid(OP, format!("the model takes {} inputs, got {}", g.inputs.len(), shapes.len())));
+        return Err(Error::invalid(
+            OP,
+            format!(
+                "the model takes {} inputs, got {}",
+                g.inputs.len(),
+                shapes.len()
+            ),
+        ));
     }
     let mut n = None;
     for (k, (spec, s)) in g.inputs.iter().zip(shapes).enumerate() {
         if spec.shape.len() != s.len() {
-            return Err(Error::shape(OP, format!("input {k} has shape {s:?}, the model needs rank {}", spec.shape.len())));
+            return Err(Error::shape(
+                OP,
+                format!(
+                    "input {k} has shape {s:?}, the model needs rank {}",
+                    spec.shape.len()
+                ),
+            ));
         }
         for (d, &v) in spec.shape.iter().zip(s) {
             if d.per_batch == 0 {
@@ -42,20 +61,33 @@ pub(crate) fn batch_of(g: &Graph, shapes: &[Vec<usize>]) -> Result<usize> {
             }
             let rest = v as i64 - d.fixed;
             if rest < 0 || rest % d.per_batch != 0 {
-                return Err(Error::shape(OP, format!("input {k} has shape {s:?}, which fits no batch size")));
+                return Err(Error::shape(
+                    OP,
+                    format!("input {k} has shape {s:?}, which fits no batch size"),
+                ));
             }
             let b = (rest / d.per_batch) as usize;
             if n.is_some_and(|m| m != b) {
-                return Err(Error::shape(OP, format!("inputs disagree on the batch size: {n:?} and {b}")));
+                return Err(Error::shape(
+                    OP,
+                    format!("inputs disagree on the batch size: {n:?} and {b}"),
+                ));
             }
             n = Some(b);
         }
     }
     let n = n.unwrap_or(0);
     for (k, (spec, s)) in g.inputs.iter().zip(shapes).enumerate() {
-        let want = spec.shape.iter().map(|d| d.at(n)).collect::<Result<Vec<_>>>()?;
+        let want = spec
+            .shape
+            .iter()
+            .map(|d| d.at(n))
+            .collect::<Result<Vec<_>>>()?;
         if want != *s {
-            return Err(Error::shape(OP, format!("input {k} has shape {s:?}, the model needs {want:?}")));
+            return Err(Error::shape(
+                OP,
+                format!("input {k} has shape {s:?}, the model needs {want:?}"),
+            ));
         }
     }
     Ok(n)

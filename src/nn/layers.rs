@@ -570,3 +570,124 @@ impl Module for LeakyRelu {
         format!("LeakyReLU({})", self.0)
     }
 }
+
+/// A skip connection: `body(x) + shortcut(x)` (the shortcut is the identity when absent),
+/// followed by ReLU when `relu` is set. `Residual::basic_block` builds torchvision's
+/// `BasicBlock` with its parameter names (`conv1`, `bn1`, `conv2`, `bn2`, `downsample.0`, ...),
+/// so a torchvision ResNet's blocks line up with kiln's.
+///
+/// ```
+/// use kiln::nn::{Init, Module, Residual};
+/// # let dev = kiln::Device::default_device()?;
+/// let block = Residual::basic_block(&mut Init::new(&dev, 0), 8, 16, 2)?;
+/// let y = block.forward(&kiln::Tensor::randn(&[2, 8, 6, 6], 1, &dev)?)?;
+/// assert_eq!(y.dims(), &[2, 16, 3, 3]);
+/// assert!(block.named_parameters().iter().any(|(n, _)| n == "downsample.0.weight"));
+/// # Ok::<(), kiln::Error>(())
+/// ```
+pub struct Residual {
+    /// The residual branch; its children are named without a prefix.
+    pub body: super::Sequential,
+    /// The projection of the input (named `downsample`), or `None` for the identity.
+    pub shortcut: Option<super::Sequential>,
+    /// Applies ReLU to the sum.
+    pub relu: bool,
+}
+
+impl Residual {
+    /// `body(x) + shortcut(x)`, then ReLU if `relu`.
+    pub fn new(
+        body: super::Sequential,
+        shortcut: Option<super::Sequential>,
+        relu: bool,
+    ) -> Residual {
+        Residual {
+            body,
+            shortcut,
+            relu,
+        }
+    }
+
+    /// torchvision's `BasicBlock`: 3x3 conv (stride `stride`), batch norm, ReLU, 3x3 conv,
+    /// batch norm, plus the input (through a 1x1 conv of stride `stride` and batch norm when
+    /// the stride or the channel count changes), then ReLU. Convolutions have no bias.
+    pub fn basic_block(
+        init: &mut Init,
+        in_channels: usize,
+        out_channels: usize,
+        stride: usize,
+    ) -> Result<Residual> {
+        if stride == 0 {
+            return Err(Error::invalid(
+                "Residual::basic_block",
+                "stride must be positive",
+            ));
+        }
+        let conv = |init: &mut Init, cin, k, stride, pad| {
+            let opts = Conv2dOptions {
+                stride: [stride; 2],
+                padding: [pad; 2],
+                ..Default::default()
+            };
+            Conv2d::new(init, cin, out_channels, [k; 2], opts, false)
+        };
+        let body = super::Sequential::new()
+            .add_named("conv1", conv(init, in_channels, 3, stride, 1)?)
+            .add_named("bn1", BatchNorm::new_2d(init, out_channels)?)
+            .add_named("relu", Relu)
+            .add_named("conv2", conv(init, out_channels, 3, 1, 1)?)
+            .add_named("bn2", BatchNorm::new_2d(init, out_channels)?);
+        let shortcut = if stride != 1 || in_channels != out_channels {
+            Some(
+                super::Sequential::new()
+                    .add(conv(init, in_channels, 1, stride, 0)?)
+                    .add(BatchNorm::new_2d(init, out_channels)?),
+            )
+        } else {
+            None
+        };
+        Ok(Residual::new(body, shortcut, true))
+    }
+}
+
+impl Module for Residual {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let skip = match &self.shortcut {
+            Some(s) => s.forward(x)?,
+            None => x.clone(),
+        };
+        let y = self.body.forward(x)?.add(&skip)?;
+        if self.relu {
+            y.relu()
+        } else {
+            Ok(y)
+        }
+    }
+
+    fn visit(&self, f: &mut dyn FnMut(&str, &Tensor, TensorRole)) {
+        self.body.visit(f);
+        if let Some(s) = &self.shortcut {
+            s.visit(&mut |n, t, r| f(&format!("downsample.{n}"), t, r));
+        }
+    }
+
+    fn set_training(&mut self, training: bool) {
+        self.body.set_training(training);
+        if let Some(s) = &mut self.shortcut {
+            s.set_training(training);
+        }
+    }
+
+    fn describe(&self) -> String {
+        let shortcut = self
+            .shortcut
+            .as_ref()
+            .map_or("identity".to_string(), |s| s.describe());
+        format!(
+            "Residual(\n  body: {},\n  shortcut: {},\n  relu: {}\n)",
+            self.body.describe(),
+            shortcut,
+            self.relu
+        )
+    }
+}

@@ -6,7 +6,7 @@ mod layers;
 
 pub use layers::{
     AdaptiveAvgPool2d, AvgPool2d, BatchNorm, Conv2d, ConvTranspose2d, Dropout, Embedding, Flatten,
-    Gelu, LayerNorm, LeakyRelu, Linear, MaxPool2d, Relu, Sigmoid, Silu, Tanh,
+    Gelu, LayerNorm, LeakyRelu, Linear, MaxPool2d, Relu, Residual, Sigmoid, Silu, Tanh,
 };
 
 use crate::device::Device;
@@ -55,7 +55,6 @@ pub trait Module: Send + Sync {
 
     /// A short description, such as `Linear(784 -> 128)`.
     fn describe(&self) -> String;
-
 
     /// Named parameters, as `torch.nn.Module.named_parameters`.
     fn named_parameters(&self) -> Vec<(String, Tensor)> {
@@ -257,6 +256,16 @@ impl Sequential {
                 L::Flatten { start, end } => seq.add(Flatten { start, end }),
                 L::Dropout { p } => seq.add(Dropout::new(init, p)?),
                 L::Embedding { count, dim } => seq.add(Embedding::new(init, count, dim)?),
+                L::BasicBlock {
+                    in_channels,
+                    out_channels,
+                    stride,
+                } => seq.add(Residual::basic_block(
+                    init,
+                    in_channels,
+                    out_channels,
+                    stride,
+                )?),
                 L::Activation { op, slope } => match op {
                     crate::UnaryOp::Gelu => seq.add(Gelu),
                     crate::UnaryOp::Tanh => seq.add(Tanh),

@@ -637,83 +637,76 @@ pub(crate) fn conv_transpose2d_geometry(
             format!("stride, dilation and groups must be positive: {opts:?}"),
         ));
     }
-        let [n, c_in, h, w] = [x_dims[0], x_dims[1], x_dims[2], x_dims[3]];
-        let [wc, c_out_per_group, kh, kw] = [
-            w_dims[0], w_dims[1], w_dims[2], w_dims[3],
-        ];
-        let groups = opts.groups;
-        if wc != c_in {
-            return Err(Error::shape(
-                OP,
-                format!(
-                    "weight {:?} must have {c_in} input channels for input {:?}",
-                    w_dims,
-                    x_dims
-                ),
-            ));
-        }
-        if c_in % groups != 0 {
+    let [n, c_in, h, w] = [x_dims[0], x_dims[1], x_dims[2], x_dims[3]];
+    let [wc, c_out_per_group, kh, kw] = [w_dims[0], w_dims[1], w_dims[2], w_dims[3]];
+    let groups = opts.groups;
+    if wc != c_in {
+        return Err(Error::shape(
+            OP,
+            format!(
+                "weight {:?} must have {c_in} input channels for input {:?}",
+                w_dims, x_dims
+            ),
+        ));
+    }
+    if c_in % groups != 0 {
+        return Err(Error::invalid(
+            OP,
+            format!("channels must be divisible by groups: {c_in} input channels, {groups} groups"),
+        ));
+    }
+    let c_out = c_out_per_group * groups;
+    let mut out_size = [0; 2];
+    for i in 0..2 {
+        let k = [kh, kw][i];
+        if opts.output_padding[i] >= opts.stride[i] && opts.output_padding[i] >= opts.dilation[i] {
             return Err(Error::invalid(
                 OP,
                 format!(
-                    "channels must be divisible by groups: {c_in} input channels, {groups} groups"
+                    "output_padding {:?} must be smaller than stride {:?} or dilation {:?}",
+                    opts.output_padding, opts.stride, opts.dilation
                 ),
             ));
         }
-        let c_out = c_out_per_group * groups;
-        let mut out_size = [0; 2];
-        for i in 0..2 {
-            let k = [kh, kw][i];
-            if opts.output_padding[i] >= opts.stride[i]
-                && opts.output_padding[i] >= opts.dilation[i]
-            {
-                return Err(Error::invalid(
-                    OP,
-                    format!(
-                        "output_padding {:?} must be smaller than stride {:?} or dilation {:?}",
-                        opts.output_padding, opts.stride, opts.dilation
-                    ),
-                ));
-            }
-            let full = ([h, w][i].max(1) as u128 - 1) * opts.stride[i] as u128
-                + opts.dilation[i] as u128 * (k.max(1) as u128 - 1)
-                + opts.output_padding[i] as u128
-                + 1;
-            if full > u32::MAX as u128 {
-                return Err(Error::shape(
+        let full = ([h, w][i].max(1) as u128 - 1) * opts.stride[i] as u128
+            + opts.dilation[i] as u128 * (k.max(1) as u128 - 1)
+            + opts.output_padding[i] as u128
+            + 1;
+        if full > u32::MAX as u128 {
+            return Err(Error::shape(
                     OP,
                     format!("output size {full} for input {x_dims:?} and {opts:?} exceeds what kernels index"),
                 ));
-            }
-            let full = full as usize;
-            if k == 0 || full <= 2 * opts.padding[i] {
-                return Err(Error::shape(
-                    OP,
-                    format!(
-                        "padding {:?} leaves no output for input {:?} and kernel {:?}",
-                        opts.padding,
-                        x_dims,
-                        [kh, kw]
-                    ),
-                ));
-            }
-            out_size[i] = full - 2 * opts.padding[i];
         }
-        // In conv2d terms: the output here is that convolution's input.
-        let geo = ConvGeometry {
-            n,
-            c_in: c_out,
-            h: out_size[0],
-            w: out_size[1],
-            c_out: c_in,
-            oh: h,
-            ow: w,
-            groups,
-            k: [kh, kw],
-            stride: opts.stride,
-            padding: opts.padding,
-            dilation: opts.dilation,
-        };
+        let full = full as usize;
+        if k == 0 || full <= 2 * opts.padding[i] {
+            return Err(Error::shape(
+                OP,
+                format!(
+                    "padding {:?} leaves no output for input {:?} and kernel {:?}",
+                    opts.padding,
+                    x_dims,
+                    [kh, kw]
+                ),
+            ));
+        }
+        out_size[i] = full - 2 * opts.padding[i];
+    }
+    // In conv2d terms: the output here is that convolution's input.
+    let geo = ConvGeometry {
+        n,
+        c_in: c_out,
+        h: out_size[0],
+        w: out_size[1],
+        c_out: c_in,
+        oh: h,
+        ow: w,
+        groups,
+        k: [kh, kw],
+        stride: opts.stride,
+        padding: opts.padding,
+        dilation: opts.dilation,
+    };
     Ok(geo)
 }
 
@@ -739,7 +732,15 @@ pub(crate) fn conv2d_fused(
 ) -> Result<Tensor> {
     const OP: &str = "conv2d";
     let (xb, unbatched) = batched(x, 2)?;
-    check_common(OP, &xb, weight, bias, opts.stride, opts.dilation, opts.groups)?;
+    check_common(
+        OP,
+        &xb,
+        weight,
+        bias,
+        opts.stride,
+        opts.dilation,
+        opts.groups,
+    )?;
     check_bias(OP, bias, weight.dims()[0])?;
     let g = conv2d_geometry(xb.dims(), weight.dims(), opts)?;
     let shape = [g.n, g.c_out, g.oh, g.ow];
@@ -794,35 +795,46 @@ impl Tensor {
         bias: Option<&Tensor>,
         opts: &Conv2dOptions,
     ) -> Result<Tensor> {
-        crate::infer::capture::traced(&[Some(self), Some(weight), bias].into_iter().flatten().collect::<Vec<&Tensor>>(), |_| crate::infer::graph::OpKind::Conv2d { opts: *opts, bias: bias.is_some(), act: None }, || {
-        const OP: &str = "conv2d";
-        let (x, unbatched) = batched(self, 2)?;
-        check_common(
-            OP,
-            &x,
-            weight,
-            bias,
-            opts.stride,
-            opts.dilation,
-            opts.groups,
-        )?;
-        check_bias(OP, bias, weight.dims()[0])?;
-        let geo = conv2d_geometry(x.dims(), weight.dims(), opts)?;
-        let c_out = geo.c_out;
-        let y = conv_fwd(&x, weight, &geo)?;
-        let (x_grad, w_grad) = (x.requires_grad_flag(), weight.requires_grad_flag());
-        let y = record(y, &[&x, weight], |_| Op::Conv2d {
-            x: w_grad.then(|| x.detach()),
-            w: x_grad.then(|| weight.detach()),
-            geometry: geo,
-        });
-        let y = add_bias(y, bias, c_out)?;
-        if unbatched {
-            y.squeeze(Some(0))
-        } else {
-            Ok(y)
-        }
-    })
+        crate::infer::capture::traced(
+            &[Some(self), Some(weight), bias]
+                .into_iter()
+                .flatten()
+                .collect::<Vec<&Tensor>>(),
+            |_| crate::infer::graph::OpKind::Conv2d {
+                opts: *opts,
+                bias: bias.is_some(),
+                act: None,
+            },
+            || {
+                const OP: &str = "conv2d";
+                let (x, unbatched) = batched(self, 2)?;
+                check_common(
+                    OP,
+                    &x,
+                    weight,
+                    bias,
+                    opts.stride,
+                    opts.dilation,
+                    opts.groups,
+                )?;
+                check_bias(OP, bias, weight.dims()[0])?;
+                let geo = conv2d_geometry(x.dims(), weight.dims(), opts)?;
+                let c_out = geo.c_out;
+                let y = conv_fwd(&x, weight, &geo)?;
+                let (x_grad, w_grad) = (x.requires_grad_flag(), weight.requires_grad_flag());
+                let y = record(y, &[&x, weight], |_| Op::Conv2d {
+                    x: w_grad.then(|| x.detach()),
+                    w: x_grad.then(|| weight.detach()),
+                    geometry: geo,
+                });
+                let y = add_bias(y, bias, c_out)?;
+                if unbatched {
+                    y.squeeze(Some(0))
+                } else {
+                    Ok(y)
+                }
+            },
+        )
     }
 
     /// 1-D convolution of an (N, C, L) input with a (C_out, C / groups, k) weight, as
@@ -874,34 +886,44 @@ impl Tensor {
         bias: Option<&Tensor>,
         opts: &ConvTranspose2dOptions,
     ) -> Result<Tensor> {
-        crate::infer::capture::traced(&[Some(self), Some(weight), bias].into_iter().flatten().collect::<Vec<&Tensor>>(), |_| crate::infer::graph::OpKind::ConvTranspose2d { opts: *opts, bias: bias.is_some() }, || {
-        const OP: &str = "conv_transpose2d";
-        let (x, unbatched) = batched(self, 2)?;
-        check_common(
-            OP,
-            &x,
-            weight,
-            bias,
-            opts.stride,
-            opts.dilation,
-            opts.groups,
-        )?;
-        let geo = conv_transpose2d_geometry(x.dims(), weight.dims(), opts)?;
-        let c_out = geo.c_in;
-        check_bias(OP, bias, c_out)?;
-        let y = conv_bwd_input(&x, weight, &geo)?;
-        let (x_grad, w_grad) = (x.requires_grad_flag(), weight.requires_grad_flag());
-        let y = record(y, &[&x, weight], |_| Op::ConvTranspose2d {
-            x: w_grad.then(|| x.detach()),
-            w: x_grad.then(|| weight.detach()),
-            geometry: geo,
-        });
-        let y = add_bias(y, bias, c_out)?;
-        if unbatched {
-            y.squeeze(Some(0))
-        } else {
-            Ok(y)
-        }
-    })
+        crate::infer::capture::traced(
+            &[Some(self), Some(weight), bias]
+                .into_iter()
+                .flatten()
+                .collect::<Vec<&Tensor>>(),
+            |_| crate::infer::graph::OpKind::ConvTranspose2d {
+                opts: *opts,
+                bias: bias.is_some(),
+            },
+            || {
+                const OP: &str = "conv_transpose2d";
+                let (x, unbatched) = batched(self, 2)?;
+                check_common(
+                    OP,
+                    &x,
+                    weight,
+                    bias,
+                    opts.stride,
+                    opts.dilation,
+                    opts.groups,
+                )?;
+                let geo = conv_transpose2d_geometry(x.dims(), weight.dims(), opts)?;
+                let c_out = geo.c_in;
+                check_bias(OP, bias, c_out)?;
+                let y = conv_bwd_input(&x, weight, &geo)?;
+                let (x_grad, w_grad) = (x.requires_grad_flag(), weight.requires_grad_flag());
+                let y = record(y, &[&x, weight], |_| Op::ConvTranspose2d {
+                    x: w_grad.then(|| x.detach()),
+                    w: x_grad.then(|| weight.detach()),
+                    geometry: geo,
+                });
+                let y = add_bias(y, bias, c_out)?;
+                if unbatched {
+                    y.squeeze(Some(0))
+                } else {
+                    Ok(y)
+                }
+            },
+        )
     }
 }

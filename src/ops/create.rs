@@ -59,13 +59,24 @@ impl Tensor {
 
     /// Every element equal to `value`.
     pub fn full(shape: &[usize], value: f32, device: &Device) -> Result<Tensor> {
-        crate::infer::capture::traced(&[], |o| crate::infer::graph::OpKind::Full { shape: o.dims().iter().map(|&d| crate::infer::graph::Dim::fixed(d)).collect(), value }, || {
-        let extra = Extra {
-            alpha: value,
-            ..Default::default()
-        };
-        filled("full", Kernel::FillFwd, shape, device, extra)
-    })
+        crate::infer::capture::traced(
+            &[],
+            |o| crate::infer::graph::OpKind::Full {
+                shape: o
+                    .dims()
+                    .iter()
+                    .map(|&d| crate::infer::graph::Dim::fixed(d))
+                    .collect(),
+                value,
+            },
+            || {
+                let extra = Extra {
+                    alpha: value,
+                    ..Default::default()
+                };
+                filled("full", Kernel::FillFwd, shape, device, extra)
+            },
+        )
     }
 
     /// All zeros.

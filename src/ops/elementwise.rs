@@ -292,20 +292,24 @@ fn unary_raw(x: &Tensor, op: UnaryOp, alpha: f32, beta: f32) -> Result<Tensor> {
 }
 
 pub(crate) fn unary(x: &Tensor, op: UnaryOp, alpha: f32, beta: f32) -> Result<Tensor> {
-        crate::infer::capture::traced(&[x], |_| crate::infer::graph::OpKind::Unary { op, alpha, beta }, || {
-    let out = unary_raw(x, op, alpha, beta)?;
-    Ok(record(out, &[x], |y| Op::Unary {
-        op,
-        saved: if op.grad_uses_output() {
-            y.clone()
-        } else {
-            x.detach()
+    crate::infer::capture::traced(
+        &[x],
+        |_| crate::infer::graph::OpKind::Unary { op, alpha, beta },
+        || {
+            let out = unary_raw(x, op, alpha, beta)?;
+            Ok(record(out, &[x], |y| Op::Unary {
+                op,
+                saved: if op.grad_uses_output() {
+                    y.clone()
+                } else {
+                    x.detach()
+                },
+                alpha,
+                beta,
+            }))
         },
-        alpha,
-        beta,
-    }))
-})
-    }
+    )
+}
 
 /// `g * f'(saved)` for the unary op `op`, in one dispatch (`unary_bwd`).
 pub(crate) fn unary_backward(
@@ -352,114 +356,131 @@ pub(crate) fn copy_into(src: &Tensor, dst: &Tensor, dst_layout: &Layout) -> Resu
 }
 
 pub(crate) fn binary(a: &Tensor, b: &Tensor, op: BinaryOp) -> Result<Tensor> {
-        crate::infer::capture::traced(&[a, b], |_| crate::infer::graph::OpKind::Binary { op }, || {
-    let name = op.name();
-    a.check_device(name, b)?;
-    let shape = broadcast_shapes(name, a.dims(), b.dims())?;
-    check_rank(name, &shape)?;
-    let la = a.layout.broadcast_to(name, &shape)?;
-    let lb = b.layout.broadcast_to(name, &shape)?;
-    let out = Tensor::uninit(name, &shape, a.device())?;
-    let extra = Extra {
-        op: op as u32,
-        ..Default::default()
-    };
-    launch(
-        Kernel::BinaryFwd,
-        &[(a, &la), (b, &lb)],
-        &out,
-        &out.layout.clone(),
-        extra,
-    );
-    if op.is_comparison() {
-        return Ok(out);
-    }
-    let (a_grad, b_grad) = (a.requires_grad_flag(), b.requires_grad_flag());
-    Ok(record(out, &[a, b], |y| {
-        // Save only what the rule reads for the inputs that need a gradient.
-        let (save_a, save_b, save_out) = match op {
-            BinaryOp::Mul => (b_grad, a_grad, false),
-            BinaryOp::Div => (false, true, b_grad),
-            BinaryOp::Pow => (true, true, b_grad),
-            BinaryOp::Maximum | BinaryOp::Minimum => (true, true, false),
-            _ => (false, false, false),
-        };
-        Op::Binary {
-            op,
-            a: save_a.then(|| a.detach()),
-            b: save_b.then(|| b.detach()),
-            out: save_out.then(|| y.clone()),
-            a_shape: a.shape(),
-            b_shape: b.shape(),
-        }
-    }))
-})
-    }
+    crate::infer::capture::traced(
+        &[a, b],
+        |_| crate::infer::graph::OpKind::Binary { op },
+        || {
+            let name = op.name();
+            a.check_device(name, b)?;
+            let shape = broadcast_shapes(name, a.dims(), b.dims())?;
+            check_rank(name, &shape)?;
+            let la = a.layout.broadcast_to(name, &shape)?;
+            let lb = b.layout.broadcast_to(name, &shape)?;
+            let out = Tensor::uninit(name, &shape, a.device())?;
+            let extra = Extra {
+                op: op as u32,
+                ..Default::default()
+            };
+            launch(
+                Kernel::BinaryFwd,
+                &[(a, &la), (b, &lb)],
+                &out,
+                &out.layout.clone(),
+                extra,
+            );
+            if op.is_comparison() {
+                return Ok(out);
+            }
+            let (a_grad, b_grad) = (a.requires_grad_flag(), b.requires_grad_flag());
+            Ok(record(out, &[a, b], |y| {
+                // Save only what the rule reads for the inputs that need a gradient.
+                let (save_a, save_b, save_out) = match op {
+                    BinaryOp::Mul => (b_grad, a_grad, false),
+                    BinaryOp::Div => (false, true, b_grad),
+                    BinaryOp::Pow => (true, true, b_grad),
+                    BinaryOp::Maximum | BinaryOp::Minimum => (true, true, false),
+                    _ => (false, false, false),
+                };
+                Op::Binary {
+                    op,
+                    a: save_a.then(|| a.detach()),
+                    b: save_b.then(|| b.detach()),
+                    out: save_out.then(|| y.clone()),
+                    a_shape: a.shape(),
+                    b_shape: b.shape(),
+                }
+            }))
+        },
+    )
+}
 
 pub(crate) fn binary_scalar(a: &Tensor, s: f32, op: BinaryOp, scalar_left: bool) -> Result<Tensor> {
-        crate::infer::capture::traced(&[a], |_| crate::infer::graph::OpKind::BinaryScalar { op, scalar: s, left: scalar_left }, || {
-    let out = Tensor::uninit(op.name(), a.dims(), a.device())?;
-    let extra = Extra {
-        op: op as u32,
-        alpha: s,
-        flags: if scalar_left { FLAG_SCALAR_LEFT } else { 0 },
-        ..Default::default()
-    };
-    launch(
-        Kernel::BinaryScalarFwd,
-        &[(a, &a.layout)],
-        &out,
-        &out.layout.clone(),
-        extra,
-    );
-    if op.is_comparison() {
-        return Ok(out);
-    }
-    Ok(record(out, &[a], |y| {
-        let (save_x, save_out) = match (op, scalar_left) {
-            (BinaryOp::Div, true) => (true, true),
-            (BinaryOp::Pow, false) | (BinaryOp::Maximum, _) | (BinaryOp::Minimum, _) => {
-                (true, false)
-            }
-            (BinaryOp::Pow, true) => (false, true),
-            _ => (false, false),
-        };
-        Op::BinaryScalar {
+    crate::infer::capture::traced(
+        &[a],
+        |_| crate::infer::graph::OpKind::BinaryScalar {
             op,
-            s,
-            scalar_left,
-            x: save_x.then(|| a.detach()),
-            out: save_out.then(|| y.clone()),
-        }
-    }))
-})
-    }
+            scalar: s,
+            left: scalar_left,
+        },
+        || {
+            let out = Tensor::uninit(op.name(), a.dims(), a.device())?;
+            let extra = Extra {
+                op: op as u32,
+                alpha: s,
+                flags: if scalar_left { FLAG_SCALAR_LEFT } else { 0 },
+                ..Default::default()
+            };
+            launch(
+                Kernel::BinaryScalarFwd,
+                &[(a, &a.layout)],
+                &out,
+                &out.layout.clone(),
+                extra,
+            );
+            if op.is_comparison() {
+                return Ok(out);
+            }
+            Ok(record(out, &[a], |y| {
+                let (save_x, save_out) = match (op, scalar_left) {
+                    (BinaryOp::Div, true) => (true, true),
+                    (BinaryOp::Pow, false) | (BinaryOp::Maximum, _) | (BinaryOp::Minimum, _) => {
+                        (true, false)
+                    }
+                    (BinaryOp::Pow, true) => (false, true),
+                    _ => (false, false),
+                };
+                Op::BinaryScalar {
+                    op,
+                    s,
+                    scalar_left,
+                    x: save_x.then(|| a.detach()),
+                    out: save_out.then(|| y.clone()),
+                }
+            }))
+        },
+    )
+}
 
 pub(crate) fn where_cond(cond: &Tensor, a: &Tensor, b: &Tensor) -> Result<Tensor> {
-        crate::infer::capture::traced(&[cond, a, b], |_| crate::infer::graph::OpKind::Where, || {
-    const OP: &str = "where";
-    cond.check_device(OP, a)?;
-    cond.check_device(OP, b)?;
-    let shape = broadcast_shapes(OP, &broadcast_shapes(OP, cond.dims(), a.dims())?, b.dims())?;
-    check_rank(OP, &shape)?;
-    let lc = cond.layout.broadcast_to(OP, &shape)?;
-    let la = a.layout.broadcast_to(OP, &shape)?;
-    let lb = b.layout.broadcast_to(OP, &shape)?;
-    let out = Tensor::uninit(OP, &shape, a.device())?;
-    launch(
-        Kernel::WhereFwd,
-        &[(cond, &lc), (a, &la), (b, &lb)],
-        &out,
-        &out.layout.clone(),
-        Extra::default(),
-    );
-    Ok(record(out, &[a, b], |_| Op::Where {
-        cond: cond.detach(),
-        a_shape: a.shape(),
-        b_shape: b.shape(),
-    }))
-})
-    }
+    crate::infer::capture::traced(
+        &[cond, a, b],
+        |_| crate::infer::graph::OpKind::Where,
+        || {
+            const OP: &str = "where";
+            cond.check_device(OP, a)?;
+            cond.check_device(OP, b)?;
+            let shape =
+                broadcast_shapes(OP, &broadcast_shapes(OP, cond.dims(), a.dims())?, b.dims())?;
+            check_rank(OP, &shape)?;
+            let lc = cond.layout.broadcast_to(OP, &shape)?;
+            let la = a.layout.broadcast_to(OP, &shape)?;
+            let lb = b.layout.broadcast_to(OP, &shape)?;
+            let out = Tensor::uninit(OP, &shape, a.device())?;
+            launch(
+                Kernel::WhereFwd,
+                &[(cond, &lc), (a, &la), (b, &lb)],
+                &out,
+                &out.layout.clone(),
+                Extra::default(),
+            );
+            Ok(record(out, &[a, b], |_| Op::Where {
+                cond: cond.detach(),
+                a_shape: a.shape(),
+                b_shape: b.shape(),
+            }))
+        },
+    )
+}
 
 macro_rules! unary_methods {
     ($($(#[$doc:meta])* $name:ident => $op:ident),* $(,)?) => {

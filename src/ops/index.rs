@@ -18,46 +18,50 @@ impl Tensor {
     /// # Ok::<(), kiln::Error>(())
     /// ```
     pub fn concat(tensors: &[&Tensor], axis: isize) -> Result<Tensor> {
-        crate::infer::capture::traced(tensors, |_| crate::infer::graph::OpKind::Concat { axis }, || {
-        const OP: &str = "concat";
-        let first = tensors
-            .first()
-            .ok_or_else(|| Error::invalid(OP, "needs at least one tensor"))?;
-        let ax = normalize_axis(OP, axis, first.rank())?;
-        let mut total = 0usize;
-        for t in tensors {
-            first.check_device(OP, t)?;
-            let same = t.rank() == first.rank()
-                && t.dims()
-                    .iter()
-                    .zip(first.dims())
-                    .enumerate()
-                    .all(|(i, (a, b))| i == ax || a == b);
-            if !same {
-                return Err(Error::shape(
-                    OP,
-                    format!(
-                        "shape {:?} does not match {:?} outside axis {ax}",
-                        t.dims(),
-                        first.dims()
-                    ),
-                ));
-            }
-            total += t.dims()[ax];
-        }
-        let mut shape = first.shape();
-        shape[ax] = total;
-        let out = Tensor::uninit(OP, &shape, first.device())?;
-        let mut start = 0;
-        for t in tensors {
-            let len = t.dims()[ax];
-            let region = out.layout.narrow(OP, ax, start, len)?;
-            copy_into(t, &out, &region)?;
-            start += len;
-        }
-        let sizes = tensors.iter().map(|t| t.dims()[ax]).collect();
-        Ok(record(out, tensors, |_| Op::Concat { axis: ax, sizes }))
-    })
+        crate::infer::capture::traced(
+            tensors,
+            |_| crate::infer::graph::OpKind::Concat { axis },
+            || {
+                const OP: &str = "concat";
+                let first = tensors
+                    .first()
+                    .ok_or_else(|| Error::invalid(OP, "needs at least one tensor"))?;
+                let ax = normalize_axis(OP, axis, first.rank())?;
+                let mut total = 0usize;
+                for t in tensors {
+                    first.check_device(OP, t)?;
+                    let same = t.rank() == first.rank()
+                        && t.dims()
+                            .iter()
+                            .zip(first.dims())
+                            .enumerate()
+                            .all(|(i, (a, b))| i == ax || a == b);
+                    if !same {
+                        return Err(Error::shape(
+                            OP,
+                            format!(
+                                "shape {:?} does not match {:?} outside axis {ax}",
+                                t.dims(),
+                                first.dims()
+                            ),
+                        ));
+                    }
+                    total += t.dims()[ax];
+                }
+                let mut shape = first.shape();
+                shape[ax] = total;
+                let out = Tensor::uninit(OP, &shape, first.device())?;
+                let mut start = 0;
+                for t in tensors {
+                    let len = t.dims()[ax];
+                    let region = out.layout.narrow(OP, ax, start, len)?;
+                    copy_into(t, &out, &region)?;
+                    start += len;
+                }
+                let sizes = tensors.iter().map(|t| t.dims()[ax]).collect();
+                Ok(record(out, tensors, |_| Op::Concat { axis: ax, sizes }))
+            },
+        )
     }
 
     /// Tensors of one shape joined along a new `axis`.
@@ -96,28 +100,32 @@ impl Tensor {
     /// # Ok::<(), kiln::Error>(())
     /// ```
     pub fn index_select(&self, axis: isize, indices: &Tensor) -> Result<Tensor> {
-        crate::infer::capture::traced(&[self, indices], |_| crate::infer::graph::OpKind::IndexSelect { axis }, || {
-        const OP: &str = "index_select";
-        self.check_device(OP, indices)?;
-        let ax = normalize_axis(OP, axis, self.rank())?;
-        if indices.rank() != 1 {
-            return Err(Error::shape(
-                OP,
-                format!("indices must be 1-D, got shape {:?}", indices.dims()),
-            ));
-        }
-        let mut shape = self.shape();
-        shape[ax] = indices.numel();
-        // The index of output position (.., j, ..) is indices[j]: a view of the indices with
-        // stride 0 on every other axis.
-        let mut il = Layout {
-            shape: shape.clone(),
-            strides: vec![0; shape.len()],
-            offset: indices.layout.offset,
-        };
-        il.strides[ax] = indices.strides()[0];
-        gather_into(OP, self, ax, indices, &il, &shape)
-    })
+        crate::infer::capture::traced(
+            &[self, indices],
+            |_| crate::infer::graph::OpKind::IndexSelect { axis },
+            || {
+                const OP: &str = "index_select";
+                self.check_device(OP, indices)?;
+                let ax = normalize_axis(OP, axis, self.rank())?;
+                if indices.rank() != 1 {
+                    return Err(Error::shape(
+                        OP,
+                        format!("indices must be 1-D, got shape {:?}", indices.dims()),
+                    ));
+                }
+                let mut shape = self.shape();
+                shape[ax] = indices.numel();
+                // The index of output position (.., j, ..) is indices[j]: a view of the indices with
+                // stride 0 on every other axis.
+                let mut il = Layout {
+                    shape: shape.clone(),
+                    strides: vec![0; shape.len()],
+                    offset: indices.layout.offset,
+                };
+                il.strides[ax] = indices.strides()[0];
+                gather_into(OP, self, ax, indices, &il, &shape)
+            },
+        )
     }
 
     /// [`Tensor::index_select`] with indices from the host, checked against the axis size.
@@ -146,30 +154,34 @@ impl Tensor {
     /// as `torch.gather`: `index` has the rank of `self` and no larger size on the other axes.
     /// Out-of-range indices give zeros.
     pub fn gather(&self, axis: isize, index: &Tensor) -> Result<Tensor> {
-        crate::infer::capture::traced(&[self, index], |_| crate::infer::graph::OpKind::Gather { axis }, || {
-        const OP: &str = "gather";
-        self.check_device(OP, index)?;
-        let ax = normalize_axis(OP, axis, self.rank())?;
-        let fits = index.rank() == self.rank()
-            && index
-                .dims()
-                .iter()
-                .zip(self.dims())
-                .enumerate()
-                .all(|(i, (a, b))| i == ax || a <= b);
-        if !fits {
-            return Err(Error::shape(
-                OP,
-                format!(
-                    "index shape {:?} does not fit input shape {:?} on axis {ax}",
-                    index.dims(),
-                    self.dims()
-                ),
-            ));
-        }
-        let shape = index.shape();
-        gather_into(OP, self, ax, index, &index.layout.clone(), &shape)
-    })
+        crate::infer::capture::traced(
+            &[self, index],
+            |_| crate::infer::graph::OpKind::Gather { axis },
+            || {
+                const OP: &str = "gather";
+                self.check_device(OP, index)?;
+                let ax = normalize_axis(OP, axis, self.rank())?;
+                let fits = index.rank() == self.rank()
+                    && index
+                        .dims()
+                        .iter()
+                        .zip(self.dims())
+                        .enumerate()
+                        .all(|(i, (a, b))| i == ax || a <= b);
+                if !fits {
+                    return Err(Error::shape(
+                        OP,
+                        format!(
+                            "index shape {:?} does not fit input shape {:?} on axis {ax}",
+                            index.dims(),
+                            self.dims()
+                        ),
+                    ));
+                }
+                let shape = index.shape();
+                gather_into(OP, self, ax, index, &index.layout.clone(), &shape)
+            },
+        )
     }
 }
 

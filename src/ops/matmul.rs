@@ -234,76 +234,81 @@ impl Tensor {
     /// # Ok::<(), kiln::Error>(())
     /// ```
     pub fn matmul(&self, other: &Tensor) -> Result<Tensor> {
-        crate::infer::capture::traced(&[self, other], |_| crate::infer::graph::OpKind::Matmul, || {
-        const OP: &str = "matmul";
-        self.check_device(OP, other)?;
-        if self.rank() == 0 || other.rank() == 0 {
-            return Err(Error::shape(
-                OP,
-                format!(
-                    "both operands need rank 1 or more, got {:?} and {:?}",
-                    self.dims(),
-                    other.dims()
-                ),
-            ));
-        }
-        let a = if self.rank() == 1 {
-            self.unsqueeze(0)?
-        } else {
-            self.clone()
-        };
-        let b = if other.rank() == 1 {
-            other.unsqueeze(-1)?
-        } else {
-            other.clone()
-        };
-        let (ra, rb) = (a.rank(), b.rank());
-        let (m, k) = (a.dims()[ra - 2], a.dims()[ra - 1]);
-        let (k2, n) = (b.dims()[rb - 2], b.dims()[rb - 1]);
-        if k != k2 {
-            return Err(Error::shape(
-                OP,
-                format!(
-                    "inner sizes differ: {:?} x {:?} ({k} vs {k2})",
-                    self.dims(),
-                    other.dims()
-                ),
-            ));
-        }
-        let batch = broadcast_shapes(OP, &a.dims()[..ra - 2], &b.dims()[..rb - 2])?;
-        if batch.len() + 2 > MAX_RANK {
-            return Err(Error::shape(OP, format!("rank exceeds {MAX_RANK}")));
-        }
-        if m.div_ceil(TILE) > MAX_GROUPS || n.div_ceil(TILE) > MAX_GROUPS {
-            return Err(Error::shape(
-                OP,
-                format!("output of {m} x {n} exceeds the dispatch limits"),
-            ));
-        }
-        let mut out_shape = batch.clone();
-        out_shape.extend([m, n]);
-        let out = Tensor::uninit(OP, &out_shape, self.device())?;
-        matmul_into(&a, &b, &out, &Epilogue::default())?;
-        let (a_grad, b_grad) = (a.requires_grad_flag(), b.requires_grad_flag());
-        // A 2-D operand that is a transposed view (both operands 2-D, so no batch sums).
-        let plain = out.rank() == 2 && a.rank() == 2 && b.rank() == 2;
-        let transposed = |t: &Tensor| plain && t.strides()[0] == 1 && t.strides()[1] > 1;
-        let mut result = record(out, &[&a, &b], |_| Op::Matmul {
-            a: b_grad.then(|| a.detach()),
-            b: a_grad.then(|| b.detach()),
-            a_shape: a.shape(),
-            b_shape: b.shape(),
-            a_t: transposed(&a),
-            b_t: transposed(&b),
-        });
-        if other.rank() == 1 {
-            result = result.squeeze(Some(-1))?;
-        }
-        if self.rank() == 1 {
-            result = result.squeeze(Some(-2).filter(|_| result.rank() >= 2).or(Some(-1)))?;
-        }
-        Ok(result)
-    })
+        crate::infer::capture::traced(
+            &[self, other],
+            |_| crate::infer::graph::OpKind::Matmul,
+            || {
+                const OP: &str = "matmul";
+                self.check_device(OP, other)?;
+                if self.rank() == 0 || other.rank() == 0 {
+                    return Err(Error::shape(
+                        OP,
+                        format!(
+                            "both operands need rank 1 or more, got {:?} and {:?}",
+                            self.dims(),
+                            other.dims()
+                        ),
+                    ));
+                }
+                let a = if self.rank() == 1 {
+                    self.unsqueeze(0)?
+                } else {
+                    self.clone()
+                };
+                let b = if other.rank() == 1 {
+                    other.unsqueeze(-1)?
+                } else {
+                    other.clone()
+                };
+                let (ra, rb) = (a.rank(), b.rank());
+                let (m, k) = (a.dims()[ra - 2], a.dims()[ra - 1]);
+                let (k2, n) = (b.dims()[rb - 2], b.dims()[rb - 1]);
+                if k != k2 {
+                    return Err(Error::shape(
+                        OP,
+                        format!(
+                            "inner sizes differ: {:?} x {:?} ({k} vs {k2})",
+                            self.dims(),
+                            other.dims()
+                        ),
+                    ));
+                }
+                let batch = broadcast_shapes(OP, &a.dims()[..ra - 2], &b.dims()[..rb - 2])?;
+                if batch.len() + 2 > MAX_RANK {
+                    return Err(Error::shape(OP, format!("rank exceeds {MAX_RANK}")));
+                }
+                if m.div_ceil(TILE) > MAX_GROUPS || n.div_ceil(TILE) > MAX_GROUPS {
+                    return Err(Error::shape(
+                        OP,
+                        format!("output of {m} x {n} exceeds the dispatch limits"),
+                    ));
+                }
+                let mut out_shape = batch.clone();
+                out_shape.extend([m, n]);
+                let out = Tensor::uninit(OP, &out_shape, self.device())?;
+                matmul_into(&a, &b, &out, &Epilogue::default())?;
+                let (a_grad, b_grad) = (a.requires_grad_flag(), b.requires_grad_flag());
+                // A 2-D operand that is a transposed view (both operands 2-D, so no batch sums).
+                let plain = out.rank() == 2 && a.rank() == 2 && b.rank() == 2;
+                let transposed = |t: &Tensor| plain && t.strides()[0] == 1 && t.strides()[1] > 1;
+                let mut result = record(out, &[&a, &b], |_| Op::Matmul {
+                    a: b_grad.then(|| a.detach()),
+                    b: a_grad.then(|| b.detach()),
+                    a_shape: a.shape(),
+                    b_shape: b.shape(),
+                    a_t: transposed(&a),
+                    b_t: transposed(&b),
+                });
+                if other.rank() == 1 {
+                    result = result.squeeze(Some(-1))?;
+                }
+                if self.rank() == 1 {
+                    result =
+                        result.squeeze(Some(-2).filter(|_| result.rank() >= 2).or(Some(-1)))?;
+                }
+                Ok(result)
+            },
+        )
     }
 }
 
@@ -471,7 +476,11 @@ pub(crate) fn linear(
     if w.rank() != 2 || x.rank() == 0 || x.dims()[x.rank() - 1] != w.dims()[1] {
         return Err(Error::shape(
             OP,
-            format!("input {:?} must end in the features of weight {:?}", x.dims(), w.dims()),
+            format!(
+                "input {:?} must end in the features of weight {:?}",
+                x.dims(),
+                w.dims()
+            ),
         ));
     }
     if let Some(b) = bias {
@@ -484,7 +493,11 @@ pub(crate) fn linear(
         }
     }
     let (k, n) = (w.dims()[1], w.dims()[0]);
-    let x = if x.is_contiguous() { x.clone() } else { x.contiguous()? };
+    let x = if x.is_contiguous() {
+        x.clone()
+    } else {
+        x.contiguous()?
+    };
     let rows = x.numel() / k.max(1);
     let mut shape = x.shape();
     *shape.last_mut().unwrap_or(&mut 0) = n;

@@ -109,77 +109,88 @@ impl Tensor {
         momentum: f32,
         eps: f32,
     ) -> Result<Tensor> {
-        crate::infer::capture::traced(&[Some(self), running_mean, running_var, weight, bias].into_iter().flatten().collect::<Vec<&Tensor>>(), |_| crate::infer::graph::OpKind::BatchNorm { eps, weight: weight.is_some(), bias: bias.is_some() }, || {
-        const OP: &str = "batch_norm";
-        if training || running_mean.is_none() || running_var.is_none() {
-            crate::infer::capture::refuse(OP, "batch statistics (training mode or no running statistics); call set_training(false)")?;
-        }
-        if self.rank() < 2 {
-            return Err(Error::shape(
-                OP,
-                format!("input must be (N, C, ...), got shape {:?}", self.dims()),
-            ));
-        }
-        let c = self.dims()[1];
-        for (name, t) in [("running_mean", running_mean), ("running_var", running_var)] {
-            if let Some(t) = t {
-                self.check_device(OP, t)?;
-                if t.dims() != [c] {
+        crate::infer::capture::traced(
+            &[Some(self), running_mean, running_var, weight, bias]
+                .into_iter()
+                .flatten()
+                .collect::<Vec<&Tensor>>(),
+            |_| crate::infer::graph::OpKind::BatchNorm {
+                eps,
+                weight: weight.is_some(),
+                bias: bias.is_some(),
+            },
+            || {
+                const OP: &str = "batch_norm";
+                if training || running_mean.is_none() || running_var.is_none() {
+                    crate::infer::capture::refuse(OP, "batch statistics (training mode or no running statistics); call set_training(false)")?;
+                }
+                if self.rank() < 2 {
                     return Err(Error::shape(
                         OP,
-                        format!("{name} must have shape [{c}], got {:?}", t.dims()),
+                        format!("input must be (N, C, ...), got shape {:?}", self.dims()),
                     ));
                 }
-            }
-        }
-        let axes: Vec<isize> = (0..self.rank() as isize).filter(|&a| a != 1).collect();
-        let mut stat_shape = vec![1; self.rank()];
-        stat_shape[1] = c;
-        let y = if training {
-            let count = self.numel() / c.max(1);
-            if count <= 1 {
-                return Err(Error::invalid(
-                    OP,
-                    format!(
+                let c = self.dims()[1];
+                for (name, t) in [("running_mean", running_mean), ("running_var", running_var)] {
+                    if let Some(t) = t {
+                        self.check_device(OP, t)?;
+                        if t.dims() != [c] {
+                            return Err(Error::shape(
+                                OP,
+                                format!("{name} must have shape [{c}], got {:?}", t.dims()),
+                            ));
+                        }
+                    }
+                }
+                let axes: Vec<isize> = (0..self.rank() as isize).filter(|&a| a != 1).collect();
+                let mut stat_shape = vec![1; self.rank()];
+                stat_shape[1] = c;
+                let y = if training {
+                    let count = self.numel() / c.max(1);
+                    if count <= 1 {
+                        return Err(Error::invalid(
+                            OP,
+                            format!(
                         "training needs more than one value per channel, got input shape {:?}",
                         self.dims()
                     ),
-                ));
-            }
-            let (y, mean, var) = standardize(self, &axes, eps)?;
-            no_grad(|| -> Result<()> {
-                if let Some(rm) = running_mean {
-                    let m = mean.reshape_to(&[c])?;
-                    rm.assign(
-                        &rm.mul_scalar(1.0 - momentum)?
-                            .add(&m.mul_scalar(momentum)?)?,
-                    )?;
-                }
-                if let Some(rv) = running_var {
-                    let unbiased = var
-                        .reshape_to(&[c])?
-                        .mul_scalar(count as f32 / (count - 1) as f32)?;
-                    rv.assign(
-                        &rv.mul_scalar(1.0 - momentum)?
-                            .add(&unbiased.mul_scalar(momentum)?)?,
-                    )?;
-                }
-                Ok(())
-            })?;
-            y
-        } else {
-            let (Some(rm), Some(rv)) = (running_mean, running_var) else {
-                return Err(Error::invalid(
-                    OP,
-                    "evaluation needs running_mean and running_var",
-                ));
-            };
-            let rm = rm.reshape_to(&stat_shape)?;
-            let rv = rv.reshape_to(&stat_shape)?;
-            self.sub(&rm)?.mul(&rv.add_scalar(eps)?.rsqrt()?)?
-        };
-        channel_affine(y, weight, bias, c, self.rank(), OP)
-    })
+                        ));
+                    }
+                    let (y, mean, var) = standardize(self, &axes, eps)?;
+                    no_grad(|| -> Result<()> {
+                        if let Some(rm) = running_mean {
+                            let m = mean.reshape_to(&[c])?;
+                            rm.assign(
+                                &rm.mul_scalar(1.0 - momentum)?
+                                    .add(&m.mul_scalar(momentum)?)?,
+                            )?;
+                        }
+                        if let Some(rv) = running_var {
+                            let unbiased = var
+                                .reshape_to(&[c])?
+                                .mul_scalar(count as f32 / (count - 1) as f32)?;
+                            rv.assign(
+                                &rv.mul_scalar(1.0 - momentum)?
+                                    .add(&unbiased.mul_scalar(momentum)?)?,
+                            )?;
+                        }
+                        Ok(())
+                    })?;
+                    y
+                } else {
+                    let (Some(rm), Some(rv)) = (running_mean, running_var) else {
+                        return Err(Error::invalid(
+                            OP,
+                            "evaluation needs running_mean and running_var",
+                        ));
+                    };
+                    let rm = rm.reshape_to(&stat_shape)?;
+                    let rv = rv.reshape_to(&stat_shape)?;
+                    self.sub(&rm)?.mul(&rv.add_scalar(eps)?.rsqrt()?)?
+                };
+                channel_affine(y, weight, bias, c, self.rank(), OP)
+            },
+        )
     }
 
     /// Layer normalisation over the trailing axes `normalized_shape`, with optional
@@ -191,39 +202,52 @@ impl Tensor {
         bias: Option<&Tensor>,
         eps: f32,
     ) -> Result<Tensor> {
-        crate::infer::capture::traced(&[Some(self), weight, bias].into_iter().flatten().collect::<Vec<&Tensor>>(), |_| crate::infer::graph::OpKind::LayerNorm { shape: normalized_shape.to_vec(), eps, weight: weight.is_some(), bias: bias.is_some() }, || {
-        const OP: &str = "layer_norm";
-        let k = normalized_shape.len();
-        if k == 0 || k > self.rank() || self.dims()[self.rank() - k..] != *normalized_shape {
-            return Err(Error::shape(
-                OP,
-                format!(
+        crate::infer::capture::traced(
+            &[Some(self), weight, bias]
+                .into_iter()
+                .flatten()
+                .collect::<Vec<&Tensor>>(),
+            |_| crate::infer::graph::OpKind::LayerNorm {
+                shape: normalized_shape.to_vec(),
+                eps,
+                weight: weight.is_some(),
+                bias: bias.is_some(),
+            },
+            || {
+                const OP: &str = "layer_norm";
+                let k = normalized_shape.len();
+                if k == 0 || k > self.rank() || self.dims()[self.rank() - k..] != *normalized_shape
+                {
+                    return Err(Error::shape(
+                        OP,
+                        format!(
                     "normalized_shape {normalized_shape:?} must be the trailing axes of {:?}",
                     self.dims()
                 ),
-            ));
-        }
-        let axes: Vec<isize> = (self.rank() - k..self.rank()).map(|a| a as isize).collect();
-        let (mut y, _, _) = standardize(self, &axes, eps)?;
-        for (name, t) in [("weight", weight), ("bias", bias)] {
-            let Some(t) = t else { continue };
-            if t.dims() != normalized_shape {
-                return Err(Error::shape(
-                    OP,
-                    format!(
-                        "{name} must have shape {normalized_shape:?}, got {:?}",
-                        t.dims()
-                    ),
-                ));
-            }
-            y = if name == "weight" {
-                y.mul(t)?
-            } else {
-                y.add(t)?
-            };
-        }
-        Ok(y)
-    })
+                    ));
+                }
+                let axes: Vec<isize> = (self.rank() - k..self.rank()).map(|a| a as isize).collect();
+                let (mut y, _, _) = standardize(self, &axes, eps)?;
+                for (name, t) in [("weight", weight), ("bias", bias)] {
+                    let Some(t) = t else { continue };
+                    if t.dims() != normalized_shape {
+                        return Err(Error::shape(
+                            OP,
+                            format!(
+                                "{name} must have shape {normalized_shape:?}, got {:?}",
+                                t.dims()
+                            ),
+                        ));
+                    }
+                    y = if name == "weight" {
+                        y.mul(t)?
+                    } else {
+                        y.add(t)?
+                    };
+                }
+                Ok(y)
+            },
+        )
     }
 
     /// Group normalisation of an (N, C, ...) input: channels split into `groups`, each
@@ -236,27 +260,39 @@ impl Tensor {
         bias: Option<&Tensor>,
         eps: f32,
     ) -> Result<Tensor> {
-        crate::infer::capture::traced(&[Some(self), weight, bias].into_iter().flatten().collect::<Vec<&Tensor>>(), |_| crate::infer::graph::OpKind::GroupNorm { groups, eps, weight: weight.is_some(), bias: bias.is_some() }, || {
-        const OP: &str = "group_norm";
-        if self.rank() < 2 {
-            return Err(Error::shape(
-                OP,
-                format!("input must be (N, C, ...), got shape {:?}", self.dims()),
-            ));
-        }
-        let c = self.dims()[1];
-        if groups == 0 || !c.is_multiple_of(groups) {
-            return Err(Error::invalid(
-                OP,
-                format!("{c} channels are not divisible into {groups} groups"),
-            ));
-        }
-        let n = self.dims()[0] as isize;
-        let grouped = self.reshape(&[n, groups as isize, -1])?;
-        let (y, _, _) = standardize(&grouped, &[2], eps)?;
-        let y = y.reshape_to(self.dims())?;
-        channel_affine(y, weight, bias, c, self.rank(), OP)
-    })
+        crate::infer::capture::traced(
+            &[Some(self), weight, bias]
+                .into_iter()
+                .flatten()
+                .collect::<Vec<&Tensor>>(),
+            |_| crate::infer::graph::OpKind::GroupNorm {
+                groups,
+                eps,
+                weight: weight.is_some(),
+                bias: bias.is_some(),
+            },
+            || {
+                const OP: &str = "group_norm";
+                if self.rank() < 2 {
+                    return Err(Error::shape(
+                        OP,
+                        format!("input must be (N, C, ...), got shape {:?}", self.dims()),
+                    ));
+                }
+                let c = self.dims()[1];
+                if groups == 0 || !c.is_multiple_of(groups) {
+                    return Err(Error::invalid(
+                        OP,
+                        format!("{c} channels are not divisible into {groups} groups"),
+                    ));
+                }
+                let n = self.dims()[0] as isize;
+                let grouped = self.reshape(&[n, groups as isize, -1])?;
+                let (y, _, _) = standardize(&grouped, &[2], eps)?;
+                let y = y.reshape_to(self.dims())?;
+                channel_affine(y, weight, bias, c, self.rank(), OP)
+            },
+        )
     }
 
     /// Dropout: in training, zeroes each element with probability `p` (a mask drawn on the GPU
@@ -281,7 +317,10 @@ impl Tensor {
         if !training || p == 0.0 {
             return Ok(self.clone());
         }
-        crate::infer::capture::refuse("dropout", "dropout in training mode; call set_training(false)")?;
+        crate::infer::capture::refuse(
+            "dropout",
+            "dropout in training mode; call set_training(false)",
+        )?;
         let mask = Tensor::uninit("dropout", self.dims(), self.device())?;
         let extra = Extra {
             alpha: p,

@@ -249,32 +249,46 @@ impl Tensor {
     /// # Ok::<(), kiln::Error>(())
     /// ```
     pub fn max_pool2d(&self, opts: &Pool2dOptions) -> Result<Tensor> {
-        crate::infer::capture::traced(&[self], |_| crate::infer::graph::OpKind::Pool { opts: *opts, max: true }, || {
-        unbatched(self, |x| {
-            pool_forward(x, geometry("max_pool2d", x.dims(), opts, MODE_MAX)?)
-        })
-    })
+        crate::infer::capture::traced(
+            &[self],
+            |_| crate::infer::graph::OpKind::Pool {
+                opts: *opts,
+                max: true,
+            },
+            || {
+                unbatched(self, |x| {
+                    pool_forward(x, geometry("max_pool2d", x.dims(), opts, MODE_MAX)?)
+                })
+            },
+        )
     }
 
     /// Average pooling, as `torch.nn.functional.avg_pool2d` (`ceil_mode = false`; dilation
     /// must be 1).
     pub fn avg_pool2d(&self, opts: &Pool2dOptions) -> Result<Tensor> {
-        crate::infer::capture::traced(&[self], |_| crate::infer::graph::OpKind::Pool { opts: *opts, max: false }, || {
-        if opts.dilation != [1, 1] {
-            return Err(Error::invalid(
-                "avg_pool2d",
-                format!("dilation must be [1, 1], got {:?}", opts.dilation),
-            ));
-        }
-        let mode = if opts.count_include_pad {
-            MODE_AVG_WITH_PAD
-        } else {
-            MODE_AVG_VALID
-        };
-        unbatched(self, |x| {
-            pool_forward(x, geometry("avg_pool2d", x.dims(), opts, mode)?)
-        })
-    })
+        crate::infer::capture::traced(
+            &[self],
+            |_| crate::infer::graph::OpKind::Pool {
+                opts: *opts,
+                max: false,
+            },
+            || {
+                if opts.dilation != [1, 1] {
+                    return Err(Error::invalid(
+                        "avg_pool2d",
+                        format!("dilation must be [1, 1], got {:?}", opts.dilation),
+                    ));
+                }
+                let mode = if opts.count_include_pad {
+                    MODE_AVG_WITH_PAD
+                } else {
+                    MODE_AVG_VALID
+                };
+                unbatched(self, |x| {
+                    pool_forward(x, geometry("avg_pool2d", x.dims(), opts, mode)?)
+                })
+            },
+        )
     }
 
     /// Adaptive average pooling to an output of `size` (height, width), as
@@ -287,32 +301,36 @@ impl Tensor {
     /// # Ok::<(), kiln::Error>(())
     /// ```
     pub fn adaptive_avg_pool2d(&self, size: [usize; 2]) -> Result<Tensor> {
-        crate::infer::capture::traced(&[self], |_| crate::infer::graph::OpKind::AdaptiveAvgPool { size }, || {
-        const OP: &str = "adaptive_avg_pool2d";
-        unbatched(self, |x| {
-            if x.rank() != 4 {
-                return Err(Error::shape(
-                    OP,
-                    format!(
-                        "input must have rank 4 (N, C, H, W), got shape {:?}",
-                        x.dims()
-                    ),
-                ));
-            }
-            let (h, w) = (x.dims()[2], x.dims()[3]);
-            if size.contains(&0) || h == 0 || w == 0 {
-                return Err(Error::invalid(
-                    OP,
-                    format!(
-                        "output size {size:?} and input {:?} must be non-empty",
-                        x.dims()
-                    ),
-                ));
-            }
-            let g = adaptive_geometry(x.dims(), size);
-            pool_forward(x, g)
-        })
-    })
+        crate::infer::capture::traced(
+            &[self],
+            |_| crate::infer::graph::OpKind::AdaptiveAvgPool { size },
+            || {
+                const OP: &str = "adaptive_avg_pool2d";
+                unbatched(self, |x| {
+                    if x.rank() != 4 {
+                        return Err(Error::shape(
+                            OP,
+                            format!(
+                                "input must have rank 4 (N, C, H, W), got shape {:?}",
+                                x.dims()
+                            ),
+                        ));
+                    }
+                    let (h, w) = (x.dims()[2], x.dims()[3]);
+                    if size.contains(&0) || h == 0 || w == 0 {
+                        return Err(Error::invalid(
+                            OP,
+                            format!(
+                                "output size {size:?} and input {:?} must be non-empty",
+                                x.dims()
+                            ),
+                        ));
+                    }
+                    let g = adaptive_geometry(x.dims(), size);
+                    pool_forward(x, g)
+                })
+            },
+        )
     }
 }
 

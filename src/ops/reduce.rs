@@ -230,127 +230,143 @@ pub(crate) fn reduce(
     keepdim: bool,
     correction: f32,
 ) -> Result<Tensor> {
-        crate::infer::capture::traced(&[x], |_| crate::infer::graph::OpKind::Reduce { op, axes: axes.to_vec(), keepdim, correction }, || {
-    let name = op.name();
-    let axes = normalize_axes(name, axes, x.rank())?;
-    let (src, rows) = rows_of(name, x, &axes)?;
-    let kept_shape: Vec<usize> = rows.kept.iter().map(|&a| src.dims()[a]).collect();
-    let n_out: usize = kept_shape.iter().product();
-    if rows.len == 0 && op.needs_elements() && (n_out > 0 || kept_shape.is_empty()) {
-        return Err(Error::shape(
-            name,
-            format!(
-                "cannot reduce over an empty axis (shape {:?}, axes {axes:?})",
+    crate::infer::capture::traced(
+        &[x],
+        |_| crate::infer::graph::OpKind::Reduce {
+            op,
+            axes: axes.to_vec(),
+            keepdim,
+            correction,
+        },
+        || {
+            let name = op.name();
+            let axes = normalize_axes(name, axes, x.rank())?;
+            let (src, rows) = rows_of(name, x, &axes)?;
+            let kept_shape: Vec<usize> = rows.kept.iter().map(|&a| src.dims()[a]).collect();
+            let n_out: usize = kept_shape.iter().product();
+            if rows.len == 0 && op.needs_elements() && (n_out > 0 || kept_shape.is_empty()) {
+                return Err(Error::shape(
+                    name,
+                    format!(
+                        "cannot reduce over an empty axis (shape {:?}, axes {axes:?})",
+                        x.dims()
+                    ),
+                ));
+            }
+            let out_shape: Vec<usize> = if keepdim {
                 x.dims()
-            ),
-        ));
-    }
-    let out_shape: Vec<usize> = if keepdim {
-        x.dims()
-            .iter()
-            .enumerate()
-            .map(|(i, &d)| if axes.contains(&i) { 1 } else { d })
-            .collect()
-    } else {
-        kept_shape.clone()
-    };
-    let kept_strides: Vec<usize> = rows.kept.iter().map(|&a| src.strides()[a]).collect();
-    let splittable = matches!(
-        op,
-        ReduceOp::Sum | ReduceOp::Mean | ReduceOp::Max | ReduceOp::Min
-    );
-    let out = if splittable
-        && rows.len >= SPLIT_MIN_LEN
-        && n_out <= SPLIT_MAX_ROWS
-        && kept_shape.len() < MAX_RANK
-    {
-        two_stage(&src, op, &kept_shape, &kept_strides, rows.len, rows.stride)?
-            .reshape_to(&out_shape)?
-    } else {
-        let out = Tensor::uninit(name, &out_shape, x.device())?;
-        if n_out > 0 {
-            let run = Run {
-                shape: &kept_shape,
-                in_strides: &kept_strides,
-                offset: src.layout.offset,
-                len: rows.len,
-                stride: rows.stride,
-                out_strides: &contiguous_strides(&kept_shape),
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &d)| if axes.contains(&i) { 1 } else { d })
+                    .collect()
+            } else {
+                kept_shape.clone()
             };
-            dispatch_rows(&src, op, correction, &run, &out);
-        }
-        out
-    };
-    if matches!(op, ReduceOp::ArgMax | ReduceOp::ArgMin) {
-        return Ok(out);
-    }
-    let keep_shape: Vec<usize> = x
-        .dims()
-        .iter()
-        .enumerate()
-        .map(|(i, &d)| if axes.contains(&i) { 1 } else { d })
-        .collect();
-    Ok(record(out, &[x], |y| Op::Reduce {
-        op,
-        axes: axes.clone(),
-        keep_shape,
-        in_shape: x.shape(),
-        x: matches!(op, ReduceOp::Max | ReduceOp::Min | ReduceOp::Var).then(|| x.detach()),
-        out: matches!(op, ReduceOp::Max | ReduceOp::Min).then(|| y.clone()),
-        correction,
-    }))
-})
-    }
+            let kept_strides: Vec<usize> = rows.kept.iter().map(|&a| src.strides()[a]).collect();
+            let splittable = matches!(
+                op,
+                ReduceOp::Sum | ReduceOp::Mean | ReduceOp::Max | ReduceOp::Min
+            );
+            let out = if splittable
+                && rows.len >= SPLIT_MIN_LEN
+                && n_out <= SPLIT_MAX_ROWS
+                && kept_shape.len() < MAX_RANK
+            {
+                two_stage(&src, op, &kept_shape, &kept_strides, rows.len, rows.stride)?
+                    .reshape_to(&out_shape)?
+            } else {
+                let out = Tensor::uninit(name, &out_shape, x.device())?;
+                if n_out > 0 {
+                    let run = Run {
+                        shape: &kept_shape,
+                        in_strides: &kept_strides,
+                        offset: src.layout.offset,
+                        len: rows.len,
+                        stride: rows.stride,
+                        out_strides: &contiguous_strides(&kept_shape),
+                    };
+                    dispatch_rows(&src, op, correction, &run, &out);
+                }
+                out
+            };
+            if matches!(op, ReduceOp::ArgMax | ReduceOp::ArgMin) {
+                return Ok(out);
+            }
+            let keep_shape: Vec<usize> = x
+                .dims()
+                .iter()
+                .enumerate()
+                .map(|(i, &d)| if axes.contains(&i) { 1 } else { d })
+                .collect();
+            Ok(record(out, &[x], |y| Op::Reduce {
+                op,
+                axes: axes.clone(),
+                keep_shape,
+                in_shape: x.shape(),
+                x: matches!(op, ReduceOp::Max | ReduceOp::Min | ReduceOp::Var).then(|| x.detach()),
+                out: matches!(op, ReduceOp::Max | ReduceOp::Min).then(|| y.clone()),
+                correction,
+            }))
+        },
+    )
+}
 
 fn softmax_like(x: &Tensor, axis: isize, kernel: Kernel, name: &'static str) -> Result<Tensor> {
-        crate::infer::capture::traced(&[x], |_| crate::infer::graph::OpKind::Softmax { axis, log: name == "log_softmax" }, || {
-    let axis = normalize_axis(name, axis, x.rank().max(1))?;
-    if x.rank() == 0 {
-        let x1 = x.reshape(&[1])?;
-        return softmax_like(&x1, 0, kernel, name)?.reshape(&[]);
-    }
-    let out = Tensor::uninit(name, x.dims(), x.device())?;
-    let kept: Vec<usize> = (0..x.rank()).filter(|&a| a != axis).collect();
-    let kept_shape: Vec<usize> = kept.iter().map(|&a| x.dims()[a]).collect();
-    let n_out: usize = kept_shape.iter().product();
-    if n_out > 0 && x.dims()[axis] > 0 {
-        let p = ReduceParams {
-            n_out: n_out as u32,
-            rank: kept.len() as u32,
-            red_len: x.dims()[axis] as u32,
-            op: 0,
-            off_in: x.layout.offset as u32,
-            red_stride: x.strides()[axis] as u32,
-            out_red_stride: out.strides()[axis] as u32,
-            correction: 0.0,
-            shape: pack(kept_shape.iter().copied()),
-            sin: pack(kept.iter().map(|&a| x.strides()[a])),
-            sout: pack(kept.iter().map(|&a| out.strides()[a])),
-        };
-        x.device().dispatch(
-            kernel,
-            &[x.buffer()],
-            out.buffer(),
-            bytemuck::bytes_of(&p),
-            grid(n_out, 1),
-        );
-    }
-    let ax = axis as isize;
-    Ok(record(out, &[x], |y| {
-        if kernel == Kernel::SoftmaxFwd {
-            Op::Softmax {
-                axis: ax,
-                out: y.clone(),
+    crate::infer::capture::traced(
+        &[x],
+        |_| crate::infer::graph::OpKind::Softmax {
+            axis,
+            log: name == "log_softmax",
+        },
+        || {
+            let axis = normalize_axis(name, axis, x.rank().max(1))?;
+            if x.rank() == 0 {
+                let x1 = x.reshape(&[1])?;
+                return softmax_like(&x1, 0, kernel, name)?.reshape(&[]);
             }
-        } else {
-            Op::LogSoftmax {
-                axis: ax,
-                out: y.clone(),
+            let out = Tensor::uninit(name, x.dims(), x.device())?;
+            let kept: Vec<usize> = (0..x.rank()).filter(|&a| a != axis).collect();
+            let kept_shape: Vec<usize> = kept.iter().map(|&a| x.dims()[a]).collect();
+            let n_out: usize = kept_shape.iter().product();
+            if n_out > 0 && x.dims()[axis] > 0 {
+                let p = ReduceParams {
+                    n_out: n_out as u32,
+                    rank: kept.len() as u32,
+                    red_len: x.dims()[axis] as u32,
+                    op: 0,
+                    off_in: x.layout.offset as u32,
+                    red_stride: x.strides()[axis] as u32,
+                    out_red_stride: out.strides()[axis] as u32,
+                    correction: 0.0,
+                    shape: pack(kept_shape.iter().copied()),
+                    sin: pack(kept.iter().map(|&a| x.strides()[a])),
+                    sout: pack(kept.iter().map(|&a| out.strides()[a])),
+                };
+                x.device().dispatch(
+                    kernel,
+                    &[x.buffer()],
+                    out.buffer(),
+                    bytemuck::bytes_of(&p),
+                    grid(n_out, 1),
+                );
             }
-        }
-    }))
-})
-    }
+            let ax = axis as isize;
+            Ok(record(out, &[x], |y| {
+                if kernel == Kernel::SoftmaxFwd {
+                    Op::Softmax {
+                        axis: ax,
+                        out: y.clone(),
+                    }
+                } else {
+                    Op::LogSoftmax {
+                        axis: ax,
+                        out: y.clone(),
+                    }
+                }
+            }))
+        },
+    )
+}
 
 impl Tensor {
     /// Sum over `axes` (all axes when empty); reduced axes are kept with size 1 if `keepdim`.
