@@ -267,12 +267,30 @@ fn mutate_graph(g: &mut Value, rng: &mut Rng) -> String {
     }
 }
 
-/// Loads and, if that works, runs; returns whether it loaded. Panics become test failures
+/// What an unmutated file gives: its canonical bytes and its outputs on the base inputs.
+struct Reference {
+    canonical: Vec<u8>,
+    outputs: Vec<(Vec<usize>, Vec<f32>)>,
+}
+
+fn outputs(model: &InferenceModel, inputs: &[Tensor]) -> kiln::Result<Vec<(Vec<usize>, Vec<f32>)>> {
+    let refs: Vec<&Tensor> = inputs.iter().collect();
+    model
+        .run(&refs)?
+        .iter()
+        .map(|t| Ok((t.dims().to_vec(), t.to_vec()?)))
+        .collect()
+}
+
+/// Loads and, if that works, runs; returns whether it loaded. A model that loads must run to
+/// outputs of the base's shapes or to an `Err`, and a file that loads to the base model (the
+/// same canonical bytes) must give the base's outputs bit for bit. Panics become failures
 /// naming the case.
 fn exercise(
     case: &str,
     bytes: &[u8],
-    inputs: &[Tensor],
+    base: &Base,
+    want: &Reference,
     d: &Device,
     failures: &mut Vec<String>,
 ) -> bool {
@@ -283,19 +301,33 @@ fn exercise(
             false
         }
         Ok(Err(e)) => {
-            let msg = e.to_string();
-            if msg.is_empty() {
+            if e.to_string().is_empty() {
                 failures.push(format!("empty error: {case}"));
             }
             false
         }
         Ok(Ok(model)) => {
-            let refs: Vec<&Tensor> = inputs.iter().collect();
-            let ran = catch_unwind(AssertUnwindSafe(|| {
-                model.run(&refs).and_then(|o| o[0].to_vec())
-            }));
-            if ran.is_err() {
-                failures.push(format!("run panicked: {case}"));
+            match catch_unwind(AssertUnwindSafe(|| outputs(&model, &base.inputs))) {
+                Err(_) => failures.push(format!("run panicked: {case}")),
+                Ok(Err(_)) => {}
+                Ok(Ok(got)) => {
+                    let shapes = |o: &[(Vec<usize>, Vec<f32>)]| {
+                        o.iter().map(|(s, _)| s.clone()).collect::<Vec<_>>()
+                    };
+                    if shapes(&got) != shapes(&want.outputs) {
+                        failures.push(format!(
+                            "{case}: outputs {:?}, the base gives {:?}",
+                            shapes(&got),
+                            shapes(&want.outputs)
+                        ));
+                    }
+                    let same_model = model.to_bytes().is_ok_and(|b| b == want.canonical);
+                    if same_model && got != want.outputs {
+                        failures.push(format!(
+                            "{case}: loads as the base model but gives other values"
+                        ));
+                    }
+                }
             }
             true
         }
@@ -311,11 +343,11 @@ fn hostile_artifacts_are_err_never_panics() {
     for base in bases(&d) {
         let (header, data) = split(&base.bytes);
         let graph = graph_of(&header);
-        assert!(
-            InferenceModel::from_bytes(&base.bytes, &d).is_ok(),
-            "{}: the base file loads",
-            base.name
-        );
+        let model = InferenceModel::from_bytes(&base.bytes, &d).expect("the base file loads");
+        let want = Reference {
+            canonical: model.to_bytes().unwrap(),
+            outputs: outputs(&model, &base.inputs).unwrap(),
+        };
 
         // Truncations, including inside the length prefix and the header.
         for k in 0..40 {
@@ -325,7 +357,7 @@ fn hostile_artifacts_are_err_never_panics() {
                 rng.below(base.bytes.len())
             };
             let case = format!("{}: truncated to {cut} bytes", base.name);
-            loaded += exercise(&case, &base.bytes[..cut], &base.inputs, &d, &mut failures) as usize;
+            loaded += exercise(&case, &base.bytes[..cut], &base, &want, &d, &mut failures) as usize;
             cases += 1;
         }
         // Random byte flips anywhere (header, metadata JSON, weights).
@@ -341,7 +373,7 @@ fn hostile_artifacts_are_err_never_panics() {
                 b[at] ^= 1 << rng.below(8);
             }
             let case = format!("{}: {flips} byte flips", base.name);
-            loaded += exercise(&case, &b, &base.inputs, &d, &mut failures) as usize;
+            loaded += exercise(&case, &b, &base, &want, &d, &mut failures) as usize;
             cases += 1;
         }
         // Structural mutations of the graph.
@@ -352,7 +384,8 @@ fn hostile_artifacts_are_err_never_panics() {
             loaded += exercise(
                 &case,
                 &with_graph(&header, &data, &g),
-                &base.inputs,
+                &base,
+                &want,
                 &d,
                 &mut failures,
             ) as usize;
@@ -370,7 +403,8 @@ fn hostile_artifacts_are_err_never_panics() {
             loaded += exercise(
                 &case,
                 &with_graph(&header, &data, &g),
-                &base.inputs,
+                &base,
+                &want,
                 &d,
                 &mut failures,
             ) as usize;
@@ -385,7 +419,8 @@ fn hostile_artifacts_are_err_never_panics() {
         exercise(
             &format!("{}: no graph", base.name),
             &join(&h, &data),
-            &base.inputs,
+            &base,
+            &want,
             &d,
             &mut failures,
         );
@@ -394,7 +429,8 @@ fn hostile_artifacts_are_err_never_panics() {
         exercise(
             &format!("{}: other format", base.name),
             &join(&h, &data),
-            &base.inputs,
+            &base,
+            &want,
             &d,
             &mut failures,
         );
@@ -403,7 +439,8 @@ fn hostile_artifacts_are_err_never_panics() {
         exercise(
             &format!("{}: const of another type", base.name),
             &join(&h, &data),
-            &base.inputs,
+            &base,
+            &want,
             &d,
             &mut failures,
         );
@@ -412,7 +449,8 @@ fn hostile_artifacts_are_err_never_panics() {
         exercise(
             &format!("{}: const missing", base.name),
             &join(&h, &data),
-            &base.inputs,
+            &base,
+            &want,
             &d,
             &mut failures,
         );
@@ -442,6 +480,12 @@ fn every_base_round_trips() {
     let d = dev();
     for base in bases(&d) {
         let a = InferenceModel::from_bytes(&base.bytes, &d).unwrap();
+        // A model is written to the same bytes every time (sorted header keys).
+        assert!(
+            a.to_bytes().unwrap() == base.bytes,
+            "{}: saving again gives other bytes",
+            base.name
+        );
         let b = InferenceModel::from_bytes(&a.to_bytes().unwrap(), &own_device()).unwrap();
         let refs: Vec<&Tensor> = base.inputs.iter().collect();
         let x = a.run(&refs).unwrap();

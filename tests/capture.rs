@@ -314,6 +314,29 @@ fn check<M: Module>(name: &str, mut model: M, input: impl Fn(usize, u64, &Device
             loaded.describe()
         );
     }
+    check_half(name, loaded, &xs, &want);
+}
+
+/// Where the adapter has f16, the graph converts (every op, with casts around those without a
+/// half kernel), survives a save and load, and stays within f16 rounding of the f32 outputs.
+fn check_half(name: &str, model: InferenceModel, xs: &[Tensor], want: &[Vec<f32>]) {
+    let d = model.device().clone();
+    if !d.features().contains(kiln::wgpu::Features::SHADER_F16) {
+        return;
+    }
+    let half = model.to_half().unwrap();
+    let half = InferenceModel::from_bytes(&half.to_bytes().unwrap(), &d).unwrap();
+    assert_eq!(half.precision(), kiln::infer::Precision::F16);
+    for (x, w) in xs.iter().zip(want) {
+        let xf = Tensor::from_slice(&x.to_vec().unwrap(), x.dims(), &d).unwrap();
+        let got = half.predict(&xf).unwrap().to_vec().unwrap();
+        let diff = max_rel_diff(&got, w);
+        assert!(
+            diff <= 5e-3,
+            "{name} in f16: relative difference {diff}\n{}",
+            half.describe()
+        );
+    }
 }
 
 #[test]
@@ -357,6 +380,45 @@ fn user_module_round_trips() {
     };
     check("gated", model, |n, seed, d| {
         Tensor::randn(&[n, 6], seed, d).unwrap()
+    });
+}
+
+#[test]
+fn transposed_conv_and_group_norm_round_trip() {
+    // A decoder-like module: transposed convolution, group norm, SiLU, average pooling.
+    struct Up {
+        up: kiln::nn::ConvTranspose2d,
+        gamma: Tensor,
+        beta: Tensor,
+    }
+    impl Module for Up {
+        fn forward(&self, x: &Tensor) -> Result<Tensor> {
+            let y = self.up.forward(x)?;
+            let y = y
+                .group_norm(2, Some(&self.gamma), Some(&self.beta), 1e-5)?
+                .silu()?;
+            y.avg_pool2d(&kiln::Pool2dOptions::new([2, 2]))?
+                .add(&y.narrow(2, 0, 3)?.narrow(3, 0, 3)?)
+        }
+        fn describe(&self) -> String {
+            "Up".into()
+        }
+    }
+    let d = dev();
+    let mut init = Init::new(&d, 4);
+    let opts = kiln::ConvTranspose2dOptions {
+        stride: [2, 2],
+        padding: [1, 1],
+        output_padding: [1, 1],
+        ..Default::default()
+    };
+    let model = Up {
+        up: kiln::nn::ConvTranspose2d::new(&mut init, 3, 4, [3, 3], opts, true).unwrap(),
+        gamma: Tensor::randn(&[4], 5, &d).unwrap(),
+        beta: Tensor::randn(&[4], 6, &d).unwrap(),
+    };
+    check("decoder", model, |n, seed, d| {
+        Tensor::randn(&[n, 3, 3, 3], seed, d).unwrap()
     });
 }
 

@@ -179,6 +179,23 @@ fn graph_json(g: &Graph) -> Value {
     })
 }
 
+/// The same safetensors file with its header's keys in sorted order, so that a model is always
+/// written to the same bytes (the metadata map has no fixed order of its own).
+fn sorted_header(bytes: &[u8]) -> Option<Vec<u8>> {
+    let n = usize::try_from(u64::from_le_bytes(bytes.get(..8)?.try_into().ok()?)).ok()?;
+    let header: Value = serde_json::from_slice(bytes.get(8..8usize.checked_add(n)?)?).ok()?;
+    // serde_json's objects are ordered maps: serialising sorts the keys.
+    let mut h = serde_json::to_vec(&header).ok()?;
+    while !h.len().is_multiple_of(8) {
+        h.push(b' ');
+    }
+    let mut out = Vec::with_capacity(8 + h.len() + bytes.len() - 8 - n);
+    out.extend_from_slice(&(h.len() as u64).to_le_bytes());
+    out.extend_from_slice(&h);
+    out.extend_from_slice(&bytes[8 + n..]);
+    Some(out)
+}
+
 impl InferenceModel {
     /// Writes the model as one file: weights as safetensors tensors, the graph as metadata.
     ///
@@ -236,7 +253,9 @@ impl InferenceModel {
         ]
         .into_iter()
         .collect();
-        safetensors::serialize(views, Some(meta)).map_err(|e| Error::invalid(OP, e.to_string()))
+        let bytes = safetensors::serialize(views, Some(meta))
+            .map_err(|e| Error::invalid(OP, e.to_string()))?;
+        sorted_header(&bytes).ok_or_else(|| Error::invalid(OP, "internal: unreadable header"))
     }
 
     /// A model from a file written by [`InferenceModel::save`], with no model code. A
