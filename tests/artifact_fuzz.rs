@@ -411,50 +411,28 @@ fn hostile_artifacts_are_err_never_panics() {
             cases += 1;
         }
         // The safetensors header itself: metadata removed or retyped, tensor entries lying.
-        let mut h = header.clone();
-        h["__metadata__"]
-            .as_object_mut()
-            .unwrap()
-            .remove("kiln.graph");
-        exercise(
-            &format!("{}: no graph", base.name),
-            &join(&h, &data),
-            &base,
-            &want,
-            &d,
-            &mut failures,
-        );
-        let mut h = header.clone();
-        h["__metadata__"]["kiln.format"] = json!("kiln.checkpoint");
-        exercise(
-            &format!("{}: other format", base.name),
-            &join(&h, &data),
-            &base,
-            &want,
-            &d,
-            &mut failures,
-        );
-        let mut h = header.clone();
-        h["c0"]["dtype"] = json!("I64");
-        exercise(
-            &format!("{}: const of another type", base.name),
-            &join(&h, &data),
-            &base,
-            &want,
-            &d,
-            &mut failures,
-        );
-        let mut h = header.clone();
-        h.as_object_mut().unwrap().remove("c0");
-        exercise(
-            &format!("{}: const missing", base.name),
-            &join(&h, &data),
-            &base,
-            &want,
-            &d,
-            &mut failures,
-        );
-        cases += 4;
+        let edits: [(&str, fn(&mut Value)); 4] = [
+            ("no graph", |h| {
+                h["__metadata__"]
+                    .as_object_mut()
+                    .unwrap()
+                    .remove("kiln.graph");
+            }),
+            ("other format", |h| {
+                h["__metadata__"]["kiln.format"] = json!("kiln.checkpoint")
+            }),
+            ("const of another type", |h| h["c0"]["dtype"] = json!("I64")),
+            ("const missing", |h| {
+                h.as_object_mut().unwrap().remove("c0");
+            }),
+        ];
+        for (what, edit) in edits {
+            let mut h = header.clone();
+            edit(&mut h);
+            let case = format!("{}: {what}", base.name);
+            loaded += exercise(&case, &join(&h, &data), &base, &want, &d, &mut failures) as usize;
+            cases += 1;
+        }
     }
     eprintln!(
         "{cases} hostile artifacts, {loaded} loaded and ran, {} failures",

@@ -731,18 +731,7 @@ pub(crate) fn conv2d_fused(
     variant: crate::kernels::Variant,
 ) -> Result<Tensor> {
     const OP: &str = "conv2d";
-    let (xb, unbatched) = batched(x, 2)?;
-    check_common(
-        OP,
-        &xb,
-        weight,
-        bias,
-        opts.stride,
-        opts.dilation,
-        opts.groups,
-    )?;
-    check_bias(OP, bias, weight.dims()[0])?;
-    let g = conv2d_geometry(xb.dims(), weight.dims(), opts)?;
+    let (xb, unbatched, g) = conv2d_checked(x, weight, bias, opts)?;
     let shape = [g.n, g.c_out, g.oh, g.ow];
     let out = match variant {
         crate::kernels::Variant::F16 => crate::infer::graph::half_uninit(&shape, x.device())?,
@@ -764,6 +753,30 @@ pub(crate) fn conv2d_fused(
     } else {
         out
     })
+}
+
+/// The one check of conv2d's operands, for training and frozen graphs alike: the batched
+/// input, whether a batch axis was added, and the geometry.
+fn conv2d_checked(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    opts: &Conv2dOptions,
+) -> Result<(Tensor, bool, ConvGeometry)> {
+    const OP: &str = "conv2d";
+    let (xb, unbatched) = batched(x, 2)?;
+    check_common(
+        OP,
+        &xb,
+        weight,
+        bias,
+        opts.stride,
+        opts.dilation,
+        opts.groups,
+    )?;
+    check_bias(OP, bias, weight.dims()[0])?;
+    let g = conv2d_geometry(xb.dims(), weight.dims(), opts)?;
+    Ok((xb, unbatched, g))
 }
 
 /// Adds a batch axis to an unbatched (C, H, W) input; the flag says to remove it afterwards.
@@ -806,19 +819,7 @@ impl Tensor {
                 act: None,
             },
             || {
-                const OP: &str = "conv2d";
-                let (x, unbatched) = batched(self, 2)?;
-                check_common(
-                    OP,
-                    &x,
-                    weight,
-                    bias,
-                    opts.stride,
-                    opts.dilation,
-                    opts.groups,
-                )?;
-                check_bias(OP, bias, weight.dims()[0])?;
-                let geo = conv2d_geometry(x.dims(), weight.dims(), opts)?;
+                let (x, unbatched, geo) = conv2d_checked(self, weight, bias, opts)?;
                 let c_out = geo.c_out;
                 let y = conv_fwd(&x, weight, &geo)?;
                 let (x_grad, w_grad) = (x.requires_grad_flag(), weight.requires_grad_flag());
