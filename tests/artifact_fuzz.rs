@@ -85,6 +85,9 @@ fn bases(d: &Device) -> Vec<Base> {
     out
 }
 
+/// A change to a safetensors header.
+type HeaderEdit = fn(&mut Value);
+
 /// Splits a safetensors file into its JSON header and its data.
 fn split(bytes: &[u8]) -> (Value, Vec<u8>) {
     let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
@@ -411,7 +414,7 @@ fn hostile_artifacts_are_err_never_panics() {
             cases += 1;
         }
         // The safetensors header itself: metadata removed or retyped, tensor entries lying.
-        let edits: [(&str, fn(&mut Value)); 4] = [
+        let edits: [(&str, HeaderEdit); 4] = [
             ("no graph", |h| {
                 h["__metadata__"]
                     .as_object_mut()
