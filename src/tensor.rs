@@ -370,6 +370,7 @@ impl Tensor {
 
     /// The elements in row-major order. Submits pending work and waits for it.
     pub fn to_vec(&self) -> Result<Vec<f32>> {
+        crate::infer::capture::readback(self)?;
         if self.numel() == 0 {
             return Ok(Vec::new());
         }

@@ -481,3 +481,50 @@ fn every_base_round_trips() {
         }
     }
 }
+
+#[test]
+fn element_type_confusions_are_err() {
+    let d = dev();
+    if !d.features().contains(kiln::wgpu::Features::SHADER_F16) {
+        return;
+    }
+    let base = bases(&d).remove(0);
+    let half = InferenceModel::from_bytes(&base.bytes, &d)
+        .unwrap()
+        .to_half()
+        .unwrap();
+    let bytes = half.to_bytes().unwrap();
+    let (header, data) = split(&bytes);
+    let graph = graph_of(&header);
+    let nodes = graph["nodes"].as_array().unwrap();
+    let cast = nodes
+        .iter()
+        .position(|n| n["op"]["op"] == "cast")
+        .expect("a cast node");
+    // A cast to the type its operand already has.
+    let mut g = graph.clone();
+    let from = if g["nodes"][cast]["dtype"] == "f16" {
+        "f32"
+    } else {
+        "f16"
+    };
+    g["nodes"][cast]["dtype"] = json!(from);
+    g["nodes"][cast]["op"]["to"] = json!(from);
+    let e = InferenceModel::from_bytes(&with_graph(&header, &data, &g), &d)
+        .err()
+        .expect("cast to the same type");
+    assert!(e.to_string().contains("casts"), "{e}");
+    // An f16 constant as an output.
+    let k = graph["consts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .position(|c| c["dtype"] == "f16")
+        .expect("an f16 constant");
+    let mut g = graph.clone();
+    g["outputs"] = json!([["const", k]]);
+    let e = InferenceModel::from_bytes(&with_graph(&header, &data, &g), &d)
+        .err()
+        .expect("f16 output");
+    assert!(e.to_string().contains("must be f32"), "{e}");
+}

@@ -494,7 +494,7 @@ fn uncapturable_ops_are_errors() {
     .to_string();
     assert!(e.contains("different graph"), "{e}");
     // A constant made in the forward whose shape follows the batch.
-    let e = freeze_fn(&[x], &[Some(0)], |t| {
+    let e = freeze_fn(std::slice::from_ref(&x), &[Some(0)], |t| {
         let n = t[0].dims()[0];
         let c = Tensor::from_slice(&vec![1.0; n * 3], &[n, 3], t[0].device())?;
         Ok(vec![t[0].add(&c)?])
@@ -503,6 +503,74 @@ fn uncapturable_ops_are_errors() {
     .unwrap()
     .to_string();
     assert!(e.contains("batch size"), "{e}");
+    // Values read to the host during capture would be frozen: a length taken from a mask.
+    let mask = Tensor::from_slice(&[1.0, 1.0, 0.0], &[3], &d).unwrap();
+    let e = freeze_fn(&[x.clone(), mask], &[Some(0), None], |t| {
+        let n = t[1].sum(&[0], false)?.to_scalar()? as usize;
+        Ok(vec![t[0].narrow(1, 0, n)?])
+    })
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(e.contains("to_vec") && e.contains("frozen"), "{e}");
+    // One tensor passed as two inputs would make them one input of the graph.
+    let e = freeze_fn(&[x.clone(), x.clone()], &[None, None], |t| {
+        Ok(vec![t[0].sub(&t[1])?])
+    })
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(e.contains("same tensor"), "{e}");
+}
+
+#[test]
+fn frozen_weights_are_a_copy_and_infinities_survive_the_file() {
+    let d = dev();
+    let w = Tensor::randn(&[3, 4], 1, &d).unwrap();
+    let x = Tensor::randn(&[2, 3], 2, &d).unwrap();
+    // clamp(0, inf) and a -inf fill whose shape follows the batch: non-finite attributes.
+    let frozen = freeze_fn(std::slice::from_ref(&x), &[Some(0)], |t| {
+        let y = t[0].matmul(&w)?.clamp(0.0, f32::INFINITY)?;
+        let n = t[0].dims()[0];
+        let floor = Tensor::full(&[n, 4], f32::NEG_INFINITY, t[0].device())?;
+        Ok(vec![y.maximum(&floor)?])
+    })
+    .unwrap();
+    let want = kiln::no_grad(|| x.matmul(&w)?.relu())
+        .unwrap()
+        .to_vec()
+        .unwrap();
+    // The weights change after freezing; the frozen model keeps the old ones.
+    w.assign(&Tensor::zeros(&[3, 4], &d).unwrap()).unwrap();
+    let loaded = InferenceModel::from_bytes(&frozen.to_bytes().unwrap(), &d).unwrap();
+    for m in [&frozen, &loaded] {
+        assert_eq!(m.predict(&x).unwrap().to_vec().unwrap(), want);
+    }
+}
+
+#[test]
+fn unbatched_pooling_converts_to_half() {
+    let d = dev();
+    let x = Tensor::randn(&[4, 8, 8], 3, &d).unwrap();
+    let frozen = freeze_fn(std::slice::from_ref(&x), &[None], |t| {
+        let p = t[0].max_pool2d(&kiln::Pool2dOptions::new([2, 2]))?;
+        Ok(vec![p.adaptive_avg_pool2d([2, 2])?])
+    })
+    .unwrap();
+    let want = frozen.predict(&x).unwrap().to_vec().unwrap();
+    let reference: Vec<f32> = kiln::no_grad(|| {
+        x.max_pool2d(&kiln::Pool2dOptions::new([2, 2]))?
+            .adaptive_avg_pool2d([2, 2])
+    })
+    .unwrap()
+    .to_vec()
+    .unwrap();
+    assert_eq!(want, reference);
+    if d.features().contains(kiln::wgpu::Features::SHADER_F16) {
+        let half = frozen.to_half().unwrap();
+        let got = half.predict(&x).unwrap().to_vec().unwrap();
+        assert!(max_rel_diff(&got, &want) <= 5e-3);
+    }
 }
 
 /// The ResNet at batch 64: peak bytes during frozen inference stay within the weights plus the

@@ -83,9 +83,23 @@ fn dims_json(d: &[Dim]) -> Value {
     Value::Array(d.iter().map(|d| json!([d.per_batch, d.fixed])).collect())
 }
 
+/// A float attribute: a JSON number, or "inf", "-inf" or "nan" (which JSON numbers cannot
+/// hold; a clamp to infinity or a mask filled with -inf needs them).
+fn num(v: f32) -> Value {
+    if v.is_finite() {
+        json!(v)
+    } else if v.is_nan() {
+        json!("nan")
+    } else if v > 0.0 {
+        json!("inf")
+    } else {
+        json!("-inf")
+    }
+}
+
 fn act_json(a: &super::graph::Act) -> Value {
     match a {
-        Some((op, alpha)) => json!([*op as u32, alpha]),
+        Some((op, alpha)) => json!([*op as u32, num(*alpha)]),
         None => Value::Null,
     }
 }
@@ -100,11 +114,11 @@ fn op_json(op: &OpKind) -> Value {
             json!({ "axis": axis, "start": dims_json(&[*start]), "len": dims_json(&[*len]) })
         }
         OpKind::Unary { op, alpha, beta } => {
-            json!({ "code": *op as u32, "alpha": alpha, "beta": beta })
+            json!({ "code": *op as u32, "alpha": num(*alpha), "beta": num(*beta) })
         }
         OpKind::Binary { op } => json!({ "code": *op as u32 }),
         OpKind::BinaryScalar { op, scalar, left } => {
-            json!({ "code": *op as u32, "scalar": scalar, "left": left })
+            json!({ "code": *op as u32, "scalar": num(*scalar), "left": left })
         }
         OpKind::Where | OpKind::Matmul => json!({}),
         OpKind::Reduce {
@@ -131,7 +145,7 @@ fn op_json(op: &OpKind) -> Value {
         }),
         OpKind::AdaptiveAvgPool { size } => json!({ "size": size }),
         OpKind::BatchNorm { eps, weight, bias } => {
-            json!({ "eps": eps, "weight": weight, "bias": bias })
+            json!({ "eps": num(*eps), "weight": weight, "bias": bias })
         }
         OpKind::LayerNorm {
             shape,
@@ -139,7 +153,7 @@ fn op_json(op: &OpKind) -> Value {
             weight,
             bias,
         } => {
-            json!({ "normalized_shape": shape, "eps": eps, "weight": weight, "bias": bias })
+            json!({ "normalized_shape": shape, "eps": num(*eps), "weight": weight, "bias": bias })
         }
         OpKind::GroupNorm {
             groups,
@@ -147,12 +161,12 @@ fn op_json(op: &OpKind) -> Value {
             weight,
             bias,
         } => {
-            json!({ "groups": groups, "eps": eps, "weight": weight, "bias": bias })
+            json!({ "groups": groups, "eps": num(*eps), "weight": weight, "bias": bias })
         }
         OpKind::Concat { axis } | OpKind::IndexSelect { axis } | OpKind::Gather { axis } => {
             json!({ "axis": axis })
         }
-        OpKind::Full { shape, value } => json!({ "shape": dims_json(shape), "value": value }),
+        OpKind::Full { shape, value } => json!({ "shape": dims_json(shape), "value": num(*value) }),
         OpKind::Cast { to } => json!({ "to": to.name() }),
     };
     v["op"] = json!(op.name());
@@ -392,6 +406,13 @@ fn check_graph(g: &Graph, consts: &[(Vec<usize>, DType)]) -> Result<()> {
                 Src::Const(k) => consts[k].1,
                 Src::Node(k) => g.nodes[k].dtype,
             };
+            if is_cast && d == node.dtype {
+                return Err(bad(format!(
+                    "node {i} casts an {} operand to {}",
+                    d.name(),
+                    node.dtype.name()
+                )));
+            }
             if !is_cast && d != node.dtype {
                 return Err(bad(format!(
                     "node {i} ({}) is {} but reads an {} operand",
@@ -412,10 +433,16 @@ fn check_graph(g: &Graph, consts: &[(Vec<usize>, DType)]) -> Result<()> {
         }
     }
     for s in &g.outputs {
-        if let Src::Node(k) = s {
-            if g.nodes[*k].dtype != DType::F32 {
-                return Err(bad(format!("output node {k} is not f32")));
-            }
+        let d = match *s {
+            Src::Input(_) => DType::F32,
+            Src::Const(k) => consts[k].1,
+            Src::Node(k) => g.nodes[k].dtype,
+        };
+        if d != DType::F32 {
+            return Err(bad(format!(
+                "output {s:?} is {}, outputs must be f32",
+                d.name()
+            )));
         }
     }
     Ok(())
@@ -533,10 +560,20 @@ fn int(v: &Value, what: &str) -> Result<i64> {
 }
 
 fn float(v: &Value, what: &str) -> Result<f32> {
-    v.as_f64()
-        .map(|x| x as f32)
-        .filter(|x| x.is_finite())
-        .ok_or_else(|| bad(format!("{what} must be a finite number, got {v}")))
+    match v.as_str() {
+        Some("inf") => Ok(f32::INFINITY),
+        Some("-inf") => Ok(f32::NEG_INFINITY),
+        Some("nan") => Ok(f32::NAN),
+        _ => v
+            .as_f64()
+            .map(|x| x as f32)
+            .filter(|x| x.is_finite())
+            .ok_or_else(|| {
+                bad(format!(
+                    "{what} must be a number in f32 range, \"inf\", \"-inf\" or \"nan\", got {v}"
+                ))
+            }),
+    }
 }
 
 fn boolean(v: &Value, what: &str) -> Result<bool> {

@@ -68,6 +68,8 @@ impl Recorder {
 
     fn constant(&mut self, t: &Tensor, fresh: bool) -> Src {
         let src = Src::Const(self.trace.consts.len());
+        // The graph keeps the tensor as it is now; a copy is made when the graph is built, so
+        // that later writes to the weights (an optimizer step) do not reach the frozen model.
         self.trace.consts.push(t.detach());
         self.trace.fresh.push(fresh);
         self.values.insert(key(t), src);
@@ -149,6 +151,29 @@ pub(crate) fn constant(t: &Tensor) {
     });
 }
 
+/// `Err` when capturing and `t` depends on the inputs: values read to the host would be
+/// frozen into the graph (a size or a branch taken from data) and be wrong for other inputs.
+/// Weights may be read.
+pub(crate) fn readback(t: &Tensor) -> Result<()> {
+    if !capturing() || DEPTH.with(Cell::get) > 0 {
+        return Ok(());
+    }
+    RECORDER.with(|r| {
+        let mut r = r.borrow_mut();
+        let Some(rec) = r.as_mut() else { return Ok(()) };
+        match rec.resolve(t)? {
+            Src::Const(_) => Ok(()),
+            _ => Err(Error::invalid(
+                "to_vec",
+                format!(
+                    "cannot read a tensor of shape {:?} that depends on the inputs while capturing: its values would be frozen into the graph",
+                    t.dims()
+                ),
+            )),
+        }
+    })
+}
+
 /// `Err` when capturing: `op` (random numbers, an in-place write) has no place in a graph.
 pub(crate) fn refuse(op: &'static str, why: &str) -> Result<()> {
     if capturing() {
@@ -189,7 +214,12 @@ fn trace_once(inputs: &[Tensor], f: &dyn Fn(&[Tensor]) -> Result<Vec<Tensor>>) -
         },
     };
     for (k, t) in inputs.iter().enumerate() {
-        rec.values.insert(key(t), Src::Input(k));
+        if let Some(Src::Input(j)) = rec.values.insert(key(t), Src::Input(k)) {
+            return Err(Error::invalid(
+                "freeze",
+                format!("inputs {j} and {k} are the same tensor; pass a copy for each input"),
+            ));
+        }
     }
     RECORDER.with(|r| *r.borrow_mut() = Some(rec));
     CAPTURING.fetch_add(1, Ordering::Relaxed);
@@ -404,9 +434,18 @@ fn merge(
         })
         .collect();
     let const_dtypes = vec![DType::F32; first.consts.len()];
+    // Storage of the graph's own: the weights may go on changing (an optimizer that still
+    // holds them, an `assign`) without reaching the frozen model.
+    let consts = crate::autograd::no_grad(|| {
+        first
+            .consts
+            .iter()
+            .map(crate::ops::elementwise::copy)
+            .collect::<Result<Vec<_>>>()
+    })?;
     Ok(Graph {
         inputs: input_specs,
-        consts: first.consts,
+        consts,
         const_dtypes,
         nodes,
         outputs: first.outputs,

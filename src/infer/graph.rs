@@ -836,6 +836,19 @@ impl OpKind {
             ),
             OpKind::Pool { .. } | OpKind::AdaptiveAvgPool { .. } => {
                 let out = f16_out()?;
+                // An unbatched (C, H, W) input runs as a batch of one.
+                let batched;
+                let x = if x.rank() == 3 {
+                    batched = x.with_layout(crate::shape::Layout::contiguous(&[
+                        1,
+                        x.dims()[0],
+                        x.dims()[1],
+                        x.dims()[2],
+                    ]));
+                    &batched
+                } else {
+                    x
+                };
                 let g = match self {
                     OpKind::Pool { opts, max } => {
                         let mode = if *max {
@@ -848,7 +861,7 @@ impl OpKind {
                         crate::ops::pool::geometry("pool2d", x.dims(), opts, mode)?
                     }
                     OpKind::AdaptiveAvgPool { size } => {
-                        crate::ops::pool::adaptive_geometry(x.dims(), *size)
+                        crate::ops::pool::adaptive_geometry(x.dims(), *size)?
                     }
                     _ => unreachable!("matched above"),
                 };

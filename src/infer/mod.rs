@@ -36,6 +36,9 @@ use crate::nn::Module;
 use crate::tensor::Tensor;
 use graph::{Graph, Node, OpKind, Src};
 
+/// Plans kept per model (one per set of input shapes) before the cache starts over.
+const MAX_PLANS: usize = 64;
+
 /// Element type of an inference model's weights and activations.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Precision {
@@ -224,7 +227,12 @@ impl InferenceModel {
             &shapes,
             self.device.max_binding_bytes(),
         )?);
-        lock(&self.plans).insert(shapes, p.clone());
+        let mut plans = lock(&self.plans);
+        // A server that sees many batch sizes keeps a bounded number of plans.
+        if plans.len() >= MAX_PLANS {
+            plans.clear();
+        }
+        plans.insert(shapes, p.clone());
         Ok(p)
     }
 
@@ -350,7 +358,23 @@ impl InferenceModel {
             Src::Const(k) => g.const_dtypes[k],
             Src::Node(k) => nodes[k].dtype,
         };
+        let shape_of = |s: Src, nodes: &[Node], g: &Graph| -> Vec<Dim> {
+            match s {
+                Src::Input(k) => g.inputs[k].shape.clone(),
+                Src::Const(k) => g.consts[k].dims().iter().map(|&d| Dim::fixed(d)).collect(),
+                Src::Node(k) => nodes[k].shape.clone(),
+            }
+        };
         for node in std::mem::take(&mut g.nodes) {
+            if matches!(node.op, OpKind::Cast { .. }) {
+                // Conversions already in the graph go: the rewrite places its own.
+                let s = match node.inputs[0] {
+                    Src::Node(k) => map[k],
+                    other => other,
+                };
+                map.push(s);
+                continue;
+            }
             let half = node.op.has_half_kernel();
             let want = if half { DType::F16 } else { DType::F32 };
             let mut inputs = Vec::with_capacity(node.inputs.len());
@@ -378,13 +402,7 @@ impl InferenceModel {
                         Src::Const(h)
                     }
                     _ => *casts.entry((s, half)).or_insert_with(|| {
-                        let shape = match s {
-                            Src::Input(k) => g.inputs[k].shape.clone(),
-                            Src::Const(k) => {
-                                g.consts[k].dims().iter().map(|&d| Dim::fixed(d)).collect()
-                            }
-                            Src::Node(k) => nodes[k].shape.clone(),
-                        };
+                        let shape = shape_of(s, &nodes, &g);
                         nodes.push(Node {
                             op: OpKind::Cast { to: want },
                             inputs: vec![s],
@@ -410,8 +428,8 @@ impl InferenceModel {
                 other => other,
             };
             let s = match s {
-                Src::Node(k) if nodes[k].dtype == DType::F16 => {
-                    let shape = nodes[k].shape.clone();
+                Src::Node(_) | Src::Const(_) if dtype_of(s, &nodes, &g) == DType::F16 => {
+                    let shape = shape_of(s, &nodes, &g);
                     nodes.push(Node {
                         op: OpKind::Cast { to: DType::F32 },
                         inputs: vec![s],
@@ -427,8 +445,7 @@ impl InferenceModel {
         g.nodes = nodes;
         passes::eliminate_dead(&mut g);
         self.device.synchronize()?;
-        let mut m = Self::from_graph(self.device, g);
-        m.precision = Precision::F16;
-        Ok(m)
+        // from_graph sets the precision from the nodes: f32 when no op has a half kernel.
+        Ok(Self::from_graph(self.device, g))
     }
 }

@@ -59,14 +59,19 @@ pub(crate) fn batch_of(g: &Graph, shapes: &[Vec<usize>]) -> Result<usize> {
             if d.per_batch == 0 {
                 continue;
             }
-            let rest = v as i64 - d.fixed;
-            if rest < 0 || rest % d.per_batch != 0 {
+            let rest = v as i128 - d.fixed as i128;
+            let per = d.per_batch as i128;
+            let b = if rest >= 0 && rest % per == 0 {
+                usize::try_from(rest / per).ok()
+            } else {
+                None
+            };
+            let Some(b) = b else {
                 return Err(Error::shape(
                     OP,
                     format!("input {k} has shape {s:?}, which fits no batch size"),
                 ));
-            }
-            let b = (rest / d.per_batch) as usize;
+            };
             if n.is_some_and(|m| m != b) {
                 return Err(Error::shape(
                     OP,
@@ -135,6 +140,20 @@ pub(crate) fn make(g: &Graph, input_shapes: &[Vec<usize>], cap: u64) -> Result<P
         if owner[k] != usize::MAX {
             let o = owner[k];
             buffer_end[o] = buffer_end[o].max(last[k]);
+        }
+    }
+    // Every value must fit one buffer; found here, before any GPU work is recorded.
+    for (k, s) in shapes.iter().enumerate() {
+        let numel = s.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+        let need = numel.map(|e| g.nodes[k].dtype.storage_bytes(e));
+        if owner[k] == k && need.is_none_or(|b| b > cap) {
+            return Err(Error::invalid(
+                "InferenceModel::run",
+                format!(
+                    "node {k} ({}) of shape {s:?} needs more than the device's largest buffer of {cap} bytes",
+                    g.nodes[k].op.name()
+                ),
+            ));
         }
     }
     let bytes = |k: usize| {

@@ -326,7 +326,7 @@ impl Tensor {
                             ),
                         ));
                     }
-                    let g = adaptive_geometry(x.dims(), size);
+                    let g = adaptive_geometry(x.dims(), size)?;
                     pool_forward(x, g)
                 })
             },
@@ -335,8 +335,14 @@ impl Tensor {
 }
 
 /// Geometry of adaptive average pooling of (N, C, H, W) to `size`.
-pub(crate) fn adaptive_geometry(dims: &[usize], size: [usize; 2]) -> PoolGeometry {
-    PoolGeometry {
+pub(crate) fn adaptive_geometry(dims: &[usize], size: [usize; 2]) -> Result<PoolGeometry> {
+    if dims.len() != 4 {
+        return Err(Error::shape(
+            "adaptive_avg_pool2d",
+            format!("input must have rank 4 (N, C, H, W), got shape {dims:?}"),
+        ));
+    }
+    Ok(PoolGeometry {
         n: dims[0],
         c: dims[1],
         h: dims[2],
@@ -348,7 +354,7 @@ pub(crate) fn adaptive_geometry(dims: &[usize], size: [usize; 2]) -> PoolGeometr
         padding: [0, 0],
         dilation: [1, 1],
         mode: MODE_ADAPTIVE,
-    }
+    })
 }
 
 /// Records a pooling of contiguous `x` into `out` (contiguous from offset 0), without max
