@@ -367,6 +367,16 @@ fn resnet_round_trips_with_folded_batch_norms() {
 fn transformer_block_round_trips() {
     let d = dev();
     check("transformer", block(&d), tokens);
+    // Every linear's bias is fused (along the last axis of (N, T, C)), and so is the MLP's
+    // GELU: no add of a constant is left.
+    let frozen = freeze(block(&d), &tokens(2, 1, &d)).unwrap();
+    let g = frozen.describe();
+    assert!(!g.contains("Unary { op: Gelu"), "{g}");
+    assert!(
+        !g.lines()
+            .any(|l| l.contains("binary[") && l.contains("Const(")),
+        "{g}"
+    );
 }
 
 #[test]
@@ -615,4 +625,28 @@ fn resnet_memory_plan() {
         "frozen peak {peak} >= eval peak {eval_peak}"
     );
     assert!(plan.planned_bytes < plan.activation_bytes / 2, "{plan:?}");
+}
+
+/// A transformer block (reshapes of permuted, strided values copy): peak bytes during frozen
+/// inference stay within the planned buffers.
+#[test]
+fn transformer_memory_plan_holds() {
+    let d = own_device();
+    let frozen = freeze(block(&d), &tokens(4, 1, &d)).unwrap();
+    let x = tokens(16, 2, &d);
+    let plan = frozen.memory_plan(&[x.dims()]).unwrap();
+    frozen.predict(&x).unwrap();
+    d.synchronize().unwrap();
+    let base = d.live_bytes();
+    d.reset_peak_bytes();
+    let y = frozen.predict(&x).unwrap();
+    d.synchronize().unwrap();
+    let peak = d.peak_bytes() - base;
+    drop(y);
+    assert!(
+        peak <= plan.planned_bytes,
+        "peak {peak} > planned {}\n{}",
+        plan.planned_bytes,
+        frozen.describe()
+    );
 }

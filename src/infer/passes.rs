@@ -129,8 +129,7 @@ fn sole_producer(g: &Graph, users: &[usize], src: Src) -> Option<usize> {
     let p = node_of(src)?;
     let ok = match &g.nodes[p].op {
         OpKind::Conv2d { act: None, .. } => g.nodes[p].shape.len() == 4,
-        // A linear output's channel axis is axis 1 only for (N, C).
-        OpKind::Linear { act: None, .. } => g.nodes[p].shape.len() == 2,
+        OpKind::Linear { act: None, .. } => true,
         _ => false,
     };
     let consts = g.nodes[p].inputs[1..]
@@ -169,6 +168,10 @@ pub(crate) fn fold_batch_norm(g: &mut Graph) -> Result<()> {
         let Some(p) = sole_producer(g, &users, g.nodes[i].inputs[0]) else {
             continue;
         };
+        // Batch norm normalises axis 1: a linear's output channels only for (N, C).
+        if matches!(g.nodes[p].op, OpKind::Linear { .. }) && g.nodes[p].shape.len() != 2 {
+            continue;
+        }
         let ins = g.nodes[i].inputs.clone();
         let Some(stats) = ins[1..]
             .iter()
@@ -238,12 +241,20 @@ pub(crate) fn fuse_bias(g: &mut Graph) -> Result<()> {
             if has_bias || g.nodes[i].shape != g.nodes[p].shape {
                 continue;
             }
-            let channels = match g.nodes[p].shape[1] {
-                d if !d.is_dynamic() => d.fixed as usize,
+            // Output channels: axis 1 of a conv, the last axis of a linear.
+            let conv = matches!(g.nodes[p].op, OpKind::Conv2d { .. });
+            let shape = &g.nodes[p].shape;
+            let axis = if conv {
+                1
+            } else {
+                shape.len().saturating_sub(1)
+            };
+            let channels = match shape.get(axis) {
+                Some(d) if !d.is_dynamic() => d.fixed as usize,
                 _ => continue,
             };
             let mut dims: Vec<usize> = c.dims().to_vec();
-            let trailing = if matches!(g.nodes[p].op, OpKind::Conv2d { .. }) {
+            let trailing = if conv {
                 vec![channels, 1, 1]
             } else {
                 vec![channels]
@@ -579,6 +590,36 @@ mod tests {
             }
         ));
         close(&run(&g, &dev), &before);
+    }
+
+    #[test]
+    fn bias_fuses_along_the_last_axis_of_a_rank3_linear() {
+        // x [2, 5, 3] @ W^T [3, 4] + b [4], then GELU: one linear node with bias and
+        // activation. A [5, 1] addend (along the sequence axis) is no bias and stays.
+        let dev = Device::default_device().unwrap();
+        let r = |s: &[usize], seed| Tensor::randn(s, seed, &dev).unwrap();
+        for (addend, fused) in [(vec![4usize], true), (vec![5, 1], false)] {
+            let linear = OpKind::Linear {
+                bias: false,
+                act: None,
+            };
+            let gelu = OpKind::Unary {
+                op: UnaryOp::Gelu,
+                alpha: 0.0,
+                beta: 0.0,
+            };
+            let add = OpKind::Binary { op: BinaryOp::Add };
+            let nodes = vec![
+                node(linear, vec![Src::Input(0), Src::Const(0)], &[2, 5, 4]),
+                node(add, vec![Src::Node(0), Src::Const(1)], &[2, 5, 4]),
+                node(gelu, vec![Src::Node(1)], &[2, 5, 4]),
+            ];
+            let mut g = graph(vec![r(&[4, 3], 1), r(&addend, 2)], nodes, &[2, 5, 3]);
+            let before = run(&g, &dev);
+            optimize(&mut g).unwrap();
+            assert_eq!(g.nodes.len() == 1, fused, "{}", g.describe());
+            close(&run(&g, &dev), &before);
+        }
     }
 
     #[test]

@@ -103,15 +103,35 @@ pub(crate) fn make(g: &Graph, input_shapes: &[Vec<usize>], cap: u64) -> Result<P
     let n = batch_of(g, input_shapes)?;
     let shapes = g.infer_shapes(input_shapes, n)?;
     let count = g.nodes.len();
-    // The node whose buffer each value lives in (views share their operand's).
+    // The node whose buffer each value lives in (views share their operand's), and whether
+    // each value is contiguous: a reshape of a strided view copies, so it owns a buffer.
     let mut owner: Vec<usize> = (0..count).collect();
+    let mut contiguous = vec![true; count];
     for (i, node) in g.nodes.iter().enumerate() {
-        if is_view(&node.op) {
-            if let Some(Src::Node(k)) = node.inputs.first() {
-                owner[i] = owner[*k];
-            } else {
-                owner[i] = usize::MAX;
+        if !is_view(&node.op) {
+            continue;
+        }
+        let (src_owner, src_contiguous, src_shape) = match node.inputs.first() {
+            Some(Src::Node(k)) => (owner[*k], contiguous[*k], &shapes[*k][..]),
+            // Constants are contiguous; inputs are taken to be (the caller's tensors).
+            Some(Src::Input(k)) => (usize::MAX, true, &input_shapes[*k][..]),
+            Some(Src::Const(k)) => (usize::MAX, true, g.consts[*k].dims()),
+            None => (usize::MAX, true, &[][..]),
+        };
+        contiguous[i] = match &node.op {
+            OpKind::Reshape { .. } => true,
+            OpKind::Permute { perm } => {
+                src_contiguous && perm.iter().enumerate().all(|(a, &p)| a == p)
             }
+            OpKind::Expand { .. } => src_contiguous && shapes[i] == src_shape,
+            OpKind::Narrow { axis, .. } => {
+                src_contiguous && src_shape.iter().take(*axis).all(|&d| d == 1)
+            }
+            _ => false,
+        };
+        let copies = matches!(node.op, OpKind::Reshape { .. }) && !src_contiguous;
+        if !copies {
+            owner[i] = src_owner;
         }
     }
     let mut last = vec![0usize; count];
