@@ -2,7 +2,7 @@
 //! pre-LN transformer block and a module kiln does not know) are frozen, saved, loaded from
 //! the file alone on a fresh device, and compared with their eval-mode outputs at two batch
 //! sizes. Then the memory plan of the ResNet and capture errors (the file fuzz is in
-//! `artifact_fuzz.rs`).
+//! `fuzz_artifact.rs`).
 
 mod common;
 
