@@ -230,21 +230,40 @@ pub fn load_stored(
             format!("tensor {extra} in the checkpoint is not in the model"),
         ));
     }
+    // All or nothing: every tensor is uploaded and checked before anything is written.
+    let mut model_values = Vec::with_capacity(state.len());
     for (name, t, role) in &state {
         let s = &stored[name];
-        let src = Tensor::from_slice(&s.values, &s.shape, t.device())?;
-        t.assign(&src)?;
+        model_values.push(Tensor::from_slice(&s.values, &s.shape, t.device())?);
         debug_assert!(matches!(role, TensorRole::Parameter | TensorRole::Buffer));
     }
-    if let Some(opt) = optimizer {
-        let device = opt.params().first().map(|p| p.device().clone());
-        for (name, s) in stored
+    let mut opt_values = Vec::new();
+    if let Some(opt) = &optimizer {
+        let entries: Vec<_> = stored
             .iter()
             .filter(|(k, _)| k.starts_with(OPTIMIZER_PREFIX))
-        {
+            .collect();
+        let device = opt.params().first().map(|p| p.device().clone());
+        if let (None, Some((name, _))) = (&device, entries.first()) {
+            return Err(Error::invalid(
+                OP,
+                format!("the optimizer has no parameters to take the stored state {name}"),
+            ));
+        }
+        for (name, s) in entries {
             let Some(device) = &device else { break };
+            let key = &name[OPTIMIZER_PREFIX.len()..];
             let t = Tensor::from_slice(&s.values, &s.shape, device)?;
-            opt.set_state(&name[OPTIMIZER_PREFIX.len()..], &t)?;
+            opt.check_state(key, &t)?;
+            opt_values.push((key, t));
+        }
+    }
+    for ((_, t, _), src) in state.iter().zip(&model_values) {
+        t.assign(src)?;
+    }
+    if let Some(opt) = optimizer {
+        for (key, t) in &opt_values {
+            opt.set_state(key, t)?;
         }
     }
     Ok(())

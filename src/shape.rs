@@ -154,6 +154,16 @@ impl Layout {
 
     /// This layout broadcast to `target` (new leading axes and size-1 axes get stride 0).
     pub fn broadcast_to(&self, op: &'static str, target: &[usize]) -> Result<Layout> {
+        // Kernels index elements with u32: a view may not hold more, nor overflow usize.
+        if target.len() > MAX_RANK || checked_numel(target).is_none_or(|n| n > u32::MAX as usize) {
+            return Err(Error::shape(
+                op,
+                format!(
+                    "{target:?} has rank above {MAX_RANK} or more than {} elements",
+                    u32::MAX
+                ),
+            ));
+        }
         if target.len() < self.rank() {
             return Err(Error::shape(
                 op,

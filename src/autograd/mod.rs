@@ -92,6 +92,35 @@ pub(crate) struct Node {
     freed: AtomicBool,
 }
 
+/// Takes a node's record out, also from a poisoned lock.
+fn take_recorded(m: &mut Mutex<Option<Recorded>>) -> Option<Recorded> {
+    match m.get_mut() {
+        Ok(r) => r.take(),
+        Err(p) => p.into_inner().take(),
+    }
+}
+
+/// Graphs are freed iteratively: a chain of 100k views or 40k accumulated losses would
+/// overflow the stack if each node dropped its inputs recursively.
+impl Drop for Node {
+    fn drop(&mut self) {
+        let Some(rec) = take_recorded(&mut self.recorded) else {
+            return;
+        };
+        let mut stack: Vec<Arc<Node>> = rec.inputs.into_iter().flatten().collect();
+        drop(rec.op);
+        while let Some(n) = stack.pop() {
+            // Only the last owner of a node frees it; its inputs go on the stack, and its own
+            // drop then finds nothing left to free.
+            if let Some(mut node) = Arc::into_inner(n) {
+                if let Some(r) = take_recorded(&mut node.recorded) {
+                    stack.extend(r.inputs.into_iter().flatten());
+                }
+            }
+        }
+    }
+}
+
 impl Node {
     fn new(leaf: bool, recorded: Option<Recorded>) -> Arc<Node> {
         Arc::new(Node {
@@ -197,6 +226,7 @@ impl Tensor {
             )
         })?;
         if let Some(g) = &grad {
+            self.check_device("set_grad", g)?;
             if g.dims() != self.dims() {
                 return Err(Error::shape(
                     "set_grad",

@@ -36,8 +36,47 @@ use crate::nn::Module;
 use crate::tensor::Tensor;
 use graph::{Graph, Node, OpKind, Src};
 
-/// Plans kept per model (one per set of input shapes) before the cache starts over.
-const MAX_PLANS: usize = 64;
+/// Host bytes of memory plans a model keeps (one plan per set of input shapes); past this,
+/// the least recently used plans go. Plans hold shapes only: GPU memory is the device pool's.
+pub const PLAN_CACHE_BYTES: usize = 1 << 20;
+
+/// The plans of one model, least recently used first out.
+#[derive(Default)]
+struct PlanCache {
+    plans: HashMap<Vec<Vec<usize>>, (Arc<plan::Plan>, u64)>,
+    clock: u64,
+    bytes: usize,
+}
+
+impl PlanCache {
+    fn get(&mut self, shapes: &[Vec<usize>]) -> Option<Arc<plan::Plan>> {
+        self.clock += 1;
+        let clock = self.clock;
+        self.plans.get_mut(shapes).map(|(p, used)| {
+            *used = clock;
+            p.clone()
+        })
+    }
+
+    fn insert(&mut self, shapes: Vec<Vec<usize>>, p: Arc<plan::Plan>) {
+        let cost = p.host_bytes();
+        while self.bytes + cost > PLAN_CACHE_BYTES && !self.plans.is_empty() {
+            let oldest = self
+                .plans
+                .iter()
+                .min_by_key(|(_, (_, used))| *used)
+                .map(|(k, _)| k.clone());
+            if let Some((old, _)) = oldest.and_then(|k| self.plans.remove(&k)) {
+                self.bytes -= old.host_bytes();
+            }
+        }
+        self.clock += 1;
+        if let Some((old, _)) = self.plans.insert(shapes, (p, self.clock)) {
+            self.bytes -= old.host_bytes();
+        }
+        self.bytes += cost;
+    }
+}
 
 /// Element type of an inference model's weights and activations.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -67,7 +106,7 @@ pub struct MemoryPlan {
 pub struct InferenceModel {
     device: Device,
     graph: Graph,
-    plans: Mutex<HashMap<Vec<Vec<usize>>, Arc<plan::Plan>>>,
+    plans: Mutex<PlanCache>,
     precision: Precision,
 }
 
@@ -164,7 +203,7 @@ impl InferenceModel {
         InferenceModel {
             device,
             graph,
-            plans: Mutex::new(HashMap::new()),
+            plans: Mutex::new(PlanCache::default()),
             precision,
         }
     }
@@ -215,24 +254,25 @@ impl InferenceModel {
 
     /// Forgets the cached plans (they are made again on the next call).
     pub fn clear_plans(&self) {
-        lock(&self.plans).clear();
+        *lock(&self.plans) = PlanCache::default();
+    }
+
+    /// Host bytes held by cached memory plans: at most [`PLAN_CACHE_BYTES`], however many
+    /// batch sizes the model has seen.
+    pub fn plan_cache_bytes(&self) -> usize {
+        lock(&self.plans).bytes
     }
 
     fn plan(&self, shapes: Vec<Vec<usize>>) -> Result<Arc<plan::Plan>> {
         if let Some(p) = lock(&self.plans).get(&shapes) {
-            return Ok(p.clone());
+            return Ok(p);
         }
         let p = Arc::new(plan::make(
             &self.graph,
             &shapes,
             self.device.max_binding_bytes(),
         )?);
-        let mut plans = lock(&self.plans);
-        // A server that sees many batch sizes keeps a bounded number of plans.
-        if plans.len() >= MAX_PLANS {
-            plans.clear();
-        }
-        plans.insert(shapes, p.clone());
+        lock(&self.plans).insert(shapes, p.clone());
         Ok(p)
     }
 
@@ -447,5 +487,40 @@ impl InferenceModel {
         self.device.synchronize()?;
         // from_graph sets the precision from the nodes: f32 when no op has a half kernel.
         Ok(Self::from_graph(self.device, g))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan(nodes: usize) -> Arc<plan::Plan> {
+        Arc::new(plan::Plan {
+            n: 1,
+            shapes: vec![vec![1, 2, 3, 4]; nodes],
+            frees: vec![Vec::new(); nodes],
+            planned_bytes: 0,
+            activation_bytes: 0,
+        })
+    }
+
+    #[test]
+    fn plan_cache_is_lru_and_bounded_by_bytes() {
+        let mut c = PlanCache::default();
+        let big = plan(4000);
+        let per = big.host_bytes();
+        let fits = PLAN_CACHE_BYTES / per;
+        assert!(fits >= 3, "{per} bytes per plan");
+        for b in 0..fits * 3 {
+            c.insert(vec![vec![b]], big.clone());
+            // Batch 0 stays in use, so it is never the least recently used.
+            assert!(c.get(&[vec![0]]).is_some(), "batch 0 evicted at {b}");
+            assert!(c.bytes <= PLAN_CACHE_BYTES);
+        }
+        assert_eq!(c.plans.len(), fits);
+        assert_eq!(c.bytes, fits * per);
+        // The newest plans are there, the oldest unused ones are gone.
+        assert!(c.get(&[vec![fits * 3 - 1]]).is_some());
+        assert!(c.get(&[vec![1]]).is_none());
     }
 }

@@ -20,6 +20,15 @@ pub(crate) struct Plan {
     pub activation_bytes: u64,
 }
 
+impl Plan {
+    /// Host bytes the plan holds (its shapes and free lists).
+    pub(crate) fn host_bytes(&self) -> usize {
+        let words: usize = self.shapes.iter().map(Vec::len).sum::<usize>()
+            + self.frees.iter().map(Vec::len).sum::<usize>();
+        std::mem::size_of::<Plan>() + (words + 2 * self.shapes.len()) * std::mem::size_of::<usize>()
+    }
+}
+
 /// True when the node's output is a view of its first operand's storage.
 fn is_view(op: &OpKind) -> bool {
     matches!(

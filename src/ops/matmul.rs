@@ -498,7 +498,8 @@ pub(crate) fn linear(
     } else {
         x.contiguous()?
     };
-    let rows = x.numel() / k.max(1);
+    // The leading axes, flattened (not numel / k, which is 0 for k = 0).
+    let rows: usize = x.dims()[..x.rank() - 1].iter().product();
     let mut shape = x.shape();
     *shape.last_mut().unwrap_or(&mut 0) = n;
     if rows.div_ceil(TILE) > MAX_GROUPS || n.div_ceil(TILE) > MAX_GROUPS {

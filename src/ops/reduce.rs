@@ -223,6 +223,37 @@ fn rows_of(op: &'static str, x: &Tensor, axes: &[usize]) -> Result<(Tensor, Rows
     ))
 }
 
+/// A reduction of a tensor without elements, as PyTorch: sums are 0, means and variances
+/// NaN, and max, min and their indices over an empty axis an `Err`.
+fn reduce_empty(x: &Tensor, op: ReduceOp, axes: &[usize], keepdim: bool) -> Result<Tensor> {
+    let dims = x.dims();
+    let reduced: usize = axes.iter().map(|&a| dims[a]).product();
+    let kept: Vec<usize> = (0..dims.len())
+        .filter(|a| !axes.contains(a))
+        .map(|a| dims[a])
+        .collect();
+    let n_out: usize = kept.iter().product();
+    if reduced == 0 && op.needs_elements() && n_out > 0 {
+        return Err(Error::shape(
+            op.name(),
+            format!("cannot reduce over an empty axis (shape {dims:?}, axes {axes:?})"),
+        ));
+    }
+    let out_shape: Vec<usize> = if keepdim {
+        dims.iter()
+            .enumerate()
+            .map(|(i, &d)| if axes.contains(&i) { 1 } else { d })
+            .collect()
+    } else {
+        kept
+    };
+    let value = match op {
+        ReduceOp::Mean | ReduceOp::Var => f32::NAN,
+        _ => 0.0,
+    };
+    Tensor::full(&out_shape, value, x.device())
+}
+
 pub(crate) fn reduce(
     x: &Tensor,
     op: ReduceOp,
@@ -241,6 +272,9 @@ pub(crate) fn reduce(
         || {
             let name = op.name();
             let axes = normalize_axes(name, axes, x.rank())?;
+            if x.numel() == 0 {
+                return reduce_empty(x, op, &axes, keepdim);
+            }
             let (src, rows) = rows_of(name, x, &axes)?;
             let kept_shape: Vec<usize> = rows.kept.iter().map(|&a| src.dims()[a]).collect();
             let n_out: usize = kept_shape.iter().product();

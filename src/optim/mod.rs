@@ -67,8 +67,17 @@ pub trait Optimizer {
     /// Number of steps taken.
     fn steps(&self) -> u64;
 
-    /// Restores one named state tensor, as listed by [`Optimizer::state`].
+    /// Restores one named state tensor, as listed by [`Optimizer::state`]. On `Err` nothing
+    /// is changed.
     fn set_state(&mut self, name: &str, value: &Tensor) -> Result<()>;
+
+    /// Checks, without changing anything, that [`Optimizer::set_state`] would take `value`
+    /// for `name` (checkpoint loading checks every tensor before it writes any). The default
+    /// accepts everything; the optimizers of this crate check the name, shape and device.
+    fn check_state(&self, name: &str, value: &Tensor) -> Result<()> {
+        let _ = (name, value);
+        Ok(())
+    }
 }
 
 /// Splits `"{index}.{kind}"` and checks the index and the shape against the parameters.
@@ -89,6 +98,7 @@ fn state_slot<'a>(
             format!("state {name} names parameter {index} of {}", params.len()),
         )
     })?;
+    param.check_device(op, value)?;
     let want: &[usize] = if scalar { &[] } else { param.dims() };
     if value.dims() != want {
         return Err(Error::shape(
@@ -308,17 +318,21 @@ impl Optimizer for Sgd {
     }
 
     fn set_state(&mut self, name: &str, value: &Tensor) -> Result<()> {
+        self.check_state(name, value)?;
+        let (i, _) = state_slot("Sgd::set_state", &self.params, name, value, false)?;
+        self.momentum_buffers[i] = Some(owned_copy(value)?);
+        Ok(())
+    }
+
+    fn check_state(&self, name: &str, value: &Tensor) -> Result<()> {
         const OP: &str = "Sgd::set_state";
         match state_slot(OP, &self.params, name, value, false)? {
-            (i, "momentum_buffer") => self.momentum_buffers[i] = Some(owned_copy(value)?),
-            (_, kind) => {
-                return Err(Error::invalid(
-                    OP,
-                    format!("unknown state {kind} in {name}"),
-                ))
-            }
+            (_, "momentum_buffer") => Ok(()),
+            (_, kind) => Err(Error::invalid(
+                OP,
+                format!("unknown state {kind} in {name}"),
+            )),
         }
-        Ok(())
     }
 }
 
@@ -472,8 +486,21 @@ impl Optimizer for Adam {
         self.steps
     }
 
+    fn check_state(&self, name: &str, value: &Tensor) -> Result<()> {
+        const OP: &str = "Adam::set_state";
+        let scalar = name.ends_with(".step");
+        match state_slot(OP, &self.params, name, value, scalar)?.1 {
+            "step" | "exp_avg" | "exp_avg_sq" => Ok(()),
+            kind => Err(Error::invalid(
+                OP,
+                format!("unknown state {kind} in {name}"),
+            )),
+        }
+    }
+
     fn set_state(&mut self, name: &str, value: &Tensor) -> Result<()> {
         const OP: &str = "Adam::set_state";
+        self.check_state(name, value)?;
         let scalar = name.ends_with(".step");
         let (i, kind) = state_slot(OP, &self.params, name, value, scalar)?;
         if kind == "step" {
