@@ -490,7 +490,18 @@ impl Optimizer for Adam {
         const OP: &str = "Adam::set_state";
         let scalar = name.ends_with(".step");
         match state_slot(OP, &self.params, name, value, scalar)?.1 {
-            "step" | "exp_avg" | "exp_avg_sq" => Ok(()),
+            "step" => {
+                let v = value.to_scalar()?;
+                if v.is_finite() && v >= 0.0 && v.fract() == 0.0 && v < 9.2e18 {
+                    Ok(())
+                } else {
+                    Err(Error::invalid(
+                        OP,
+                        format!("step count {name} must be a whole number >= 0, got {v}"),
+                    ))
+                }
+            }
+            "exp_avg" | "exp_avg_sq" => Ok(()),
             kind => Err(Error::invalid(
                 OP,
                 format!("unknown state {kind} in {name}"),
@@ -504,7 +515,7 @@ impl Optimizer for Adam {
         let scalar = name.ends_with(".step");
         let (i, kind) = state_slot(OP, &self.params, name, value, scalar)?;
         if kind == "step" {
-            self.step_counts[i] = value.to_scalar()?.max(0.0) as u64;
+            self.step_counts[i] = value.to_scalar()? as u64;
             return Ok(());
         }
         let param = &self.params[i];
