@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use super::InMemoryDataset;
+use super::{Dataset, InMemoryDataset};
 use crate::error::{Error, Result};
 
 /// Reads an IDX file of unsigned bytes (type 0x08): returns its dimensions and data.
@@ -55,7 +55,8 @@ fn parse_idx(bytes: &[u8]) -> std::result::Result<(Vec<usize>, Vec<u8>), String>
 
 /// MNIST from a directory holding the four raw IDX files (`train-images-idx3-ubyte`, ...):
 /// (train, test) with pixels scaled to 0..1 and normalised with MNIST's mean 0.1307 and
-/// standard deviation 0.3081, shape 1x28x28. `scripts/fetch_mnist` downloads the files.
+/// standard deviation 0.3081, shape 1xHxW as the files give it (1x28x28 for MNIST; both
+/// splits must agree). Labels must be below 10. `scripts/fetch_mnist` downloads the files.
 pub fn mnist(dir: &Path) -> Result<(InMemoryDataset, InMemoryDataset)> {
     let load = |images: &str, labels: &str| -> Result<InMemoryDataset> {
         let (idims, pixels) = read_idx(&dir.join(images))?;
@@ -73,10 +74,19 @@ pub fn mnist(dir: &Path) -> Result<(InMemoryDataset, InMemoryDataset)> {
         let labels = labs.iter().map(|&l| l as usize).collect();
         InMemoryDataset::new(features, labels, &[1, idims[1], idims[2]], 10)
     };
-    Ok((
-        load("train-images-idx3-ubyte", "train-labels-idx1-ubyte")?,
-        load("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")?,
-    ))
+    let train = load("train-images-idx3-ubyte", "train-labels-idx1-ubyte")?;
+    let test = load("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")?;
+    if train.feature_shape() != test.feature_shape() {
+        return Err(Error::shape(
+            "mnist",
+            format!(
+                "training images are {:?}, test images {:?}",
+                train.feature_shape(),
+                test.feature_shape()
+            ),
+        ));
+    }
+    Ok((train, test))
 }
 
 #[cfg(test)]
