@@ -32,9 +32,12 @@ fn base_file() -> Vec<u8> {
     kiln::checkpoint::to_bytes(&m, Some(&opt), Some(SPEC)).unwrap()
 }
 
+/// Tensors by name: shape and values.
+type Tensors = BTreeMap<String, (Vec<usize>, Vec<f32>)>;
+
 /// An independent reader: the tensors of a safetensors file as f32, or `None` when the file
 /// breaks the format (length prefix, JSON header, dtype, shape against data offsets).
-fn reference(bytes: &[u8]) -> Option<BTreeMap<String, (Vec<usize>, Vec<f32>)>> {
+fn reference(bytes: &[u8]) -> Option<Tensors> {
     let n = u64::from_le_bytes(bytes.get(..8)?.try_into().ok()?) as usize;
     let header: Value = serde_json::from_slice(bytes.get(8..8usize.checked_add(n)?)?).ok()?;
     let data = &bytes[8 + n..];
