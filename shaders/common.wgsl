@@ -70,6 +70,9 @@ fn safe_sqrt(x: f32) -> f32 {
 
 // Unary op codes: must match UnaryOp in src/ops/elementwise.rs.
 fn unary_op(op: u32, x: f32, alpha: f32, beta: f32) -> f32 {
+    // NaN in, NaN out (as PyTorch), tested on the bits: drivers may assume there is no NaN and
+    // fold max(NaN, 0) to 0 or tanh(NaN) to -1.
+    if (is_nan(x)) { return x; }
     switch op {
         case 0u: { return x; }                                   // identity (copy)
         case 1u: { return -x; }                                  // neg
@@ -87,10 +90,7 @@ fn unary_op(op: u32, x: f32, alpha: f32, beta: f32) -> f32 {
         case 10u: { return tanh(clamp(x, -15.0, 15.0)); }        // tanh
         case 11u: { return 0.5 * x * (1.0 + erf_approx(x * 0.70710678118654752)); } // gelu (erf)
         case 12u: { return x * sigmoid(x); }                     // silu
-        case 13u: {                                              // clamp(alpha = min, beta = max)
-            if (is_nan(x)) { return x; }
-            return min(max(x, alpha), beta);
-        }
+        case 13u: { return min(max(x, alpha), beta); }           // clamp(alpha = min, beta = max)
         default: { return nan(); }
     }
 }

@@ -94,12 +94,13 @@ fn binary_op(op: u32, x: f32, y: f32) -> f32 {
             if (is_nan(x) || is_nan(y)) { return nan(); }
             return min(x, y);
         }
-        case 7u: { return select(0.0, 1.0, x == y); }
-        case 8u: { return select(0.0, 1.0, x != y); }
-        case 9u: { return select(0.0, 1.0, x < y); }
-        case 10u: { return select(0.0, 1.0, x <= y); }
-        case 11u: { return select(0.0, 1.0, x > y); }
-        case 12u: { return select(0.0, 1.0, x >= y); }
+        // Comparisons with NaN are false, except !=, whatever the driver assumes.
+        case 7u: { return select(0.0, 1.0, x == y && !(is_nan(x) || is_nan(y))); }
+        case 8u: { return select(0.0, 1.0, x != y || is_nan(x) || is_nan(y)); }
+        case 9u: { return select(0.0, 1.0, x < y && !(is_nan(x) || is_nan(y))); }
+        case 10u: { return select(0.0, 1.0, x <= y && !(is_nan(x) || is_nan(y))); }
+        case 11u: { return select(0.0, 1.0, x > y && !(is_nan(x) || is_nan(y))); }
+        case 12u: { return select(0.0, 1.0, x >= y && !(is_nan(x) || is_nan(y))); }
         default: { return nan(); }
     }
 }

@@ -88,9 +88,19 @@ pub enum Error {
         message: String,
     },
 
-    /// The GPU reported an error (device lost, out of memory, a failed mapping).
+    /// The GPU reported an error (out of memory, a failed mapping).
     #[error("GPU error: {0}")]
     Gpu(String),
+
+    /// The device was lost (a driver reset, an unplugged GPU, or [`crate::Device::destroy`]):
+    /// every later call on it and its tensors is this error. Make a new `Device` to go on.
+    #[error("{op}: the GPU device was lost ({reason})")]
+    DeviceLost {
+        /// The operation.
+        op: &'static str,
+        /// Why, as the driver said.
+        reason: String,
+    },
 }
 
 /// `Result` with kiln's [`Error`].

@@ -12,6 +12,9 @@ use crate::shape::{checked_numel, normalize_axis, resolve_shape, Layout, MAX_RAN
 pub(crate) struct Storage {
     /// Increasing with each allocation: capture tells weights from tensors it saw made.
     pub(crate) id: u64,
+    /// Counts in-place writes (assign, optimizer steps), so that backward can tell that a
+    /// tensor it saved has changed since the forward.
+    pub(crate) version: std::sync::atomic::AtomicU64,
     buffer: wgpu::Buffer,
     class: u64,
     device: Device,
@@ -27,6 +30,22 @@ pub(crate) fn next_storage_id() -> u64 {
 impl Storage {
     pub(crate) fn buffer(&self) -> &wgpu::Buffer {
         &self.buffer
+    }
+}
+
+impl Tensor {
+    /// How many in-place writes the storage has had.
+    pub(crate) fn version(&self) -> u64 {
+        self.storage
+            .version
+            .load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Records an in-place write to the storage.
+    pub(crate) fn bump_version(&self) {
+        self.storage
+            .version
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
     }
 }
 
@@ -98,6 +117,7 @@ impl Tensor {
         Ok(Tensor {
             storage: Arc::new(Storage {
                 id: NEXT_STORAGE.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+                version: std::sync::atomic::AtomicU64::new(0),
                 buffer,
                 class,
                 device: device.clone(),

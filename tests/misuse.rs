@@ -212,3 +212,150 @@ fn many_batch_sizes_keep_memory_flat() {
     }
     assert!(frozen.plan_cache_bytes() > 0);
 }
+
+/// A lost device makes every later call an `Err(DeviceLost)`: no panic, no hang.
+#[test]
+fn device_loss_is_err_from_the_next_call() {
+    let d = own_device();
+    let model = Sequential::from_spec(&mut Init::new(&d, 5), "linear(4,3) relu").unwrap();
+    let x = Tensor::ones(&[2, 4], &d).unwrap();
+    let frozen = freeze(
+        Sequential::from_spec(&mut Init::new(&d, 6), "linear(4,2)").unwrap(),
+        &x,
+    )
+    .unwrap();
+    let y = model.forward(&x).unwrap();
+    d.destroy();
+    let lost = |r: kiln::Result<Vec<f32>>| matches!(r, Err(kiln::Error::DeviceLost { .. }));
+    assert!(lost(y.to_vec()), "readback");
+    assert!(lost(model.forward(&x).and_then(|t| t.to_vec())), "forward");
+    assert!(
+        lost(Tensor::ones(&[2], &d).and_then(|t| t.to_vec())),
+        "allocation"
+    );
+    assert!(
+        lost(frozen.predict(&x).and_then(|t| t.to_vec())),
+        "frozen inference"
+    );
+    assert!(matches!(
+        d.synchronize(),
+        Err(kiln::Error::DeviceLost { .. })
+    ));
+    let loss = y.sum_all().and_then(|l| l.backward());
+    assert!(
+        matches!(loss, Err(kiln::Error::DeviceLost { .. })),
+        "{loss:?}"
+    );
+    drop((y, x, model, frozen));
+}
+
+/// NaN propagates as in PyTorch, whatever the driver assumes about NaN: activations of NaN
+/// are NaN (also in fused epilogues), comparisons with NaN are false except `!=`, and
+/// training on NaN features stops with an error instead of reporting a finite loss.
+#[test]
+fn nan_propagates() {
+    let d = dev();
+    let x = Tensor::from_slice(&[f32::NAN, 1.0, -2.0], &[3], &d).unwrap();
+    for (name, y) in [
+        ("relu", x.relu()),
+        ("tanh", x.tanh()),
+        ("sigmoid", x.sigmoid()),
+        ("gelu", x.gelu()),
+        ("silu", x.silu()),
+        ("leaky_relu", x.leaky_relu(0.1)),
+        ("abs", x.abs()),
+        ("exp", x.exp()),
+        ("clamp", x.clamp(0.0, 1.0)),
+    ] {
+        let v = y.unwrap().to_vec().unwrap();
+        assert!(v[0].is_nan() && !v[1].is_nan(), "{name}: {v:?}");
+    }
+    let nan = Tensor::full(&[3], f32::NAN, &d).unwrap();
+    let cmp =
+        |op: fn(&Tensor, &Tensor) -> kiln::Result<Tensor>| op(&x, &nan).unwrap().to_vec().unwrap();
+    assert_eq!(cmp(Tensor::eq), vec![0.0; 3]);
+    assert_eq!(cmp(Tensor::ne), vec![1.0; 3]);
+    assert_eq!(cmp(Tensor::lt), vec![0.0; 3]);
+    assert_eq!(cmp(Tensor::ge), vec![0.0; 3]);
+    // A linear layer with a fused ReLU, frozen, on a NaN input.
+    let net = Sequential::from_spec(&mut Init::new(&d, 8), "linear(3,2) relu").unwrap();
+    let xs = Tensor::from_slice(&[f32::NAN, 0.0, 0.0], &[1, 3], &d).unwrap();
+    let frozen = freeze(net, &xs).unwrap();
+    assert!(frozen
+        .predict(&xs)
+        .unwrap()
+        .to_vec()
+        .unwrap()
+        .iter()
+        .all(|v| v.is_nan()));
+    // fit on all-NaN features with a ReLU model.
+    use kiln::data::{DataLoader, InMemoryDataset};
+    let data = InMemoryDataset::new(
+        vec![f32::NAN; 16 * 3],
+        (0..16).map(|i| i % 2).collect(),
+        &[3],
+        2,
+    )
+    .unwrap();
+    let mut model =
+        Sequential::from_spec(&mut Init::new(&d, 9), "linear(3,4) relu linear(4,2)").unwrap();
+    let mut opt = Sgd::new(
+        model.parameters(),
+        SgdOptions {
+            lr: 0.1,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let loader = DataLoader::new(&data, 8, &d);
+    let r = kiln::train::fit(&mut model, &mut opt, &loader, None, Default::default());
+    assert!(
+        r.is_err(),
+        "fit on NaN features gave {:?}",
+        r.map(|v| v.len())
+    );
+}
+
+/// Writing in place to a tensor the forward saved (assign, an optimizer step) makes the
+/// next backward through it an `Err`, as PyTorch's version counters do.
+#[test]
+fn in_place_writes_between_forward_and_backward_are_err() {
+    let d = dev();
+    let w = Tensor::from_slice(&[1.0, 2.0, 3.0], &[3], &d)
+        .unwrap()
+        .requires_grad();
+    let x = Tensor::from_slice(&[4.0, 5.0, 6.0], &[3], &d).unwrap();
+    // assign
+    let loss = x.mul(&w).unwrap().mul(&w).unwrap().sum_all().unwrap();
+    w.assign(&Tensor::zeros(&[3], &d).unwrap()).unwrap();
+    let e = err_of(loss.backward());
+    assert!(e.contains("modified in place"), "{e}");
+    // an optimizer step between a forward and its backward
+    let mut opt = Sgd::new(
+        vec![w.clone()],
+        SgdOptions {
+            lr: 0.1,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let first = x.mul(&w).unwrap().mul(&w).unwrap().sum_all().unwrap();
+    let second = x.mul(&w).unwrap().mul(&w).unwrap().sum_all().unwrap();
+    first.backward().unwrap();
+    opt.step().unwrap();
+    let e = err_of(second.backward());
+    assert!(e.contains("modified in place"), "{e}");
+    // The usual loop is unaffected: forward, backward, step, again.
+    for _ in 0..3 {
+        opt.zero_grad();
+        x.mul(&w)
+            .unwrap()
+            .mul(&w)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        opt.step().unwrap();
+    }
+}

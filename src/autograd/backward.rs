@@ -121,6 +121,37 @@ pub(crate) enum Op {
     },
 }
 
+impl Op {
+    /// The tensors the backward rule reads, in a fixed order.
+    pub(crate) fn saved(&self) -> Vec<&Tensor> {
+        match self {
+            Op::Unary { saved, .. } => vec![saved],
+            Op::Binary { a, b, out, .. } => [a.as_ref(), b.as_ref(), out.as_ref()]
+                .into_iter()
+                .flatten()
+                .collect(),
+            Op::BinaryScalar { x, out, .. } | Op::Reduce { x, out, .. } => {
+                [x.as_ref(), out.as_ref()].into_iter().flatten().collect()
+            }
+            Op::Where { cond, .. } => vec![cond],
+            Op::Softmax { out, .. } | Op::LogSoftmax { out, .. } => vec![out],
+            Op::Matmul { a, b, .. } => [a.as_ref(), b.as_ref()].into_iter().flatten().collect(),
+            Op::Conv2d { x, w, .. } | Op::ConvTranspose2d { x, w, .. } => {
+                [x.as_ref(), w.as_ref()].into_iter().flatten().collect()
+            }
+            Op::Gather { index, .. } => vec![index],
+            Op::BceWithLogits { x, t, .. } => vec![x, t],
+            Op::Pool2d { indices, .. } => indices.iter().collect(),
+            Op::Reshape { .. }
+            | Op::Permute { .. }
+            | Op::Expand { .. }
+            | Op::Narrow { .. }
+            | Op::Copy
+            | Op::Concat { .. } => Vec::new(),
+        }
+    }
+}
+
 /// `g` summed over the axes that were broadcast to reach its shape from `shape`.
 pub(crate) fn sum_to(g: &Tensor, shape: &[usize]) -> Result<Tensor> {
     if g.dims() == shape {

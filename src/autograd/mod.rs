@@ -80,6 +80,8 @@ impl Drop for NoGradGuard {
 struct Recorded {
     op: Op,
     inputs: Vec<Option<Arc<Node>>>,
+    /// The versions of `op.saved()` when recorded.
+    versions: Vec<u64>,
 }
 
 /// A tensor's place in the graph.
@@ -158,7 +160,15 @@ pub(crate) fn record(out: Tensor, inputs: &[&Tensor], make: impl FnOnce(&Tensor)
     }
     let op = make(&out);
     let inputs = inputs.iter().map(|t| t.node.clone()).collect();
-    let node = Node::new(false, Some(Recorded { op, inputs }));
+    let versions = op.saved().iter().map(|t| t.version()).collect();
+    let node = Node::new(
+        false,
+        Some(Recorded {
+            op,
+            inputs,
+            versions,
+        }),
+    );
     Tensor {
         node: Some(node),
         ..out
@@ -314,6 +324,20 @@ impl Tensor {
             let mut guard = lock(&node.recorded);
             let recorded = guard.as_ref().ok_or_else(graph_freed)?;
             let needs: Vec<bool> = recorded.inputs.iter().map(Option::is_some).collect();
+            let saved = recorded.op.saved();
+            if let Some(t) = saved
+                .iter()
+                .zip(&recorded.versions)
+                .find(|(t, &v)| t.version() != v)
+            {
+                return Err(Error::invalid(
+                    "backward",
+                    format!(
+                        "a tensor of shape {:?} that the forward saved was modified in place (assign or an optimizer step) before backward; run the forward again",
+                        t.0.dims()
+                    ),
+                ));
+            }
             let input_grads = recorded.op.backward(&g, &needs)?;
             for (input, ig) in recorded.inputs.iter().zip(input_grads) {
                 let (Some(input), Some(ig)) = (input, ig) else {

@@ -100,6 +100,8 @@ struct DeviceInner {
     batch: Mutex<Batch>,
     pool: Mutex<Pool>,
     gpu_error: Arc<Mutex<Option<String>>>,
+    /// Set when the device is lost: why.
+    lost: Arc<Mutex<Option<String>>>,
     submits: AtomicU64,
     readbacks: AtomicU64,
     dispatches: AtomicU64,
@@ -219,6 +221,11 @@ impl Device {
         device.on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
             lock(&slot).get_or_insert_with(|| e.to_string());
         }));
+        let lost = Arc::new(Mutex::new(None));
+        let lost_slot = lost.clone();
+        device.set_device_lost_callback(move |reason, message| {
+            lock(&lost_slot).get_or_insert_with(|| format!("{reason:?}: {message}"));
+        });
         Ok(Device {
             inner: Arc::new(DeviceInner {
                 id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
@@ -238,6 +245,7 @@ impl Device {
                 }),
                 pool: Mutex::new(Pool::default()),
                 gpu_error,
+                lost,
                 submits: AtomicU64::new(0),
                 readbacks: AtomicU64::new(0),
                 dispatches: AtomicU64::new(0),
@@ -394,8 +402,35 @@ impl Device {
         lock(&self.inner.pool).trim();
     }
 
+    /// Destroys the GPU device now, releasing its memory: every later call on it or its
+    /// tensors is [`Error::DeviceLost`], as after a driver reset.
+    ///
+    /// ```
+    /// let dev = kiln::Device::new(&Default::default())?;
+    /// let t = kiln::Tensor::ones(&[3], &dev)?;
+    /// dev.destroy();
+    /// assert!(matches!(t.to_vec(), Err(kiln::Error::DeviceLost { .. })));
+    /// # Ok::<(), kiln::Error>(())
+    /// ```
+    pub fn destroy(&self) {
+        lock(&self.inner.lost).get_or_insert_with(|| "destroyed".to_string());
+        self.inner.device.destroy();
+    }
+
+    /// `Err(DeviceLost)` once the device is lost.
+    pub(crate) fn alive(&self, op: &'static str) -> Result<()> {
+        match &*lock(&self.inner.lost) {
+            Some(reason) => Err(Error::DeviceLost {
+                op,
+                reason: reason.clone(),
+            }),
+            None => Ok(()),
+        }
+    }
+
     /// Submits pending work and waits until the GPU has finished it.
     pub fn synchronize(&self) -> Result<()> {
+        self.alive("synchronize")?;
         {
             let mut batch = lock(&self.inner.batch);
             self.submit_locked(&mut batch, None);
@@ -436,6 +471,7 @@ impl Device {
         kind: BufferKind,
         for_upload: bool,
     ) -> Result<(wgpu::Buffer, u64)> {
+        self.alive(op)?;
         let limit = match kind {
             BufferKind::Storage => self.max_binding_bytes(),
             _ => self.inner.limits.max_buffer_size,
@@ -470,7 +506,7 @@ impl Device {
 
     /// Writes host data into a buffer obtained with `alloc(.., for_upload = true)`.
     pub(crate) fn upload(&self, buffer: &wgpu::Buffer, data: &[u8]) {
-        if !data.is_empty() {
+        if !data.is_empty() && self.alive("upload").is_ok() {
             self.inner.queue.write_buffer(buffer, 0, data);
         }
     }
@@ -583,6 +619,7 @@ impl Device {
         params: &[u8],
         workgroups: [u32; 3],
     ) -> Result<()> {
+        self.alive("dispatch")?;
         if variant != Variant::F32 && !self.inner.features.contains(wgpu::Features::SHADER_F16) {
             return Err(Error::invalid(
                 "dispatch",
@@ -680,6 +717,13 @@ impl Device {
     /// Ends the open pass, lets `extra` record into the encoder (a readback copy), and submits.
     fn submit_locked(&self, batch: &mut Batch, extra: Option<&dyn Fn(&mut wgpu::CommandEncoder)>) {
         batch.pass = None;
+        if self.alive("submit").is_err() {
+            // A lost device runs nothing: the recorded work is dropped.
+            batch.encoder = None;
+            batch.params.clear();
+            batch.dispatches = 0;
+            return;
+        }
         if batch.encoder.is_none() && extra.is_none() {
             return;
         }
@@ -714,6 +758,7 @@ impl Device {
         offset: u64,
         bytes: u64,
     ) -> Result<Vec<u8>> {
+        self.alive("read")?;
         if bytes == 0 {
             return Ok(Vec::new());
         }

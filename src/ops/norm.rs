@@ -80,7 +80,9 @@ impl Tensor {
         {
             return Err(Error::invalid(OP, "cannot write into a broadcast view"));
         }
-        copy_into(src, self, &self.layout.clone())
+        copy_into(src, self, &self.layout.clone())?;
+        self.bump_version();
+        Ok(())
     }
 
     /// Batch normalisation of an (N, C, ...) input over every axis but 1, as

@@ -154,6 +154,9 @@ fn check_hyper(
 }
 
 fn launch(kernel: Kernel, param: &Tensor, grad: &Tensor, states: &[&Tensor], p: OptimParams) {
+    // In-place writes: a graph that saved the parameter for backward sees it changed.
+    param.bump_version();
+    states.iter().for_each(|s| s.bump_version());
     let mut outputs = vec![param.buffer()];
     outputs.extend(states.iter().map(|s| s.buffer()));
     // Whole vec4s at aligned offsets (the state buffers start at 0): the vec4 variant.
