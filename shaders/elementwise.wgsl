@@ -42,6 +42,8 @@ alias OUT = f32;
 @group(0) @binding(2) var<storage, read> c: array<IN>;
 @group(0) @binding(3) var<storage, read_write> out: array<OUT>;
 @group(0) @binding(4) var<uniform> p: Params;
+// Fault words (src/device/mod.rs): a code and the offending value, read back by the host.
+@group(0) @binding(5) var<storage, read_write> fault: array<atomic<u32>, 2>;
 
 const FLAG_A_CONTIG: u32 = 1u;
 const FLAG_B_CONTIG: u32 = 2u;
@@ -369,7 +371,11 @@ fn gather_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw
     if (i >= p.n) { return; }
     let o = offsets(i);
     let fi = f32(b[o.y]);
-    if (!(fi >= 0.0) || fi >= f32(p.aux0)) {
+    if (is_nan(fi) || !(fi >= 0.0) || fi >= f32(p.aux0) || fi != floor(fi)) {
+        // No exception on a GPU: the host sees the fault at the next readback.
+        if (atomicExchange(&fault[0], 1u) == 0u) {
+            atomicStore(&fault[1], bitcast<u32>(fi));
+        }
         out[o.w] = OUT(0.0);
         return;
     }

@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use safetensors::tensor::{Dtype, SafeTensors, TensorView};
+use safetensors::tensor::{Dtype, SafeTensors};
 
 use crate::error::{Error, Result};
 use crate::nn::{Module, TensorRole};
@@ -48,8 +48,25 @@ pub fn save(
     optimizer: Option<&dyn Optimizer>,
     spec: Option<&str>,
 ) -> Result<()> {
-    let bytes = to_bytes(model, optimizer, spec)?;
-    std::fs::write(path, bytes).map_err(|e| io("checkpoint::save", path, e))
+    const OP: &str = "checkpoint::save";
+    // Streamed (the host holds one tensor at a time) into a file beside the target, renamed
+    // over it at the end: an error or a crash midway leaves the old checkpoint whole.
+    let tmp = path.with_extension("safetensors.partial");
+    let result = (|| {
+        let file = std::fs::File::create(&tmp).map_err(|e| io(OP, &tmp, e))?;
+        let mut w = std::io::BufWriter::new(file);
+        write_to(&mut w, model, optimizer, spec).map_err(|e| match e {
+            Error::InvalidArgument { msg, .. } => io(OP, &tmp, msg),
+            other => other,
+        })?;
+        let file = w.into_inner().map_err(|e| io(OP, &tmp, e))?;
+        file.sync_all().map_err(|e| io(OP, &tmp, e))?;
+        std::fs::rename(&tmp, path).map_err(|e| io(OP, path, e))
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
 }
 
 /// The bytes [`save`] writes.
@@ -58,50 +75,98 @@ pub fn to_bytes(
     optimizer: Option<&dyn Optimizer>,
     spec: Option<&str>,
 ) -> Result<Vec<u8>> {
-    let mut entries: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
-    for (name, t, _) in model.state_dict() {
-        let values = t.to_vec()?;
-        if name.ends_with(COUNTER) {
-            let v: Vec<u8> = values
+    let mut out = Vec::new();
+    write_to(&mut out, model, optimizer, spec)?;
+    Ok(out)
+}
+
+/// One tensor of a checkpoint, before its data is read.
+struct Entry {
+    name: String,
+    dtype: Dtype,
+    tensor: Tensor,
+}
+
+/// Writes the safetensors file: the header (as the safetensors crate lays it out: metadata
+/// first, then tensors by descending dtype and name, padded to 8 bytes), then each tensor's
+/// data, read from the GPU one tensor at a time.
+fn write_to(
+    w: &mut dyn std::io::Write,
+    model: &dyn Module,
+    optimizer: Option<&dyn Optimizer>,
+    spec: Option<&str>,
+) -> Result<()> {
+    const OP: &str = "checkpoint::save";
+    let mut entries: Vec<Entry> = model
+        .state_dict()
+        .into_iter()
+        .map(|(name, tensor, _)| Entry {
+            dtype: if name.ends_with(COUNTER) {
+                Dtype::I64
+            } else {
+                Dtype::F32
+            },
+            name,
+            tensor,
+        })
+        .collect();
+    if let Some(opt) = optimizer {
+        entries.extend(opt.state().into_iter().map(|(name, tensor)| Entry {
+            name: format!("{OPTIMIZER_PREFIX}{name}"),
+            dtype: Dtype::F32,
+            tensor,
+        }));
+    }
+    entries.sort_by(|a, b| b.dtype.cmp(&a.dtype).then(a.name.cmp(&b.name)));
+    if let Some(pair) = entries.windows(2).find(|p| p[0].name == p[1].name) {
+        return Err(Error::invalid(
+            OP,
+            format!("tensor {} appears twice", pair[0].name),
+        ));
+    }
+    // JSON text of a name or a shape.
+    let text = |s: &str| serde_json::Value::from(s).to_string();
+    let dims = |d: &[usize]| serde_json::Value::from(d.to_vec()).to_string();
+    let mut header = String::from("{");
+    if let Some(s) = spec {
+        header.push_str(&format!("\"__metadata__\":{{\"{SPEC_KEY}\":{}}},", text(s)));
+    }
+    let mut offset = 0usize;
+    for (k, e) in entries.iter().enumerate() {
+        let size = if e.dtype == Dtype::I64 { 8 } else { 4 };
+        let end = offset + e.tensor.numel() * size;
+        header.push_str(&format!(
+            "{}:{{\"dtype\":\"{:?}\",\"shape\":{},\"data_offsets\":[{offset},{end}]}}{}",
+            text(&e.name),
+            e.dtype,
+            dims(e.tensor.dims()),
+            if k + 1 < entries.len() { "," } else { "" }
+        ));
+        offset = end;
+    }
+    header.push('}');
+    while !header.len().is_multiple_of(8) {
+        header.push(' ');
+    }
+    let put = |w: &mut dyn std::io::Write, b: &[u8]| {
+        w.write_all(b)
+            .map_err(|e| Error::invalid(OP, e.to_string()))
+    };
+    put(w, &(header.len() as u64).to_le_bytes())?;
+    put(w, header.as_bytes())?;
+    for e in &entries {
+        let values = e.tensor.to_vec()?;
+        if e.dtype == Dtype::I64 {
+            let b: Vec<u8> = values
                 .iter()
                 .flat_map(|&x| (x as i64).to_le_bytes())
                 .collect();
-            entries.push((name, Dtype::I64, t.shape(), v));
+            put(w, &b)?;
         } else {
-            entries.push((
-                name,
-                Dtype::F32,
-                t.shape(),
-                bytemuck::cast_slice(&values).to_vec(),
-            ));
+            put(w, bytemuck::cast_slice(&values))?;
         }
     }
-    if let Some(opt) = optimizer {
-        for (name, t) in opt.state() {
-            let values = t.to_vec()?;
-            entries.push((
-                format!("{OPTIMIZER_PREFIX}{name}"),
-                Dtype::F32,
-                t.shape(),
-                bytemuck::cast_slice(&values).to_vec(),
-            ));
-        }
-    }
-    let views: Vec<(String, TensorView<'_>)> = entries
-        .iter()
-        .map(|(n, dtype, shape, data)| {
-            TensorView::new(*dtype, shape.clone(), data)
-                .map(|v| (n.clone(), v))
-                .map_err(|e| Error::invalid("checkpoint::save", format!("{n}: {e}")))
-        })
-        .collect::<Result<_>>()?;
-    let metadata = spec.map(|s| {
-        [(SPEC_KEY.to_string(), s.to_string())]
-            .into_iter()
-            .collect()
-    });
-    safetensors::serialize(views, metadata)
-        .map_err(|e| Error::invalid("checkpoint::save", e.to_string()))
+    Ok(())
 }
 
 /// A tensor read from a checkpoint: shape and values (as f32).

@@ -261,3 +261,76 @@ fn bad_checkpoints_are_err_naming_the_tensor() {
     ));
     std::fs::remove_file(&path).ok();
 }
+
+/// The streamed writer lays the file out as the safetensors crate does (spec metadata,
+/// integer counters, optimizer state), and a save that fails midway leaves the old file
+/// whole.
+#[test]
+fn streamed_saves_match_safetensors_and_fail_safely() {
+    use safetensors::tensor::{Dtype, TensorView};
+    let d = own_device();
+    let spec = "conv2d(1,2,3) batchnorm2d(2) relu flatten linear(8,3)";
+    let model = Sequential::from_spec(&mut Init::new(&d, 3), spec).unwrap();
+    let mut opt = kiln::optim::Adam::new(model.parameters(), Default::default()).unwrap();
+    let x = Tensor::randn(&[2, 1, 4, 4], 1, &d).unwrap();
+    model
+        .forward(&x)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    kiln::optim::Optimizer::step(&mut opt).unwrap();
+    let ours = kiln::checkpoint::to_bytes(&model, Some(&opt), Some(spec)).unwrap();
+    let mut entries: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
+    for (name, t, _) in model.state_dict() {
+        let v = t.to_vec().unwrap();
+        if name.ends_with("num_batches_tracked") {
+            let b = v.iter().flat_map(|&x| (x as i64).to_le_bytes()).collect();
+            entries.push((name, Dtype::I64, t.dims().to_vec(), b));
+        } else {
+            entries.push((
+                name,
+                Dtype::F32,
+                t.dims().to_vec(),
+                bytemuck::cast_slice(&v).to_vec(),
+            ));
+        }
+    }
+    for (name, t) in kiln::optim::Optimizer::state(&opt) {
+        let v = t.to_vec().unwrap();
+        entries.push((
+            format!("optimizer.{name}"),
+            Dtype::F32,
+            t.dims().to_vec(),
+            bytemuck::cast_slice(&v).to_vec(),
+        ));
+    }
+    let views: Vec<(String, TensorView)> = entries
+        .iter()
+        .map(|(n, dt, s, b)| (n.clone(), TensorView::new(*dt, s.clone(), b).unwrap()))
+        .collect();
+    let meta = Some(
+        [("kiln.spec".to_string(), spec.to_string())]
+            .into_iter()
+            .collect(),
+    );
+    let theirs = safetensors::serialize(views, meta).unwrap();
+    assert!(
+        ours == theirs,
+        "the streamed file differs from safetensors' own layout"
+    );
+    // A save that fails midway (the device is lost while tensors are read) keeps the old file.
+    let path = std::env::temp_dir().join(format!("kiln-stream-{}.safetensors", std::process::id()));
+    kiln::checkpoint::save(&path, &model, Some(&opt), Some(spec)).unwrap();
+    assert_eq!(std::fs::read(&path).unwrap(), ours);
+    d.destroy();
+    assert!(kiln::checkpoint::save(&path, &model, Some(&opt), Some(spec)).is_err());
+    assert_eq!(
+        std::fs::read(&path).unwrap(),
+        ours,
+        "the old checkpoint is intact"
+    );
+    assert!(!path.with_extension("safetensors.partial").exists());
+    std::fs::remove_file(&path).ok();
+}

@@ -359,3 +359,27 @@ fn in_place_writes_between_forward_and_backward_are_err() {
         opt.step().unwrap();
     }
 }
+
+/// Indices must be integers in range: 1.5 or 7 for an axis of 4 makes the next readback an
+/// `Err` (the kernel records the fault), not a silent 1 or a zero row; reads after it work.
+#[test]
+fn bad_indices_are_err_at_the_next_readback() {
+    let d = own_device();
+    let x = Tensor::randn(&[4, 3], 0, &d).unwrap();
+    for (bad, what) in [(1.5f32, "1.5"), (7.0, "7"), (-1.0, "-1"), (f32::NAN, "NaN")] {
+        let idx = Tensor::from_slice(&[0.0, bad], &[2], &d).unwrap();
+        let e = err_of(x.index_select(0, &idx).and_then(|t| t.to_vec()));
+        assert!(e.contains(what) && e.contains("index"), "{e}");
+        let gidx = Tensor::from_slice(&[0.0, bad, 1.0], &[1, 3], &d).unwrap();
+        let e = err_of(x.gather(0, &gidx).and_then(|t| t.to_vec()));
+        assert!(e.contains(what), "{e}");
+        // The fault was reported once: good indices read back as usual.
+        let good = Tensor::from_slice(&[3.0, 1.0], &[2], &d).unwrap();
+        let want: Vec<f32> = x.to_vec().unwrap()[9..12]
+            .iter()
+            .chain(&x.to_vec().unwrap()[3..6])
+            .copied()
+            .collect();
+        assert_eq!(x.index_select(0, &good).unwrap().to_vec().unwrap(), want);
+    }
+}

@@ -102,6 +102,10 @@ struct DeviceInner {
     gpu_error: Arc<Mutex<Option<String>>>,
     /// Set when the device is lost: why.
     lost: Arc<Mutex<Option<String>>>,
+    /// Two words kernels set on bad data they cannot refuse on the host (an index that is
+    /// fractional or out of range): a code and the offending value's bits. Read and cleared
+    /// with every readback, which then is an `Err`.
+    fault: wgpu::Buffer,
     submits: AtomicU64,
     readbacks: AtomicU64,
     dispatches: AtomicU64,
@@ -221,6 +225,14 @@ impl Device {
         device.on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
             lock(&slot).get_or_insert_with(|| e.to_string());
         }));
+        let fault = device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("kiln fault"),
+            size: 8,
+            usage: wgpu::BufferUsages::STORAGE
+                | wgpu::BufferUsages::COPY_SRC
+                | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
         let lost = Arc::new(Mutex::new(None));
         let lost_slot = lost.clone();
         device.set_device_lost_callback(move |reason, message| {
@@ -246,6 +258,7 @@ impl Device {
                 pool: Mutex::new(Pool::default()),
                 gpu_error,
                 lost,
+                fault,
                 submits: AtomicU64::new(0),
                 readbacks: AtomicU64::new(0),
                 dispatches: AtomicU64::new(0),
@@ -417,6 +430,11 @@ impl Device {
         self.inner.device.destroy();
     }
 
+    /// The fault words kernels set on bad data (see `DeviceInner::fault`).
+    pub(crate) fn fault_buffer(&self) -> &wgpu::Buffer {
+        &self.inner.fault
+    }
+
     /// `Err(DeviceLost)` once the device is lost.
     pub(crate) fn alive(&self, op: &'static str) -> Result<()> {
         match &*lock(&self.inner.lost) {
@@ -488,14 +506,37 @@ impl Device {
         if let Some(buf) = pool.take(kind, class, for_upload) {
             return Ok((buf, class));
         }
-        pool.note_live(kind, class);
         drop(pool);
-        let buffer = self.inner.device.create_buffer(&wgpu::BufferDescriptor {
-            label: None,
-            size: class,
-            usage: kind.usages(),
-            mapped_at_creation: false,
-        });
+        // An allocation the GPU cannot satisfy is an Err (after giving the pool's idle buffers
+        // back once), not a later validation failure.
+        let create = || {
+            let scope = self
+                .inner
+                .device
+                .push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+            let buffer = self.inner.device.create_buffer(&wgpu::BufferDescriptor {
+                label: None,
+                size: class,
+                usage: kind.usages(),
+                mapped_at_creation: false,
+            });
+            (buffer, pollster::block_on(scope.pop()))
+        };
+        let buffer = match create() {
+            (buffer, None) => buffer,
+            (_, Some(_)) => {
+                self.trim_pool();
+                match create() {
+                    (buffer, None) => buffer,
+                    (_, Some(e)) => {
+                        return Err(Error::Gpu(format!(
+                            "{op}: out of GPU memory for {class} bytes ({e})"
+                        )))
+                    }
+                }
+            }
+        };
+        lock(&self.inner.pool).note_live(kind, class);
         Ok((buffer, class))
     }
 
@@ -762,19 +803,24 @@ impl Device {
         if bytes == 0 {
             return Ok(Vec::new());
         }
-        let (staging, class) = self.alloc("read", bytes, BufferKind::Readback, false)?;
+        // The data and, after it, the fault words (which are then cleared), in one map.
+        let total = bytes.div_ceil(8) * 8 + 8;
+        let (staging, class) = self.alloc("read", total, BufferKind::Readback, false)?;
+        let fault = &self.inner.fault;
         {
             let mut batch = lock(&self.inner.batch);
             self.submit_locked(
                 &mut batch,
                 Some(&|enc: &mut wgpu::CommandEncoder| {
-                    enc.copy_buffer_to_buffer(buffer, offset, &staging, 0, bytes)
+                    enc.copy_buffer_to_buffer(buffer, offset, &staging, 0, bytes);
+                    enc.copy_buffer_to_buffer(fault, 0, &staging, total - 8, 8);
+                    enc.clear_buffer(fault, 0, None);
                 }),
             );
         }
         self.inner.readbacks.fetch_add(1, Ordering::Relaxed);
         let (sender, receiver) = std::sync::mpsc::channel();
-        staging.map_async(wgpu::MapMode::Read, 0..bytes, move |r| {
+        staging.map_async(wgpu::MapMode::Read, 0..total, move |r| {
             // The receiver outlives every wait below; a failed send cannot happen then.
             let _ = sender.send(r);
         });
@@ -791,11 +837,25 @@ impl Device {
         let out = match mapped {
             Some(Ok(())) => {
                 let data = staging
-                    .get_mapped_range(0..bytes)
+                    .get_mapped_range(0..total)
                     .map(|view| view.to_vec())
                     .map_err(|e| Error::Gpu(format!("reading back {bytes} bytes: {e}")));
                 staging.unmap();
-                data
+                data.and_then(|mut d| {
+                    let words = &d[(total - 8) as usize..];
+                    let code = u32::from_le_bytes(words[..4].try_into().unwrap_or_default());
+                    let value = f32::from_le_bytes(words[4..].try_into().unwrap_or_default());
+                    if code != 0 {
+                        return Err(Error::invalid(
+                            "index_select",
+                            format!(
+                                "an index_select, gather or embedding since the last readback got index {value}, which is not an integer in range; its output holds zeros there"
+                            ),
+                        ));
+                    }
+                    d.truncate(bytes as usize);
+                    Ok(d)
+                })
             }
             Some(Err(e)) => Err(Error::Gpu(format!(
                 "mapping {bytes} bytes for readback: {e}"

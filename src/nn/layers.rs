@@ -380,7 +380,8 @@ impl Embedding {
 
 impl Module for Embedding {
     /// `x` holds indices (as f32) of any shape; the result has shape `(*x.shape, dim)`.
-    /// Out-of-range indices give zero vectors (they are not read back to be checked).
+    /// A fractional or out-of-range index makes the next readback an `Err` (the indices stay
+    /// on the GPU; see [`Tensor::index_select`]).
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let mut shape: Vec<usize> = x.shape();
         shape.push(self.weight.dims()[1]);

@@ -206,11 +206,18 @@ pub(crate) fn launch_variant(
         k => k,
     };
     let buffers: Vec<&wgpu::Buffer> = inputs.iter().map(|(t, _)| t.buffer()).collect();
+    // Gathers report bad indices in the device's fault words.
+    let fault = out.device().fault_buffer();
+    let outputs: &[&wgpu::Buffer] = if kernel == Kernel::GatherFwd {
+        &[out.buffer(), fault]
+    } else {
+        &[out.buffer()]
+    };
     out.device().dispatch_variant(
         kernel,
         variant,
         &buffers,
-        &[out.buffer()],
+        outputs,
         bytemuck::bytes_of(&p),
         grid(n.div_ceil(kernel.per_invocation()), 256),
     )

@@ -89,8 +89,9 @@ impl Tensor {
     }
 
     /// Slices of `axis` picked by `indices` (a 1-D tensor of integral values, as for
-    /// embeddings). Out-of-range indices cannot be checked without reading the indices back,
-    /// so they give zeros; use [`Tensor::index_select_slice`] for host indices that are checked.
+    /// embeddings). The indices stay on the GPU: one that is fractional or out of range gives
+    /// zeros there and makes the device's next readback an `Err` naming it (as a CUDA
+    /// device-side assert would). [`Tensor::index_select_slice`] checks host indices at once.
     ///
     /// ```
     /// # let dev = kiln::Device::default_device()?;
@@ -152,7 +153,8 @@ impl Tensor {
 
     /// `out[i][j][k] = self[index[i][j][k]][j][k]` for `axis = 0` (and likewise for other axes),
     /// as `torch.gather`: `index` has the rank of `self` and no larger size on the other axes.
-    /// Out-of-range indices give zeros.
+    /// A fractional or out-of-range index makes the next readback an `Err`, as for
+    /// [`Tensor::index_select`].
     pub fn gather(&self, axis: isize, index: &Tensor) -> Result<Tensor> {
         crate::infer::capture::traced(
             &[self, index],
