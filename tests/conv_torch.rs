@@ -128,19 +128,56 @@ fn cases() -> Vec<Case> {
     load(include_str!("fixtures/conv.txt"))
 }
 
+/// The fixture families each test below reads, with their exact counts (the generator's grid):
+/// a renamed prefix or a lost case fails here rather than passing with fewer cases.
+const FAMILIES: [(&str, usize); 5] = [
+    ("conv2d", 42),
+    ("conv1d_transpose", 8),
+    ("pool", 12),
+    ("norm", 6),
+    ("lenet", 1),
+];
+
+fn family(name: &str) -> &'static str {
+    if name.starts_with("conv2d:") {
+        "conv2d"
+    } else if name.starts_with("conv1d:") || name.starts_with("conv_transpose2d:") {
+        "conv1d_transpose"
+    } else if name.contains("pool2d:") {
+        "pool"
+    } else if name.contains("norm") {
+        "norm"
+    } else if name == "lenet" {
+        "lenet"
+    } else {
+        "none"
+    }
+}
+
+fn family_cases(f: &str) -> Vec<Case> {
+    let cases: Vec<Case> = cases()
+        .into_iter()
+        .filter(|c| family(&c.name) == f)
+        .collect();
+    let want = FAMILIES.iter().find(|(n, _)| *n == f).unwrap().1;
+    assert_eq!(cases.len(), want, "fixture cases of family {f}");
+    cases
+}
+
+#[test]
+fn every_fixture_case_belongs_to_a_tested_family() {
+    let all = cases();
+    for c in &all {
+        assert_ne!(family(&c.name), "none", "{} is read by no test", c.name);
+    }
+    assert_eq!(all.len(), FAMILIES.iter().map(|(_, n)| n).sum::<usize>());
+}
+
 /// Tolerances: f32 sums of up to a few hundred products on both sides, in different orders:
 /// atol 1e-4 + rtol 1e-4 (values are O(1) to O(10)).
 #[test]
 fn conv2d_grid_matches_pytorch() {
-    let cases: Vec<Case> = cases()
-        .into_iter()
-        .filter(|c| c.name.starts_with("conv2d:"))
-        .collect();
-    assert!(
-        cases.len() >= 40,
-        "only {} conv2d configurations",
-        cases.len()
-    );
+    let cases = family_cases("conv2d");
     for c in &cases {
         let x = leaves(c);
         let y = run(&c.name, &x).unwrap_or_else(|e| panic!("{}: {e}", c.name));
@@ -190,10 +227,7 @@ fn conv2d_grid_matches_pytorch() {
 
 #[test]
 fn conv1d_and_conv_transpose2d_match_pytorch() {
-    for c in cases()
-        .iter()
-        .filter(|c| c.name.starts_with("conv1d:") || c.name.starts_with("conv_transpose2d:"))
-    {
+    for c in &family_cases("conv1d_transpose") {
         let x = leaves(c);
         let y = run(&c.name, &x).unwrap_or_else(|e| panic!("{}: {e}", c.name));
         check_case(c, &x, &y, 1e-4, 1e-4);
@@ -202,11 +236,7 @@ fn conv1d_and_conv_transpose2d_match_pytorch() {
 
 #[test]
 fn pooling_matches_pytorch() {
-    let cases: Vec<Case> = cases()
-        .into_iter()
-        .filter(|c| c.name.contains("pool2d:"))
-        .collect();
-    assert!(cases.len() >= 12);
+    let cases = family_cases("pool");
     for c in &cases {
         let x = leaves(c);
         let y = run(&c.name, &x).unwrap_or_else(|e| panic!("{}: {e}", c.name));
@@ -216,7 +246,7 @@ fn pooling_matches_pytorch() {
 
 #[test]
 fn normalisation_matches_pytorch() {
-    for c in cases().iter().filter(|c| c.name.contains("norm")) {
+    for c in &family_cases("norm") {
         let x = leaves(c);
         let y = run(&c.name, &x).unwrap_or_else(|e| panic!("{}: {e}", c.name));
         check_case(c, &x, &y, 5e-5, 1e-4);
@@ -245,10 +275,7 @@ fn normalisation_matches_pytorch() {
 /// (L2 norm) of PyTorch's (except one that is exactly zero, see below).
 #[test]
 fn lenet_matches_pytorch() {
-    let c = cases()
-        .into_iter()
-        .find(|c| c.name == "lenet")
-        .expect("lenet fixture");
+    let c = family_cases("lenet").remove(0);
     let p = leaves(&c);
     let loss = lenet(&p).unwrap();
     let l = loss.to_scalar().unwrap() as f64;
@@ -261,6 +288,7 @@ fn lenet_matches_pytorch() {
     for (i, param) in p.iter().enumerate().take(11).skip(1) {
         let got = param.grad().unwrap().to_vec().unwrap();
         let want = &c.grads[i].as_ref().unwrap().data;
+        assert_eq!(got.len(), want.len(), "parameter {i}: gradient length");
         let err: f64 = got
             .iter()
             .zip(want)

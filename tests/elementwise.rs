@@ -65,31 +65,6 @@ fn check_unary(
     }
 }
 
-fn erf(x: f64) -> f64 {
-    // Series for small |x|, continued fraction (Lentz) for the tail: accurate to ~1e-15.
-    if x.abs() < 2.5 {
-        let mut sum = x;
-        let mut term = x;
-        for n in 1..200 {
-            term *= -x * x / n as f64;
-            let add = term / (2 * n + 1) as f64;
-            sum += add;
-            if add.abs() < 1e-17 {
-                break;
-            }
-        }
-        sum * 2.0 / std::f64::consts::PI.sqrt()
-    } else {
-        let z = x.abs();
-        let mut f = z;
-        for k in (1..60).rev() {
-            f = z + (k as f64 / 2.0) / f;
-        }
-        let erfc = (-z * z).exp() / std::f64::consts::PI.sqrt() / f;
-        x.signum() * (1.0 - erfc)
-    }
-}
-
 fn sigmoid(x: f64) -> f64 {
     1.0 / (1.0 + (-x).exp())
 }

@@ -112,7 +112,7 @@ fn run(name: &str, x: &[Tensor]) -> Result<Tensor> {
 #[test]
 fn every_op_matches_pytorch() {
     let cases = load(include_str!("fixtures/autograd.txt"));
-    assert!(cases.len() >= 60, "only {} fixture cases", cases.len());
+    assert_eq!(cases.len(), 63, "fixture cases in autograd.txt");
     for c in &cases {
         let inputs = leaves(c);
         let y = run(&c.name, &inputs).unwrap_or_else(|e| panic!("{}: {e}", c.name));
@@ -139,6 +139,7 @@ fn mlp_gradients_match_pytorch() {
     for (i, name) in [(1, "w1"), (2, "b1"), (3, "w2"), (4, "b2")] {
         let got = inputs[i].grad().unwrap().to_vec().unwrap();
         let want = &c.grads[i].as_ref().unwrap().data;
+        assert_eq!(got.len(), want.len(), "parameter {i}: gradient length");
         let err: f64 = got
             .iter()
             .zip(want)

@@ -345,6 +345,12 @@ pub fn check_case(c: &Case, inputs: &[Tensor], y: &Tensor, atol: f64, rtol: f64)
     assert_close(&format!("{} output", c.name), y, &c.out, atol, rtol);
     y.backward_with(Some(&tensor(&c.w)), false)
         .unwrap_or_else(|e| panic!("{}: backward: {e}", c.name));
+    assert_eq!(
+        inputs.len(),
+        c.grads.len(),
+        "{}: inputs and gradients",
+        c.name
+    );
     for (i, (t, g)) in inputs.iter().zip(&c.grads).enumerate() {
         match g {
             Some(want) => {
@@ -417,6 +423,7 @@ fn eval(f: &dyn Fn(&[Tensor]) -> KilnResult<Tensor>, inputs: &[Input], w: &[f32]
         .map(|i| Tensor::from_slice(&i.data, &i.shape, &dev()).unwrap())
         .collect();
     let y = f(&ts).unwrap().to_vec().unwrap();
+    assert_eq!(y.len(), w.len(), "output length");
     y.iter().zip(w).map(|(&a, &b)| a as f64 * b as f64).sum()
 }
 
@@ -445,11 +452,20 @@ pub fn check(name: &str, inputs: Vec<Input>, f: &dyn Fn(&[Tensor]) -> KilnResult
         if !inputs[k].grad {
             continue;
         }
-        let analytic = leaves[k]
+        let grad = leaves[k]
             .grad()
-            .unwrap_or_else(|| panic!("{name}: input {k} has no gradient"))
-            .to_vec()
-            .unwrap();
+            .unwrap_or_else(|| panic!("{name}: input {k} has no gradient"));
+        assert_eq!(
+            grad.dims(),
+            &inputs[k].shape[..],
+            "{name}: gradient {k} shape"
+        );
+        let analytic = grad.to_vec().unwrap();
+        assert_eq!(
+            analytic.len(),
+            inputs[k].data.len(),
+            "{name}: gradient {k} length"
+        );
         for (j, &a) in analytic.iter().enumerate() {
             let x0 = inputs[k].data[j];
             inputs[k].data[j] = x0 + H;
@@ -465,5 +481,31 @@ pub fn check(name: &str, inputs: Vec<Input>, f: &dyn Fn(&[Tensor]) -> KilnResult
                 "{name}: d/dx{k}[{j}]: analytic {a}, numeric {numeric}"
             );
         }
+    }
+}
+
+/// erf in f64 (the Rust standard library has none).
+pub fn erf(x: f64) -> f64 {
+    // Series for small |x|, continued fraction (Lentz) for the tail: accurate to ~1e-15.
+    if x.abs() < 2.5 {
+        let mut sum = x;
+        let mut term = x;
+        for n in 1..200 {
+            term *= -x * x / n as f64;
+            let add = term / (2 * n + 1) as f64;
+            sum += add;
+            if add.abs() < 1e-17 {
+                break;
+            }
+        }
+        sum * 2.0 / std::f64::consts::PI.sqrt()
+    } else {
+        let z = x.abs();
+        let mut f = z;
+        for k in (1..60).rev() {
+            f = z + (k as f64 / 2.0) / f;
+        }
+        let erfc = (-z * z).exp() / std::f64::consts::PI.sqrt() / f;
+        x.signum() * (1.0 - erfc)
     }
 }
