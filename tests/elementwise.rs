@@ -14,6 +14,9 @@ fn views(rng: &mut Rng, lo: f32, hi: f32) -> Vec<(String, Tensor, Nd)> {
     let mut out = Vec::new();
     let (t, r) = rand_pair(rng, &[1031], lo, hi);
     out.push(("contiguous [1031]".to_string(), t, r));
+    // Whole vec4s from offset 0: the vec4 kernels.
+    let (t, r) = rand_pair(rng, &[4, 258], lo, hi);
+    out.push(("aligned [4, 258]".to_string(), t, r));
     let (t, r) = rand_pair(rng, &[7, 13], lo, hi);
     out.push((
         "transposed [13, 7]".into(),
@@ -193,6 +196,7 @@ fn check_binary(
     let mut rng = Rng::new(name.len() as u64 * 104729 + 1);
     let shapes: &[(&[usize], &[usize])] = &[
         (&[257], &[257]),
+        (&[4, 258], &[4, 258]),
         (&[5, 7], &[7]),
         (&[4, 1, 3], &[1, 5, 1]),
         (&[], &[3, 2]),
@@ -286,76 +290,68 @@ fn comparisons_give_zero_one() {
         ra.data.iter().filter(|&&v| v == 0.0).count() > 10,
         "inputs should contain ties"
     );
+    // And aligned operands of one shape: the vec4 kernels.
+    let (c, _) = rand_pair(&mut rng, &[8, 12], -1.0, 1.0);
+    let (e, _) = rand_pair(&mut rng, &[8, 12], -1.0, 1.0);
+    let (c, e) = (q(&c), q(&e));
+    let rc = Nd::from_f32(&[8, 12], &c.to_vec().unwrap());
+    let re = Nd::from_f32(&[8, 12], &e.to_vec().unwrap());
     for &(name, f, r) in cmp {
         assert_close(name, &f(&a, &b).unwrap(), &ra.zip(&rb, r), 0.0, 0.0);
+        assert_close(
+            &format!("{name} aligned"),
+            &f(&c, &e).unwrap(),
+            &rc.zip(&re, r),
+            0.0,
+            0.0,
+        );
     }
 }
 
+/// Every scalar variant on a transposed view (the strided scalar kernel) and on an aligned
+/// contiguous tensor (the vec4 kernel). Inputs are multiples of 0.5, so the comparisons with
+/// 2.0 meet ties.
 #[test]
 fn scalar_variants() {
+    let d = dev();
     let mut rng = Rng::new(11);
-    let (t, r) = rand_pair(&mut rng, &[3, 17], 0.5, 4.0);
-    let tt = t.t().unwrap();
-    let rt = r.permute(&[1, 0]);
-    let cases: Vec<(&str, Tensor, Nd)> = vec![
-        (
-            "add_scalar",
-            tt.add_scalar(1.5).unwrap(),
-            rt.map(|x| x + 1.5),
-        ),
-        (
-            "sub_scalar",
-            tt.sub_scalar(1.5).unwrap(),
-            rt.map(|x| x - 1.5),
-        ),
-        (
-            "mul_scalar",
-            tt.mul_scalar(-3.0).unwrap(),
-            rt.map(|x| x * -3.0),
-        ),
-        (
-            "div_scalar",
-            tt.div_scalar(3.0).unwrap(),
-            rt.map(|x| x / 3.0),
-        ),
-        (
-            "pow_scalar",
-            tt.pow_scalar(3.0).unwrap(),
-            rt.map(|x| x.powi(3)),
-        ),
-        (
-            "maximum_scalar",
-            tt.maximum_scalar(2.0).unwrap(),
-            rt.map(|x| x.max(2.0)),
-        ),
-        (
-            "minimum_scalar",
-            tt.minimum_scalar(2.0).unwrap(),
-            rt.map(|x| x.min(2.0)),
-        ),
-        (
-            "gt_scalar",
-            tt.gt_scalar(2.0).unwrap(),
-            rt.map(|x| b2f(x > 2.0)),
-        ),
-        (
-            "le_scalar",
-            tt.le_scalar(2.0).unwrap(),
-            rt.map(|x| b2f(x <= 2.0)),
-        ),
-        (
-            "rsub_scalar",
-            tt.rsub_scalar(1.0).unwrap(),
-            rt.map(|x| 1.0 - x),
-        ),
-        (
-            "rdiv_scalar",
-            tt.rdiv_scalar(1.0).unwrap(),
-            rt.map(|x| 1.0 / x),
-        ),
+    let q: Vec<f32> = (0..64).map(|_| 0.5 * (1 + rng.below(8)) as f32).collect();
+    let t = Tensor::from_slice(&q, &[16, 4], &d).unwrap();
+    let r = Nd::from_f32(&[16, 4], &q);
+    let views = [
+        ("transposed [4, 16]", t.t().unwrap(), r.permute(&[1, 0])),
+        ("aligned [16, 4]", t.clone(), r.clone()),
     ];
-    for (name, got, want) in cases {
-        assert_close(name, &got, &want, 1e-6, 1e-5);
+    assert!(q.iter().filter(|&&v| v == 2.0).count() > 3, "ties with 2.0");
+    type Case = (&'static str, GpuFn, fn(f64) -> f64);
+    let cases: &[Case] = &[
+        ("add_scalar", |t| t.add_scalar(1.5), |x| x + 1.5),
+        ("sub_scalar", |t| t.sub_scalar(1.5), |x| x - 1.5),
+        ("mul_scalar", |t| t.mul_scalar(-3.0), |x| x * -3.0),
+        ("div_scalar", |t| t.div_scalar(3.0), |x| x / 3.0),
+        ("pow_scalar", |t| t.pow_scalar(3.0), |x| x.powi(3)),
+        ("maximum_scalar", |t| t.maximum_scalar(2.0), |x| x.max(2.0)),
+        ("minimum_scalar", |t| t.minimum_scalar(2.0), |x| x.min(2.0)),
+        ("eq_scalar", |t| t.eq_scalar(2.0), |x| b2f(x == 2.0)),
+        ("ne_scalar", |t| t.ne_scalar(2.0), |x| b2f(x != 2.0)),
+        ("lt_scalar", |t| t.lt_scalar(2.0), |x| b2f(x < 2.0)),
+        ("le_scalar", |t| t.le_scalar(2.0), |x| b2f(x <= 2.0)),
+        ("gt_scalar", |t| t.gt_scalar(2.0), |x| b2f(x > 2.0)),
+        ("ge_scalar", |t| t.ge_scalar(2.0), |x| b2f(x >= 2.0)),
+        ("rsub_scalar", |t| t.rsub_scalar(1.0), |x| 1.0 - x),
+        ("rdiv_scalar", |t| t.rdiv_scalar(1.0), |x| 1.0 / x),
+    ];
+    for &(name, f, reference) in cases {
+        for (view, t, r) in &views {
+            let got = f(t).unwrap();
+            assert_close(
+                &format!("{name} on {view}"),
+                &got,
+                &r.map(reference),
+                1e-6,
+                1e-5,
+            );
+        }
     }
 }
 
