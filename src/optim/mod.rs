@@ -410,7 +410,21 @@ impl Adam {
         })
     }
 
-    /// AdamW: Adam with decoupled weight decay.
+    /// AdamW: Adam with decoupled weight decay (`options.decoupled_weight_decay` is set
+    /// whatever it was). The weight decay is `options.weight_decay`: start from
+    /// [`AdamOptions::adamw`] for `torch.optim.AdamW`'s default of 0.01.
+    ///
+    /// ```
+    /// use kiln::optim::{Adam, AdamOptions, Optimizer};
+    /// let d = kiln::Device::default_device()?;
+    /// let w = kiln::Tensor::ones(&[3], &d)?.requires_grad();
+    /// let mut opt = Adam::adamw(vec![w.clone()], AdamOptions { lr: 0.1, ..AdamOptions::adamw() })?;
+    /// w.set_grad(Some(kiln::Tensor::zeros(&[3], &d)?))?;
+    /// opt.step()?;
+    /// // A zero gradient leaves only the decay: w * (1 - lr * weight_decay).
+    /// assert!((w.to_vec()?[0] - 0.999).abs() < 1e-6);
+    /// # Ok::<(), kiln::Error>(())
+    /// ```
     pub fn adamw(params: Vec<Tensor>, options: AdamOptions) -> Result<Adam> {
         Adam::new(
             params,
