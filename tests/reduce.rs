@@ -289,71 +289,6 @@ fn bad_axes_are_err() {
         .is_err());
 }
 
-/// Long rows are reduced in two stages (chunks, then the partials and the tail): every
-/// splittable op, contiguous and strided, with a tail that does not fill a chunk.
-#[test]
-fn long_rows_reduce_in_two_stages() {
-    let mut rng = Rng::new(101);
-    for (shape, axis) in [
-        (&[100_003usize][..], 0usize),
-        (&[3, 20_011], 1),
-        (&[20_011, 3], 0),
-    ] {
-        let (t, r) = rand_pair(&mut rng, shape, -1.0, 1.0);
-        let ax = axis as isize;
-        let want = squeeze(r.reduce(&[axis], sum), &[axis], false);
-        assert_close(
-            &format!("sum {shape:?}"),
-            &t.sum(&[ax], false).unwrap(),
-            &want,
-            1e-3,
-            1e-4,
-        );
-        let want = squeeze(r.reduce(&[axis], mean), &[axis], false);
-        assert_close(
-            &format!("mean {shape:?}"),
-            &t.mean(&[ax], false).unwrap(),
-            &want,
-            1e-6,
-            1e-4,
-        );
-        let want = squeeze(
-            r.reduce(&[axis], |v| v.iter().cloned().fold(f64::MIN, f64::max)),
-            &[axis],
-            false,
-        );
-        assert_close(
-            &format!("max {shape:?}"),
-            &t.max(&[ax], false).unwrap(),
-            &want,
-            0.0,
-            0.0,
-        );
-        let want = squeeze(
-            r.reduce(&[axis], |v| v.iter().cloned().fold(f64::MAX, f64::min)),
-            &[axis],
-            false,
-        );
-        assert_close(
-            &format!("min {shape:?}"),
-            &t.min(&[ax], false).unwrap(),
-            &want,
-            0.0,
-            0.0,
-        );
-    }
-    // Gradients still flow (the sum's rule is unchanged).
-    let x = Tensor::ones(&[50_000], &dev()).unwrap().requires_grad();
-    x.sum_all().unwrap().backward().unwrap();
-    assert!(x
-        .grad()
-        .unwrap()
-        .to_vec()
-        .unwrap()
-        .iter()
-        .all(|&g| g == 1.0));
-}
-
 /// Both row kernels (one invocation per row, and a workgroup per row with a tree) on every
 /// op, rows along and across memory, short and long (300) rows, with ties: the device picks
 /// one of them by its type, so each is forced here on a device of its own.
@@ -437,4 +372,67 @@ fn both_row_kernels() {
             }
         }
     }
+}
+
+/// Rows of 8,192 elements or more (few of them) are reduced in two stages: chunk partials, then
+/// the partials and the tail. Sum, mean, max and min of such rows, contiguous and strided,
+/// with both row kernels (one invocation per row, a workgroup per row), against f64. The
+/// dispatch count shows that the two-stage path ran.
+#[test]
+fn long_rows_take_the_two_stage_path() {
+    let d = own_device();
+    let mut rng = Rng::new(8192);
+    let cases: &[(&[usize], &[isize])] =
+        &[(&[3, 9001], &[1]), (&[9001, 2], &[0]), (&[100_003], &[])];
+    for serial in [true, false] {
+        d.force_row_reduction(Some(serial));
+        for &(shape, axes) in cases {
+            let v = rng.vec(shape.iter().product(), -3.0, 3.0);
+            let t = Tensor::from_slice(&v, shape, &d).unwrap();
+            let r = Nd::from_f32(shape, &v);
+            let norm: Vec<usize> = if axes.is_empty() {
+                (0..shape.len()).collect()
+            } else {
+                axes.iter()
+                    .map(|&a| (a + shape.len() as isize) as usize % shape.len())
+                    .collect()
+            };
+            let what = |op: &str| format!("{op} {shape:?} axes {axes:?} serial {serial}");
+            type Op = (
+                &'static str,
+                fn(&Tensor, &[isize]) -> kiln::Result<Tensor>,
+                fn(&[f64]) -> f64,
+                f64,
+            );
+            let ops: &[Op] = &[
+                ("sum", |t, a| t.sum(a, false), sum, 1e-3),
+                ("mean", |t, a| t.mean(a, false), mean, 1e-6),
+                (
+                    "max",
+                    |t, a| t.max(a, false),
+                    |v| v.iter().cloned().fold(f64::MIN, f64::max),
+                    0.0,
+                ),
+                (
+                    "min",
+                    |t, a| t.min(a, false),
+                    |v| v.iter().cloned().fold(f64::MAX, f64::min),
+                    0.0,
+                ),
+            ];
+            for &(name, f, reference, atol) in ops {
+                let before = d.stats().dispatches;
+                let got = f(&t, axes).unwrap();
+                d.synchronize().unwrap();
+                assert!(
+                    d.stats().dispatches - before >= 3,
+                    "{}: one dispatch, not the two-stage path",
+                    what(name)
+                );
+                let want = squeeze(r.reduce(&norm, reference), &norm, false);
+                assert_close(&what(name), &got, &want, atol, 1e-5);
+            }
+        }
+    }
+    d.force_row_reduction(None);
 }
