@@ -523,3 +523,72 @@ fn views_share_storage_and_contiguous_copies() {
     let shown = format!("{}", Tensor::arange(0.0, 3.0, 1.0, &d).unwrap());
     assert!(shown.contains("[3]") && shown.contains("2.0000"), "{shown}");
 }
+
+/// The matmul chooser as on a hardware adapter: with autotuning on, a product of 2^21
+/// multiply-adds or more times the hardware candidates once per shape class (shared-memory
+/// tiles included, which software adapters never try), remembers one choice per family of
+/// candidates, and gives the f64 reference's values on the first (tuning) and second (tuned)
+/// run, for unaligned and vec4-aligned operands.
+#[test]
+fn hardware_choices_tune_the_matmuls() {
+    use kiln::kernels::Kernel;
+    let d = own_device();
+    d.choose_as_hardware(true);
+    d.set_autotune(true);
+    let mut rng = Rng::new(21);
+    for (m, n, k) in [(130, 129, 127), (128, 128, 128)] {
+        let av = rng.vec(m * k, -1.0, 1.0);
+        let bv = rng.vec(k * n, -1.0, 1.0);
+        let want = Nd::from_f32(&[m, k], &av).matmul(&Nd::from_f32(&[k, n], &bv));
+        for run in 0..2 {
+            let a = Tensor::from_slice(&av, &[m, k], &d).unwrap();
+            let b = Tensor::from_slice(&bv, &[k, n], &d).unwrap();
+            d.synchronize().unwrap();
+            let before = d.stats().dispatches;
+            let y = a.matmul(&b).unwrap();
+            d.synchronize().unwrap();
+            // Tuning times each candidate 4 times (once to warm up), then runs the choice:
+            // the hardware list is 4 general kernels, plus, for aligned operands, the vec4
+            // and 128-tile kernels and the subgroup kernels the adapter can run.
+            let subgroup = usize::from(d.subgroups_of_at_least(8))
+                + usize::from(
+                    d.subgroups_of_at_least(8) && d.adapter_info().subgroup_max_size >= 32,
+                );
+            let candidates = if m % 4 == 0 { 6 + subgroup } else { 4 };
+            let dispatches = if run == 0 { 4 * candidates + 1 } else { 1 };
+            assert_eq!(
+                d.stats().dispatches - before,
+                dispatches as u64,
+                "{m}x{n}x{k} run {run}: dispatches"
+            );
+            assert_close(&format!("{m}x{n}x{k}, run {run}"), &y, &want, 1e-4, 1e-5);
+        }
+    }
+    let tuned = d.tuned_kernels();
+    let unaligned = [
+        Kernel::MatmulFwd,
+        Kernel::MatmulTiledFwd,
+        Kernel::MatmulTiled128Fwd,
+        Kernel::MatmulReg8Fwd,
+    ];
+    let mut aligned = unaligned.to_vec();
+    aligned.extend([
+        Kernel::MatmulVec4NnFwd,
+        Kernel::MatmulT128v4NnFwd,
+        Kernel::MatmulSg8NnFwd,
+        Kernel::MatmulSg32NnFwd,
+    ]);
+    for (family, candidates) in [
+        (Kernel::MatmulFwd, &unaligned[..]),
+        (Kernel::MatmulVec4NnFwd, &aligned[..]),
+    ] {
+        let chosen: Vec<Kernel> = tuned
+            .iter()
+            .filter(|(f, _, _)| *f == family)
+            .map(|&(_, _, k)| k)
+            .collect();
+        assert_eq!(chosen.len(), 1, "{family:?}: {tuned:?}");
+        assert!(candidates.contains(&chosen[0]), "{family:?}: {chosen:?}");
+    }
+    assert_eq!(tuned.len(), 2, "one shape class each: {tuned:?}");
+}
