@@ -1,0 +1,345 @@
+//! Each layer module built as a user builds it, run forward (and, for the normalisations,
+//! backward to the parameters) against an f64 reference on random inputs of odd shapes.
+
+mod common;
+
+use common::*;
+use kiln::nn::{
+    AdaptiveAvgPool2d, AvgPool2d, ConvTranspose2d, Embedding, Gelu, Init, LayerNorm, LeakyRelu,
+    MaxPool2d, Module, Relu, Sigmoid, Silu, Tanh,
+};
+use kiln::{ConvTranspose2dOptions, Pool2dOptions, Tensor};
+
+fn host(t: &Tensor) -> Vec<f64> {
+    t.to_vec().unwrap().iter().map(|&v| v as f64).collect()
+}
+
+fn input(rng: &mut Rng, shape: &[usize]) -> (Tensor, Vec<f64>) {
+    let v = rng.vec(shape.iter().product(), -2.0, 2.0);
+    (
+        Tensor::from_slice(&v, shape, &dev()).unwrap(),
+        v.iter().map(|&x| x as f64).collect(),
+    )
+}
+
+#[test]
+fn conv_transpose2d_module() {
+    let mut rng = Rng::new(1);
+    let mut init = Init::new(&dev(), 1);
+    // (n, c, h, w), out channels, kernel, stride, padding, output padding, dilation, groups
+    let cases = [
+        ([2, 4, 5, 3], 6, [3, 2], [2, 1], [1, 0], [1, 0], [1, 2], 2),
+        ([1, 3, 4, 4], 2, [2, 2], [2, 2], [0, 0], [0, 0], [1, 1], 1),
+        ([3, 2, 3, 5], 3, [3, 3], [1, 3], [1, 1], [0, 2], [1, 1], 1),
+    ];
+    for ([n, c, h, w], o, [kh, kw], stride, padding, output_padding, dilation, groups) in cases {
+        let options = ConvTranspose2dOptions {
+            stride,
+            padding,
+            output_padding,
+            dilation,
+            groups,
+        };
+        let m = ConvTranspose2d::new(&mut init, c, o, [kh, kw], options, true).unwrap();
+        let (x, xv) = input(&mut rng, &[n, c, h, w]);
+        let y = m.forward(&x).unwrap();
+        let (wv, bv) = (host(&m.weight), host(m.bias.as_ref().unwrap()));
+        let oh =
+            (h - 1) * stride[0] + dilation[0] * (kh - 1) + output_padding[0] + 1 - 2 * padding[0];
+        let ow =
+            (w - 1) * stride[1] + dilation[1] * (kw - 1) + output_padding[1] + 1 - 2 * padding[1];
+        let (cg, og) = (c / groups, o / groups);
+        let mut want = vec![0.0; n * o * oh * ow];
+        for b in 0..n {
+            for oc in 0..o {
+                for i in 0..oh * ow {
+                    want[(b * o + oc) * oh * ow + i] = bv[oc];
+                }
+            }
+            // Each input pixel scatters its kernel-weighted value to the output.
+            for ci in 0..c {
+                let g = ci / cg;
+                for iy in 0..h {
+                    for ix in 0..w {
+                        let xi = xv[((b * c + ci) * h + iy) * w + ix];
+                        for j in 0..og {
+                            let oc = g * og + j;
+                            for ky in 0..kh {
+                                for kx in 0..kw {
+                                    let y = (iy * stride[0] + ky * dilation[0]) as isize
+                                        - padding[0] as isize;
+                                    let x = (ix * stride[1] + kx * dilation[1]) as isize
+                                        - padding[1] as isize;
+                                    if y < 0 || x < 0 || y as usize >= oh || x as usize >= ow {
+                                        continue;
+                                    }
+                                    let wi = ((ci * og + j) * kh + ky) * kw + kx;
+                                    want[((b * o + oc) * oh + y as usize) * ow + x as usize] +=
+                                        xi * wv[wi];
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        assert_close(
+            &format!("ConvTranspose2d {:?}", m.describe()),
+            &y,
+            &Nd::new(&[n, o, oh, ow], want),
+            1e-5,
+            1e-5,
+        );
+    }
+}
+
+/// LayerNorm over the trailing [3, 4] of [2, 5, 3, 4] with a random weight and bias: the
+/// output and the weight and bias gradients for a random upstream gradient.
+#[test]
+fn layer_norm_module() {
+    let d = dev();
+    let mut rng = Rng::new(2);
+    let m = LayerNorm::new(&mut Init::new(&d, 0), &[3, 4]).unwrap();
+    let (gamma, beta) = (rng.vec(12, 0.5, 1.5), rng.vec(12, -0.5, 0.5));
+    let (w, b) = (m.weight.as_ref().unwrap(), m.bias.as_ref().unwrap());
+    w.assign(&Tensor::from_slice(&gamma, &[3, 4], &d).unwrap())
+        .unwrap();
+    b.assign(&Tensor::from_slice(&beta, &[3, 4], &d).unwrap())
+        .unwrap();
+    let (x, xv) = input(&mut rng, &[2, 5, 3, 4]);
+    let y = m.forward(&x).unwrap();
+    let up = rng.vec(120, -1.0, 1.0);
+    y.backward_with(
+        Some(&Tensor::from_slice(&up, &[2, 5, 3, 4], &d).unwrap()),
+        false,
+    )
+    .unwrap();
+    let (mut want, mut gw, mut gb) = (vec![0.0; 120], vec![0.0; 12], vec![0.0; 12]);
+    for row in 0..10 {
+        let v = &xv[row * 12..row * 12 + 12];
+        let mean = v.iter().sum::<f64>() / 12.0;
+        let var = v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / 12.0;
+        for k in 0..12 {
+            let xhat = (v[k] - mean) / (var + m.eps as f64).sqrt();
+            want[row * 12 + k] = xhat * gamma[k] as f64 + beta[k] as f64;
+            gw[k] += up[row * 12 + k] as f64 * xhat;
+            gb[k] += up[row * 12 + k] as f64;
+        }
+    }
+    assert_close(
+        "LayerNorm output",
+        &y,
+        &Nd::new(&[2, 5, 3, 4], want),
+        1e-5,
+        1e-4,
+    );
+    assert_close(
+        "LayerNorm weight gradient",
+        &w.grad().unwrap(),
+        &Nd::new(&[3, 4], gw),
+        1e-5,
+        1e-4,
+    );
+    assert_close(
+        "LayerNorm bias gradient",
+        &b.grad().unwrap(),
+        &Nd::new(&[3, 4], gb),
+        1e-5,
+        1e-4,
+    );
+}
+
+/// Embedding rows picked by indices of shape [3, 4] (repeats included), and the weight
+/// gradient: each row the sum of the upstream rows that picked it.
+#[test]
+fn embedding_module() {
+    let d = dev();
+    let mut rng = Rng::new(3);
+    let m = Embedding::new(&mut Init::new(&d, 4), 7, 5).unwrap();
+    let table = host(&m.weight);
+    let idx: Vec<f32> = (0..12)
+        .map(|i| if i < 3 { 6.0 } else { rng.below(7) as f32 })
+        .collect();
+    let y = m
+        .forward(&Tensor::from_slice(&idx, &[3, 4], &d).unwrap())
+        .unwrap();
+    let want: Vec<f64> = idx
+        .iter()
+        .flat_map(|&i| table[i as usize * 5..i as usize * 5 + 5].to_vec())
+        .collect();
+    assert_close("Embedding output", &y, &Nd::new(&[3, 4, 5], want), 0.0, 0.0);
+    let up = rng.vec(60, -1.0, 1.0);
+    y.backward_with(
+        Some(&Tensor::from_slice(&up, &[3, 4, 5], &d).unwrap()),
+        false,
+    )
+    .unwrap();
+    let mut g = vec![0.0; 35];
+    for (k, &i) in idx.iter().enumerate() {
+        for j in 0..5 {
+            g[i as usize * 5 + j] += up[k * 5 + j] as f64;
+        }
+    }
+    assert_close(
+        "Embedding gradient",
+        &m.weight.grad().unwrap(),
+        &Nd::new(&[7, 5], g),
+        1e-6,
+        1e-6,
+    );
+}
+
+/// f64 pooling over windows: `windows(oy, ox)` lists the input positions of each output (None
+/// for padding), and `combine` reduces them.
+fn pool_reference(
+    xv: &[f64],
+    [n, c, h, w]: [usize; 4],
+    [oh, ow]: [usize; 2],
+    windows: &dyn Fn(usize, usize) -> Vec<Option<(usize, usize)>>,
+    combine: &dyn Fn(&[Option<f64>]) -> f64,
+) -> Nd {
+    let mut out = Vec::with_capacity(n * c * oh * ow);
+    for plane in 0..n * c {
+        for oy in 0..oh {
+            for ox in 0..ow {
+                let vals: Vec<Option<f64>> = windows(oy, ox)
+                    .into_iter()
+                    .map(|p| p.map(|(y, x)| xv[(plane * h + y) * w + x]))
+                    .collect();
+                out.push(combine(&vals));
+            }
+        }
+    }
+    Nd::new(&[n, c, oh, ow], out)
+}
+
+#[test]
+fn pooling_modules() {
+    let mut rng = Rng::new(5);
+    let (n, c, h, w) = (2, 3, 7, 9);
+    let (x, xv) = input(&mut rng, &[n, c, h, w]);
+    let window = |k: [usize; 2], s: [usize; 2], p: [usize; 2], d: [usize; 2]| {
+        move |oy: usize, ox: usize| {
+            let mut v = Vec::new();
+            for ky in 0..k[0] {
+                for kx in 0..k[1] {
+                    let y = (oy * s[0] + ky * d[0]) as isize - p[0] as isize;
+                    let x = (ox * s[1] + kx * d[1]) as isize - p[1] as isize;
+                    v.push(
+                        (y >= 0 && x >= 0 && (y as usize) < h && (x as usize) < w)
+                            .then(|| (y as usize, x as usize)),
+                    );
+                }
+            }
+            v
+        }
+    };
+    let out = |k: usize, s: usize, p: usize, d: usize, len: usize| {
+        (len + 2 * p - d * (k - 1) - 1) / s + 1
+    };
+    for count_include_pad in [true, false] {
+        let opts = Pool2dOptions {
+            kernel: [3, 2],
+            stride: [2, 3],
+            padding: [1, 1],
+            dilation: [1, 1],
+            count_include_pad,
+        };
+        let y = AvgPool2d(opts).forward(&x).unwrap();
+        let shape = [out(3, 2, 1, 1, h), out(2, 3, 1, 1, w)];
+        let want = pool_reference(
+            &xv,
+            [n, c, h, w],
+            shape,
+            &window([3, 2], [2, 3], [1, 1], [1, 1]),
+            &|v| {
+                let real: Vec<f64> = v.iter().flatten().copied().collect();
+                let div = if count_include_pad {
+                    v.len()
+                } else {
+                    real.len()
+                };
+                real.iter().sum::<f64>() / div as f64
+            },
+        );
+        assert_close(
+            &format!("AvgPool2d count_include_pad {count_include_pad}"),
+            &y,
+            &want,
+            1e-6,
+            1e-5,
+        );
+    }
+    let opts = Pool2dOptions {
+        kernel: [2, 3],
+        stride: [2, 2],
+        padding: [1, 1],
+        dilation: [2, 1],
+        count_include_pad: true,
+    };
+    let y = MaxPool2d(opts).forward(&x).unwrap();
+    let shape = [out(2, 2, 1, 2, h), out(3, 2, 1, 1, w)];
+    let want = pool_reference(
+        &xv,
+        [n, c, h, w],
+        shape,
+        &window([2, 3], [2, 2], [1, 1], [2, 1]),
+        &|v| v.iter().flatten().copied().fold(f64::MIN, f64::max),
+    );
+    assert_close("MaxPool2d", &y, &want, 0.0, 0.0);
+    // Adaptive average pooling: bin i covers floor(i H / o) .. ceil((i + 1) H / o).
+    for size in [[3, 4], [1, 1], [7, 9], [4, 2]] {
+        let y = AdaptiveAvgPool2d(size).forward(&x).unwrap();
+        let bins = |i: usize, len: usize, o: usize| (i * len / o, ((i + 1) * len).div_ceil(o));
+        let want = pool_reference(
+            &xv,
+            [n, c, h, w],
+            size,
+            &|oy, ox| {
+                let ((y0, y1), (x0, x1)) = (bins(oy, h, size[0]), bins(ox, w, size[1]));
+                (y0..y1)
+                    .flat_map(|y| (x0..x1).map(move |x| Some((y, x))))
+                    .collect()
+            },
+            &|v| v.iter().flatten().sum::<f64>() / v.len() as f64,
+        );
+        assert_close(
+            &format!("AdaptiveAvgPool2d {size:?}"),
+            &y,
+            &want,
+            1e-6,
+            1e-5,
+        );
+    }
+}
+
+/// The activation modules, default and explicit LeakyReLU slopes included, on values that
+/// cross zero.
+#[test]
+fn activation_modules() {
+    let mut rng = Rng::new(6);
+    let (x, xv) = input(&mut rng, &[5, 13]);
+    let erf_gelu = |v: f64| 0.5 * v * (1.0 + erf(v / 2f64.sqrt()));
+    let cases: Vec<(Box<dyn Module>, Box<dyn Fn(f64) -> f64>)> = vec![
+        (Box::new(Relu), Box::new(|v: f64| v.max(0.0))),
+        (Box::new(Gelu), Box::new(erf_gelu)),
+        (Box::new(Tanh), Box::new(f64::tanh)),
+        (
+            Box::new(Sigmoid),
+            Box::new(|v: f64| 1.0 / (1.0 + (-v).exp())),
+        ),
+        (Box::new(Silu), Box::new(|v: f64| v / (1.0 + (-v).exp()))),
+        (
+            Box::new(LeakyRelu::default()),
+            Box::new(|v: f64| if v >= 0.0 { v } else { 0.01 * v }),
+        ),
+        (
+            Box::new(LeakyRelu(0.3)),
+            Box::new(|v: f64| if v >= 0.0 { v } else { 0.3 * v }),
+        ),
+    ];
+    for (m, f) in cases {
+        let want = Nd::new(&[5, 13], xv.iter().map(|&v| f(v)).collect());
+        assert_close(&m.describe(), &m.forward(&x).unwrap(), &want, 1e-6, 1e-5);
+    }
+}
