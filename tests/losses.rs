@@ -156,7 +156,7 @@ fn cross_entropy_matches_f64() {
                 let mut per = vec![0.0; n * d];
                 let mut dist = vec![0.0; n * c * d];
                 let mut probs = vec![0.0; n * c * d];
-                for k in 0..n * d {
+                for (k, per_k) in per.iter_mut().enumerate() {
                     let (b, j) = (k / d, k % d);
                     let zs: Vec<f64> = (0..c).map(|ci| z[case.at(b, ci, j)] as f64).collect();
                     let m = zs.iter().cloned().fold(f64::MIN, f64::max);
@@ -171,7 +171,7 @@ fn cross_entropy_matches_f64() {
                     for ci in 0..c {
                         let q = (1.0 - s) * f64::from(u8::from(ci == target)) + s / c as f64;
                         dist[case.at(b, ci, j)] = q;
-                        per[k] -= q * (zs[ci] - lse);
+                        *per_k -= q * (zs[ci] - lse);
                     }
                 }
                 assert_close(

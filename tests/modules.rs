@@ -227,7 +227,7 @@ fn pooling_modules() {
                     let x = (ox * s[1] + kx * d[1]) as isize - p[1] as isize;
                     v.push(
                         (y >= 0 && x >= 0 && (y as usize) < h && (x as usize) < w)
-                            .then(|| (y as usize, x as usize)),
+                            .then_some((y as usize, x as usize)),
                     );
                 }
             }
@@ -320,7 +320,8 @@ fn activation_modules() {
     let mut rng = Rng::new(6);
     let (x, xv) = input(&mut rng, &[5, 13]);
     let erf_gelu = |v: f64| 0.5 * v * (1.0 + erf(v / 2f64.sqrt()));
-    let cases: Vec<(Box<dyn Module>, Box<dyn Fn(f64) -> f64>)> = vec![
+    type Case = (Box<dyn Module>, Box<dyn Fn(f64) -> f64>);
+    let cases: Vec<Case> = vec![
         (Box::new(Relu), Box::new(|v: f64| v.max(0.0))),
         (Box::new(Gelu), Box::new(erf_gelu)),
         (Box::new(Tanh), Box::new(f64::tanh)),
