@@ -336,3 +336,41 @@ fn mean_all_matches_f64() {
     let empty = Tensor::zeros(&[0, 3], &dev()).unwrap();
     assert!(empty.mean_all().unwrap().to_scalar().unwrap().is_nan());
 }
+
+/// Rank-1 logits `(C)` with a rank-0 target, as `torch.nn.functional.cross_entropy` takes
+/// one unbatched sample.
+#[test]
+fn cross_entropy_of_one_unbatched_sample() {
+    let d = dev();
+    let z = [0.5f32, -1.0, 2.0, 0.25];
+    let x = Tensor::from_slice(&z, &[4], &d).unwrap().requires_grad();
+    let t = Tensor::scalar(2.0, &d).unwrap();
+    let y = loss::cross_entropy(&x, &t, &Default::default()).unwrap();
+    let lse = z.iter().map(|&v| (v as f64).exp()).sum::<f64>().ln();
+    assert_close(
+        "unbatched cross_entropy",
+        &y,
+        &Nd::new(&[], vec![lse - 2.0]),
+        1e-6,
+        1e-6,
+    );
+    y.backward().unwrap();
+    let g: Vec<f64> = z
+        .iter()
+        .enumerate()
+        .map(|(i, &v)| (v as f64 - lse).exp() - f64::from(u8::from(i == 2)))
+        .collect();
+    assert_close(
+        "unbatched gradient",
+        &x.grad().unwrap(),
+        &Nd::new(&[4], g),
+        1e-6,
+        1e-6,
+    );
+    assert!(loss::cross_entropy(
+        &x,
+        &Tensor::from_slice(&[2.0], &[1], &d).unwrap(),
+        &Default::default()
+    )
+    .is_err());
+}

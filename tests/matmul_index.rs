@@ -460,6 +460,29 @@ fn constructors() {
     );
     assert!(Tensor::arange(0.0, 1.0, 0.0, &d).is_err());
     assert!(Tensor::arange(0.0, 1.0, -1.0, &d).is_err());
+    let v: Vec<f32> = (0..12).map(|i| i as f32 * 0.5 - 2.0).collect();
+    let t = Tensor::from_vec(v.clone(), &[3, 4], &d).unwrap();
+    assert_eq!((t.dims(), t.to_vec().unwrap()), (&[3, 4][..], v.clone()));
+    assert!(Tensor::from_vec(vec![1.0; 5], &[2, 3], &d).is_err());
+    let o = t.t().unwrap().ones_like().unwrap();
+    assert_eq!(
+        (o.dims(), o.to_vec().unwrap()),
+        (&[4, 3][..], vec![1.0; 12])
+    );
+    let z = t.zeros_like().unwrap();
+    assert_eq!(
+        (z.dims(), z.to_vec().unwrap()),
+        (&[3, 4][..], vec![0.0; 12])
+    );
+    // flatten_all of a transposed view: its elements in logical (row-major) order.
+    let f = t.t().unwrap().flatten_all().unwrap();
+    let want: Vec<f32> = (0..12).map(|i| v[(i % 3) * 4 + i / 3]).collect();
+    assert_eq!((f.dims(), f.to_vec().unwrap()), (&[12][..], want));
+    // assign writes the source's values (through a transposed source too) and nothing else.
+    let target = Tensor::zeros(&[4, 3], &d).unwrap();
+    target.assign(&t.t().unwrap()).unwrap();
+    assert_eq!(target.to_vec().unwrap(), t.t().unwrap().to_vec().unwrap());
+    assert!(target.assign(&t).is_err(), "shape mismatch");
     assert!(Tensor::from_slice(&[1.0, 2.0], &[3], &d).is_err());
 
     // Seeded random numbers: reproducible, seed-dependent, with the right moments.
@@ -475,6 +498,20 @@ fn constructors() {
         (m - 0.5).abs() < 0.01 && (v - 1.0 / 12.0).abs() < 0.003,
         "uniform mean {m} var {v}"
     );
+    // uniform(low, high): in range, mean (low + high) / 2, variance (high - low)^2 / 12.
+    let u = Tensor::uniform(&[n], -3.0, 5.0, 8, &d)
+        .unwrap()
+        .to_vec()
+        .unwrap();
+    assert!(u.iter().all(|&x| (-3.0..5.0).contains(&x)));
+    let m = u.iter().map(|&x| x as f64).sum::<f64>() / n as f64;
+    let v = u.iter().map(|&x| (x as f64 - m).powi(2)).sum::<f64>() / n as f64;
+    // Standard errors: mean 0.016, variance 0.04.
+    assert!(
+        (m - 1.0).abs() < 0.08 && (v - 64.0 / 12.0).abs() < 0.2,
+        "uniform(-3, 5) mean {m} var {v}"
+    );
+    assert!(Tensor::uniform(&[2], 1.0, 0.0, 0, &d).is_err());
     let g = Tensor::randn(&[n], 9, &d).unwrap().to_vec().unwrap();
     let m = g.iter().map(|&x| x as f64).sum::<f64>() / n as f64;
     let v = g.iter().map(|&x| (x as f64 - m).powi(2)).sum::<f64>() / n as f64;

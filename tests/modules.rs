@@ -5,8 +5,9 @@ mod common;
 
 use common::*;
 use kiln::nn::{
-    AdaptiveAvgPool2d, AvgPool2d, ConvTranspose2d, Embedding, Gelu, Init, LayerNorm, LeakyRelu,
-    MaxPool2d, Module, Relu, Sigmoid, Silu, Tanh,
+    AdaptiveAvgPool2d, AvgPool2d, ConvTranspose2d, Dropout, Embedding, Flatten, Gelu, Init,
+    LayerNorm, LeakyRelu, Linear, MaxPool2d, Module, Relu, Residual, Sequential, Sigmoid, Silu,
+    Tanh,
 };
 use kiln::{ConvTranspose2dOptions, Pool2dOptions, Tensor};
 
@@ -343,4 +344,284 @@ fn activation_modules() {
         let want = Nd::new(&[5, 13], xv.iter().map(|&v| f(v)).collect());
         assert_close(&m.describe(), &m.forward(&x).unwrap(), &want, 1e-6, 1e-5);
     }
+}
+
+/// f64 2-D convolution without groups or dilation: `(y, [oh, ow])`.
+fn conv_f64(
+    x: &[f64],
+    [n, c, h, w]: [usize; 4],
+    wt: &[f64],
+    [o, k]: [usize; 2],
+    stride: usize,
+    pad: usize,
+) -> (Vec<f64>, [usize; 2]) {
+    let (oh, ow) = (
+        (h + 2 * pad - k) / stride + 1,
+        (w + 2 * pad - k) / stride + 1,
+    );
+    let mut y = vec![0.0; n * o * oh * ow];
+    for b in 0..n {
+        for oc in 0..o {
+            for oy in 0..oh {
+                for ox in 0..ow {
+                    let mut s = 0.0;
+                    for ci in 0..c {
+                        for ky in 0..k {
+                            for kx in 0..k {
+                                let iy = (oy * stride + ky) as isize - pad as isize;
+                                let ix = (ox * stride + kx) as isize - pad as isize;
+                                if iy >= 0 && ix >= 0 && (iy as usize) < h && (ix as usize) < w {
+                                    s += x[((b * c + ci) * h + iy as usize) * w + ix as usize]
+                                        * wt[((oc * c + ci) * k + ky) * k + kx];
+                                }
+                            }
+                        }
+                    }
+                    y[((b * o + oc) * oh + oy) * ow + ox] = s;
+                }
+            }
+        }
+    }
+    (y, [oh, ow])
+}
+
+/// torchvision's BasicBlock in eval mode, with a projection shortcut (stride 2, 3 -> 4
+/// channels) and with the identity (4 -> 4), every batch-norm tensor set to random values.
+#[test]
+fn residual_basic_block_in_eval_mode() {
+    let d = dev();
+    let mut rng = Rng::new(9);
+    for (cin, cout, stride) in [(3, 4, 2), (4, 4, 1)] {
+        let mut block = Residual::basic_block(&mut Init::new(&d, 2), cin, cout, stride).unwrap();
+        for (name, t, _) in block.state_dict() {
+            let v: Vec<f32> = if name.ends_with("num_batches_tracked") {
+                continue;
+            } else if name.ends_with("running_var") {
+                rng.vec(t.numel(), 0.5, 1.5)
+            } else if name.ends_with("weight") && t.rank() == 1 {
+                rng.vec(t.numel(), 0.5, 1.5)
+            } else {
+                rng.vec(t.numel(), -0.5, 0.5)
+            };
+            t.assign(&Tensor::from_slice(&v, t.dims(), &d).unwrap())
+                .unwrap();
+        }
+        block.set_training(false);
+        let state: std::collections::HashMap<String, Vec<f64>> = block
+            .state_dict()
+            .into_iter()
+            .map(|(n, t, _)| (n, host(&t)))
+            .collect();
+        let (n, h, w) = (2, 7, 6);
+        let (x, xv) = input(&mut rng, &[n, cin, h, w]);
+        let bn = |y: &mut [f64], prefix: &str, plane: usize| {
+            let get = |s: &str| &state[&format!("{prefix}.{s}")];
+            let (g, b, m, v) = (
+                get("weight"),
+                get("bias"),
+                get("running_mean"),
+                get("running_var"),
+            );
+            for (i, val) in y.iter_mut().enumerate() {
+                let ch = (i / plane) % cout;
+                *val = (*val - m[ch]) / (v[ch] + 1e-5).sqrt() * g[ch] + b[ch];
+            }
+        };
+        let (mut a, [oh, ow]) = conv_f64(
+            &xv,
+            [n, cin, h, w],
+            &state["conv1.weight"],
+            [cout, 3],
+            stride,
+            1,
+        );
+        bn(&mut a, "bn1", oh * ow);
+        a.iter_mut().for_each(|v| *v = v.max(0.0));
+        let (mut a, _) = conv_f64(
+            &a,
+            [n, cout, oh, ow],
+            &state["conv2.weight"],
+            [cout, 3],
+            1,
+            1,
+        );
+        bn(&mut a, "bn2", oh * ow);
+        let skip = if state.contains_key("downsample.0.weight") {
+            let (mut s, _) = conv_f64(
+                &xv,
+                [n, cin, h, w],
+                &state["downsample.0.weight"],
+                [cout, 1],
+                stride,
+                0,
+            );
+            bn(&mut s, "downsample.1", oh * ow);
+            s
+        } else {
+            xv.clone()
+        };
+        let want: Vec<f64> = a.iter().zip(&skip).map(|(a, s)| (a + s).max(0.0)).collect();
+        assert_close(
+            &format!("BasicBlock {cin}->{cout} stride {stride}"),
+            &block.forward(&x).unwrap(),
+            &Nd::new(&[n, cout, oh, ow], want),
+            1e-5,
+            1e-4,
+        );
+    }
+}
+
+/// `Residual::new` with a linear body and a linear shortcut, and Linear without a bias.
+#[test]
+fn residual_and_linear_without_bias() {
+    let d = dev();
+    let mut rng = Rng::new(10);
+    let mut init = Init::new(&d, 3);
+    let lin = Linear::new(&mut init, 5, 3, false).unwrap();
+    assert!(lin.bias.is_none());
+    let (wv, (x, xv)) = (host(&lin.weight), input(&mut rng, &[4, 5]));
+    let matvec = |w: &[f64], k: usize, o: usize, x: &[f64]| -> Vec<f64> {
+        (0..x.len() / k * o)
+            .map(|i| {
+                (0..k)
+                    .map(|j| w[(i % o) * k + j] * x[(i / o) * k + j])
+                    .sum()
+            })
+            .collect()
+    };
+    let want = matvec(&wv, 5, 3, &xv);
+    assert_close(
+        "Linear without bias",
+        &lin.forward(&x).unwrap(),
+        &Nd::new(&[4, 3], want.clone()),
+        1e-6,
+        1e-5,
+    );
+    let short = Linear::new(&mut init, 5, 3, false).unwrap();
+    let sv = host(&short.weight);
+    for relu in [false, true] {
+        let block = Residual::new(
+            Sequential::new().add(Linear::new(&mut Init::new(&d, 3), 5, 3, false).unwrap()),
+            Some(Sequential::new().add(Linear::new(&mut Init::new(&d, 7), 5, 3, false).unwrap())),
+            relu,
+        );
+        let short_w = host(&block.shortcut.as_ref().unwrap().parameters()[0]);
+        assert_ne!(short_w, sv, "a different shortcut weight");
+        let s = matvec(&short_w, 5, 3, &xv);
+        let want: Vec<f64> = want
+            .iter()
+            .zip(&s)
+            .map(|(a, b)| if relu { (a + b).max(0.0) } else { a + b })
+            .collect();
+        assert_close(
+            &format!("Residual relu {relu}"),
+            &block.forward(&x).unwrap(),
+            &Nd::new(&[4, 3], want),
+            1e-6,
+            1e-5,
+        );
+    }
+}
+
+/// Dropout as a module: in training each output is 0 or x / (1 - p), about p of them 0, a new
+/// mask each call; in eval the input itself.
+#[test]
+fn dropout_module() {
+    let d = dev();
+    let mut m = Dropout::new(&mut Init::new(&d, 1), 0.3).unwrap();
+    let (x, xv) = input(&mut Rng::new(11), &[40, 50]);
+    let a = m.forward(&x).unwrap().to_vec().unwrap();
+    let b = m.forward(&x).unwrap().to_vec().unwrap();
+    assert_ne!(a, b, "a new mask each call");
+    let mut dropped = 0;
+    for (i, &y) in a.iter().enumerate() {
+        if y == 0.0 && xv[i] != 0.0 {
+            dropped += 1;
+        } else {
+            let want = xv[i] / 0.7;
+            assert!(
+                (y as f64 - want).abs() <= 1e-6 * want.abs(),
+                "[{i}]: {y} vs {want}"
+            );
+        }
+    }
+    // 2,000 draws: the standard error of the fraction is about 0.01.
+    let frac = dropped as f64 / 2000.0;
+    assert!((frac - 0.3).abs() < 0.05, "dropped fraction {frac}");
+    m.set_training(false);
+    assert_eq!(
+        m.forward(&x).unwrap().to_vec().unwrap(),
+        x.to_vec().unwrap()
+    );
+}
+
+#[test]
+fn flatten_module_with_start_and_end() {
+    let (x, xv) = input(&mut Rng::new(12), &[2, 3, 4, 5]);
+    for (start, end, shape) in [
+        (1, -1, vec![2, 60]),
+        (0, 1, vec![6, 4, 5]),
+        (1, 2, vec![2, 12, 5]),
+        (-2, -1, vec![2, 3, 20]),
+        (2, 2, vec![2, 3, 4, 5]),
+    ] {
+        let y = Flatten { start, end }.forward(&x).unwrap();
+        assert_close(
+            &format!("Flatten({start}, {end})"),
+            &y,
+            &Nd::new(&shape, xv.clone()),
+            0.0,
+            0.0,
+        );
+    }
+    assert!(Flatten { start: 3, end: 1 }.forward(&x).is_err());
+    assert!(Flatten { start: 0, end: 4 }.forward(&x).is_err());
+}
+
+/// group_norm and batch_norm without affine parameters.
+#[test]
+fn normalisation_without_affine_parameters() {
+    let mut rng = Rng::new(13);
+    let (n, c, hw) = (3, 6, 5);
+    let (x, xv) = input(&mut rng, &[n, c, hw]);
+    for groups in [1, 2, 3, 6] {
+        let y = x.group_norm(groups, None, None, 1e-5).unwrap();
+        let per = c / groups * hw;
+        let mut want = vec![0.0; xv.len()];
+        for (chunk, out) in xv.chunks(per).zip(want.chunks_mut(per)) {
+            let m = chunk.iter().sum::<f64>() / per as f64;
+            let v = chunk.iter().map(|x| (x - m).powi(2)).sum::<f64>() / per as f64;
+            for (o, x) in out.iter_mut().zip(chunk) {
+                *o = (x - m) / (v + 1e-5).sqrt();
+            }
+        }
+        assert_close(
+            &format!("group_norm {groups} groups"),
+            &y,
+            &Nd::new(&[n, c, hw], want),
+            1e-5,
+            1e-4,
+        );
+    }
+    let y = x
+        .batch_norm(None, None, None, None, true, 0.1, 1e-5)
+        .unwrap();
+    let mut want = vec![0.0; xv.len()];
+    for ch in 0..c {
+        let idx: Vec<usize> = (0..n)
+            .flat_map(|b| (0..hw).map(move |k| (b * c + ch) * hw + k))
+            .collect();
+        let m = idx.iter().map(|&i| xv[i]).sum::<f64>() / idx.len() as f64;
+        let v = idx.iter().map(|&i| (xv[i] - m).powi(2)).sum::<f64>() / idx.len() as f64;
+        for &i in &idx {
+            want[i] = (xv[i] - m) / (v + 1e-5).sqrt();
+        }
+    }
+    assert_close(
+        "batch_norm without affine or running statistics",
+        &y,
+        &Nd::new(&[n, c, hw], want),
+        1e-5,
+        1e-4,
+    );
 }

@@ -241,6 +241,43 @@ fn misuse_is_err() {
     assert!(clip_grad_norm(&[w], -1.0).is_err());
 }
 
+/// clip_grad_norm returns the total L2 norm before clipping, over every parameter's gradient
+/// (skipping parameters without one), and scales by max_norm / (norm + 1e-6) only above it.
+#[test]
+fn clip_grad_norm_returns_the_norm_before_clipping() {
+    let d = dev();
+    let mut rng = Rng::new(3);
+    let (ga, gb) = (rng.vec(7, -2.0, 2.0), rng.vec(3, -2.0, 2.0));
+    let norm: f64 = ga
+        .iter()
+        .chain(&gb)
+        .map(|&g| (g as f64).powi(2))
+        .sum::<f64>()
+        .sqrt();
+    for max in [0.5 * norm, 2.0 * norm] {
+        let a = Tensor::zeros(&[7], &d).unwrap().requires_grad();
+        let b = Tensor::zeros(&[3], &d).unwrap().requires_grad();
+        let none = Tensor::zeros(&[2], &d).unwrap().requires_grad();
+        a.set_grad(Some(Tensor::from_slice(&ga, &[7], &d).unwrap()))
+            .unwrap();
+        b.set_grad(Some(Tensor::from_slice(&gb, &[3], &d).unwrap()))
+            .unwrap();
+        let got = clip_grad_norm(&[a.clone(), none, b.clone()], max as f32).unwrap();
+        assert_close("returned norm", &got, &Nd::new(&[], vec![norm]), 1e-6, 1e-6);
+        let scale = if max < norm { max / (norm + 1e-6) } else { 1.0 };
+        for (t, g) in [(&a, &ga), (&b, &gb)] {
+            let want: Vec<f64> = g.iter().map(|&v| v as f64 * scale).collect();
+            assert_close(
+                "clipped gradient",
+                &t.grad().unwrap(),
+                &Nd::new(&[g.len()], want),
+                1e-6,
+                1e-5,
+            );
+        }
+    }
+}
+
 #[test]
 fn schedules_match_pytorch_formulas() {
     let s = StepDecay {
