@@ -396,9 +396,7 @@ fn residual_basic_block_in_eval_mode() {
         for (name, t, _) in block.state_dict() {
             let v: Vec<f32> = if name.ends_with("num_batches_tracked") {
                 continue;
-            } else if name.ends_with("running_var") {
-                rng.vec(t.numel(), 0.5, 1.5)
-            } else if name.ends_with("weight") && t.rank() == 1 {
+            } else if name.ends_with("running_var") || (name.ends_with("weight") && t.rank() == 1) {
                 rng.vec(t.numel(), 0.5, 1.5)
             } else {
                 rng.vec(t.numel(), -0.5, 0.5)
