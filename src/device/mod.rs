@@ -41,6 +41,16 @@ pub struct DeviceOptions {
     /// computes every index from shapes it has checked, and the test suite runs the checked
     /// kernels; off by default, on with `KILN_TRUSTED_SHADERS=1`.
     pub trusted_shaders: bool,
+    /// Optional features not to enable even where the adapter has them (for example
+    /// `SHADER_F16`, to run the paths of adapters without it).
+    ///
+    /// ```
+    /// use kiln::{wgpu::Features, Device, DeviceOptions};
+    /// let dev = Device::new(&DeviceOptions { without_features: Features::SHADER_F16, ..Default::default() })?;
+    /// assert!(!dev.features().contains(Features::SHADER_F16));
+    /// # Ok::<(), kiln::Error>(())
+    /// ```
+    pub without_features: wgpu::Features,
 }
 
 /// Counters of the runtime, for tests and tuning.
@@ -199,14 +209,18 @@ impl Device {
             })?;
         let trusted = options.trusted_shaders
             || std::env::var("KILN_TRUSTED_SHADERS").is_ok_and(|v| v == "1");
-        Self::from_adapter(adapter, trusted)
+        Self::from_adapter(adapter, trusted, options.without_features)
     }
 
-    fn from_adapter(adapter: wgpu::Adapter, trusted_shaders: bool) -> Result<Device> {
+    fn from_adapter(
+        adapter: wgpu::Adapter,
+        trusted_shaders: bool,
+        without_features: wgpu::Features,
+    ) -> Result<Device> {
         let info = adapter.get_info();
         let wanted =
             wgpu::Features::SHADER_F16 | wgpu::Features::SUBGROUP | wgpu::Features::TIMESTAMP_QUERY;
-        let features = adapter.features() & wanted;
+        let features = adapter.features() & wanted & !without_features;
         let limits = adapter.limits();
         let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
             label: Some("kiln"),

@@ -509,3 +509,24 @@ pub fn erf(x: f64) -> f64 {
         x.signum() * (1.0 - erfc)
     }
 }
+
+/// `model.to_half()`, which must succeed where the adapter has `SHADER_F16`; elsewhere its
+/// documented `Err` is asserted and `None` returned, so no f16 check is skipped silently.
+pub fn to_half_or_refused(
+    model: kiln::infer::InferenceModel,
+) -> Option<kiln::infer::InferenceModel> {
+    let has = model
+        .device()
+        .features()
+        .contains(kiln::wgpu::Features::SHADER_F16);
+    match model.to_half() {
+        Ok(half) if has => Some(half),
+        Err(e) if !has => {
+            let e = e.to_string();
+            assert!(e.contains("has no SHADER_F16 feature"), "{e}");
+            None
+        }
+        Ok(_) => panic!("to_half succeeded without SHADER_F16"),
+        Err(e) => panic!("to_half failed with SHADER_F16: {e}"),
+    }
+}
