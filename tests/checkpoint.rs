@@ -103,7 +103,7 @@ fn kiln_files_are_stable_and_pytorch_reads_them() {
         for (file, model) in &models {
             std::fs::write(
                 fixture(file),
-                kiln::checkpoint::to_bytes(model, None, None).unwrap(),
+                kiln::checkpoint::to_bytes(model, None).unwrap(),
             )
             .unwrap();
         }
@@ -114,7 +114,7 @@ fn kiln_files_are_stable_and_pytorch_reads_them() {
         );
     }
     for (file, mut model) in models {
-        let bytes = kiln::checkpoint::to_bytes(&model, None, None).unwrap();
+        let bytes = kiln::checkpoint::to_bytes(&model, None).unwrap();
         let committed = std::fs::read(fixture(file)).unwrap();
         assert!(
             bytes == committed,
@@ -283,7 +283,7 @@ fn sgd_state_round_trips() {
 #[test]
 fn bad_checkpoints_are_err_naming_the_tensor() {
     let model = digits_cnn(1);
-    let good = kiln::checkpoint::to_bytes(&model, None, None).unwrap();
+    let good = kiln::checkpoint::to_bytes(&model, None).unwrap();
     let dir = std::env::temp_dir();
     let path = dir.join(format!("kiln-bad-{}.safetensors", std::process::id()));
     let load = |bytes: &[u8]| {
@@ -306,7 +306,7 @@ fn bad_checkpoints_are_err_naming_the_tensor() {
     let stored = kiln::checkpoint::from_bytes(&good).unwrap();
     let mut partial = stored;
     partial.remove("6.bias");
-    let e = kiln::checkpoint::load_stored(&partial, &smaller, None)
+    let e = kiln::checkpoint::load_stored(&partial, &smaller, None, &Default::default())
         .unwrap_err()
         .to_string();
     assert!(e.contains("6.bias") && e.contains("missing"), "{e}");
@@ -364,7 +364,7 @@ fn streamed_saves_match_safetensors_and_fail_safely() {
         .backward()
         .unwrap();
     kiln::optim::Optimizer::step(&mut opt).unwrap();
-    let ours = kiln::checkpoint::to_bytes(&model, Some(&opt), Some(spec)).unwrap();
+    let ours = kiln::checkpoint::to_bytes(&model, Some(spec)).unwrap();
     let mut entries: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
     for (name, t, _) in model.state_dict() {
         let v = t.to_vec().unwrap();
@@ -380,15 +380,6 @@ fn streamed_saves_match_safetensors_and_fail_safely() {
             ));
         }
     }
-    for (name, t) in kiln::optim::Optimizer::state(&opt) {
-        let v = t.to_vec().unwrap();
-        entries.push((
-            format!("optimizer.{name}"),
-            Dtype::F32,
-            t.dims().to_vec(),
-            bytemuck::cast_slice(&v).to_vec(),
-        ));
-    }
     let views: Vec<(String, TensorView)> = entries
         .iter()
         .map(|(n, dt, s, b)| (n.clone(), TensorView::new(*dt, s.clone(), b).unwrap()))
@@ -403,10 +394,31 @@ fn streamed_saves_match_safetensors_and_fail_safely() {
         ours == theirs,
         "the streamed file differs from safetensors' own layout"
     );
+    // The optimizer file, read by the safetensors crate: every state tensor, the step count
+    // and the learning rate.
+    let opt_bytes = kiln::checkpoint::optimizer_to_bytes(&opt).unwrap();
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&opt_bytes).unwrap();
+    let meta = meta.metadata().clone().unwrap();
+    assert_eq!(meta["kiln.optimizer.steps"], "1");
+    assert_eq!(meta["kiln.optimizer.lr"], "0.001");
+    let st = safetensors::SafeTensors::deserialize(&opt_bytes).unwrap();
+    let state = kiln::optim::Optimizer::state(&opt);
+    assert_eq!(st.len(), state.len());
+    for (name, t) in state {
+        let view = st.tensor(&name).unwrap();
+        assert_eq!(view.shape(), t.dims(), "{name}");
+        assert_eq!(
+            view.data(),
+            bytemuck::cast_slice::<f32, u8>(&t.to_vec().unwrap()),
+            "{name}"
+        );
+    }
     // A save that fails midway (the device is lost while tensors are read) keeps the old file.
     let path = std::env::temp_dir().join(format!("kiln-stream-{}.safetensors", std::process::id()));
     kiln::checkpoint::save(&path, &model, Some(&opt), Some(spec)).unwrap();
     assert_eq!(std::fs::read(&path).unwrap(), ours);
+    let opt_path = kiln::checkpoint::optimizer_path(&path);
+    assert_eq!(std::fs::read(&opt_path).unwrap(), opt_bytes);
     d.destroy();
     assert!(kiln::checkpoint::save(&path, &model, Some(&opt), Some(spec)).is_err());
     assert_eq!(
@@ -414,6 +426,281 @@ fn streamed_saves_match_safetensors_and_fail_safely() {
         ours,
         "the old checkpoint is intact"
     );
+    assert_eq!(
+        std::fs::read(&opt_path).unwrap(),
+        opt_bytes,
+        "and the old optimizer file"
+    );
     assert!(!path.with_extension("safetensors.partial").exists());
+    assert!(!opt_path.with_extension("safetensors.partial").exists());
     std::fs::remove_file(&path).ok();
+    std::fs::remove_file(&opt_path).ok();
+}
+
+/// A pretrained body under a new head: the non-strict load reports the new head's tensors as
+/// missing and the old head's as unexpected, loads the body bit for bit, leaves the new head
+/// as initialised, and the model then trains. Strict loading of the same file is an `Err` that
+/// changes nothing. A shape mismatch is an `Err` either way.
+#[test]
+fn fine_tune_a_new_head_through_non_strict_loading() {
+    use kiln::checkpoint::{load_with, LoadOptions};
+    let d = dev();
+    let pretrained = host_values(digits_cnn(5), 5);
+    let path =
+        std::env::temp_dir().join(format!("kiln-finetune-{}.safetensors", std::process::id()));
+    kiln::checkpoint::save(&path, &pretrained, None, None).unwrap();
+    let body = |init: &mut Init| {
+        let pad1 = Conv2dOptions {
+            padding: [1, 1],
+            ..Default::default()
+        };
+        Sequential::new()
+            .add(Conv2d::new(init, 1, 16, [3, 3], pad1, true).unwrap())
+            .add(Relu)
+            .add(Conv2d::new(init, 16, 32, [3, 3], pad1, true).unwrap())
+            .add(Relu)
+            .add(MaxPool2d(Pool2dOptions::new([2, 2])))
+            .add(Flatten::default())
+            .add(Linear::new(init, 512, 64, true).unwrap())
+            .add(Relu)
+            .add_named("head", Linear::new(init, 64, 3, true).unwrap())
+    };
+    let model = body(&mut Init::new(&d, 11));
+    let head_before = model.state_dict()[6].1.to_vec().unwrap();
+    let before: Vec<Vec<f32>> = model
+        .state_dict()
+        .iter()
+        .map(|(_, t, _)| t.to_vec().unwrap())
+        .collect();
+    let e = kiln::checkpoint::load(&path, &model, None)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("missing") || e.contains("not in the model"),
+        "{e}"
+    );
+    let now: Vec<Vec<f32>> = model
+        .state_dict()
+        .iter()
+        .map(|(_, t, _)| t.to_vec().unwrap())
+        .collect();
+    assert_eq!(before, now, "a failed strict load changes nothing");
+    let report = load_with(&path, &model, None, &LoadOptions { strict: false }).unwrap();
+    assert_eq!(report.missing, ["head.bias", "head.weight"]);
+    assert_eq!(report.unexpected, ["8.bias", "8.weight"]);
+    let want: std::collections::HashMap<String, Vec<f32>> = pretrained
+        .state_dict()
+        .into_iter()
+        .map(|(n, t, _)| (n, t.to_vec().unwrap()))
+        .collect();
+    for (name, t, _) in model.state_dict() {
+        if name.starts_with("head.") {
+            continue;
+        }
+        assert_eq!(t.to_vec().unwrap(), want[&name], "{name} loaded");
+    }
+    assert_eq!(
+        model.state_dict()[6].1.to_vec().unwrap(),
+        head_before,
+        "the new head is as initialised"
+    );
+    // It fine-tunes: three Adam steps lower the loss on a batch of three classes.
+    let mut opt = Adam::new(
+        model.parameters(),
+        AdamOptions {
+            lr: 0.01,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let x = digits_batch();
+    let t = Tensor::from_slice(&[0.0, 1.0, 2.0, 0.0, 1.0, 2.0, 0.0, 1.0], &[8], &d).unwrap();
+    let loss = |m: &Sequential| {
+        kiln::loss::cross_entropy(&m.forward(&x).unwrap(), &t, &Default::default()).unwrap()
+    };
+    let first = loss(&model).to_scalar().unwrap();
+    for _ in 0..3 {
+        let l = loss(&model);
+        opt.zero_grad();
+        l.backward().unwrap();
+        opt.step().unwrap();
+    }
+    let last = loss(&model).to_scalar().unwrap();
+    assert!(last < first, "fine-tuning: loss {first} -> {last}");
+    // A tensor of another shape under a known name is an Err even when not strict.
+    let wrong = Sequential::new().add(Linear::new(&mut Init::new(&d, 0), 3, 16, true).unwrap());
+    let e = load_with(&path, &wrong, None, &LoadOptions { strict: false })
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("0.weight") && e.contains("shape"), "{e}");
+    std::fs::remove_file(&path).ok();
+}
+
+/// The weights file of a checkpoint saved with an optimizer holds exactly the state dict
+/// (PyTorch's strict `load_state_dict` takes it); the optimizer file beside it restores the
+/// state, the step count and the learning rate; a save without an optimizer removes a stale
+/// optimizer file; a load that asks for optimizer state where there is none is an `Err`.
+#[test]
+fn optimizer_state_lives_beside_the_weights_and_resumes_steps_and_lr() {
+    let d = dev();
+    let model = digits_bn(6);
+    let mut opt = Adam::new(model.parameters(), AdamOptions::default()).unwrap();
+    let x = digits_batch();
+    let t = Tensor::from_slice(&[0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0], &[8], &d).unwrap();
+    for _ in 0..3 {
+        let l = kiln::loss::cross_entropy(&model.forward(&x).unwrap(), &t, &Default::default())
+            .unwrap();
+        opt.zero_grad();
+        l.backward().unwrap();
+        opt.step().unwrap();
+    }
+    opt.set_lr(0.000_337_5);
+    let path = std::env::temp_dir().join(format!("kiln-resume-{}.safetensors", std::process::id()));
+    kiln::checkpoint::save(&path, &model, Some(&opt), None).unwrap();
+    let bytes = std::fs::read(&path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut names: Vec<String> = st.names().into_iter().map(String::from).collect();
+    names.sort();
+    let mut want: Vec<String> = model.state_dict().into_iter().map(|(n, _, _)| n).collect();
+    want.sort();
+    assert_eq!(names, want, "the weights file holds exactly the state dict");
+    let opt_path = kiln::checkpoint::optimizer_path(&path);
+    assert!(opt_path
+        .to_string_lossy()
+        .ends_with(".optimizer.safetensors"));
+    let copy = digits_bn(7);
+    let mut copy_opt = Adam::new(copy.parameters(), AdamOptions::default()).unwrap();
+    kiln::checkpoint::load(&path, &copy, Some(&mut copy_opt)).unwrap();
+    assert_eq!(copy_opt.steps(), 3, "step count restored");
+    assert_eq!(copy_opt.lr(), 0.000_337_5, "learning rate restored");
+    assert_same_state(&model, &opt, &copy, &copy_opt);
+    // Without an optimizer, the stale optimizer file goes, and asking for one is an Err.
+    kiln::checkpoint::save(&path, &model, None, None).unwrap();
+    assert!(!opt_path.exists(), "stale optimizer state removed");
+    let mut third = Adam::new(copy.parameters(), AdamOptions::default()).unwrap();
+    let e = kiln::checkpoint::load(&path, &copy, Some(&mut third))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("no optimizer state"), "{e}");
+    std::fs::remove_file(&path).ok();
+}
+
+/// Raw named tensors: a round trip of odd shapes and names, and a file of another writer
+/// (the safetensors crate, with f64 and i32 tensors) read into f32 tensors.
+#[test]
+fn save_and_load_raw_tensors() {
+    use safetensors::tensor::{Dtype, TensorView};
+    let d = dev();
+    let mut rng = Rng::new(4);
+    let a = Tensor::from_slice(&rng.vec(35, -1.0, 1.0), &[5, 7], &d).unwrap();
+    let b = Tensor::from_slice(&rng.vec(3, -1.0, 1.0), &[3], &d).unwrap();
+    let s = Tensor::scalar(2.5, &d).unwrap();
+    let path = std::env::temp_dir().join(format!("kiln-raw-{}.safetensors", std::process::id()));
+    kiln::checkpoint::save_tensors(
+        &path,
+        &[
+            ("layer/a", &a),
+            ("b", &b),
+            ("at", &a.t().unwrap()),
+            ("scale", &s),
+        ],
+    )
+    .unwrap();
+    let back = kiln::checkpoint::load_tensors(&path, &d).unwrap();
+    let at = a.t().unwrap();
+    assert_eq!(back.len(), 4);
+    for (name, t) in [("layer/a", &a), ("b", &b), ("scale", &s), ("at", &at)] {
+        assert_eq!(back[name].dims(), t.dims(), "{name}");
+        assert_eq!(back[name].to_vec().unwrap(), t.to_vec().unwrap(), "{name}");
+    }
+    assert!(
+        kiln::checkpoint::save_tensors(&path, &[("x", &a), ("x", &b)]).is_err(),
+        "a name twice"
+    );
+    let f64s: Vec<u8> = [1.5f64, -2.0]
+        .iter()
+        .flat_map(|v| v.to_le_bytes())
+        .collect();
+    let i32s: Vec<u8> = [7i32, -3, 0].iter().flat_map(|v| v.to_le_bytes()).collect();
+    let views = vec![
+        (
+            "d".to_string(),
+            TensorView::new(Dtype::F64, vec![2], &f64s).unwrap(),
+        ),
+        (
+            "i".to_string(),
+            TensorView::new(Dtype::I32, vec![3, 1], &i32s).unwrap(),
+        ),
+    ];
+    std::fs::write(&path, safetensors::serialize(views, None).unwrap()).unwrap();
+    let back = kiln::checkpoint::load_tensors(&path, &d).unwrap();
+    assert_eq!(back["d"].to_vec().unwrap(), vec![1.5, -2.0]);
+    assert_eq!(
+        (back["i"].dims(), back["i"].to_vec().unwrap()),
+        (&[3, 1][..], vec![7.0, -3.0, 0.0])
+    );
+    std::fs::write(&path, b"not safetensors").unwrap();
+    assert!(kiln::checkpoint::load_tensors(&path, &d).is_err());
+    std::fs::remove_file(&path).ok();
+}
+
+/// A checkpoint of an earlier kiln version, with the optimizer state inside the weights file
+/// under `optimizer.`, still loads (model and optimizer state).
+#[test]
+fn files_with_the_optimizer_inside_still_load() {
+    let model = digits_bn(8);
+    let mut opt = Sgd::new(
+        model.parameters(),
+        SgdOptions {
+            lr: 0.1,
+            momentum: 0.9,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let l = model
+        .forward(&digits_batch())
+        .unwrap()
+        .square()
+        .unwrap()
+        .sum_all()
+        .unwrap();
+    l.backward().unwrap();
+    opt.step().unwrap();
+    let mut tensors: Vec<(String, Tensor)> = model
+        .state_dict()
+        .into_iter()
+        .map(|(n, t, _)| (n, t))
+        .collect();
+    tensors.extend(
+        opt.state()
+            .into_iter()
+            .map(|(n, t)| (format!("optimizer.{n}"), t)),
+    );
+    let path = std::env::temp_dir().join(format!("kiln-legacy-{}.safetensors", std::process::id()));
+    let refs: Vec<(&str, &Tensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
+    kiln::checkpoint::save_tensors(&path, &refs).unwrap();
+    let copy = digits_bn(9);
+    let mut copy_opt = Sgd::new(
+        copy.parameters(),
+        SgdOptions {
+            lr: 0.1,
+            momentum: 0.9,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    kiln::checkpoint::load(&path, &copy, Some(&mut copy_opt)).unwrap();
+    std::fs::remove_file(&path).ok();
+    let (sa, sb) = (opt.state(), copy_opt.state());
+    assert_eq!(sa.len(), sb.len());
+    for ((n, a), (_, b)) in sa.iter().zip(&sb) {
+        assert_eq!(a.to_vec().unwrap(), b.to_vec().unwrap(), "{n}");
+    }
+    for ((n, a, _), (_, b, _)) in model.state_dict().iter().zip(copy.state_dict().iter()) {
+        assert!(
+            n.ends_with("num_batches_tracked") || a.to_vec().unwrap() == b.to_vec().unwrap(),
+            "{n}"
+        );
+    }
 }

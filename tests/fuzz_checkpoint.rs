@@ -1,6 +1,7 @@
-//! Fuzz of checkpoint files: 2,000 corrupt or hostile variants of a real checkpoint (with
-//! batch norm buffers, an integer counter, Adam state and a spec) are read and loaded into a
-//! model. Each is an `Err` that leaves the model and optimizer untouched, or `Ok` with the
+//! Fuzz of checkpoint files: 2,000 corrupt or hostile variants of a real checkpoint (the
+//! weights file with batch norm buffers, an integer counter and a spec, and the optimizer file
+//! with Adam state, step count and learning rate; one of the two is mutated in each case) are
+//! read and loaded into a model and optimizer. Each is an `Err` that leaves the model and optimizer untouched, or `Ok` with the
 //! values an independent reader of the format finds in the file. No case may panic.
 
 mod common;
@@ -20,8 +21,9 @@ fn model(seed: u64) -> Sequential {
     Sequential::from_spec(&mut Init::new(&dev(), seed), SPEC).unwrap()
 }
 
-/// The file: a model after one Adam step (so batch norm and optimizer state are non-trivial).
-fn base_file() -> Vec<u8> {
+/// The weights and optimizer files of a model after one Adam step (so batch norm and
+/// optimizer state are non-trivial).
+fn base_files() -> (Vec<u8>, Vec<u8>) {
     let d = dev();
     let m = model(1);
     let mut opt = Adam::new(m.parameters(), AdamOptions::default()).unwrap();
@@ -29,7 +31,10 @@ fn base_file() -> Vec<u8> {
     let loss = m.forward(&x).unwrap().square().unwrap().sum_all().unwrap();
     loss.backward().unwrap();
     opt.step().unwrap();
-    kiln::checkpoint::to_bytes(&m, Some(&opt), Some(SPEC)).unwrap()
+    (
+        kiln::checkpoint::to_bytes(&m, Some(SPEC)).unwrap(),
+        kiln::checkpoint::optimizer_to_bytes(&opt).unwrap(),
+    )
 }
 
 /// Tensors by name: shape and values.
@@ -246,27 +251,37 @@ fn same_bits(a: &[f32], b: &[f32]) -> bool {
 
 #[test]
 fn hostile_checkpoints_are_err_or_load_what_the_file_holds() {
-    let base = base_file();
+    let (base, base_opt) = base_files();
     let target = model(7);
     let mut opt = Adam::new(target.parameters(), AdamOptions::default()).unwrap();
-    // The base file loads, and gives the values the reference reader finds.
-    kiln::checkpoint::load_stored(
-        &kiln::checkpoint::from_bytes(&base).unwrap(),
-        &target,
-        Some(&mut opt),
-    )
-    .unwrap();
+    let strict = kiln::checkpoint::LoadOptions::default();
+    let load = |weights: &[u8], optimizer: &[u8], opt: &mut Adam| -> kiln::Result<()> {
+        let stored = kiln::checkpoint::from_bytes(weights)?;
+        let saved = kiln::checkpoint::optimizer_from_bytes(optimizer)?;
+        kiln::checkpoint::load_stored(&stored, &target, Some((&saved, opt)), &strict).map(|_| ())
+    };
+    // The base files load, and give the values the reference reader finds.
+    load(&base, &base_opt, &mut opt).unwrap();
     let mut rng = Rng::new(13);
     let (mut cases, mut loaded) = (0usize, 0usize);
     let mut failures = Vec::new();
     while cases < 2000 {
-        let (bytes, what) = mutate(&base, &mut rng);
+        // Even cases mutate the weights file, odd ones the optimizer file.
+        let of_optimizer = cases % 2 == 1;
+        let (bytes, what) = mutate(if of_optimizer { &base_opt } else { &base }, &mut rng);
+        let (weights, optimizer) = if of_optimizer {
+            (base.clone(), bytes)
+        } else {
+            (bytes, base_opt.clone())
+        };
+        let what = format!(
+            "{} file: {what}",
+            if of_optimizer { "optimizer" } else { "weights" }
+        );
         cases += 1;
         let before = state_of(&target, &opt);
-        let result = catch_unwind(AssertUnwindSafe(|| {
-            let stored = kiln::checkpoint::from_bytes(&bytes)?;
-            kiln::checkpoint::load_stored(&stored, &target, Some(&mut opt))
-        }));
+        let (steps, lr) = (opt.steps(), opt.lr());
+        let result = catch_unwind(AssertUnwindSafe(|| load(&weights, &optimizer, &mut opt)));
         let after = state_of(&target, &opt);
         match result {
             Err(_) => failures.push(format!("panic: {what}")),
@@ -275,16 +290,22 @@ fn hostile_checkpoints_are_err_or_load_what_the_file_holds() {
                     .iter()
                     .zip(&after)
                     .all(|((_, a), (_, b))| same_bits(a, b));
-                if !untouched {
+                if !untouched || (steps, lr) != (opt.steps(), opt.lr()) {
                     failures.push(format!("Err but the model changed: {what}"));
                 }
             }
             Ok(Ok(())) => {
                 loaded += 1;
-                let Some(want) = reference(&bytes) else {
+                let (Some(mut want), Some(want_opt)) = (reference(&weights), reference(&optimizer))
+                else {
                     failures.push(format!("loaded a file the format forbids: {what}"));
                     continue;
                 };
+                want.extend(
+                    want_opt
+                        .into_iter()
+                        .map(|(k, v)| (format!("optimizer.{k}"), v)),
+                );
                 for (name, got) in &after {
                     match want.get(name) {
                         Some((_, v)) if same_bits(v, got) => {}

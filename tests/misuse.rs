@@ -116,7 +116,7 @@ fn tensors_of_another_device_are_refused() {
     assert!(e.contains("device"), "{e}");
 }
 
-/// `checkpoint::load` is all-or-nothing: a bad optimizer section leaves the model as it was.
+/// `checkpoint::load` is all-or-nothing: a bad optimizer file leaves the model as it was.
 #[test]
 fn checkpoint_load_writes_nothing_on_error() {
     let d = dev();
@@ -156,6 +156,7 @@ fn checkpoint_load_writes_nothing_on_error() {
     .unwrap();
     let r = kiln::checkpoint::load(&path, &target, Some(&mut wrong));
     std::fs::remove_file(&path).ok();
+    std::fs::remove_file(kiln::checkpoint::optimizer_path(&path)).ok();
     assert!(r.is_err(), "the optimizer section does not fit");
     let after: Vec<Vec<f32>> = target
         .parameters()

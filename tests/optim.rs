@@ -205,6 +205,17 @@ fn optimizer_state_and_skipped_parameters() {
 fn misuse_is_err() {
     let d = dev();
     let plain = Tensor::ones(&[2], &d).unwrap();
+    // No parameters (a module that never listed its tensors): nothing would ever train.
+    for e in [
+        Sgd::new(vec![], SgdOptions::default()).err(),
+        Adam::new(vec![], AdamOptions::default()).err(),
+        Adam::adamw(vec![], AdamOptions::adamw()).err(),
+    ] {
+        let e = e
+            .expect("an optimizer over no parameters is an Err")
+            .to_string();
+        assert!(e.contains("no parameters"), "{e}");
+    }
     assert!(
         Sgd::new(vec![plain.clone()], SgdOptions::default()).is_err(),
         "not a leaf that requires grad"

@@ -67,6 +67,9 @@ pub trait Optimizer {
     /// Number of steps taken.
     fn steps(&self) -> u64;
 
+    /// Sets the number of steps taken (when resuming from a checkpoint).
+    fn set_steps(&mut self, steps: u64);
+
     /// Restores one named state tensor, as listed by [`Optimizer::state`]. On `Err` nothing
     /// is changed.
     fn set_state(&mut self, name: &str, value: &Tensor) -> Result<()>;
@@ -118,6 +121,14 @@ fn owned_copy(value: &Tensor) -> Result<Tensor> {
 }
 
 fn check_params(op: &'static str, params: &[Tensor]) -> Result<()> {
+    // An optimizer over nothing would "train" without changing anything: a module whose
+    // parameters were never registered is the usual cause.
+    if params.is_empty() {
+        return Err(Error::invalid(
+            op,
+            "no parameters to optimize (does the module list its tensors in `visit`?)",
+        ));
+    }
     for (i, p) in params.iter().enumerate() {
         if !p.requires_grad_flag() || !p.is_leaf() {
             return Err(Error::invalid(
@@ -320,6 +331,10 @@ impl Optimizer for Sgd {
         self.steps
     }
 
+    fn set_steps(&mut self, steps: u64) {
+        self.steps = steps;
+    }
+
     fn set_state(&mut self, name: &str, value: &Tensor) -> Result<()> {
         self.check_state(name, value)?;
         let (i, _) = state_slot("Sgd::set_state", &self.params, name, value, false)?;
@@ -501,6 +516,10 @@ impl Optimizer for Adam {
 
     fn steps(&self) -> u64 {
         self.steps
+    }
+
+    fn set_steps(&mut self, steps: u64) {
+        self.steps = steps;
     }
 
     fn check_state(&self, name: &str, value: &Tensor) -> Result<()> {
