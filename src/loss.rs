@@ -1,9 +1,10 @@
 //! Loss functions, with PyTorch's semantics and defaults.
 //!
-//! Class-index targets are f32 tensors holding integers. They are not read back to the host,
-//! so an index outside `0..C` (other than `ignore_index`) cannot be reported: its term picks
-//! no class and contributes as if its log-probability were 0. Check labels where they come
-//! from the host.
+//! Class-index targets are f32 tensors holding integers. They stay on the GPU, so a target
+//! outside `0..C` (other than `ignore_index`), or a fractional one, is reported by the kernel
+//! that reads it: the next readback (of the loss or anything else) is an `Err` naming the
+//! value. `kiln::train::fit` also checks the logits' shape against the dataset's class count
+//! before its first step.
 
 use crate::autograd::{no_grad, record, Op};
 use crate::error::{Error, Result};

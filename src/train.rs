@@ -74,6 +74,21 @@ fn batch_totals(logits: &Tensor, targets: &Tensor) -> Result<(Tensor, Tensor)> {
     })
 }
 
+/// Logits of a batch of `n` must be `(n, classes)`: a model with the wrong number of outputs
+/// would otherwise train on out-of-range targets.
+fn check_logits(logits: &Tensor, n: usize, classes: usize) -> Result<()> {
+    if logits.dims() != [n, classes] {
+        return Err(Error::shape(
+            "fit",
+            format!(
+                "the model's output has shape {:?}, but a batch of {n} samples of a {classes}-class dataset needs logits ({n}, {classes})",
+                logits.dims()
+            ),
+        ));
+    }
+    Ok(())
+}
+
 fn sum_scalars(v: &[Tensor]) -> Result<Vec<f32>> {
     if v.is_empty() {
         return Ok(Vec::new());
@@ -85,7 +100,9 @@ fn sum_scalars(v: &[Tensor]) -> Result<Vec<f32>> {
 
 /// Trains a classifier with cross-entropy: for each epoch, every batch of `train` runs
 /// forward, backward and an optimizer step; then `eval` (if any) is scored. Returns one report
-/// per epoch. A non-finite loss stops training with an error naming the epoch and step.
+/// per epoch. A non-finite loss stops training with an error naming the epoch and step; logits
+/// that are not `(batch, classes)` for the dataset's class count are an error at the first
+/// batch, before any step.
 pub fn fit(
     model: &mut dyn Module,
     optimizer: &mut dyn Optimizer,
@@ -109,6 +126,7 @@ pub fn fit(
             let batch = batch?;
             let n = batch.labels.len();
             let logits = model.forward(&batch.inputs)?;
+            check_logits(&logits, n, train.dataset().num_classes())?;
             let loss = cross_entropy(&logits, &batch.targets, &Default::default())?;
             optimizer.zero_grad();
             loss.backward()?;
@@ -201,6 +219,7 @@ pub fn evaluate(model: &mut dyn Module, loader: &DataLoader<'_>) -> Result<(f32,
     for batch in loader.epoch(0) {
         let batch = batch?;
         let logits = no_grad(|| model.forward(&batch.inputs))?;
+        check_logits(&logits, batch.labels.len(), loader.dataset().num_classes())?;
         let (l, c) = batch_totals(&logits, &batch.targets)?;
         losses.push(l);
         correct.push(c);

@@ -374,3 +374,26 @@ fn cross_entropy_of_one_unbatched_sample() {
     )
     .is_err());
 }
+
+/// A class target outside `0..C` or a fractional one cannot be checked on the host (targets
+/// stay on the GPU): the kernel reports it and the next readback is an `Err` naming it.
+#[test]
+fn out_of_range_targets_are_err_at_the_next_readback() {
+    // A device of its own: the fault would fail a readback of a test running beside it.
+    let d = own_device();
+    let logits = Tensor::from_slice(&[0.5, -1.0, 2.0, 0.25], &[2, 2], &d).unwrap();
+    for bad in [2.0f32, -1.0, 0.5] {
+        let t = Tensor::from_slice(&[0.0, bad], &[2], &d).unwrap();
+        let l = loss::cross_entropy(&logits, &t, &Default::default()).unwrap();
+        let e = l.to_scalar().unwrap_err().to_string();
+        assert!(e.contains(&format!("index {bad}")), "target {bad}: {e}");
+        let l = loss::nll_loss(&logits, &t, Reduction::Sum, None).unwrap();
+        assert!(l.to_scalar().is_err(), "nll_loss, target {bad}");
+    }
+    // The fault is cleared by the readback that reports it.
+    let t = Tensor::from_slice(&[0.0, 1.0], &[2], &d).unwrap();
+    assert!(loss::cross_entropy(&logits, &t, &Default::default())
+        .unwrap()
+        .to_scalar()
+        .is_ok());
+}

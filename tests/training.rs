@@ -529,3 +529,40 @@ fn a_training_step_submits_at_most_once_and_reads_nothing() {
         "reading the loss is the one readback"
     );
 }
+
+/// A model with the wrong number of outputs for the dataset (1 for 2 classes, or 3) is an
+/// `Err` at the first batch of `fit` and of `evaluate`, naming the shapes, before any step.
+#[test]
+fn fit_refuses_logits_of_the_wrong_class_count() {
+    let d = dev();
+    let data = toy(12);
+    let loader = DataLoader::new(&data, 4, &d);
+    for outputs in [1, 2, 4] {
+        let mut net =
+            Sequential::new().add(Linear::new(&mut Init::new(&d, 0), 2, outputs, true).unwrap());
+        let before: Vec<Vec<f32>> = net
+            .parameters()
+            .iter()
+            .map(|p| p.to_vec().unwrap())
+            .collect();
+        let mut opt = Sgd::new(net.parameters(), SgdOptions::default()).unwrap();
+        let e = fit(&mut net, &mut opt, &loader, None, FitOptions::default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(&format!("[4, {outputs}]")) && e.contains("(4, 3)"),
+            "{e}"
+        );
+        assert_eq!(opt.steps(), 0, "no step taken");
+        let after: Vec<Vec<f32>> = net
+            .parameters()
+            .iter()
+            .map(|p| p.to_vec().unwrap())
+            .collect();
+        assert_eq!(before, after);
+        let e = kiln::train::evaluate(&mut net, &loader)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("(4, 3)"), "{e}");
+    }
+}
