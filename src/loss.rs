@@ -196,7 +196,8 @@ pub fn mse_loss(pred: &Tensor, target: &Tensor, reduction: Reduction) -> Result<
 
 /// Binary cross-entropy of logits against targets in `[0, 1]` of the same shape, as
 /// `torch.nn.functional.binary_cross_entropy_with_logits`: `max(x, 0) - x t + log(1 + e^-|x|)`,
-/// stable for any logit, with gradient `sigmoid(x) - t`.
+/// stable for any logit, with gradients `sigmoid(x) - t` for the logits and `-x` for the
+/// targets (soft targets that are themselves computed get a gradient, as in PyTorch).
 pub fn binary_cross_entropy_with_logits(
     logits: &Tensor,
     targets: &Tensor,
@@ -226,7 +227,7 @@ pub fn binary_cross_entropy_with_logits(
         Reduction::Mean => 1.0 / logits.numel().max(1) as f32,
         _ => 1.0,
     };
-    Ok(record(out, &[logits], |_| Op::BceWithLogits {
+    Ok(record(out, &[logits, targets], |_| Op::BceWithLogits {
         x: logits.detach(),
         t: targets.detach(),
         scale,

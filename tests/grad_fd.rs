@@ -335,7 +335,7 @@ fn losses() {
         ],
         &|x| loss::mse_loss(&x[0], &x[1], Reduction::Mean),
     );
-    let t = constant(&[5], r.vec(5, 0.0, 1.0));
+    let t = smooth(&mut r, &[5], 0.1, 0.9);
     check(
         "bce_with_logits",
         vec![smooth(&mut r, &[5], -3.0, 3.0), t],

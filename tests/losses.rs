@@ -205,17 +205,18 @@ fn cross_entropy_matches_f64() {
     }
 }
 
-/// Elementwise losses: `(per-element loss, its derivative in the first input)` in f64.
-type Pointwise = fn(f64, f64) -> (f64, f64);
+/// Elementwise losses: `(per-element loss, its derivatives in the first and second inputs)`
+/// in f64.
+type Pointwise = fn(f64, f64) -> (f64, f64, f64);
 
 #[test]
 fn mse_and_bce_with_logits_match_f64() {
     let dv = dev();
     let mut rng = Rng::new(3);
-    let mse: Pointwise = |p, t| ((p - t).powi(2), 2.0 * (p - t));
+    let mse: Pointwise = |p, t| ((p - t).powi(2), 2.0 * (p - t), -2.0 * (p - t));
     let bce: Pointwise = |x, t| {
         let sig = 1.0 / (1.0 + (-x).exp());
-        (x.max(0.0) - x * t + (-x.abs()).exp().ln_1p(), sig - t)
+        (x.max(0.0) - x * t + (-x.abs()).exp().ln_1p(), sig - t, -x)
     };
     for shape in [vec![7usize], vec![3, 5, 2]] {
         let numel: usize = shape.iter().product();
@@ -228,7 +229,7 @@ fn mse_and_bce_with_logits_match_f64() {
                     rng.vec(numel, 0.0, 1.0)
                 };
                 let x = Tensor::from_slice(&a, &shape, &dv).unwrap().requires_grad();
-                let t = Tensor::from_slice(&b, &shape, &dv).unwrap();
+                let t = Tensor::from_slice(&b, &shape, &dv).unwrap().requires_grad();
                 let y = if name == "mse_loss" {
                     loss::mse_loss(&x, &t, reduction)
                 } else {
@@ -247,12 +248,23 @@ fn mse_and_bce_with_logits_match_f64() {
                 let (w, ws) = upstream(&mut rng, &shape, reduction);
                 y.backward_with(Some(&Tensor::from_slice(&w, &ws, &dv).unwrap()), false)
                     .unwrap();
+                let s = |i| scale(&w, reduction, i, numel as f64);
                 let g: Vec<f64> = (0..numel)
-                    .map(|i| scale(&w, reduction, i, numel as f64) * f(a[i] as f64, b[i] as f64).1)
+                    .map(|i| s(i) * f(a[i] as f64, b[i] as f64).1)
                     .collect();
                 assert_close(
                     &format!("{what} gradient"),
                     &x.grad().unwrap(),
+                    &Nd::new(&shape, g),
+                    1e-5,
+                    1e-5,
+                );
+                let g: Vec<f64> = (0..numel)
+                    .map(|i| s(i) * f(a[i] as f64, b[i] as f64).2)
+                    .collect();
+                assert_close(
+                    &format!("{what} target gradient"),
+                    &t.grad().expect("the target gets a gradient"),
                     &Nd::new(&shape, g),
                     1e-5,
                     1e-5,

@@ -39,7 +39,14 @@ fn names_follow_pytorch_state_dict() {
     ];
     assert_eq!(names, want.map(|(n, r)| (n.to_string(), r)));
     assert_eq!(net.parameters().len(), 5);
-    assert!(net.describe().contains("Linear(3 -> 4)"));
+    let text = net.describe();
+    assert!(text.contains("Linear(3 -> 4)"), "{text}");
+    // 3x4 + 4 (linear), 4 + 4 (batch norm), 4x2 (classifier): 32.
+    assert_eq!(net.parameter_count(), 32);
+    assert!(
+        text.ends_with("# 32 parameters") && text.contains("# 24 parameters"),
+        "{text}"
+    );
 }
 
 #[test]

@@ -432,9 +432,13 @@ impl Op {
             Op::Pool2d { indices, geometry } => {
                 grads![pool_backward(g, geometry, indices.as_ref())?]
             }
-            // d/dx = (sigmoid(x) - t) scale, times g (elementwise when unreduced)
+            // d/dx = (sigmoid(x) - t) scale and d/dt = -x scale, times g (elementwise when
+            // unreduced)
             Op::BceWithLogits { x, t, scale } => {
-                grads![x.sigmoid()?.sub(t)?.mul_scalar(*scale)?.mul(g)?]
+                grads![
+                    x.sigmoid()?.sub(t)?.mul_scalar(*scale)?.mul(g)?,
+                    x.mul_scalar(-*scale)?.mul(g)?,
+                ]
             }
         })
     }

@@ -67,6 +67,11 @@ pub trait Module: Send + Sync {
         out
     }
 
+    /// The number of parameter elements (as `sum(p.numel() for p in m.parameters())`).
+    fn parameter_count(&self) -> usize {
+        self.parameters().iter().map(Tensor::numel).sum()
+    }
+
     /// The parameters, for an optimizer.
     fn parameters(&self) -> Vec<Tensor> {
         self.named_parameters()
@@ -305,8 +310,15 @@ impl Module for Sequential {
         let inner: Vec<String> = self
             .children
             .iter()
-            .map(|(n, m)| format!("  ({n}): {}", m.describe()))
+            .map(|(n, m)| match m.parameter_count() {
+                0 => format!("  ({n}): {}", m.describe()),
+                c => format!("  ({n}): {}  # {c} parameters", m.describe()),
+            })
             .collect();
-        format!("Sequential(\n{}\n)", inner.join("\n"))
+        format!(
+            "Sequential(\n{}\n)  # {} parameters",
+            inner.join("\n"),
+            self.parameter_count()
+        )
     }
 }
