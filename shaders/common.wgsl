@@ -68,6 +68,35 @@ fn safe_sqrt(x: f32) -> f32 {
     return select(sqrt(x), nan(), x < 0.0);
 }
 
+// ln(1 + x) without the cancellation of log(1 + x) near 0. For |x| < 0.5 it is
+// 2 atanh(z) = 2 (z + z^3/3 + z^5/5 + ...) with z = x / (2 + x), |z| <= 1/3: eight terms reach
+// f32 precision. (Goldberg's log(u) x / (u - 1) is not used: compilers may fold u - 1 to x.)
+// Elsewhere log(1 + x) is accurate: 1 + x is exact below -0.5, and log1p(x) >= 0.4 above 0.5.
+fn log1p_accurate(x: f32) -> f32 {
+    if (x < -1.0) { return nan(); }
+    if (x == -1.0) { return -inf(); }
+    if (abs(x) >= 0.5) { return log(1.0 + x); }
+    let z = x / (2.0 + x);
+    let z2 = z * z;
+    var s = 1.0 / 17.0;
+    s = 1.0 / 15.0 + z2 * s;
+    s = 1.0 / 13.0 + z2 * s;
+    s = 1.0 / 11.0 + z2 * s;
+    s = 1.0 / 9.0 + z2 * s;
+    s = 1.0 / 7.0 + z2 * s;
+    s = 1.0 / 5.0 + z2 * s;
+    s = 1.0 / 3.0 + z2 * s;
+    s = 1.0 + z2 * s;
+    return 2.0 * z * s;
+}
+
+const GELU_TANH_K: f32 = 0.7978845608028654; // sqrt(2 / pi)
+
+fn gelu_tanh(x: f32) -> f32 {
+    let t = tanh(clamp(GELU_TANH_K * (x + 0.044715 * x * x * x), -15.0, 15.0));
+    return 0.5 * x * (1.0 + t);
+}
+
 // Unary op codes: must match UnaryOp in src/ops/elementwise.rs.
 fn unary_op(op: u32, x: f32, alpha: f32, beta: f32) -> f32 {
     // NaN in, NaN out (as PyTorch), tested on the bits: drivers may assume there is no NaN and
@@ -91,6 +120,15 @@ fn unary_op(op: u32, x: f32, alpha: f32, beta: f32) -> f32 {
         case 11u: { return 0.5 * x * (1.0 + erf_approx(x * 0.70710678118654752)); } // gelu (erf)
         case 12u: { return x * sigmoid(x); }                     // silu
         case 13u: { return min(max(x, alpha), beta); }           // clamp(alpha = min, beta = max)
+        case 14u: { return log1p_accurate(x); }                  // log1p
+        case 15u: {                                              // softplus(alpha = beta, beta = threshold)
+            let z = alpha * x;
+            if (z > beta) { return x; }
+            return (max(z, 0.0) + log1p_accurate(exp(-abs(z)))) / alpha;
+        }
+        case 16u: { return sin(x); }                             // sin
+        case 17u: { return cos(x); }                             // cos
+        case 18u: { return gelu_tanh(x); }                       // gelu, tanh approximation
         default: { return nan(); }
     }
 }

@@ -132,6 +132,19 @@ fn unary_grad(op: u32, v: f32, alpha: f32, beta: f32) -> f32 {
             return s + v * s * (1.0 - s);
         }
         case 13u: { return select(0.0, 1.0, v >= alpha && v <= beta); } // clamp: [lo <= x <= hi]
+        case 14u: { return 1.0 / (1.0 + v); }                     // log1p: 1/(1 + x)
+        case 15u: {                                               // softplus: sigmoid(beta x)
+            let z = alpha * v;
+            return select(sigmoid(z), 1.0, z > beta);
+        }
+        case 16u: { return cos(v); }                              // sin: cos x
+        case 17u: { return -sin(v); }                             // cos: -sin x
+        case 18u: {                                               // gelu (tanh)
+            let inner = GELU_TANH_K * (v + 0.044715 * v * v * v);
+            let t = tanh(clamp(inner, -15.0, 15.0));
+            let dinner = GELU_TANH_K * (1.0 + 3.0 * 0.044715 * v * v);
+            return 0.5 * (1.0 + t) + 0.5 * v * (1.0 - t * t) * dinner;
+        }
         default: { return nan(); }
     }
 }

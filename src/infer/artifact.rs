@@ -28,7 +28,7 @@ fn bad(msg: impl Into<String>) -> Error {
     Error::invalid(LOAD, msg)
 }
 
-const UNARY: [UnaryOp; 14] = [
+const UNARY: [UnaryOp; 19] = [
     UnaryOp::Identity,
     UnaryOp::Neg,
     UnaryOp::Abs,
@@ -43,6 +43,11 @@ const UNARY: [UnaryOp; 14] = [
     UnaryOp::Gelu,
     UnaryOp::Silu,
     UnaryOp::Clamp,
+    UnaryOp::Log1p,
+    UnaryOp::Softplus,
+    UnaryOp::Sin,
+    UnaryOp::Cos,
+    UnaryOp::GeluTanh,
 ];
 
 const BINARY: [BinaryOp; 13] = [

@@ -67,6 +67,16 @@ pub enum UnaryOp {
     Silu = 12,
     /// min(max(x, lo), hi)
     Clamp = 13,
+    /// ln(1 + x), accurate for small x
+    Log1p = 14,
+    /// ln(1 + e^(beta x)) / beta, or x where beta x > threshold (`torch.nn.functional.softplus`)
+    Softplus = 15,
+    /// sin x
+    Sin = 16,
+    /// cos x
+    Cos = 17,
+    /// GELU, tanh approximation (`approximate='tanh'`)
+    GeluTanh = 18,
 }
 
 /// Binary operations of `binary_fwd`; the discriminant is the shader's op code.
@@ -525,6 +535,37 @@ unary_methods! {
     gelu => Gelu,
     /// SiLU (swish): x * sigmoid(x), elementwise.
     silu => Silu,
+    /// ln(1 + x), elementwise, accurate near 0 (NaN below -1, -inf at -1).
+    log1p => Log1p,
+    /// Sine, elementwise.
+    sin => Sin,
+    /// Cosine, elementwise.
+    cos => Cos,
+    /// GELU, tanh approximation (PyTorch's `approximate='tanh'`), elementwise:
+    /// 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))).
+    gelu_tanh => GeluTanh,
+}
+
+impl Tensor {
+    /// ln(1 + e^(beta x)) / beta, elementwise, and x itself where beta x > threshold, as
+    /// `torch.nn.functional.softplus(x, beta, threshold)` (PyTorch's defaults are 1 and 20).
+    ///
+    /// ```
+    /// # let dev = kiln::Device::default_device()?;
+    /// let t = kiln::Tensor::from_slice(&[0.0, 30.0], &[2], &dev)?;
+    /// let y = t.softplus(1.0, 20.0)?.to_vec()?;
+    /// assert!((y[0] - 2f32.ln()).abs() < 1e-6 && y[1] == 30.0);
+    /// # Ok::<(), kiln::Error>(())
+    /// ```
+    pub fn softplus(&self, beta: f32, threshold: f32) -> Result<Tensor> {
+        if !(beta.is_finite() && beta != 0.0) || threshold.is_nan() {
+            return Err(Error::invalid(
+                "softplus",
+                format!("beta must be finite and non-zero and threshold a number, got beta {beta}, threshold {threshold}"),
+            ));
+        }
+        unary(self, UnaryOp::Softplus, beta, threshold)
+    }
 }
 
 macro_rules! binary_methods {
@@ -634,5 +675,91 @@ impl Tensor {
     /// ```
     pub fn where_cond(&self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
         where_cond(self, a, b)
+    }
+}
+
+/// `a + b`, `a - b`, `a * b`, `a / b` (broadcasting) and `a + 2.0` etc., on tensors and
+/// references, each a `Result` as the named methods return: `((&a + &b)? * &c)?`.
+///
+/// ```
+/// # let dev = kiln::Device::default_device()?;
+/// let a = kiln::Tensor::from_slice(&[1.0, 2.0], &[2], &dev)?;
+/// let b = kiln::Tensor::from_slice(&[3.0, 4.0], &[2], &dev)?;
+/// let y = ((&a + &b)? * 2.0)?;
+/// assert_eq!(y.to_vec()?, vec![8.0, 12.0]);
+/// assert_eq!((-&a)?.to_vec()?, vec![-1.0, -2.0]);
+/// # Ok::<(), kiln::Error>(())
+/// ```
+mod operators {
+    use super::*;
+    use std::ops::{Add, Div, Mul, Neg, Sub};
+
+    macro_rules! operator {
+        ($($trait:ident, $method:ident, $tensor_fn:ident, $scalar_fn:ident);* $(;)?) => {
+            $(
+                impl $trait<&Tensor> for &Tensor {
+                    type Output = Result<Tensor>;
+                    fn $method(self, other: &Tensor) -> Result<Tensor> {
+                        self.$tensor_fn(other)
+                    }
+                }
+
+                impl $trait<f32> for &Tensor {
+                    type Output = Result<Tensor>;
+                    fn $method(self, s: f32) -> Result<Tensor> {
+                        self.$scalar_fn(s)
+                    }
+                }
+
+                impl $trait<Tensor> for &Tensor {
+                    type Output = Result<Tensor>;
+                    fn $method(self, other: Tensor) -> Result<Tensor> {
+                        self.$tensor_fn(&other)
+                    }
+                }
+
+                impl $trait<&Tensor> for Tensor {
+                    type Output = Result<Tensor>;
+                    fn $method(self, other: &Tensor) -> Result<Tensor> {
+                        Tensor::$tensor_fn(&self, other)
+                    }
+                }
+
+                impl $trait<Tensor> for Tensor {
+                    type Output = Result<Tensor>;
+                    fn $method(self, other: Tensor) -> Result<Tensor> {
+                        Tensor::$tensor_fn(&self, &other)
+                    }
+                }
+
+                impl $trait<f32> for Tensor {
+                    type Output = Result<Tensor>;
+                    fn $method(self, s: f32) -> Result<Tensor> {
+                        self.$scalar_fn(s)
+                    }
+                }
+            )*
+        };
+    }
+
+    operator! {
+        Add, add, add, add_scalar;
+        Sub, sub, sub, sub_scalar;
+        Mul, mul, mul, mul_scalar;
+        Div, div, div, div_scalar;
+    }
+
+    impl Neg for &Tensor {
+        type Output = Result<Tensor>;
+        fn neg(self) -> Result<Tensor> {
+            Tensor::neg(self)
+        }
+    }
+
+    impl Neg for Tensor {
+        type Output = Result<Tensor>;
+        fn neg(self) -> Result<Tensor> {
+            Tensor::neg(&self)
+        }
     }
 }

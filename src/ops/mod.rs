@@ -1,5 +1,6 @@
 //! Operations, one file per family: shape checks on the CPU, then one or more dispatches.
 
+pub(crate) mod compose;
 pub(crate) mod conv;
 pub(crate) mod create;
 pub(crate) mod elementwise;
