@@ -9,9 +9,10 @@
 // registers.
 //
 // src/ops/matmul.rs chooses these only when the vec4 reads are aligned: the contiguous stride
-// is 1; the other stride, the offsets and the batch strides are multiples of 4; k is a multiple
-// of 4 where a vec4 runs along k, m where one runs along m, and n always (output rows and the
-// bias are written and read as vec4s); the epilogue may add a bias but not apply an activation.
+// is 1; the other stride, the offsets and the batch strides are multiples of 4; k always (every
+// layout steps through k four at a time, with no tail), m where a vec4 runs along m, and n
+// always (output rows and the bias are written and read as vec4s); the epilogue may add a bias
+// but not apply an activation.
 //
 // Why: on software adapters each storage access is a loop over the SIMD lanes whatever its
 // width, so reading vec4s does a quarter of the loads of scalar reads, and 16x16 blocks give 64

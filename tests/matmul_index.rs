@@ -634,3 +634,54 @@ fn hardware_choices_tune_the_matmuls() {
     }
     assert_eq!(tuned.len(), 2, "one shape class each: {tuned:?}");
 }
+
+/// Transposed, batched and plain operands whose rows and columns are multiples of 4 but whose
+/// inner size k is not: the vec4 kernels step through k four at a time, so these must take
+/// other kernels (a transposed left operand with k = 3 once gave zeros). Against f64.
+#[test]
+fn inner_sizes_not_a_multiple_of_four() {
+    let d = dev();
+    let mut rng = Rng::new(44);
+    for k in [1usize, 2, 3, 5, 6, 7, 9] {
+        for batch in [vec![], vec![2], vec![3, 2]] {
+            let (m, n) = (8, 4);
+            let mut a_shape = batch.clone();
+            a_shape.extend([k, m]);
+            let mut b_shape = batch.clone();
+            b_shape.extend([k, n]);
+            let av = rng.vec(a_shape.iter().product(), -1.0, 1.0);
+            let bv = rng.vec(b_shape.iter().product(), -1.0, 1.0);
+            let r = batch.len();
+            let perm: Vec<usize> = (0..r).chain([r + 1, r]).collect();
+            let ra = Nd::from_f32(&a_shape, &av).permute(&perm);
+            let rb = Nd::from_f32(&b_shape, &bv);
+            let a = Tensor::from_slice(&av, &a_shape, &d).unwrap();
+            let b = Tensor::from_slice(&bv, &b_shape, &d).unwrap();
+            // a^T @ b (the weight-gradient layout), a^T @ (b^T)^T, and plain.
+            let at = a.t().unwrap();
+            assert_close(
+                &format!("a^T b, k {k}, batch {batch:?}"),
+                &at.matmul(&b).unwrap(),
+                &ra.matmul(&rb),
+                1e-5,
+                1e-5,
+            );
+            let plain = at.contiguous().unwrap();
+            assert_close(
+                &format!("a b, k {k}, batch {batch:?}"),
+                &plain.matmul(&b).unwrap(),
+                &ra.matmul(&rb),
+                1e-5,
+                1e-5,
+            );
+            let bt = b.t().unwrap().contiguous().unwrap().t().unwrap();
+            assert_close(
+                &format!("a (b^T)^T, k {k}, batch {batch:?}"),
+                &plain.matmul(&bt).unwrap(),
+                &ra.matmul(&rb),
+                1e-5,
+                1e-5,
+            );
+        }
+    }
+}

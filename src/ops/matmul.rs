@@ -102,7 +102,9 @@ impl Aligned {
     fn of(p: &MatmulParams, sa: &[usize], sb: &[usize], bias: bool) -> Option<Aligned> {
         let four = |v: usize| v.is_multiple_of(4);
         let (m, n, k) = (p.m as usize, p.n as usize, p.k as usize);
+        // Every layout steps through k four at a time, with no tail.
         let common = k > 0
+            && four(k)
             && four(n)
             && four(p.off_a as usize)
             && four(p.off_b as usize)
