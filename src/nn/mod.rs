@@ -2,8 +2,13 @@
 //! such as `features.0.weight`), train/eval mode, and PyTorch's default initialisations,
 //! seeded through [`Init`].
 
+mod blocks;
 mod layers;
 
+pub use blocks::{
+    causal_mask, Activation, Conv1d, GroupNorm, Gru, Identity, Lstm, ModuleList,
+    MultiheadAttention, TransformerEncoderLayer,
+};
 pub use layers::{
     AdaptiveAvgPool2d, AvgPool2d, BatchNorm, Conv2d, ConvTranspose2d, Dropout, Embedding, Flatten,
     Gelu, LayerNorm, LeakyRelu, Linear, MaxPool2d, Relu, Residual, Sigmoid, Silu, Tanh,
