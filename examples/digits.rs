@@ -89,7 +89,7 @@ fn main() -> kiln::Result<()> {
             "epoch {:>2}: train loss {:.4} acc {:.2}% | test loss {:.4} acc {:.2}% | {:.2} s",
             r.epoch + 1,
             r.train_loss,
-            r.train_accuracy * 100.0,
+            r.train_accuracy.unwrap_or(f32::NAN) * 100.0,
             r.eval_loss.unwrap_or(f32::NAN),
             r.eval_accuracy.unwrap_or(f32::NAN) * 100.0,
             r.seconds

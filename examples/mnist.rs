@@ -73,7 +73,7 @@ fn main() -> kiln::Result<()> {
             "epoch {}: train loss {:.4} acc {:.2}% | test acc {:.2}% | {:.1} s",
             r.epoch + 1,
             r.train_loss,
-            r.train_accuracy * 100.0,
+            r.train_accuracy.unwrap_or(f32::NAN) * 100.0,
             r.eval_accuracy.unwrap_or(f32::NAN) * 100.0,
             r.seconds
         );

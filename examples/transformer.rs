@@ -170,7 +170,11 @@ fn main() -> kiln::Result<()> {
     let predicted = kiln::no_grad(|| model.forward(&ids))?
         .argmax(-1, false)?
         .to_vec()?;
-    let right_tokens = predicted.iter().zip(&sorted).filter(|(p, s)| p == s).count();
+    let right_tokens = predicted
+        .iter()
+        .zip(&sorted)
+        .filter(|(p, s)| p == s)
+        .count();
     let right_sequences = predicted
         .chunks(LEN)
         .zip(sorted.chunks(LEN))

@@ -1,4 +1,5 @@
-//! A training loop for classifiers: epochs, loss and accuracy, evaluation on a held-out
+//! A training loop: epochs, loss (cross-entropy for classifiers, or any loss closure, for
+//! example MSE for a regression on tensor targets) and accuracy, evaluation on a held-out
 //! split, a progress line on a terminal, and an error naming the step whose loss is not finite.
 //!
 //! The loop reads data back a few times per epoch (for the progress line and the epoch's
@@ -24,15 +25,19 @@ pub struct EpochReport {
     pub lr: f32,
     /// Mean training loss over the epoch's samples.
     pub train_loss: f32,
-    /// Fraction of training samples classified correctly (while training).
-    pub train_accuracy: f32,
+    /// Fraction of training samples classified correctly (while training); `None` with a
+    /// custom loss.
+    pub train_accuracy: Option<f32>,
     /// Loss on the evaluation set, when one was given.
     pub eval_loss: Option<f32>,
-    /// Accuracy on the evaluation set, when one was given.
+    /// Accuracy on the evaluation set, when one was given and the loss is cross-entropy.
     pub eval_accuracy: Option<f32>,
     /// Wall-clock seconds of the epoch, evaluation included.
     pub seconds: f64,
 }
+
+/// A loss of a batch: the model's output and the batch's targets to a one-element mean.
+pub type LossFn<'a> = &'a dyn Fn(&Tensor, &Tensor) -> Result<Tensor>;
 
 /// Options of [`fit`].
 pub struct FitOptions<'a> {
@@ -44,6 +49,10 @@ pub struct FitOptions<'a> {
     pub clip_grad_norm: Option<f32>,
     /// Where to draw the progress line and the per-epoch summary (e.g. `std::io::stderr()`).
     pub progress: Option<&'a mut dyn Write>,
+    /// The loss of a batch, from the model's output and the batch's targets: a one-element
+    /// mean over the batch (for example `|y, t| mse_loss(y, t, Reduction::Mean)`). `None`
+    /// means cross-entropy on class labels, with accuracy.
+    pub loss: Option<LossFn<'a>>,
 }
 
 impl Default for FitOptions<'_> {
@@ -53,8 +62,28 @@ impl Default for FitOptions<'_> {
             schedule: None,
             clip_grad_norm: None,
             progress: None,
+            loss: None,
         }
     }
+}
+
+/// The loss of a batch of `n` (a one-element mean) from a custom loss, checked.
+fn custom_loss(
+    f: &dyn Fn(&Tensor, &Tensor) -> Result<Tensor>,
+    outputs: &Tensor,
+    targets: &Tensor,
+) -> Result<Tensor> {
+    let l = f(outputs, targets)?;
+    if l.numel() != 1 {
+        return Err(Error::shape(
+            "fit",
+            format!(
+                "the loss must have one element (a mean over the batch), got shape {:?}",
+                l.dims()
+            ),
+        ));
+    }
+    l.reshape(&[])
 }
 
 /// Sum of cross-entropy and number of correct predictions of `logits` for `targets`, as GPU
@@ -98,8 +127,9 @@ fn sum_scalars(v: &[Tensor]) -> Result<Vec<f32>> {
     Tensor::concat(&refs, 0)?.to_vec()
 }
 
-/// Trains a classifier with cross-entropy: for each epoch, every batch of `train` runs
-/// forward, backward and an optimizer step; then `eval` (if any) is scored. Returns one report
+/// Trains a model: for each epoch, every batch of `train` runs forward, the loss
+/// (cross-entropy on class labels, or [`FitOptions::loss`]), backward and an optimizer step;
+/// then `eval` (if any) is scored. Returns one report
 /// per epoch. A non-finite loss stops training with an error naming the epoch and step; logits
 /// that are not `(batch, classes)` for the dataset's class count are an error at the first
 /// batch, before any step.
@@ -124,19 +154,30 @@ pub fn fit(
         let mut seen = 0usize;
         for (step, batch) in train.epoch(epoch).enumerate() {
             let batch = batch?;
-            let n = batch.labels.len();
+            let n = batch.len;
             let logits = model.forward(&batch.inputs)?;
-            check_logits(&logits, n, train.dataset().num_classes())?;
-            let loss = cross_entropy(&logits, &batch.targets, &Default::default())?;
+            let loss = match options.loss {
+                Some(f) => custom_loss(f, &logits, &batch.targets)?,
+                None => {
+                    check_logits(&logits, n, train.dataset().num_classes())?;
+                    cross_entropy(&logits, &batch.targets, &Default::default())?
+                }
+            };
             optimizer.zero_grad();
             loss.backward()?;
             if let Some(max) = options.clip_grad_norm {
                 clip_grad_norm(optimizer.params(), max)?;
             }
             optimizer.step()?;
-            let (sum, right) = batch_totals(&logits.detach(), &batch.targets)?;
+            let sum = match options.loss {
+                Some(_) => loss.detach().mul_scalar(n as f32)?,
+                None => {
+                    let (sum, right) = batch_totals(&logits.detach(), &batch.targets)?;
+                    correct.push(right);
+                    sum
+                }
+            };
             losses.push(sum);
-            correct.push(right);
             seen += n;
             if let Some(out) = options.progress.as_mut() {
                 if (step + 1) % progress_every == 0 || step + 1 == steps {
@@ -169,15 +210,18 @@ pub fn fit(
                 ),
             ));
         }
-        let right: f32 = sum_scalars(&correct)?.iter().sum();
         let train_loss = loss_values.iter().sum::<f32>() / seen.max(1) as f32;
-        let train_accuracy = right / seen.max(1) as f32;
-        let (eval_loss, eval_accuracy) = match eval {
-            Some(loader) => {
+        let train_accuracy = match options.loss {
+            Some(_) => None,
+            None => Some(sum_scalars(&correct)?.iter().sum::<f32>() / seen.max(1) as f32),
+        };
+        let (eval_loss, eval_accuracy) = match (eval, options.loss) {
+            (Some(loader), None) => {
                 let (l, a) = evaluate(model, loader)?;
                 (Some(l), Some(a))
             }
-            None => (None, None),
+            (Some(loader), Some(f)) => (Some(evaluate_loss(model, loader, f)?), None),
+            (None, _) => (None, None),
         };
         let report = EpochReport {
             epoch,
@@ -191,15 +235,16 @@ pub fn fit(
         if let Some(out) = options.progress.as_mut() {
             let eval_part = match (eval_loss, eval_accuracy) {
                 (Some(l), Some(a)) => format!("  eval loss {l:.4} acc {:.2}%", a * 100.0),
+                (Some(l), None) => format!("  eval loss {l:.4}"),
                 _ => String::new(),
             };
+            let acc = train_accuracy.map_or(String::new(), |a| format!(" acc {:.2}%", a * 100.0));
             let _ = writeln!(
                 out,
-                "\repoch {:>3}/{}  loss {:.4} acc {:.2}%{eval_part}  {:.2} s{}",
+                "\repoch {:>3}/{}  loss {:.4}{acc}{eval_part}  {:.2} s{}",
                 epoch + 1,
                 options.epochs,
                 train_loss,
-                train_accuracy * 100.0,
                 report.seconds,
                 " ".repeat(12)
             );
@@ -207,6 +252,26 @@ pub fn fit(
         reports.push(report);
     }
     Ok(reports)
+}
+
+/// Mean of a custom per-batch loss (see [`FitOptions::loss`]) of `model` over `loader`,
+/// weighted by batch size, in eval mode without a graph (the model is left in eval mode).
+pub fn evaluate_loss(
+    model: &mut dyn Module,
+    loader: &DataLoader<'_>,
+    loss: &dyn Fn(&Tensor, &Tensor) -> Result<Tensor>,
+) -> Result<f32> {
+    model.set_training(false);
+    let mut sums = Vec::with_capacity(loader.len());
+    let mut seen = 0usize;
+    for batch in loader.epoch(0) {
+        let batch = batch?;
+        let outputs = no_grad(|| model.forward(&batch.inputs))?;
+        let l = no_grad(|| custom_loss(loss, &outputs, &batch.targets))?;
+        sums.push(l.mul_scalar(batch.len as f32)?);
+        seen += batch.len;
+    }
+    Ok(sum_scalars(&sums)?.iter().sum::<f32>() / seen.max(1) as f32)
 }
 
 /// Mean cross-entropy and accuracy of `model` over `loader`, in eval mode without a graph

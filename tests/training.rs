@@ -417,7 +417,7 @@ fn fit_reports_and_stops_on_a_non_finite_loss() {
         near("train loss", report.train_loss, loss / n as f64);
         near(
             "train accuracy",
-            report.train_accuracy,
+            report.train_accuracy.unwrap(),
             correct as f64 / n as f64,
         );
         let eval_loss: f64 = (0..n).map(|i| ce(logits(&w, &bias, i), labels[i])).sum();
@@ -572,4 +572,123 @@ fn fit_refuses_logits_of_the_wrong_class_count() {
             .to_string();
         assert!(e.contains("(4, 3)"), "{e}");
     }
+}
+
+/// Regression through `fit`: a linear model on tensor targets with an MSE loss closure, two
+/// epochs of SGD recomputed in f64 (epoch losses on the training and evaluation sets), no
+/// accuracy; a loss closure that does not return one element is an `Err`.
+#[test]
+fn fit_regresses_tensor_targets_with_a_loss_closure() {
+    use kiln::data::TensorDataset;
+    use kiln::loss::{mse_loss, Reduction};
+    let d = dev();
+    let n = 40;
+    let feats: Vec<f32> = (0..n * 2)
+        .map(|i| ((i * 37) % 11) as f32 / 11.0 - 0.5)
+        .collect();
+    let targets: Vec<f32> = (0..n)
+        .map(|i| 2.0 * feats[2 * i] - 3.0 * feats[2 * i + 1] + 0.5 + ((i * 7) % 5) as f32 * 0.01)
+        .collect();
+    let data = TensorDataset::new(feats.clone(), &[2], targets.clone(), &[1]).unwrap();
+    let loader = DataLoader::new(&data, 8, &d);
+    let mut net = Sequential::new().add(Linear::new(&mut Init::new(&d, 0), 2, 1, true).unwrap());
+    let mut w: Vec<f64> = net.parameters()[0]
+        .to_vec()
+        .unwrap()
+        .iter()
+        .map(|&v| v as f64)
+        .collect();
+    let mut b = net.parameters()[1].to_vec().unwrap()[0] as f64;
+    let mut opt = Sgd::new(
+        net.parameters(),
+        SgdOptions {
+            lr: 0.5,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let mse = |y: &Tensor, t: &Tensor| mse_loss(y, t, Reduction::Mean);
+    let reports = fit(
+        &mut net,
+        &mut opt,
+        &loader,
+        Some(&loader),
+        FitOptions {
+            epochs: 2,
+            loss: Some(&mse),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let predict = |w: &[f64], b: f64, i: usize| {
+        w[0] * feats[2 * i] as f64 + w[1] * feats[2 * i + 1] as f64 + b
+    };
+    for report in &reports {
+        let mut loss = 0.0;
+        for start in (0..n).step_by(8) {
+            let (mut gw, mut gb) = ([0.0; 2], 0.0);
+            for i in start..start + 8 {
+                let e = predict(&w, b, i) - targets[i] as f64;
+                loss += e * e;
+                gw[0] += 2.0 * e * feats[2 * i] as f64 / 8.0;
+                gw[1] += 2.0 * e * feats[2 * i + 1] as f64 / 8.0;
+                gb += 2.0 * e / 8.0;
+            }
+            w[0] -= 0.5 * gw[0];
+            w[1] -= 0.5 * gw[1];
+            b -= 0.5 * gb;
+        }
+        let eval: f64 = (0..n)
+            .map(|i| (predict(&w, b, i) - targets[i] as f64).powi(2))
+            .sum::<f64>()
+            / n as f64;
+        let near = |what: &str, got: f32, want: f64| {
+            assert!(
+                (got as f64 - want).abs() <= 2e-6 + 1e-5 * want.abs(),
+                "epoch {}: {what} {got}, want {want}",
+                report.epoch
+            );
+        };
+        near("train loss", report.train_loss, loss / n as f64);
+        near("eval loss", report.eval_loss.unwrap(), eval);
+        assert_eq!((report.train_accuracy, report.eval_accuracy), (None, None));
+    }
+    assert!(reports[1].train_loss < reports[0].train_loss);
+    // A loss of more than one element is an Err naming its shape.
+    let per_element = |y: &Tensor, t: &Tensor| mse_loss(y, t, Reduction::None);
+    let e = fit(
+        &mut net,
+        &mut opt,
+        &loader,
+        None,
+        FitOptions {
+            loss: Some(&per_element),
+            ..Default::default()
+        },
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("one element") && e.contains("[8, 1]"), "{e}");
+    // Per-token targets: each sample's target is a tensor of its own shape.
+    let seq = TensorDataset::new(
+        vec![0.0; 12],
+        &[2, 2],
+        (0..9).map(|v| v as f32).collect(),
+        &[3],
+    )
+    .unwrap();
+    let batch = DataLoader::new(&seq, 2, &d)
+        .epoch(0)
+        .next()
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (batch.inputs.dims(), batch.targets.dims(), batch.len),
+        (&[2, 2, 2][..], &[2, 3][..], 2)
+    );
+    assert_eq!(
+        batch.targets.to_vec().unwrap(),
+        vec![0.0, 1.0, 2.0, 3.0, 4.0, 5.0]
+    );
+    assert!(TensorDataset::new(vec![0.0; 12], &[2, 2], vec![0.0; 8], &[3]).is_err());
 }

@@ -11,7 +11,9 @@ use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
 
-/// A labelled classification dataset.
+/// A dataset: features, and either a class label per sample (classification, the default) or
+/// a target tensor per sample (regression, per-token or multi-label targets: implement
+/// [`Dataset::target_shape`] and [`Dataset::read_target`], as [`TensorDataset`] does).
 pub trait Dataset {
     /// Number of samples.
     fn len(&self) -> usize;
@@ -27,8 +29,159 @@ pub trait Dataset {
     /// Number of classes; labels must be below it.
     fn num_classes(&self) -> usize;
 
-    /// Appends sample `index`'s features to `features` and returns its label.
+    /// Appends sample `index`'s features to `features` and returns its label (any value,
+    /// such as 0, for a dataset of tensor targets).
     fn read(&self, index: usize, features: &mut Vec<f32>) -> Result<usize>;
+
+    /// The shape of one sample's target tensor, for a dataset of tensor targets; `None` (the
+    /// default) for class labels.
+    fn target_shape(&self) -> Option<Vec<usize>> {
+        None
+    }
+
+    /// Appends sample `index`'s target values to `target` (a dataset of tensor targets).
+    fn read_target(&self, index: usize, target: &mut Vec<f32>) -> Result<()> {
+        let _ = (index, target);
+        Err(Error::invalid(
+            "Dataset::read_target",
+            "this dataset has class labels, not tensor targets",
+        ))
+    }
+}
+
+/// Samples with a target tensor each (regression, per-token or multi-label targets), held in
+/// memory.
+///
+/// ```
+/// use kiln::data::{DataLoader, Dataset, TensorDataset};
+/// # let dev = kiln::Device::default_device()?;
+/// // 3 samples of 2 features, each with a target of shape [1].
+/// let d = TensorDataset::new(vec![0.0, 1.0, 2.0, 3.0, 4.0, 5.0], &[2], vec![0.5, 1.5, 2.5], &[1])?;
+/// let batch = DataLoader::new(&d, 2, &dev).epoch(0).next().unwrap()?;
+/// assert_eq!(batch.targets.dims(), &[2, 1]);
+/// assert_eq!(batch.targets.to_vec()?, vec![0.5, 1.5]);
+/// # Ok::<(), kiln::Error>(())
+/// ```
+#[derive(Clone)]
+pub struct TensorDataset {
+    features: Arc<Vec<f32>>,
+    targets: Arc<Vec<f32>>,
+    shape: Vec<usize>,
+    target_shape: Vec<usize>,
+    indices: Option<Arc<Vec<usize>>>,
+}
+
+impl TensorDataset {
+    /// Samples whose features (each of `shape`) and targets (each of `target_shape`) are
+    /// concatenated in `features` and `targets`.
+    pub fn new(
+        features: Vec<f32>,
+        shape: &[usize],
+        targets: Vec<f32>,
+        target_shape: &[usize],
+    ) -> Result<TensorDataset> {
+        const OP: &str = "TensorDataset";
+        let (per, per_t) = (
+            shape.iter().product::<usize>(),
+            target_shape.iter().product::<usize>(),
+        );
+        if per == 0 || per_t == 0 || !features.len().is_multiple_of(per) {
+            return Err(Error::shape(
+                OP,
+                format!(
+                    "{} features do not make samples of shape {shape:?}",
+                    features.len()
+                ),
+            ));
+        }
+        let n = features.len() / per;
+        if targets.len() != n * per_t {
+            return Err(Error::shape(
+                OP,
+                format!(
+                    "{n} samples with targets of shape {target_shape:?} need {} target values, got {}",
+                    n * per_t,
+                    targets.len()
+                ),
+            ));
+        }
+        Ok(TensorDataset {
+            features: Arc::new(features),
+            targets: Arc::new(targets),
+            shape: shape.to_vec(),
+            target_shape: target_shape.to_vec(),
+            indices: None,
+        })
+    }
+
+    fn source_index(&self, i: usize) -> usize {
+        self.indices.as_ref().map_or(i, |ix| ix[i])
+    }
+
+    /// A seeded random split: the first part holds `fraction` of the samples.
+    pub fn split(&self, fraction: f64, seed: u64) -> Result<(TensorDataset, TensorDataset)> {
+        if !(0.0..=1.0).contains(&fraction) {
+            return Err(Error::invalid(
+                "split",
+                format!("fraction must be in [0, 1], got {fraction}"),
+            ));
+        }
+        let mut order: Vec<usize> = (0..self.len()).map(|i| self.source_index(i)).collect();
+        shuffle(&mut order, seed);
+        let cut = (order.len() as f64 * fraction).round() as usize;
+        let second = order.split_off(cut);
+        let view = |ix: Vec<usize>| TensorDataset {
+            indices: Some(Arc::new(ix)),
+            ..self.clone()
+        };
+        Ok((view(order), view(second)))
+    }
+
+    fn check(&self, index: usize) -> Result<usize> {
+        if index >= self.len() {
+            return Err(Error::invalid(
+                "read",
+                format!("sample {index} of a dataset of {}", self.len()),
+            ));
+        }
+        Ok(self.source_index(index))
+    }
+}
+
+impl Dataset for TensorDataset {
+    fn len(&self) -> usize {
+        let per: usize = self.shape.iter().product();
+        self.indices
+            .as_ref()
+            .map_or(self.features.len() / per, |ix| ix.len())
+    }
+
+    fn feature_shape(&self) -> Vec<usize> {
+        self.shape.clone()
+    }
+
+    /// Tensor targets have no classes.
+    fn num_classes(&self) -> usize {
+        0
+    }
+
+    fn read(&self, index: usize, features: &mut Vec<f32>) -> Result<usize> {
+        let i = self.check(index)?;
+        let per: usize = self.shape.iter().product();
+        features.extend_from_slice(&self.features[i * per..(i + 1) * per]);
+        Ok(0)
+    }
+
+    fn target_shape(&self) -> Option<Vec<usize>> {
+        Some(self.target_shape.clone())
+    }
+
+    fn read_target(&self, index: usize, target: &mut Vec<f32>) -> Result<()> {
+        let i = self.check(index)?;
+        let per: usize = self.target_shape.iter().product();
+        target.extend_from_slice(&self.targets[i * per..(i + 1) * per]);
+        Ok(())
+    }
 }
 
 /// Samples held in memory, shared cheaply between splits.
@@ -165,10 +318,13 @@ fn shuffle(v: &mut [usize], seed: u64) {
 pub struct Batch {
     /// (batch, *feature_shape)
     pub inputs: Tensor,
-    /// (batch) class indices as f32, for the losses.
+    /// (batch) class indices as f32, for the losses; or (batch, *target_shape) for a dataset
+    /// of tensor targets.
     pub targets: Tensor,
-    /// The same labels on the host.
+    /// The class labels on the host (empty for tensor targets).
     pub labels: Vec<usize>,
+    /// Samples in the batch.
+    pub len: usize,
 }
 
 /// Batches of a dataset, optionally shuffled with a seed (a new order each epoch).
@@ -253,6 +409,24 @@ impl<'a> DataLoader<'a> {
 
     fn make_batch(&self, indices: &[usize]) -> Result<Batch> {
         let shape = self.dataset.feature_shape();
+        let mut batch_shape = vec![indices.len()];
+        batch_shape.extend(&shape);
+        if let Some(target_shape) = self.dataset.target_shape() {
+            let mut features = Vec::with_capacity(indices.len() * shape.iter().product::<usize>());
+            let mut targets = Vec::new();
+            for &i in indices {
+                self.dataset.read(i, &mut features)?;
+                self.dataset.read_target(i, &mut targets)?;
+            }
+            let mut target_dims = vec![indices.len()];
+            target_dims.extend(&target_shape);
+            return Ok(Batch {
+                inputs: Tensor::from_slice(&features, &batch_shape, &self.device)?,
+                targets: Tensor::from_slice(&targets, &target_dims, &self.device)?,
+                labels: Vec::new(),
+                len: indices.len(),
+            });
+        }
         let classes = self.dataset.num_classes();
         let mut features = Vec::with_capacity(indices.len() * shape.iter().product::<usize>());
         let mut labels = Vec::with_capacity(indices.len());
@@ -266,12 +440,11 @@ impl<'a> DataLoader<'a> {
             }
             labels.push(label);
         }
-        let mut batch_shape = vec![indices.len()];
-        batch_shape.extend(&shape);
         let targets: Vec<f32> = labels.iter().map(|&l| l as f32).collect();
         Ok(Batch {
             inputs: Tensor::from_slice(&features, &batch_shape, &self.device)?,
             targets: Tensor::from_slice(&targets, &[labels.len()], &self.device)?,
+            len: labels.len(),
             labels,
         })
     }
