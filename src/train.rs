@@ -34,6 +34,21 @@ pub struct EpochReport {
     pub eval_accuracy: Option<f32>,
     /// Wall-clock seconds of the epoch, evaluation included.
     pub seconds: f64,
+    /// The mean loss of each step of the epoch (read back with the epoch's totals, not per
+    /// step).
+    pub step_losses: Vec<f32>,
+    /// True when this epoch's evaluation loss was the best so far (and, with
+    /// [`FitOptions::save_best`], saved).
+    pub best: bool,
+}
+
+/// When [`fit`] stops early, as Keras' and Lightning's `EarlyStopping` on the evaluation loss.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct EarlyStopping {
+    /// Epochs without improvement before stopping.
+    pub patience: usize,
+    /// The smallest decrease of the evaluation loss that counts as an improvement.
+    pub min_delta: f32,
 }
 
 /// A loss of a batch: the model's output and the batch's targets to a one-element mean.
@@ -45,6 +60,15 @@ pub struct FitOptions<'a> {
     pub epochs: usize,
     /// Learning rate per epoch (the optimizer's own rate when `None`).
     pub schedule: Option<&'a dyn LrSchedule>,
+    /// Learning rate per optimizer step, counted across epochs (for warm-ups and per-step
+    /// decays; compose them with [`crate::optim::Chained`]). Overrides `schedule`.
+    pub step_schedule: Option<&'a dyn LrSchedule>,
+    /// Stop when the evaluation loss has not improved by more than `min_delta` for
+    /// `patience` epochs (needs an evaluation loader).
+    pub early_stopping: Option<EarlyStopping>,
+    /// Save a checkpoint (model and optimizer, [`crate::checkpoint::save`]) here whenever the
+    /// evaluation loss is the best so far (needs an evaluation loader).
+    pub save_best: Option<&'a std::path::Path>,
     /// Clip gradients to this global norm before each step.
     pub clip_grad_norm: Option<f32>,
     /// Where to draw the progress line and the per-epoch summary (e.g. `std::io::stderr()`).
@@ -60,6 +84,9 @@ impl Default for FitOptions<'_> {
         FitOptions {
             epochs: 1,
             schedule: None,
+            step_schedule: None,
+            early_stopping: None,
+            save_best: None,
             clip_grad_norm: None,
             progress: None,
             loss: None,
@@ -143,6 +170,14 @@ pub fn fit(
     let mut reports = Vec::with_capacity(options.epochs);
     let steps = train.len();
     let progress_every = (steps / 10).max(1);
+    if eval.is_none() && (options.early_stopping.is_some() || options.save_best.is_some()) {
+        return Err(Error::invalid(
+            "fit",
+            "early stopping and save_best watch the evaluation loss: give an evaluation loader",
+        ));
+    }
+    let mut best = f32::INFINITY;
+    let mut since_best = 0usize;
     for epoch in 0..options.epochs {
         let start = Instant::now();
         if let Some(s) = options.schedule {
@@ -152,9 +187,14 @@ pub fn fit(
         let mut losses = Vec::with_capacity(steps);
         let mut correct = Vec::with_capacity(steps);
         let mut seen = 0usize;
+        let mut sizes = Vec::with_capacity(steps);
         for (step, batch) in train.epoch(epoch).enumerate() {
             let batch = batch?;
             let n = batch.len;
+            sizes.push(n);
+            if let Some(s) = options.step_schedule {
+                optimizer.set_lr(s.lr_at(epoch * steps + step));
+            }
             let logits = model.forward(&batch.inputs)?;
             let loss = match options.loss {
                 Some(f) => custom_loss(f, &logits, &batch.targets)?,
@@ -223,6 +263,19 @@ pub fn fit(
             (Some(loader), Some(f)) => (Some(evaluate_loss(model, loader, f)?), None),
             (None, _) => (None, None),
         };
+        let improved = eval_loss.is_some_and(|l| l < best);
+        if let Some(l) = eval_loss {
+            match options.early_stopping {
+                Some(es) if l >= best - es.min_delta => since_best += 1,
+                _ => since_best = 0,
+            }
+            best = best.min(l);
+        }
+        if improved {
+            if let Some(path) = options.save_best {
+                crate::checkpoint::save(path, model, Some(optimizer), None)?;
+            }
+        }
         let report = EpochReport {
             epoch,
             lr: optimizer.lr(),
@@ -231,6 +284,12 @@ pub fn fit(
             eval_loss,
             eval_accuracy,
             seconds: start.elapsed().as_secs_f64(),
+            step_losses: loss_values
+                .iter()
+                .zip(&sizes)
+                .map(|(s, &n)| s / n.max(1) as f32)
+                .collect(),
+            best: improved,
         };
         if let Some(out) = options.progress.as_mut() {
             let eval_part = match (eval_loss, eval_accuracy) {
@@ -250,6 +309,18 @@ pub fn fit(
             );
         }
         reports.push(report);
+        if options
+            .early_stopping
+            .is_some_and(|es| since_best >= es.patience.max(1))
+        {
+            if let Some(out) = options.progress.as_mut() {
+                let _ = writeln!(
+                    out,
+                    "stopping early: no improvement of the evaluation loss for {since_best} epochs"
+                );
+            }
+            break;
+        }
     }
     Ok(reports)
 }

@@ -692,3 +692,130 @@ fn fit_regresses_tensor_targets_with_a_loss_closure() {
     );
     assert!(TensorDataset::new(vec![0.0; 12], &[2, 2], vec![0.0; 8], &[3]).is_err());
 }
+
+/// Per-step schedules (a warm-up chained to a cosine decay, counted across epochs), the
+/// per-step loss history, early stopping on a stalled evaluation loss, and save-best.
+#[test]
+fn fit_schedules_steps_stops_early_and_saves_the_best() {
+    use kiln::optim::{Chained, CosineAnnealing, LinearWarmup, LrSchedule};
+    use kiln::train::EarlyStopping;
+    let d = dev();
+    let data = toy(40);
+    let loader = DataLoader::new(&data, 8, &d);
+    let mut net = Sequential::new().add(Linear::new(&mut Init::new(&d, 0), 2, 3, true).unwrap());
+    let mut opt = Sgd::new(
+        net.parameters(),
+        SgdOptions {
+            lr: 0.01,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let warm = LinearWarmup {
+        base_lr: 0.01,
+        start_factor: 0.1,
+        end_factor: 1.0,
+        total_iters: 4,
+    };
+    let cos = CosineAnnealing {
+        base_lr: 0.01,
+        t_max: 11,
+        eta_min: 0.001,
+    };
+    let schedule = Chained {
+        first: &warm,
+        switch_at: 4,
+        then: &cos,
+    };
+    let path = std::env::temp_dir().join(format!("kiln-best-{}.safetensors", std::process::id()));
+    let reports = fit(
+        &mut net,
+        &mut opt,
+        &loader,
+        Some(&loader),
+        FitOptions {
+            epochs: 3,
+            step_schedule: Some(&schedule),
+            save_best: Some(&path),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    // 3 epochs of 5 steps: the last step ran at step 14 of the chained schedule.
+    assert_eq!(opt.lr(), schedule.lr_at(14));
+    assert_eq!(opt.steps(), 15);
+    for r in &reports {
+        assert_eq!(r.step_losses.len(), 5);
+        let mean = r.step_losses.iter().sum::<f32>() / 5.0;
+        assert!(
+            (mean - r.train_loss).abs() <= 1e-5 * r.train_loss.abs(),
+            "{mean} vs {}",
+            r.train_loss
+        );
+    }
+    // Best epochs are those whose evaluation loss is below every earlier one; the file holds
+    // the model as it was after the last of them.
+    let mut lowest = f32::INFINITY;
+    for r in &reports {
+        let l = r.eval_loss.unwrap();
+        assert_eq!(r.best, l < lowest, "epoch {}", r.epoch);
+        lowest = lowest.min(l);
+    }
+    let last_best = reports.iter().rposition(|r| r.best).unwrap();
+    assert_eq!(last_best, 2, "the loss fell every epoch: {reports:?}");
+    let copy = Sequential::new().add(Linear::new(&mut Init::new(&d, 9), 2, 3, true).unwrap());
+    let mut copy_opt = Sgd::new(copy.parameters(), SgdOptions::default()).unwrap();
+    kiln::checkpoint::load(&path, &copy, Some(&mut copy_opt)).unwrap();
+    for (a, b) in net.parameters().iter().zip(copy.parameters()) {
+        assert_eq!(a.to_vec().unwrap(), b.to_vec().unwrap());
+    }
+    assert_eq!(copy_opt.steps(), 15);
+    std::fs::remove_file(&path).ok();
+    std::fs::remove_file(kiln::checkpoint::optimizer_path(&path)).ok();
+    // A learning rate of 0 leaves the evaluation loss where it is: patience 2 stops after the
+    // first epoch and two without improvement.
+    let mut frozen = Sgd::new(
+        net.parameters(),
+        SgdOptions {
+            lr: 0.0,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let reports = fit(
+        &mut net,
+        &mut frozen,
+        &loader,
+        Some(&loader),
+        FitOptions {
+            epochs: 10,
+            early_stopping: Some(EarlyStopping {
+                patience: 2,
+                min_delta: 0.0,
+            }),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(reports.len(), 3);
+    assert_eq!(
+        reports.iter().map(|r| r.best).collect::<Vec<_>>(),
+        vec![true, false, false]
+    );
+    let e = fit(
+        &mut net,
+        &mut frozen,
+        &loader,
+        None,
+        FitOptions {
+            early_stopping: Some(EarlyStopping {
+                patience: 1,
+                min_delta: 0.0,
+            }),
+            ..Default::default()
+        },
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("evaluation loader"), "{e}");
+}

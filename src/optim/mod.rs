@@ -6,7 +6,7 @@ mod schedule;
 
 use bytemuck::{Pod, Zeroable};
 
-pub use schedule::{CosineAnnealing, LinearWarmup, LrSchedule, StepDecay};
+pub use schedule::{Chained, CosineAnnealing, LinearWarmup, LrSchedule, StepDecay};
 
 use crate::autograd::no_grad;
 use crate::error::{Error, Result};

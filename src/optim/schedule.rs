@@ -77,3 +77,35 @@ impl LrSchedule for LinearWarmup {
         (self.base_lr as f64 * factor) as f32
     }
 }
+
+/// One schedule for the first `switch_at` steps, then another counted from 0 again, as
+/// `torch.optim.lr_scheduler.SequentialLR` with one milestone: a warm-up then a cosine decay.
+///
+/// ```
+/// use kiln::optim::{Chained, CosineAnnealing, LinearWarmup, LrSchedule};
+/// let warm = LinearWarmup { base_lr: 0.1, start_factor: 0.1, end_factor: 1.0, total_iters: 10 };
+/// let cos = CosineAnnealing { base_lr: 0.1, t_max: 90, eta_min: 0.0 };
+/// let s = Chained { first: &warm, switch_at: 10, then: &cos };
+/// assert!((s.lr_at(0) - 0.01).abs() < 1e-7);
+/// assert!((s.lr_at(10) - 0.1).abs() < 1e-7);
+/// assert!((s.lr_at(55) - 0.05).abs() < 1e-6);
+/// ```
+#[derive(Clone, Copy)]
+pub struct Chained<'a> {
+    /// The schedule of steps `0..switch_at`.
+    pub first: &'a dyn LrSchedule,
+    /// The step at which `then` takes over.
+    pub switch_at: usize,
+    /// The schedule from `switch_at` on, at `t - switch_at`.
+    pub then: &'a dyn LrSchedule,
+}
+
+impl LrSchedule for Chained<'_> {
+    fn lr_at(&self, t: usize) -> f32 {
+        if t < self.switch_at {
+            self.first.lr_at(t)
+        } else {
+            self.then.lr_at(t - self.switch_at)
+        }
+    }
+}
