@@ -10,6 +10,9 @@
 //! and a linear head. Both train with SGD (momentum 0.9, lr 0.05), batch 32, on a seeded 80/20
 //! split, and write `digits_<model>.safetensors` and `digits_<model>.frozen.safetensors`.
 
+#[path = "common/curves.rs"]
+mod curves;
+
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -96,6 +99,11 @@ fn main() -> kiln::Result<()> {
         );
     }
     kiln::checkpoint::save(&out, &model, None, Some(spec))?;
+    let curves_path = out.with_extension("curves.svg");
+    match curves::save_curves(&curves_path, &format!("digits, {name}"), &reports) {
+        Ok(()) => println!("wrote {}", curves_path.display()),
+        Err(e) => eprintln!("could not draw the curves: {e}"),
+    }
     println!(
         "saved {} ({} parameters)",
         out.display(),

@@ -6,6 +6,9 @@
 //! cargo run --release --example mnist -- data/mnist [--epochs 2] [--batch 64]
 //! ```
 
+#[path = "common/curves.rs"]
+mod curves;
+
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -84,6 +87,11 @@ fn main() -> kiln::Result<()> {
         None,
         Some(MNIST_CNN),
     )?;
+    let curves_path = dir.join("mnist_cnn.curves.svg");
+    match curves::save_curves(&curves_path, "MNIST, LeNet-style CNN", &reports) {
+        Ok(()) => println!("wrote {}", curves_path.display()),
+        Err(e) => eprintln!("could not draw the curves: {e}"),
+    }
     println!("total {:.1} s", start.elapsed().as_secs_f64());
     Ok(())
 }
