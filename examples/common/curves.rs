@@ -36,7 +36,10 @@ pub fn save_curves(path: &Path, title: &str, reports: &[EpochReport]) -> Result<
         .draw()
         .map_err(|e| e.to_string())?;
     chart
-        .draw_series(LineSeries::new(reports.iter().map(|r| (x(r), r.train_loss)), &BLUE))
+        .draw_series(LineSeries::new(
+            reports.iter().map(|r| (x(r), r.train_loss)),
+            &BLUE,
+        ))
         .map_err(|e| e.to_string())?
         .label("train")
         .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLUE));

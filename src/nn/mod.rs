@@ -14,6 +14,41 @@ pub use layers::{
     Gelu, LayerNorm, LeakyRelu, Linear, MaxPool2d, Relu, Residual, Sigmoid, Silu, Tanh,
 };
 
+/// Derives [`Module`] from a struct's fields: see the `kiln-derive` crate.
+///
+/// ```
+/// use kiln::nn::{Init, Linear, Module};
+/// use kiln::Tensor;
+///
+/// #[derive(Module)]
+/// struct Mlp {
+///     hidden: Linear,
+///     out: Linear,
+///     scale: Tensor,
+///     dropout_p: f32, // configuration: not a tensor, not visited
+/// }
+///
+/// impl Mlp {
+///     fn forward(&self, x: &Tensor) -> kiln::Result<Tensor> {
+///         self.out.forward(&self.hidden.forward(x)?.relu()?)?.mul(&self.scale)
+///     }
+/// }
+///
+/// # let dev = kiln::Device::default_device()?;
+/// let mut init = Init::new(&dev, 0);
+/// let m = Mlp {
+///     hidden: Linear::new(&mut init, 4, 8, true)?,
+///     out: Linear::new(&mut init, 8, 2, true)?,
+///     scale: Tensor::ones(&[2], &dev)?.requires_grad(),
+///     dropout_p: 0.0,
+/// };
+/// let names: Vec<String> = m.named_parameters().into_iter().map(|(n, _)| n).collect();
+/// assert_eq!(names, ["hidden.weight", "hidden.bias", "out.weight", "out.bias", "scale"]);
+/// assert_eq!(Module::forward(&m, &Tensor::ones(&[3, 4], &dev)?)?.dims(), &[3, 2]);
+/// # Ok::<(), kiln::Error>(())
+/// ```
+pub use kiln_derive::Module;
+
 use crate::device::Device;
 use crate::error::Result;
 use crate::tensor::Tensor;
