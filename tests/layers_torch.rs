@@ -235,3 +235,112 @@ fn containers_and_misuse() {
         .forward_with_state(&Tensor::randn(&[2, 5, 3], 1, &d).unwrap(), Some((&h0, &h0)))
         .is_err());
 }
+
+/// The typed configurations build the layers the positional constructors build (same seed,
+/// same tensors), with PyTorch's defaults and names.
+#[test]
+fn configs_build_the_same_layers() {
+    use kiln::nn::{
+        Conv1dConfig, Conv2dConfig, EmbeddingConfig, LayerNormConfig, LinearConfig,
+        MultiheadAttentionConfig, RnnConfig, TransformerEncoderLayerConfig,
+    };
+    use kiln::Conv2dOptions;
+    let d = dev();
+    let same = |what: &str, a: &dyn Module, b: &dyn Module| {
+        let sa: Vec<(String, Vec<f32>)> = a
+            .state_dict()
+            .into_iter()
+            .map(|(n, t, _)| (n, t.to_vec().unwrap()))
+            .collect();
+        let sb: Vec<(String, Vec<f32>)> = b
+            .state_dict()
+            .into_iter()
+            .map(|(n, t, _)| (n, t.to_vec().unwrap()))
+            .collect();
+        assert_eq!(sa, sb, "{what}");
+    };
+    let i = || Init::new(&dev(), 5);
+    same(
+        "linear",
+        &LinearConfig::new(4, 3).bias(false).init(&mut i()).unwrap(),
+        &Linear::new(&mut i(), 4, 3, false).unwrap(),
+    );
+    let opts = Conv2dOptions {
+        stride: [2, 2],
+        padding: [1, 1],
+        dilation: [1, 1],
+        groups: 2,
+    };
+    same(
+        "conv2d",
+        &Conv2dConfig::new(4, 6, 3)
+            .stride(2)
+            .padding(1)
+            .groups(2)
+            .init(&mut i())
+            .unwrap(),
+        &kiln::nn::Conv2d::new(&mut i(), 4, 6, [3, 3], opts, true).unwrap(),
+    );
+    let c1 = Conv1dConfig::new(4, 6, 3)
+        .stride(2)
+        .padding(1)
+        .groups(2)
+        .init(&mut i())
+        .unwrap();
+    assert_eq!((c1.stride, c1.padding, c1.groups), (2, 1, 2));
+    same(
+        "conv1d",
+        &c1,
+        &Conv1d::grouped(&mut i(), 4, 6, 3, 2, true).unwrap(),
+    );
+    same(
+        "embedding",
+        &EmbeddingConfig::new(7, 3).init(&mut i()).unwrap(),
+        &kiln::nn::Embedding::new(&mut i(), 7, 3).unwrap(),
+    );
+    assert_eq!(
+        LayerNormConfig::new(&[5])
+            .eps(1e-3)
+            .init(&mut i())
+            .unwrap()
+            .eps,
+        1e-3
+    );
+    let t = TransformerEncoderLayerConfig::new(8, 2)
+        .dim_feedforward(16)
+        .init(&mut i())
+        .unwrap();
+    same(
+        "transformer",
+        &t,
+        &TransformerEncoderLayer::new(&mut i(), 8, 2, 16).unwrap(),
+    );
+    assert_eq!(
+        TransformerEncoderLayerConfig::new(8, 2).dim_feedforward,
+        2048,
+        "PyTorch's default"
+    );
+    same(
+        "lstm",
+        &RnnConfig::new(3, 4).num_layers(2).lstm(&mut i()).unwrap(),
+        &Lstm::new(&mut i(), 3, 4, 2, true).unwrap(),
+    );
+    same(
+        "gru",
+        &RnnConfig::new(3, 4).gru(&mut i()).unwrap(),
+        &Gru::new(&mut i(), 3, 4, 1, true).unwrap(),
+    );
+    let m = MultiheadAttentionConfig::new(8, 2)
+        .bias(false)
+        .init(&mut i())
+        .unwrap();
+    let names: Vec<String> = m.state_dict().into_iter().map(|(n, _, _)| n).collect();
+    assert_eq!(
+        names,
+        ["in_proj_weight", "out_proj.weight"],
+        "bias=False as PyTorch names it"
+    );
+    let q = Tensor::randn(&[2, 3, 8], 1, &d).unwrap();
+    assert_eq!(m.forward(&q).unwrap().dims(), &[2, 3, 8]);
+    assert!(Conv2dConfig::new(3, 4, 3).groups(2).init(&mut i()).is_err());
+}

@@ -3,11 +3,16 @@
 //! seeded through [`Init`].
 
 mod blocks;
+mod config;
 mod layers;
 
 pub use blocks::{
     causal_mask, Activation, Conv1d, GroupNorm, Gru, Identity, Lstm, ModuleList,
     MultiheadAttention, TransformerEncoderLayer,
+};
+pub use config::{
+    Conv1dConfig, Conv2dConfig, EmbeddingConfig, LayerNormConfig, LinearConfig,
+    MultiheadAttentionConfig, RnnConfig, TransformerEncoderLayerConfig,
 };
 pub use layers::{
     AdaptiveAvgPool2d, AvgPool2d, BatchNorm, Conv2d, ConvTranspose2d, Dropout, Embedding, Flatten,
