@@ -487,3 +487,50 @@ fn operators_on_references() {
         "shapes that do not broadcast"
     );
 }
+
+#[test]
+fn topk_matches_f64() {
+    let mut rng = Rng::new(9);
+    // Few distinct values, so ties happen: the first index of a tie comes first.
+    let v: Vec<f32> = (0..3 * 11).map(|_| rng.below(6) as f32 - 2.0).collect();
+    let x = Tensor::from_slice(&v, &[3, 11], &dev()).unwrap();
+    for (k, largest) in [(1, true), (4, true), (11, true), (3, false)] {
+        let (values, indices) = x.topk(k, 1, largest).unwrap();
+        assert_eq!(values.dims(), &[3, k]);
+        let (got_v, got_i) = (values.to_vec().unwrap(), indices.to_vec().unwrap());
+        for r in 0..3 {
+            let mut order: Vec<usize> = (0..11).collect();
+            // A stable sort: ties keep index order.
+            order.sort_by(|&a, &b| {
+                let (x, y) = (v[r * 11 + a], v[r * 11 + b]);
+                if largest {
+                    y.total_cmp(&x)
+                } else {
+                    x.total_cmp(&y)
+                }
+            });
+            for j in 0..k {
+                assert_eq!(
+                    got_i[r * k + j],
+                    order[j] as f32,
+                    "row {r} rank {j}, k {k}, largest {largest}"
+                );
+                assert_eq!(got_v[r * k + j], v[r * 11 + order[j]]);
+            }
+        }
+    }
+    // Along axis 0, with -inf present: every index appears once.
+    let t = Tensor::from_slice(
+        &[f32::NEG_INFINITY, 1.0, f32::NEG_INFINITY, 2.0],
+        &[4, 1],
+        &dev(),
+    )
+    .unwrap();
+    let (vals, idx) = t.topk(4, 0, true).unwrap();
+    assert_eq!(idx.to_vec().unwrap(), vec![3.0, 1.0, 0.0, 2.0]);
+    assert_eq!(vals.to_vec().unwrap()[..2], [2.0, 1.0]);
+    assert!(t.topk(5, 0, true).is_err() && t.topk(0, 0, true).is_err());
+    check("topk", vec![spaced(&mut rng, &[2, 6])], &|t| {
+        Ok(t[0].topk(3, 1, true)?.0)
+    });
+}

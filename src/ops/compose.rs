@@ -284,6 +284,56 @@ impl Tensor {
         Ok(out)
     }
 
+    /// The `k` largest (or, with `largest` false, smallest) elements along `axis`, in order,
+    /// and their indices (as f32), as `torch.topk(x, k, axis, largest, sorted=True)`. Ties
+    /// keep the first index first. The values carry the gradient; the indices none. Made of
+    /// `k` arg-max passes, so it suits the small `k` of classification metrics and beam search.
+    ///
+    /// ```
+    /// # let dev = kiln::Device::default_device()?;
+    /// let x = kiln::Tensor::from_slice(&[1.0, 5.0, 3.0, 4.0], &[4], &dev)?;
+    /// let (values, indices) = x.topk(2, 0, true)?;
+    /// assert_eq!(values.to_vec()?, vec![5.0, 4.0]);
+    /// assert_eq!(indices.to_vec()?, vec![1.0, 3.0]);
+    /// # Ok::<(), kiln::Error>(())
+    /// ```
+    pub fn topk(&self, k: usize, axis: isize, largest: bool) -> Result<(Tensor, Tensor)> {
+        const OP: &str = "topk";
+        let a = normalize_axis(OP, axis, self.rank())?;
+        let n = self.dims()[a];
+        if k == 0 || k > n {
+            return Err(Error::invalid(
+                OP,
+                format!("k = {k} must be in 1..={n}, the size of axis {axis}"),
+            ));
+        }
+        // -inf keys become the lowest finite value, so that positions already taken (set to
+        // -inf below) always rank below those not yet taken.
+        let keys = crate::no_grad(|| {
+            let k = if largest {
+                self.detach()
+            } else {
+                self.detach().neg()?
+            };
+            k.maximum_scalar(-f32::MAX)
+        })?;
+        // Positions along the axis, shaped to broadcast against the keys.
+        let mut shape = vec![1; self.rank()];
+        shape[a] = n;
+        let positions: Vec<f32> = (0..n).map(|i| i as f32).collect();
+        let positions = Tensor::from_slice(&positions, &shape, self.device())?;
+        let mut indices = Vec::with_capacity(k);
+        let mut keys = keys;
+        for _ in 0..k {
+            let idx = keys.argmax(a as isize, true)?;
+            keys = crate::no_grad(|| keys.masked_fill(&positions.eq(&idx)?, f32::NEG_INFINITY))?;
+            indices.push(idx);
+        }
+        let refs: Vec<&Tensor> = indices.iter().collect();
+        let indices = Tensor::concat(&refs, a as isize)?;
+        Ok((self.gather(a as isize, &indices)?, indices))
+    }
+
     /// Nearest-neighbour upsampling of `(N, C, H, W)` (or `(C, H, W)`) to `size`, as
     /// `torch.nn.functional.interpolate(mode='nearest')`: output row i reads input row
     /// floor(i * H / out_h).
