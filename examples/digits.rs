@@ -75,7 +75,6 @@ fn main() -> kiln::Result<()> {
     )?;
     let train = DataLoader::new(&train_set, 32, &dev).shuffle(1);
     let test = DataLoader::new(&test_set, 256, &dev);
-    let mut stderr = std::io::stderr();
     let reports = fit(
         &mut model,
         &mut opt,
@@ -83,7 +82,7 @@ fn main() -> kiln::Result<()> {
         Some(&test),
         FitOptions {
             epochs,
-            progress: Some(&mut stderr),
+            progress_bar: true,
             ..Default::default()
         },
     )?;

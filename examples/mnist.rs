@@ -58,7 +58,6 @@ fn main() -> kiln::Result<()> {
     let train = DataLoader::new(&train_set, batch, &dev).shuffle(1);
     let test = DataLoader::new(&test_set, 1000, &dev);
     let start = Instant::now();
-    let mut stderr = std::io::stderr();
     let schedule = StepDecay {
         base_lr: 0.05,
         step_size: 1,
@@ -67,7 +66,7 @@ fn main() -> kiln::Result<()> {
     let options = FitOptions {
         epochs,
         schedule: Some(&schedule),
-        progress: Some(&mut stderr),
+        progress_bar: true,
         ..Default::default()
     };
     let reports = fit(&mut model, &mut opt, &train, Some(&test), options)?;

@@ -70,6 +70,7 @@ fn main() -> kiln::Result<()> {
             epochs,
             loss: Some(&mse),
             progress: Some(&mut log),
+            progress_bar: true,
             ..Default::default()
         },
     )?;

@@ -71,8 +71,12 @@ pub struct FitOptions<'a> {
     pub save_best: Option<&'a std::path::Path>,
     /// Clip gradients to this global norm before each step.
     pub clip_grad_norm: Option<f32>,
-    /// Where to draw the progress line and the per-epoch summary (e.g. `std::io::stderr()`).
+    /// Where to write one summary line per epoch (a log file, `std::io::stdout()`, ...).
     pub progress: Option<&'a mut dyn Write>,
+    /// A live progress bar of the epoch's steps and running loss on standard error, when it is
+    /// a terminal (nothing otherwise, so logs stay one line per epoch). Needs the `progress`
+    /// feature (on by default).
+    pub progress_bar: bool,
     /// The loss of a batch, from the model's output and the batch's targets: a one-element
     /// mean over the batch (for example `|y, t| mse_loss(y, t, Reduction::Mean)`). `None`
     /// means cross-entropy on class labels, with accuracy.
@@ -89,6 +93,7 @@ impl Default for FitOptions<'_> {
             save_best: None,
             clip_grad_norm: None,
             progress: None,
+            progress_bar: false,
             loss: None,
         }
     }
@@ -188,6 +193,7 @@ pub fn fit(
         let mut correct = Vec::with_capacity(steps);
         let mut seen = 0usize;
         let mut sizes = Vec::with_capacity(steps);
+        let mut bar = Bar::new(options.progress_bar, steps, epoch, options.epochs);
         for (step, batch) in train.epoch(epoch).enumerate() {
             let batch = batch?;
             let n = batch.len;
@@ -219,24 +225,13 @@ pub fn fit(
             };
             losses.push(sum);
             seen += n;
-            if let Some(out) = options.progress.as_mut() {
-                if (step + 1) % progress_every == 0 || step + 1 == steps {
-                    let total: f32 = sum_scalars(&losses)?.iter().sum();
-                    let done = (step + 1) * 20 / steps.max(1);
-                    let _ = write!(
-                        out,
-                        "\repoch {:>3}/{} [{}{}] {:>3}% loss {:.4}",
-                        epoch + 1,
-                        options.epochs,
-                        "=".repeat(done),
-                        " ".repeat(20 - done),
-                        (step + 1) * 100 / steps.max(1),
-                        total / seen as f32
-                    );
-                    let _ = out.flush();
-                }
+            if bar.is_live() && ((step + 1) % progress_every == 0 || step + 1 == steps) {
+                // The running loss needs a readback: a few per epoch, only for a live bar.
+                let total: f32 = sum_scalars(&losses)?.iter().sum();
+                bar.update(step + 1, total / seen as f32);
             }
         }
+        bar.finish();
         let loss_values = sum_scalars(&losses)?;
         if let Some(bad) = loss_values.iter().position(|v| !v.is_finite()) {
             return Err(Error::invalid(
@@ -300,12 +295,11 @@ pub fn fit(
             let acc = train_accuracy.map_or(String::new(), |a| format!(" acc {:.2}%", a * 100.0));
             let _ = writeln!(
                 out,
-                "\repoch {:>3}/{}  loss {:.4}{acc}{eval_part}  {:.2} s{}",
+                "epoch {:>3}/{}  loss {:.4}{acc}{eval_part}  {:.2} s",
                 epoch + 1,
                 options.epochs,
                 train_loss,
                 report.seconds,
-                " ".repeat(12)
             );
         }
         reports.push(report);
@@ -323,6 +317,61 @@ pub fn fit(
         }
     }
     Ok(reports)
+}
+
+/// The live progress bar of one epoch (a no-op without a terminal or the `progress` feature).
+struct Bar {
+    #[cfg(feature = "progress")]
+    bar: Option<indicatif::ProgressBar>,
+}
+
+impl Bar {
+    fn new(wanted: bool, steps: usize, epoch: usize, epochs: usize) -> Bar {
+        #[cfg(feature = "progress")]
+        {
+            use std::io::IsTerminal;
+            let bar = (wanted && std::io::stderr().is_terminal()).then(|| {
+                let bar = indicatif::ProgressBar::new(steps as u64);
+                if let Ok(style) = indicatif::ProgressStyle::with_template(
+                    "{prefix} [{bar:30}] {pos}/{len} {msg} {elapsed}",
+                ) {
+                    bar.set_style(style.progress_chars("=> "));
+                }
+                bar.set_prefix(format!("epoch {}/{epochs}", epoch + 1));
+                bar
+            });
+            Bar { bar }
+        }
+        #[cfg(not(feature = "progress"))]
+        {
+            let _ = (wanted, steps, epoch, epochs);
+            Bar {}
+        }
+    }
+
+    fn is_live(&self) -> bool {
+        #[cfg(feature = "progress")]
+        return self.bar.is_some();
+        #[cfg(not(feature = "progress"))]
+        false
+    }
+
+    fn update(&mut self, done: usize, loss: f32) {
+        #[cfg(feature = "progress")]
+        if let Some(b) = &self.bar {
+            b.set_position(done as u64);
+            b.set_message(format!("loss {loss:.4}"));
+        }
+        #[cfg(not(feature = "progress"))]
+        let _ = (done, loss);
+    }
+
+    fn finish(&mut self) {
+        #[cfg(feature = "progress")]
+        if let Some(b) = self.bar.take() {
+            b.finish_and_clear();
+        }
+    }
 }
 
 /// Mean of a custom per-batch loss (see [`FitOptions::loss`]) of `model` over `loader`,

@@ -434,6 +434,9 @@ fn fit_reports_and_stops_on_a_non_finite_loss() {
         text.contains("epoch   2/2") && text.contains("eval loss"),
         "{text}"
     );
+    // A log gets one line per epoch; the live bar (stderr on a terminal) never writes there.
+    assert_eq!(text.lines().count(), 2, "{text:?}");
+    assert!(!text.contains('\r'), "{text:?}");
     // Sample 20 (step 3 of batches of 8) holds a NaN.
     feats[40] = f32::NAN;
     let bad = InMemoryDataset::new(feats, labels, &[2], 2).unwrap();
