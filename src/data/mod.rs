@@ -120,21 +120,12 @@ impl TensorDataset {
 
     /// A seeded random split: the first part holds `fraction` of the samples.
     pub fn split(&self, fraction: f64, seed: u64) -> Result<(TensorDataset, TensorDataset)> {
-        if !(0.0..=1.0).contains(&fraction) {
-            return Err(Error::invalid(
-                "split",
-                format!("fraction must be in [0, 1], got {fraction}"),
-            ));
-        }
-        let mut order: Vec<usize> = (0..self.len()).map(|i| self.source_index(i)).collect();
-        shuffle(&mut order, seed);
-        let cut = (order.len() as f64 * fraction).round() as usize;
-        let second = order.split_off(cut);
         let view = |ix: Vec<usize>| TensorDataset {
             indices: Some(Arc::new(ix)),
             ..self.clone()
         };
-        Ok((view(order), view(second)))
+        let (a, b) = split_order(self.len(), |i| self.source_index(i), fraction, seed)?;
+        Ok((view(a), view(b)))
     }
 
     fn check(&self, index: usize) -> Result<usize> {
@@ -246,21 +237,12 @@ impl InMemoryDataset {
 
     /// A seeded random split: the first part holds `fraction` of the samples.
     pub fn split(&self, fraction: f64, seed: u64) -> Result<(InMemoryDataset, InMemoryDataset)> {
-        if !(0.0..=1.0).contains(&fraction) {
-            return Err(Error::invalid(
-                "split",
-                format!("fraction must be in [0, 1], got {fraction}"),
-            ));
-        }
-        let mut order: Vec<usize> = (0..self.len()).map(|i| self.source_index(i)).collect();
-        shuffle(&mut order, seed);
-        let cut = (order.len() as f64 * fraction).round() as usize;
-        let second = order.split_off(cut);
         let view = |ix: Vec<usize>| InMemoryDataset {
             indices: Some(Arc::new(ix)),
             ..self.clone()
         };
-        Ok((view(order), view(second)))
+        let (a, b) = split_order(self.len(), |i| self.source_index(i), fraction, seed)?;
+        Ok((view(a), view(b)))
     }
 
     /// The label of sample `i`.
@@ -296,6 +278,26 @@ impl Dataset for InMemoryDataset {
         features.extend_from_slice(&self.features[i * per..(i + 1) * per]);
         Ok(self.labels[i])
     }
+}
+
+/// The source indices of a view's `len` samples, shuffled from `seed` and cut at `fraction`.
+fn split_order(
+    len: usize,
+    source_index: impl Fn(usize) -> usize,
+    fraction: f64,
+    seed: u64,
+) -> Result<(Vec<usize>, Vec<usize>)> {
+    if !(0.0..=1.0).contains(&fraction) {
+        return Err(Error::invalid(
+            "split",
+            format!("fraction must be in [0, 1], got {fraction}"),
+        ));
+    }
+    let mut order: Vec<usize> = (0..len).map(source_index).collect();
+    shuffle(&mut order, seed);
+    let cut = (order.len() as f64 * fraction).round() as usize;
+    let second = order.split_off(cut);
+    Ok((order, second))
 }
 
 /// SplitMix64-driven Fisher-Yates shuffle.

@@ -653,6 +653,35 @@ fn initial_state(
     }
 }
 
+/// Runs stacked recurrent layers over `x` `(N, T, input)`: for each layer, the input
+/// projection of every step at once, then `cell(layer, projected step input, state)` step by
+/// step from `initial(layer index)`; `hidden(state)` is the step's output, the next layer's
+/// input. Returns the last layer's outputs `(N, T, hidden)` and every layer's final state.
+fn run_layers<S>(
+    layers: &[RnnLayer],
+    x: Tensor,
+    initial: impl Fn(usize) -> Result<S>,
+    hidden: impl Fn(&S) -> &Tensor,
+    cell: impl Fn(&RnnLayer, &Tensor, &S) -> Result<S>,
+) -> Result<(Tensor, Vec<S>)> {
+    let t = x.dims()[1];
+    let mut input = x;
+    let mut finals = Vec::with_capacity(layers.len());
+    for (k, l) in layers.iter().enumerate() {
+        let xi = affine(&input, &l.weight_ih, l.bias_ih.as_ref())?;
+        let mut state = initial(k)?;
+        let mut outs = Vec::with_capacity(t);
+        for step in 0..t {
+            state = cell(l, &xi.narrow(1, step, 1)?.squeeze(Some(1))?, &state)?;
+            outs.push(hidden(&state).clone());
+        }
+        let refs: Vec<&Tensor> = outs.iter().collect();
+        input = Tensor::stack(&refs, 1)?;
+        finals.push(state);
+    }
+    Ok((input, finals))
+}
+
 /// A long short-term memory network, as `torch.nn.LSTM` with `batch_first=True`: gates in
 /// PyTorch's order (input, forget, cell, output), parameters `weight_ih_l{k}`,
 /// `weight_hh_l{k}`, `bias_ih_l{k}`, `bias_hh_l{k}`. `forward` returns the last layer's
@@ -690,7 +719,7 @@ impl Lstm {
     ) -> Result<(Tensor, (Tensor, Tensor))> {
         const OP: &str = "LSTM";
         let (x, batched) = sequence(OP, x, self.input_size)?;
-        let (n, t, hd) = (x.dims()[0], x.dims()[1], self.hidden_size);
+        let (n, hd) = (x.dims()[0], self.hidden_size);
         let nl = self.layers.len();
         let unbatch = |s: Option<&Tensor>| -> Result<Option<Tensor>> {
             s.map(|s| {
@@ -705,22 +734,18 @@ impl Lstm {
         let (h0, c0) = (unbatch(state.map(|s| s.0))?, unbatch(state.map(|s| s.1))?);
         let h0 = initial_state(OP, h0.as_ref(), nl, n, hd, &x)?;
         let c0 = initial_state(OP, c0.as_ref(), nl, n, hd, &x)?;
-        let mut input = x;
-        let (mut hs, mut cs) = (Vec::with_capacity(nl), Vec::with_capacity(nl));
-        for (k, l) in self.layers.iter().enumerate() {
-            // The input projection of every step at once: (N, T, 4H).
-            let xi = affine(&input, &l.weight_ih, l.bias_ih.as_ref())?;
-            let (mut h, mut c) = (
-                h0.narrow(0, k, 1)?.squeeze(Some(0))?,
-                c0.narrow(0, k, 1)?.squeeze(Some(0))?,
-            );
-            let mut outs = Vec::with_capacity(t);
-            for step in 0..t {
-                let g = xi.narrow(1, step, 1)?.squeeze(Some(1))?.add(&affine(
-                    &h,
-                    &l.weight_hh,
-                    l.bias_hh.as_ref(),
-                )?)?;
+        let (output, states) = run_layers(
+            &self.layers,
+            x,
+            |k| {
+                Ok((
+                    h0.narrow(0, k, 1)?.squeeze(Some(0))?,
+                    c0.narrow(0, k, 1)?.squeeze(Some(0))?,
+                ))
+            },
+            |s| &s.0,
+            |l, xi, (h, c)| {
+                let g = xi.add(&affine(h, &l.weight_hh, l.bias_hh.as_ref())?)?;
                 let gate = |j: usize| g.narrow(1, j * hd, hd);
                 let (i, f, gg, o) = (
                     gate(0)?.sigmoid()?,
@@ -728,15 +753,12 @@ impl Lstm {
                     gate(2)?.tanh()?,
                     gate(3)?.sigmoid()?,
                 );
-                c = f.mul(&c)?.add(&i.mul(&gg)?)?;
-                h = o.mul(&c.tanh()?)?;
-                outs.push(h.clone());
-            }
-            let refs: Vec<&Tensor> = outs.iter().collect();
-            input = Tensor::stack(&refs, 1)?;
-            hs.push(h);
-            cs.push(c);
-        }
+                let c = f.mul(c)?.add(&i.mul(&gg)?)?;
+                Ok((o.mul(&c.tanh()?)?, c))
+            },
+        )?;
+        let input = output;
+        let (hs, cs): (Vec<Tensor>, Vec<Tensor>) = states.into_iter().unzip();
         let (hr, cr): (Vec<&Tensor>, Vec<&Tensor>) = (hs.iter().collect(), cs.iter().collect());
         let (h, c) = (Tensor::stack(&hr, 0)?, Tensor::stack(&cr, 0)?);
         if batched {
@@ -799,33 +821,27 @@ impl Gru {
     pub fn forward_with_state(&self, x: &Tensor, h0: Option<&Tensor>) -> Result<(Tensor, Tensor)> {
         const OP: &str = "GRU";
         let (x, batched) = sequence(OP, x, self.input_size)?;
-        let (n, t, hd) = (x.dims()[0], x.dims()[1], self.hidden_size);
+        let (n, hd) = (x.dims()[0], self.hidden_size);
         let h0 = match h0 {
             Some(h) if !batched => Some(h.unsqueeze(1)?),
             other => other.cloned(),
         };
         let h0 = initial_state(OP, h0.as_ref(), self.layers.len(), n, hd, &x)?;
-        let mut input = x;
-        let mut hs = Vec::with_capacity(self.layers.len());
-        for (k, l) in self.layers.iter().enumerate() {
-            let xi = affine(&input, &l.weight_ih, l.bias_ih.as_ref())?;
-            let mut h = h0.narrow(0, k, 1)?.squeeze(Some(0))?;
-            let mut outs = Vec::with_capacity(t);
-            for step in 0..t {
-                let a = xi.narrow(1, step, 1)?.squeeze(Some(1))?;
-                let b = affine(&h, &l.weight_hh, l.bias_hh.as_ref())?;
+        let (input, hs) = run_layers(
+            &self.layers,
+            x,
+            |k| h0.narrow(0, k, 1)?.squeeze(Some(0)),
+            |h| h,
+            |l, a, h| {
+                let b = affine(h, &l.weight_hh, l.bias_hh.as_ref())?;
                 let part = |m: &Tensor, j: usize| m.narrow(1, j * hd, hd);
-                let r = part(&a, 0)?.add(&part(&b, 0)?)?.sigmoid()?;
-                let z = part(&a, 1)?.add(&part(&b, 1)?)?.sigmoid()?;
-                let nn = part(&a, 2)?.add(&r.mul(&part(&b, 2)?)?)?.tanh()?;
+                let r = part(a, 0)?.add(&part(&b, 0)?)?.sigmoid()?;
+                let z = part(a, 1)?.add(&part(&b, 1)?)?.sigmoid()?;
+                let nn = part(a, 2)?.add(&r.mul(&part(&b, 2)?)?)?.tanh()?;
                 // (1 - z) n + z h = n + z (h - n)
-                h = nn.add(&z.mul(&h.sub(&nn)?)?)?;
-                outs.push(h.clone());
-            }
-            let refs: Vec<&Tensor> = outs.iter().collect();
-            input = Tensor::stack(&refs, 1)?;
-            hs.push(h);
-        }
+                nn.add(&z.mul(&h.sub(&nn)?)?)
+            },
+        )?;
         let hr: Vec<&Tensor> = hs.iter().collect();
         let h = Tensor::stack(&hr, 0)?;
         if batched {
