@@ -43,6 +43,16 @@ pub struct EpochReport {
 }
 
 /// When [`fit`] stops early, as Keras' and Lightning's `EarlyStopping` on the evaluation loss.
+///
+/// ```
+/// use kiln::train::{EarlyStopping, FitOptions};
+/// let options = FitOptions {
+///     epochs: 100,
+///     early_stopping: Some(EarlyStopping { patience: 5, min_delta: 1e-4 }),
+///     ..Default::default()
+/// };
+/// assert_eq!(options.early_stopping.unwrap().patience, 5);
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct EarlyStopping {
     /// Epochs without improvement before stopping.

@@ -13,6 +13,16 @@ fn visit_child(f: &mut dyn FnMut(&str, &Tensor, TensorRole), prefix: &str, child
 
 /// 1-D convolution over `(N, C, L)` (or `(C, L)`), as `torch.nn.Conv1d` (weights and bias
 /// uniform in ±1/sqrt(fan_in), fan_in = C / groups * kernel).
+///
+/// ```
+/// use kiln::nn::{Conv1d, Init, Module};
+/// # let dev = kiln::Device::default_device()?;
+/// let mut conv = Conv1d::new(&mut Init::new(&dev, 0), 4, 8, 3, true)?;
+/// conv.padding = 1;
+/// let y = conv.forward(&kiln::Tensor::randn(&[2, 4, 10], 1, &dev)?)?;
+/// assert_eq!(y.dims(), &[2, 8, 10]);
+/// # Ok::<(), kiln::Error>(())
+/// ```
 pub struct Conv1d {
     /// (out_channels, in_channels / groups, kernel)
     pub weight: Tensor,
@@ -110,6 +120,15 @@ impl Module for Conv1d {
 }
 
 /// Group normalisation over axis 1, as `torch.nn.GroupNorm` (weight 1, bias 0, eps 1e-5).
+///
+/// ```
+/// use kiln::nn::{GroupNorm, Init, Module};
+/// # let dev = kiln::Device::default_device()?;
+/// let gn = GroupNorm::new(&mut Init::new(&dev, 0), 2, 6)?;
+/// let y = gn.forward(&kiln::Tensor::randn(&[3, 6, 5], 1, &dev)?)?;
+/// assert_eq!(y.dims(), &[3, 6, 5]);
+/// # Ok::<(), kiln::Error>(())
+/// ```
 pub struct GroupNorm {
     /// Channel groups.
     pub groups: usize,
@@ -181,6 +200,20 @@ impl Module for Identity {
 /// Modules held in a list and named `0`, `1`, ..., as `torch.nn.ModuleList`: it registers
 /// their tensors and switches their mode; the caller decides how to run them, so `forward` is
 /// an error.
+///
+/// ```
+/// use kiln::nn::{Init, Linear, Module, ModuleList};
+/// # let dev = kiln::Device::default_device()?;
+/// let mut init = Init::new(&dev, 0);
+/// let mut heads = ModuleList::new();
+/// heads.push(Linear::new(&mut init, 4, 2, true)?);
+/// heads.push(Linear::new(&mut init, 4, 3, true)?);
+/// assert_eq!(heads.named_parameters()[2].0, "1.weight");
+/// let x = kiln::Tensor::ones(&[1, 4], &dev)?;
+/// let outs: Vec<_> = heads.iter().map(|h| h.forward(&x)).collect::<kiln::Result<_>>()?;
+/// assert_eq!(outs[1].dims(), &[1, 3]);
+/// # Ok::<(), kiln::Error>(())
+/// ```
 #[derive(Default)]
 pub struct ModuleList {
     /// The modules, in order.
@@ -448,6 +481,16 @@ pub enum Activation {
 /// A transformer encoder layer, as `torch.nn.TransformerEncoderLayer` with `batch_first=True`
 /// and no dropout: self-attention then a feed-forward block, each with a residual connection
 /// and layer norm, after (post-norm, PyTorch's default) or before (`norm_first`).
+///
+/// ```
+/// use kiln::nn::{causal_mask, Init, TransformerEncoderLayer};
+/// # let dev = kiln::Device::default_device()?;
+/// let layer = TransformerEncoderLayer::new(&mut Init::new(&dev, 0), 16, 4, 32)?;
+/// let x = kiln::Tensor::randn(&[2, 6, 16], 1, &dev)?;
+/// let y = layer.forward_masked(&x, Some(&causal_mask(6, &dev)?), None)?;
+/// assert_eq!(y.dims(), &[2, 6, 16]);
+/// # Ok::<(), kiln::Error>(())
+/// ```
 pub struct TransformerEncoderLayer {
     /// `self_attn`
     pub self_attn: MultiheadAttention,
@@ -687,6 +730,15 @@ fn run_layers<S>(
 /// `weight_hh_l{k}`, `bias_ih_l{k}`, `bias_hh_l{k}`. `forward` returns the last layer's
 /// hidden state at every step `(N, T, hidden)`; [`Lstm::forward_with_state`] also takes and
 /// returns `(h, c)`.
+///
+/// ```
+/// use kiln::nn::{Init, Lstm};
+/// # let dev = kiln::Device::default_device()?;
+/// let lstm = Lstm::new(&mut Init::new(&dev, 0), 3, 8, 2, true)?;
+/// let (out, (h, c)) = lstm.forward_with_state(&kiln::Tensor::randn(&[4, 5, 3], 1, &dev)?, None)?;
+/// assert_eq!((out.dims(), h.dims(), c.dims()), (&[4, 5, 8][..], &[2, 4, 8][..], &[2, 4, 8][..]));
+/// # Ok::<(), kiln::Error>(())
+/// ```
 pub struct Lstm {
     layers: Vec<RnnLayer>,
     input_size: usize,
@@ -794,6 +846,14 @@ impl Module for Lstm {
 /// A gated recurrent unit network, as `torch.nn.GRU` with `batch_first=True`: gates in
 /// PyTorch's order (reset, update, new), `n = tanh(W_in x + b_in + r * (W_hn h + b_hn))`,
 /// `h' = (1 - z) * n + z * h`.
+///
+/// ```
+/// use kiln::nn::{Gru, Init, Module};
+/// # let dev = kiln::Device::default_device()?;
+/// let gru = Gru::new(&mut Init::new(&dev, 0), 3, 8, 1, true)?;
+/// assert_eq!(gru.forward(&kiln::Tensor::randn(&[5, 3], 1, &dev)?)?.dims(), &[5, 8]);
+/// # Ok::<(), kiln::Error>(())
+/// ```
 pub struct Gru {
     layers: Vec<RnnLayer>,
     input_size: usize,
