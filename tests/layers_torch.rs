@@ -93,11 +93,22 @@ fn run(kind: &str, layer: &Layer, x: &[Tensor]) -> Result<Tensor> {
     }
 }
 
+/// Each case runs twice: with this adapter's kernel choices, and with the choices of a
+/// hardware adapter (shared-memory tiles for the attention's batched products and the
+/// recurrent projections), which are the default on GPUs.
 #[test]
 fn layers_match_pytorch() {
     let cases = load(include_str!("fixtures/layers.txt"));
     assert_eq!(cases.len(), 9, "cases in layers.txt");
-    for c in &cases {
+    for as_hardware in [false, true] {
+        dev().choose_as_hardware(as_hardware);
+        check_layers(&cases);
+    }
+    dev().choose_as_hardware(false);
+}
+
+fn check_layers(cases: &[Case]) {
+    for c in cases {
         let (kind, names) = c.name.split_once(':').unwrap();
         let names: Vec<&str> = names.split(',').collect();
         let (layer, n_inputs) = build(kind, &mut Init::new(&dev(), 0));
