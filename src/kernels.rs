@@ -110,16 +110,32 @@ pub enum Variant {
     F16ToF32,
     /// f32 in, f16 out (converting inputs).
     F32ToF16,
+    /// i32 in, f32 out (casting integer tensors; elementwise kernels only).
+    I32ToF32,
+    /// f32 in, i32 out (casting to integers, truncating toward zero; elementwise kernels only).
+    F32ToI32,
 }
 
 impl Variant {
     /// Every variant.
-    pub const ALL: [Variant; 4] = [
+    pub const ALL: [Variant; 6] = [
         Variant::F32,
         Variant::F16,
         Variant::F16ToF32,
         Variant::F32ToF16,
+        Variant::I32ToF32,
+        Variant::F32ToI32,
     ];
+
+    /// True for the variants with f16 buffers (which need `SHADER_F16`).
+    pub fn needs_f16(self) -> bool {
+        matches!(self, Variant::F16 | Variant::F16ToF32 | Variant::F32ToF16)
+    }
+
+    /// True for the integer casts, which only the elementwise kernels have.
+    pub fn is_integer_cast(self) -> bool {
+        matches!(self, Variant::I32ToF32 | Variant::F32ToI32)
+    }
 
     fn types(self) -> (&'static str, &'static str) {
         match self {
@@ -127,6 +143,8 @@ impl Variant {
             Variant::F16 => ("f16", "f16"),
             Variant::F16ToF32 => ("f16", "f32"),
             Variant::F32ToF16 => ("f32", "f16"),
+            Variant::I32ToF32 => ("i32", "f32"),
+            Variant::F32ToI32 => ("f32", "i32"),
         }
     }
 }
@@ -155,7 +173,7 @@ impl ShaderFile {
         if variant == Variant::F32 {
             return Some(self.source().to_string());
         }
-        if !self.has_variants() {
+        if !self.has_variants() || (variant.is_integer_cast() && self != ShaderFile::Elementwise) {
             return None;
         }
         let (input, output) = variant.types();
@@ -163,7 +181,11 @@ impl ShaderFile {
             .source()
             .replace("alias IN = f32;", &format!("alias IN = {input};"))
             .replace("alias OUT = f32;", &format!("alias OUT = {output};"));
-        Some(format!("enable f16;\n{src}"))
+        Some(if variant.needs_f16() {
+            format!("enable f16;\n{src}")
+        } else {
+            src
+        })
     }
 }
 

@@ -675,7 +675,7 @@ impl Device {
         workgroups: [u32; 3],
     ) -> Result<()> {
         self.alive("dispatch")?;
-        if variant != Variant::F32 && !self.inner.features.contains(wgpu::Features::SHADER_F16) {
+        if variant.needs_f16() && !self.inner.features.contains(wgpu::Features::SHADER_F16) {
             return Err(Error::invalid(
                 "dispatch",
                 format!(

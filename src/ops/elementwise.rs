@@ -243,8 +243,9 @@ pub(crate) fn activation_in_place(
     variant: Variant,
 ) -> Result<()> {
     let variant = match variant {
-        Variant::F32 | Variant::F16ToF32 => Variant::F32,
         Variant::F16 | Variant::F32ToF16 => Variant::F16,
+        // Producing kernels write f32 in the other variants.
+        _ => Variant::F32,
     };
     let extra = Extra {
         op: op as u32,
