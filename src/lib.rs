@@ -44,7 +44,7 @@ pub use error::{Error, Result};
 pub use ops::conv::{Conv2dOptions, ConvTranspose2dOptions};
 pub use ops::elementwise::{BinaryOp, UnaryOp};
 pub use ops::pool::Pool2dOptions;
-pub use tensor::Tensor;
+pub use tensor::{DType, Tensor};
 /// The wgpu version kiln is built on, for adapter and limit types in kiln's API.
 pub use wgpu;
 

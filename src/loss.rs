@@ -1,6 +1,6 @@
 //! Loss functions, with PyTorch's semantics and defaults.
 //!
-//! Class-index targets are f32 tensors holding integers. They stay on the GPU, so a target
+//! Class-index targets are i32 tensors, or f32 tensors holding integers. They stay on the GPU, so a target
 //! outside `0..C` (other than `ignore_index`), or a fractional one, is reported by the kernel
 //! that reads it: the next readback (of the loss or anything else) is an `Err` naming the
 //! value. `kiln::train::fit` also checks the logits' shape against the dataset's class count
@@ -45,6 +45,16 @@ fn reduce(per_element: Tensor, reduction: Reduction, count: Option<Tensor>) -> R
 }
 
 /// Checks logits `(N, C, d...)` against targets `(N, d...)` (or `(C)` against `()`).
+/// Class targets as the kernels read them: i32 targets cast to f32 (exact below 2^24 classes).
+fn class_targets(op: &'static str, scores: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    let classes = if scores.rank() == 1 {
+        scores.dims()[0]
+    } else {
+        scores.dim(1).unwrap_or(0)
+    };
+    targets.as_f32_indices(op, classes)
+}
+
 fn check_class_shapes(op: &'static str, scores: &Tensor, targets: &Tensor) -> Result<()> {
     let ok = match scores.rank() {
         0 => false,
@@ -143,6 +153,7 @@ pub fn cross_entropy(
 ) -> Result<Tensor> {
     const OP: &str = "cross_entropy";
     check_class_shapes(OP, logits, targets)?;
+    let targets = &class_targets(OP, logits, targets)?;
     let axis = if logits.rank() == 1 { 0 } else { 1 };
     let log_probs = logits.log_softmax(axis)?;
     let (per, count) = nll_terms(
@@ -164,6 +175,8 @@ pub fn nll_loss(
     ignore_index: Option<usize>,
 ) -> Result<Tensor> {
     const OP: &str = "nll_loss";
+    check_class_shapes(OP, log_probs, targets)?;
+    let targets = &class_targets(OP, log_probs, targets)?;
     let (per, count) = nll_terms(OP, log_probs, targets, 0.0, ignore_index)?;
     reduce(per, reduction, count)
 }

@@ -12,6 +12,8 @@ use crate::shape::{checked_numel, normalize_axis, resolve_shape, Layout, MAX_RAN
 pub(crate) struct Storage {
     /// Increasing with each allocation: capture tells weights from tensors it saw made.
     pub(crate) id: u64,
+    /// The element type of the buffer.
+    pub(crate) dtype: DType,
     /// Counts in-place writes (assign, optimizer steps), so that backward can tell that a
     /// tensor it saved has changed since the forward.
     pub(crate) version: std::sync::atomic::AtomicU64,
@@ -21,6 +23,28 @@ pub(crate) struct Storage {
 }
 
 static NEXT_STORAGE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// The element type of a tensor. Ops compute in f32; i32 tensors hold indices and class
+/// targets, and [`Tensor::to_dtype`] casts explicitly. More types (f16 outside frozen models,
+/// i8 and u8 for quantization) are to come, hence `non_exhaustive`.
+///
+/// ```
+/// use kiln::{DType, Tensor};
+/// # let dev = kiln::Device::default_device()?;
+/// let ids = Tensor::from_slice_i32(&[3, 0, 2], &[3], &dev)?;
+/// assert_eq!(ids.dtype(), DType::I32);
+/// assert_eq!(ids.to_dtype(DType::F32)?.to_vec()?, vec![3.0, 0.0, 2.0]);
+/// # Ok::<(), kiln::Error>(())
+/// ```
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum DType {
+    /// 32-bit float, the type every op computes in.
+    #[default]
+    F32,
+    /// 32-bit signed integer: indices and class targets.
+    I32,
+}
 
 /// The id the next storage will get.
 pub(crate) fn next_storage_id() -> u64 {
@@ -94,6 +118,17 @@ impl Tensor {
         device: &Device,
         for_upload: bool,
     ) -> Result<Tensor> {
+        Self::alloc_typed(op, shape, DType::F32, device, for_upload)
+    }
+
+    /// [`Tensor::alloc`] of another element type (4 bytes each).
+    pub(crate) fn alloc_typed(
+        op: &'static str,
+        shape: &[usize],
+        dtype: DType,
+        device: &Device,
+        for_upload: bool,
+    ) -> Result<Tensor> {
         if shape.len() > MAX_RANK {
             return Err(Error::shape(
                 op,
@@ -117,6 +152,7 @@ impl Tensor {
         Ok(Tensor {
             storage: Arc::new(Storage {
                 id: NEXT_STORAGE.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+                dtype,
                 version: std::sync::atomic::AtomicU64::new(0),
                 buffer,
                 class,
@@ -200,6 +236,26 @@ impl Tensor {
         Arc::ptr_eq(&self.storage, &other.storage)
     }
 
+    /// The element type.
+    pub fn dtype(&self) -> DType {
+        self.storage.dtype
+    }
+
+    /// `Err` unless the tensor holds f32: ops compute in f32, and an i32 tensor must be cast
+    /// with [`Tensor::to_dtype`] first (the index ops and losses take i32 indices as they are).
+    pub(crate) fn check_float(&self, op: &'static str) -> Result<()> {
+        match self.dtype() {
+            DType::F32 => Ok(()),
+            other => Err(Error::invalid(
+                op,
+                format!(
+                    "got a {other:?} tensor of shape {:?}; ops compute in f32: cast it with to_dtype(DType::F32)",
+                    self.dims()
+                ),
+            )),
+        }
+    }
+
     pub(crate) fn check_device(&self, op: &'static str, other: &Tensor) -> Result<()> {
         if self.device().same(other.device()) {
             Ok(())
@@ -224,7 +280,7 @@ impl Tensor {
     /// # Ok::<(), kiln::Error>(())
     /// ```
     pub fn reshape(&self, shape: &[isize]) -> Result<Tensor> {
-        crate::infer::capture::traced(&[self], crate::infer::graph::reshape_node, || {
+        crate::infer::capture::traced_view(&[self], crate::infer::graph::reshape_node, || {
             let shape = resolve_shape("reshape", shape, self.numel())?;
             if shape.len() > MAX_RANK {
                 return Err(Error::shape(
@@ -279,7 +335,7 @@ impl Tensor {
 
     /// Axes reordered: axis `i` of the result is axis `perm[i]` of `self`. A view.
     pub fn permute(&self, perm: &[isize]) -> Result<Tensor> {
-        crate::infer::capture::traced(
+        crate::infer::capture::traced_view(
             &[self],
             |_| crate::infer::graph::permute_node(perm, self.rank()),
             || {
@@ -295,7 +351,7 @@ impl Tensor {
 
     /// Two axes swapped. A view.
     pub fn transpose(&self, a: isize, b: isize) -> Result<Tensor> {
-        crate::infer::capture::traced(
+        crate::infer::capture::traced_view(
             &[self],
             |_| crate::infer::graph::transpose_node(a, b, self.rank()),
             || {
@@ -322,7 +378,7 @@ impl Tensor {
 
     /// Broadcast to `shape` (NumPy rules) without copying.
     pub fn expand(&self, shape: &[usize]) -> Result<Tensor> {
-        crate::infer::capture::traced(&[self], crate::infer::graph::expand_node, || {
+        crate::infer::capture::traced_view(&[self], crate::infer::graph::expand_node, || {
             let layout = self.layout.broadcast_to("expand", shape)?;
             let in_shape = self.shape();
             Ok(self.view(layout, || Op::Expand { in_shape }))
@@ -331,7 +387,7 @@ impl Tensor {
 
     /// `len` elements of `axis` starting at `start`. A view.
     pub fn narrow(&self, axis: isize, start: usize, len: usize) -> Result<Tensor> {
-        crate::infer::capture::traced(
+        crate::infer::capture::traced_view(
             &[self],
             |_| crate::infer::graph::narrow_node(axis, start, len, self.rank()),
             || {
@@ -349,7 +405,7 @@ impl Tensor {
 
     /// Axes of size one removed (all of them with `None`). A view.
     pub fn squeeze(&self, axis: Option<isize>) -> Result<Tensor> {
-        crate::infer::capture::traced(&[self], crate::infer::graph::reshape_node, || {
+        crate::infer::capture::traced_view(&[self], crate::infer::graph::reshape_node, || {
             let layout = match axis {
                 None => self.layout.squeeze(None),
                 Some(a) => self
@@ -363,7 +419,7 @@ impl Tensor {
 
     /// An axis of size one inserted at `axis` (`-1` appends). A view.
     pub fn unsqueeze(&self, axis: isize) -> Result<Tensor> {
-        crate::infer::capture::traced(&[self], crate::infer::graph::reshape_node, || {
+        crate::infer::capture::traced_view(&[self], crate::infer::graph::reshape_node, || {
             if self.rank() >= MAX_RANK {
                 return Err(Error::shape(
                     "unsqueeze",
@@ -381,6 +437,7 @@ impl Tensor {
         if self.is_contiguous() {
             return Ok(self.clone());
         }
+        self.check_float("contiguous")?;
         let out = crate::ops::elementwise::copy(self)?;
         crate::infer::capture::alias(self, &out)?;
         Ok(out)
@@ -390,6 +447,7 @@ impl Tensor {
 
     /// The elements in row-major order. Submits pending work and waits for it.
     pub fn to_vec(&self) -> Result<Vec<f32>> {
+        self.check_float("to_vec")?;
         crate::infer::capture::readback(self)?;
         if self.numel() == 0 {
             return Ok(Vec::new());
@@ -434,7 +492,13 @@ impl fmt::Display for Tensor {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         const EDGE: usize = 3;
         write!(f, "Tensor{:?} ", self.dims())?;
-        let values = match self.to_vec() {
+        let values = match self.dtype() {
+            DType::I32 => self
+                .to_vec_i32()
+                .map(|v| v.into_iter().map(|x| x as f32).collect()),
+            _ => self.to_vec(),
+        };
+        let values = match values {
             Ok(v) => v,
             Err(e) => return write!(f, "<unreadable: {e}>"),
         };

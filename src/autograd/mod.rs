@@ -237,6 +237,7 @@ impl Tensor {
         })?;
         if let Some(g) = &grad {
             self.check_device("set_grad", g)?;
+            g.check_float("set_grad")?;
             if g.dims() != self.dims() {
                 return Err(Error::shape(
                     "set_grad",

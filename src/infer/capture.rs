@@ -97,6 +97,20 @@ pub(crate) fn traced(
     make: impl FnOnce(&Tensor) -> OpKind,
     f: impl FnOnce() -> Result<Tensor>,
 ) -> Result<Tensor> {
+    // Every op that computes goes through here: its operands must be f32 (views, which only
+    // change the layout, use `traced_view` and keep any element type).
+    for t in inputs {
+        t.check_float("a tensor op")?;
+    }
+    traced_view(inputs, make, f)
+}
+
+/// [`traced`] for the layout-only ops (views), which take tensors of any element type.
+pub(crate) fn traced_view(
+    inputs: &[&Tensor],
+    make: impl FnOnce(&Tensor) -> OpKind,
+    f: impl FnOnce() -> Result<Tensor>,
+) -> Result<Tensor> {
     if !capturing() {
         return f();
     }

@@ -88,7 +88,7 @@ impl Tensor {
         Tensor::concat(&refs, ax as isize)
     }
 
-    /// Slices of `axis` picked by `indices` (a 1-D tensor of integral values, as for
+    /// Slices of `axis` picked by `indices` (a 1-D i32 tensor, or f32 holding integers, as for
     /// embeddings). The indices stay on the GPU: one that is fractional or out of range gives
     /// zeros there and makes the device's next readback an `Err` naming it (as a CUDA
     /// device-side assert would). [`Tensor::index_select_slice`] checks host indices at once.
@@ -101,6 +101,8 @@ impl Tensor {
     /// # Ok::<(), kiln::Error>(())
     /// ```
     pub fn index_select(&self, axis: isize, indices: &Tensor) -> Result<Tensor> {
+        let len = self.dim(axis)?;
+        let indices = &indices.as_f32_indices("index_select", len)?;
         crate::infer::capture::traced(
             &[self, indices],
             |_| crate::infer::graph::OpKind::IndexSelect { axis },
@@ -156,6 +158,8 @@ impl Tensor {
     /// A fractional or out-of-range index makes the next readback an `Err`, as for
     /// [`Tensor::index_select`].
     pub fn gather(&self, axis: isize, index: &Tensor) -> Result<Tensor> {
+        let len = self.dim(axis)?;
+        let index = &index.as_f32_indices("gather", len)?;
         crate::infer::capture::traced(
             &[self, index],
             |_| crate::infer::graph::OpKind::Gather { axis },

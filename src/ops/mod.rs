@@ -3,6 +3,7 @@
 pub(crate) mod compose;
 pub(crate) mod conv;
 pub(crate) mod create;
+pub(crate) mod dtype;
 pub(crate) mod elementwise;
 pub(crate) mod index;
 pub(crate) mod matmul;

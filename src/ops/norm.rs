@@ -61,6 +61,8 @@ impl Tensor {
         const OP: &str = "assign";
         crate::infer::capture::refuse(OP, "an in-place write during the forward pass")?;
         self.check_device(OP, src)?;
+        self.check_float(OP)?;
+        src.check_float(OP)?;
         if self.dims() != src.dims() {
             return Err(Error::shape(
                 OP,

@@ -130,6 +130,7 @@ fn check_params(op: &'static str, params: &[Tensor]) -> Result<()> {
         ));
     }
     for (i, p) in params.iter().enumerate() {
+        p.check_float(op)?;
         if !p.requires_grad_flag() || !p.is_leaf() {
             return Err(Error::invalid(
                 op,
