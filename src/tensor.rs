@@ -32,6 +32,7 @@ static NEXT_STORAGE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64
 /// use kiln::{DType, Tensor};
 /// # let dev = kiln::Device::default_device()?;
 /// let ids = Tensor::from_slice_i32(&[3, 0, 2], &[3], &dev)?;
+/// assert_eq!(kiln::infer::DType::I32, DType::I32); // one type for tensors and frozen graphs
 /// assert_eq!(ids.dtype(), DType::I32);
 /// assert_eq!(ids.to_dtype(DType::F32)?.to_vec()?, vec![3.0, 0.0, 2.0]);
 /// # Ok::<(), kiln::Error>(())
@@ -42,8 +43,30 @@ pub enum DType {
     /// 32-bit float, the type every op computes in.
     #[default]
     F32,
+    /// 16-bit float in memory: the weights and activations of f16 frozen models
+    /// ([`crate::infer::InferenceModel::to_half`]), computed in f32 inside the kernels.
+    F16,
     /// 32-bit signed integer: indices and class targets.
     I32,
+}
+
+impl DType {
+    /// The name, as in files and errors.
+    pub fn name(self) -> &'static str {
+        match self {
+            DType::F32 => "f32",
+            DType::F16 => "f16",
+            DType::I32 => "i32",
+        }
+    }
+
+    /// Bytes of storage for `numel` elements (storage comes in 4-byte words).
+    pub(crate) fn storage_bytes(self, numel: usize) -> u64 {
+        match self {
+            DType::F16 => numel.div_ceil(2).max(1) as u64 * 4,
+            DType::F32 | DType::I32 => numel.max(1) as u64 * 4,
+        }
+    }
 }
 
 /// The id the next storage will get.
@@ -459,6 +482,19 @@ impl Tensor {
             t.numel() as u64 * 4,
         )?;
         Ok(bytemuck::pod_collect_to_vec(&bytes))
+    }
+
+    /// The first `words` 4-byte words of a contiguous tensor's storage from its offset, as
+    /// bytes, whatever the element type (for writing files).
+    pub(crate) fn read_words(&self, words: usize) -> Result<Vec<u8>> {
+        if words == 0 {
+            return Ok(Vec::new());
+        }
+        self.device().read_buffer(
+            self.buffer(),
+            self.layout.offset as u64 * 4,
+            words as u64 * 4,
+        )
     }
 
     /// The value of a one-element tensor.

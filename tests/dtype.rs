@@ -196,3 +196,37 @@ fn float_ops_refuse_i32_tensors() {
         vec![1.0, 3.0, 2.0, 4.0]
     );
 }
+
+/// f16 tensors: the weights of an f16 frozen model are real f16 tensors (their storage type
+/// says so, and they take half the bytes); casts to and from f16 round as f16 does; f32 ops and
+/// readers refuse f16 tensors until they are cast back.
+#[test]
+fn f16_tensors_are_real_and_cast_explicitly() {
+    use kiln::infer::freeze;
+    use kiln::nn::Sequential;
+    let d = dev();
+    let model =
+        Sequential::from_spec(&mut Init::new(&d, 0), "linear(6,5) relu linear(5,3)").unwrap();
+    let x = Tensor::randn(&[4, 6], 1, &d).unwrap();
+    let frozen = freeze(model, &x).unwrap();
+    assert!(frozen.weight_dtypes().iter().all(|&t| t == DType::F32));
+    let Some(half) = to_half_or_refused(frozen) else {
+        return;
+    };
+    let dtypes = half.weight_dtypes();
+    assert!(
+        !dtypes.is_empty() && dtypes.iter().all(|&t| t == DType::F16),
+        "{dtypes:?}"
+    );
+    let v = [1.0f32, 1.0 / 3.0, -65504.0, 1e-5, 70000.0];
+    let t = Tensor::from_slice(&v, &[5], &d).unwrap();
+    let h = t.to_dtype(DType::F16).unwrap();
+    assert_eq!(h.dtype(), DType::F16);
+    assert!(
+        h.to_vec().is_err() && h.add(&h).is_err(),
+        "f32 readers and ops refuse f16"
+    );
+    let back = h.to_dtype(DType::F32).unwrap().to_vec().unwrap();
+    let want: Vec<f32> = v.iter().map(|&x| half::f16::from_f32(x).to_f32()).collect();
+    assert_eq!(back, want, "f16 rounding, inf beyond 65504");
+}

@@ -248,13 +248,11 @@ impl InferenceModel {
             let (dtype, bytes) = match d {
                 DType::F32 => (Dtype::F32, bytemuck::cast_slice(&t.to_vec()?).to_vec()),
                 DType::F16 => {
-                    let words = t
-                        .with_layout(crate::shape::Layout::contiguous(&[t.numel().div_ceil(2)]))
-                        .to_vec()?;
-                    let mut b: Vec<u8> = bytemuck::cast_slice(&words).to_vec();
+                    let mut b = t.read_words(t.numel().div_ceil(2))?;
                     b.truncate(t.numel() * 2);
                     (Dtype::F16, b)
                 }
+                DType::I32 => (Dtype::I32, t.read_words(t.numel())?),
             };
             data.push((format!("c{k}"), dtype, t.shape(), bytes));
         }
@@ -323,6 +321,7 @@ impl InferenceModel {
             let want = match dtype {
                 DType::F32 => Dtype::F32,
                 DType::F16 => Dtype::F16,
+                DType::I32 => Dtype::I32,
             };
             if view.dtype() != want {
                 return Err(bad(format!(
@@ -366,6 +365,11 @@ impl InferenceModel {
                         .collect();
                     super::half_from_bits(&bits, shape, device)?
                 }
+                DType::I32 => Tensor::from_slice_i32(
+                    bytemuck::pod_collect_to_vec::<u8, i32>(data).as_slice(),
+                    shape,
+                    device,
+                )?,
             });
         }
         if graph.nodes.iter().any(|n| n.dtype == DType::F16)

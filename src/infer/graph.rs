@@ -58,32 +58,9 @@ pub(crate) fn dims_at(dims: &[Dim], n: usize) -> Result<Vec<usize>> {
     dims.iter().map(|d| d.at(n)).collect()
 }
 
-/// Element type of a value in the graph.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum DType {
-    /// 32-bit float.
-    #[default]
-    F32,
-    /// 16-bit float in memory (f32 arithmetic inside the kernels).
-    F16,
-}
-
-impl DType {
-    pub(crate) fn name(self) -> &'static str {
-        match self {
-            DType::F32 => "f32",
-            DType::F16 => "f16",
-        }
-    }
-
-    /// Bytes of storage for `numel` elements (storage comes in 4-byte words).
-    pub(crate) fn storage_bytes(self, numel: usize) -> u64 {
-        match self {
-            DType::F32 => numel.max(1) as u64 * 4,
-            DType::F16 => numel.div_ceil(2).max(1) as u64 * 4,
-        }
-    }
-}
+/// Element type of a value in the graph: the tensors' [`crate::DType`] (graph values are f32
+/// or f16).
+pub use crate::tensor::DType;
 
 /// Where a node's operand comes from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -899,15 +876,17 @@ impl OpKind {
 pub(crate) fn half_uninit(shape: &[usize], device: &crate::Device) -> Result<Tensor> {
     let n = checked_numel(shape).unwrap_or(usize::MAX);
     let words = n.div_ceil(2).max(1);
-    Ok(Tensor::uninit("to_half", &[words], device)?
-        .with_layout(crate::shape::Layout::contiguous(shape)))
+    Ok(
+        Tensor::alloc_typed("to_half", &[words], DType::F16, device, false)?
+            .with_layout(crate::shape::Layout::contiguous(shape)),
+    )
 }
 
 /// `x` converted to `to` (f16 storage from f32 or back).
 pub(crate) fn cast(x: &Tensor, to: DType) -> Result<Tensor> {
     let (out, variant) = match to {
         DType::F16 => (half_uninit(x.dims(), x.device())?, Variant::F32ToF16),
-        DType::F32 => (
+        _ => (
             Tensor::uninit("cast", x.dims(), x.device())?,
             Variant::F16ToF32,
         ),

@@ -178,7 +178,7 @@ pub(crate) fn half_from_bits(bits: &[u16], shape: &[usize], device: &Device) -> 
     }
     // Storage for upload: never a pooled buffer that recorded work may still write.
     let words = bits.len().div_ceil(2).max(1);
-    let storage = Tensor::alloc("to_half", &[words], device, true)?
+    let storage = Tensor::alloc_typed("to_half", &[words], DType::F16, device, true)?
         .with_layout(crate::shape::Layout::contiguous(shape));
     if !bits.is_empty() {
         device.upload(storage.buffer(), bytemuck::cast_slice(&bits));
@@ -213,6 +213,13 @@ impl InferenceModel {
         &self.device
     }
 
+    /// The element type of each weight and buffer the model holds: all [`DType::F16`] after
+    /// [`InferenceModel::to_half`] (real f16 tensors, half the bytes), except constants that
+    /// only ops without a half kernel read.
+    pub fn weight_dtypes(&self) -> Vec<DType> {
+        self.graph.consts.iter().map(|t| t.dtype()).collect()
+    }
+
     /// Bytes of weights and buffers held.
     pub fn weight_bytes(&self) -> u64 {
         self.graph
@@ -220,8 +227,8 @@ impl InferenceModel {
             .iter()
             .zip(&self.graph.const_dtypes)
             .map(|(t, d)| match d {
-                DType::F32 => t.numel() as u64 * 4,
                 DType::F16 => t.numel() as u64 * 2,
+                _ => t.numel() as u64 * 4,
             })
             .sum()
     }

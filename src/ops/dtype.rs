@@ -94,6 +94,10 @@ impl Tensor {
         let variant = match (self.dtype(), dtype) {
             (DType::F32, DType::I32) => Variant::F32ToI32,
             (DType::I32, DType::F32) => Variant::I32ToF32,
+            // f16 storage counts halves: the frozen graph's cast handles it (needs SHADER_F16).
+            (DType::F32, DType::F16) | (DType::F16, DType::F32) => {
+                return crate::no_grad(|| crate::infer::graph::cast(self, dtype));
+            }
             (from, to) => {
                 return Err(Error::invalid(
                     OP,
