@@ -38,6 +38,8 @@ impl Sorter {
             .map(|_| {
                 let mut l = TransformerEncoderLayer::new(init, WIDTH, 4, 64)?;
                 l.norm_first = true;
+                // Fresh samples every step: nothing to overfit, so no dropout.
+                l.set_dropout(0.0)?;
                 Ok(l)
             })
             .collect::<kiln::Result<_>>()?;

@@ -49,14 +49,15 @@ fn build(kind: &str, init: &mut Init) -> (Layer, usize) {
             Layer::Attention(Box::new(MultiheadAttention::new(init, 8, 4).unwrap())),
             2,
         ),
-        "transformer_post_causal" => (
-            Layer::Encoder(Box::new(
-                TransformerEncoderLayer::new(init, 8, 2, 16).unwrap(),
-            )),
-            1,
-        ),
+        "transformer_post_causal" => {
+            // The fixtures run PyTorch with dropout 0.
+            let mut t = TransformerEncoderLayer::new(init, 8, 2, 16).unwrap();
+            t.set_dropout(0.0).unwrap();
+            (Layer::Encoder(Box::new(t)), 1)
+        }
         "transformer_pre_gelu" => {
             let mut t = TransformerEncoderLayer::new(init, 8, 2, 12).unwrap();
+            t.set_dropout(0.0).unwrap();
             t.norm_first = true;
             t.activation = Activation::Gelu;
             plain(Box::new(t))
@@ -230,6 +231,25 @@ fn containers_and_misuse() {
             .dims(),
         &[5, 8]
     );
+    // The encoder layer's dropout (PyTorch's 0.1): on in training, off in eval, settable.
+    let mut enc = TransformerEncoderLayer::new(&mut init, 8, 2, 16).unwrap();
+    let a = enc.forward(&q).unwrap().to_vec().unwrap();
+    assert_ne!(
+        a,
+        enc.forward(&q).unwrap().to_vec().unwrap(),
+        "dropout in training"
+    );
+    enc.set_training(false);
+    let e = enc.forward(&q).unwrap().to_vec().unwrap();
+    assert_eq!(e, enc.forward(&q).unwrap().to_vec().unwrap());
+    enc.set_training(true);
+    enc.set_dropout(0.0).unwrap();
+    assert_eq!(
+        enc.forward(&q).unwrap().to_vec().unwrap(),
+        e,
+        "dropout 0 in training is eval"
+    );
+    assert!(enc.set_dropout(1.5).is_err());
     let lstm = Lstm::new(&mut init, 3, 4, 2, true).unwrap();
     assert!(lstm
         .forward(&Tensor::randn(&[2, 5, 4], 1, &d).unwrap())

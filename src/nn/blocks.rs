@@ -2,7 +2,7 @@
 //! `MultiheadAttention`, `TransformerEncoderLayer`, `Lstm` and `Gru`, with PyTorch's
 //! `state_dict` names, tensor order and default initialisations.
 
-use super::layers::{LayerNorm, Linear};
+use super::layers::{Dropout, LayerNorm, Linear};
 use super::{Init, Module, TensorRole};
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
@@ -317,6 +317,8 @@ pub struct MultiheadAttention {
     pub out_proj: Linear,
     /// Number of heads (divides E).
     pub num_heads: usize,
+    /// Dropout on the attention weights in training (probability 0 by default, as PyTorch's).
+    pub dropout: Dropout,
 }
 
 impl MultiheadAttention {
@@ -339,6 +341,7 @@ impl MultiheadAttention {
             in_proj_bias: Some(Tensor::zeros(&[3 * embed_dim], &d)?.requires_grad()),
             out_proj,
             num_heads,
+            dropout: Dropout::new(init, 0.0)?,
         })
     }
 
@@ -431,8 +434,9 @@ impl MultiheadAttention {
             let p = p.reshape_to(&[n, 1, 1, s])?.expand(&[n, h, l, s])?;
             scores = scores.masked_fill(&p, f32::NEG_INFINITY)?;
         }
-        let out = scores
-            .softmax(-1)?
+        let out = self
+            .dropout
+            .forward(&scores.softmax(-1)?)?
             .matmul(&v)?
             .permute(&[0, 2, 1, 3])?
             .contiguous()?
@@ -459,6 +463,10 @@ impl Module for MultiheadAttention {
         visit_child(f, "out_proj", &self.out_proj);
     }
 
+    fn set_training(&mut self, training: bool) {
+        self.dropout.set_training(training);
+    }
+
     fn describe(&self) -> String {
         format!(
             "MultiheadAttention({}, {} heads)",
@@ -478,9 +486,11 @@ pub enum Activation {
     Gelu,
 }
 
-/// A transformer encoder layer, as `torch.nn.TransformerEncoderLayer` with `batch_first=True`
-/// and no dropout: self-attention then a feed-forward block, each with a residual connection
-/// and layer norm, after (post-norm, PyTorch's default) or before (`norm_first`).
+/// A transformer encoder layer, as `torch.nn.TransformerEncoderLayer` with `batch_first=True`:
+/// self-attention then a feed-forward block, each with a residual connection and layer norm,
+/// after (post-norm, PyTorch's default) or before (`norm_first`), and PyTorch's dropout of 0.1
+/// in training (on the attention weights, inside the feed-forward block and on each branch;
+/// [`TransformerEncoderLayer::set_dropout`] or the config changes it).
 ///
 /// ```
 /// use kiln::nn::{causal_mask, Init, TransformerEncoderLayer};
@@ -506,9 +516,27 @@ pub struct TransformerEncoderLayer {
     pub activation: Activation,
     /// Layer norm before each block instead of after.
     pub norm_first: bool,
+    /// `dropout` (inside the feed-forward block), `dropout1` (attention branch), `dropout2`
+    /// (feed-forward branch), as PyTorch names them.
+    pub dropouts: [Dropout; 3],
 }
 
 impl TransformerEncoderLayer {
+    /// Sets every dropout probability of the layer (the attention weights' included).
+    pub fn set_dropout(&mut self, p: f32) -> Result<()> {
+        if !(0.0..=1.0).contains(&p) {
+            return Err(Error::invalid(
+                "TransformerEncoderLayer",
+                format!("dropout must be in [0, 1], got {p}"),
+            ));
+        }
+        self.self_attn.dropout.p = p;
+        for d in &mut self.dropouts {
+            d.p = p;
+        }
+        Ok(())
+    }
+
     /// A layer of width `d_model`, `nhead` heads and a feed-forward block of
     /// `dim_feedforward`, post-norm with ReLU (PyTorch's defaults; set the public fields for
     /// others).
@@ -518,14 +546,21 @@ impl TransformerEncoderLayer {
         nhead: usize,
         dim_feedforward: usize,
     ) -> Result<TransformerEncoderLayer> {
+        let mut self_attn = MultiheadAttention::new(init, d_model, nhead)?;
+        self_attn.dropout = Dropout::new(init, 0.1)?;
         Ok(TransformerEncoderLayer {
-            self_attn: MultiheadAttention::new(init, d_model, nhead)?,
+            self_attn,
             linear1: Linear::new(init, d_model, dim_feedforward, true)?,
             linear2: Linear::new(init, dim_feedforward, d_model, true)?,
             norm1: LayerNorm::new(init, &[d_model])?,
             norm2: LayerNorm::new(init, &[d_model])?,
             activation: Activation::Relu,
             norm_first: false,
+            dropouts: [
+                Dropout::new(init, 0.1)?,
+                Dropout::new(init, 0.1)?,
+                Dropout::new(init, 0.1)?,
+            ],
         })
     }
 
@@ -537,14 +572,17 @@ impl TransformerEncoderLayer {
         mask: Option<&Tensor>,
         key_padding_mask: Option<&Tensor>,
     ) -> Result<Tensor> {
-        let attend = |x: &Tensor| self.self_attn.attend(x, x, x, mask, key_padding_mask);
+        let [inner, after_attn, after_ff] = &self.dropouts;
+        let attend = |x: &Tensor| {
+            after_attn.forward(&self.self_attn.attend(x, x, x, mask, key_padding_mask)?)
+        };
         let ff = |x: &Tensor| -> Result<Tensor> {
             let h = self.linear1.forward(x)?;
             let h = match self.activation {
                 Activation::Relu => h.relu()?,
                 Activation::Gelu => h.gelu()?,
             };
-            self.linear2.forward(&h)
+            after_ff.forward(&self.linear2.forward(&inner.forward(&h)?)?)
         };
         if self.norm_first {
             let x = x.add(&attend(&self.norm1.forward(x)?)?)?;
@@ -567,6 +605,13 @@ impl Module for TransformerEncoderLayer {
         visit_child(f, "linear2", &self.linear2);
         visit_child(f, "norm1", &self.norm1);
         visit_child(f, "norm2", &self.norm2);
+    }
+
+    fn set_training(&mut self, training: bool) {
+        self.self_attn.set_training(training);
+        for d in &mut self.dropouts {
+            d.set_training(training);
+        }
     }
 
     fn describe(&self) -> String {

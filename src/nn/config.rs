@@ -257,7 +257,7 @@ impl LayerNormConfig {
     }
 }
 
-/// [`MultiheadAttention`] of `embed_dim` in `num_heads` heads, with biases.
+/// [`MultiheadAttention`] of `embed_dim` in `num_heads` heads, with biases and no dropout.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MultiheadAttentionConfig {
     /// Width.
@@ -294,8 +294,8 @@ impl MultiheadAttentionConfig {
     }
 }
 
-/// [`TransformerEncoderLayer`]: feed-forward 2048, ReLU, post-norm, eps 1e-5 (PyTorch's
-/// defaults; no dropout).
+/// [`TransformerEncoderLayer`]: feed-forward 2048, ReLU, post-norm, eps 1e-5, dropout 0.1
+/// (PyTorch's defaults).
 ///
 /// ```
 /// use kiln::nn::{Activation, Init, TransformerEncoderLayerConfig};
@@ -322,6 +322,8 @@ pub struct TransformerEncoderLayerConfig {
     pub norm_first: bool,
     /// The layer norms' epsilon.
     pub layer_norm_eps: f32,
+    /// Dropout probability in training (0.1).
+    pub dropout: f32,
 }
 
 impl TransformerEncoderLayerConfig {
@@ -334,6 +336,7 @@ impl TransformerEncoderLayerConfig {
             activation: Activation::Relu,
             norm_first: false,
             layer_norm_eps: 1e-5,
+            dropout: 0.1,
         }
     }
 
@@ -346,6 +349,8 @@ impl TransformerEncoderLayerConfig {
         norm_first: bool,
         /// The layer norms' epsilon.
         layer_norm_eps: f32,
+        /// The dropout probability.
+        dropout: f32,
     }
 
     /// The layer.
@@ -356,6 +361,7 @@ impl TransformerEncoderLayerConfig {
         l.norm_first = self.norm_first;
         l.norm1.eps = self.layer_norm_eps;
         l.norm2.eps = self.layer_norm_eps;
+        l.set_dropout(self.dropout)?;
         Ok(l)
     }
 }
