@@ -5,6 +5,7 @@
 //! cargo run --release --example bench                       # sizes reduced on a software GPU
 //! python3 scripts/bench_torch.py > torch.txt && KILN_TORCH=torch.txt cargo run --release --example bench
 //! KILN_BENCH_FULL=1 ...                                     # full sizes on any adapter
+//! KILN_PROFILE=1 ...                                        # and each training step's kernels
 //! ```
 //!
 //! Each workload is recorded and run to completion (a synchronise) after warm-up; the table
@@ -234,6 +235,25 @@ fn main() -> Result<()> {
             let before = dev.stats();
             let ms = time(&dev, reps, || step(&model, &mut opt, &x, &t))?;
             let after = dev.stats();
+            if std::env::var_os("KILN_PROFILE").is_some() {
+                // One more step, each dispatch timed alone: where the step's time goes.
+                dev.set_profiling(true);
+                step(&model, &mut opt, &x, &t)?;
+                dev.synchronize()?;
+                let rows = dev.profile();
+                dev.set_profiling(false);
+                let total: f64 = rows.iter().map(|r| r.seconds).sum();
+                println!("profile of a {name} training step, batch {batch} ({:.1} ms dispatch by dispatch):", total * 1e3);
+                for r in rows.iter().take(10) {
+                    println!(
+                        "  {:>5.1}% {:>8.2} ms {:>4} x {}",
+                        100.0 * r.seconds / total,
+                        r.seconds * 1e3,
+                        r.calls,
+                        r.kernel
+                    );
+                }
+            }
             let runs = (reps + 2) as u64;
             table.row(
                 &format!("train step {name} batch {batch}"),

@@ -185,3 +185,38 @@ fn default_device_is_shared_and_reports_itself() {
     assert!(!a.name().is_empty());
     assert!(a.limits().max_storage_buffer_binding_size >= 128 << 20);
 }
+
+/// Profiling: every dispatch lands in its kernel's row (the calls add up to the dispatch
+/// counter), times are positive, rows come most expensive first, and turning it off clears it.
+#[test]
+fn profiling_counts_every_dispatch() {
+    let d = own_device();
+    let spec = "conv2d(1,4,3,p=1) relu maxpool2d(2) flatten linear(16,3)";
+    let net = kiln::nn::Sequential::from_spec(&mut kiln::nn::Init::new(&d, 0), spec).unwrap();
+    let x = Tensor::randn(&[2, 1, 4, 4], 1, &d).unwrap();
+    use kiln::nn::Module;
+    net.forward(&x)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    d.synchronize().unwrap();
+    d.set_profiling(true);
+    let before = d.stats().dispatches;
+    let y = net.forward(&x).unwrap().sum_all().unwrap();
+    y.backward().unwrap();
+    d.synchronize().unwrap();
+    let dispatched = d.stats().dispatches - before;
+    let table = d.profile();
+    assert!(!table.is_empty());
+    assert_eq!(table.iter().map(|r| r.calls).sum::<u64>(), dispatched);
+    assert!(table.iter().all(|r| r.seconds > 0.0 && r.calls > 0));
+    assert!(
+        table.windows(2).all(|w| w[0].seconds >= w[1].seconds),
+        "sorted by time"
+    );
+    assert!(table.iter().any(|r| r.kernel.contains("conv")), "{table:?}");
+    d.set_profiling(false);
+    assert!(d.profile().is_empty());
+}

@@ -53,6 +53,17 @@ pub struct DeviceOptions {
     pub without_features: wgpu::Features,
 }
 
+/// One row of [`Device::profile`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct KernelTime {
+    /// The WGSL entry point (and its element types when not f32).
+    pub kernel: String,
+    /// Dispatches of it.
+    pub calls: u64,
+    /// Their wall-clock seconds in all.
+    pub seconds: f64,
+}
+
 /// Counters of the runtime, for tests and tuning.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct DeviceStats {
@@ -126,6 +137,8 @@ struct DeviceInner {
     /// Set by [`Device::choose_as_hardware`].
     as_hardware: std::sync::atomic::AtomicBool,
     tuned: Mutex<HashMap<(Kernel, [u8; 4]), Kernel>>,
+    /// Per-kernel calls and seconds while profiling is on.
+    profile: Mutex<Option<HashMap<String, (u64, f64)>>>,
 }
 
 static NEXT_ID: AtomicUsize = AtomicUsize::new(0);
@@ -280,6 +293,7 @@ impl Device {
                     std::env::var("KILN_AUTOTUNE").map_or(true, |v| v != "0"),
                 ),
                 tuned: Mutex::new(HashMap::new()),
+                profile: Mutex::new(None),
                 row_reduction: std::sync::atomic::AtomicU8::new(0),
                 trusted_shaders,
                 as_hardware: std::sync::atomic::AtomicBool::new(false),
@@ -376,6 +390,52 @@ impl Device {
     /// fastest for this device.
     pub fn set_autotune(&self, on: bool) {
         self.inner.autotune.store(on, Ordering::Relaxed);
+    }
+
+    /// Turns per-kernel profiling on (clearing what was gathered) or off. While it is on, every
+    /// dispatch runs alone: pending work is finished first, then the dispatch is submitted and
+    /// waited for, and its wall-clock time (submission included) is added to its kernel's row.
+    /// Work then runs far slower than usual, so profile a few steps, not a training run.
+    ///
+    /// ```
+    /// # let dev = kiln::Device::new(&Default::default())?;
+    /// dev.set_profiling(true);
+    /// let x = kiln::Tensor::randn(&[64, 64], 1, &dev)?;
+    /// x.matmul(&x)?.relu()?.to_vec()?;
+    /// let table = dev.profile();
+    /// assert!(table.iter().any(|k| k.kernel.starts_with("unary")));
+    /// dev.set_profiling(false);
+    /// # Ok::<(), kiln::Error>(())
+    /// ```
+    pub fn set_profiling(&self, on: bool) {
+        *lock(&self.inner.profile) = on.then(HashMap::new);
+    }
+
+    /// The profile gathered since [`Device::set_profiling`]: one row per kernel (the WGSL entry
+    /// point, and its element types when not f32), most total time first.
+    pub fn profile(&self) -> Vec<KernelTime> {
+        let mut rows: Vec<KernelTime> = lock(&self.inner.profile)
+            .as_ref()
+            .map(|m| {
+                m.iter()
+                    .map(|(k, &(calls, seconds))| KernelTime {
+                        kernel: k.clone(),
+                        calls,
+                        seconds,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        rows.sort_by(|a, b| {
+            b.seconds
+                .total_cmp(&a.seconds)
+                .then(a.kernel.cmp(&b.kernel))
+        });
+        rows
+    }
+
+    fn profiling(&self) -> bool {
+        lock(&self.inner.profile).is_some()
     }
 
     /// Forces the row-reduction kernel: `Some(true)` one invocation per row, `Some(false)` a
@@ -690,6 +750,14 @@ impl Device {
         if workgroups.contains(&0) {
             return Ok(());
         }
+        let profiling = self.profiling();
+        let start = if profiling {
+            // Whatever is pending runs first, outside this dispatch's time.
+            self.synchronize()?;
+            Some(std::time::Instant::now())
+        } else {
+            None
+        };
         let pipeline = self.pipeline(kernel, variant)?;
         let mut batch = lock(&self.inner.batch);
         if batch.pass.is_none() {
@@ -747,6 +815,19 @@ impl Device {
         self.inner.dispatches.fetch_add(1, Ordering::Relaxed);
         if batch.dispatches >= MAX_BATCH_DISPATCHES {
             self.submit_locked(&mut batch, None);
+        }
+        if let Some(start) = start {
+            drop(batch);
+            self.synchronize()?;
+            let name = match variant {
+                Variant::F32 => kernel.entry().to_string(),
+                v => format!("{} ({v:?})", kernel.entry()),
+            };
+            if let Some(m) = lock(&self.inner.profile).as_mut() {
+                let row = m.entry(name).or_insert((0, 0.0));
+                row.0 += 1;
+                row.1 += start.elapsed().as_secs_f64();
+            }
         }
         Ok(())
     }
