@@ -321,6 +321,7 @@ fn check<M: Module>(name: &str, mut model: M, input: impl Fn(usize, u64, &Device
 /// half kernel), survives a save and load, and stays within f16 rounding of the f32 outputs.
 fn check_half(name: &str, model: InferenceModel, xs: &[Tensor], want: &[Vec<f32>]) {
     let d = model.device().clone();
+    // Without SHADER_F16, to_half_or_refused has asserted the documented Err.
     let Some(half) = to_half_or_refused(model) else {
         return;
     };

@@ -210,6 +210,7 @@ fn f16_tensors_are_real_and_cast_explicitly() {
     let x = Tensor::randn(&[4, 6], 1, &d).unwrap();
     let frozen = freeze(model, &x).unwrap();
     assert!(frozen.weight_dtypes().iter().all(|&t| t == DType::F32));
+    // Without SHADER_F16, to_half_or_refused has asserted the documented Err.
     let Some(half) = to_half_or_refused(frozen) else {
         return;
     };

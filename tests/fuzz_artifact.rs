@@ -487,14 +487,13 @@ fn every_base_round_trips() {
 #[test]
 fn element_type_confusions_are_err() {
     let d = dev();
-    if !d.features().contains(kiln::wgpu::Features::SHADER_F16) {
-        return;
-    }
     let base = bases(&d).remove(0);
-    let half = InferenceModel::from_bytes(&base.bytes, &d)
-        .unwrap()
-        .to_half()
-        .unwrap();
+    let f32_model = InferenceModel::from_bytes(&base.bytes, &d).unwrap();
+    // Without SHADER_F16 the conversion's documented Err is asserted, and there is no f16 file
+    // to confuse.
+    let Some(half) = to_half_or_refused(f32_model) else {
+        return;
+    };
     let bytes = half.to_bytes().unwrap();
     let (header, data) = split(&bytes);
     let graph = graph_of(&header);

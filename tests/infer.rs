@@ -240,6 +240,7 @@ fn half_precision_keeps_accuracy_and_halves_weights() {
     let y32 = f32_model.predict(&x).unwrap().to_vec().unwrap();
     let w32 = f32_model.weight_bytes();
     assert!(acc32 > 0.9, "f32 accuracy {acc32}");
+    // Without SHADER_F16, to_half_or_refused has asserted the documented Err.
     let Some(f16_model) = to_half_or_refused(f32_model) else {
         return;
     };
