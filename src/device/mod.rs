@@ -139,6 +139,8 @@ struct DeviceInner {
     tuned: Mutex<HashMap<(Kernel, [u8; 4]), Kernel>>,
     /// Per-kernel calls and seconds while profiling is on.
     profile: Mutex<Option<HashMap<String, (u64, f64)>>>,
+    /// Whether profiling is on: read on every dispatch without taking the lock.
+    profiling: std::sync::atomic::AtomicBool,
 }
 
 static NEXT_ID: AtomicUsize = AtomicUsize::new(0);
@@ -294,6 +296,7 @@ impl Device {
                 ),
                 tuned: Mutex::new(HashMap::new()),
                 profile: Mutex::new(None),
+                profiling: std::sync::atomic::AtomicBool::new(false),
                 row_reduction: std::sync::atomic::AtomicU8::new(0),
                 trusted_shaders,
                 as_hardware: std::sync::atomic::AtomicBool::new(false),
@@ -409,6 +412,7 @@ impl Device {
     /// ```
     pub fn set_profiling(&self, on: bool) {
         *lock(&self.inner.profile) = on.then(HashMap::new);
+        self.inner.profiling.store(on, Ordering::Relaxed);
     }
 
     /// The profile gathered since [`Device::set_profiling`]: one row per kernel (the WGSL entry
@@ -435,7 +439,7 @@ impl Device {
     }
 
     fn profiling(&self) -> bool {
-        lock(&self.inner.profile).is_some()
+        self.inner.profiling.load(Ordering::Relaxed)
     }
 
     /// Forces the row-reduction kernel: `Some(true)` one invocation per row, `Some(false)` a

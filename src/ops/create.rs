@@ -33,17 +33,37 @@ impl Tensor {
     /// # Ok::<(), kiln::Error>(())
     /// ```
     pub fn from_slice(data: &[f32], shape: &[usize], device: &Device) -> Result<Tensor> {
+        let t = Tensor::upload_words(
+            "from_slice",
+            bytemuck::cast_slice(data),
+            data.len(),
+            shape,
+            crate::DType::F32,
+            device,
+        )?;
+        crate::infer::capture::constant(&t);
+        Ok(t)
+    }
+
+    /// A tensor of `shape` holding `len` 4-byte elements of `dtype` given as `bytes`.
+    pub(crate) fn upload_words(
+        op: &'static str,
+        bytes: &[u8],
+        len: usize,
+        shape: &[usize],
+        dtype: crate::DType,
+        device: &Device,
+    ) -> Result<Tensor> {
         let numel = checked_numel(shape)
-            .ok_or_else(|| Error::shape("from_slice", format!("shape {shape:?} overflows")))?;
-        if numel != data.len() {
+            .ok_or_else(|| Error::shape(op, format!("shape {shape:?} overflows")))?;
+        if numel != len {
             return Err(Error::shape(
-                "from_slice",
-                format!("shape {shape:?} needs {numel} elements, got {}", data.len()),
+                op,
+                format!("shape {shape:?} needs {numel} elements, got {len}"),
             ));
         }
-        let t = Tensor::alloc("from_slice", shape, device, true)?;
-        device.upload(t.buffer(), bytemuck::cast_slice(data));
-        crate::infer::capture::constant(&t);
+        let t = Tensor::alloc_typed(op, shape, dtype, device, true)?;
+        device.upload(t.buffer(), bytes);
         Ok(t)
     }
 

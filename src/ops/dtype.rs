@@ -4,7 +4,6 @@ use super::elementwise::{launch_variant, Extra, UnaryOp};
 use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::kernels::{Kernel, Variant};
-use crate::shape::checked_numel;
 use crate::tensor::{DType, Tensor};
 
 /// The largest magnitude an f32 holds every integer up to: i32 values beyond it do not
@@ -23,17 +22,14 @@ impl Tensor {
     pub fn from_slice_i32(data: &[i32], shape: &[usize], device: &Device) -> Result<Tensor> {
         const OP: &str = "from_slice_i32";
         crate::infer::capture::refuse(OP, "i32 tensors are not part of frozen graphs yet")?;
-        let numel = checked_numel(shape)
-            .ok_or_else(|| Error::shape(OP, format!("shape {shape:?} overflows")))?;
-        if numel != data.len() {
-            return Err(Error::shape(
-                OP,
-                format!("shape {shape:?} needs {numel} elements, got {}", data.len()),
-            ));
-        }
-        let t = Tensor::alloc_typed(OP, shape, DType::I32, device, true)?;
-        device.upload(t.buffer(), bytemuck::cast_slice(data));
-        Ok(t)
+        Tensor::upload_words(
+            OP,
+            bytemuck::cast_slice(data),
+            data.len(),
+            shape,
+            DType::I32,
+            device,
+        )
     }
 
     /// The elements of an i32 tensor in row-major order (views included, read exactly).
@@ -55,30 +51,15 @@ impl Tensor {
         // The storage span the view reads, then the view's elements picked on the host (a copy
         // kernel would pass the integers through f32).
         let l = &self.layout;
-        let last: usize = l
-            .shape
-            .iter()
-            .zip(&l.strides)
-            .map(|(&d, &s)| (d - 1) * s)
-            .sum();
-        let bytes =
-            self.device()
-                .read_buffer(self.buffer(), l.offset as u64 * 4, (last as u64 + 1) * 4)?;
+        let bytes = self.device().read_buffer(
+            self.buffer(),
+            l.offset as u64 * 4,
+            (l.span() - l.offset) as u64 * 4,
+        )?;
         let words: Vec<i32> = bytemuck::pod_collect_to_vec(&bytes);
-        let mut out = Vec::with_capacity(self.numel());
-        let mut idx = vec![0usize; l.shape.len()];
-        for _ in 0..self.numel() {
-            let at: usize = idx.iter().zip(&l.strides).map(|(i, s)| i * s).sum();
-            out.push(words[at]);
-            for a in (0..idx.len()).rev() {
-                idx[a] += 1;
-                if idx[a] < l.shape[a] {
-                    break;
-                }
-                idx[a] = 0;
-            }
-        }
-        Ok(out)
+        Ok((0..self.numel())
+            .map(|i| words[l.index_of(i) - l.offset])
+            .collect())
     }
 
     /// The tensor as `dtype`, as `torch.Tensor.to(dtype)`: f32 to i32 truncates toward zero
