@@ -129,6 +129,8 @@ fn unary_op(op: u32, x: f32, alpha: f32, beta: f32) -> f32 {
         case 16u: { return sin(x); }                             // sin
         case 17u: { return cos(x); }                             // cos
         case 18u: { return gelu_tanh(x); }                       // gelu, tanh approximation
+        case 19u: { return erf_approx(x); }                      // erf
+        case 20u: { return trunc(x); }                           // trunc
         default: { return nan(); }
     }
 }

@@ -145,6 +145,8 @@ fn unary_grad(op: u32, v: f32, alpha: f32, beta: f32) -> f32 {
             let dinner = GELU_TANH_K * (1.0 + 3.0 * 0.044715 * v * v);
             return 0.5 * (1.0 + t) + 0.5 * v * (1.0 - t * t) * dinner;
         }
+        case 19u: { return 1.1283791670955126 * exp(-v * v); }   // erf: 2/sqrt(pi) e^(-x^2)
+        case 20u: { return 0.0; }                                 // trunc: 0
         default: { return nan(); }
     }
 }

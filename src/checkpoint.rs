@@ -76,6 +76,16 @@ fn write_partial(
     }
 }
 
+/// Writes `bytes` to `path` through a synced `.partial` file, so that an error midway leaves
+/// any old file whole.
+pub(crate) fn write_atomic(op: &'static str, path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = write_partial(op, path, &|w| {
+        w.write_all(bytes)
+            .map_err(|e| Error::invalid(op, e.to_string()))
+    })?;
+    std::fs::rename(&tmp, path).map_err(|e| io(op, path, e))
+}
+
 /// Saves `model`'s state dict to `path`, and `optimizer`'s state (its tensors, step count and
 /// learning rate) to [`optimizer_path`]`(path)` if given; without one, a stale optimizer file
 /// from an earlier save is removed. With `spec`, the architecture description

@@ -25,11 +25,22 @@ fn new_unary_ops_match_f64_and_finite_differences() {
         let k = (2.0 / std::f64::consts::PI).sqrt();
         0.5 * x * (1.0 + (k * (x + 0.044715 * x.powi(3))).tanh())
     };
+    // Maclaurin series, exact to about 1e-12 in f64 for |x| <= 3.
+    let erf = |x: f64| {
+        let (mut term, mut sum) = (x, 0.0);
+        for n in 0..80 {
+            sum += term / (2 * n + 1) as f64;
+            term *= -x * x / (n + 1) as f64;
+        }
+        sum * 2.0 / std::f64::consts::PI.sqrt()
+    };
     type Case = (&'static str, UnaryFn, Box<dyn Fn(f64) -> f64>, f32, f32);
     let cases: Vec<Case> = vec![
         ("log1p", Tensor::log1p, Box::new(f64::ln_1p), -0.9, 3.0),
         ("sin", Tensor::sin, Box::new(f64::sin), -6.0, 6.0),
         ("cos", Tensor::cos, Box::new(f64::cos), -6.0, 6.0),
+        ("erf", Tensor::erf, Box::new(erf), -3.0, 3.0),
+        ("trunc", Tensor::trunc, Box::new(f64::trunc), -5.0, 5.0),
         (
             "gelu_tanh",
             Tensor::gelu_tanh,
@@ -76,6 +87,18 @@ fn new_unary_ops_match_f64_and_finite_differences() {
         } else {
             (lo, hi)
         };
+        if *name == "trunc" {
+            // A step function: finite differences across a step are meaningless; the
+            // gradient is zero everywhere.
+            let x = Tensor::from_slice(&[-2.5, -0.3, 0.7, 3.2], &[4], &dev())
+                .unwrap()
+                .requires_grad();
+            let y = x.trunc().unwrap();
+            assert_eq!(y.to_vec().unwrap(), vec![-2.0, 0.0, 0.0, 3.0]);
+            y.sum(&[], false).unwrap().backward().unwrap();
+            assert_eq!(x.grad().unwrap().to_vec().unwrap(), vec![0.0; 4]);
+            continue;
+        }
         check(name, vec![smooth(&mut rng, &[2, 5], lo, hi)], &|x| f(&x[0]));
     }
     // log1p keeps its accuracy near 0, where log(1 + x) loses every digit.

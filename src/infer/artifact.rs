@@ -28,7 +28,7 @@ fn bad(msg: impl Into<String>) -> Error {
     Error::invalid(LOAD, msg)
 }
 
-const UNARY: [UnaryOp; 19] = [
+const UNARY: [UnaryOp; 21] = [
     UnaryOp::Identity,
     UnaryOp::Neg,
     UnaryOp::Abs,
@@ -48,6 +48,8 @@ const UNARY: [UnaryOp; 19] = [
     UnaryOp::Sin,
     UnaryOp::Cos,
     UnaryOp::GeluTanh,
+    UnaryOp::Erf,
+    UnaryOp::Trunc,
 ];
 
 const BINARY: [BinaryOp; 13] = [

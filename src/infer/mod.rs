@@ -22,6 +22,8 @@
 mod artifact;
 pub(crate) mod capture;
 pub(crate) mod graph;
+#[cfg(feature = "onnx")]
+mod onnx;
 mod passes;
 mod plan;
 
@@ -29,6 +31,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 pub use graph::{DType, Dim};
+#[cfg(feature = "onnx")]
+pub use onnx::{MAX_ONNX_BYTES, ONNX_OPSET};
 
 use crate::device::Device;
 use crate::error::{Error, Result};

@@ -77,6 +77,10 @@ pub enum UnaryOp {
     Cos = 17,
     /// GELU, tanh approximation (`approximate='tanh'`)
     GeluTanh = 18,
+    /// erf x, the Gauss error function
+    Erf = 19,
+    /// x rounded toward zero (zero gradient)
+    Trunc = 20,
 }
 
 /// Binary operations of `binary_fwd`; the discriminant is the shader's op code.
@@ -545,6 +549,10 @@ unary_methods! {
     /// GELU, tanh approximation (PyTorch's `approximate='tanh'`), elementwise:
     /// 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))).
     gelu_tanh => GeluTanh,
+    /// The Gauss error function erf(x), elementwise (`torch.erf`).
+    erf => Erf,
+    /// x rounded toward zero, elementwise (`torch.trunc`); its gradient is zero.
+    trunc => Trunc,
 }
 
 impl Tensor {
