@@ -6,244 +6,16 @@
 
 mod common;
 
+use common::models::*;
 use common::*;
 use kiln::infer::{freeze, freeze_fn, InferenceModel};
-use kiln::nn::{
-    BatchNorm, Conv2d, Embedding, Init, LayerNorm, Linear, Module, Sequential, TensorRole,
-};
-use kiln::{Conv2dOptions, Device, Result, Tensor};
+use kiln::nn::{BatchNorm, Init, Module, Sequential};
+use kiln::{Device, Result, Tensor};
 
 fn max_rel_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
     let scale = b.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-12);
     a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale
-}
-
-/// Random running statistics and affine parameters, so that folding has work to do.
-fn randomize_bn(bn: &BatchNorm, seed: u64) {
-    let c = bn.running_mean.numel();
-    let d = bn.running_mean.device().clone();
-    let mut rng = Rng::new(seed);
-    bn.running_mean
-        .assign(&Tensor::from_slice(&rng.vec(c, -0.5, 0.5), &[c], &d).unwrap())
-        .unwrap();
-    bn.running_var
-        .assign(&Tensor::from_slice(&rng.vec(c, 0.5, 2.0), &[c], &d).unwrap())
-        .unwrap();
-    for t in [&bn.weight, &bn.bias].into_iter().flatten() {
-        t.assign(&Tensor::from_slice(&rng.vec(c, -1.0, 1.0), &[c], &d).unwrap())
-            .unwrap();
-    }
-}
-
-fn conv(init: &mut Init, cin: usize, cout: usize, k: usize, stride: usize, pad: usize) -> Conv2d {
-    let opts = Conv2dOptions {
-        stride: [stride, stride],
-        padding: [pad, pad],
-        ..Default::default()
-    };
-    Conv2d::new(init, cin, cout, [k, k], opts, false).unwrap()
-}
-
-/// A residual block: conv-bn-relu-conv-bn plus the input (or a 1x1 stride-2 conv-bn
-/// shortcut), then relu.
-struct ResBlock {
-    conv1: Conv2d,
-    bn1: BatchNorm,
-    conv2: Conv2d,
-    bn2: BatchNorm,
-    shortcut: Option<(Conv2d, BatchNorm)>,
-}
-
-impl ResBlock {
-    fn new(init: &mut Init, cin: usize, cout: usize, stride: usize, seed: u64) -> ResBlock {
-        let b = ResBlock {
-            conv1: conv(init, cin, cout, 3, stride, 1),
-            bn1: BatchNorm::new_2d(init, cout).unwrap(),
-            conv2: conv(init, cout, cout, 3, 1, 1),
-            bn2: BatchNorm::new_2d(init, cout).unwrap(),
-            shortcut: (stride != 1 || cin != cout).then(|| {
-                (
-                    conv(init, cin, cout, 1, stride, 0),
-                    BatchNorm::new_2d(init, cout).unwrap(),
-                )
-            }),
-        };
-        randomize_bn(&b.bn1, seed);
-        randomize_bn(&b.bn2, seed + 1);
-        if let Some((_, bn)) = &b.shortcut {
-            randomize_bn(bn, seed + 2);
-        }
-        b
-    }
-}
-
-impl Module for ResBlock {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = self.bn1.forward(&self.conv1.forward(x)?)?.relu()?;
-        let h = self.bn2.forward(&self.conv2.forward(&h)?)?;
-        let s = match &self.shortcut {
-            Some((c, bn)) => bn.forward(&c.forward(x)?)?,
-            None => x.clone(),
-        };
-        h.add(&s)?.relu()
-    }
-
-    fn visit(&self, f: &mut dyn FnMut(&str, &Tensor, TensorRole)) {
-        self.conv1.visit(f);
-        self.bn1.visit(f);
-        self.conv2.visit(f);
-        self.bn2.visit(f);
-        if let Some((c, bn)) = &self.shortcut {
-            c.visit(f);
-            bn.visit(f);
-        }
-    }
-
-    fn set_training(&mut self, training: bool) {
-        self.bn1.set_training(training);
-        self.bn2.set_training(training);
-        if let Some((_, bn)) = &mut self.shortcut {
-            bn.set_training(training);
-        }
-    }
-
-    fn describe(&self) -> String {
-        "ResBlock".into()
-    }
-}
-
-/// stem conv-bn-relu, two blocks at 8 channels, one down to 16 with a 1x1 stride-2
-/// shortcut, global average pooling, linear head.
-struct ResNet {
-    stem: Conv2d,
-    bn: BatchNorm,
-    blocks: Vec<ResBlock>,
-    head: Linear,
-}
-
-fn resnet(d: &Device) -> ResNet {
-    let mut init = Init::new(d, 11);
-    let stem = conv(&mut init, 1, 8, 3, 1, 1);
-    let bn = BatchNorm::new_2d(&mut init, 8).unwrap();
-    randomize_bn(&bn, 100);
-    let blocks = vec![
-        ResBlock::new(&mut init, 8, 8, 1, 200),
-        ResBlock::new(&mut init, 8, 8, 1, 300),
-        ResBlock::new(&mut init, 8, 16, 2, 400),
-    ];
-    let head = Linear::new(&mut init, 16, 10, true).unwrap();
-    ResNet {
-        stem,
-        bn,
-        blocks,
-        head,
-    }
-}
-
-impl Module for ResNet {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let mut h = self.bn.forward(&self.stem.forward(x)?)?.relu()?;
-        for b in &self.blocks {
-            h = b.forward(&h)?;
-        }
-        self.head
-            .forward(&h.adaptive_avg_pool2d([1, 1])?.flatten(1, -1)?)
-    }
-
-    fn set_training(&mut self, training: bool) {
-        self.bn.set_training(training);
-        for b in &mut self.blocks {
-            b.set_training(training);
-        }
-    }
-
-    fn describe(&self) -> String {
-        "ResNet".into()
-    }
-}
-
-/// A pre-LN transformer encoder block over token ids: embedding, causal multi-head attention
-/// from matmul and softmax with the mask applied by `where_cond`, layer norms, a GELU MLP and
-/// residuals.
-struct Block {
-    emb: Embedding,
-    ln1: LayerNorm,
-    q: Linear,
-    k: Linear,
-    v: Linear,
-    o: Linear,
-    ln2: LayerNorm,
-    fc1: Linear,
-    fc2: Linear,
-    heads: usize,
-}
-
-const T: usize = 5;
-const DIM: usize = 8;
-
-fn block(d: &Device) -> Block {
-    let mut init = Init::new(d, 21);
-    let i = &mut init;
-    Block {
-        emb: Embedding::new(i, 13, DIM).unwrap(),
-        ln1: LayerNorm::new(i, &[DIM]).unwrap(),
-        q: Linear::new(i, DIM, DIM, true).unwrap(),
-        k: Linear::new(i, DIM, DIM, true).unwrap(),
-        v: Linear::new(i, DIM, DIM, true).unwrap(),
-        o: Linear::new(i, DIM, DIM, true).unwrap(),
-        ln2: LayerNorm::new(i, &[DIM]).unwrap(),
-        fc1: Linear::new(i, DIM, 2 * DIM, true).unwrap(),
-        fc2: Linear::new(i, 2 * DIM, DIM, true).unwrap(),
-        heads: 2,
-    }
-}
-
-/// 1 where position j may attend to position i (j <= i), as a (T, T) tensor.
-fn causal_mask(d: &Device) -> Tensor {
-    let m: Vec<f32> = (0..T * T)
-        .map(|p| ((p % T) <= (p / T)) as u8 as f32)
-        .collect();
-    Tensor::from_slice(&m, &[T, T], d).unwrap()
-}
-
-impl Block {
-    fn run(&self, tokens: &Tensor, mask: &Tensor) -> Result<Tensor> {
-        let (n, t) = (tokens.dims()[0] as isize, tokens.dims()[1] as isize);
-        let (h, dh) = (self.heads as isize, (DIM / self.heads) as isize);
-        let x = self.emb.forward(tokens)?;
-        let a = self.ln1.forward(&x)?;
-        let split = |y: Tensor| y.reshape(&[n, t, h, dh])?.permute(&[0, 2, 1, 3]);
-        let (q, k, v) = (
-            split(self.q.forward(&a)?)?,
-            split(self.k.forward(&a)?)?,
-            split(self.v.forward(&a)?)?,
-        );
-        let scores = q
-            .matmul(&k.transpose(-2, -1)?)?
-            .mul_scalar(1.0 / (dh as f32).sqrt())?;
-        let neg = Tensor::full(&[1], -1e9, tokens.device())?;
-        let p = mask.where_cond(&scores, &neg)?.softmax(-1)?;
-        let att = p
-            .matmul(&v)?
-            .permute(&[0, 2, 1, 3])?
-            .reshape(&[n, t, DIM as isize])?;
-        let x = x.add(&self.o.forward(&att)?)?;
-        let m = self
-            .fc2
-            .forward(&self.fc1.forward(&self.ln2.forward(&x)?)?.gelu()?)?;
-        x.add(&m)
-    }
-}
-
-impl Module for Block {
-    fn forward(&self, tokens: &Tensor) -> Result<Tensor> {
-        self.run(tokens, &causal_mask(tokens.device()))
-    }
-
-    fn describe(&self) -> String {
-        "Block".into()
-    }
 }
 
 /// A module kiln has never seen: a gated unit on raw tensors, with concat and narrow.
@@ -265,16 +37,6 @@ impl Module for Gated {
     fn describe(&self) -> String {
         "Gated".into()
     }
-}
-
-fn tokens(n: usize, seed: u64, d: &Device) -> Tensor {
-    let mut rng = Rng::new(seed);
-    let v: Vec<f32> = (0..n * T).map(|_| rng.below(13) as f32).collect();
-    Tensor::from_slice(&v, &[n, T], d).unwrap()
-}
-
-fn images(n: usize, seed: u64, d: &Device) -> Tensor {
-    Tensor::randn(&[n, 1, 8, 8], seed, d).unwrap()
 }
 
 /// Eval outputs at two batch sizes, frozen on a third; the file loaded on a fresh device gives
@@ -342,9 +104,7 @@ fn check_half(name: &str, model: InferenceModel, xs: &[Tensor], want: &[Vec<f32>
 #[test]
 fn digits_cnn_round_trips() {
     let d = dev();
-    let spec = "conv2d(1,16,3,p=1) batchnorm2d(16) relu conv2d(16,32,3,p=1) relu maxpool2d(2) \
-                flatten linear(512,64) relu dropout(0.2) linear(64,10)";
-    let model = Sequential::from_spec(&mut Init::new(&d, 1), spec).unwrap();
+    let model = Sequential::from_spec(&mut Init::new(&d, 1), DIGITS_CNN).unwrap();
     check("digits", model, images);
 }
 

@@ -1,6 +1,8 @@
 //! Shared test helpers: the device, seeded random inputs, an f64 CPU reference, comparisons.
 #![allow(dead_code)]
 
+pub mod models;
+
 use kiln::{Device, Tensor};
 
 /// The shared default device. A missing adapter fails the test loudly.

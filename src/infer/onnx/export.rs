@@ -21,6 +21,8 @@ struct Ex<'a> {
     inits: Vec<pb::TensorProto>,
     fresh: usize,
     node_idx: usize,
+    /// The batch size as a 1-element int64 tensor, once made.
+    batch: Option<String>,
 }
 
 fn attr_int(name: &str, v: i64) -> pb::AttributeProto {
@@ -98,6 +100,7 @@ pub(super) fn export(g: &Graph) -> Result<pb::ModelProto> {
         inits: Vec::new(),
         fresh: 0,
         node_idx: 0,
+        batch: None,
     };
     for (k, t) in g.consts.iter().enumerate() {
         let dims: Vec<i64> = t.dims().iter().map(|&d| d as i64).collect();
@@ -140,6 +143,12 @@ pub(super) fn export(g: &Graph) -> Result<pb::ModelProto> {
         ex.emit_to("Identity", vec![src], vec![], name.clone());
         outputs.push(value_info(&name, &ex.dims(s), ex.dtype(s)));
     }
+    // Weights that only a rewritten node read (a linear's, written transposed) are left out.
+    let read: std::collections::HashSet<&String> = ex.nodes.iter().flat_map(|n| &n.input).collect();
+    let inits: Vec<pb::TensorProto> = std::mem::take(&mut ex.inits)
+        .into_iter()
+        .filter(|t| t.name.as_ref().is_some_and(|n| read.contains(n)))
+        .collect();
     let inputs = g
         .inputs
         .iter()
@@ -157,7 +166,7 @@ pub(super) fn export(g: &Graph) -> Result<pb::ModelProto> {
         graph: Some(pb::GraphProto {
             name: Some("kiln".into()),
             node: std::mem::take(&mut ex.nodes),
-            initializer: std::mem::take(&mut ex.inits),
+            initializer: inits,
             input: inputs,
             output: outputs,
             ..Default::default()
@@ -270,6 +279,55 @@ impl Ex<'_> {
         self.floats(&[], &[v], dtype)
     }
 
+    /// The batch size at run time, read from the shape of an input with a batch axis.
+    fn batch(&mut self) -> Result<String> {
+        if let Some(b) = &self.batch {
+            return Ok(b.clone());
+        }
+        let n = Dim {
+            per_batch: 1,
+            fixed: 0,
+        };
+        let (k, axis) = self
+            .g
+            .inputs
+            .iter()
+            .enumerate()
+            .find_map(|(k, i)| i.shape.iter().position(|&d| d == n).map(|a| (k, a)))
+            .ok_or_else(|| self.err("a batch-dependent size, and no input has a batch axis"))?;
+        let shape = self.emit("Shape", vec![input_name(self.g, k)], vec![]);
+        let idx = self.ints(&[axis as i64]);
+        let b = self.emit("Gather", vec![shape, idx], vec![attr_int("axis", 0)]);
+        self.batch = Some(b.clone());
+        Ok(b)
+    }
+
+    /// A 1-D int64 tensor holding `dims` at run time: constants where they are fixed, the
+    /// batch size times `per_batch` plus `fixed` where they are not.
+    fn shape_tensor(&mut self, dims: &[Dim]) -> Result<String> {
+        if dims.iter().all(|d| !d.is_dynamic()) {
+            let v: Vec<i64> = dims.iter().map(|d| d.fixed).collect();
+            return Ok(self.ints(&v));
+        }
+        let n = self.batch()?;
+        let mut parts = Vec::with_capacity(dims.len());
+        for d in dims {
+            parts.push(if !d.is_dynamic() {
+                self.ints(&[d.fixed])
+            } else {
+                let k = self.ints(&[d.per_batch]);
+                let m = self.emit("Mul", vec![n.clone(), k], vec![]);
+                if d.fixed == 0 {
+                    m
+                } else {
+                    let c = self.ints(&[d.fixed]);
+                    self.emit("Add", vec![m, c], vec![])
+                }
+            });
+        }
+        Ok(self.emit("Concat", parts, vec![attr_int("axis", 0)]))
+    }
+
     fn cast(&mut self, x: String, to: i32) -> String {
         self.emit("Cast", vec![x], vec![attr_int("to", to as i64)])
     }
@@ -292,68 +350,40 @@ impl Ex<'_> {
         let out = format!("v{i}");
         match &node.op {
             OpKind::Reshape { shape } => {
+                // One batch-dependent size is -1; more are computed from the batch size.
                 let dynamic = shape.iter().filter(|d| d.is_dynamic()).count();
-                if dynamic > 1 {
-                    return Err(self.err(format!(
-                        "shape {shape:?} has {dynamic} sizes that depend on the batch; ONNX's \
-                         reshape infers only one"
-                    )));
-                }
-                let target: Vec<i64> = shape
-                    .iter()
-                    .map(|d| if d.is_dynamic() { -1 } else { d.fixed })
-                    .collect();
-                let zero = target.contains(&0);
-                if zero && dynamic > 0 {
-                    return Err(self.err("an empty reshape with a batch-dependent size"));
-                }
-                let s = self.ints(&target);
+                let zero = shape.iter().any(|d| *d == Dim::fixed(0));
+                let target = if dynamic == 1 && !zero {
+                    let v: Vec<i64> = shape
+                        .iter()
+                        .map(|d| if d.is_dynamic() { -1 } else { d.fixed })
+                        .collect();
+                    self.ints(&v)
+                } else {
+                    self.shape_tensor(shape)?
+                };
                 let attrs = if zero {
                     vec![attr_int("allowzero", 1)]
                 } else {
                     vec![]
                 };
-                self.emit_to("Reshape", vec![ins[0].clone(), s], attrs, out);
+                self.emit_to("Reshape", vec![ins[0].clone(), target], attrs, out);
             }
             OpKind::Permute { perm } => {
                 let p: Vec<i64> = perm.iter().map(|&v| v as i64).collect();
                 self.emit_to("Transpose", ins, vec![attr_ints("perm", &p)], out);
             }
             OpKind::Expand { shape } => {
-                let off = shape.len() - x_dims.len().min(shape.len());
-                let mut target = Vec::with_capacity(shape.len());
-                for (k, d) in shape.iter().enumerate() {
-                    target.push(if !d.is_dynamic() {
-                        d.fixed
-                    } else if k >= off && x_dims[k - off] == *d {
-                        1
-                    } else {
-                        return Err(self.err("a batch-dependent expand of a fixed axis"));
-                    });
-                }
-                let s = self.ints(&target);
-                self.emit_to("Expand", vec![ins[0].clone(), s], vec![], out);
+                let target = self.shape_tensor(shape)?;
+                self.emit_to("Expand", vec![ins[0].clone(), target], vec![], out);
             }
             OpKind::Narrow { axis, start, len } => {
-                if start.is_dynamic() {
-                    return Err(self.err("a batch-dependent start"));
-                }
-                let to_end = Dim {
+                let end = Dim {
                     per_batch: start.per_batch + len.per_batch,
                     fixed: start.fixed + len.fixed,
-                } == x_dims[*axis];
-                let end = if !len.is_dynamic() {
-                    start.fixed + len.fixed
-                } else if to_end {
-                    i64::MAX
-                } else {
-                    return Err(self.err("a batch-dependent length short of the axis end"));
                 };
-                let (s, e, a) = (
-                    self.ints(&[start.fixed]),
-                    self.ints(&[end]),
-                    self.ints(&[*axis as i64]),
-                );
+                let (s, e) = (self.shape_tensor(&[*start])?, self.shape_tensor(&[end])?);
+                let a = self.ints(&[*axis as i64]);
                 self.emit_to("Slice", vec![ins[0].clone(), s, e, a], vec![], out);
             }
             OpKind::Unary { op, alpha, beta } => {
@@ -666,11 +696,7 @@ impl Ex<'_> {
                 );
             }
             OpKind::Full { shape, value } => {
-                if shape.iter().any(|d| d.is_dynamic()) {
-                    return Err(self.err("a batch-dependent constant"));
-                }
-                let dims: Vec<i64> = shape.iter().map(|d| d.fixed).collect();
-                let s = self.ints(&dims);
+                let s = self.shape_tensor(shape)?;
                 let v = pb::TensorProto {
                     dims: vec![1],
                     data_type: Some(elem::FLOAT),

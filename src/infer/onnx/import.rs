@@ -883,21 +883,19 @@ impl Importer<'_> {
                     });
                 }
                 match self.get(x)? {
-                    Val::Host { shape, data } => {
+                    Val::Host { shape, data } if out.iter().all(|d| !d.is_dynamic()) => {
                         let target: Vec<usize> = out
                             .iter()
                             .map(|d| {
                                 usize::try_from(d.fixed)
-                                    .ok()
-                                    .filter(|_| !d.is_dynamic())
-                                    .ok_or_else(|| cx.err("a constant expanded along the batch"))
+                                    .map_err(|_| cx.err(format!("a negative size in {out:?}")))
                             })
                             .collect::<Result<_>>()?;
                         let (shape, maps) = broadcast_index(cx, &[&shape, &target])?;
                         let data = pick(&data, maps[0].iter().copied());
                         Val::Host { shape, data }
                     }
-                    Val::Run { .. } => self.emit1(cx, OpKind::Expand { shape: out }, x)?,
+                    _ => self.emit1(cx, OpKind::Expand { shape: out }, x)?,
                 }
             }
             "Concat" => {
@@ -1077,6 +1075,51 @@ impl Importer<'_> {
                 self.emit1(cx, op, x)?
             }
             "ReduceMean" | "ReduceSum" | "ReduceMax" | "ReduceMin" => self.reduce(cx)?,
+            "ArgMax" | "ArgMin" => {
+                cx.check_attrs(&[
+                    a("axis", INT),
+                    a("keepdims", INT),
+                    a("select_last_index", INT),
+                ])?;
+                if cx.int("select_last_index", 0) != 0 {
+                    return Err(cx.err("select_last_index = 1 is not supported"));
+                }
+                let x = cx.need(0)?;
+                let axis = norm_axis(cx, cx.int("axis", 0), self.shape_of(x)?.len())?;
+                let op = OpKind::Reduce {
+                    op: if cx.op == "ArgMax" {
+                        ReduceOp::ArgMax
+                    } else {
+                        ReduceOp::ArgMin
+                    },
+                    axes: vec![axis as isize],
+                    keepdim: cx.int("keepdims", 1) != 0,
+                    correction: 0.0,
+                };
+                // The indices are f32 values, as every run-time integer in kiln's graph.
+                self.emit1(cx, op, x)?
+            }
+            "GatherElements" => {
+                cx.check_attrs(&[a("axis", INT)])?;
+                let (x, idx) = (cx.need(0)?, cx.need(1)?);
+                let axis = norm_axis(cx, cx.int("axis", 0), self.shape_of(x)?.len())?;
+                if let Val::Host {
+                    data: Data::I(v), ..
+                } = self.get(idx)?
+                {
+                    if v.iter().any(|d| d.is_dynamic() || d.fixed < 0) {
+                        return Err(cx.err("negative or batch-dependent indices"));
+                    }
+                }
+                let ins = vec![self.upload(x)?, self.upload(idx)?];
+                self.emit(
+                    cx,
+                    OpKind::Gather {
+                        axis: axis as isize,
+                    },
+                    ins,
+                )?
+            }
             "MatMul" => {
                 cx.check_attrs(&[])?;
                 let (x, w) = (cx.need(0)?, cx.need(1)?);
@@ -1444,11 +1487,30 @@ impl Importer<'_> {
                 shape,
                 data: Data::I(v),
             } => (shape, v),
-            _ => {
-                return Err(cx.err(
-                    "indices computed at run time are not supported: they must be integers \
-                     known at load time",
-                ))
+            Val::Host { .. } => return Err(cx.err("indices must be integers")),
+            Val::Run { src, shape } => {
+                // Indices computed at run time (token ids): index_select on the flattened
+                // indices, which refuses negative or out-of-range ones at run time.
+                let count = product(cx, &shape)?;
+                let flat = match self.emit(
+                    cx,
+                    OpKind::Reshape { shape: vec![count] },
+                    vec![(src, shape.clone())],
+                )? {
+                    Val::Run { src, shape } => (src, shape),
+                    Val::Host { .. } => return Err(cx.err("internal: reshape made no node")),
+                };
+                let xs = self.upload(x)?;
+                let op = OpKind::IndexSelect {
+                    axis: axis as isize,
+                };
+                let Val::Run { src, shape: picked } = self.emit(cx, op, vec![xs, flat])? else {
+                    return Err(cx.err("internal: index_select made no node"));
+                };
+                let mut out: Vec<Dim> = s[..axis].to_vec();
+                out.extend_from_slice(&shape);
+                out.extend_from_slice(&s[axis + 1..]);
+                return self.emit(cx, OpKind::Reshape { shape: out }, vec![(src, picked)]);
             }
         };
         let dim = s[axis];
@@ -1488,8 +1550,9 @@ impl Importer<'_> {
             };
             self.emit1(cx, op, x)?
         } else {
-            let v: Vec<i32> = idx.iter().map(|&i| i as i32).collect();
-            let t = Tensor::from_slice_i32(&v, &[v.len()], self.device)?;
+            // The index kernels read f32 indices (exact to 2^24, checked by the op).
+            let v: Vec<f32> = idx.iter().map(|&i| i as f32).collect();
+            let t = Tensor::from_slice(&v, &[v.len()], self.device)?;
             let c = self.add_const(t);
             let xs = self.upload(x)?;
             let op = OpKind::IndexSelect {
