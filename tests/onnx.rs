@@ -64,6 +64,18 @@ fn check_against(what: &str, model: &InferenceModel, cases: &[(Nd, Nd)], d: &Dev
             x.shape[0],
             model.describe()
         );
+        // The outputs depend on the input, so that the comparison sees every layer.
+        let per = want.data.len() / want.shape[0];
+        let spread = (0..per).fold(0f64, |m, j| {
+            let col = (0..want.shape[0]).map(|i| want.data[i * per + j]);
+            let (lo, hi) = col.fold((f64::MAX, f64::MIN), |(a, b), v| (a.min(v), b.max(v)));
+            m.max(hi - lo)
+        });
+        let scale = want.data.iter().fold(0f64, |m, v| m.max(v.abs()));
+        assert!(
+            spread > 1e-2 * scale,
+            "{what}: the samples' outputs hardly differ ({spread:e})"
+        );
         batches.push(x.shape[0]);
     }
     assert!(batches.len() >= 2, "{what}: {batches:?}");

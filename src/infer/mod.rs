@@ -237,6 +237,21 @@ impl InferenceModel {
             .sum()
     }
 
+    /// The shape each input must have, the batch axis as a [`Dim`] with `per_batch` 1.
+    ///
+    /// ```
+    /// # use kiln::nn::{Init, Sequential};
+    /// # let dev = kiln::Device::default_device()?;
+    /// # let net = Sequential::from_spec(&mut Init::new(&dev, 0), "linear(3,2)")?;
+    /// let frozen = kiln::infer::freeze(net, &kiln::Tensor::ones(&[4, 3], &dev)?)?;
+    /// let shape = &frozen.input_shapes()[0];
+    /// assert!(shape[0].is_dynamic() && shape[1] == kiln::infer::Dim::fixed(3));
+    /// # Ok::<(), kiln::Error>(())
+    /// ```
+    pub fn input_shapes(&self) -> Vec<Vec<Dim>> {
+        self.graph.inputs.iter().map(|i| i.shape.clone()).collect()
+    }
+
     /// Number of nodes (after folding and fusion); every node but a view runs one kernel or
     /// a few.
     pub fn node_count(&self) -> usize {

@@ -20,9 +20,12 @@ pub fn randomize_bn(bn: &BatchNorm, seed: u64) {
     bn.running_var
         .assign(&Tensor::from_slice(&rng.vec(c, 0.5, 2.0), &[c], &d).unwrap())
         .unwrap();
-    for t in [&bn.weight, &bn.bias].into_iter().flatten() {
-        t.assign(&Tensor::from_slice(&rng.vec(c, -1.0, 1.0), &[c], &d).unwrap())
-            .unwrap();
+    // Scales near 1 and small shifts keep each sample's signal through the network.
+    for (t, lo, hi) in [(&bn.weight, 0.5, 1.5), (&bn.bias, -0.3, 0.3)] {
+        if let Some(t) = t {
+            t.assign(&Tensor::from_slice(&rng.vec(c, lo, hi), &[c], &d).unwrap())
+                .unwrap();
+        }
     }
 }
 

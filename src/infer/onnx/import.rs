@@ -17,8 +17,18 @@ use crate::{Conv2dOptions, ConvTranspose2dOptions, Device, Pool2dOptions};
 
 pub(super) const OP: &str = "load_onnx";
 
-/// Largest number of host-side values one constant may hold (4 GiB of f32).
+/// Largest number of values one initializer may hold (4 GiB of f32); its bytes are in the
+/// file, so this bounds only what the host holds per byte read.
 const MAX_HOST: usize = 1 << 30;
+
+/// Largest number of values the host computes at load (shapes, masks, small constants);
+/// larger results are computed on the GPU at run time instead, or refused.
+const MAX_COMPUTED: usize = 1 << 22;
+
+/// The product of `v`, `None` on overflow.
+fn checked_product(v: impl Iterator<Item = i128>) -> Option<i128> {
+    v.fold(Some(1i128), |acc, x| acc?.checked_mul(x))
+}
 
 fn bad(msg: impl Into<String>) -> Error {
     Error::invalid(OP, msg)
@@ -679,20 +689,24 @@ impl Importer<'_> {
                         _ => return Err(cx.err("value must hold one element")),
                     },
                 };
-                if dims.iter().any(|d| d.is_dynamic()) {
+                let small = dims.iter().all(|d| !d.is_dynamic())
+                    && dims
+                        .iter()
+                        .try_fold(1i64, |acc, d| acc.checked_mul(d.fixed.max(0)))
+                        .is_some_and(|n| n as usize <= MAX_COMPUTED);
+                if dims.iter().any(|d| d.fixed < 0 && !d.is_dynamic()) {
+                    return Err(cx.err(format!("a negative size in {dims:?}")));
+                }
+                if !small {
+                    // Batch-dependent or large: filled on the GPU when the model runs.
                     if is_int {
-                        return Err(cx.err("integer tensors of a batch-dependent shape"));
+                        return Err(cx.err("a large or batch-dependent integer tensor"));
                     }
                     let op = OpKind::Full { shape: dims, value };
                     self.emit(cx, op, Vec::new())?
                 } else {
-                    let shape = dims
-                        .iter()
-                        .map(|d| usize::try_from(d.fixed).map_err(|_| cx.err("a negative size")))
-                        .collect::<Result<Vec<_>>>()?;
-                    let n = checked_numel(&shape)
-                        .filter(|&n| n <= MAX_HOST)
-                        .ok_or_else(|| cx.err(format!("shape {shape:?} is too large")))?;
+                    let shape: Vec<usize> = dims.iter().map(|d| d.fixed as usize).collect();
+                    let n = checked_numel(&shape).unwrap_or(0);
                     let data = if is_int {
                         Data::I(vec![int(value as i64); n])
                     } else {
@@ -883,7 +897,10 @@ impl Importer<'_> {
                     });
                 }
                 match self.get(x)? {
-                    Val::Host { shape, data } if out.iter().all(|d| !d.is_dynamic()) => {
+                    Val::Host { shape, data }
+                        if out.iter().all(|d| !d.is_dynamic())
+                            && fixed_count(&out).is_some_and(|n| n as usize <= MAX_COMPUTED) =>
+                    {
                         let target: Vec<usize> = out
                             .iter()
                             .map(|d| {
@@ -951,7 +968,14 @@ impl Importer<'_> {
                     .iter()
                     .map(|n| self.get(n))
                     .collect::<Result<Vec<_>>>()?;
-                if vals.iter().all(|v| matches!(v, Val::Host { .. })) {
+                let shapes: Vec<&[usize]> = vals
+                    .iter()
+                    .filter_map(|v| match v {
+                        Val::Host { shape, .. } => Some(shape.as_slice()),
+                        Val::Run { .. } => None,
+                    })
+                    .collect();
+                if shapes.len() == 3 && small_broadcast(&shapes) {
                     host_where(cx, &vals)?
                 } else {
                     let ins = names
@@ -1310,13 +1334,16 @@ impl Importer<'_> {
         if let Some(i) = infer {
             let mut vals = [0i128; 3];
             for (k, n) in PROBES.into_iter().enumerate() {
-                let total: i128 = input.iter().map(|&d| ev(d, n)).product();
-                let rest: i128 = out
-                    .iter()
-                    .enumerate()
-                    .filter(|(j, _)| *j != i)
-                    .map(|(_, &d)| ev(d, n))
-                    .product();
+                let total = checked_product(input.iter().map(|&d| ev(d, n)));
+                let rest = checked_product(
+                    out.iter()
+                        .enumerate()
+                        .filter(|(j, _)| *j != i)
+                        .map(|(_, &d)| ev(d, n)),
+                );
+                let (Some(total), Some(rest)) = (total, rest) else {
+                    return Err(cx.err(format!("the sizes of {input:?} or {target:?} overflow")));
+                };
                 if rest == 0 || total % rest != 0 {
                     return Err(cx.err(format!("cannot view {input:?} as {target:?}")));
                 }
@@ -1600,7 +1627,11 @@ impl Importer<'_> {
         for (k, n) in names.iter().enumerate().skip(1) {
             let b = self.get(n)?;
             acc = match (&acc, &b) {
-                (Val::Host { .. }, Val::Host { .. }) => host_binary(cx, op, &acc, &b)?,
+                (Val::Host { shape: sa, .. }, Val::Host { shape: sb, .. })
+                    if small_broadcast(&[sa, sb]) =>
+                {
+                    host_binary(cx, op, &acc, &b)?
+                }
                 _ => {
                     let first = if k == 1 {
                         self.upload(names[0])?
@@ -1949,8 +1980,11 @@ fn norm_axis(cx: &Ctx, axis: i64, rank: usize) -> Result<usize> {
 
 /// The product of sizes, linear in the batch when at most one depends on it.
 fn product(cx: &Ctx, dims: &[Dim]) -> Result<Dim> {
-    let vals = PROBES.map(|n| dims.iter().map(|&d| ev(d, n)).product::<i128>());
-    fit(vals).ok_or_else(|| {
+    let vals = PROBES.map(|n| checked_product(dims.iter().map(|&d| ev(d, n))));
+    let [Some(a), Some(b), Some(c)] = vals else {
+        return Err(cx.err(format!("the product of {dims:?} overflows")));
+    };
+    fit([a, b, c]).ok_or_else(|| {
         cx.err(format!(
             "the product of {dims:?} is not linear in the batch"
         ))
@@ -2054,7 +2088,7 @@ fn host_gather(
     let mut out_shape = shape[..axis].to_vec();
     out_shape.extend_from_slice(ishape);
     out_shape.extend_from_slice(&shape[axis + 1..]);
-    if checked_numel(&out_shape).is_none_or(|n| n > MAX_HOST) {
+    if checked_numel(&out_shape).is_none_or(|n| n > MAX_COMPUTED) {
         return Err(cx.err(format!("output {out_shape:?} is too large")));
     }
     let positions = (0..outer).flat_map(|o| {
@@ -2109,6 +2143,19 @@ fn host_concat(cx: &Ctx, vals: &[Val], axis: i64) -> Result<Val> {
     })
 }
 
+/// True when host shapes broadcast to at most [`MAX_COMPUTED`] elements (larger results are
+/// computed on the GPU).
+fn small_broadcast(shapes: &[&[usize]]) -> bool {
+    let mut out: Vec<usize> = Vec::new();
+    for s in shapes {
+        match broadcast_shapes(OP, &out, s) {
+            Ok(b) => out = b,
+            Err(_) => return true, // the host op reports the mismatch
+        }
+    }
+    checked_numel(&out).is_some_and(|n| n <= MAX_COMPUTED)
+}
+
 /// For each output element of the broadcast shape, the element of each operand it reads.
 fn broadcast_index(cx: &Ctx, shapes: &[&[usize]]) -> Result<(Vec<usize>, Vec<Vec<usize>>)> {
     let mut out: Vec<usize> = Vec::new();
@@ -2116,8 +2163,8 @@ fn broadcast_index(cx: &Ctx, shapes: &[&[usize]]) -> Result<(Vec<usize>, Vec<Vec
         out = broadcast_shapes(OP, &out, s).map_err(|e| cx.err(e))?;
     }
     let n = checked_numel(&out)
-        .filter(|&n| n <= MAX_HOST)
-        .ok_or_else(|| cx.err(format!("{out:?} is too large")))?;
+        .filter(|&n| n <= MAX_COMPUTED)
+        .ok_or_else(|| cx.err(format!("{out:?} is too large to compute at load")))?;
     let os = strides_of(&out);
     let maps = shapes
         .iter()
