@@ -1,6 +1,6 @@
-//! ONNX import and export against ONNX Runtime. Import: four PyTorch models exported by
-//! `torch.onnx.export` (tests/fixtures/gen_onnx.py) run in kiln and match ONNX Runtime's
-//! outputs at two batch sizes. Export: the files kiln wrote for the digits CNN, the ResNet-style
+//! ONNX import and export against ONNX Runtime. Import: four PyTorch models and a module of
+//! the ops they leave out, exported by `torch.onnx.export` (tests/fixtures/gen_onnx.py), run in
+//! kiln and match ONNX Runtime's outputs at two batch sizes. Export: the files kiln wrote for the digits CNN, the ResNet-style
 //! net and the transformer block (tests/fixtures/onnx_fixtures.rs) were run by ONNX Runtime,
 //! which matched kiln within 1e-4; here kiln loads those same files and matches ORT's
 //! outputs. Then the round trip kiln -> ONNX -> kiln, digits accuracy, and errors.
@@ -84,7 +84,7 @@ fn check_against(what: &str, model: &InferenceModel, cases: &[(Nd, Nd)], d: &Dev
 #[test]
 fn pytorch_exports_match_onnx_runtime() {
     let d = dev();
-    for name in ["resnet", "mobilenet", "transformer", "mlp"] {
+    for name in ["resnet", "mobilenet", "transformer", "mlp", "ops"] {
         let model = InferenceModel::load_onnx(&fixture(&format!("{name}.onnx")), &d)
             .unwrap_or_else(|e| panic!("{name}: {e}"));
         check_against(name, &model, &pairs(&format!("{name}.txt")), &d);
@@ -175,7 +175,7 @@ fn digits_accuracy_survives_onnx() {
     let d = dev();
     let spec = "conv2d(1,8,3,p=1) batchnorm2d(8) relu maxpool2d(2) flatten linear(128,32) \
                 batchnorm1d(32) gelu linear(32,10)";
-    let mut model = Sequential::from_spec(&mut Init::new(&d, 3), spec).unwrap();
+    let model = Sequential::from_spec(&mut Init::new(&d, 3), spec).unwrap();
     let mut opt = Adam::new(
         model.parameters(),
         AdamOptions {
