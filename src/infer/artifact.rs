@@ -234,11 +234,8 @@ impl InferenceModel {
     /// ```
     pub fn save(&self, path: &Path) -> Result<()> {
         let bytes = self.to_bytes()?;
-        std::fs::write(path, bytes).map_err(|e| Error::Io {
-            op: "InferenceModel::save",
-            path: path.display().to_string(),
-            message: e.to_string(),
-        })
+        // Through a synced `.partial` file: an error midway leaves an old file whole.
+        crate::checkpoint::write_atomic("InferenceModel::save", path, &bytes)
     }
 
     /// The bytes [`InferenceModel::save`] writes.

@@ -26,8 +26,8 @@ const MAX_HOST: usize = 1 << 30;
 const MAX_COMPUTED: usize = 1 << 22;
 
 /// The product of `v`, `None` on overflow.
-fn checked_product(v: impl Iterator<Item = i128>) -> Option<i128> {
-    v.fold(Some(1i128), |acc, x| acc?.checked_mul(x))
+fn checked_product(mut v: impl Iterator<Item = i128>) -> Option<i128> {
+    v.try_fold(1i128, |acc, x| acc.checked_mul(x))
 }
 
 fn bad(msg: impl Into<String>) -> Error {
