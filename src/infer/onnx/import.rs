@@ -1396,9 +1396,9 @@ impl Importer<'_> {
                     }
                     let total = d.fixed;
                     let parts = outs as i64;
-                    let each = (total + parts - 1) / parts;
+                    let each = total / parts + (total % parts != 0) as i64;
                     (0..parts)
-                        .map(|k| int((total - k * each).clamp(0, each)))
+                        .map(|k| int(total.saturating_sub(k.saturating_mul(each)).clamp(0, each)))
                         .collect()
                 }
             },
@@ -1414,9 +1414,12 @@ impl Importer<'_> {
                 Val::Host { .. } => return Err(cx.err("splitting a constant is not supported")),
                 Val::Run { .. } => self.emit1(cx, op, x)?,
             });
-            start = Dim {
-                per_batch: start.per_batch + len.per_batch,
-                fixed: start.fixed + len.fixed,
+            start = match (
+                start.per_batch.checked_add(len.per_batch),
+                start.fixed.checked_add(len.fixed),
+            ) {
+                (Some(per_batch), Some(fixed)) => Dim { per_batch, fixed },
+                _ => return Err(cx.err("split sizes overflow")),
             };
         }
         if start != s[axis] {
@@ -1972,7 +1975,7 @@ struct Window {
 fn norm_axis(cx: &Ctx, axis: i64, rank: usize) -> Result<usize> {
     let r = rank as i64;
     let a = if axis < 0 { axis + r } else { axis };
-    if a < 0 || a >= r.max(1) {
+    if a < 0 || a >= r {
         return Err(cx.err(format!("axis {axis} is out of range for rank {rank}")));
     }
     Ok(a as usize)
@@ -2270,10 +2273,13 @@ fn dim_op(cx: &Ctx, op: BinaryOp, a: Dim, b: Dim) -> Result<Dim> {
             per_batch: add(a.per_batch, b.per_batch)?,
             fixed: add(a.fixed, b.fixed)?,
         }),
-        BinaryOp::Sub => Ok(Dim {
-            per_batch: add(a.per_batch, -b.per_batch)?,
-            fixed: add(a.fixed, -b.fixed)?,
-        }),
+        BinaryOp::Sub => {
+            let sub = |x: i64, y: i64| x.checked_sub(y).ok_or_else(|| cx.err("integer overflow"));
+            Ok(Dim {
+                per_batch: sub(a.per_batch, b.per_batch)?,
+                fixed: sub(a.fixed, b.fixed)?,
+            })
+        }
         BinaryOp::Mul => {
             let (d, k) = match (a.is_dynamic(), b.is_dynamic()) {
                 (_, false) => (a, b.fixed),
@@ -2290,16 +2296,17 @@ fn dim_op(cx: &Ctx, op: BinaryOp, a: Dim, b: Dim) -> Result<Dim> {
                 return Err(cx.err(format!("division of {a:?} by {b:?}")));
             }
             let k = b.fixed;
-            if a.per_batch % k != 0 {
+            let overflow = || cx.err("integer overflow");
+            if a.per_batch.checked_rem(k).ok_or_else(overflow)? != 0 {
                 return Err(nonlinear());
             }
             // Integer division truncates toward zero, as ONNX's does.
-            if a.is_dynamic() && a.fixed % k != 0 {
+            if a.is_dynamic() && a.fixed.checked_rem(k).ok_or_else(overflow)? != 0 {
                 return Err(nonlinear());
             }
             Ok(Dim {
-                per_batch: a.per_batch / k,
-                fixed: a.fixed / k,
+                per_batch: a.per_batch.checked_div(k).ok_or_else(overflow)?,
+                fixed: a.fixed.checked_div(k).ok_or_else(overflow)?,
             })
         }
         BinaryOp::Eq => flag(a == b),
@@ -2357,4 +2364,118 @@ fn host_where(cx: &Ctx, vals: &[Val]) -> Result<Val> {
         _ => return Err(cx.err("branches of different element types")),
     };
     Ok(Val::Host { shape, data })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_cx<R>(f: impl FnOnce(&Ctx) -> R) -> R {
+        let node = pb::NodeProto::default();
+        f(&Ctx {
+            node: &node,
+            name: "n".into(),
+            op: "Test",
+        })
+    }
+
+    const N: Dim = Dim {
+        per_batch: 1,
+        fixed: 0,
+    };
+
+    #[test]
+    fn size_arithmetic_is_linear_in_the_batch_and_checked() {
+        with_cx(|cx| {
+            let two_n = dim_op(cx, BinaryOp::Mul, N, int(2)).unwrap();
+            assert_eq!(
+                two_n,
+                Dim {
+                    per_batch: 2,
+                    fixed: 0
+                }
+            );
+            let n_plus = dim_op(cx, BinaryOp::Add, two_n, int(6)).unwrap();
+            assert_eq!(
+                dim_op(cx, BinaryOp::Div, n_plus, int(2)).unwrap(),
+                Dim {
+                    per_batch: 1,
+                    fixed: 3
+                }
+            );
+            // N * N, (2N + 1) / 2 and division by zero are not linear sizes.
+            assert!(dim_op(cx, BinaryOp::Mul, N, N).is_err());
+            assert!(dim_op(
+                cx,
+                BinaryOp::Div,
+                Dim {
+                    per_batch: 2,
+                    fixed: 1
+                },
+                int(2)
+            )
+            .is_err());
+            assert!(dim_op(cx, BinaryOp::Div, int(4), int(0)).is_err());
+            // Overflow is an Err, never a panic or a wrapped value.
+            assert!(dim_op(cx, BinaryOp::Div, int(i64::MIN), int(-1)).is_err());
+            assert!(dim_op(cx, BinaryOp::Sub, int(0), int(i64::MIN)).is_err());
+            assert!(dim_op(cx, BinaryOp::Mul, int(i64::MAX), int(2)).is_err());
+            assert!(dim_op(cx, BinaryOp::Add, int(i64::MAX), int(1)).is_err());
+            assert_eq!(dim_op(cx, BinaryOp::Eq, N, N).unwrap(), int(1));
+            assert!(norm_axis(cx, 0, 0).is_err() && norm_axis(cx, -1, 3).unwrap() == 2);
+        });
+    }
+
+    #[test]
+    fn reshape_targets_resolve_zero_and_minus_one() {
+        with_cx(|cx| {
+            let im = Importer {
+                device: &crate::Device::default_device().unwrap(),
+                g: Graph {
+                    inputs: vec![],
+                    consts: vec![],
+                    const_dtypes: vec![],
+                    nodes: vec![],
+                    outputs: vec![],
+                },
+                vals: HashMap::new(),
+                uploaded: HashMap::new(),
+                opset: 17,
+            };
+            let input = [N, Dim::fixed(6), Dim::fixed(4)];
+            // [0, -1]: the batch copied, the rest inferred.
+            let s = im
+                .reshape_target(cx, &input, &[int(0), int(-1)], false)
+                .unwrap();
+            assert_eq!(s, vec![N, Dim::fixed(24)]);
+            // [-1, 8]: a size that is 3N.
+            let s = im
+                .reshape_target(cx, &input, &[int(-1), int(8)], false)
+                .unwrap();
+            assert_eq!(
+                s,
+                vec![
+                    Dim {
+                        per_batch: 3,
+                        fixed: 0
+                    },
+                    Dim::fixed(8)
+                ]
+            );
+            // Two -1, a size that does not divide, negative sizes, overflowing products.
+            assert!(im
+                .reshape_target(cx, &input, &[int(-1), int(-1)], false)
+                .is_err());
+            assert!(im
+                .reshape_target(cx, &input, &[int(-1), int(7)], false)
+                .is_err());
+            assert!(im
+                .reshape_target(cx, &input, &[int(-2), int(12)], false)
+                .is_err());
+            let huge = [Dim::fixed(u32::MAX as usize); 5];
+            assert!(im
+                .reshape_target(cx, &huge, &[int(-1), int(3)], false)
+                .is_err());
+        });
+    }
 }
