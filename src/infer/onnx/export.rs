@@ -522,34 +522,24 @@ impl Ex<'_> {
                 self.finish(y);
             }
             OpKind::Conv2d { opts, act, .. } => {
-                if x_dims.len() != 4 {
-                    return Err(self.err("an unbatched (rank-3) convolution"));
-                }
-                let w = self.dims(node.inputs[1]);
-                let attrs = vec![
-                    attr_ints("kernel_shape", &[w[2].fixed, w[3].fixed]),
-                    attr_ints("strides", &pair(opts.stride)),
-                    attr_ints("pads", &[pair(opts.padding), pair(opts.padding)].concat()),
-                    attr_ints("dilations", &pair(opts.dilation)),
-                    attr_int("group", opts.groups as i64),
-                ];
+                let attrs = self.conv_attrs(
+                    &x_dims,
+                    node.inputs[1],
+                    [opts.stride, opts.padding, opts.dilation],
+                    opts.groups,
+                )?;
                 let y = self.emit("Conv", ins, attrs);
                 let y = self.act(y, *act, dt)?;
                 self.finish(y);
             }
             OpKind::ConvTranspose2d { opts, .. } => {
-                if x_dims.len() != 4 {
-                    return Err(self.err("an unbatched (rank-3) transposed convolution"));
-                }
-                let w = self.dims(node.inputs[1]);
-                let attrs = vec![
-                    attr_ints("kernel_shape", &[w[2].fixed, w[3].fixed]),
-                    attr_ints("strides", &pair(opts.stride)),
-                    attr_ints("pads", &[pair(opts.padding), pair(opts.padding)].concat()),
-                    attr_ints("dilations", &pair(opts.dilation)),
-                    attr_ints("output_padding", &pair(opts.output_padding)),
-                    attr_int("group", opts.groups as i64),
-                ];
+                let mut attrs = self.conv_attrs(
+                    &x_dims,
+                    node.inputs[1],
+                    [opts.stride, opts.padding, opts.dilation],
+                    opts.groups,
+                )?;
+                attrs.push(attr_ints("output_padding", &pair(opts.output_padding)));
                 self.emit_to("ConvTranspose", ins, attrs, out);
             }
             OpKind::Pool { opts, max } => {
@@ -721,6 +711,28 @@ impl Ex<'_> {
             }
         }
         Ok(())
+    }
+
+    /// The window attributes of a conv or transposed conv with weight `w`:
+    /// `[stride, padding, dilation]` and the groups.
+    fn conv_attrs(
+        &self,
+        x_dims: &[Dim],
+        w: Src,
+        [stride, padding, dilation]: [[usize; 2]; 3],
+        groups: usize,
+    ) -> Result<Vec<pb::AttributeProto>> {
+        if x_dims.len() != 4 {
+            return Err(self.err("an unbatched (rank-3) convolution"));
+        }
+        let w = self.dims(w);
+        Ok(vec![
+            attr_ints("kernel_shape", &[w[2].fixed, w[3].fixed]),
+            attr_ints("strides", &pair(stride)),
+            attr_ints("pads", &[pair(padding), pair(padding)].concat()),
+            attr_ints("dilations", &pair(dilation)),
+            attr_int("group", groups as i64),
+        ])
     }
 
     fn reduce_sum(&mut self, x: String, axes: &[i64], keepdim: bool) -> String {

@@ -1848,15 +1848,24 @@ impl Importer<'_> {
         })
     }
 
-    fn conv(&mut self, cx: &Ctx) -> Result<Val> {
-        cx.check_attrs(&[
+    /// The operands (x, w, and b when given) and window of a 2-D convolution or transposed
+    /// convolution; `extra` are attributes beyond the common ones.
+    #[allow(clippy::type_complexity)]
+    fn conv_operands(
+        &mut self,
+        cx: &Ctx,
+        extra: &[(&'static str, i32)],
+    ) -> Result<(Vec<(Src, Vec<Dim>)>, Window, usize)> {
+        let mut known = vec![
             a("kernel_shape", INTS),
             a("strides", INTS),
             a("pads", INTS),
             a("dilations", INTS),
             a("group", INT),
             a("auto_pad", STRING),
-        ])?;
+        ];
+        known.extend_from_slice(extra);
+        cx.check_attrs(&known)?;
         let x = self.upload(cx.need(0)?)?;
         let w = self.upload(cx.need(1)?)?;
         if x.1.len() != 4 || w.1.len() != 4 {
@@ -1868,16 +1877,21 @@ impl Importer<'_> {
         let kw = [w.1[2], w.1[3]].map(|d| d.fixed.max(0) as usize);
         let win = self.window(cx, Some(kw))?;
         let groups = usize::try_from(cx.int("group", 1)).map_err(|_| cx.err("group < 0"))?;
+        let mut ins = vec![x, w];
+        if let Some(b) = cx.input(2) {
+            ins.push(self.upload(b)?);
+        }
+        Ok((ins, win, groups))
+    }
+
+    fn conv(&mut self, cx: &Ctx) -> Result<Val> {
+        let (ins, win, groups) = self.conv_operands(cx, &[])?;
         let opts = Conv2dOptions {
             stride: win.stride,
             padding: win.pads,
             dilation: win.dilation,
             groups,
         };
-        let mut ins = vec![x, w];
-        if let Some(b) = cx.input(2) {
-            ins.push(self.upload(b)?);
-        }
         let op = OpKind::Conv2d {
             opts,
             bias: ins.len() == 3,
@@ -1887,22 +1901,7 @@ impl Importer<'_> {
     }
 
     fn conv_transpose(&mut self, cx: &Ctx) -> Result<Val> {
-        cx.check_attrs(&[
-            a("kernel_shape", INTS),
-            a("strides", INTS),
-            a("pads", INTS),
-            a("dilations", INTS),
-            a("group", INT),
-            a("auto_pad", STRING),
-            a("output_padding", INTS),
-        ])?;
-        let x = self.upload(cx.need(0)?)?;
-        let w = self.upload(cx.need(1)?)?;
-        if x.1.len() != 4 || w.1.len() != 4 {
-            return Err(cx.err("only 2-D transposed convolution is supported"));
-        }
-        let kw = [w.1[2], w.1[3]].map(|d| d.fixed.max(0) as usize);
-        let win = self.window(cx, Some(kw))?;
+        let (ins, win, groups) = self.conv_operands(cx, &[a("output_padding", INTS)])?;
         let output_padding = match cx.ints("output_padding") {
             None => [0, 0],
             Some(v) if v.len() == 2 && v.iter().all(|&e| (0..=u32::MAX as i64).contains(&e)) => {
@@ -1915,12 +1914,8 @@ impl Importer<'_> {
             padding: win.pads,
             output_padding,
             dilation: win.dilation,
-            groups: usize::try_from(cx.int("group", 1)).map_err(|_| cx.err("group < 0"))?,
+            groups,
         };
-        let mut ins = vec![x, w];
-        if let Some(b) = cx.input(2) {
-            ins.push(self.upload(b)?);
-        }
         let op = OpKind::ConvTranspose2d {
             opts,
             bias: ins.len() == 3,
