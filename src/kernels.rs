@@ -23,11 +23,13 @@ pub enum ShaderFile {
     Pool,
     /// `shaders/optim.wgsl`
     Optim,
+    /// `shaders/quant.wgsl`
+    Quant,
 }
 
 impl ShaderFile {
     /// Every shader file, for validation.
-    pub const ALL: [ShaderFile; 8] = [
+    pub const ALL: [ShaderFile; 9] = [
         ShaderFile::Elementwise,
         ShaderFile::Reduce,
         ShaderFile::Matmul,
@@ -36,6 +38,7 @@ impl ShaderFile {
         ShaderFile::ConvSubgroup,
         ShaderFile::Pool,
         ShaderFile::Optim,
+        ShaderFile::Quant,
     ];
 
     /// The WGSL source: `shaders/common.wgsl` followed by the file.
@@ -78,6 +81,10 @@ impl ShaderFile {
                 include_str!("../shaders/common.wgsl"),
                 include_str!("../shaders/optim.wgsl")
             ),
+            ShaderFile::Quant => concat!(
+                include_str!("../shaders/common.wgsl"),
+                include_str!("../shaders/quant.wgsl")
+            ),
         }
     }
 
@@ -92,6 +99,7 @@ impl ShaderFile {
             ShaderFile::ConvSubgroup => "conv_sg.wgsl",
             ShaderFile::Pool => "pool.wgsl",
             ShaderFile::Optim => "optim.wgsl",
+            ShaderFile::Quant => "quant.wgsl",
         }
     }
 }
@@ -279,6 +287,9 @@ kernels! {
     SgdVec4Step => (Optim, "sgd_vec4_step", 1),
     SgdMomentumVec4Step => (Optim, "sgd_momentum_vec4_step", 1),
     AdamVec4Step => (Optim, "adam_vec4_step", 1),
+    QuantizeFwd => (Quant, "quantize_fwd", 1),
+    DequantizeFwd => (Quant, "dequantize_fwd", 1),
+    QgemmFwd => (Quant, "qgemm_fwd", 3),
 }
 
 impl Kernel {
@@ -344,6 +355,10 @@ mod tests {
             (
                 ShaderFile::Optim,
                 std::mem::size_of::<crate::optim::OptimParams>(),
+            ),
+            (
+                ShaderFile::Quant,
+                std::mem::size_of::<crate::ops::quant::QuantParams>(),
             ),
         ];
         for (file, rust_size) in expected {

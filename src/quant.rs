@@ -96,7 +96,10 @@ pub fn weight_params(values: &[f32], channels: usize) -> Result<Vec<QParams>> {
     if channels == 0 || !values.len().is_multiple_of(channels) {
         return Err(Error::invalid(
             "quant::weight_params",
-            format!("{} values do not split into {channels} channels", values.len()),
+            format!(
+                "{} values do not split into {channels} channels",
+                values.len()
+            ),
         ));
     }
     let per = values.len() / channels;
@@ -121,7 +124,10 @@ mod tests {
             zero_point: 3,
         };
         // 0.25 / 0.5 = 0.5 -> 0, 0.75 / 0.5 = 1.5 -> 2, -0.25 -> -0.5 -> 0.
-        assert_eq!([q.quantize(0.25), q.quantize(0.75), q.quantize(-0.25)], [3, 5, 3]);
+        assert_eq!(
+            [q.quantize(0.25), q.quantize(0.75), q.quantize(-0.25)],
+            [3, 5, 3]
+        );
         assert_eq!([q.quantize(1e9), q.quantize(-1e9)], [127, -128]);
         assert_eq!(q.dequantize(5), 1.0);
         assert!(QParams::asymmetric(1.0, 0.0).is_err());

@@ -22,7 +22,11 @@ fn cases() -> Vec<Case> {
         .chunks(3)
         .map(|c| {
             let head: Vec<&str> = c[0].split_whitespace().collect();
-            let x: Vec<f32> = c[1].split_whitespace().skip(2).map(|v| v.parse().unwrap()).collect();
+            let x: Vec<f32> = c[1]
+                .split_whitespace()
+                .skip(2)
+                .map(|v| v.parse().unwrap())
+                .collect();
             let q: Vec<&str> = c[2].split_whitespace().collect();
             Case {
                 name: head[1].into(),
@@ -51,7 +55,12 @@ fn quantization_matches_onnx_runtime() {
         };
         assert_eq!(params.len(), c.scales.len(), "{}", c.name);
         for (p, (&s, &z)) in params.iter().zip(c.scales.iter().zip(&c.zero_points)) {
-            assert_eq!((p.scale, p.zero_point), (s, z), "{}: scale and zero point", c.name);
+            assert_eq!(
+                (p.scale, p.zero_point),
+                (s, z),
+                "{}: scale and zero point",
+                c.name
+            );
         }
         let per = c.x.len() / params.len();
         for (i, (&x, &want)) in c.x.iter().zip(&c.q).enumerate() {
@@ -61,7 +70,11 @@ fn quantization_matches_onnx_runtime() {
             // Values inside the range come back within half a step.
             let back = p.dequantize(got);
             if want > -128 && want < 127 {
-                assert!((back - x).abs() <= p.scale * 0.5001, "{}: {x} -> {back}", c.name);
+                assert!(
+                    (back - x).abs() <= p.scale * 0.5001,
+                    "{}: {x} -> {back}",
+                    c.name
+                );
             }
         }
     }

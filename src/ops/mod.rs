@@ -9,6 +9,7 @@ pub(crate) mod index;
 pub(crate) mod matmul;
 pub(crate) mod norm;
 pub(crate) mod pool;
+pub(crate) mod quant;
 pub(crate) mod reduce;
 
 use crate::error::Result;

@@ -1,0 +1,475 @@
+//! Int8 kernels (`shaders/quant.wgsl`): quantization of f32 rows into packed int8 words,
+//! dequantization, and the integer matrix product of quantized linear layers with its
+//! requantization epilogue. Int8 tensors are [`DType::I32`] tensors of words, four int8
+//! values to a word along the reduction axis, rows padded to whole words.
+//!
+//! Only the tests call these kernels so far; the frozen graph's quantized ops will.
+#![allow(dead_code)]
+
+use crate::error::{Error, Result};
+use crate::kernels::Kernel;
+use crate::ops::elementwise::UnaryOp;
+use crate::ops::grid;
+use crate::quant::QParams;
+use crate::tensor::{DType, Tensor};
+
+/// The WGSL `Params` of `shaders/quant.wgsl`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, bytemuck::Pod, bytemuck::Zeroable)]
+pub(crate) struct QuantParams {
+    pub m: u32,
+    pub n: u32,
+    pub k4: u32,
+    pub n_words: u32,
+    pub mode: u32,
+    pub act: u32,
+    pub act_on: u32,
+    pub zy: i32,
+    pub lo: i32,
+    pub manual: u32,
+    pub alpha: f32,
+    pub scale: f32,
+    pub zp: i32,
+    pub count: u32,
+    pub rows: u32,
+    pub _pad: u32,
+}
+
+/// Words per row of `count` int8 values.
+pub(crate) fn words(count: usize) -> usize {
+    count.div_ceil(4)
+}
+
+/// Packs int8 rows of `count` values into words, padding each row with `pad`.
+pub(crate) fn pack_rows(q: &[i8], count: usize, pad: i8) -> Vec<u32> {
+    let rows = q.len().checked_div(count).unwrap_or(0);
+    let k4 = words(count);
+    let mut out = vec![0u32; rows * k4];
+    for r in 0..rows {
+        for w in 0..k4 {
+            let mut word = 0u32;
+            for i in 0..4 {
+                let col = w * 4 + i;
+                let v = if col < count { q[r * count + col] } else { pad };
+                word |= (v as u8 as u32) << (8 * i);
+            }
+            out[r * k4 + w] = word;
+        }
+    }
+    out
+}
+
+/// The requantization multiplier and shift of a real multiplier `m` > 0: `m ~ mult / 2^shift`
+/// with `mult` in [2^30, 2^31) and `shift` in 1..=63.
+pub(crate) fn multiplier(op: &'static str, m: f64) -> Result<(u32, u32)> {
+    if !(m.is_finite() && m > 0.0) {
+        return Err(Error::invalid(op, format!("requantization multiplier {m}")));
+    }
+    let mut shift: i32 = 30 - m.log2().floor() as i32;
+    let mut mult = (m * 2f64.powi(shift)).round();
+    if mult >= 2f64.powi(31) {
+        mult /= 2.0;
+        shift -= 1;
+    }
+    if !(1..=63).contains(&shift) {
+        return Err(Error::invalid(
+            op,
+            format!("requantization multiplier {m} is out of range"),
+        ));
+    }
+    Ok((mult as u32, shift as u32))
+}
+
+/// The integer requantization of `shaders/quant.wgsl`, for references and tests:
+/// `clamp(zy + round_half_even(acc * mult / 2^shift), lo, 127)`.
+pub(crate) fn requantize(acc: i32, mult: u32, shift: u32, zy: i32, lo: i32) -> i32 {
+    let mag = acc.unsigned_abs() as u64 * mult as u64;
+    let mut q = mag >> shift;
+    let rem = mag & ((1u64 << shift) - 1);
+    let half = 1u64 << (shift - 1);
+    if rem > half || (rem == half && q & 1 == 1) {
+        q += 1;
+    }
+    let q = q.min(0x7fff_ffff) as i64;
+    let signed = if acc < 0 { -q } else { q };
+    (zy as i64 + signed.clamp(-65536, 65536)).clamp(lo as i64, 127) as i32
+}
+
+fn word_tensor(op: &'static str, n: usize, dev: &crate::Device) -> Result<Tensor> {
+    Tensor::alloc_typed(op, &[n.max(1)], DType::I32, dev, false)
+}
+
+/// `x` (f32, contiguous rows of `count`) quantized into int8 words, `(rows, words(count))`.
+pub(crate) fn quantize_rows(x: &Tensor, count: usize, q: QParams) -> Result<Tensor> {
+    const OP: &str = "quantize";
+    let x = x.contiguous()?;
+    let n = x.numel();
+    if count == 0 || !n.is_multiple_of(count) {
+        return Err(Error::shape(OP, format!("{n} values in rows of {count}")));
+    }
+    let rows = n / count;
+    let k4 = words(count);
+    let out = word_tensor(OP, rows * k4, x.device())?;
+    let p = QuantParams {
+        scale: q.scale,
+        zp: q.zero_point,
+        count: count as u32,
+        rows: rows as u32,
+        k4: k4 as u32,
+        ..Default::default()
+    };
+    x.device().dispatch(
+        Kernel::QuantizeFwd,
+        &[x.buffer()],
+        out.buffer(),
+        bytemuck::bytes_of(&p),
+        grid(rows * k4, 256),
+    );
+    Ok(out)
+}
+
+/// Int8 words `(rows, words(count))` back to f32 `(rows, count)`.
+pub(crate) fn dequantize_rows(q: &Tensor, rows: usize, count: usize, p: QParams) -> Result<Tensor> {
+    const OP: &str = "dequantize";
+    let k4 = words(count);
+    if q.numel() < rows * k4 {
+        return Err(Error::shape(
+            OP,
+            format!("{} words for {rows} rows of {count}", q.numel()),
+        ));
+    }
+    let out = Tensor::uninit(OP, &[rows, count], q.device())?;
+    let params = QuantParams {
+        scale: p.scale,
+        zp: p.zero_point,
+        count: count as u32,
+        rows: rows as u32,
+        k4: k4 as u32,
+        ..Default::default()
+    };
+    q.device().dispatch(
+        Kernel::DequantizeFwd,
+        &[q.buffer()],
+        out.buffer(),
+        bytemuck::bytes_of(&params),
+        grid(rows * count, 256),
+    );
+    Ok(out)
+}
+
+/// What the integer matrix product writes.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) enum QOut {
+    /// f32 `acc * scale[c]`, then an activation.
+    F32 { act: Option<(UnaryOp, f32)> },
+    /// Int8 words, requantized to zero point `zy`; `relu` clamps at the zero point.
+    I8 { zy: i32, relu: bool },
+}
+
+/// The integer product of int8 activations `a` (m rows of `k4` words) and weights `b` (n rows
+/// of `k4` words) with per-channel data `c` (3 words a channel, see `shaders/quant.wgsl`).
+/// `manual` computes the dot products without the built-in.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn qgemm(
+    a: &Tensor,
+    m: usize,
+    b: &Tensor,
+    n: usize,
+    k4: usize,
+    c: &Tensor,
+    out: QOut,
+    manual: bool,
+) -> Result<Tensor> {
+    const OP: &str = "qgemm";
+    if a.numel() < m * k4 || b.numel() < n * k4 || c.numel() < n * 3 || k4 == 0 {
+        return Err(Error::shape(
+            OP,
+            format!(
+                "operands of {} / {} / {} words for m {m}, n {n}, k4 {k4}",
+                a.numel(),
+                b.numel(),
+                c.numel()
+            ),
+        ));
+    }
+    let (mode, n_words, act, zy, lo) = match out {
+        QOut::F32 { act } => (0, n, act, 0, -128),
+        QOut::I8 { zy, relu } => (1, words(n), None, zy, if relu { zy } else { -128 }),
+    };
+    let result = match out {
+        QOut::F32 { .. } => Tensor::uninit(OP, &[m, n], a.device())?,
+        QOut::I8 { .. } => word_tensor(OP, m * n_words, a.device())?,
+    };
+    let p = QuantParams {
+        m: m as u32,
+        n: n as u32,
+        k4: k4 as u32,
+        n_words: n_words as u32,
+        mode,
+        act: act.map_or(0, |(op, _)| op as u32),
+        act_on: act.is_some() as u32,
+        alpha: act.map_or(0.0, |(_, a)| a),
+        zy,
+        lo,
+        manual: manual as u32,
+        ..Default::default()
+    };
+    let groups = [
+        (words(n) as u32).div_ceil(8),
+        (words(m) as u32).div_ceil(8),
+        1,
+    ];
+    if groups[0] > 65535 || groups[1] > 65535 {
+        return Err(Error::invalid(
+            OP,
+            format!("{m} x {n} exceeds one dispatch"),
+        ));
+    }
+    a.device().dispatch(
+        Kernel::QgemmFwd,
+        &[a.buffer(), b.buffer(), c.buffer()],
+        result.buffer(),
+        bytemuck::bytes_of(&p),
+        groups,
+    );
+    Ok(result)
+}
+
+/// Per-channel data for [`qgemm`]: bias (i32, the activation zero point's correction folded
+/// in), then the f32 scale or the requantization multiplier, then the shift.
+pub(crate) fn channel_words(bias: &[i32], scale_or_mult: &[u32], shift: &[u32]) -> Vec<u32> {
+    bias.iter()
+        .zip(scale_or_mult)
+        .zip(shift)
+        .flat_map(|((&b, &s), &sh)| [b as u32, s, sh])
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Device;
+
+    struct Lcg(u64);
+    impl Lcg {
+        fn next(&mut self) -> u32 {
+            self.0 = self
+                .0
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (self.0 >> 33) as u32
+        }
+        fn i8(&mut self) -> i8 {
+            (self.next() % 256) as i32 as u8 as i8
+        }
+    }
+
+    fn upload(words: &[u32], dev: &Device) -> Tensor {
+        let v: Vec<i32> = words.iter().map(|&w| w as i32).collect();
+        Tensor::from_slice_i32(&v, &[v.len().max(1)], dev).unwrap()
+    }
+
+    fn read(t: &Tensor) -> Vec<u32> {
+        t.to_vec_i32().unwrap().iter().map(|&v| v as u32).collect()
+    }
+
+    #[test]
+    fn requantization_rounds_half_to_even_in_integers() {
+        // 2^-1 multiplier: mult 2^30, shift 31.
+        let (m, s) = multiplier("t", 0.5).unwrap();
+        assert_eq!((m, s), (1 << 30, 31));
+        let r = |acc| requantize(acc, m, s, 0, -128);
+        assert_eq!([r(1), r(3), r(5), r(-3), r(-5), r(7)], [0, 2, 2, -2, -2, 4]);
+        assert_eq!(requantize(1000, m, s, 10, -128), 127);
+        assert_eq!(requantize(-1000, m, s, 10, -128), -128);
+        assert_eq!(requantize(-9, m, s, 3, 3), 3); // relu at the zero point
+        assert!(multiplier("t", 0.0).is_err() && multiplier("t", f64::NAN).is_err());
+        for v in [1e-9, 0.3, 1.0, 7.5, 1000.0] {
+            let (m, s) = multiplier("t", v).unwrap();
+            assert!(
+                (m as f64 / 2f64.powi(s as i32) / v - 1.0).abs() < 1e-9,
+                "{v}"
+            );
+            assert!((1 << 30..1 << 31).contains(&m));
+        }
+    }
+
+    /// Every shape, both dot-product paths, both output modes: the GPU's integers equal the
+    /// CPU's bit for bit.
+    #[test]
+    fn qgemm_equals_the_integer_reference_bit_for_bit() {
+        let dev = Device::default_device().unwrap();
+        let mut rng = Lcg(7);
+        let mut ties = 0;
+        for &(m, n, k) in &[
+            (1, 1, 1),
+            (5, 3, 7),
+            (13, 17, 33),
+            (4, 8, 16),
+            (9, 6, 130),
+            (64, 10, 256),
+        ] {
+            // Small values in the smaller shapes keep their results inside int8, where the
+            // requantization's rounding shows; full-range values elsewhere.
+            let small = k <= 33;
+            let val = |rng: &mut Lcg| {
+                if small {
+                    (rng.next() % 9) as i8 - 4
+                } else {
+                    rng.i8()
+                }
+            };
+            let a: Vec<i8> = (0..m * k).map(|_| val(&mut rng)).collect();
+            let w: Vec<i8> = (0..n * k).map(|_| val(&mut rng)).collect();
+            let za = if small {
+                (rng.next() % 9) as i32 - 4
+            } else {
+                (rng.next() % 256) as i32 - 128
+            };
+            let span = if small { 101 } else { 20001 };
+            let bias: Vec<i32> = (0..n)
+                .map(|_| (rng.next() % span) as i32 - span as i32 / 2)
+                .collect();
+            // The zero-point correction folded into the bias: sum (a - za) w = a.w - za sum w.
+            let folded: Vec<i32> = (0..n)
+                .map(|c| {
+                    bias[c] - za * w[c * k..(c + 1) * k].iter().map(|&v| v as i32).sum::<i32>()
+                })
+                .collect();
+            let acc = |r: usize, c: usize| -> i32 {
+                (0..k)
+                    .map(|i| (a[r * k + i] as i32 - za) * w[c * k + i] as i32)
+                    .sum::<i32>()
+                    + bias[c]
+            };
+            let k4 = words(k);
+            let (at, bt) = (
+                upload(&pack_rows(&a, k, za as i8), &dev),
+                upload(&pack_rows(&w, k, 0), &dev),
+            );
+            let scales: Vec<f32> = (0..n).map(|c| 1e-3 * (1.0 + c as f32)).collect();
+            // Odd channels have power-of-two multipliers, whose products often tie.
+            let mults: Vec<(u32, u32)> = scales
+                .iter()
+                .enumerate()
+                .map(|(c, &s)| {
+                    let m = if c % 2 == 1 {
+                        0.5f64.powi(c as i32 % 3 + 1)
+                    } else {
+                        s as f64 * 0.37
+                    };
+                    multiplier("t", m).unwrap()
+                })
+                .collect();
+            let zy = (rng.next() % 41) as i32 - 20;
+            for manual in [false, true] {
+                // f32 out, without and with relu: one conversion and one product, exact.
+                for act in [None, Some((UnaryOp::Relu, 0.0))] {
+                    let c = upload(
+                        &channel_words(
+                            &folded,
+                            &scales.iter().map(|s| s.to_bits()).collect::<Vec<_>>(),
+                            &vec![0; n],
+                        ),
+                        &dev,
+                    );
+                    let y = qgemm(&at, m, &bt, n, k4, &c, QOut::F32 { act }, manual).unwrap();
+                    let got: Vec<u32> = y.to_vec().unwrap().iter().map(|v| v.to_bits()).collect();
+                    for r in 0..m {
+                        for col in 0..n {
+                            let mut want = acc(r, col) as f32 * scales[col];
+                            if act.is_some() {
+                                want = want.max(0.0);
+                            }
+                            assert_eq!(
+                                got[r * n + col],
+                                want.to_bits(),
+                                "f32 ({m},{n},{k}) [{r},{col}] manual {manual}"
+                            );
+                        }
+                    }
+                }
+                for relu in [false, true] {
+                    let c = upload(
+                        &channel_words(
+                            &folded,
+                            &mults.iter().map(|m| m.0).collect::<Vec<_>>(),
+                            &mults.iter().map(|m| m.1).collect::<Vec<_>>(),
+                        ),
+                        &dev,
+                    );
+                    let y = qgemm(&at, m, &bt, n, k4, &c, QOut::I8 { zy, relu }, manual).unwrap();
+                    let got = read(&y);
+                    let nw = words(n);
+                    for r in 0..m {
+                        for col in 0..nw * 4 {
+                            let byte =
+                                (got[r * nw + col / 4] >> (8 * (col % 4))) as u8 as i8 as i32;
+                            let want = if col < n {
+                                requantize(
+                                    acc(r, col),
+                                    mults[col].0,
+                                    mults[col].1,
+                                    zy,
+                                    if relu { zy } else { -128 },
+                                )
+                            } else {
+                                zy // padding holds the zero point
+                            };
+                            assert_eq!(
+                                byte, want,
+                                "i8 ({m},{n},{k}) [{r},{col}] manual {manual} relu {relu}"
+                            );
+                            if col < n {
+                                let (mu, sh) = mults[col];
+                                let mag = acc(r, col).unsigned_abs() as u64 * mu as u64;
+                                let q = (zy as i64 + (mag >> sh) as i64).abs();
+                                ties +=
+                                    (mag & ((1 << sh) - 1) == 1 << (sh - 1) && q < 120) as usize;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        // Ties reach the requantization, so its half-to-even rule is checked.
+        assert!(ties >= 4, "{ties} ties");
+    }
+
+    #[test]
+    fn quantize_and_dequantize_kernels_match_the_host() {
+        let dev = Device::default_device().unwrap();
+        let q = QParams::asymmetric(-1.3, 2.1).unwrap();
+        let (rows, count) = (3, 7);
+        let x: Vec<f32> = (0..rows * count)
+            .map(|i| (i as f32 * 0.173).sin() * 2.0)
+            .collect();
+        let mut x2 = x.clone();
+        x2[5] = 50.0; // saturates
+        x2[6] = f32::NAN;
+        let t = Tensor::from_slice(&x2, &[rows, count], &dev).unwrap();
+        let words_t = quantize_rows(&t, count, q).unwrap();
+        let got = read(&words_t);
+        let host: Vec<i8> = x2.iter().map(|&v| q.quantize(v)).collect();
+        let want = pack_rows(&host, count, q.zero_point as i8);
+        // Division on the GPU may differ from the host's in the last bit: one step at most.
+        let mut exact = 0;
+        for (g, w) in got.iter().zip(&want) {
+            for i in 0..4 {
+                let (a, b) = ((g >> (8 * i)) as u8 as i8, (w >> (8 * i)) as u8 as i8);
+                assert!((a as i32 - b as i32).abs() <= 1, "{a} vs {b}");
+                exact += (a == b) as usize;
+            }
+        }
+        assert!(exact >= want.len() * 4 - 1, "{exact} exact");
+        let back = dequantize_rows(&words_t, rows, count, q)
+            .unwrap()
+            .to_vec()
+            .unwrap();
+        for (i, (&b, &h)) in back.iter().zip(&host).enumerate() {
+            let want = q.dequantize(h);
+            assert!((b - want).abs() <= q.scale * 1.001, "{i}: {b} vs {want}");
+        }
+        assert!(quantize_rows(&t, 4, q).is_err());
+    }
+}
