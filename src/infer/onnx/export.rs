@@ -849,6 +849,11 @@ impl Ex<'_> {
                 let (lo, hi) = (self.scalar(alpha, dt), self.scalar(beta, dt));
                 self.emit("Clip", vec![x, lo, hi], vec![])
             }
+            UnaryOp::Trunc => {
+                // A cast to an integer rounds toward zero.
+                let i = self.cast(x, elem::INT64);
+                self.cast(i, onnx_type(dt))
+            }
             UnaryOp::Log1p => {
                 let one = self.scalar(1.0, dt);
                 let p = self.emit("Add", vec![x, one], vec![]);

@@ -161,6 +161,89 @@ const TENSOR: i32 = 4;
 const FLOATS: i32 = 6;
 const INTS: i32 = 7;
 
+/// True when a host shape's sizes are kernel-sized and its element count, zero sizes read as
+/// one (so that strides stay small too), is at most `limit`.
+fn host_shape_ok(shape: &[usize], limit: usize) -> bool {
+    shape.len() <= MAX_RANK
+        && shape.iter().all(|&d| d <= u32::MAX as usize)
+        && shape
+            .iter()
+            .try_fold(1usize, |acc, &d| acc.checked_mul(d.max(1)))
+            .is_some_and(|n| n <= limit)
+}
+
+/// True when `d` >= 0 at every batch size N >= 1 (it is linear in N).
+fn at_least_zero(d: Dim) -> bool {
+    ev(d, 1) >= 0 && d.per_batch >= 0
+}
+
+/// True when `d` <= 0 at every batch size N >= 1.
+fn at_most_zero(d: Dim) -> bool {
+    ev(d, 1) <= 0 && d.per_batch <= 0
+}
+
+/// A Slice bound `v` on an axis of size `dim`, clamped as ONNX clamps it (negative counts
+/// from the end, then into [0, dim]), for every batch size; `Err` when the clamping depends on
+/// the batch size in a way a linear size cannot say.
+fn slice_bound(cx: &Ctx, v: Dim, dim: Dim) -> Result<Dim> {
+    const FAR: i64 = u32::MAX as i64;
+    let sub = |a: Dim, b: Dim| dim_op(cx, BinaryOp::Sub, a, b);
+    let ambiguous = || cx.err(format!("slice bound {v:?} on an axis of size {dim:?}"));
+    if v.is_dynamic() {
+        return if at_least_zero(v) && at_least_zero(sub(dim, v)?) {
+            Ok(v)
+        } else {
+            Err(ambiguous())
+        };
+    }
+    if v.fixed <= -FAR {
+        return Ok(int(0));
+    }
+    if v.fixed >= FAR {
+        return Ok(dim);
+    }
+    let from_end = v.fixed < 0;
+    let r = if from_end {
+        dim_op(cx, BinaryOp::Add, dim, v)?
+    } else {
+        v
+    };
+    if at_least_zero(r) && at_least_zero(sub(dim, r)?) {
+        Ok(r)
+    } else if from_end && at_most_zero(r) {
+        Ok(int(0))
+    } else if !from_end && at_most_zero(sub(dim, r)?) {
+        Ok(dim)
+    } else {
+        Err(ambiguous())
+    }
+}
+
+/// Whether a size is non-zero, for every batch size; `Err` when that depends on the batch.
+fn nonzero(cx: &Ctx, d: Dim) -> Result<bool> {
+    always_eq(cx, d, int(0)).map(|eq| !eq)
+}
+
+/// Whether two sizes are equal, for every batch size N >= 1; `Err` when they are equal for
+/// some batch sizes only.
+fn always_eq(cx: &Ctx, a: Dim, b: Dim) -> Result<bool> {
+    if a == b {
+        return Ok(true);
+    }
+    let (per, fixed) = (
+        a.per_batch as i128 - b.per_batch as i128,
+        a.fixed as i128 - b.fixed as i128,
+    );
+    // a - b = per N + fixed vanishes at N = -fixed / per.
+    if per != 0 && fixed % per == 0 && -fixed / per >= 1 {
+        return Err(cx.err(format!(
+            "{a:?} and {b:?} are equal only at batch size {}",
+            -fixed / per
+        )));
+    }
+    Ok(false)
+}
+
 /// An attribute name and the type it must have.
 fn a(name: &'static str, t: i32) -> (&'static str, i32) {
     (name, t)
@@ -228,9 +311,10 @@ fn tensor_data(t: &pb::TensorProto, what: &str) -> Result<(Vec<usize>, Data)> {
         }
         shape.push(usize::try_from(d).map_err(|_| bad(format!("{what}: size {d}")))?);
     }
-    let n = checked_numel(&shape)
-        .filter(|&n| n <= MAX_HOST)
-        .ok_or_else(|| bad(format!("{what} of shape {shape:?} is too large")))?;
+    if !host_shape_ok(&shape, MAX_HOST) {
+        return Err(bad(format!("{what} of shape {shape:?} is too large")));
+    }
+    let n = checked_numel(&shape).unwrap_or(0);
     let raw = t.raw_data.as_deref().filter(|r| !r.is_empty());
     let dt = t.data_type.unwrap_or(0);
     let count_err = |got: usize| {
@@ -328,6 +412,16 @@ struct Importer<'a> {
     /// Constants uploaded for a host value, by its name.
     uploaded: HashMap<String, Src>,
     opset: i64,
+    /// Host values made so far, in elements, and the most allowed (copies of initializers
+    /// and values computed at load).
+    host_elems: usize,
+    host_budget: usize,
+    /// Run-time values that hold integers (as f32): casts to integer types, argmax.
+    ints: std::collections::HashSet<Src>,
+    /// Constants uploaded from integers known at load.
+    int_consts: std::collections::HashSet<usize>,
+    /// Transposed or scaled copies of weights, by initializer name and transform.
+    weights: HashMap<(String, String), (Src, Vec<usize>)>,
 }
 
 /// Builds kiln's graph from a parsed model.
@@ -366,12 +460,28 @@ pub(super) fn import(model: &pb::ModelProto, device: &Device) -> Result<Graph> {
         vals: HashMap::new(),
         uploaded: HashMap::new(),
         opset,
+        host_elems: 0,
+        host_budget: 0,
+        ints: Default::default(),
+        int_consts: Default::default(),
+        weights: HashMap::new(),
     };
+    let mut init_elems = 0usize;
     for t in &graph.initializer {
         let name = t.name().to_string();
         let (shape, data) = tensor_data(t, &format!("initializer {name:?}"))?;
+        init_elems += checked_numel(&shape).unwrap_or(0);
         im.vals.insert(name, Val::Host { shape, data });
     }
+    im.host_budget = init_elems
+        .saturating_mul(4)
+        .saturating_add(MAX_COMPUTED * 16);
+    let read: std::collections::HashSet<&str> = graph
+        .node
+        .iter()
+        .flat_map(|n| n.input.iter().map(String::as_str))
+        .chain(graph.output.iter().map(|o| o.name()))
+        .collect();
     im.inputs(graph)?;
     for (k, node) in graph.node.iter().enumerate() {
         let name = match node.name() {
@@ -388,10 +498,23 @@ pub(super) fn import(model: &pb::ModelProto, device: &Device) -> Result<Graph> {
             d => return Err(cx.err(format!("domain {d:?} is not supported"))),
         }
         let outs = im.node(&cx)?;
+        for v in &outs {
+            if let Val::Host { shape, .. } = v {
+                im.host_elems = im
+                    .host_elems
+                    .saturating_add(checked_numel(shape).unwrap_or(usize::MAX));
+                if im.host_elems > im.host_budget {
+                    return Err(cx.err(format!(
+                        "values computed at load exceed {} elements",
+                        im.host_budget
+                    )));
+                }
+            }
+        }
         if outs.len() < node.output.len() {
             // Extra outputs (a pool's indices, dropout's mask) are fine unless read.
             for extra in &node.output[outs.len()..] {
-                if !extra.is_empty() && reads(graph, extra) {
+                if !extra.is_empty() && read.contains(extra.as_str()) {
                     return Err(cx.err(format!(
                         "output {extra:?} is read, and kiln computes only the first {}",
                         outs.len()
@@ -422,12 +545,6 @@ pub(super) fn import(model: &pb::ModelProto, device: &Device) -> Result<Graph> {
         return Err(bad("the graph has no outputs"));
     }
     Ok(im.g)
-}
-
-/// True when a node or a graph output reads `name`.
-fn reads(g: &pb::GraphProto, name: &str) -> bool {
-    g.node.iter().any(|n| n.input.iter().any(|i| i == name))
-        || g.output.iter().any(|o| o.name() == name)
 }
 
 impl Importer<'_> {
@@ -505,6 +622,12 @@ impl Importer<'_> {
         Ok(())
     }
 
+    fn mark_int(&mut self, v: &Val) {
+        if let Val::Run { src, .. } = v {
+            self.ints.insert(*src);
+        }
+    }
+
     fn get(&self, name: &str) -> Result<Val> {
         self.vals.get(name).cloned().ok_or_else(|| {
             bad(format!(
@@ -521,6 +644,7 @@ impl Importer<'_> {
                 if let Some(&src) = self.uploaded.get(name) {
                     return Ok((src, fixed(&shape)));
                 }
+                let is_int = matches!(data, Data::I(_));
                 let values: Vec<f32> = match data {
                     Data::F(v) => v,
                     Data::I(v) => v
@@ -539,9 +663,35 @@ impl Importer<'_> {
                 };
                 let src = self.add_const(Tensor::from_slice(&values, &shape, self.device)?);
                 self.uploaded.insert(name.to_string(), src);
+                if let (true, Src::Const(k)) = (is_int, src) {
+                    self.int_consts.insert(k);
+                }
                 Ok((src, fixed(&shape)))
             }
         }
+    }
+
+    /// A constant made from initializer `name` by `transform` (named by `key`), made once
+    /// however many nodes read it.
+    fn derived_const(
+        &mut self,
+        name: &str,
+        key: String,
+        transform: impl FnOnce(Vec<usize>, Vec<f32>) -> (Vec<usize>, Vec<f32>),
+    ) -> Option<Result<(Src, Vec<usize>)>> {
+        let k = (name.to_string(), key);
+        if let Some(v) = self.weights.get(&k) {
+            return Some(Ok(v.clone()));
+        }
+        let (shape, values) = self.const_floats(name)?;
+        let (shape, values) = transform(shape, values);
+        let t = match Tensor::from_slice(&values, &shape, self.device) {
+            Ok(t) => t,
+            Err(e) => return Some(Err(e)),
+        };
+        let src = self.add_const(t);
+        self.weights.insert(k, (src, shape.clone()));
+        Some(Ok((src, shape)))
     }
 
     fn add_const(&mut self, t: Tensor) -> Src {
@@ -551,10 +701,11 @@ impl Importer<'_> {
     }
 
     fn shape_of(&self, name: &str) -> Result<Vec<Dim>> {
-        Ok(match self.get(name)? {
-            Val::Run { shape, .. } => shape,
-            Val::Host { shape, .. } => fixed(&shape),
-        })
+        match self.vals.get(name) {
+            Some(Val::Run { shape, .. }) => Ok(shape.clone()),
+            Some(Val::Host { shape, .. }) => Ok(fixed(shape)),
+            None => self.get(name).map(|_| Vec::new()),
+        }
     }
 
     /// A kiln node over `ins`; its shape is checked by the op's shape rule at several batch
@@ -680,11 +831,11 @@ impl Importer<'_> {
                 cx.check_attrs(&[a("value", TENSOR)])?;
                 let dims = self.host_ints(cx, cx.need(0)?)?;
                 let (value, is_int) = match cx.attr("value").and_then(|a| a.t.as_ref()) {
-                    None => (0.0, false),
+                    None => (0.0, None),
                     Some(t) => match tensor_data(t, "the value")?.1 {
-                        Data::F(v) if v.len() == 1 => (v[0], false),
+                        Data::F(v) if v.len() == 1 => (v[0], None),
                         Data::I(v) if v.len() == 1 && !v[0].is_dynamic() => {
-                            (v[0].fixed as f32, true)
+                            (v[0].fixed as f32, Some(v[0]))
                         }
                         _ => return Err(cx.err("value must hold one element")),
                     },
@@ -699,7 +850,7 @@ impl Importer<'_> {
                 }
                 if !small {
                     // Batch-dependent or large: filled on the GPU when the model runs.
-                    if is_int {
+                    if is_int.is_some() {
                         return Err(cx.err("a large or batch-dependent integer tensor"));
                     }
                     let op = OpKind::Full { shape: dims, value };
@@ -707,8 +858,8 @@ impl Importer<'_> {
                 } else {
                     let shape: Vec<usize> = dims.iter().map(|d| d.fixed as usize).collect();
                     let n = checked_numel(&shape).unwrap_or(0);
-                    let data = if is_int {
-                        Data::I(vec![int(value as i64); n])
+                    let data = if let Some(v) = is_int {
+                        Data::I(vec![v; n])
                     } else {
                         Data::F(vec![value; n])
                     };
@@ -718,34 +869,64 @@ impl Importer<'_> {
             "Cast" | "CastLike" => {
                 cx.check_attrs(&[a("to", INT), a("saturate", INT), a("round_mode", STRING)])?;
                 let to = if cx.op == "CastLike" {
-                    // The type of the second input: integers known at load, or float.
-                    match self.get(cx.need(1)?)? {
+                    // The type of the second input: integers known at load or at run time,
+                    // or float.
+                    let like = cx.need(1)?;
+                    match self.get(like)? {
                         Val::Host {
                             data: Data::I(_), ..
                         } => elem::INT64,
+                        Val::Run { src, .. } if self.ints.contains(&src) => elem::INT64,
                         _ => elem::FLOAT,
                     }
                 } else {
                     cx.int("to", 0) as i32
                 };
-                let x = cx.need(0)?;
                 let float = matches!(to, elem::FLOAT | elem::DOUBLE | elem::FLOAT16);
+                // Integer types: wrapping to the type's width on the host.
+                let wrap = |v: i64| -> i64 {
+                    match to {
+                        elem::INT8 => v as i8 as i64,
+                        elem::UINT8 => v as u8 as i64,
+                        4 => v as u16 as i64,
+                        5 => v as i16 as i64,
+                        elem::INT32 => v as i32 as i64,
+                        12 => v as u32 as i64,
+                        _ => v,
+                    }
+                };
+                if !float && !matches!(to, 2..=7 | 9 | 12 | 13) {
+                    return Err(cx.err(format!("cast to element type {to} is not supported")));
+                }
+                let x = cx.need(0)?;
                 match self.get(x)? {
                     Val::Host { shape, data } => Val::Host {
                         shape,
                         data: match (data, float, to) {
                             (Data::F(v), true, _) => Data::F(v),
-                            (Data::I(v), false, elem::BOOL) => {
-                                Data::I(v.iter().map(|d| int((*d != int(0)) as i64)).collect())
-                            }
-                            (Data::I(v), false, _) => Data::I(v),
+                            (Data::I(v), false, elem::BOOL) => Data::I(
+                                v.iter()
+                                    .map(|&d| nonzero(cx, d).map(|b| int(b as i64)))
+                                    .collect::<Result<_>>()?,
+                            ),
+                            (Data::I(v), false, _) => Data::I(
+                                v.iter()
+                                    .map(|&d| {
+                                        if d.is_dynamic() {
+                                            d
+                                        } else {
+                                            int(wrap(d.fixed))
+                                        }
+                                    })
+                                    .collect(),
+                            ),
                             (Data::F(v), false, t) => Data::I(
                                 v.iter()
                                     .map(|&f| {
                                         int(if t == elem::BOOL {
                                             (f != 0.0) as i64
                                         } else {
-                                            f as i64
+                                            wrap(f as i64)
                                         })
                                     })
                                     .collect(),
@@ -772,14 +953,17 @@ impl Importer<'_> {
                         };
                         self.emit1(cx, op, x)?
                     }
-                    // Integers computed at run time are held as f32 (exact to 2^24).
+                    // Integers computed at run time are held as f32 (exact to 2^24), rounded
+                    // toward zero as a cast does.
                     Val::Run { .. } => {
                         let op = OpKind::Unary {
                             op: UnaryOp::Trunc,
                             alpha: 0.0,
                             beta: 0.0,
                         };
-                        self.emit1(cx, op, x)?
+                        let v = self.emit1(cx, op, x)?;
+                        self.mark_int(&v);
+                        v
                     }
                 }
             }
@@ -799,7 +983,12 @@ impl Importer<'_> {
                 cx.check_attrs(&[a("axis", INT)])?;
                 let x = cx.need(0)?;
                 let s = self.shape_of(x)?;
-                let axis = norm_axis(cx, cx.int("axis", 1), s.len() + 1)?;
+                let (r, v) = (s.len() as i64, cx.int("axis", 1));
+                let axis = if v < 0 { v + r } else { v };
+                if !(0..=r).contains(&axis) {
+                    return Err(cx.err(format!("axis {v} is out of range for rank {r}")));
+                }
+                let axis = axis as usize;
                 let shape = vec![product(cx, &s[..axis])?, product(cx, &s[axis..])?];
                 self.reshape(cx, x, shape)?
             }
@@ -812,6 +1001,9 @@ impl Importer<'_> {
                 };
                 let mut s = self.shape_of(x)?;
                 let rank = s.len() + axes.len();
+                if rank > MAX_RANK {
+                    return Err(cx.err(format!("rank {rank} exceeds {MAX_RANK}")));
+                }
                 let mut axes = axes
                     .iter()
                     .map(|&v| norm_axis(cx, v, rank))
@@ -834,7 +1026,15 @@ impl Importer<'_> {
                     None => cx.ints("axes"),
                 };
                 let keep: Vec<Dim> = match axes {
-                    None => s.iter().copied().filter(|&d| d != Dim::fixed(1)).collect(),
+                    None => {
+                        let mut keep = Vec::with_capacity(s.len());
+                        for &d in &s {
+                            if !always_eq(cx, d, Dim::fixed(1))? {
+                                keep.push(d);
+                            }
+                        }
+                        keep
+                    }
                     Some(axes) => {
                         let axes = axes
                             .iter()
@@ -917,7 +1117,10 @@ impl Importer<'_> {
             }
             "Concat" => {
                 cx.check_attrs(&[a("axis", INT)])?;
-                let axis = cx.int("axis", 0);
+                let axis = cx
+                    .attr("axis")
+                    .and_then(|a| a.i)
+                    .ok_or_else(|| cx.err("needs the axis attribute"))?;
                 let names: Vec<&str> = cx.node.input.iter().map(String::as_str).collect();
                 if names.is_empty() || names.iter().any(|n| n.is_empty()) {
                     return Err(cx.err("needs one or more inputs"));
@@ -994,7 +1197,11 @@ impl Importer<'_> {
                         data: Data::I(v),
                     } => Val::Host {
                         shape,
-                        data: Data::I(v.iter().map(|d| int((*d == int(0)) as i64)).collect()),
+                        data: Data::I(
+                            v.iter()
+                                .map(|&d| nonzero(cx, d).map(|b| int(!b as i64)))
+                                .collect::<Result<_>>()?,
+                        ),
                     },
                     _ => {
                         let op = OpKind::BinaryScalar {
@@ -1075,8 +1282,8 @@ impl Importer<'_> {
                 };
                 let op = OpKind::Unary {
                     op: UnaryOp::Clamp,
-                    alpha: bound(1, "min", f32::MIN)?,
-                    beta: bound(2, "max", f32::MAX)?,
+                    alpha: bound(1, "min", f32::NEG_INFINITY)?,
+                    beta: bound(2, "max", f32::INFINITY)?,
                 };
                 self.emit1(cx, op, cx.need(0)?)?
             }
@@ -1121,7 +1328,9 @@ impl Importer<'_> {
                     correction: 0.0,
                 };
                 // The indices are f32 values, as every run-time integer in kiln's graph.
-                self.emit1(cx, op, x)?
+                let v = self.emit1(cx, op, x)?;
+                self.mark_int(&v);
+                v
             }
             "GatherElements" => {
                 cx.check_attrs(&[a("axis", INT)])?;
@@ -1147,12 +1356,16 @@ impl Importer<'_> {
             "MatMul" => {
                 cx.check_attrs(&[])?;
                 let (x, w) = (cx.need(0)?, cx.need(1)?);
-                match self.const_floats(w) {
+                let w2 = matches!(self.vals.get(w), Some(Val::Host { shape, data: Data::F(_) }) if shape.len() == 2);
+                match w2 && !self.shape_of(x)?.is_empty() {
                     // x @ W with a constant 2-D W: the linear kernel, reading W^T.
-                    Some((s, v)) if s.len() == 2 && !self.shape_of(x)?.is_empty() => {
-                        let wt = transpose2(&v, s[0], s[1]);
-                        let wt =
-                            self.add_const(Tensor::from_slice(&wt, &[s[1], s[0]], self.device)?);
+                    true => {
+                        let (wt, s) = self
+                            .derived_const(w, "transposed".into(), |s, v| {
+                                (vec![s[1], s[0]], transpose2(&v, s[0], s[1]))
+                            })
+                            .ok_or_else(|| cx.err("internal: the weight is not a constant"))??;
+                        let s = [s[1], s[0]];
                         let x = self.upload(x)?;
                         let op = OpKind::Linear {
                             bias: false,
@@ -1160,7 +1373,7 @@ impl Importer<'_> {
                         };
                         self.emit(cx, op, vec![x, (wt, fixed(&[s[1], s[0]]))])?
                     }
-                    _ => {
+                    false => {
                         let ins = vec![self.upload(x)?, self.upload(w)?];
                         self.emit(cx, OpKind::Matmul, ins)?
                     }
@@ -1370,7 +1583,7 @@ impl Importer<'_> {
                         }
                     })
                     .collect::<Result<Vec<_>>>()?;
-                if checked_numel(&s) != checked_numel(&old) {
+                if checked_numel(&s) != checked_numel(&old) || !host_shape_ok(&s, MAX_HOST) {
                     return Err(cx.err(format!("cannot view {old:?} as {s:?}")));
                 }
                 Ok(Val::Host { shape: s, data })
@@ -1396,6 +1609,11 @@ impl Importer<'_> {
                     }
                     let total = d.fixed;
                     let parts = outs as i64;
+                    if self.opset < 18 && total % parts != 0 {
+                        return Err(cx.err(format!(
+                            "{total} does not split evenly into {parts} outputs"
+                        )));
+                    }
                     let each = total / parts + (total % parts != 0) as i64;
                     (0..parts)
                         .map(|k| int(total.saturating_sub(k.saturating_mul(each)).clamp(0, each)))
@@ -1471,19 +1689,19 @@ impl Importer<'_> {
                 return Err(cx.err(format!("axis {axis} sliced twice")));
             }
             seen.push(axis);
-            // ONNX's clamping, at each probe batch size, then fitted.
-            let mut b = [0i128; 3];
-            let mut l = [0i128; 3];
-            for (j, n) in PROBES.into_iter().enumerate() {
-                let dim = ev(s[axis], n);
-                let clampi = |v: i128| (if v < 0 { v + dim } else { v }).clamp(0, dim);
-                let (st, en) = (clampi(ev(starts[k], n)), clampi(ev(ends[k], n)));
-                b[j] = st;
-                l[j] = (en - st).max(0);
-            }
-            let (start, len) = match (fit(b), fit(l)) {
-                (Some(b), Some(l)) => (b, l),
-                _ => return Err(cx.err("slice bounds are not linear in the batch size")),
+            // ONNX's clamping, resolved for every batch size N >= 1.
+            let dim = s[axis];
+            let start = slice_bound(cx, starts[k], dim)?;
+            let end = slice_bound(cx, ends[k], dim)?;
+            let diff = dim_op(cx, BinaryOp::Sub, end, start)?;
+            let len = if at_least_zero(diff) {
+                diff
+            } else if at_most_zero(diff) {
+                int(0)
+            } else {
+                return Err(cx.err(format!(
+                    "the slice [{start:?}, {end:?}) is empty for some batch sizes only"
+                )));
             };
             cur = match cur {
                 Val::Host { shape, data } => {
@@ -1661,32 +1879,71 @@ impl Importer<'_> {
     /// `a op b` with a run-time operand: a one-element constant of no higher rank than the
     /// other side becomes the kernel's scalar.
     fn binary_run(&mut self, cx: &Ctx, op: BinaryOp, a: (Src, Vec<Dim>), b: &str) -> Result<Val> {
+        let b_int = match self.vals.get(b) {
+            Some(Val::Host { data, .. }) => matches!(data, Data::I(_)),
+            Some(Val::Run { src, .. }) => self.ints.contains(src),
+            None => false,
+        };
+        let a_int = self.ints.contains(&a.0)
+            || matches!(a.0, Src::Const(k) if self.int_consts.contains(&k));
+        let ints = a_int && b_int;
         let b_shape = self.shape_of(b)?;
         if let Some(s) = self.const_scalar(b) {
             if b_shape.len() <= a.1.len() {
-                let op = OpKind::BinaryScalar {
+                let op2 = OpKind::BinaryScalar {
                     op,
                     scalar: s,
                     left: false,
                 };
-                return self.emit(cx, op, vec![a]);
+                let y = self.emit(cx, op2, vec![a])?;
+                return self.int_result(cx, op, ints, y);
             }
         }
         if let Src::Const(k) = a.0 {
             // The constant on the left: a scalar kernel with the scalar first.
             let host = self.g.consts[k].numel() == 1 && a.1.len() <= b_shape.len();
-            if host && matches!(self.get(b)?, Val::Run { .. }) {
+            if host && matches!(self.vals.get(b), Some(Val::Run { .. })) {
                 let s = self.g.consts[k].to_vec()?[0];
-                let op = OpKind::BinaryScalar {
+                let op2 = OpKind::BinaryScalar {
                     op,
                     scalar: s,
                     left: true,
                 };
-                return self.emit1(cx, op, b);
+                let y = self.emit1(cx, op2, b)?;
+                return self.int_result(cx, op, ints, y);
             }
         }
         let b = self.upload(b)?;
-        self.emit(cx, OpKind::Binary { op }, vec![a, b])
+        let y = self.emit(cx, OpKind::Binary { op }, vec![a, b])?;
+        self.int_result(cx, op, ints, y)
+    }
+
+    /// The result of `op` on two integer operands: integer (division truncates toward zero,
+    /// as ONNX's integer division does).
+    fn int_result(&mut self, cx: &Ctx, op: BinaryOp, ints: bool, y: Val) -> Result<Val> {
+        if !ints
+            || !matches!(
+                op,
+                BinaryOp::Add | BinaryOp::Sub | BinaryOp::Mul | BinaryOp::Div
+            )
+        {
+            return Ok(y);
+        }
+        let y = if op == BinaryOp::Div {
+            let Val::Run { src, shape } = y else {
+                return Ok(y);
+            };
+            let t = OpKind::Unary {
+                op: UnaryOp::Trunc,
+                alpha: 0.0,
+                beta: 0.0,
+            };
+            self.emit(cx, t, vec![(src, shape)])?
+        } else {
+            y
+        };
+        self.mark_int(&y);
+        Ok(y)
     }
 
     fn reduce(&mut self, cx: &Ctx) -> Result<Val> {
@@ -1753,22 +2010,25 @@ impl Importer<'_> {
             }
             None => None,
         };
-        let (ws, wv) = self
-            .const_floats(bn)
-            .ok_or_else(|| cx.err("B must be a constant (known at load time)"))?;
-        if ws.len() != 2 {
-            return Err(cx.err(format!("B must be 2-D, got {ws:?}")));
+        match self.vals.get(bn) {
+            Some(Val::Host {
+                shape,
+                data: Data::F(_),
+            }) if shape.len() == 2 => {}
+            _ => return Err(cx.err("B must be a 2-D float constant (known at load time)")),
         }
-        // The linear kernel reads W as (out, in).
-        let (out, inp, mut w) = if tb {
-            (ws[0], ws[1], wv)
-        } else {
-            (ws[1], ws[0], transpose2(&wv, ws[0], ws[1]))
-        };
-        if alpha != 1.0 {
-            w.iter_mut().for_each(|e| *e *= alpha);
-        }
-        let wsrc = self.add_const(Tensor::from_slice(&w, &[out, inp], self.device)?);
+        // The linear kernel reads W as (out, in), alpha folded in.
+        let (wsrc, ws) = self
+            .derived_const(bn, format!("gemm {tb} {alpha}"), |s, v| {
+                let mut w = if tb { v } else { transpose2(&v, s[0], s[1]) };
+                if alpha != 1.0 {
+                    w.iter_mut().for_each(|e| *e *= alpha);
+                }
+                let shape = if tb { s } else { vec![s[1], s[0]] };
+                (shape, w)
+            })
+            .ok_or_else(|| cx.err("internal: B is not a constant"))??;
+        let (out, inp) = (ws[0], ws[1]);
         let mut ins = vec![x, (wsrc, fixed(&[out, inp]))];
         let mut extra_bias = None;
         if let Some((shape, v)) = bias {
@@ -1828,7 +2088,9 @@ impl Importer<'_> {
             (None, Some(w)) => w,
             (None, None) => return Err(cx.err("needs kernel_shape")),
         };
+        let valid = cx.string("auto_pad").as_deref() == Some("VALID");
         let pads = match cx.ints("pads") {
+            _ if valid => [0, 0],
             None => [0, 0],
             Some(p) if p.len() == 4 && p.iter().all(|&e| e >= 0 && e <= u32::MAX as i64) => {
                 if p[0] != p[2] || p[1] != p[3] {
@@ -2125,7 +2387,10 @@ fn host_concat(cx: &Ctx, vals: &[Val], axis: i64) -> Result<Val> {
                 parts[0].0
             )));
         }
-        out_shape[ax] += s[ax];
+        out_shape[ax] = out_shape[ax].saturating_add(s[ax]);
+    }
+    if !host_shape_ok(&out_shape, MAX_COMPUTED) {
+        return Err(cx.err(format!("{out_shape:?} is too large to compute at load")));
     }
     let outer: usize = out_shape[..ax].iter().product();
     let mut out = Vec::new();
@@ -2304,8 +2569,8 @@ fn dim_op(cx: &Ctx, op: BinaryOp, a: Dim, b: Dim) -> Result<Dim> {
                 fixed: a.fixed.checked_div(k).ok_or_else(overflow)?,
             })
         }
-        BinaryOp::Eq => flag(a == b),
-        BinaryOp::Ne => flag(a != b),
+        BinaryOp::Eq => flag(always_eq(cx, a, b)?),
+        BinaryOp::Ne => flag(!always_eq(cx, a, b)?),
         _ if known(a, b) => match op {
             BinaryOp::Lt => flag(a.fixed < b.fixed),
             BinaryOp::Le => flag(a.fixed <= b.fixed),
@@ -2329,10 +2594,11 @@ fn host_where(cx: &Ctx, vals: &[Val]) -> Result<Val> {
         .collect::<Result<_>>()?;
     let shapes: Vec<&[usize]> = parts.iter().map(|(s, _)| s.as_slice()).collect();
     let (shape, maps) = broadcast_index(cx, &shapes)?;
-    let truth = |i: usize| match parts[0].1 {
-        Data::F(v) => v[i] != 0.0,
-        Data::I(v) => v[i] != int(0),
+    let truth: Vec<bool> = match parts[0].1 {
+        Data::F(v) => v.iter().map(|&f| f != 0.0).collect(),
+        Data::I(v) => v.iter().map(|&d| nonzero(cx, d)).collect::<Result<_>>()?,
     };
+    let truth = |i: usize| truth[i];
     let data = match (parts[1].1, parts[2].1) {
         (Data::I(x), Data::I(y)) => Data::I(
             (0..maps[0].len())
@@ -2422,6 +2688,40 @@ mod tests {
     }
 
     #[test]
+    fn slice_bounds_clamp_for_every_batch_size() {
+        with_cx(|cx| {
+            let two_n = Dim {
+                per_batch: 2,
+                fixed: 0,
+            };
+            // To the end, from the end, and the usual INT64 extremes.
+            assert_eq!(slice_bound(cx, int(i64::MAX), N).unwrap(), N);
+            assert_eq!(slice_bound(cx, int(i64::MIN), N).unwrap(), int(0));
+            assert_eq!(
+                slice_bound(cx, int(-1), two_n).unwrap(),
+                Dim {
+                    per_batch: 2,
+                    fixed: -1
+                }
+            );
+            assert_eq!(slice_bound(cx, int(1), two_n).unwrap(), int(1));
+            // A fixed end of 100 on an axis of N rows: 100 for large batches, N for small.
+            assert!(slice_bound(cx, int(100), N).is_err());
+            assert!(slice_bound(cx, int(-3), N).is_err());
+            assert_eq!(
+                slice_bound(cx, int(7), Dim::fixed(5)).unwrap(),
+                Dim::fixed(5)
+            );
+            assert_eq!(slice_bound(cx, int(-9), Dim::fixed(5)).unwrap(), int(0));
+            // Sizes equal at some batch sizes only are refused, not guessed.
+            assert!(always_eq(cx, N, Dim::fixed(1)).is_err());
+            assert!(!always_eq(cx, two_n, Dim::fixed(1)).unwrap());
+            assert!(always_eq(cx, N, N).unwrap());
+            assert!(dim_op(cx, BinaryOp::Eq, N, Dim::fixed(3)).is_err());
+        });
+    }
+
+    #[test]
     fn reshape_targets_resolve_zero_and_minus_one() {
         with_cx(|cx| {
             let im = Importer {
@@ -2436,6 +2736,11 @@ mod tests {
                 vals: HashMap::new(),
                 uploaded: HashMap::new(),
                 opset: 17,
+                host_elems: 0,
+                host_budget: 0,
+                ints: Default::default(),
+                int_consts: Default::default(),
+                weights: HashMap::new(),
             };
             let input = [N, Dim::fixed(6), Dim::fixed(4)];
             // [0, -1]: the batch copied, the rest inferred.
