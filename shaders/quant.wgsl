@@ -8,6 +8,9 @@
 //                   words: saturate(round_half_even(x / scale) + zp), padding = zp
 //   dequantize_fwd: a (0) = q, (rows, k4) words; out (3) = scale * (q - zp), f32 bits,
 //                   (rows, count)
+//   quantize_im2col_fwd: a (0) = x, f32 bits, (n, c, h, w); out (3) = the quantized patch
+//                   rows of a convolution, (n * oh * ow, k4) words over k = c * kh * kw in the
+//                   weight's (c, ky, kx) order; taps in the padding hold zp (the real 0)
 //   qgemm_fwd:      a (0) = activations (m, k4) words; b (1) = weights (n, k4) words;
 //                   c (2) = per output channel, 3 words: the i32 bias (with the zero-point
 //                   correction folded in), then the f32 scale (mode 0) or the requantization
@@ -38,7 +41,24 @@ struct Params {
     zp: i32,
     count: u32,
     rows: u32,
-    _pad: u32,
+    // Convolution geometry (quantize_im2col_fwd), and the output layout of qgemm_fwd:
+    // ohw = 0 writes (m, n) rows; ohw > 0 writes (m / ohw, n, ohw), a convolution's NCHW.
+    ohw: u32,
+    c: u32,
+    h: u32,
+    w: u32,
+    oh: u32,
+    ow: u32,
+    kh: u32,
+    kw: u32,
+    sh: u32,
+    sw: u32,
+    ph: u32,
+    pw: u32,
+    dh: u32,
+    dw: u32,
+    _pad0: u32,
+    _pad1: u32,
 }
 
 @group(0) @binding(0) var<storage, read> a: array<u32>;
@@ -105,6 +125,41 @@ fn dequantize_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups
     let col = t % p.count;
     let q = sbyte(a[row * p.k4 + col / 4u], col % 4u);
     out[t] = bitcast<u32>(p.scale * f32(q - p.zp));
+}
+
+@compute @workgroup_size(256)
+fn quantize_im2col_fwd(@builtin(workgroup_id) wid: vec3<u32>,
+                       @builtin(num_workgroups) nwg: vec3<u32>,
+                       @builtin(local_invocation_id) lid: vec3<u32>) {
+    let t = (wid.y * nwg.x + wid.x) * 256u + lid.x;
+    if (t >= p.rows * p.k4) {
+        return;
+    }
+    let row = t / p.k4;
+    let word = t % p.k4;
+    let ox = row % p.ow;
+    let oy = (row / p.ow) % p.oh;
+    let b = row / (p.ow * p.oh);
+    let taps = p.kh * p.kw;
+    var packed = 0u;
+    for (var i = 0u; i < 4u; i += 1u) {
+        let kk = word * 4u + i;
+        var q = p.zp;
+        if (kk < p.count) {
+            let ch = kk / taps;
+            let ky = (kk % taps) / p.kw;
+            let kx = kk % p.kw;
+            // Unsigned wrap-around puts positions left of or above the image out of range.
+            let iy = oy * p.sh + ky * p.dh - p.ph;
+            let ix = ox * p.sw + kx * p.dw - p.pw;
+            if (oy * p.sh + ky * p.dh >= p.ph && ox * p.sw + kx * p.dw >= p.pw && iy < p.h
+                && ix < p.w) {
+                q = quantize_one(bitcast<f32>(a[((b * p.c + ch) * p.h + iy) * p.w + ix]));
+            }
+        }
+        packed |= (bitcast<u32>(q) & 0xffu) << (8u * i);
+    }
+    out[t] = packed;
 }
 
 // The 64-bit product of a and m as (low word, high word).
@@ -193,7 +248,11 @@ fn qgemm_fwd(@builtin(global_invocation_id) gid: vec3<u32>) {
                     if (p.act_on != 0u) {
                         y = unary_op(p.act, y, p.alpha, 0.0);
                     }
-                    out[r * p.n_words + col] = bitcast<u32>(y);
+                    if (p.ohw == 0u) {
+                        out[r * p.n_words + col] = bitcast<u32>(y);
+                    } else {
+                        out[((r / p.ohw) * p.n + col) * p.ohw + r % p.ohw] = bitcast<u32>(y);
+                    }
                 } else {
                     q = requantize(total, c[col * 3u + 1u], c[col * 3u + 2u]);
                 }

@@ -167,7 +167,10 @@ fn kiln_onnx_kiln_round_trips() {
     // gives the same outputs.
     let again = InferenceModel::from_onnx_bytes(&back.to_onnx_bytes().unwrap(), &d).unwrap();
     let x = tokens(3, 8, &d);
-    let (a, b) = (back.predict(&x).unwrap().to_vec().unwrap(), again.predict(&x).unwrap());
+    let (a, b) = (
+        back.predict(&x).unwrap().to_vec().unwrap(),
+        again.predict(&x).unwrap(),
+    );
     let a: Vec<f64> = a.iter().map(|&v| v as f64).collect();
     assert!(bound_ratio(&b.to_vec().unwrap(), &a) <= 1.0);
     assert!(back.describe().contains("Trunc"), "{}", back.describe());

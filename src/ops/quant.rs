@@ -32,7 +32,22 @@ pub(crate) struct QuantParams {
     pub zp: i32,
     pub count: u32,
     pub rows: u32,
-    pub _pad: u32,
+    pub ohw: u32,
+    pub c: u32,
+    pub h: u32,
+    pub w: u32,
+    pub oh: u32,
+    pub ow: u32,
+    pub kh: u32,
+    pub kw: u32,
+    pub sh: u32,
+    pub sw: u32,
+    pub ph: u32,
+    pub pw: u32,
+    pub dh: u32,
+    pub dw: u32,
+    pub _pad0: u32,
+    pub _pad1: u32,
 }
 
 /// Words per row of `count` int8 values.
@@ -128,6 +143,54 @@ pub(crate) fn quantize_rows(x: &Tensor, count: usize, q: QParams) -> Result<Tens
     Ok(out)
 }
 
+/// The quantized patch rows of a convolution of `x` (f32 NCHW, contiguous) with geometry
+/// `g` (groups 1): `(n * oh * ow, words(c * kh * kw))` words, padding taps at the zero point.
+pub(crate) fn quantize_im2col(
+    x: &Tensor,
+    g: &crate::ops::conv::ConvGeometry,
+    q: QParams,
+) -> Result<Tensor> {
+    const OP: &str = "quantize_im2col";
+    if g.groups != 1 || x.dims() != [g.n, g.c_in, g.h, g.w] {
+        return Err(Error::shape(OP, format!("input {:?} for {g:?}", x.dims())));
+    }
+    let x = x.contiguous()?;
+    let count = g.c_in * g.k[0] * g.k[1];
+    let rows = g.n * g.oh * g.ow;
+    let k4 = words(count);
+    let out = word_tensor(OP, rows * k4, x.device())?;
+    let u = |v: usize| v as u32;
+    let p = QuantParams {
+        scale: q.scale,
+        zp: q.zero_point,
+        count: u(count),
+        rows: u(rows),
+        k4: u(k4),
+        c: u(g.c_in),
+        h: u(g.h),
+        w: u(g.w),
+        oh: u(g.oh),
+        ow: u(g.ow),
+        kh: u(g.k[0]),
+        kw: u(g.k[1]),
+        sh: u(g.stride[0]),
+        sw: u(g.stride[1]),
+        ph: u(g.padding[0]),
+        pw: u(g.padding[1]),
+        dh: u(g.dilation[0]),
+        dw: u(g.dilation[1]),
+        ..Default::default()
+    };
+    x.device().dispatch(
+        Kernel::QuantizeIm2colFwd,
+        &[x.buffer()],
+        out.buffer(),
+        bytemuck::bytes_of(&p),
+        grid(rows * k4, 256),
+    );
+    Ok(out)
+}
+
 /// Int8 words `(rows, words(count))` back to f32 `(rows, count)`.
 pub(crate) fn dequantize_rows(q: &Tensor, rows: usize, count: usize, p: QParams) -> Result<Tensor> {
     const OP: &str = "dequantize";
@@ -169,6 +232,8 @@ pub(crate) enum QOut {
 /// The integer product of int8 activations `a` (m rows of `k4` words) and weights `b` (n rows
 /// of `k4` words) with per-channel data `c` (3 words a channel, see `shaders/quant.wgsl`).
 /// `manual` computes the dot products without the built-in.
+/// With `ohw` > 0 (f32 output only), rows are a convolution's output positions and the
+/// result is written as `(m / ohw, n, ohw)`, NCHW.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn qgemm(
     a: &Tensor,
@@ -179,6 +244,7 @@ pub(crate) fn qgemm(
     c: &Tensor,
     out: QOut,
     manual: bool,
+    ohw: usize,
 ) -> Result<Tensor> {
     const OP: &str = "qgemm";
     if a.numel() < m * k4 || b.numel() < n * k4 || c.numel() < n * 3 || k4 == 0 {
@@ -212,8 +278,15 @@ pub(crate) fn qgemm(
         zy,
         lo,
         manual: manual as u32,
+        ohw: ohw as u32,
         ..Default::default()
     };
+    if ohw > 0 && (!matches!(out, QOut::F32 { .. }) || !m.is_multiple_of(ohw)) {
+        return Err(Error::invalid(
+            OP,
+            format!("NCHW output of {m} rows by {ohw}"),
+        ));
+    }
     let groups = [
         (words(n) as u32).div_ceil(8),
         (words(m) as u32).div_ceil(8),
@@ -373,7 +446,7 @@ mod tests {
                         ),
                         &dev,
                     );
-                    let y = qgemm(&at, m, &bt, n, k4, &c, QOut::F32 { act }, manual).unwrap();
+                    let y = qgemm(&at, m, &bt, n, k4, &c, QOut::F32 { act }, manual, 0).unwrap();
                     let got: Vec<u32> = y.to_vec().unwrap().iter().map(|v| v.to_bits()).collect();
                     for r in 0..m {
                         for col in 0..n {
@@ -398,7 +471,8 @@ mod tests {
                         ),
                         &dev,
                     );
-                    let y = qgemm(&at, m, &bt, n, k4, &c, QOut::I8 { zy, relu }, manual).unwrap();
+                    let y =
+                        qgemm(&at, m, &bt, n, k4, &c, QOut::I8 { zy, relu }, manual, 0).unwrap();
                     let got = read(&y);
                     let nw = words(n);
                     for r in 0..m {
@@ -434,6 +508,91 @@ mod tests {
         }
         // Ties reach the requantization, so its half-to-even rule is checked.
         assert!(ties >= 4, "{ties} ties");
+    }
+
+    /// A quantized convolution (patch rows, then the integer product written as NCHW) equals
+    /// an integer convolution on the CPU bit for bit, padding, stride and dilation included.
+    #[test]
+    fn quantized_convolution_equals_the_integer_reference() {
+        use crate::ops::conv::conv2d_geometry;
+        let dev = Device::default_device().unwrap();
+        let mut rng = Lcg(11);
+        // Inputs on the quantization grid (a power-of-two scale), so quantizing is exact.
+        let q = QParams {
+            scale: 0.25,
+            zero_point: 3,
+        };
+        for (n, c, h, w, co, k, stride, pad, dil) in [
+            (1, 1, 5, 5, 1, 3, 1, 1, 1),
+            (2, 3, 7, 6, 5, 3, 2, 1, 1),
+            (3, 5, 6, 9, 4, 2, 1, 0, 2),
+            (2, 16, 8, 8, 32, 3, 1, 1, 1),
+        ] {
+            let xq: Vec<i32> = (0..n * c * h * w)
+                .map(|_| (rng.next() % 256) as i32 - 128)
+                .collect();
+            let x: Vec<f32> = xq.iter().map(|&v| q.dequantize(v as i8)).collect();
+            let kk = c * k * k;
+            let wq: Vec<i8> = (0..co * kk).map(|_| rng.i8()).collect();
+            let opts = crate::Conv2dOptions {
+                stride: [stride; 2],
+                padding: [pad; 2],
+                dilation: [dil; 2],
+                groups: 1,
+            };
+            let g = conv2d_geometry(&[n, c, h, w], &[co, c, k, k], &opts).unwrap();
+            let xt = Tensor::from_slice(&x, &[n, c, h, w], &dev).unwrap();
+            let patches = quantize_im2col(&xt, &g, q).unwrap();
+            let wsum: Vec<i32> = (0..co)
+                .map(|o| wq[o * kk..(o + 1) * kk].iter().map(|&v| v as i32).sum())
+                .collect();
+            let folded: Vec<i32> = wsum.iter().map(|s| -q.zero_point * s).collect();
+            let scales: Vec<u32> = (0..co).map(|o| (0.5f32 + o as f32).to_bits()).collect();
+            let ch = upload(&channel_words(&folded, &scales, &vec![0; co]), &dev);
+            let wt = upload(&pack_rows(&wq, kk, 0), &dev);
+            let ohw = g.oh * g.ow;
+            let y = qgemm(
+                &patches,
+                n * ohw,
+                &wt,
+                co,
+                words(kk),
+                &ch,
+                QOut::F32 { act: None },
+                false,
+                ohw,
+            )
+            .unwrap()
+            .to_vec()
+            .unwrap();
+            for b in 0..n {
+                for o in 0..co {
+                    for oy in 0..g.oh {
+                        for ox in 0..g.ow {
+                            let mut acc = 0i32;
+                            for ci in 0..c {
+                                for ky in 0..k {
+                                    for kx in 0..k {
+                                        let iy = (oy * stride + ky * dil) as i64 - pad as i64;
+                                        let ix = (ox * stride + kx * dil) as i64 - pad as i64;
+                                        if iy < 0 || ix < 0 || iy >= h as i64 || ix >= w as i64 {
+                                            continue; // the real 0 contributes nothing
+                                        }
+                                        let xv =
+                                            xq[((b * c + ci) * h + iy as usize) * w + ix as usize];
+                                        acc += (xv - q.zero_point)
+                                            * wq[o * kk + (ci * k + ky) * k + kx] as i32;
+                                    }
+                                }
+                            }
+                            let want = acc as f32 * f32::from_bits(scales[o]);
+                            let got = y[((b * co + o) * g.oh + oy) * g.ow + ox];
+                            assert_eq!(got.to_bits(), want.to_bits(), "{g:?} at {b},{o},{oy},{ox}");
+                        }
+                    }
+                }
+            }
+        }
     }
 
     #[test]
