@@ -175,6 +175,21 @@ fn op_json(op: &OpKind) -> Value {
         }
         OpKind::Full { shape, value } => json!({ "shape": dims_json(shape), "value": num(*value) }),
         OpKind::Cast { to } => json!({ "to": to.name() }),
+        OpKind::QuantizeRows { scale, zero_point } => {
+            json!({ "scale": num(*scale), "zero_point": zero_point })
+        }
+        OpKind::QuantizeIm2col {
+            scale,
+            zero_point,
+            kernel,
+            opts,
+        } => json!({
+            "scale": num(*scale), "zero_point": zero_point, "kernel": kernel,
+            "stride": opts.stride, "padding": opts.padding, "dilation": opts.dilation
+        }),
+        OpKind::QGemm { n, act, spatial } => {
+            json!({ "n": n, "act": act_json(act), "spatial": spatial })
+        }
     };
     v["op"] = json!(op.name());
     v
@@ -421,12 +436,23 @@ fn check_graph(g: &Graph, consts: &[(Vec<usize>, DType)]) -> Result<()> {
                     node.dtype.name()
                 )));
             }
-            if !is_cast && d != node.dtype {
+            let want = node.op.operand_dtype(node.dtype);
+            if !is_cast && d != want {
                 return Err(bad(format!(
                     "node {i} ({}) is {} but reads an {} operand",
                     node.op.name(),
                     node.dtype.name(),
                     d.name()
+                )));
+            }
+        }
+        if let Some(out) = node.op.output_dtype() {
+            if node.dtype != out {
+                return Err(bad(format!(
+                    "node {i} ({}) gives {}, not {}",
+                    node.op.name(),
+                    out.name(),
+                    node.dtype.name()
                 )));
             }
         }
@@ -639,6 +665,7 @@ fn dtype(v: &Value, what: &str) -> Result<DType> {
     match v.as_str() {
         Some("f32") => Ok(DType::F32),
         Some("f16") => Ok(DType::F16),
+        Some("i32") => Ok(DType::I32),
         _ => Err(bad(format!("{what}: unknown element type {v}"))),
     }
 }
@@ -790,6 +817,29 @@ fn parse_op(v: &Value, what: &str) -> Result<OpKind> {
         "full" => OpKind::Full {
             shape: dims(f("shape")?, what)?,
             value: float(f("value")?, what)?,
+        },
+        "quantize_rows" => OpKind::QuantizeRows {
+            scale: float(f("scale")?, what)?,
+            zero_point: int(f("zero_point")?, what)?.clamp(i32::MIN as i64, i32::MAX as i64) as i32,
+        },
+        "quantize_im2col" => OpKind::QuantizeIm2col {
+            scale: float(f("scale")?, what)?,
+            zero_point: int(f("zero_point")?, what)?.clamp(i32::MIN as i64, i32::MAX as i64) as i32,
+            kernel: pair(f("kernel")?, what)?,
+            opts: Conv2dOptions {
+                stride: pair(f("stride")?, what)?,
+                padding: pair(f("padding")?, what)?,
+                dilation: pair(f("dilation")?, what)?,
+                groups: 1,
+            },
+        },
+        "qgemm" => OpKind::QGemm {
+            n: uint(f("n")?, what)?,
+            act: act(f("act")?, what)?,
+            spatial: match f("spatial")? {
+                Value::Null => None,
+                other => Some(pair(other, what)?),
+            },
         },
         "cast" => OpKind::Cast {
             to: dtype(f("to")?, what)?,

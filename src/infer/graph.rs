@@ -175,6 +175,26 @@ pub(crate) enum OpKind {
     Cast {
         to: DType,
     },
+    /// Int8 quantization of rows along the last axis, into packed words `(rows, k4)` (I32).
+    QuantizeRows {
+        scale: f32,
+        zero_point: i32,
+    },
+    /// The quantized patch rows of a convolution's input `(n * oh * ow, k4)` (I32).
+    QuantizeIm2col {
+        scale: f32,
+        zero_point: i32,
+        kernel: [usize; 2],
+        opts: Conv2dOptions,
+    },
+    /// The integer product of quantized activations and weights (operands: activation words,
+    /// weight words `(n, k4)`, per-channel words `(3 n)`), dequantized with `act` fused: f32
+    /// `(m, n)`, or `(m / (oh ow), n, oh, ow)` with `spatial`.
+    QGemm {
+        n: usize,
+        act: Act,
+        spatial: Option<[usize; 2]>,
+    },
 }
 
 /// The activations a producing kernel's epilogue applies.
@@ -218,6 +238,9 @@ impl OpKind {
             OpKind::Gather { .. } => "gather",
             OpKind::Full { .. } => "full",
             OpKind::Cast { .. } => "cast",
+            OpKind::QuantizeRows { .. } => "quantize_rows",
+            OpKind::QuantizeIm2col { .. } => "quantize_im2col",
+            OpKind::QGemm { .. } => "qgemm",
         }
     }
 
@@ -236,7 +259,10 @@ impl OpKind {
             | OpKind::Softmax { .. }
             | OpKind::Pool { .. }
             | OpKind::AdaptiveAvgPool { .. }
-            | OpKind::Cast { .. } => 1,
+            | OpKind::Cast { .. }
+            | OpKind::QuantizeRows { .. }
+            | OpKind::QuantizeIm2col { .. } => 1,
+            OpKind::QGemm { .. } => 3,
             OpKind::Binary { .. }
             | OpKind::Matmul
             | OpKind::IndexSelect { .. }
@@ -261,6 +287,25 @@ impl OpKind {
             }
             OpKind::Narrow { start, len, .. } => vec![start, len],
             _ => Vec::new(),
+        }
+    }
+
+    /// The element type of the op's result, for ops that fix it (the int8 ops).
+    pub(crate) fn output_dtype(&self) -> Option<DType> {
+        match self {
+            OpKind::QuantizeRows { .. } | OpKind::QuantizeIm2col { .. } => Some(DType::I32),
+            OpKind::QGemm { .. } => Some(DType::F32),
+            _ => None,
+        }
+    }
+
+    /// The element type of the operands of a node of type `out` (casts aside): int8 words for
+    /// the integer product, f32 for quantization, the node's own type for every other op.
+    pub(crate) fn operand_dtype(&self, out: DType) -> DType {
+        match self {
+            OpKind::QuantizeRows { .. } | OpKind::QuantizeIm2col { .. } => DType::F32,
+            OpKind::QGemm { .. } => DType::I32,
+            _ => out,
         }
     }
 
@@ -336,6 +381,32 @@ impl OpKind {
                         "kernel, stride and dilation must be positive: {opts:?}"
                     ));
                 }
+            }
+            OpKind::QuantizeRows { scale, zero_point }
+            | OpKind::QuantizeIm2col {
+                scale, zero_point, ..
+            } => {
+                if !(scale.is_finite() && *scale > 0.0 && (-128..=127).contains(zero_point)) {
+                    return bad(format!(
+                        "scale {scale} must be finite and positive, zero point {zero_point} \
+                         in -128..=127"
+                    ));
+                }
+                if let OpKind::QuantizeIm2col { kernel, opts, .. } = self {
+                    let all = [*kernel, opts.stride, opts.padding, opts.dilation].concat();
+                    if big(&all)
+                        || kernel.contains(&0)
+                        || opts.stride.contains(&0)
+                        || opts.dilation.contains(&0)
+                    {
+                        return bad(format!("window {kernel:?} {opts:?}"));
+                    }
+                }
+            }
+            OpKind::QGemm { n, spatial, .. }
+                if *n == 0 || *n > MAX_ATTR || spatial.is_some_and(|s| big(&s)) =>
+            {
+                return bad(format!("{n} channels, outputs {spatial:?}"));
             }
             OpKind::AdaptiveAvgPool { size } if (size.contains(&0) || big(size)) => {
                 return bad(format!("output size {size:?} must be in 1..={MAX_ATTR}"));
@@ -676,6 +747,43 @@ impl OpKind {
                 inputs[1].to_vec()
             }
             OpKind::Full { shape, .. } => dims_at(shape, n)?,
+            OpKind::QuantizeRows { .. } => {
+                let k = *x.last().unwrap_or(&0);
+                if k == 0 {
+                    return Err(shape_err(format!("rows of {x:?} are empty")));
+                }
+                vec![numel(x)? / k, crate::ops::quant::words(k)]
+            }
+            OpKind::QuantizeIm2col { kernel, opts, .. } => {
+                let c = x.get(1).copied().unwrap_or(0);
+                let g = crate::ops::conv::conv2d_geometry(
+                    x,
+                    &[1, c, kernel[0], kernel[1]],
+                    &Conv2dOptions { groups: 1, ..*opts },
+                )?;
+                vec![
+                    g.n * g.oh * g.ow,
+                    crate::ops::quant::words(c * kernel[0] * kernel[1]),
+                ]
+            }
+            OpKind::QGemm { n: ch, spatial, .. } => {
+                let (w, c) = (inputs[1], inputs[2]);
+                if x.len() != 2 || w.len() != 2 || w[0] != *ch || w[1] != x[1] || c != [3 * ch] {
+                    return Err(shape_err(format!(
+                        "activations {x:?}, weights {w:?} and channel data {c:?} for {ch} channels"
+                    )));
+                }
+                match spatial {
+                    None => vec![x[0], *ch],
+                    Some([oh, ow]) => {
+                        let ohw = oh * ow;
+                        if ohw == 0 || !x[0].is_multiple_of(ohw) {
+                            return Err(shape_err(format!("{} rows of {oh} x {ow} outputs", x[0])));
+                        }
+                        vec![x[0] / ohw, *ch, *oh, *ow]
+                    }
+                }
+            }
         };
         if out.len() > MAX_RANK {
             return Err(shape_err(format!("rank {} exceeds {MAX_RANK}", out.len())));
@@ -787,6 +895,66 @@ impl OpKind {
             OpKind::Gather { axis } => x.gather(*axis, inputs[1]),
             OpKind::Full { .. } => unreachable!("handled above"),
             OpKind::Cast { .. } => x.contiguous(),
+            OpKind::QuantizeRows { scale, zero_point } => {
+                let k = *x.dims().last().unwrap_or(&0);
+                let q = crate::quant::QParams {
+                    scale: *scale,
+                    zero_point: *zero_point,
+                };
+                let w = crate::ops::quant::quantize_rows(x, k, q)?;
+                let rows = x.numel() / k.max(1);
+                Ok(w.with_layout(crate::shape::Layout::contiguous(&[
+                    rows,
+                    crate::ops::quant::words(k),
+                ])))
+            }
+            OpKind::QuantizeIm2col {
+                scale,
+                zero_point,
+                kernel,
+                opts,
+            } => {
+                let c = x.dims().get(1).copied().unwrap_or(0);
+                let g = crate::ops::conv::conv2d_geometry(
+                    x.dims(),
+                    &[1, c, kernel[0], kernel[1]],
+                    &Conv2dOptions { groups: 1, ..*opts },
+                )?;
+                let q = crate::quant::QParams {
+                    scale: *scale,
+                    zero_point: *zero_point,
+                };
+                let w = crate::ops::quant::quantize_im2col(x, &g, q)?;
+                Ok(w.with_layout(crate::shape::Layout::contiguous(&[
+                    g.n * g.oh * g.ow,
+                    crate::ops::quant::words(c * kernel[0] * kernel[1]),
+                ])))
+            }
+            OpKind::QGemm {
+                n: ch,
+                act,
+                spatial,
+            } => {
+                let (m, k4) = (x.dims()[0], x.dims()[1]);
+                let ohw = spatial.map_or(0, |[oh, ow]| oh * ow);
+                let y = crate::ops::quant::qgemm(
+                    x,
+                    m,
+                    inputs[1],
+                    *ch,
+                    k4,
+                    inputs[2],
+                    crate::ops::quant::QOut::F32 { act: *act },
+                    false,
+                    ohw,
+                )?;
+                Ok(match spatial {
+                    None => y,
+                    Some([oh, ow]) => {
+                        y.with_layout(crate::shape::Layout::contiguous(&[m / ohw, *ch, *oh, *ow]))
+                    }
+                })
+            }
         }
     }
 

@@ -26,6 +26,7 @@ pub(crate) mod graph;
 mod onnx;
 mod passes;
 mod plan;
+mod quantize;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -33,6 +34,7 @@ use std::sync::{Arc, Mutex};
 pub use graph::{DType, Dim};
 #[cfg(feature = "onnx")]
 pub use onnx::{MAX_ONNX_BYTES, ONNX_OPSET};
+pub use quantize::{Observer, QuantizeOptions};
 
 use crate::device::Device;
 use crate::error::{Error, Result};
@@ -305,6 +307,16 @@ impl InferenceModel {
     /// The model's outputs for `inputs`. Every shape is checked on the CPU before any GPU
     /// work is recorded.
     pub fn run(&self, inputs: &[&Tensor]) -> Result<Vec<Tensor>> {
+        self.run_observed(inputs, &mut |_, _| Ok(()))
+    }
+
+    /// [`InferenceModel::run`], calling `observe(i, operands)` before node `i` runs (for
+    /// calibration).
+    pub(crate) fn run_observed(
+        &self,
+        inputs: &[&Tensor],
+        observe: &mut dyn FnMut(usize, &[&Tensor]) -> Result<()>,
+    ) -> Result<Vec<Tensor>> {
         const OP: &str = "InferenceModel::run";
         for x in inputs {
             if !x.device().same(&self.device) {
@@ -331,6 +343,7 @@ impl InferenceModel {
                     Src::Node(k) => values[k].as_ref().ok_or_else(|| missing(i))?,
                 });
             }
+            observe(i, &ins)?;
             let out = if node.dtype == DType::F16 || matches!(node.op, OpKind::Cast { .. }) {
                 node.op.apply_half(&ins, &plan.shapes[i])?
             } else {
@@ -412,6 +425,14 @@ impl InferenceModel {
         }
         if self.precision == Precision::F16 {
             return Ok(self);
+        }
+        if self
+            .graph
+            .nodes
+            .iter()
+            .any(|n| n.op.output_dtype().is_some())
+        {
+            return Err(Error::invalid(OP, "the model is quantized to int8 already"));
         }
         let mut g = self.graph;
         let mut nodes: Vec<Node> = Vec::with_capacity(g.nodes.len());

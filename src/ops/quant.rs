@@ -3,7 +3,8 @@
 //! requantization epilogue. Int8 tensors are [`DType::I32`] tensors of words, four int8
 //! values to a word along the reduction axis, rows padded to whole words.
 //!
-//! Only the tests call these kernels so far; the frozen graph's quantized ops will.
+//! The frozen graph's quantized ops (`src/infer/quantize.rs`) run these; the int8 output
+//! mode and dequantization serve the tests (and chained int8 layers to come).
 #![allow(dead_code)]
 
 use crate::error::{Error, Result};

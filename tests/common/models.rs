@@ -151,6 +151,15 @@ impl Module for ResNet {
             .forward(&h.adaptive_avg_pool2d([1, 1])?.flatten(1, -1)?)
     }
 
+    fn visit(&self, f: &mut dyn FnMut(&str, &Tensor, TensorRole)) {
+        self.stem.visit(f);
+        self.bn.visit(f);
+        for b in &self.blocks {
+            b.visit(f);
+        }
+        self.head.visit(f);
+    }
+
     fn set_training(&mut self, training: bool) {
         self.bn.set_training(training);
         for b in &mut self.blocks {

@@ -701,6 +701,9 @@ impl Ex<'_> {
                 };
                 self.emit_to("ConstantOfShape", vec![s], vec![attr], out);
             }
+            OpKind::QuantizeRows { .. } | OpKind::QuantizeIm2col { .. } | OpKind::QGemm { .. } => {
+                return Err(self.err("int8 graphs do not export to ONNX yet: export the f32 model"));
+            }
             OpKind::Cast { to } => {
                 self.emit_to(
                     "Cast",

@@ -1,0 +1,379 @@
+//! Static post-training int8 quantization of a frozen model: calibration batches run through
+//! the f32 graph, an observer takes the range of each quantized layer's input, and every
+//! linear and convolution (groups 1) with constant weights becomes quantize → integer
+//! product: int8 weights symmetric per output channel, int8 activations asymmetric per
+//! tensor, i32 accumulation, bias in i32 at the product's scale (as ONNX Runtime's QDQ
+//! models), and dequantization with the activation fused in the product's epilogue. Every
+//! other op stays f32.
+
+use std::collections::HashMap;
+
+use super::graph::{DType, Dim, Graph, Node, OpKind, Src};
+use super::InferenceModel;
+use crate::error::{Error, Result};
+use crate::ops::quant::{channel_words, pack_rows, words};
+use crate::quant::{weight_params, QParams};
+use crate::tensor::Tensor;
+use crate::Conv2dOptions;
+
+const OP: &str = "InferenceModel::quantize";
+
+/// How a layer input's range is taken from the calibration batches.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Observer {
+    /// The smallest and largest value seen (ONNX Runtime's MinMax).
+    MinMax,
+    /// The given percentile of |x| on each side (for example 99.99), which clips outliers.
+    Percentile(f32),
+}
+
+/// Options of [`InferenceModel::quantize`].
+#[derive(Clone, Debug)]
+pub struct QuantizeOptions {
+    /// Calibration batches, each a valid input of the model (its first input).
+    pub calibration: Vec<Tensor>,
+    /// How activation ranges are observed.
+    pub observer: Observer,
+}
+
+/// Values kept per observed node: the running range, and for percentiles a sample.
+#[derive(Default)]
+struct Seen {
+    min: f32,
+    max: f32,
+    sample: Vec<f32>,
+    any: bool,
+}
+
+/// Most values kept per node for a percentile.
+const SAMPLE: usize = 1 << 20;
+
+fn quantizable(g: &Graph, node: &Node) -> bool {
+    let const_f32 = |s: Src| matches!(s, Src::Const(k) if g.const_dtypes[k] == DType::F32);
+    match &node.op {
+        OpKind::Linear { .. } => {
+            let leading = &node.shape[..node.shape.len().saturating_sub(1)];
+            node.dtype == DType::F32
+                && const_f32(node.inputs[1])
+                && leading.iter().filter(|d| d.is_dynamic()).count() <= 1
+        }
+        OpKind::Conv2d { opts, .. } => {
+            node.dtype == DType::F32
+                && opts.groups == 1
+                && node.shape.len() == 4
+                && !node.shape[2].is_dynamic()
+                && !node.shape[3].is_dynamic()
+                && const_f32(node.inputs[1])
+        }
+        _ => false,
+    }
+}
+
+impl InferenceModel {
+    /// The model with its linear layers and convolutions (groups 1, constant weights) run as
+    /// int8 integer kernels, calibrated on `opts.calibration`: weights int8 symmetric per
+    /// output channel, activations int8 asymmetric per tensor from the observed range, i32
+    /// accumulation, bias and activation fused. Other ops stay f32.
+    ///
+    /// `Err` for an empty calibration set, a batch the model does not accept, a percentile
+    /// outside (0, 100], or an f16 model.
+    ///
+    /// ```
+    /// use kiln::infer::{freeze, Observer, QuantizeOptions};
+    /// use kiln::nn::{Init, Sequential};
+    /// # let dev = kiln::Device::default_device()?;
+    /// let net = Sequential::from_spec(&mut Init::new(&dev, 0), "linear(8,16) relu linear(16,4)")?;
+    /// let frozen = freeze(net, &kiln::Tensor::randn(&[2, 8], 1, &dev)?)?;
+    /// let calibration = vec![kiln::Tensor::randn(&[32, 8], 2, &dev)?];
+    /// let int8 = frozen.quantize(&QuantizeOptions { calibration, observer: Observer::MinMax })?;
+    /// let x = kiln::Tensor::randn(&[5, 8], 3, &dev)?;
+    /// let (a, b) = (frozen.predict(&x)?.to_vec()?, int8.predict(&x)?.to_vec()?);
+    /// assert!(a.iter().zip(&b).all(|(p, q)| (p - q).abs() < 0.1));
+    /// # Ok::<(), kiln::Error>(())
+    /// ```
+    pub fn quantize(&self, opts: &QuantizeOptions) -> Result<InferenceModel> {
+        if opts.calibration.is_empty() {
+            return Err(Error::invalid(OP, "the calibration set is empty"));
+        }
+        if let Observer::Percentile(p) = opts.observer {
+            if !(p > 0.0 && p <= 100.0) {
+                return Err(Error::invalid(
+                    OP,
+                    format!("percentile {p} is outside (0, 100]"),
+                ));
+            }
+        }
+        if self.precision != super::Precision::F32 {
+            return Err(Error::invalid(
+                OP,
+                "quantize the f32 model, not the f16 one",
+            ));
+        }
+        if self.graph.inputs.len() != 1 {
+            return Err(Error::invalid(
+                OP,
+                format!(
+                    "the model has {} inputs; calibration feeds one",
+                    self.graph.inputs.len()
+                ),
+            ));
+        }
+        let g = &self.graph;
+        let targets: Vec<usize> = (0..g.nodes.len())
+            .filter(|&i| quantizable(g, &g.nodes[i]))
+            .collect();
+        let mut seen: HashMap<usize, Seen> =
+            targets.iter().map(|&i| (i, Seen::default())).collect();
+        let percentile = matches!(opts.observer, Observer::Percentile(_));
+        for (b, x) in opts.calibration.iter().enumerate() {
+            let mut observe = |i: usize, ins: &[&Tensor]| -> Result<()> {
+                let Some(s) = seen.get_mut(&i) else {
+                    return Ok(());
+                };
+                let v = ins[0].to_vec()?;
+                for &e in &v {
+                    if !e.is_finite() {
+                        return Err(Error::invalid(
+                            OP,
+                            format!("calibration batch {b}: node {i} reads a non-finite value"),
+                        ));
+                    }
+                }
+                let (lo, hi) = v
+                    .iter()
+                    .fold((f32::MAX, f32::MIN), |(a, c), &e| (a.min(e), c.max(e)));
+                if !v.is_empty() {
+                    if s.any {
+                        s.min = s.min.min(lo);
+                        s.max = s.max.max(hi);
+                    } else {
+                        (s.min, s.max, s.any) = (lo, hi, true);
+                    }
+                }
+                if percentile {
+                    let step = (v.len() / (SAMPLE / opts.calibration.len()).max(1)).max(1);
+                    s.sample.extend(v.iter().step_by(step));
+                }
+                Ok(())
+            };
+            self.run_observed(&[x], &mut observe)
+                .map_err(|e| Error::invalid(OP, format!("calibration batch {b}: {e}")))?;
+        }
+        let mut ranges: HashMap<usize, QParams> = HashMap::new();
+        for (&i, s) in &mut seen {
+            let (lo, hi) = match opts.observer {
+                Observer::MinMax => (s.min, s.max),
+                Observer::Percentile(p) => {
+                    s.sample.sort_by(f32::total_cmp);
+                    let at = |q: f64| {
+                        let k = ((s.sample.len() - 1) as f64 * q).round() as usize;
+                        s.sample[k.min(s.sample.len() - 1)]
+                    };
+                    let q = p as f64 / 100.0;
+                    (at(1.0 - q), at(q))
+                }
+            };
+            ranges.insert(i, QParams::asymmetric(lo, hi)?);
+        }
+        let graph = rewrite(g, &ranges)?;
+        self.device.synchronize()?;
+        Ok(InferenceModel::from_graph(self.device.clone(), graph))
+    }
+}
+
+/// The graph with each node of `ranges` replaced by quantize → integer product.
+fn rewrite(g: &Graph, ranges: &HashMap<usize, QParams>) -> Result<Graph> {
+    let _no_grad = crate::autograd::NoGradGuard::new();
+    let mut out = Graph {
+        inputs: g.inputs.clone(),
+        consts: g.consts.clone(),
+        const_dtypes: g.const_dtypes.clone(),
+        nodes: Vec::with_capacity(g.nodes.len()),
+        outputs: Vec::new(),
+    };
+    let dev = g.consts.first().map(|c| c.device().clone());
+    let mut map: Vec<Src> = Vec::with_capacity(g.nodes.len());
+    let remap = |s: Src, map: &[Src]| match s {
+        Src::Node(k) => map[k],
+        other => other,
+    };
+    let shape_of = |s: Src, out: &Graph| -> Vec<Dim> {
+        match s {
+            Src::Input(k) => out.inputs[k].shape.clone(),
+            Src::Const(k) => out.consts[k]
+                .dims()
+                .iter()
+                .map(|&d| Dim::fixed(d))
+                .collect(),
+            Src::Node(k) => out.nodes[k].shape.clone(),
+        }
+    };
+    for (i, node) in g.nodes.iter().enumerate() {
+        let inputs: Vec<Src> = node.inputs.iter().map(|&s| remap(s, &map)).collect();
+        let (Some(&qa), Some(dev)) = (ranges.get(&i), dev.as_ref()) else {
+            out.nodes.push(Node {
+                inputs,
+                ..node.clone()
+            });
+            map.push(Src::Node(out.nodes.len() - 1));
+            continue;
+        };
+        let Src::Const(wk) = inputs[1] else {
+            return Err(Error::invalid(
+                OP,
+                "internal: a quantized weight is not a constant",
+            ));
+        };
+        let w = g.consts[wk].to_vec()?;
+        let n = g.consts[wk].dims()[0];
+        let k = w.len() / n.max(1);
+        let (bias, act, conv) = match &node.op {
+            OpKind::Linear { bias, act } => (*bias, *act, None),
+            OpKind::Conv2d { opts, bias, act } => {
+                let d = g.consts[wk].dims();
+                (*bias, *act, Some(([d[2], d[3]], *opts)))
+            }
+            _ => return Err(Error::invalid(OP, "internal: not a linear or conv node")),
+        };
+        let b: Vec<f32> = match (bias, inputs.get(2)) {
+            (true, Some(&Src::Const(bk))) => g.consts[bk].to_vec()?,
+            (true, _) => return Err(Error::invalid(OP, "internal: a bias that is not constant")),
+            (false, _) => vec![0.0; n],
+        };
+        // Weights: int8, symmetric per output channel.
+        let wp = weight_params(&w, n)?;
+        let wq: Vec<i8> = w
+            .iter()
+            .enumerate()
+            .map(|(e, &v)| wp[e / k].quantize(v))
+            .collect();
+        // Bias at the product's scale, with the activation zero point's correction folded in.
+        let mut folded = Vec::with_capacity(n);
+        let mut scales = Vec::with_capacity(n);
+        for c in 0..n {
+            let s = qa.scale * wp[c].scale;
+            let bq = (b[c] as f64 / s as f64).round_ties_even();
+            let wsum: i64 = wq[c * k..(c + 1) * k].iter().map(|&v| v as i64).sum();
+            let total = bq - (qa.zero_point as i64 * wsum) as f64;
+            if total.abs() > i32::MAX as f64 / 2.0 {
+                return Err(Error::invalid(
+                    OP,
+                    format!("node {i}: bias {} is beyond int32 at scale {s}", b[c]),
+                ));
+            }
+            folded.push(total as i32);
+            scales.push(s.to_bits());
+        }
+        let w_words = pack_rows(&wq, k, 0);
+        let w_t = Tensor::from_slice_i32(
+            &w_words.iter().map(|&v| v as i32).collect::<Vec<_>>(),
+            &[n, words(k)],
+            dev,
+        )?;
+        let ch = channel_words(&folded, &scales, &vec![0; n]);
+        let ch_t = Tensor::from_slice_i32(
+            &ch.iter().map(|&v| v as i32).collect::<Vec<_>>(),
+            &[3 * n],
+            dev,
+        )?;
+        let wsrc = push_const(&mut out, w_t);
+        let csrc = push_const(&mut out, ch_t);
+        let x = inputs[0];
+        let x_shape = shape_of(x, &out);
+        let (qop, rows, spatial) = match conv {
+            None => {
+                let rows = product(&x_shape[..x_shape.len() - 1]);
+                (
+                    OpKind::QuantizeRows {
+                        scale: qa.scale,
+                        zero_point: qa.zero_point,
+                    },
+                    rows,
+                    None,
+                )
+            }
+            Some((kernel, opts)) => {
+                let (oh, ow) = (node.shape[2].fixed as usize, node.shape[3].fixed as usize);
+                let rows = Dim {
+                    per_batch: node.shape[0].per_batch * (oh * ow) as i64,
+                    fixed: node.shape[0].fixed * (oh * ow) as i64,
+                };
+                (
+                    OpKind::QuantizeIm2col {
+                        scale: qa.scale,
+                        zero_point: qa.zero_point,
+                        kernel,
+                        opts: Conv2dOptions { groups: 1, ..opts },
+                    },
+                    rows,
+                    Some([oh, ow]),
+                )
+            }
+        };
+        out.nodes.push(Node {
+            op: qop,
+            inputs: vec![x],
+            shape: vec![rows, Dim::fixed(words(k))],
+            dtype: DType::I32,
+        });
+        let a = Src::Node(out.nodes.len() - 1);
+        let gemm_shape = match spatial {
+            None => vec![rows, Dim::fixed(n)],
+            Some(_) => node.shape.clone(),
+        };
+        out.nodes.push(Node {
+            op: OpKind::QGemm { n, act, spatial },
+            inputs: vec![a, wsrc, csrc],
+            shape: gemm_shape.clone(),
+            dtype: DType::F32,
+        });
+        if gemm_shape != node.shape {
+            // A linear over (..., k): back to the node's leading axes.
+            let y = Src::Node(out.nodes.len() - 1);
+            out.nodes.push(Node {
+                op: OpKind::Reshape {
+                    shape: node.shape.clone(),
+                },
+                inputs: vec![y],
+                shape: node.shape.clone(),
+                dtype: DType::F32,
+            });
+        }
+        map.push(Src::Node(out.nodes.len() - 1));
+    }
+    out.outputs = g.outputs.iter().map(|&s| remap(s, &map)).collect();
+    super::passes::eliminate_dead(&mut out);
+    // The shapes of the rewritten graph, checked at two batch sizes by the op's rules.
+    for n in [1usize, 2] {
+        let shapes = out
+            .inputs
+            .iter()
+            .map(|i| super::graph::dims_at(&i.shape, n))
+            .collect::<Result<Vec<_>>>()?;
+        out.infer_shapes(&shapes, n)?;
+    }
+    Ok(out)
+}
+
+fn push_const(g: &mut Graph, t: Tensor) -> Src {
+    g.const_dtypes.push(t.dtype());
+    g.consts.push(t);
+    Src::Const(g.consts.len() - 1)
+}
+
+/// The product of sizes with at most one batch-dependent factor.
+fn product(dims: &[Dim]) -> Dim {
+    dims.iter().fold(Dim::fixed(1), |acc, d| {
+        if acc.is_dynamic() {
+            Dim {
+                per_batch: acc.per_batch * d.fixed,
+                fixed: acc.fixed * d.fixed,
+            }
+        } else {
+            Dim {
+                per_batch: d.per_batch * acc.fixed,
+                fixed: d.fixed * acc.fixed,
+            }
+        }
+    })
+}

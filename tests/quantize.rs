@@ -1,0 +1,165 @@
+//! Static int8 quantization of frozen models: accuracy on the digits test split against the
+//! f32 model (the digits CNN within 0.5 points, the ResNet-style net within 1), the saved
+//! file's size, loading it back, and bad input. The kernels' bit-exact tests are unit tests
+//! of `src/ops/quant.rs`; the quantization semantics are checked against ONNX Runtime in
+//! `tests/quant.rs`.
+
+mod common;
+
+use common::models::*;
+use common::*;
+use kiln::data::{self, DataLoader, Dataset};
+use kiln::infer::{freeze, InferenceModel, Observer, QuantizeOptions};
+use kiln::nn::{Init, Module, Sequential};
+use kiln::optim::{Adam, AdamOptions, Optimizer};
+use kiln::{Device, Tensor};
+
+fn train<M: Module>(model: &mut M, epochs: usize, d: &Device) {
+    let mut opt = Adam::new(
+        model.parameters(),
+        AdamOptions {
+            lr: 0.01,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let (train, _) = data::digits().unwrap().split(0.8, 0).unwrap();
+    let loader = DataLoader::new(&train, 64, d).shuffle(1);
+    model.set_training(true);
+    for epoch in 0..epochs {
+        for batch in loader.epoch(epoch) {
+            let batch = batch.unwrap();
+            let logits = model.forward(&batch.inputs).unwrap();
+            let loss =
+                kiln::loss::cross_entropy(&logits, &batch.targets, &Default::default()).unwrap();
+            opt.zero_grad();
+            loss.backward().unwrap();
+            opt.step().unwrap();
+        }
+    }
+    model.set_training(false);
+}
+
+/// Accuracy on the digits test split, and the predictions.
+fn accuracy(model: &InferenceModel, d: &Device) -> (f64, Vec<usize>) {
+    let (_, test) = data::digits().unwrap().split(0.8, 0).unwrap();
+    let mut right = 0;
+    let mut all = Vec::new();
+    for b in DataLoader::new(&test, 64, d).epoch(0) {
+        let b = b.unwrap();
+        let p = model.classify(&b.inputs).unwrap();
+        right += p.iter().zip(&b.labels).filter(|(p, l)| p == l).count();
+        all.extend(p);
+    }
+    (100.0 * right as f64 / test.len() as f64, all)
+}
+
+fn calibration(d: &Device) -> Vec<Tensor> {
+    let (train, _) = data::digits().unwrap().split(0.8, 0).unwrap();
+    DataLoader::new(&train, 64, d)
+        .shuffle(9)
+        .epoch(0)
+        .take(4)
+        .map(|b| b.unwrap().inputs)
+        .collect()
+}
+
+fn file_bytes(m: &InferenceModel) -> usize {
+    m.to_bytes().unwrap().len()
+}
+
+/// Quantizes `frozen`, checks accuracy within `points` of f32, the file's size (at most
+/// `size` of the f32 file) and reload.
+fn check(name: &str, frozen: &InferenceModel, points: f64, size: f64, d: &Device) {
+    let (f32_acc, _) = accuracy(frozen, d);
+    assert!(f32_acc > 85.0, "{name}: the f32 model learned ({f32_acc}%)");
+    for observer in [Observer::MinMax, Observer::Percentile(99.99)] {
+        let q = frozen
+            .quantize(&QuantizeOptions {
+                calibration: calibration(d),
+                observer,
+            })
+            .unwrap();
+        let g = q.describe();
+        assert!(
+            g.contains("qgemm") && !g.contains("conv2d[") && !g.contains("linear["),
+            "{g}"
+        );
+        let (acc, preds) = accuracy(&q, d);
+        println!("{name} {observer:?}: f32 {f32_acc:.2}%, int8 {acc:.2}%");
+        assert!(
+            (acc - f32_acc).abs() <= points,
+            "{name} {observer:?}: int8 {acc}% against f32 {f32_acc}%"
+        );
+        // The file: int8 weights; it loads and predicts alike.
+        let (fb, qb) = (file_bytes(frozen), file_bytes(&q));
+        println!(
+            "{name}: int8 file {qb} bytes, f32 {fb} ({:.2}x)",
+            qb as f64 / fb as f64
+        );
+        assert!(
+            qb as f64 <= size * fb as f64,
+            "{name}: int8 file {qb} bytes, f32 {fb}"
+        );
+        let back = InferenceModel::from_bytes(&q.to_bytes().unwrap(), d).unwrap();
+        assert_eq!(
+            accuracy(&back, d).1,
+            preds,
+            "{name}: the reloaded model predicts alike"
+        );
+    }
+}
+
+#[test]
+fn int8_digits_cnn_keeps_its_accuracy() {
+    let d = dev();
+    let spec = "conv2d(1,16,3,p=1) batchnorm2d(16) relu conv2d(16,32,3,p=1) relu maxpool2d(2) \
+                flatten linear(512,64) relu linear(64,10)";
+    let mut model = Sequential::from_spec(&mut Init::new(&d, 1), spec).unwrap();
+    train(&mut model, 3, &d);
+    let frozen = freeze(model, &images(2, 0, &d)).unwrap();
+    check("digits CNN", &frozen, 0.5, 0.3, &d);
+}
+
+#[test]
+fn int8_resnet_keeps_its_accuracy() {
+    let d = dev();
+    let mut model = resnet(&d);
+    train(&mut model, 3, &d);
+    let frozen = freeze(model, &images(2, 0, &d)).unwrap();
+    // 24 KiB of f32 weights: the graph and the per-channel scales and biases weigh as much as
+    // the int8 weights, so the file shrinks less than the CNN's.
+    check("ResNet", &frozen, 1.0, 0.5, &d);
+}
+
+#[test]
+fn bad_calibration_is_an_error() {
+    let d = dev();
+    let net = Sequential::from_spec(&mut Init::new(&d, 0), "linear(64,10)").unwrap();
+    let frozen = freeze(net, &Tensor::randn(&[2, 64], 1, &d).unwrap()).unwrap();
+    let q = |calibration: Vec<Tensor>, observer| {
+        frozen
+            .quantize(&QuantizeOptions {
+                calibration,
+                observer,
+            })
+            .err()
+            .map(|e| e.to_string())
+    };
+    let e = q(vec![], Observer::MinMax).unwrap();
+    assert!(e.contains("empty"), "{e}");
+    let e = q(
+        vec![Tensor::randn(&[4, 63], 2, &d).unwrap()],
+        Observer::MinMax,
+    )
+    .unwrap();
+    assert!(e.contains("calibration batch 0"), "{e}");
+    let ok = vec![Tensor::randn(&[4, 64], 2, &d).unwrap()];
+    for p in [0.0, -1.0, 100.5, f32::NAN] {
+        assert!(q(ok.clone(), Observer::Percentile(p)).is_some(), "{p}");
+    }
+    let nan = Tensor::from_slice(&[f32::NAN; 64], &[1, 64], &d).unwrap();
+    let e = q(vec![nan], Observer::MinMax).unwrap();
+    assert!(e.contains("non-finite"), "{e}");
+    assert!(q(ok, Observer::MinMax).is_none());
+}
