@@ -82,6 +82,23 @@ fn bases(d: &Device) -> Vec<Base> {
         bytes: frozen.to_bytes().unwrap(),
         inputs: vec![x],
     });
+
+    // Int8: quantized convolution (patch rows) and linear (rows), integer products.
+    let spec = "conv2d(1,4,3,p=1) relu flatten linear(64,5)";
+    let cnn = Sequential::from_spec(&mut Init::new(d, 3), spec).unwrap();
+    let x = Tensor::randn(&[2, 1, 4, 4], 9, d).unwrap();
+    let frozen = freeze(cnn, &x).unwrap();
+    let int8 = frozen
+        .quantize(&kiln::infer::QuantizeOptions {
+            calibration: vec![Tensor::randn(&[8, 1, 4, 4], 10, d).unwrap()],
+            observer: kiln::infer::Observer::MinMax,
+        })
+        .unwrap();
+    out.push(Base {
+        name: "int8",
+        bytes: int8.to_bytes().unwrap(),
+        inputs: vec![x],
+    });
     out
 }
 
