@@ -8,10 +8,12 @@
 //                   words: saturate(round_half_even(x / scale) + zp), padding = zp
 //   dequantize_fwd: a (0) = q, (rows, k4) words; out (3) = scale * (q - zp), f32 bits,
 //                   (rows, count)
-//   quantize_im2col_fwd: a (0) = x, f32 bits, (n, c, h, w); out (3) = the quantized patch
+//   quantize_im2col_fwd: a (0) = x, f32 bits, (n, c, h, w); b (1) = per tap k: channel
+//                   offset c h w, ky dh, kx dw; out (3) = the quantized patch
 //                   rows of a convolution, (n * oh * ow, k4) words over k = c * kh * kw in the
 //                   weight's (c, ky, kx) order; taps in the padding hold zp (the real 0)
-//   qgemm_fwd:      a (0) = activations (m, k4) words; b (1) = weights (n, k4) words;
+//   qgemm_fwd:      a (0) = activations (m, k4) words; b (1) = weights (k4, n) words
+//                   (word-major, so that neighbouring channels read neighbouring words);
 //                   c (2) = per output channel, 3 words: the i32 bias (with the zero-point
 //                   correction folded in), then the f32 scale (mode 0) or the requantization
 //                   multiplier (mode 1), then the shift (mode 1);
@@ -139,22 +141,23 @@ fn quantize_im2col_fwd(@builtin(workgroup_id) wid: vec3<u32>,
     let word = t % p.k4;
     let ox = row % p.ow;
     let oy = (row / p.ow) % p.oh;
-    let b = row / (p.ow * p.oh);
-    let taps = p.kh * p.kw;
+    let img = row / (p.ow * p.oh);
+    // The window's top-left corner, shifted by the padding so that it is never negative.
+    let y0 = oy * p.sh;
+    let x0 = ox * p.sw;
+    let base = img * p.c * p.h * p.w;
     var packed = 0u;
     for (var i = 0u; i < 4u; i += 1u) {
         let kk = word * 4u + i;
         var q = p.zp;
         if (kk < p.count) {
-            let ch = kk / taps;
-            let ky = (kk % taps) / p.kw;
-            let kx = kk % p.kw;
-            // Unsigned wrap-around puts positions left of or above the image out of range.
-            let iy = oy * p.sh + ky * p.dh - p.ph;
-            let ix = ox * p.sw + kx * p.dw - p.pw;
-            if (oy * p.sh + ky * p.dh >= p.ph && ox * p.sw + kx * p.dw >= p.pw && iy < p.h
-                && ix < p.w) {
-                q = quantize_one(bitcast<f32>(a[((b * p.c + ch) * p.h + iy) * p.w + ix]));
+            // Tap kk's offsets, from the table in binding 1: channel plane start, then the
+            // tap's row and column within the window (dilation applied).
+            let ch = b[kk * 3u];
+            let iy = y0 + b[kk * 3u + 1u];
+            let ix = x0 + b[kk * 3u + 2u];
+            if (iy >= p.ph && ix >= p.pw && iy - p.ph < p.h && ix - p.pw < p.w) {
+                q = quantize_one(bitcast<f32>(a[base + ch + (iy - p.ph) * p.w + ix - p.pw]));
             }
         }
         packed |= (bitcast<u32>(q) & 0xffu) << (8u * i);
@@ -224,7 +227,7 @@ fn qgemm_fwd(@builtin(global_invocation_id) gid: vec3<u32>) {
         var bw: vec4<u32>;
         for (var j = 0u; j < 4u; j += 1u) {
             let cj = min(col0 + j, p.n - 1u);
-            bw[j] = b[cj * p.k4 + k];
+            bw[j] = b[k * p.n + cj];
         }
         for (var i = 0u; i < 4u; i += 1u) {
             let ri = min(row0 + i, p.m - 1u);

@@ -290,7 +290,7 @@ kernels! {
     QuantizeFwd => (Quant, "quantize_fwd", 1),
     DequantizeFwd => (Quant, "dequantize_fwd", 1),
     QgemmFwd => (Quant, "qgemm_fwd", 3),
-    QuantizeIm2colFwd => (Quant, "quantize_im2col_fwd", 1),
+    QuantizeIm2colFwd => (Quant, "quantize_im2col_fwd", 2),
 }
 
 impl Kernel {

@@ -188,7 +188,7 @@ pub(crate) enum OpKind {
         opts: Conv2dOptions,
     },
     /// The integer product of quantized activations and weights (operands: activation words,
-    /// weight words `(n, k4)`, per-channel words `(3 n)`), dequantized with `act` fused: f32
+    /// weight words `(k4, n)`, per-channel words `(3 n)`), dequantized with `act` fused: f32
     /// `(m, n)`, or `(m / (oh ow), n, oh, ow)` with `spatial`.
     QGemm {
         n: usize,
@@ -768,7 +768,7 @@ impl OpKind {
             }
             OpKind::QGemm { n: ch, spatial, .. } => {
                 let (w, c) = (inputs[1], inputs[2]);
-                if x.len() != 2 || w.len() != 2 || w[0] != *ch || w[1] != x[1] || c != [3 * ch] {
+                if x.len() != 2 || w.len() != 2 || w[1] != *ch || w[0] != x[1] || c != [3 * ch] {
                     return Err(shape_err(format!(
                         "activations {x:?}, weights {w:?} and channel data {c:?} for {ch} channels"
                     )));

@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use super::graph::{DType, Dim, Graph, Node, OpKind, Src};
 use super::InferenceModel;
 use crate::error::{Error, Result};
-use crate::ops::quant::{channel_words, pack_rows, words};
+use crate::ops::quant::{channel_words, pack_rows, transpose_words, words};
 use crate::quant::{weight_params, QParams};
 use crate::tensor::Tensor;
 use crate::Conv2dOptions;
@@ -264,10 +264,10 @@ fn rewrite(g: &Graph, ranges: &HashMap<usize, QParams>) -> Result<Graph> {
             folded.push(total as i32);
             scales.push(s.to_bits());
         }
-        let w_words = pack_rows(&wq, k, 0);
+        let w_words = transpose_words(&pack_rows(&wq, k, 0), n, words(k));
         let w_t = Tensor::from_slice_i32(
             &w_words.iter().map(|&v| v as i32).collect::<Vec<_>>(),
-            &[n, words(k)],
+            &[words(k), n],
             dev,
         )?;
         let ch = channel_words(&folded, &scales, &vec![0; n]);

@@ -75,6 +75,17 @@ pub(crate) fn pack_rows(q: &[i8], count: usize, pad: i8) -> Vec<u32> {
     out
 }
 
+/// Packed weight rows `(n, k4)` as `(k4, n)`, the layout [`qgemm`] reads.
+pub(crate) fn transpose_words(w: &[u32], n: usize, k4: usize) -> Vec<u32> {
+    let mut out = vec![0; w.len()];
+    for c in 0..n {
+        for k in 0..k4 {
+            out[k * n + c] = w[c * k4 + k];
+        }
+    }
+    out
+}
+
 /// The requantization multiplier and shift of a real multiplier `m` > 0: `m ~ mult / 2^shift`
 /// with `mult` in [2^30, 2^31) and `shift` in 1..=63.
 pub(crate) fn multiplier(op: &'static str, m: f64) -> Result<(u32, u32)> {
@@ -182,9 +193,23 @@ pub(crate) fn quantize_im2col(
         dw: u(g.dilation[1]),
         ..Default::default()
     };
+    // Per tap: the channel plane's offset and the tap's place in the window.
+    let mut table = Vec::with_capacity(count * 3);
+    for ch in 0..g.c_in {
+        for ky in 0..g.k[0] {
+            for kx in 0..g.k[1] {
+                table.extend_from_slice(&[
+                    (ch * g.h * g.w) as i32,
+                    (ky * g.dilation[0]) as i32,
+                    (kx * g.dilation[1]) as i32,
+                ]);
+            }
+        }
+    }
+    let table = Tensor::from_slice_i32(&table, &[table.len()], x.device())?;
     x.device().dispatch(
         Kernel::QuantizeIm2colFwd,
-        &[x.buffer()],
+        &[x.buffer(), table.buffer()],
         out.buffer(),
         bytemuck::bytes_of(&p),
         grid(rows * k4, 256),
@@ -230,8 +255,8 @@ pub(crate) enum QOut {
     I8 { zy: i32, relu: bool },
 }
 
-/// The integer product of int8 activations `a` (m rows of `k4` words) and weights `b` (n rows
-/// of `k4` words) with per-channel data `c` (3 words a channel, see `shaders/quant.wgsl`).
+/// The integer product of int8 activations `a` (m rows of `k4` words) and weights `b` (`k4`
+/// rows of `n` words, [`transpose_words`] of the packed weight rows) with per-channel data `c` (3 words a channel, see `shaders/quant.wgsl`).
 /// `manual` computes the dot products without the built-in.
 /// With `ohw` > 0 (f32 output only), rows are a convolution's output positions and the
 /// result is written as `(m / ohw, n, ohw)`, NCHW.
@@ -419,7 +444,7 @@ mod tests {
             let k4 = words(k);
             let (at, bt) = (
                 upload(&pack_rows(&a, k, za as i8), &dev),
-                upload(&pack_rows(&w, k, 0), &dev),
+                upload(&transpose_words(&pack_rows(&w, k, 0), n, words(k)), &dev),
             );
             let scales: Vec<f32> = (0..n).map(|c| 1e-3 * (1.0 + c as f32)).collect();
             // Odd channels have power-of-two multipliers, whose products often tie.
@@ -550,7 +575,10 @@ mod tests {
             let folded: Vec<i32> = wsum.iter().map(|s| -q.zero_point * s).collect();
             let scales: Vec<u32> = (0..co).map(|o| (0.5f32 + o as f32).to_bits()).collect();
             let ch = upload(&channel_words(&folded, &scales, &vec![0; co]), &dev);
-            let wt = upload(&pack_rows(&wq, kk, 0), &dev);
+            let wt = upload(
+                &transpose_words(&pack_rows(&wq, kk, 0), co, words(kk)),
+                &dev,
+            );
             let ohw = g.oh * g.ow;
             let y = qgemm(
                 &patches,
