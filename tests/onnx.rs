@@ -58,6 +58,7 @@ fn check_against(what: &str, model: &InferenceModel, cases: &[(Nd, Nd)], d: &Dev
         let y = model.predict(&t).unwrap();
         assert_eq!(y.dims(), &want.shape[..], "{what}: output shape");
         let ratio = bound_ratio(&y.to_vec().unwrap(), &want.data);
+        println!("{what} batch {}: {ratio:.4} of the bound", x.shape[0]);
         assert!(
             ratio <= 1.0,
             "{what} at batch {}: {ratio} times the bound 1e-4 |ort| + 1e-5 from ONNX Runtime\n{}",
