@@ -1,7 +1,8 @@
 //! Trains the digits CNN and the ResNet-style net, freezes them, quantizes them to int8 and
 //! prints one table: variant, accuracy on the digits test split, file size, latency per batch
 //! of 64 and peak GPU memory of an inference, for f32, f16 (where the adapter has
-//! `SHADER_F16`) and int8 static (MinMax and 99.99th-percentile calibration on 4 batches).
+//! `SHADER_F16`), int8 static (MinMax and 99.99th-percentile calibration on 4 batches) and
+//! int8 dynamic (linear layers only, activations quantized per batch at run time).
 //!
 //! ```text
 //! cargo run --release --example quantize
@@ -108,6 +109,7 @@ fn main() -> Result<()> {
             })?;
             variants.push((label.into(), q));
         }
+        variants.push(("int8 dynamic".into(), f32_model.quantize_dynamic()?));
         let bytes = f32_model.to_bytes()?;
         let half = InferenceModel::from_bytes(&bytes, &dev)?.to_half();
         variants.insert(0, ("f32".into(), f32_model));

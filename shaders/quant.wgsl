@@ -12,6 +12,10 @@
 //                   offset c h w, ky dh, kx dw; out (3) = the quantized patch
 //                   rows of a convolution, (n * oh * ow, k4) words over k = c * kh * kw in the
 //                   weight's (c, ky, kx) order; taps in the padding hold zp (the real 0)
+//   quantize_dyn_fwd: a (0) = x, f32 bits, (rows, count); b (1) = its [min, max] (f32 bits);
+//                   out (3) = 4 header words (the scale's f32 bits, the zero point, 0, 0),
+//                   then q as quantize_fwd writes it, with the scale and zero point of
+//                   [min, max] computed here as QParams::asymmetric does (in f32)
 //   qgemm_fwd:      a (0) = activations (m, k4) words; b (1) = weights (k4, n) words
 //                   (word-major, so that neighbouring channels read neighbouring words);
 //                   c (2) = per output channel, 3 words: the i32 bias (with the zero-point
@@ -165,6 +169,49 @@ fn quantize_im2col_fwd(@builtin(workgroup_id) wid: vec3<u32>,
     out[t] = packed;
 }
 
+// Scale and zero point of the range [mn, mx], asymmetric int8 (ONNX Runtime's formula, in f32).
+fn dyn_params(mn: f32, mx: f32) -> vec2<f32> {
+    let lo = min(mn, 0.0);
+    let hi = max(mx, 0.0);
+    let scale = (hi - lo) / 255.0;
+    if (!(scale >= 1.17549435e-38)) {
+        return vec2<f32>(1.0, 0.0);
+    }
+    return vec2<f32>(scale, clamp(round(-128.0 - lo / scale), -128.0, 127.0));
+}
+
+@compute @workgroup_size(256)
+fn quantize_dyn_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                    @builtin(local_invocation_id) lid: vec3<u32>) {
+    let t = (wid.y * nwg.x + wid.x) * 256u + lid.x;
+    let sz = dyn_params(bitcast<f32>(b[0]), bitcast<f32>(b[1]));
+    let zp = i32(sz.y);
+    if (t == 0u) {
+        out[0] = bitcast<u32>(sz.x);
+        out[1] = bitcast<u32>(zp);
+        out[2] = 0u;
+        out[3] = 0u;
+    }
+    if (t >= p.rows * p.k4) {
+        return;
+    }
+    let row = t / p.k4;
+    let word = t % p.k4;
+    var packed = 0u;
+    for (var i = 0u; i < 4u; i += 1u) {
+        let col = word * 4u + i;
+        var q = zp;
+        if (col < p.count) {
+            let x = bitcast<f32>(a[row * p.count + col]);
+            if (!is_nan(x)) {
+                q = i32(clamp(round(x / sz.x) + f32(zp), -128.0, 127.0));
+            }
+        }
+        packed |= (bitcast<u32>(q) & 0xffu) << (8u * i);
+    }
+    out[4u + t] = packed;
+}
+
 // The 64-bit product of a and m as (low word, high word).
 fn mul_wide(x: u32, m: u32) -> vec2<u32> {
     let x0 = x & 0xffffu;
@@ -223,6 +270,8 @@ fn qgemm_fwd(@builtin(global_invocation_id) gid: vec3<u32>) {
         return;
     }
     var acc: array<vec4<i32>, 4>;
+    // Mode 2 (dynamic): the activations' scale and zero point head the activation words.
+    let a0 = select(0u, 4u, p.mode == 2u);
     for (var k = 0u; k < p.k4; k += 1u) {
         var bw: vec4<u32>;
         for (var j = 0u; j < 4u; j += 1u) {
@@ -231,7 +280,7 @@ fn qgemm_fwd(@builtin(global_invocation_id) gid: vec3<u32>) {
         }
         for (var i = 0u; i < 4u; i += 1u) {
             let ri = min(row0 + i, p.m - 1u);
-            let aw = a[ri * p.k4 + k];
+            let aw = a[a0 + ri * p.k4 + k];
             acc[i] += vec4<i32>(dot4(aw, bw.x), dot4(aw, bw.y), dot4(aw, bw.z), dot4(aw, bw.w));
         }
     }
@@ -246,8 +295,15 @@ fn qgemm_fwd(@builtin(global_invocation_id) gid: vec3<u32>) {
             var q = p.zy;
             if (col < p.n) {
                 let total = acc[i][j] + bitcast<i32>(c[col * 3u]);
-                if (p.mode == 0u) {
+                if (p.mode != 1u) {
                     var y = f32(total) * bitcast<f32>(c[col * 3u + 1u]);
+                    if (p.mode == 2u) {
+                        // c: the weight row's sum, its scale, the f32 bias.
+                        let sa = bitcast<f32>(a[0]);
+                        let za = bitcast<i32>(a[1]);
+                        let t = acc[i][j] - za * bitcast<i32>(c[col * 3u]);
+                        y = f32(t) * (sa * bitcast<f32>(c[col * 3u + 1u])) + bitcast<f32>(c[col * 3u + 2u]);
+                    }
                     if (p.act_on != 0u) {
                         y = unary_op(p.act, y, p.alpha, 0.0);
                     }

@@ -291,6 +291,7 @@ kernels! {
     DequantizeFwd => (Quant, "dequantize_fwd", 1),
     QgemmFwd => (Quant, "qgemm_fwd", 3),
     QuantizeIm2colFwd => (Quant, "quantize_im2col_fwd", 2),
+    QuantizeDynFwd => (Quant, "quantize_dyn_fwd", 2),
 }
 
 impl Kernel {

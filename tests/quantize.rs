@@ -1,4 +1,4 @@
-//! Static int8 quantization of frozen models: accuracy on the digits test split against the
+//! Int8 quantization of frozen models, static and dynamic: accuracy on the digits test split against the
 //! f32 model (the digits CNN within 0.5 points, the ResNet-style net within 1), the saved
 //! file's size, loading it back, and bad input. The kernels' bit-exact tests are unit tests
 //! of `src/ops/quant.rs`; the quantization semantics are checked against ONNX Runtime in
@@ -110,6 +110,30 @@ fn check(name: &str, frozen: &InferenceModel, points: f64, size: f64, d: &Device
     }
 }
 
+/// Dynamic quantization: linear layers only, no calibration; accuracy within a point, the
+/// file reloads and predicts alike.
+fn check_dynamic(name: &str, frozen: &InferenceModel, d: &Device) {
+    let (f32_acc, _) = accuracy(frozen, d);
+    let q = frozen.quantize_dynamic().unwrap();
+    let g = q.describe();
+    assert!(
+        g.contains("quantize_dynamic") && !g.contains("linear["),
+        "{g}"
+    );
+    let (acc, preds) = accuracy(&q, d);
+    println!("{name} dynamic: f32 {f32_acc:.2}%, int8 {acc:.2}%");
+    assert!(
+        (acc - f32_acc).abs() <= 1.0,
+        "{name}: dynamic {acc}% against {f32_acc}%"
+    );
+    let back = InferenceModel::from_bytes(&q.to_bytes().unwrap(), d).unwrap();
+    assert_eq!(
+        accuracy(&back, d).1,
+        preds,
+        "{name}: the reloaded model predicts alike"
+    );
+}
+
 #[test]
 fn int8_digits_cnn_keeps_its_accuracy() {
     let d = dev();
@@ -119,6 +143,7 @@ fn int8_digits_cnn_keeps_its_accuracy() {
     train(&mut model, 3, &d);
     let frozen = freeze(model, &images(2, 0, &d)).unwrap();
     check("digits CNN", &frozen, 0.5, 0.3, &d);
+    check_dynamic("digits CNN", &frozen, &d);
 }
 
 #[test]
@@ -130,6 +155,28 @@ fn int8_resnet_keeps_its_accuracy() {
     // 24 KiB of f32 weights: the graph and the per-channel scales and biases weigh as much as
     // the int8 weights, so the file shrinks less than the CNN's.
     check("ResNet", &frozen, 1.0, 0.5, &d);
+    check_dynamic("ResNet", &frozen, &d);
+}
+
+/// The transformer block's linear layers (over (N, T, C)) quantized at run time stay close
+/// to the f32 block.
+#[test]
+fn dynamic_transformer_block_stays_close() {
+    let d = dev();
+    let frozen = freeze(block(&d), &tokens(2, 1, &d)).unwrap();
+    let q = frozen.quantize_dynamic().unwrap();
+    let x = tokens(4, 3, &d);
+    let (a, b) = (
+        frozen.predict(&x).unwrap().to_vec().unwrap(),
+        q.predict(&x).unwrap().to_vec().unwrap(),
+    );
+    let scale = a.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let err = a
+        .iter()
+        .zip(&b)
+        .fold(0f32, |m, (p, q)| m.max((p - q).abs()));
+    assert!(err <= 0.05 * scale, "{err} of {scale}");
+    assert!(err > 0.0, "the int8 path ran");
 }
 
 #[test]

@@ -187,9 +187,15 @@ fn op_json(op: &OpKind) -> Value {
             "scale": num(*scale), "zero_point": zero_point, "kernel": kernel,
             "stride": opts.stride, "padding": opts.padding, "dilation": opts.dilation
         }),
-        OpKind::QGemm { n, act, spatial } => {
-            json!({ "n": n, "act": act_json(act), "spatial": spatial })
+        OpKind::QGemm {
+            n,
+            act,
+            spatial,
+            dynamic,
+        } => {
+            json!({ "n": n, "act": act_json(act), "spatial": spatial, "dynamic": dynamic })
         }
+        OpKind::QuantizeDynamic => json!({}),
     };
     v["op"] = json!(op.name());
     v
@@ -840,7 +846,9 @@ fn parse_op(v: &Value, what: &str) -> Result<OpKind> {
                 Value::Null => None,
                 other => Some(pair(other, what)?),
             },
+            dynamic: boolean(f("dynamic")?, what)?,
         },
+        "quantize_dynamic" => OpKind::QuantizeDynamic,
         "cast" => OpKind::Cast {
             to: dtype(f("to")?, what)?,
         },

@@ -194,7 +194,13 @@ pub(crate) enum OpKind {
         n: usize,
         act: Act,
         spatial: Option<[usize; 2]>,
+        /// Activations quantized at run time ([`OpKind::QuantizeDynamic`]): 4 header words,
+        /// then the rows; the channel data holds weight sums, scales and f32 biases.
+        dynamic: bool,
     },
+    /// Int8 quantization of rows along the last axis with the range of the tensor itself,
+    /// computed at run time: `(4 + rows * k4)` words, the scale and zero point first.
+    QuantizeDynamic,
 }
 
 /// The activations a producing kernel's epilogue applies.
@@ -241,6 +247,7 @@ impl OpKind {
             OpKind::QuantizeRows { .. } => "quantize_rows",
             OpKind::QuantizeIm2col { .. } => "quantize_im2col",
             OpKind::QGemm { .. } => "qgemm",
+            OpKind::QuantizeDynamic => "quantize_dynamic",
         }
     }
 
@@ -261,7 +268,8 @@ impl OpKind {
             | OpKind::AdaptiveAvgPool { .. }
             | OpKind::Cast { .. }
             | OpKind::QuantizeRows { .. }
-            | OpKind::QuantizeIm2col { .. } => 1,
+            | OpKind::QuantizeIm2col { .. }
+            | OpKind::QuantizeDynamic => 1,
             OpKind::QGemm { .. } => 3,
             OpKind::Binary { .. }
             | OpKind::Matmul
@@ -293,7 +301,9 @@ impl OpKind {
     /// The element type of the op's result, for ops that fix it (the int8 ops).
     pub(crate) fn output_dtype(&self) -> Option<DType> {
         match self {
-            OpKind::QuantizeRows { .. } | OpKind::QuantizeIm2col { .. } => Some(DType::I32),
+            OpKind::QuantizeRows { .. }
+            | OpKind::QuantizeIm2col { .. }
+            | OpKind::QuantizeDynamic => Some(DType::I32),
             OpKind::QGemm { .. } => Some(DType::F32),
             _ => None,
         }
@@ -303,7 +313,9 @@ impl OpKind {
     /// the integer product, f32 for quantization, the node's own type for every other op.
     pub(crate) fn operand_dtype(&self, out: DType) -> DType {
         match self {
-            OpKind::QuantizeRows { .. } | OpKind::QuantizeIm2col { .. } => DType::F32,
+            OpKind::QuantizeRows { .. }
+            | OpKind::QuantizeIm2col { .. }
+            | OpKind::QuantizeDynamic => DType::F32,
             OpKind::QGemm { .. } => DType::I32,
             _ => out,
         }
@@ -766,6 +778,40 @@ impl OpKind {
                     crate::ops::quant::words(c * kernel[0] * kernel[1]),
                 ]
             }
+            OpKind::QuantizeDynamic => {
+                let k = *x.last().unwrap_or(&0);
+                if k == 0 {
+                    return Err(shape_err(format!("rows of {x:?} are empty")));
+                }
+                let words = (numel(x)? / k)
+                    .checked_mul(crate::ops::quant::words(k))
+                    .and_then(|w| w.checked_add(4))
+                    .ok_or_else(|| shape_err(format!("{x:?} overflows")))?;
+                vec![words]
+            }
+            OpKind::QGemm {
+                n: ch,
+                spatial,
+                dynamic: true,
+                ..
+            } => {
+                let (w, c) = (inputs[1], inputs[2]);
+                let k4 = w.first().copied().unwrap_or(0);
+                let ok = x.len() == 1
+                    && w.len() == 2
+                    && w[1] == *ch
+                    && k4 > 0
+                    && x[0] >= 4
+                    && (x[0] - 4).is_multiple_of(k4)
+                    && c == [3 * ch]
+                    && spatial.is_none();
+                if !ok {
+                    return Err(shape_err(format!(
+                        "activation words {x:?}, weights {w:?} and channel data {c:?} for {ch} channels"
+                    )));
+                }
+                vec![(x[0] - 4) / k4, *ch]
+            }
             OpKind::QGemm { n: ch, spatial, .. } => {
                 let (w, c) = (inputs[1], inputs[2]);
                 if x.len() != 2 || w.len() != 2 || w[1] != *ch || w[0] != x[1] || c != [3 * ch] {
@@ -930,10 +976,35 @@ impl OpKind {
                     crate::ops::quant::words(c * kernel[0] * kernel[1]),
                 ])))
             }
+            OpKind::QuantizeDynamic => {
+                let k = *x.dims().last().unwrap_or(&0);
+                crate::ops::quant::quantize_rows_dynamic(x, k)
+            }
+            OpKind::QGemm {
+                n: ch,
+                act,
+                dynamic: true,
+                ..
+            } => {
+                let k4 = inputs[1].dims()[0];
+                let m = (x.numel() - 4) / k4.max(1);
+                crate::ops::quant::qgemm(
+                    x,
+                    m,
+                    inputs[1],
+                    *ch,
+                    k4,
+                    inputs[2],
+                    crate::ops::quant::QOut::Dynamic { act: *act },
+                    false,
+                    0,
+                )
+            }
             OpKind::QGemm {
                 n: ch,
                 act,
                 spatial,
+                ..
             } => {
                 let (m, k4) = (x.dims()[0], x.dims()[1]);
                 let ohw = spatial.map_or(0, |[oh, ow]| oh * ow);

@@ -179,10 +179,57 @@ impl InferenceModel {
         self.device.synchronize()?;
         Ok(InferenceModel::from_graph(self.device.clone(), graph))
     }
+
+    /// The model with its linear layers (constant weights) run with int8 weights (symmetric
+    /// per output channel) and activations quantized at run time, per batch, with the range
+    /// of each batch: no calibration. Convolutions and other ops stay f32.
+    ///
+    /// ```
+    /// use kiln::nn::{Init, Sequential};
+    /// # let dev = kiln::Device::default_device()?;
+    /// let net = Sequential::from_spec(&mut Init::new(&dev, 0), "linear(8,16) relu linear(16,4)")?;
+    /// let frozen = kiln::infer::freeze(net, &kiln::Tensor::randn(&[2, 8], 1, &dev)?)?;
+    /// let int8 = frozen.quantize_dynamic()?;
+    /// let x = kiln::Tensor::randn(&[5, 8], 3, &dev)?;
+    /// let (a, b) = (frozen.predict(&x)?.to_vec()?, int8.predict(&x)?.to_vec()?);
+    /// assert!(a.iter().zip(&b).all(|(p, q)| (p - q).abs() < 0.1));
+    /// # Ok::<(), kiln::Error>(())
+    /// ```
+    pub fn quantize_dynamic(&self) -> Result<InferenceModel> {
+        const OP: &str = "InferenceModel::quantize_dynamic";
+        if self.precision != super::Precision::F32 {
+            return Err(Error::invalid(
+                OP,
+                "quantize the f32 model, not the f16 one",
+            ));
+        }
+        let g = &self.graph;
+        let targets: std::collections::HashSet<usize> = (0..g.nodes.len())
+            .filter(|&i| {
+                matches!(g.nodes[i].op, OpKind::Linear { .. }) && quantizable(g, &g.nodes[i])
+            })
+            .collect();
+        let graph = rewrite_with(g, &|i| targets.contains(&i).then_some(Mode::Dynamic))?;
+        self.device.synchronize()?;
+        Ok(InferenceModel::from_graph(self.device.clone(), graph))
+    }
 }
 
-/// The graph with each node of `ranges` replaced by quantize → integer product.
+/// How one node is quantized.
+#[derive(Clone, Copy)]
+enum Mode {
+    /// Activations with these calibrated parameters.
+    Static(QParams),
+    /// Activations quantized at run time.
+    Dynamic,
+}
+
 fn rewrite(g: &Graph, ranges: &HashMap<usize, QParams>) -> Result<Graph> {
+    rewrite_with(g, &|i| ranges.get(&i).map(|&q| Mode::Static(q)))
+}
+
+/// The graph with each node that `mode_of` names replaced by quantize → integer product.
+fn rewrite_with(g: &Graph, mode_of: &dyn Fn(usize) -> Option<Mode>) -> Result<Graph> {
     let _no_grad = crate::autograd::NoGradGuard::new();
     let mut out = Graph {
         inputs: g.inputs.clone(),
@@ -210,7 +257,7 @@ fn rewrite(g: &Graph, ranges: &HashMap<usize, QParams>) -> Result<Graph> {
     };
     for (i, node) in g.nodes.iter().enumerate() {
         let inputs: Vec<Src> = node.inputs.iter().map(|&s| remap(s, &map)).collect();
-        let (Some(&qa), Some(dev)) = (ranges.get(&i), dev.as_ref()) else {
+        let (Some(mode), Some(dev)) = (mode_of(i), dev.as_ref()) else {
             out.nodes.push(Node {
                 inputs,
                 ..node.clone()
@@ -247,6 +294,67 @@ fn rewrite(g: &Graph, ranges: &HashMap<usize, QParams>) -> Result<Graph> {
             .enumerate()
             .map(|(e, &v)| wp[e / k].quantize(v))
             .collect();
+        let w_words = transpose_words(&pack_rows(&wq, k, 0), n, words(k));
+        let w_t = Tensor::from_slice_i32(
+            &w_words.iter().map(|&v| v as i32).collect::<Vec<_>>(),
+            &[words(k), n],
+            dev,
+        )?;
+        let qa = match mode {
+            Mode::Static(qa) => qa,
+            Mode::Dynamic => {
+                // Channel data: the weight row's sum, its scale, the f32 bias.
+                let mut ch = Vec::with_capacity(3 * n);
+                for c in 0..n {
+                    let wsum: i32 = wq[c * k..(c + 1) * k].iter().map(|&v| v as i32).sum();
+                    ch.extend_from_slice(&[
+                        wsum,
+                        wp[c].scale.to_bits() as i32,
+                        b[c].to_bits() as i32,
+                    ]);
+                }
+                let wsrc = push_const(&mut out, w_t);
+                let csrc = push_const(&mut out, Tensor::from_slice_i32(&ch, &[3 * n], dev)?);
+                let x = inputs[0];
+                let x_shape = shape_of(x, &out);
+                let rows = product(&x_shape[..x_shape.len() - 1]);
+                let k4 = words(k) as i64;
+                out.nodes.push(Node {
+                    op: OpKind::QuantizeDynamic,
+                    inputs: vec![x],
+                    shape: vec![Dim {
+                        per_batch: rows.per_batch * k4,
+                        fixed: rows.fixed * k4 + 4,
+                    }],
+                    dtype: DType::I32,
+                });
+                let a = Src::Node(out.nodes.len() - 1);
+                out.nodes.push(Node {
+                    op: OpKind::QGemm {
+                        n,
+                        act,
+                        spatial: None,
+                        dynamic: true,
+                    },
+                    inputs: vec![a, wsrc, csrc],
+                    shape: vec![rows, Dim::fixed(n)],
+                    dtype: DType::F32,
+                });
+                if node.shape != [rows, Dim::fixed(n)] {
+                    let y = Src::Node(out.nodes.len() - 1);
+                    out.nodes.push(Node {
+                        op: OpKind::Reshape {
+                            shape: node.shape.clone(),
+                        },
+                        inputs: vec![y],
+                        shape: node.shape.clone(),
+                        dtype: DType::F32,
+                    });
+                }
+                map.push(Src::Node(out.nodes.len() - 1));
+                continue;
+            }
+        };
         // Bias at the product's scale, with the activation zero point's correction folded in.
         let mut folded = Vec::with_capacity(n);
         let mut scales = Vec::with_capacity(n);
@@ -264,12 +372,6 @@ fn rewrite(g: &Graph, ranges: &HashMap<usize, QParams>) -> Result<Graph> {
             folded.push(total as i32);
             scales.push(s.to_bits());
         }
-        let w_words = transpose_words(&pack_rows(&wq, k, 0), n, words(k));
-        let w_t = Tensor::from_slice_i32(
-            &w_words.iter().map(|&v| v as i32).collect::<Vec<_>>(),
-            &[words(k), n],
-            dev,
-        )?;
         let ch = channel_words(&folded, &scales, &vec![0; n]);
         let ch_t = Tensor::from_slice_i32(
             &ch.iter().map(|&v| v as i32).collect::<Vec<_>>(),
@@ -322,7 +424,12 @@ fn rewrite(g: &Graph, ranges: &HashMap<usize, QParams>) -> Result<Graph> {
             Some(_) => node.shape.clone(),
         };
         out.nodes.push(Node {
-            op: OpKind::QGemm { n, act, spatial },
+            op: OpKind::QGemm {
+                n,
+                act,
+                spatial,
+                dynamic: false,
+            },
             inputs: vec![a, wsrc, csrc],
             shape: gemm_shape.clone(),
             dtype: DType::F32,

@@ -217,6 +217,42 @@ pub(crate) fn quantize_im2col(
     Ok(out)
 }
 
+/// `x` (f32, contiguous rows of `count`) quantized with the scale and zero point of its own
+/// range, computed on the GPU: 4 header words (scale, zero point) then `(rows, words(count))`.
+pub(crate) fn quantize_rows_dynamic(x: &Tensor, count: usize) -> Result<Tensor> {
+    const OP: &str = "quantize_dynamic";
+    let x = x.contiguous()?;
+    let n = x.numel();
+    if count == 0 || !n.is_multiple_of(count) || n == 0 {
+        return Err(Error::shape(OP, format!("{n} values in rows of {count}")));
+    }
+    let rows = n / count;
+    let k4 = words(count);
+    let range = Tensor::concat(
+        &[
+            &x.min(&[], false)?.reshape(&[1])?,
+            &x.max(&[], false)?.reshape(&[1])?,
+        ],
+        0,
+    )?
+    .contiguous()?;
+    let out = word_tensor(OP, 4 + rows * k4, x.device())?;
+    let p = QuantParams {
+        count: count as u32,
+        rows: rows as u32,
+        k4: k4 as u32,
+        ..Default::default()
+    };
+    x.device().dispatch(
+        Kernel::QuantizeDynFwd,
+        &[x.buffer(), range.buffer()],
+        out.buffer(),
+        bytemuck::bytes_of(&p),
+        grid((rows * k4).max(1), 256),
+    );
+    Ok(out)
+}
+
 /// Int8 words `(rows, words(count))` back to f32 `(rows, count)`.
 pub(crate) fn dequantize_rows(q: &Tensor, rows: usize, count: usize, p: QParams) -> Result<Tensor> {
     const OP: &str = "dequantize";
@@ -253,6 +289,9 @@ pub(crate) enum QOut {
     F32 { act: Option<(UnaryOp, f32)> },
     /// Int8 words, requantized to zero point `zy`; `relu` clamps at the zero point.
     I8 { zy: i32, relu: bool },
+    /// f32, for activations quantized at run time ([`quantize_rows_dynamic`]): the channel
+    /// data is the weight row's sum, its scale and the f32 bias.
+    Dynamic { act: Option<(UnaryOp, f32)> },
 }
 
 /// The integer product of int8 activations `a` (m rows of `k4` words) and weights `b` (`k4`
@@ -286,10 +325,18 @@ pub(crate) fn qgemm(
     }
     let (mode, n_words, act, zy, lo) = match out {
         QOut::F32 { act } => (0, n, act, 0, -128),
+        QOut::Dynamic { act } => (2, n, act, 0, -128),
         QOut::I8 { zy, relu } => (1, words(n), None, zy, if relu { zy } else { -128 }),
     };
+    let header = if mode == 2 { 4 } else { 0 };
+    if a.numel() < header + m * k4 {
+        return Err(Error::shape(
+            OP,
+            format!("{} activation words for {m} rows", a.numel()),
+        ));
+    }
     let result = match out {
-        QOut::F32 { .. } => Tensor::uninit(OP, &[m, n], a.device())?,
+        QOut::F32 { .. } | QOut::Dynamic { .. } => Tensor::uninit(OP, &[m, n], a.device())?,
         QOut::I8 { .. } => word_tensor(OP, m * n_words, a.device())?,
     };
     let p = QuantParams {
@@ -307,7 +354,7 @@ pub(crate) fn qgemm(
         ohw: ohw as u32,
         ..Default::default()
     };
-    if ohw > 0 && (!matches!(out, QOut::F32 { .. }) || !m.is_multiple_of(ohw)) {
+    if ohw > 0 && (matches!(out, QOut::I8 { .. }) || !m.is_multiple_of(ohw)) {
         return Err(Error::invalid(
             OP,
             format!("NCHW output of {m} rows by {ohw}"),
@@ -620,6 +667,80 @@ mod tests {
                         }
                     }
                 }
+            }
+        }
+    }
+
+    /// Activations quantized at run time: the GPU's scale and zero point are the host's
+    /// formula on the tensor's range, and the product equals the integer reference (then one
+    /// f32 scale and bias).
+    #[test]
+    fn dynamic_quantization_uses_the_batch_range() {
+        let dev = Device::default_device().unwrap();
+        let mut rng = Lcg(5);
+        let (m, n, k) = (7, 5, 13);
+        let x: Vec<f32> = (0..m * k)
+            .map(|_| (rng.next() % 2001) as f32 / 500.0 - 1.5)
+            .collect();
+        let (mn, mx) = x
+            .iter()
+            .fold((f32::MAX, f32::MIN), |(a, b), &v| (a.min(v), b.max(v)));
+        let t = Tensor::from_slice(&x, &[m, k], &dev).unwrap();
+        let words_t = quantize_rows_dynamic(&t, k).unwrap();
+        let got = read(&words_t);
+        let (sa, za) = (f32::from_bits(got[0]), got[1] as i32);
+        let host = QParams::asymmetric(mn, mx).unwrap();
+        assert!(
+            (sa - host.scale).abs() <= host.scale * 1e-6,
+            "{sa} vs {}",
+            host.scale
+        );
+        assert_eq!(za, host.zero_point);
+        let wq: Vec<i8> = (0..n * k).map(|_| rng.i8()).collect();
+        let sw: Vec<f32> = (0..n).map(|c| 0.01 * (c + 1) as f32).collect();
+        let bias: Vec<f32> = (0..n).map(|c| c as f32 - 2.0).collect();
+        let mut ch = Vec::new();
+        for c in 0..n {
+            let wsum: i32 = wq[c * k..(c + 1) * k].iter().map(|&v| v as i32).sum();
+            ch.extend_from_slice(&[wsum as u32, sw[c].to_bits(), bias[c].to_bits()]);
+        }
+        let wt = upload(&transpose_words(&pack_rows(&wq, k, 0), n, words(k)), &dev);
+        let y = qgemm(
+            &words_t,
+            m,
+            &wt,
+            n,
+            words(k),
+            &upload(&ch, &dev),
+            QOut::Dynamic { act: None },
+            false,
+            0,
+        )
+        .unwrap()
+        .to_vec()
+        .unwrap();
+        let k4 = words(k);
+        for r in 0..m {
+            for c in 0..n {
+                let mut acc = 0i32;
+                for i in 0..k {
+                    let q = (got[4 + r * k4 + i / 4] >> (8 * (i % 4))) as u8 as i8 as i32;
+                    // Division on the GPU may round the other way at a tie: one step.
+                    let hq = QParams {
+                        scale: sa,
+                        zero_point: za,
+                    }
+                    .quantize(x[r * k + i]) as i32;
+                    assert!((q - hq).abs() <= 1, "{q} vs {hq}");
+                    acc += (q - za) * wq[c * k + i] as i32;
+                }
+                let want = acc as f32 * (sa * sw[c]) + bias[c];
+                let e = (y[r * n + c] - want).abs();
+                assert!(
+                    e <= 1e-5 * want.abs().max(1.0),
+                    "[{r},{c}] {} vs {want}",
+                    y[r * n + c]
+                );
             }
         }
     }

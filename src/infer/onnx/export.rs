@@ -701,7 +701,10 @@ impl Ex<'_> {
                 };
                 self.emit_to("ConstantOfShape", vec![s], vec![attr], out);
             }
-            OpKind::QuantizeRows { .. } | OpKind::QuantizeIm2col { .. } | OpKind::QGemm { .. } => {
+            OpKind::QuantizeRows { .. }
+            | OpKind::QuantizeIm2col { .. }
+            | OpKind::QGemm { .. }
+            | OpKind::QuantizeDynamic => {
                 return Err(self.err("int8 graphs do not export to ONNX yet: export the f32 model"));
             }
             OpKind::Cast { to } => {
