@@ -33,6 +33,7 @@ pub mod loss;
 pub mod nn;
 mod ops;
 pub mod optim;
+pub mod prune;
 pub mod quant;
 pub mod shape;
 pub mod spec;
