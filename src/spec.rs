@@ -199,7 +199,7 @@ impl<'a> Args<'a> {
     }
 }
 
-fn tokens(spec: &str) -> Result<Vec<&str>> {
+pub(crate) fn tokens(spec: &str) -> Result<Vec<&str>> {
     let mut out = Vec::new();
     let mut depth = 0i32;
     let mut start = None;
