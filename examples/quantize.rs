@@ -2,7 +2,8 @@
 //! prints one table: variant, accuracy on the digits test split, file size, latency per batch
 //! of 64 and peak GPU memory of an inference, for f32, f16 (where the adapter has
 //! `SHADER_F16`), int8 static (MinMax and 99.99th-percentile calibration on 4 batches) and
-//! int8 dynamic (linear layers only, activations quantized per batch at run time).
+//! int8 dynamic (linear layers only, activations quantized per batch at run time), and 50% of
+//! the channels pruned (`kiln::prune::channels`) then fine-tuned for one epoch.
 //!
 //! ```text
 //! cargo run --release --example quantize
@@ -24,17 +25,29 @@ const RESNET: &str = "conv2d(1,16,3,p=1,bias=false) batchnorm2d(16) relu basicbl
 
 fn train(spec: &str, epochs: usize, dev: &Device) -> Result<Sequential> {
     let mut model = Sequential::from_spec(&mut Init::new(dev, 1), spec)?;
+    tune(&mut model, 0..epochs, 0.01, 64, dev)?;
+    Ok(model)
+}
+
+/// Adam over `epochs` of the digits training split.
+fn tune(
+    model: &mut Sequential,
+    epochs: std::ops::Range<usize>,
+    lr: f32,
+    batch: usize,
+    dev: &Device,
+) -> Result<()> {
     let mut opt = Adam::new(
         model.parameters(),
         AdamOptions {
-            lr: 0.01,
+            lr,
             ..Default::default()
         },
     )?;
     let (train, _) = data::digits()?.split(0.8, 0)?;
-    let loader = DataLoader::new(&train, 64, dev).shuffle(1);
+    let loader = DataLoader::new(&train, batch, dev).shuffle(1);
     model.set_training(true);
-    for epoch in 0..epochs {
+    for epoch in epochs {
         for batch in loader.epoch(epoch) {
             let batch = batch?;
             let loss = kiln::loss::cross_entropy(
@@ -48,7 +61,7 @@ fn train(spec: &str, epochs: usize, dev: &Device) -> Result<Sequential> {
         }
     }
     model.set_training(false);
-    Ok(model)
+    Ok(())
 }
 
 /// Accuracy (%), milliseconds per batch of 64 (median of the runs), peak bytes.
@@ -96,6 +109,14 @@ fn main() -> Result<()> {
     for (name, spec, epochs) in [("digits CNN", CNN, 3), ("ResNet", RESNET, 3)] {
         let model = train(spec, epochs, &dev)?;
         let example = Tensor::zeros(&[2, 1, 8, 8], &dev)?;
+        // Half the channels removed, then one epoch of fine-tuning (plain stacks only).
+        let pruned = match kiln::prune::channels(&model, spec, 0.5, &mut Init::new(&dev, 2)) {
+            Ok((mut small, _)) => {
+                tune(&mut small, epochs..epochs + 1, 0.002, 16, &dev)?;
+                Ok(freeze(small, &example)?)
+            }
+            Err(e) => Err(e),
+        };
         let f32_model = freeze(model, &example)?;
         let f32_bytes = f32_model.to_bytes()?.len();
         let mut variants: Vec<(String, InferenceModel)> = Vec::new();
@@ -116,6 +137,13 @@ fn main() -> Result<()> {
         let half_note = match half {
             Ok(h) => {
                 variants.insert(1, ("f16".into(), h));
+                None
+            }
+            Err(e) => Some(e.to_string()),
+        };
+        let prune_note = match pruned {
+            Ok(p) => {
+                variants.push(("pruned 50% + 1 epoch".into(), p));
                 None
             }
             Err(e) => Some(e.to_string()),
@@ -157,6 +185,9 @@ fn main() -> Result<()> {
         }
         if let Some(e) = half_note {
             println!("{name:<12} f16: {e}");
+        }
+        if let Some(e) = prune_note {
+            println!("{name:<12} structured pruning: {e}");
         }
     }
     Ok(())
