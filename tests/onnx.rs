@@ -183,33 +183,12 @@ fn kiln_onnx_kiln_round_trips() {
 #[test]
 fn digits_accuracy_survives_onnx() {
     use kiln::data::{self, DataLoader, Dataset};
-    use kiln::optim::{Adam, AdamOptions, Optimizer};
     let d = dev();
     let spec = "conv2d(1,8,3,p=1) batchnorm2d(8) relu maxpool2d(2) flatten linear(128,32) \
                 batchnorm1d(32) gelu linear(32,10)";
-    let model = Sequential::from_spec(&mut Init::new(&d, 3), spec).unwrap();
-    let mut opt = Adam::new(
-        model.parameters(),
-        AdamOptions {
-            lr: 0.01,
-            ..Default::default()
-        },
-    )
-    .unwrap();
-    let (train, test) = data::digits().unwrap().split(0.8, 0).unwrap();
-    let loader = DataLoader::new(&train, 64, &d).shuffle(1);
-    for epoch in 0..2 {
-        for batch in loader.epoch(epoch) {
-            let batch = batch.unwrap();
-            let logits = model.forward(&batch.inputs).unwrap();
-            let loss =
-                kiln::loss::cross_entropy(&logits, &batch.targets, &Default::default()).unwrap();
-            opt.zero_grad();
-            loss.backward().unwrap();
-            opt.step().unwrap();
-        }
-    }
-    drop(opt);
+    let mut model = Sequential::from_spec(&mut Init::new(&d, 3), spec).unwrap();
+    train_digits(&mut model, 0..2, 0.01, 64, 1, &d);
+    let (_, test) = data::digits().unwrap().split(0.8, 0).unwrap();
     let frozen = freeze(model, &images(2, 0, &d)).unwrap();
     let path = std::env::temp_dir().join(format!("kiln-digits-{}.onnx", std::process::id()));
     frozen.export_onnx(&path).unwrap();

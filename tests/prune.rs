@@ -189,50 +189,14 @@ fn pruned_digits_cnn_fine_tunes_back() {
     let d = dev();
     let spec = "conv2d(1,16,3,p=1) batchnorm2d(16) relu conv2d(16,32,3,p=1) relu maxpool2d(2) \
                 flatten linear(512,64) relu linear(64,10)";
-    let (train, test) = data::digits().unwrap().split(0.8, 0).unwrap();
-    let fit = |model: &mut Sequential, epochs: std::ops::Range<usize>, lr: f32, batch: usize| {
-        let loader = DataLoader::new(&train, batch, &d).shuffle(5);
-        let mut opt = Adam::new(
-            model.parameters(),
-            AdamOptions {
-                lr,
-                ..Default::default()
-            },
-        )
-        .unwrap();
-        model.set_training(true);
-        for e in epochs {
-            for b in loader.epoch(e) {
-                let b = b.unwrap();
-                let loss = kiln::loss::cross_entropy(
-                    &model.forward(&b.inputs).unwrap(),
-                    &b.targets,
-                    &Default::default(),
-                )
-                .unwrap();
-                opt.zero_grad();
-                loss.backward().unwrap();
-                opt.step().unwrap();
-            }
-        }
-        model.set_training(false);
-    };
-    let accuracy = |m: &kiln::infer::InferenceModel| {
-        let mut right = 0;
-        for b in DataLoader::new(&test, 64, &d).epoch(0) {
-            let b = b.unwrap();
-            let p = m.classify(&b.inputs).unwrap();
-            right += p.iter().zip(&b.labels).filter(|(p, l)| p == l).count();
-        }
-        100.0 * right as f64 / test.len() as f64
-    };
+    let accuracy = |m: &kiln::infer::InferenceModel| digits_accuracy(m, &d).0;
     let mut model = Sequential::from_spec(&mut Init::new(&d, 1), spec).unwrap();
-    fit(&mut model, 0..3, 0.01, 64);
+    train_digits(&mut model, 0..3, 0.01, 64, 5, &d);
     let (mut small, small_spec) =
         kiln::prune::channels(&model, spec, 0.5, &mut Init::new(&d, 0)).unwrap();
     assert!(small_spec.starts_with("conv2d(1,8,"), "{small_spec}");
     // Fine-tuning at a fifth of the training rate, in batches of 16.
-    fit(&mut small, 3..4, 0.002, 16);
+    train_digits(&mut small, 3..4, 0.002, 16, 5, &d);
     let x = Tensor::zeros(&[2, 1, 8, 8], &d).unwrap();
     let (full, pruned) = (
         kiln::infer::freeze(model, &x).unwrap(),

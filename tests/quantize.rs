@@ -8,50 +8,17 @@ mod common;
 
 use common::models::*;
 use common::*;
-use kiln::data::{self, DataLoader, Dataset};
+use kiln::data::{self, DataLoader};
 use kiln::infer::{freeze, InferenceModel, Observer, QuantizeOptions};
 use kiln::nn::{Init, Module, Sequential};
-use kiln::optim::{Adam, AdamOptions, Optimizer};
 use kiln::{Device, Tensor};
 
 fn train<M: Module>(model: &mut M, epochs: usize, d: &Device) {
-    let mut opt = Adam::new(
-        model.parameters(),
-        AdamOptions {
-            lr: 0.01,
-            ..Default::default()
-        },
-    )
-    .unwrap();
-    let (train, _) = data::digits().unwrap().split(0.8, 0).unwrap();
-    let loader = DataLoader::new(&train, 64, d).shuffle(1);
-    model.set_training(true);
-    for epoch in 0..epochs {
-        for batch in loader.epoch(epoch) {
-            let batch = batch.unwrap();
-            let logits = model.forward(&batch.inputs).unwrap();
-            let loss =
-                kiln::loss::cross_entropy(&logits, &batch.targets, &Default::default()).unwrap();
-            opt.zero_grad();
-            loss.backward().unwrap();
-            opt.step().unwrap();
-        }
-    }
-    model.set_training(false);
+    train_digits(model, 0..epochs, 0.01, 64, 1, d);
 }
 
-/// Accuracy on the digits test split, and the predictions.
 fn accuracy(model: &InferenceModel, d: &Device) -> (f64, Vec<usize>) {
-    let (_, test) = data::digits().unwrap().split(0.8, 0).unwrap();
-    let mut right = 0;
-    let mut all = Vec::new();
-    for b in DataLoader::new(&test, 64, d).epoch(0) {
-        let b = b.unwrap();
-        let p = model.classify(&b.inputs).unwrap();
-        right += p.iter().zip(&b.labels).filter(|(p, l)| p == l).count();
-        all.extend(p);
-    }
-    (100.0 * right as f64 / test.len() as f64, all)
+    digits_accuracy(model, d)
 }
 
 fn calibration(d: &Device) -> Vec<Tensor> {

@@ -340,17 +340,7 @@ fn rewrite_with(g: &Graph, mode_of: &dyn Fn(usize) -> Option<Mode>) -> Result<Gr
                     shape: vec![rows, Dim::fixed(n)],
                     dtype: DType::F32,
                 });
-                if node.shape != [rows, Dim::fixed(n)] {
-                    let y = Src::Node(out.nodes.len() - 1);
-                    out.nodes.push(Node {
-                        op: OpKind::Reshape {
-                            shape: node.shape.clone(),
-                        },
-                        inputs: vec![y],
-                        shape: node.shape.clone(),
-                        dtype: DType::F32,
-                    });
-                }
+                reshape_back(&mut out, &node.shape);
                 map.push(Src::Node(out.nodes.len() - 1));
                 continue;
             }
@@ -431,21 +421,10 @@ fn rewrite_with(g: &Graph, mode_of: &dyn Fn(usize) -> Option<Mode>) -> Result<Gr
                 dynamic: false,
             },
             inputs: vec![a, wsrc, csrc],
-            shape: gemm_shape.clone(),
+            shape: gemm_shape,
             dtype: DType::F32,
         });
-        if gemm_shape != node.shape {
-            // A linear over (..., k): back to the node's leading axes.
-            let y = Src::Node(out.nodes.len() - 1);
-            out.nodes.push(Node {
-                op: OpKind::Reshape {
-                    shape: node.shape.clone(),
-                },
-                inputs: vec![y],
-                shape: node.shape.clone(),
-                dtype: DType::F32,
-            });
-        }
+        reshape_back(&mut out, &node.shape);
         map.push(Src::Node(out.nodes.len() - 1));
     }
     out.outputs = g.outputs.iter().map(|&s| remap(s, &map)).collect();
@@ -460,6 +439,22 @@ fn rewrite_with(g: &Graph, mode_of: &dyn Fn(usize) -> Option<Mode>) -> Result<Gr
         out.infer_shapes(&shapes, n)?;
     }
     Ok(out)
+}
+
+/// A linear over (..., k) computes (rows, n): a reshape back to the node's own shape when
+/// the last node's differs.
+fn reshape_back(g: &mut Graph, shape: &[Dim]) {
+    let last = g.nodes.len() - 1;
+    if g.nodes[last].shape != shape {
+        g.nodes.push(Node {
+            op: OpKind::Reshape {
+                shape: shape.to_vec(),
+            },
+            inputs: vec![Src::Node(last)],
+            shape: shape.to_vec(),
+            dtype: DType::F32,
+        });
+    }
 }
 
 fn push_const(g: &mut Graph, t: Tensor) -> Src {

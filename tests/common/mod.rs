@@ -532,3 +532,53 @@ pub fn to_half_or_refused(
         Err(e) => panic!("to_half failed with SHADER_F16: {e}"),
     }
 }
+
+/// Trains `model` with Adam at `lr` over `epochs` of the digits training split, in batches of
+/// `batch` shuffled by `seed`, and leaves it in eval mode.
+pub fn train_digits(
+    model: &mut dyn kiln::nn::Module,
+    epochs: std::ops::Range<usize>,
+    lr: f32,
+    batch: usize,
+    seed: u64,
+    d: &Device,
+) {
+    use kiln::optim::Optimizer;
+    let mut opt = kiln::optim::Adam::new(
+        model.parameters(),
+        kiln::optim::AdamOptions {
+            lr,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let (train, _) = kiln::data::digits().unwrap().split(0.8, 0).unwrap();
+    let loader = kiln::data::DataLoader::new(&train, batch, d).shuffle(seed);
+    model.set_training(true);
+    for epoch in epochs {
+        for b in loader.epoch(epoch) {
+            let b = b.unwrap();
+            let logits = model.forward(&b.inputs).unwrap();
+            let loss = kiln::loss::cross_entropy(&logits, &b.targets, &Default::default()).unwrap();
+            opt.zero_grad();
+            loss.backward().unwrap();
+            opt.step().unwrap();
+        }
+    }
+    model.set_training(false);
+}
+
+/// Accuracy (%) of a frozen model on the digits test split, and its predictions.
+pub fn digits_accuracy(model: &kiln::infer::InferenceModel, d: &Device) -> (f64, Vec<usize>) {
+    use kiln::data::Dataset;
+    let (_, test) = kiln::data::digits().unwrap().split(0.8, 0).unwrap();
+    let mut right = 0;
+    let mut all = Vec::new();
+    for b in kiln::data::DataLoader::new(&test, 64, d).epoch(0) {
+        let b = b.unwrap();
+        let p = model.classify(&b.inputs).unwrap();
+        right += p.iter().zip(&b.labels).filter(|(p, l)| p == l).count();
+        all.extend(p);
+    }
+    (100.0 * right as f64 / test.len() as f64, all)
+}
