@@ -78,17 +78,9 @@ fn sbyte(w: u32, i: u32) -> i32 {
     return bitcast<i32>(w << (24u - 8u * i)) >> 24u;
 }
 
-// The dot product of two packed 4 x i8 vectors without the built-in.
-fn dot4_manual(x: u32, y: u32) -> i32 {
-    return sbyte(x, 0u) * sbyte(y, 0u) + sbyte(x, 1u) * sbyte(y, 1u) + sbyte(x, 2u) * sbyte(y, 2u)
-        + sbyte(x, 3u) * sbyte(y, 3u);
-}
-
-fn dot4(x: u32, y: u32) -> i32 {
-    if (p.manual != 0u) {
-        return dot4_manual(x, y);
-    }
-    return dot4I8Packed(x, y);
+// The four int8 values of a word, sign-extended.
+fn unpack4(w: u32) -> vec4<i32> {
+    return vec4<i32>(sbyte(w, 0u), sbyte(w, 1u), sbyte(w, 2u), sbyte(w, 3u));
 }
 
 fn quantize_one(x: f32) -> i32 {
@@ -278,10 +270,24 @@ fn qgemm_fwd(@builtin(global_invocation_id) gid: vec3<u32>) {
             let cj = min(col0 + j, p.n - 1u);
             bw[j] = b[k * p.n + cj];
         }
-        for (var i = 0u; i < 4u; i += 1u) {
-            let ri = min(row0 + i, p.m - 1u);
-            let aw = a[a0 + ri * p.k4 + k];
-            acc[i] += vec4<i32>(dot4(aw, bw.x), dot4(aw, bw.y), dot4(aw, bw.z), dot4(aw, bw.w));
+        if (p.manual != 0u) {
+            // By hand: each weight word unpacked once, reused by the four rows.
+            let w0 = unpack4(bw.x);
+            let w1 = unpack4(bw.y);
+            let w2 = unpack4(bw.z);
+            let w3 = unpack4(bw.w);
+            for (var i = 0u; i < 4u; i += 1u) {
+                let ri = min(row0 + i, p.m - 1u);
+                let x = unpack4(a[a0 + ri * p.k4 + k]);
+                acc[i] += vec4<i32>(dot(x, w0), dot(x, w1), dot(x, w2), dot(x, w3));
+            }
+        } else {
+            for (var i = 0u; i < 4u; i += 1u) {
+                let ri = min(row0 + i, p.m - 1u);
+                let aw = a[a0 + ri * p.k4 + k];
+                acc[i] += vec4<i32>(dot4I8Packed(aw, bw.x), dot4I8Packed(aw, bw.y),
+                    dot4I8Packed(aw, bw.z), dot4I8Packed(aw, bw.w));
+            }
         }
     }
     for (var i = 0u; i < 4u; i += 1u) {
