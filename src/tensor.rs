@@ -466,6 +466,18 @@ impl Tensor {
         Ok(out)
     }
 
+    /// The tensor contiguous and starting at element 0 of its storage (a copy otherwise):
+    /// what kernels that index their buffers from the start need.
+    pub(crate) fn dense(&self) -> Result<Tensor> {
+        if self.is_contiguous() && self.layout.offset == 0 {
+            return Ok(self.clone());
+        }
+        self.check_float("contiguous")?;
+        let out = crate::ops::elementwise::copy(self)?;
+        crate::infer::capture::alias(self, &out)?;
+        Ok(out)
+    }
+
     // ---- readback ----
 
     /// The elements in row-major order. Submits pending work and waits for it.

@@ -278,7 +278,7 @@ fn conv_fwd_into_with(
             format!("{kernel:?} is not a conv2d forward kernel"),
         ));
     }
-    let (x, w) = (x.contiguous()?, w.contiguous()?);
+    let (x, w) = (x.dense()?, w.dense()?);
     g.launch(
         kernel,
         &x,
@@ -340,7 +340,7 @@ fn conv_bwd_input_with(
             format!("{kernel:?} is not a conv2d input-gradient kernel"),
         ));
     }
-    let (dy, w) = (dy.contiguous()?, w.contiguous()?);
+    let (dy, w) = (dy.dense()?, w.dense()?);
     let out = Tensor::uninit("conv2d_backward", &[g.n, g.c_in, g.h, g.w], dy.device())?;
     if g.c_out == 0 {
         return Tensor::zeros(out.dims(), dy.device());
@@ -427,7 +427,7 @@ fn conv_bwd_weight_with(
         }
     };
     let tiled = kernel == Kernel::Conv2dBwdWeightTiled;
-    let (dy, x) = (dy.contiguous()?, x.contiguous()?);
+    let (dy, x) = (dy.dense()?, x.dense()?);
     let shape = [g.c_out, g.c_in / g.groups, g.k[0], g.k[1]];
     let positions = g.n * g.oh * g.ow;
     if positions == 0 {

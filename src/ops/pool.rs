@@ -166,7 +166,7 @@ pub(crate) fn geometry(
 }
 
 fn pool_forward(x: &Tensor, g: PoolGeometry) -> Result<Tensor> {
-    let x = x.contiguous()?;
+    let x = x.dense()?;
     let total = g.n * g.c * g.oh * g.ow;
     // Max pooling writes the values and, right after them, the chosen indices when a
     // gradient will need them.
@@ -199,7 +199,7 @@ pub(crate) fn pool_backward(
     geo: &PoolGeometry,
     indices: Option<&Tensor>,
 ) -> Result<Tensor> {
-    let g = g.contiguous()?;
+    let g = g.dense()?;
     let out = Tensor::uninit("pool2d_backward", &[geo.n, geo.c, geo.h, geo.w], g.device())?;
     let total = geo.n * geo.c * geo.h * geo.w;
     match indices {

@@ -129,7 +129,7 @@ fn word_tensor(op: &'static str, n: usize, dev: &crate::Device) -> Result<Tensor
 /// `x` (f32, contiguous rows of `count`) quantized into int8 words, `(rows, words(count))`.
 pub(crate) fn quantize_rows(x: &Tensor, count: usize, q: QParams) -> Result<Tensor> {
     const OP: &str = "quantize";
-    let x = x.contiguous()?;
+    let x = x.dense()?;
     let n = x.numel();
     if count == 0 || !n.is_multiple_of(count) {
         return Err(Error::shape(OP, format!("{n} values in rows of {count}")));
@@ -166,7 +166,7 @@ pub(crate) fn quantize_im2col(
     if g.groups != 1 || x.dims() != [g.n, g.c_in, g.h, g.w] {
         return Err(Error::shape(OP, format!("input {:?} for {g:?}", x.dims())));
     }
-    let x = x.contiguous()?;
+    let x = x.dense()?;
     let count = g.c_in * g.k[0] * g.k[1];
     let rows = g.n * g.oh * g.ow;
     let k4 = words(count);
@@ -221,7 +221,7 @@ pub(crate) fn quantize_im2col(
 /// range, computed on the GPU: 4 header words (scale, zero point) then `(rows, words(count))`.
 pub(crate) fn quantize_rows_dynamic(x: &Tensor, count: usize) -> Result<Tensor> {
     const OP: &str = "quantize_dynamic";
-    let x = x.contiguous()?;
+    let x = x.dense()?;
     let n = x.numel();
     if count == 0 || !n.is_multiple_of(count) || n == 0 {
         return Err(Error::shape(OP, format!("{n} values in rows of {count}")));
@@ -235,7 +235,7 @@ pub(crate) fn quantize_rows_dynamic(x: &Tensor, count: usize) -> Result<Tensor> 
         ],
         0,
     )?
-    .contiguous()?;
+    .dense()?;
     let out = word_tensor(OP, 4 + rows * k4, x.device())?;
     let p = QuantParams {
         count: count as u32,
