@@ -255,9 +255,11 @@ fn requantize(acc: i32, mult: u32, shift: u32) -> i32 {
 }
 
 @compute @workgroup_size(8, 8)
-fn qgemm_fwd(@builtin(global_invocation_id) gid: vec3<u32>) {
+fn qgemm_fwd(@builtin(global_invocation_id) gid: vec3<u32>,
+             @builtin(num_workgroups) nwg: vec3<u32>) {
     let col0 = gid.x * 4u;
-    let row0 = gid.y * 4u;
+    // Row blocks past 65535 workgroups continue along z.
+    let row0 = (gid.y + gid.z * nwg.y * 8u) * 4u;
     if (row0 >= p.m || col0 >= p.n) {
         return;
     }

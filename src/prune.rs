@@ -233,6 +233,10 @@ pub fn channels(
     let mut keep: Option<Vec<usize>> = None;
     let mut channels = 0usize;
     let mut per_channel: Option<usize> = None;
+    // Where the pruned channels are: axis 1 after a convolution, the last axis after a
+    // linear layer.
+    let mut axis_last = false;
+    let cannot = |token: &str| Error::invalid(OP, format!("cannot prune through {token}"));
     for (i, layer) in layers.iter().enumerate() {
         let token = tokens[i].to_string();
         match layer {
@@ -246,8 +250,9 @@ pub fn channels(
                 groups,
                 bias,
             } => {
-                if *groups != 1 || per_channel.is_some() {
-                    return Err(Error::invalid(OP, format!("cannot prune through {token}")));
+                let reads_pruned = keep.is_some() && (axis_last || *in_channels != channels);
+                if *groups != 1 || per_channel.is_some() || reads_pruned {
+                    return Err(cannot(&token));
                 }
                 let (mut w, mut ws) = get(format!("{i}.weight"))?;
                 if let Some(k) = &keep {
@@ -270,6 +275,7 @@ pub fn channels(
                     out_keep.len()
                 ));
                 channels = *out_channels;
+                axis_last = false;
                 keep = (out_keep.len() != *out_channels).then_some(out_keep);
             }
             L::Linear {
@@ -277,6 +283,14 @@ pub fn channels(
                 out_features,
                 bias,
             } => {
+                // Without a flatten, a linear layer reads the pruned channels only when they
+                // are its input features.
+                if keep.is_some()
+                    && per_channel.is_none()
+                    && (!axis_last || *in_features != channels)
+                {
+                    return Err(cannot(&token));
+                }
                 let (mut w, mut ws) = get(format!("{i}.weight"))?;
                 let cols: Option<Vec<usize>> = match (&keep, per_channel) {
                     (Some(k), Some(per)) => {
@@ -309,6 +323,7 @@ pub fn channels(
                 new_tokens.push(format!("linear({new_in},{},bias={bias})", out_keep.len()));
                 channels = *out_features;
                 per_channel = None;
+                axis_last = true;
                 keep = (out_keep.len() != *out_features).then_some(out_keep);
             }
             L::BatchNorm {
@@ -318,7 +333,8 @@ pub fn channels(
                 momentum,
             } => {
                 if let Some(k) = &keep {
-                    if *c != channels || per_channel.is_some() {
+                    // batchnorm2d normalises axis 1 of (N, C, H, W), batchnorm1d (N, C).
+                    if *c != channels || per_channel.is_some() || *two_d == axis_last {
                         return Err(Error::invalid(
                             OP,
                             format!("{token} does not follow the pruned layer"),
@@ -338,7 +354,7 @@ pub fn channels(
             }
             L::Flatten { start, end } => {
                 if keep.is_some() {
-                    if (*start, *end) != (1, -1) {
+                    if (*start, *end) != (1, -1) || axis_last {
                         return Err(Error::invalid(OP, format!("cannot prune through {token}")));
                     }
                     // The next linear layer says how many values each channel became.

@@ -180,6 +180,25 @@ fn channel_pruning_removes_dead_filters_exactly() {
     assert!(e.to_string().contains("basicblock"), "{e}");
     assert!(kiln::prune::channels(&net, res, 1.0, &mut Init::new(&d, 0)).is_err());
     assert!(kiln::prune::channels(&net, "linear(3,2)", 0.5, &mut Init::new(&d, 0)).is_err());
+    // Channels on the last axis (after a linear layer) do not flatten channel-major, and a
+    // convolution after a linear layer does not read them: both refused, not guessed.
+    for spec in [
+        "linear(8,16) relu flatten linear(64,10)",
+        "linear(8,16) relu conv2d(16,4,3)",
+        "conv2d(1,8,3,p=1) relu linear(8,10)",
+    ] {
+        let net = Sequential::from_spec(&mut Init::new(&d, 1), spec).unwrap();
+        let e = kiln::prune::channels(&net, spec, 0.5, &mut Init::new(&d, 0)).err();
+        assert!(
+            e.is_some_and(|e| e.to_string().contains("cannot prune")),
+            "{spec}"
+        );
+    }
+    // A linear stack prunes along its features, batchnorm1d included.
+    let spec = "linear(6,8) batchnorm1d(8) relu linear(8,3)";
+    let net = Sequential::from_spec(&mut Init::new(&d, 1), spec).unwrap();
+    let (_, s) = kiln::prune::channels(&net, spec, 0.5, &mut Init::new(&d, 0)).unwrap();
+    assert!(s.starts_with("linear(6,4,bias=true) batchnorm1d(4,"), "{s}");
 }
 
 /// 50% of the channels of the digits CNN removed, then one epoch of fine-tuning: accuracy

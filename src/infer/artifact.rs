@@ -452,6 +452,24 @@ fn check_graph(g: &Graph, consts: &[(Vec<usize>, DType)]) -> Result<()> {
                 )));
             }
         }
+        // Int8 words come only from int8 constants and the quantizing ops, never from a
+        // view that could stretch a small buffer.
+        if node.op.operand_dtype(node.dtype) == DType::I32 {
+            for s in &node.inputs {
+                let ok = match *s {
+                    Src::Const(k) => consts[k].1 == DType::I32,
+                    Src::Node(k) => g.nodes[k].op.output_dtype() == Some(DType::I32),
+                    Src::Input(_) => false,
+                };
+                if !ok {
+                    return Err(bad(format!(
+                        "node {i} ({}) reads int8 words from {s:?}, which is not an int8 \
+                         constant or a quantizing node",
+                        node.op.name()
+                    )));
+                }
+            }
+        }
         if let Some(out) = node.op.output_dtype() {
             if node.dtype != out {
                 return Err(bad(format!(

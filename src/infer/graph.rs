@@ -415,6 +415,12 @@ impl OpKind {
                     }
                 }
             }
+            OpKind::Cast { to } if !matches!(to, DType::F32 | DType::F16) => {
+                return bad(format!(
+                    "casts are between f32 and f16, not to {}",
+                    to.name()
+                ));
+            }
             OpKind::QGemm { n, spatial, .. }
                 if *n == 0 || *n > MAX_ATTR || spatial.is_some_and(|s| big(&s)) =>
             {

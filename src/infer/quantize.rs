@@ -23,7 +23,8 @@ const OP: &str = "InferenceModel::quantize";
 pub enum Observer {
     /// The smallest and largest value seen (ONNX Runtime's MinMax).
     MinMax,
-    /// The given percentile of |x| on each side (for example 99.99), which clips outliers.
+    /// The range holding the central `p` percent of the values (for example 99.99: 0.005% cut
+    /// from each side), which clips outliers, as ONNX Runtime's percentile calibration.
     Percentile(f32),
 }
 
@@ -50,6 +51,10 @@ const SAMPLE: usize = 1 << 20;
 
 fn quantizable(g: &Graph, node: &Node) -> bool {
     let const_f32 = |s: Src| matches!(s, Src::Const(k) if g.const_dtypes[k] == DType::F32);
+    // A bias computed at run time keeps the node in f32.
+    if node.inputs.len() > 2 && !const_f32(node.inputs[2]) {
+        return false;
+    }
     match &node.op {
         OpKind::Linear { .. } => {
             let leading = &node.shape[..node.shape.len().saturating_sub(1)];
@@ -164,13 +169,17 @@ impl InferenceModel {
             let (lo, hi) = match opts.observer {
                 Observer::MinMax => (s.min, s.max),
                 Observer::Percentile(p) => {
+                    if s.sample.is_empty() {
+                        return Err(Error::invalid(
+                            OP,
+                            format!("node {i} saw no values in the calibration batches"),
+                        ));
+                    }
                     s.sample.sort_by(f32::total_cmp);
-                    let at = |q: f64| {
-                        let k = ((s.sample.len() - 1) as f64 * q).round() as usize;
-                        s.sample[k.min(s.sample.len() - 1)]
-                    };
-                    let q = p as f64 / 100.0;
-                    (at(1.0 - q), at(q))
+                    let last = s.sample.len() - 1;
+                    let at = |q: f64| s.sample[((last as f64 * q).round() as usize).min(last)];
+                    let cut = (1.0 - p as f64 / 100.0) / 2.0;
+                    (at(cut), at(1.0 - cut))
                 }
             };
             ranges.insert(i, QParams::asymmetric(lo, hi)?);
@@ -350,7 +359,8 @@ fn rewrite_with(g: &Graph, mode_of: &dyn Fn(usize) -> Option<Mode>) -> Result<Gr
         let mut scales = Vec::with_capacity(n);
         for c in 0..n {
             let s = qa.scale * wp[c].scale;
-            let bq = (b[c] as f64 / s as f64).round_ties_even();
+            // As ONNX Runtime quantizes a bias: in f32, at the product's scale.
+            let bq = (b[c] / s).round_ties_even() as f64;
             let wsum: i64 = wq[c * k..(c + 1) * k].iter().map(|&v| v as i64).sum();
             let total = bq - (qa.zero_point as i64 * wsum) as f64;
             if total.abs() > i32::MAX as f64 / 2.0 {

@@ -168,6 +168,12 @@ pub(crate) fn quantize_im2col(
     }
     let x = x.dense()?;
     let count = g.c_in * g.k[0] * g.k[1];
+    if count > 1 << 24 {
+        return Err(Error::invalid(
+            OP,
+            format!("patches of {count} values are too large"),
+        ));
+    }
     let rows = g.n * g.oh * g.ow;
     let k4 = words(count);
     let out = word_tensor(OP, rows * k4, x.device())?;
@@ -312,6 +318,24 @@ pub(crate) fn qgemm(
     ohw: usize,
 ) -> Result<Tensor> {
     const OP: &str = "qgemm";
+    // The kernel indexes its buffers from the start: each operand must be dense words that
+    // its buffer holds.
+    for (name, t) in [("activations", a), ("weights", b), ("channel data", c)] {
+        let whole = t.is_contiguous()
+            && t.layout.offset == 0
+            && t.dtype() == DType::I32
+            && t.buffer().size() >= t.numel() as u64 * 4;
+        if !whole {
+            return Err(Error::invalid(
+                OP,
+                format!(
+                    "the {name} must be dense i32 words, got {:?} {:?}",
+                    t.dtype(),
+                    t.layout
+                ),
+            ));
+        }
+    }
     if a.numel() < m * k4 || b.numel() < n * k4 || c.numel() < n * 3 || k4 == 0 {
         return Err(Error::shape(
             OP,
@@ -360,12 +384,14 @@ pub(crate) fn qgemm(
             format!("NCHW output of {m} rows by {ohw}"),
         ));
     }
+    // Row blocks beyond 65535 workgroups continue along z.
+    let row_groups = (words(m) as u32).div_ceil(8);
     let groups = [
         (words(n) as u32).div_ceil(8),
-        (words(m) as u32).div_ceil(8),
-        1,
+        row_groups.min(65535),
+        row_groups.div_ceil(65535),
     ];
-    if groups[0] > 65535 || groups[1] > 65535 {
+    if groups[0] > 65535 || groups[2] > 65535 {
         return Err(Error::invalid(
             OP,
             format!("{m} x {n} exceeds one dispatch"),
@@ -743,6 +769,21 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// Operands that are views (an expand stretching one word, an offset) are refused
+    /// before the kernel indexes past their buffers.
+    #[test]
+    fn qgemm_refuses_views_of_small_buffers() {
+        let dev = Device::default_device().unwrap();
+        let one = upload(&[7], &dev);
+        let wide = one.reshape(&[1, 1]).unwrap().expand(&[4096, 1]).unwrap();
+        let w = upload(&[1; 4], &dev);
+        let c = upload(&[0; 12], &dev);
+        let e = qgemm(&wide, 4096, &w, 4, 1, &c, QOut::F32 { act: None }, false, 0);
+        assert!(e.is_err_and(|e| e.to_string().contains("dense i32 words")));
+        let shifted = upload(&[1; 8], &dev).narrow(0, 4, 4).unwrap();
+        assert!(qgemm(&shifted, 4, &w, 4, 1, &c, QOut::F32 { act: None }, false, 0).is_err());
     }
 
     #[test]
