@@ -2584,6 +2584,19 @@ fn dim_op(cx: &Ctx, op: BinaryOp, a: Dim, b: Dim) -> Result<Dim> {
     }
 }
 
+/// `x` where the condition holds, else `y`, over broadcast index maps (condition, x, y).
+fn choose<T: Copy>(truth: &[bool], maps: &[Vec<usize>], x: &[T], y: &[T]) -> Vec<T> {
+    (0..maps[0].len())
+        .map(|o| {
+            if truth[maps[0][o]] {
+                x[maps[1][o]]
+            } else {
+                y[maps[2][o]]
+            }
+        })
+        .collect()
+}
+
 fn host_where(cx: &Ctx, vals: &[Val]) -> Result<Val> {
     let parts: Vec<(&Vec<usize>, &Data)> = vals
         .iter()
@@ -2598,30 +2611,9 @@ fn host_where(cx: &Ctx, vals: &[Val]) -> Result<Val> {
         Data::F(v) => v.iter().map(|&f| f != 0.0).collect(),
         Data::I(v) => v.iter().map(|&d| nonzero(cx, d)).collect::<Result<_>>()?,
     };
-    let truth = |i: usize| truth[i];
     let data = match (parts[1].1, parts[2].1) {
-        (Data::I(x), Data::I(y)) => Data::I(
-            (0..maps[0].len())
-                .map(|o| {
-                    if truth(maps[0][o]) {
-                        x[maps[1][o]]
-                    } else {
-                        y[maps[2][o]]
-                    }
-                })
-                .collect(),
-        ),
-        (Data::F(x), Data::F(y)) => Data::F(
-            (0..maps[0].len())
-                .map(|o| {
-                    if truth(maps[0][o]) {
-                        x[maps[1][o]]
-                    } else {
-                        y[maps[2][o]]
-                    }
-                })
-                .collect(),
-        ),
+        (Data::I(x), Data::I(y)) => Data::I(choose(&truth, &maps, x, y)),
+        (Data::F(x), Data::F(y)) => Data::F(choose(&truth, &maps, x, y)),
         _ => return Err(cx.err("branches of different element types")),
     };
     Ok(Val::Host { shape, data })
