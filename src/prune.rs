@@ -177,9 +177,11 @@ fn select(values: &[f32], shape: &[usize], axis: usize, keep: &[usize]) -> (Vec<
 /// columns of those channels). Returns the smaller model and its spec; its frozen graph is
 /// smaller and faster, not merely full of zeros. Fine-tune it afterwards.
 ///
+/// Residual blocks (`basicblock`) lose channels between their two convolutions; the channels
+/// a skip connection adds keep their count on both branches alike.
+///
 /// `Err` for an amount outside [0, 1), a spec that does not describe `model`, or a layer the
-/// pruner cannot follow (residual blocks, grouped or transposed convolutions, embeddings,
-/// layer norms).
+/// pruner cannot follow (grouped or transposed convolutions, embeddings, layer norms).
 ///
 /// ```
 /// use kiln::nn::{Init, Module, Sequential};
@@ -225,6 +227,19 @@ pub fn channels(
         .iter()
         .rposition(|l| matches!(l, L::Conv2d { .. } | L::Linear { .. }))
         .ok_or_else(|| Error::invalid(OP, "the spec has no convolution or linear layer"))?;
+    // A layer whose channels a residual block reads next keeps them: the block's skip
+    // connection adds them to its own output.
+    let feeds_block = |i: usize| {
+        layers[i + 1..]
+            .iter()
+            .find(|l| {
+                matches!(
+                    l,
+                    L::Conv2d { .. } | L::Linear { .. } | L::BasicBlock { .. } | L::Flatten { .. }
+                )
+            })
+            .is_some_and(|l| matches!(l, L::BasicBlock { .. }))
+    };
     let mut new_tokens: Vec<String> = Vec::with_capacity(layers.len());
     let mut values: std::collections::HashMap<String, (Vec<f32>, Vec<usize>)> =
         std::collections::HashMap::new();
@@ -258,7 +273,7 @@ pub fn channels(
                 if let Some(k) = &keep {
                     (w, ws) = select(&w, &ws, 1, k);
                 }
-                let out_keep = if i == last {
+                let out_keep = if i == last || feeds_block(i) {
                     (0..*out_channels).collect()
                 } else {
                     keep_by_norm(&w, *out_channels, amount)
@@ -375,6 +390,34 @@ pub fn channels(
                     }
                 }
                 new_tokens.push(token);
+            }
+            L::BasicBlock {
+                in_channels,
+                out_channels,
+                stride,
+                mid,
+            } => {
+                if keep.is_some() || per_channel.is_some() || axis_last {
+                    return Err(cannot(&token));
+                }
+                // The channels between the block's convolutions: conv1's outputs, bn1, and
+                // conv2's inputs. The residual's channels stay.
+                let (w1, s1) = get(format!("{i}.conv1.weight"))?;
+                let mid_keep = keep_by_norm(&w1, *mid, amount);
+                values.insert(format!("{i}.conv1.weight"), select(&w1, &s1, 0, &mid_keep));
+                for p in ["weight", "bias", "running_mean", "running_var"] {
+                    if let Some(t) = state.get(&format!("{i}.bn1.{p}")) {
+                        let v = t.to_vec()?;
+                        values.insert(format!("{i}.bn1.{p}"), select(&v, t.dims(), 0, &mid_keep));
+                    }
+                }
+                let (w2, s2) = get(format!("{i}.conv2.weight"))?;
+                values.insert(format!("{i}.conv2.weight"), select(&w2, &s2, 1, &mid_keep));
+                new_tokens.push(format!(
+                    "basicblock({in_channels},{out_channels},s={stride},mid={})",
+                    mid_keep.len()
+                ));
+                channels = *out_channels;
             }
             L::Activation { .. }
             | L::Pool { .. }

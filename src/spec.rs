@@ -18,7 +18,7 @@
 //! | `flatten` | `start=1`, `end=-1` |
 //! | `dropout` | p |
 //! | `embedding` | count, dim |
-//! | `basicblock` | in, out, `s=1` (torchvision's ResNet `BasicBlock`, [`crate::nn::Residual`]) |
+//! | `basicblock` | in, out, `s=1`, `mid=out` (torchvision's ResNet `BasicBlock`, [`crate::nn::Residual`]; `mid` channels between its convolutions) |
 //! | `relu`, `gelu`, `tanh`, `sigmoid`, `silu` | |
 //! | `leaky_relu` | `slope=0.01` |
 //!
@@ -92,6 +92,8 @@ pub enum LayerSpec {
         in_channels: usize,
         out_channels: usize,
         stride: usize,
+        /// Channels between the two convolutions (`out` unless pruned).
+        mid: usize,
     },
     /// An activation: `relu`, `gelu`, `tanh`, `sigmoid`, `silu`, `leaky_relu(slope)`.
     Activation { op: crate::UnaryOp, slope: f32 },
@@ -330,11 +332,15 @@ fn parse_layer(token: &str) -> Result<LayerSpec> {
             count: a.get(0, "n", None)?,
             dim: a.get(1, "dim", None)?,
         },
-        "basicblock" => LayerSpec::BasicBlock {
-            in_channels: a.get(0, "in", None)?,
-            out_channels: a.get(1, "out", None)?,
-            stride: a.get(2, "s", Some(1))?,
-        },
+        "basicblock" => {
+            let out_channels = a.get(1, "out", None)?;
+            LayerSpec::BasicBlock {
+                in_channels: a.get(0, "in", None)?,
+                out_channels,
+                stride: a.get(2, "s", Some(1))?,
+                mid: a.get(3, "mid", Some(out_channels))?,
+            }
+        }
         "relu" => LayerSpec::Activation {
             op: U::Relu,
             slope: 0.0,
@@ -378,7 +384,8 @@ mod tests {
             LayerSpec::BasicBlock {
                 in_channels: 4,
                 out_channels: 8,
-                stride: 2
+                stride: 2,
+                mid: 8
             }
         );
         assert!(matches!(

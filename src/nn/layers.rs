@@ -618,30 +618,42 @@ impl Residual {
         out_channels: usize,
         stride: usize,
     ) -> Result<Residual> {
-        if stride == 0 {
+        Self::basic_block_with_width(init, in_channels, out_channels, stride, out_channels)
+    }
+
+    /// [`Residual::basic_block`] with `mid` channels between its two convolutions (fewer
+    /// after [`crate::prune::channels`]); the residual's channels stay `out_channels`.
+    pub fn basic_block_with_width(
+        init: &mut Init,
+        in_channels: usize,
+        out_channels: usize,
+        stride: usize,
+        mid: usize,
+    ) -> Result<Residual> {
+        if stride == 0 || mid == 0 {
             return Err(Error::invalid(
                 "Residual::basic_block",
-                "stride must be positive",
+                format!("stride {stride} and width {mid} must be positive"),
             ));
         }
-        let conv = |init: &mut Init, cin, k, stride, pad| {
+        let conv = |init: &mut Init, cin, cout, k, stride, pad| {
             let opts = Conv2dOptions {
                 stride: [stride; 2],
                 padding: [pad; 2],
                 ..Default::default()
             };
-            Conv2d::new(init, cin, out_channels, [k; 2], opts, false)
+            Conv2d::new(init, cin, cout, [k; 2], opts, false)
         };
         let body = super::Sequential::new()
-            .add_named("conv1", conv(init, in_channels, 3, stride, 1)?)
-            .add_named("bn1", BatchNorm::new_2d(init, out_channels)?)
+            .add_named("conv1", conv(init, in_channels, mid, 3, stride, 1)?)
+            .add_named("bn1", BatchNorm::new_2d(init, mid)?)
             .add_named("relu", Relu)
-            .add_named("conv2", conv(init, out_channels, 3, 1, 1)?)
+            .add_named("conv2", conv(init, mid, out_channels, 3, 1, 1)?)
             .add_named("bn2", BatchNorm::new_2d(init, out_channels)?);
         let shortcut = if stride != 1 || in_channels != out_channels {
             Some(
                 super::Sequential::new()
-                    .add(conv(init, in_channels, 1, stride, 0)?)
+                    .add(conv(init, in_channels, out_channels, 1, stride, 0)?)
                     .add(BatchNorm::new_2d(init, out_channels)?),
             )
         } else {

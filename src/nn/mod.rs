@@ -310,11 +310,13 @@ impl Sequential {
                     in_channels,
                     out_channels,
                     stride,
-                } => seq.add(Residual::basic_block(
+                    mid,
+                } => seq.add(Residual::basic_block_with_width(
                     init,
                     in_channels,
                     out_channels,
                     stride,
+                    mid,
                 )?),
                 L::Activation { op, slope } => match op {
                     crate::UnaryOp::Gelu => seq.add(Gelu),
