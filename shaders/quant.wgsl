@@ -83,12 +83,31 @@ fn unpack4(w: u32) -> vec4<i32> {
     return vec4<i32>(sbyte(w, 0u), sbyte(w, 1u), sbyte(w, 2u), sbyte(w, 3u));
 }
 
-fn quantize_one(x: f32) -> i32 {
+// saturate(round_half_even(x / scale) + zp); NaN gives the zero point.
+fn quantize_with(x: f32, scale: f32, zp: i32) -> i32 {
     if (is_nan(x)) {
-        return clamp(p.zp, -128, 127);
+        return clamp(zp, -128, 127);
     }
-    let q = round(x / p.scale) + f32(p.zp);
-    return i32(clamp(q, -128.0, 127.0));
+    return i32(clamp(round(x / scale) + f32(zp), -128.0, 127.0));
+}
+
+fn quantize_one(x: f32) -> i32 {
+    return quantize_with(x, p.scale, p.zp);
+}
+
+// Word `word` of row `row` of x (rows of p.count f32 values), quantized and packed; columns
+// past the row hold the zero point.
+fn pack_row_word(row: u32, word: u32, scale: f32, zp: i32) -> u32 {
+    var packed = 0u;
+    for (var i = 0u; i < 4u; i += 1u) {
+        let col = word * 4u + i;
+        var q = zp;
+        if (col < p.count) {
+            q = quantize_with(bitcast<f32>(a[row * p.count + col]), scale, zp);
+        }
+        packed |= (bitcast<u32>(q) & 0xffu) << (8u * i);
+    }
+    return packed;
 }
 
 @compute @workgroup_size(256)
@@ -98,18 +117,7 @@ fn quantize_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) 
     if (t >= p.rows * p.k4) {
         return;
     }
-    let row = t / p.k4;
-    let word = t % p.k4;
-    var packed = 0u;
-    for (var i = 0u; i < 4u; i += 1u) {
-        let col = word * 4u + i;
-        var q = p.zp;
-        if (col < p.count) {
-            q = quantize_one(bitcast<f32>(a[row * p.count + col]));
-        }
-        packed |= (bitcast<u32>(q) & 0xffu) << (8u * i);
-    }
-    out[t] = packed;
+    out[t] = pack_row_word(t / p.k4, t % p.k4, p.scale, p.zp);
 }
 
 @compute @workgroup_size(256)
@@ -187,21 +195,7 @@ fn quantize_dyn_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgrou
     if (t >= p.rows * p.k4) {
         return;
     }
-    let row = t / p.k4;
-    let word = t % p.k4;
-    var packed = 0u;
-    for (var i = 0u; i < 4u; i += 1u) {
-        let col = word * 4u + i;
-        var q = zp;
-        if (col < p.count) {
-            let x = bitcast<f32>(a[row * p.count + col]);
-            if (!is_nan(x)) {
-                q = i32(clamp(round(x / sz.x) + f32(zp), -128.0, 127.0));
-            }
-        }
-        packed |= (bitcast<u32>(q) & 0xffu) << (8u * i);
-    }
-    out[4u + t] = packed;
+    out[4u + t] = pack_row_word(t / p.k4, t % p.k4, sz.x, zp);
 }
 
 // The 64-bit product of a and m as (low word, high word).

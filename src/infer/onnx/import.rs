@@ -1854,6 +1854,12 @@ impl Importer<'_> {
                     host_binary(cx, op, &acc, &b)?
                 }
                 _ => {
+                    // A one-element constant on the left, known on the host.
+                    let left = if k == 1 {
+                        self.const_scalar(names[0])
+                    } else {
+                        None
+                    };
                     let first = if k == 1 {
                         self.upload(names[0])?
                     } else {
@@ -1862,7 +1868,7 @@ impl Importer<'_> {
                             Val::Host { .. } => self.upload_val(&acc)?,
                         }
                     };
-                    self.binary_run(cx, op, first, n)?
+                    self.binary_run(cx, op, first, left, n)?
                 }
             };
         }
@@ -1878,7 +1884,14 @@ impl Importer<'_> {
 
     /// `a op b` with a run-time operand: a one-element constant of no higher rank than the
     /// other side becomes the kernel's scalar.
-    fn binary_run(&mut self, cx: &Ctx, op: BinaryOp, a: (Src, Vec<Dim>), b: &str) -> Result<Val> {
+    fn binary_run(
+        &mut self,
+        cx: &Ctx,
+        op: BinaryOp,
+        a: (Src, Vec<Dim>),
+        a_scalar: Option<f32>,
+        b: &str,
+    ) -> Result<Val> {
         let b_int = match self.vals.get(b) {
             Some(Val::Host { data, .. }) => matches!(data, Data::I(_)),
             Some(Val::Run { src, .. }) => self.ints.contains(src),
@@ -1899,11 +1912,9 @@ impl Importer<'_> {
                 return self.int_result(cx, op, ints, y);
             }
         }
-        if let Src::Const(k) = a.0 {
+        if let Some(s) = a_scalar {
             // The constant on the left: a scalar kernel with the scalar first.
-            let host = self.g.consts[k].numel() == 1 && a.1.len() <= b_shape.len();
-            if host && matches!(self.vals.get(b), Some(Val::Run { .. })) {
-                let s = self.g.consts[k].to_vec()?[0];
+            if a.1.len() <= b_shape.len() && matches!(self.vals.get(b), Some(Val::Run { .. })) {
                 let op2 = OpKind::BinaryScalar {
                     op,
                     scalar: s,
