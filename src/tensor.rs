@@ -457,19 +457,18 @@ impl Tensor {
 
     /// A tensor with the same values in contiguous row-major storage (itself when already so).
     pub fn contiguous(&self) -> Result<Tensor> {
-        if self.is_contiguous() {
-            return Ok(self.clone());
-        }
-        self.check_float("contiguous")?;
-        let out = crate::ops::elementwise::copy(self)?;
-        crate::infer::capture::alias(self, &out)?;
-        Ok(out)
+        self.copied_unless(self.is_contiguous())
     }
 
     /// The tensor contiguous and starting at element 0 of its storage (a copy otherwise):
     /// what kernels that index their buffers from the start need.
     pub(crate) fn dense(&self) -> Result<Tensor> {
-        if self.is_contiguous() && self.layout.offset == 0 {
+        self.copied_unless(self.is_contiguous() && self.layout.offset == 0)
+    }
+
+    /// The tensor itself when `keep`, else a contiguous copy (captured as the same value).
+    fn copied_unless(&self, keep: bool) -> Result<Tensor> {
+        if keep {
             return Ok(self.clone());
         }
         self.check_float("contiguous")?;
