@@ -41,7 +41,7 @@ struct Params {
     act_on: u32,
     zy: i32,
     lo: i32,
-    manual: u32,
+    _pad2: u32,
     alpha: f32,
     scale: f32,
     zp: i32,
@@ -95,15 +95,23 @@ fn quantize_one(x: f32) -> i32 {
     return quantize_with(x, p.scale, p.zp);
 }
 
-// Word `word` of row `row` of x (rows of p.count f32 values), quantized and packed; columns
-// past the row hold the zero point.
-fn pack_row_word(row: u32, word: u32, scale: f32, zp: i32) -> u32 {
+// Word `word` (channels 4 word..) of padded pixel `pix` of x, quantized and packed. x is
+// (n, p.c, p.h, p.w) f32, read as the pixels of an (h + 2 ph, w + 2 pw) grid; taps in the
+// padding, and channels past p.c, hold the zero point. Rows of x are the case h = w = 1.
+fn pack_pixel_word(pix: u32, word: u32, scale: f32, zp: i32) -> u32 {
+    let wp = p.w + 2u * p.pw;
+    let hp = p.h + 2u * p.ph;
+    let xx = pix % wp;
+    let yy = (pix / wp) % hp;
+    let img = pix / (wp * hp);
+    let inside = yy >= p.ph && xx >= p.pw && yy - p.ph < p.h && xx - p.pw < p.w;
     var packed = 0u;
     for (var i = 0u; i < 4u; i += 1u) {
-        let col = word * 4u + i;
+        let ch = word * 4u + i;
         var q = zp;
-        if (col < p.count) {
-            q = quantize_with(bitcast<f32>(a[row * p.count + col]), scale, zp);
+        if (inside && ch < p.c) {
+            let at = ((img * p.c + ch) * p.h + yy - p.ph) * p.w + xx - p.pw;
+            q = quantize_with(bitcast<f32>(a[at]), scale, zp);
         }
         packed |= (bitcast<u32>(q) & 0xffu) << (8u * i);
     }
@@ -117,7 +125,7 @@ fn quantize_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) 
     if (t >= p.rows * p.k4) {
         return;
     }
-    out[t] = pack_row_word(t / p.k4, t % p.k4, p.scale, p.zp);
+    out[t] = pack_pixel_word(t / p.k4, t % p.k4, p.scale, p.zp);
 }
 
 @compute @workgroup_size(256)
@@ -195,7 +203,7 @@ fn quantize_dyn_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgrou
     if (t >= p.rows * p.k4) {
         return;
     }
-    out[4u + t] = pack_row_word(t / p.k4, t % p.k4, sz.x, zp);
+    out[4u + t] = pack_pixel_word(t / p.k4, t % p.k4, sz.x, zp);
 }
 
 // The 64-bit product of a and m as (low word, high word).
@@ -248,80 +256,162 @@ fn requantize(acc: i32, mult: u32, shift: u32) -> i32 {
     return clamp(p.zy + clamp(signed, -65536, 65536), p.lo, 127);
 }
 
-@compute @workgroup_size(8, 8)
-fn qgemm_fwd(@builtin(global_invocation_id) gid: vec3<u32>,
-             @builtin(num_workgroups) nwg: vec3<u32>) {
-    let col0 = gid.x * 4u;
-    // Row blocks past 65535 workgroups continue along z.
-    let row0 = (gid.y + gid.z * nwg.y * 8u) * 4u;
-    if (row0 >= p.m || col0 >= p.n) {
+@group(0) @binding(0) var<storage, read> a4: array<vec4<u32>>;
+@group(0) @binding(1) var<storage, read> b4: array<vec4<u32>>;
+
+// The dot product of 16 int8 pairs, packed in four words each.
+fn dot16(x: vec4<u32>, y: vec4<u32>, manual: bool) -> i32 {
+    if (manual) {
+        return dot(unpack4(x.x), unpack4(y.x)) + dot(unpack4(x.y), unpack4(y.y))
+            + dot(unpack4(x.z), unpack4(y.z)) + dot(unpack4(x.w), unpack4(y.w));
+    }
+    return dot4I8Packed(x.x, y.x) + dot4I8Packed(x.y, y.y) + dot4I8Packed(x.z, y.z)
+        + dot4I8Packed(x.w, y.w);
+}
+
+// One activation vec4 against four channels' vec4s.
+fn dots4(x: vec4<u32>, w0: vec4<u32>, w1: vec4<u32>, w2: vec4<u32>, w3: vec4<u32>,
+         manual: bool) -> vec4<i32> {
+    return vec4<i32>(dot16(x, w0, manual), dot16(x, w1, manual), dot16(x, w2, manual),
+        dot16(x, w3, manual));
+}
+
+// The vec4 index of the first activation vec4 of output row r: rows are output positions
+// (img, oy, ox) of an (oh, ow) grid over padded input pixels of (p.h, p.w), p.k4 words each.
+fn row_base(r: u32) -> u32 {
+    let ox = r % p.ow;
+    let oy = (r / p.ow) % p.oh;
+    let img = r / (p.ow * p.oh);
+    let pixel = (img * p.h + oy * p.sh) * p.w + ox * p.sw;
+    return pixel * (p.k4 / 4u) + select(0u, 1u, p.mode == 2u);
+}
+
+// Output row r, channels col0..col0+7 from their accumulators.
+fn qgemm_store(r: u32, col0: u32, lo: vec4<i32>, hi: vec4<i32>) {
+    if (r >= p.m) {
         return;
     }
-    var acc: array<vec4<i32>, 4>;
-    // Mode 2 (dynamic): the activations' scale and zero point head the activation words.
-    let a0 = select(0u, 4u, p.mode == 2u);
-    for (var k = 0u; k < p.k4; k += 1u) {
-        var bw: vec4<u32>;
-        for (var j = 0u; j < 4u; j += 1u) {
-            let cj = min(col0 + j, p.n - 1u);
-            bw[j] = b[k * p.n + cj];
-        }
-        if (p.manual != 0u) {
-            // By hand: each weight word unpacked once, reused by the four rows.
-            let w0 = unpack4(bw.x);
-            let w1 = unpack4(bw.y);
-            let w2 = unpack4(bw.z);
-            let w3 = unpack4(bw.w);
-            for (var i = 0u; i < 4u; i += 1u) {
-                let ri = min(row0 + i, p.m - 1u);
-                let x = unpack4(a[a0 + ri * p.k4 + k]);
-                acc[i] += vec4<i32>(dot(x, w0), dot(x, w1), dot(x, w2), dot(x, w3));
-            }
-        } else {
-            for (var i = 0u; i < 4u; i += 1u) {
-                let ri = min(row0 + i, p.m - 1u);
-                let aw = a[a0 + ri * p.k4 + k];
-                acc[i] += vec4<i32>(dot4I8Packed(aw, bw.x), dot4I8Packed(aw, bw.y),
-                    dot4I8Packed(aw, bw.z), dot4I8Packed(aw, bw.w));
-            }
-        }
+    var packed = vec2<u32>(0u, 0u);
+    var img = r;
+    var pos = 0u;
+    if (p.ohw != 0u) {
+        img = r / p.ohw;
+        pos = r % p.ohw;
     }
-    for (var i = 0u; i < 4u; i += 1u) {
-        let r = row0 + i;
-        if (r >= p.m) {
-            break;
-        }
-        var packed = 0u;
-        for (var j = 0u; j < 4u; j += 1u) {
-            let col = col0 + j;
-            var q = p.zy;
-            if (col < p.n) {
-                let total = acc[i][j] + bitcast<i32>(c[col * 3u]);
-                if (p.mode != 1u) {
-                    var y = f32(total) * bitcast<f32>(c[col * 3u + 1u]);
-                    if (p.mode == 2u) {
-                        // c: the weight row's sum, its scale, the f32 bias.
-                        let sa = bitcast<f32>(a[0]);
-                        let za = bitcast<i32>(a[1]);
-                        let t = acc[i][j] - za * bitcast<i32>(c[col * 3u]);
-                        y = f32(t) * (sa * bitcast<f32>(c[col * 3u + 1u])) + bitcast<f32>(c[col * 3u + 2u]);
-                    }
-                    if (p.act_on != 0u) {
-                        y = unary_op(p.act, y, p.alpha, 0.0);
-                    }
-                    if (p.ohw == 0u) {
-                        out[r * p.n_words + col] = bitcast<u32>(y);
-                    } else {
-                        out[((r / p.ohw) * p.n + col) * p.ohw + r % p.ohw] = bitcast<u32>(y);
-                    }
+    for (var j = 0u; j < 8u; j += 1u) {
+        let col = col0 + j;
+        let v = select(hi[j % 4u], lo[j % 4u], j < 4u);
+        var q = p.zy;
+        if (col < p.n) {
+            let total = v + bitcast<i32>(c[col * 3u]);
+            if (p.mode == 1u) {
+                q = requantize(total, c[col * 3u + 1u], c[col * 3u + 2u]);
+            } else {
+                var y = f32(total) * bitcast<f32>(c[col * 3u + 1u]);
+                if (p.mode == 2u) {
+                    // c: the weight row's sum, its scale, the f32 bias; the activations'
+                    // scale and zero point head their words.
+                    let sa = bitcast<f32>(a4[0].x);
+                    let za = bitcast<i32>(a4[0].y);
+                    let t = v - za * bitcast<i32>(c[col * 3u]);
+                    y = f32(t) * (sa * bitcast<f32>(c[col * 3u + 1u]))
+                        + bitcast<f32>(c[col * 3u + 2u]);
+                }
+                if (p.act_on != 0u) {
+                    y = unary_op(p.act, y, p.alpha, 0.0);
+                }
+                if (p.ohw == 0u) {
+                    out[r * p.n + col] = bitcast<u32>(y);
                 } else {
-                    q = requantize(total, c[col * 3u + 1u], c[col * 3u + 2u]);
+                    out[(img * p.n + col) * p.ohw + pos] = bitcast<u32>(y);
                 }
             }
-            packed |= (bitcast<u32>(q) & 0xffu) << (8u * j);
         }
-        if (p.mode == 1u) {
-            out[r * p.n_words + col0 / 4u] = packed;
+        packed[j / 4u] |= (bitcast<u32>(q) & 0xffu) << (8u * (j % 4u));
+    }
+    if (p.mode == 1u) {
+        let w0 = r * p.n_words + col0 / 4u;
+        if (col0 / 4u < p.n_words) {
+            out[w0] = packed.x;
+        }
+        if (col0 / 4u + 1u < p.n_words) {
+            out[w0 + 1u] = packed.y;
         }
     }
+}
+
+// The integer product: acc[r, c] = sum over taps (ky, kx) and words of
+// a[row_base(r) + tap offset] * b[c], i32, exact. Plain rows are the 1 x 1 window over a
+// (m, 1) grid of 1 x 1 pixels. Each invocation computes 4 rows by 8 channels from vec4 loads.
+fn qgemm_body(gid: vec3<u32>, nwg: vec3<u32>, manual: bool) {
+    let row0 = (gid.x + gid.z * nwg.x * 8u) * 4u;
+    let col0 = gid.y * 8u;
+    if (row0 >= p.m || col0 >= 4u * p.n_words) {
+        return;
+    }
+    let c16 = p.k4 / 4u;
+    let taps = p.kh * p.kw;
+    let b_row = taps * c16;
+    let r0 = row_base(row0);
+    let r1 = row_base(min(row0 + 1u, p.m - 1u));
+    let r2 = row_base(min(row0 + 2u, p.m - 1u));
+    let r3 = row_base(min(row0 + 3u, p.m - 1u));
+    let last = p.n - 1u;
+    let q0 = min(col0, last) * b_row;
+    let q1 = min(col0 + 1u, last) * b_row;
+    let q2 = min(col0 + 2u, last) * b_row;
+    let q3 = min(col0 + 3u, last) * b_row;
+    let q4 = min(col0 + 4u, last) * b_row;
+    let q5 = min(col0 + 5u, last) * b_row;
+    let q6 = min(col0 + 6u, last) * b_row;
+    let q7 = min(col0 + 7u, last) * b_row;
+    var a0l = vec4<i32>(0); var a0h = vec4<i32>(0);
+    var a1l = vec4<i32>(0); var a1h = vec4<i32>(0);
+    var a2l = vec4<i32>(0); var a2h = vec4<i32>(0);
+    var a3l = vec4<i32>(0); var a3h = vec4<i32>(0);
+    for (var t = 0u; t < taps; t += 1u) {
+        let ky = t / p.kw;
+        let kx = t % p.kw;
+        let off = (ky * p.dh * p.w + kx * p.dw) * c16;
+        for (var g = 0u; g < c16; g += 1u) {
+            let wk = t * c16 + g;
+            let w0 = b4[q0 + wk];
+            let w1 = b4[q1 + wk];
+            let w2 = b4[q2 + wk];
+            let w3 = b4[q3 + wk];
+            let w4 = b4[q4 + wk];
+            let w5 = b4[q5 + wk];
+            let w6 = b4[q6 + wk];
+            let w7 = b4[q7 + wk];
+            let x0 = a4[r0 + off + g];
+            a0l += dots4(x0, w0, w1, w2, w3, manual);
+            a0h += dots4(x0, w4, w5, w6, w7, manual);
+            let x1 = a4[r1 + off + g];
+            a1l += dots4(x1, w0, w1, w2, w3, manual);
+            a1h += dots4(x1, w4, w5, w6, w7, manual);
+            let x2 = a4[r2 + off + g];
+            a2l += dots4(x2, w0, w1, w2, w3, manual);
+            a2h += dots4(x2, w4, w5, w6, w7, manual);
+            let x3 = a4[r3 + off + g];
+            a3l += dots4(x3, w0, w1, w2, w3, manual);
+            a3h += dots4(x3, w4, w5, w6, w7, manual);
+        }
+    }
+    qgemm_store(row0, col0, a0l, a0h);
+    qgemm_store(row0 + 1u, col0, a1l, a1h);
+    qgemm_store(row0 + 2u, col0, a2l, a2h);
+    qgemm_store(row0 + 3u, col0, a3l, a3h);
+}
+
+@compute @workgroup_size(8)
+fn qgemm_fwd(@builtin(global_invocation_id) gid: vec3<u32>,
+             @builtin(num_workgroups) nwg: vec3<u32>) {
+    qgemm_body(gid, nwg, false);
+}
+
+// The same product without the dot-product built-in.
+@compute @workgroup_size(8)
+fn qgemm_manual_fwd(@builtin(global_invocation_id) gid: vec3<u32>,
+                    @builtin(num_workgroups) nwg: vec3<u32>) {
+    qgemm_body(gid, nwg, true);
 }

@@ -20,8 +20,9 @@ use crate::{Conv2dOptions, ConvTranspose2dOptions, Pool2dOptions};
 const FORMAT_KEY: &str = "kiln.format";
 const GRAPH_KEY: &str = "kiln.graph";
 const FORMAT: &str = "kiln.graph";
-/// The artifact version this build writes and reads.
-pub(crate) const VERSION: u64 = 1;
+/// The artifact version this build writes. Version 1 files read too, unless they hold int8
+/// ops, whose word layout version 2 changed.
+pub(crate) const VERSION: u64 = 2;
 const LOAD: &str = "InferenceModel::load";
 
 fn bad(msg: impl Into<String>) -> Error {
@@ -187,13 +188,24 @@ fn op_json(op: &OpKind) -> Value {
             "scale": num(*scale), "zero_point": zero_point, "kernel": kernel,
             "stride": opts.stride, "padding": opts.padding, "dilation": opts.dilation
         }),
+        OpKind::QuantizeNhwc {
+            scale,
+            zero_point,
+            padding,
+        } => json!({ "scale": num(*scale), "zero_point": zero_point, "padding": padding }),
         OpKind::QGemm {
             n,
             act,
             spatial,
             dynamic,
+            window,
         } => {
-            json!({ "n": n, "act": act_json(act), "spatial": spatial, "dynamic": dynamic })
+            let window = window.map(|w| {
+                json!({ "kernel": w.kernel, "stride": w.stride, "dilation": w.dilation,
+                        "grid": w.grid })
+            });
+            json!({ "n": n, "act": act_json(act), "spatial": spatial, "dynamic": dynamic,
+                    "window": window })
         }
         OpKind::QuantizeDynamic => json!({}),
     };
@@ -865,6 +877,23 @@ fn parse_op(v: &Value, what: &str) -> Result<OpKind> {
                 other => Some(pair(other, what)?),
             },
             dynamic: boolean(f("dynamic")?, what)?,
+            window: match f("window")? {
+                Value::Null => None,
+                w => {
+                    let g = |k: &str| pair(field(w, k, what)?, what);
+                    Some(crate::ops::quant::QWindow {
+                        kernel: g("kernel")?,
+                        stride: g("stride")?,
+                        dilation: g("dilation")?,
+                        grid: g("grid")?,
+                    })
+                }
+            },
+        },
+        "quantize_nhwc" => OpKind::QuantizeNhwc {
+            scale: float(f("scale")?, what)?,
+            zero_point: int(f("zero_point")?, what)?.clamp(i32::MIN as i64, i32::MAX as i64) as i32,
+            padding: pair(f("padding")?, what)?,
         },
         "quantize_dynamic" => OpKind::QuantizeDynamic,
         "cast" => OpKind::Cast {
@@ -878,9 +907,9 @@ fn parse_graph(v: &Value) -> Result<Parsed> {
     let version = field(v, "version", "the graph")?
         .as_u64()
         .ok_or_else(|| bad("the graph's version must be an integer"))?;
-    if version != VERSION {
+    if version != VERSION && version != 1 {
         return Err(bad(format!(
-            "the file has graph version {version}; this kiln reads version {VERSION}"
+            "the file has graph version {version}; this kiln reads versions 1 and {VERSION}"
         )));
     }
     let inputs = arr(field(v, "inputs", "the graph")?, "inputs")?
@@ -909,6 +938,12 @@ fn parse_graph(v: &Value) -> Result<Parsed> {
         .map(|(i, n)| {
             let what = format!("node {i}");
             let op = parse_op(field(n, "op", &what)?, &what)?;
+            if version == 1 && op.output_dtype().is_some() {
+                return Err(bad(format!(
+                    "{what}: int8 {} of a version 1 file; quantize the model again",
+                    op.name()
+                )));
+            }
             let inputs = arr(field(n, "inputs", &what)?, &what)?
                 .iter()
                 .map(|s| src(s, &what))

@@ -187,13 +187,24 @@ pub(crate) enum OpKind {
         kernel: [usize; 2],
         opts: Conv2dOptions,
     },
-    /// The integer product of quantized activations and weights (operands: activation words,
-    /// weight words `(k4, n)`, per-channel words `(3 n)`), dequantized with `act` fused: f32
-    /// `(m, n)`, or `(m / (oh ow), n, oh, ow)` with `spatial`.
+    /// Int8 quantization of an NCHW tensor into the pixels of its grid padded by `padding`,
+    /// channels innermost: `(n (h + 2 ph) (w + 2 pw), k4)` (I32), the input of a windowed
+    /// [`OpKind::QGemm`].
+    QuantizeNhwc {
+        scale: f32,
+        zero_point: i32,
+        padding: [usize; 2],
+    },
+    /// The integer product of quantized activations and weights (operands: activation words
+    /// `(m, k4)`, weight words `(n, k4)`, per-channel words `(3 n)`), dequantized with `act`
+    /// fused: f32 `(m, n)`, or `(m / (oh ow), n, oh, ow)` with `spatial`. With `window`, a
+    /// convolution over quantized pixels ([`OpKind::QuantizeNhwc`]): the weights are
+    /// `(n, kh kw k4)` and `spatial` is the window's output grid.
     QGemm {
         n: usize,
         act: Act,
         spatial: Option<[usize; 2]>,
+        window: Option<crate::ops::quant::QWindow>,
         /// Activations quantized at run time ([`OpKind::QuantizeDynamic`]): 4 header words,
         /// then the rows; the channel data holds weight sums, scales and f32 biases.
         dynamic: bool,
@@ -246,6 +257,7 @@ impl OpKind {
             OpKind::Cast { .. } => "cast",
             OpKind::QuantizeRows { .. } => "quantize_rows",
             OpKind::QuantizeIm2col { .. } => "quantize_im2col",
+            OpKind::QuantizeNhwc { .. } => "quantize_nhwc",
             OpKind::QGemm { .. } => "qgemm",
             OpKind::QuantizeDynamic => "quantize_dynamic",
         }
@@ -269,6 +281,7 @@ impl OpKind {
             | OpKind::Cast { .. }
             | OpKind::QuantizeRows { .. }
             | OpKind::QuantizeIm2col { .. }
+            | OpKind::QuantizeNhwc { .. }
             | OpKind::QuantizeDynamic => 1,
             OpKind::QGemm { .. } => 3,
             OpKind::Binary { .. }
@@ -303,6 +316,7 @@ impl OpKind {
         match self {
             OpKind::QuantizeRows { .. }
             | OpKind::QuantizeIm2col { .. }
+            | OpKind::QuantizeNhwc { .. }
             | OpKind::QuantizeDynamic => Some(DType::I32),
             OpKind::QGemm { .. } => Some(DType::F32),
             _ => None,
@@ -315,6 +329,7 @@ impl OpKind {
         match self {
             OpKind::QuantizeRows { .. }
             | OpKind::QuantizeIm2col { .. }
+            | OpKind::QuantizeNhwc { .. }
             | OpKind::QuantizeDynamic => DType::F32,
             OpKind::QGemm { .. } => DType::I32,
             _ => out,
@@ -395,6 +410,9 @@ impl OpKind {
                 }
             }
             OpKind::QuantizeRows { scale, zero_point }
+            | OpKind::QuantizeNhwc {
+                scale, zero_point, ..
+            }
             | OpKind::QuantizeIm2col {
                 scale, zero_point, ..
             } => {
@@ -403,6 +421,11 @@ impl OpKind {
                         "scale {scale} must be finite and positive, zero point {zero_point} \
                          in -128..=127"
                     ));
+                }
+                if let OpKind::QuantizeNhwc { padding, .. } = self {
+                    if big(padding) {
+                        return bad(format!("padding {padding:?}"));
+                    }
                 }
                 if let OpKind::QuantizeIm2col { kernel, opts, .. } = self {
                     let all = [*kernel, opts.stride, opts.padding, opts.dilation].concat();
@@ -421,10 +444,19 @@ impl OpKind {
                     to.name()
                 ));
             }
-            OpKind::QGemm { n, spatial, .. }
-                if *n == 0 || *n > MAX_ATTR || spatial.is_some_and(|s| big(&s)) =>
+            OpKind::QGemm {
+                n, spatial, window, ..
+            } if *n == 0
+                || *n > MAX_ATTR
+                || spatial.is_some_and(|s| big(&s))
+                || window.is_some_and(|w| {
+                    let all = [w.kernel, w.stride, w.dilation, w.grid].concat();
+                    big(&all) || all.contains(&0) || w.output() != *spatial
+                }) =>
             {
-                return bad(format!("{n} channels, outputs {spatial:?}"));
+                return bad(format!(
+                    "{n} channels, outputs {spatial:?}, window {window:?}"
+                ));
             }
             OpKind::AdaptiveAvgPool { size } if (size.contains(&0) || big(size)) => {
                 return bad(format!("output size {size:?} must be in 1..={MAX_ATTR}"));
@@ -770,7 +802,17 @@ impl OpKind {
                 if k == 0 {
                     return Err(shape_err(format!("rows of {x:?} are empty")));
                 }
-                vec![numel(x)? / k, crate::ops::quant::words(k)]
+                vec![numel(x)? / k, crate::ops::quant::padded_words(k)]
+            }
+            OpKind::QuantizeNhwc { padding, .. } => {
+                let [n, c, h, w] = x else {
+                    return Err(shape_err(format!("input {x:?} must be NCHW")));
+                };
+                if *c == 0 {
+                    return Err(shape_err(format!("input {x:?} has no channels")));
+                }
+                let pixels = n * (h + 2 * padding[0]) * (w + 2 * padding[1]);
+                vec![pixels, crate::ops::quant::padded_words(*c)]
             }
             OpKind::QuantizeIm2col { kernel, opts, .. } => {
                 let c = x.get(1).copied().unwrap_or(0);
@@ -781,7 +823,7 @@ impl OpKind {
                 )?;
                 vec![
                     g.n * g.oh * g.ow,
-                    crate::ops::quant::words(c * kernel[0] * kernel[1]),
+                    crate::ops::quant::padded_words(c * kernel[0] * kernel[1]),
                 ]
             }
             OpKind::QuantizeDynamic => {
@@ -790,7 +832,7 @@ impl OpKind {
                     return Err(shape_err(format!("rows of {x:?} are empty")));
                 }
                 let words = (numel(x)? / k)
-                    .checked_mul(crate::ops::quant::words(k))
+                    .checked_mul(crate::ops::quant::padded_words(k))
                     .and_then(|w| w.checked_add(4))
                     .ok_or_else(|| shape_err(format!("{x:?} overflows")))?;
                 vec![words]
@@ -799,18 +841,21 @@ impl OpKind {
                 n: ch,
                 spatial,
                 dynamic: true,
+                window,
                 ..
             } => {
                 let (w, c) = (inputs[1], inputs[2]);
-                let k4 = w.first().copied().unwrap_or(0);
+                let k4 = w.get(1).copied().unwrap_or(0);
                 let ok = x.len() == 1
                     && w.len() == 2
-                    && w[1] == *ch
+                    && w[0] == *ch
                     && k4 > 0
+                    && k4.is_multiple_of(4)
                     && x[0] >= 4
                     && (x[0] - 4).is_multiple_of(k4)
                     && c == [3 * ch]
-                    && spatial.is_none();
+                    && spatial.is_none()
+                    && window.is_none();
                 if !ok {
                     return Err(shape_err(format!(
                         "activation words {x:?}, weights {w:?} and channel data {c:?} for {ch} channels"
@@ -818,21 +863,47 @@ impl OpKind {
                 }
                 vec![(x[0] - 4) / k4, *ch]
             }
-            OpKind::QGemm { n: ch, spatial, .. } => {
+            OpKind::QGemm {
+                n: ch,
+                spatial,
+                window,
+                ..
+            } => {
                 let (w, c) = (inputs[1], inputs[2]);
-                if x.len() != 2 || w.len() != 2 || w[1] != *ch || w[0] != x[1] || c != [3 * ch] {
+                let taps = window.map_or(1, |w| w.kernel[0] * w.kernel[1]);
+                let ok = x.len() == 2
+                    && w.len() == 2
+                    && w[0] == *ch
+                    && x[1] > 0
+                    && x[1].is_multiple_of(4)
+                    && Some(w[1]) == x[1].checked_mul(taps)
+                    && c == [3 * ch];
+                if !ok {
                     return Err(shape_err(format!(
                         "activations {x:?}, weights {w:?} and channel data {c:?} for {ch} channels"
                     )));
                 }
-                match spatial {
-                    None => vec![x[0], *ch],
-                    Some([oh, ow]) => {
+                match (window, spatial) {
+                    (None, None) => vec![x[0], *ch],
+                    (None, Some([oh, ow])) => {
                         let ohw = oh * ow;
                         if ohw == 0 || !x[0].is_multiple_of(ohw) {
                             return Err(shape_err(format!("{} rows of {oh} x {ow} outputs", x[0])));
                         }
                         vec![x[0] / ohw, *ch, *oh, *ow]
+                    }
+                    (Some(win), Some([oh, ow])) => {
+                        let px = win.grid[0] * win.grid[1];
+                        if px == 0 || !x[0].is_multiple_of(px) {
+                            return Err(shape_err(format!(
+                                "{} pixels in images of {:?}",
+                                x[0], win.grid
+                            )));
+                        }
+                        vec![x[0] / px, *ch, *oh, *ow]
+                    }
+                    (Some(_), None) => {
+                        return Err(shape_err("a window without its output grid".into()));
                     }
                 }
             }
@@ -957,7 +1028,7 @@ impl OpKind {
                 let rows = x.numel() / k.max(1);
                 Ok(w.with_layout(crate::shape::Layout::contiguous(&[
                     rows,
-                    crate::ops::quant::words(k),
+                    crate::ops::quant::padded_words(k),
                 ])))
             }
             OpKind::QuantizeIm2col {
@@ -979,57 +1050,66 @@ impl OpKind {
                 let w = crate::ops::quant::quantize_im2col(x, &g, q)?;
                 Ok(w.with_layout(crate::shape::Layout::contiguous(&[
                     g.n * g.oh * g.ow,
-                    crate::ops::quant::words(c * kernel[0] * kernel[1]),
+                    crate::ops::quant::padded_words(c * kernel[0] * kernel[1]),
                 ])))
             }
             OpKind::QuantizeDynamic => {
                 let k = *x.dims().last().unwrap_or(&0);
                 crate::ops::quant::quantize_rows_dynamic(x, k)
             }
-            OpKind::QGemm {
-                n: ch,
-                act,
-                dynamic: true,
-                ..
+            OpKind::QuantizeNhwc {
+                scale,
+                zero_point,
+                padding,
             } => {
-                let k4 = inputs[1].dims()[0];
-                let m = (x.numel() - 4) / k4.max(1);
-                crate::ops::quant::qgemm(
-                    x,
-                    m,
-                    inputs[1],
-                    *ch,
-                    k4,
-                    inputs[2],
-                    crate::ops::quant::QOut::Dynamic { act: *act },
-                    false,
-                    0,
-                )
+                let q = crate::quant::QParams {
+                    scale: *scale,
+                    zero_point: *zero_point,
+                };
+                let w = crate::ops::quant::quantize_nhwc(x, *padding, q)?;
+                let d = x.dims();
+                let pixels = d[0] * (d[2] + 2 * padding[0]) * (d[3] + 2 * padding[1]);
+                Ok(w.with_layout(crate::shape::Layout::contiguous(&[
+                    pixels,
+                    crate::ops::quant::padded_words(d[1]),
+                ])))
             }
             OpKind::QGemm {
                 n: ch,
                 act,
                 spatial,
-                ..
+                dynamic,
+                window,
             } => {
-                let (m, k4) = (x.dims()[0], x.dims()[1]);
-                let ohw = spatial.map_or(0, |[oh, ow]| oh * ow);
-                let y = crate::ops::quant::qgemm(
-                    x,
+                use crate::ops::quant::{qgemm, QOut, QShape};
+                let k4 = inputs[1].dims()[1] / window.map_or(1, |w| w.kernel[0] * w.kernel[1]);
+                let (m, out, ohw) = match (dynamic, spatial) {
+                    (true, _) => ((x.numel() - 4) / k4.max(1), QOut::Dynamic { act: *act }, 0),
+                    (false, None) => (x.dims()[0], QOut::F32 { act: *act }, 0),
+                    (false, Some([oh, ow])) => {
+                        let rows = match window {
+                            Some(w) => x.dims()[0] / (w.grid[0] * w.grid[1]).max(1) * oh * ow,
+                            None => x.dims()[0],
+                        };
+                        (rows, QOut::F32 { act: *act }, oh * ow)
+                    }
+                };
+                let s = QShape {
                     m,
-                    inputs[1],
-                    *ch,
+                    n: *ch,
                     k4,
-                    inputs[2],
-                    crate::ops::quant::QOut::F32 { act: *act },
-                    false,
                     ohw,
-                )?;
+                    window: *window,
+                };
+                let y = qgemm(x, inputs[1], inputs[2], &s, out, false)?;
                 Ok(match spatial {
                     None => y,
-                    Some([oh, ow]) => {
-                        y.with_layout(crate::shape::Layout::contiguous(&[m / ohw, *ch, *oh, *ow]))
-                    }
+                    Some([oh, ow]) => y.with_layout(crate::shape::Layout::contiguous(&[
+                        m / (oh * ow),
+                        *ch,
+                        *oh,
+                        *ow,
+                    ])),
                 })
             }
         }

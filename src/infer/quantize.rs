@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use super::graph::{DType, Dim, Graph, Node, OpKind, Src};
 use super::InferenceModel;
 use crate::error::{Error, Result};
-use crate::ops::quant::{channel_words, pack_rows, transpose_words, words};
+use crate::ops::quant::{channel_words, pack_rows, padded_words, QWindow};
 use crate::quant::{weight_params, QParams};
 use crate::tensor::Tensor;
 use crate::Conv2dOptions;
@@ -303,10 +303,31 @@ fn rewrite_with(g: &Graph, mode_of: &dyn Fn(usize) -> Option<Mode>) -> Result<Gr
             .enumerate()
             .map(|(e, &v)| wp[e / k].quantize(v))
             .collect();
-        let w_words = transpose_words(&pack_rows(&wq, k, 0), n, words(k));
+        // A convolution reads its input's pixels directly (taps outermost in the weights,
+        // channels padded to 16 a tap) unless padding its channels costs more than half as
+        // much again as patch rows do, as for a first layer of 1 or 3 channels.
+        let direct = conv.and_then(|([kh, kw], _)| {
+            let c = k / (kh * kw);
+            (2 * kh * kw * padded_words(c) <= 3 * padded_words(k)).then_some((c, kh * kw))
+        });
+        let w_words = match direct {
+            None => pack_rows(&wq, k, padded_words(k), 0),
+            Some((c, taps)) => {
+                // (n, c, taps) to (n, taps, c).
+                let mut t = vec![0i8; wq.len()];
+                for o in 0..n {
+                    for ci in 0..c {
+                        for tap in 0..taps {
+                            t[(o * taps + tap) * c + ci] = wq[(o * c + ci) * taps + tap];
+                        }
+                    }
+                }
+                pack_rows(&t, c, padded_words(c), 0)
+            }
+        };
         let w_t = Tensor::from_slice_i32(
             &w_words.iter().map(|&v| v as i32).collect::<Vec<_>>(),
-            &[words(k), n],
+            &[n, w_words.len() / n.max(1)],
             dev,
         )?;
         let qa = match mode {
@@ -327,7 +348,7 @@ fn rewrite_with(g: &Graph, mode_of: &dyn Fn(usize) -> Option<Mode>) -> Result<Gr
                 let x = inputs[0];
                 let x_shape = shape_of(x, &out);
                 let rows = product(&x_shape[..x_shape.len() - 1]);
-                let k4 = words(k) as i64;
+                let k4 = padded_words(k) as i64;
                 out.nodes.push(Node {
                     op: OpKind::QuantizeDynamic,
                     inputs: vec![x],
@@ -344,6 +365,7 @@ fn rewrite_with(g: &Graph, mode_of: &dyn Fn(usize) -> Option<Mode>) -> Result<Gr
                         act,
                         spatial: None,
                         dynamic: true,
+                        window: None,
                     },
                     inputs: vec![a, wsrc, csrc],
                     shape: vec![rows, Dim::fixed(n)],
@@ -382,19 +404,48 @@ fn rewrite_with(g: &Graph, mode_of: &dyn Fn(usize) -> Option<Mode>) -> Result<Gr
         let csrc = push_const(&mut out, ch_t);
         let x = inputs[0];
         let x_shape = shape_of(x, &out);
-        let (qop, rows, spatial) = match conv {
-            None => {
+        let (qop, a_shape, spatial, window) = match (conv, direct) {
+            (None, _) => {
                 let rows = product(&x_shape[..x_shape.len() - 1]);
                 (
                     OpKind::QuantizeRows {
                         scale: qa.scale,
                         zero_point: qa.zero_point,
                     },
-                    rows,
+                    vec![rows, Dim::fixed(padded_words(k))],
+                    None,
                     None,
                 )
             }
-            Some((kernel, opts)) => {
+            (Some((kernel, opts)), Some((c, _))) => {
+                let (oh, ow) = (node.shape[2].fixed as usize, node.shape[3].fixed as usize);
+                let (h, w) = (x_shape[2].fixed as usize, x_shape[3].fixed as usize);
+                let grid = [h + 2 * opts.padding[0], w + 2 * opts.padding[1]];
+                let pixels = (grid[0] * grid[1]) as i64;
+                let window = QWindow {
+                    kernel,
+                    stride: opts.stride,
+                    dilation: opts.dilation,
+                    grid,
+                };
+                (
+                    OpKind::QuantizeNhwc {
+                        scale: qa.scale,
+                        zero_point: qa.zero_point,
+                        padding: opts.padding,
+                    },
+                    vec![
+                        Dim {
+                            per_batch: x_shape[0].per_batch * pixels,
+                            fixed: x_shape[0].fixed * pixels,
+                        },
+                        Dim::fixed(padded_words(c)),
+                    ],
+                    Some([oh, ow]),
+                    Some(window),
+                )
+            }
+            (Some((kernel, opts)), None) => {
                 let (oh, ow) = (node.shape[2].fixed as usize, node.shape[3].fixed as usize);
                 let rows = Dim {
                     per_batch: node.shape[0].per_batch * (oh * ow) as i64,
@@ -407,15 +458,17 @@ fn rewrite_with(g: &Graph, mode_of: &dyn Fn(usize) -> Option<Mode>) -> Result<Gr
                         kernel,
                         opts: Conv2dOptions { groups: 1, ..opts },
                     },
-                    rows,
+                    vec![rows, Dim::fixed(padded_words(k))],
                     Some([oh, ow]),
+                    None,
                 )
             }
         };
+        let rows = a_shape[0];
         out.nodes.push(Node {
             op: qop,
             inputs: vec![x],
-            shape: vec![rows, Dim::fixed(words(k))],
+            shape: a_shape,
             dtype: DType::I32,
         });
         let a = Src::Node(out.nodes.len() - 1);
@@ -429,6 +482,7 @@ fn rewrite_with(g: &Graph, mode_of: &dyn Fn(usize) -> Option<Mode>) -> Result<Gr
                 act,
                 spatial,
                 dynamic: false,
+                window,
             },
             inputs: vec![a, wsrc, csrc],
             shape: gemm_shape,

@@ -27,7 +27,7 @@ pub(crate) struct QuantParams {
     pub act_on: u32,
     pub zy: i32,
     pub lo: i32,
-    pub manual: u32,
+    pub _pad2: u32,
     pub alpha: f32,
     pub scale: f32,
     pub zp: i32,
@@ -51,15 +51,20 @@ pub(crate) struct QuantParams {
     pub _pad1: u32,
 }
 
-/// Words per row of `count` int8 values.
+/// Words of `count` int8 values, four to a word.
 pub(crate) fn words(count: usize) -> usize {
     count.div_ceil(4)
 }
 
-/// Packs int8 rows of `count` values into words, padding each row with `pad`.
-pub(crate) fn pack_rows(q: &[i8], count: usize, pad: i8) -> Vec<u32> {
+/// Words per packed row of `count` int8 values: whole groups of 16 values (four words), so
+/// that the integer product reads its operands as vec4s.
+pub(crate) fn padded_words(count: usize) -> usize {
+    count.div_ceil(16) * 4
+}
+
+/// Packs int8 rows of `count` values into rows of `k4` words, padding each row with `pad`.
+pub(crate) fn pack_rows(q: &[i8], count: usize, k4: usize, pad: i8) -> Vec<u32> {
     let rows = q.len().checked_div(count).unwrap_or(0);
-    let k4 = words(count);
     let mut out = vec![0u32; rows * k4];
     for r in 0..rows {
         for w in 0..k4 {
@@ -70,17 +75,6 @@ pub(crate) fn pack_rows(q: &[i8], count: usize, pad: i8) -> Vec<u32> {
                 word |= (v as u8 as u32) << (8 * i);
             }
             out[r * k4 + w] = word;
-        }
-    }
-    out
-}
-
-/// Packed weight rows `(n, k4)` as `(k4, n)`, the layout [`qgemm`] reads.
-pub(crate) fn transpose_words(w: &[u32], n: usize, k4: usize) -> Vec<u32> {
-    let mut out = vec![0; w.len()];
-    for c in 0..n {
-        for k in 0..k4 {
-            out[k * n + c] = w[c * k4 + k];
         }
     }
     out
@@ -126,23 +120,41 @@ fn word_tensor(op: &'static str, n: usize, dev: &crate::Device) -> Result<Tensor
     Tensor::alloc_typed(op, &[n.max(1)], DType::I32, dev, false)
 }
 
-/// `x` (f32, contiguous rows of `count`) quantized into int8 words, `(rows, words(count))`.
-pub(crate) fn quantize_rows(x: &Tensor, count: usize, q: QParams) -> Result<Tensor> {
-    const OP: &str = "quantize";
+/// Quantizes `x`, f32 `(n, c, h, w)` contiguous, into the pixels of its padded grid:
+/// `(n (h + 2 ph) (w + 2 pw), padded_words(c))` words, channels innermost; the padding and the
+/// channels past `c` hold the zero point.
+fn quantize_pixels(
+    op: &'static str,
+    x: &Tensor,
+    [n, c, h, w]: [usize; 4],
+    [ph, pw]: [usize; 2],
+    q: QParams,
+) -> Result<Tensor> {
     let x = x.dense()?;
-    let n = x.numel();
-    if count == 0 || !n.is_multiple_of(count) {
-        return Err(Error::shape(OP, format!("{n} values in rows of {count}")));
+    let (hp, wp) = (h + 2 * ph, w + 2 * pw);
+    let pixels = n * hp * wp;
+    let k4 = padded_words(c);
+    let u = |v: usize| v as u32;
+    if c == 0 || x.numel() != n * c * h * w || pixels.checked_mul(k4).is_none_or(|t| t >= 1 << 31) {
+        return Err(Error::shape(
+            op,
+            format!(
+                "{} values as ({n}, {c}, {h}, {w}) padded by ({ph}, {pw})",
+                x.numel()
+            ),
+        ));
     }
-    let rows = n / count;
-    let k4 = words(count);
-    let out = word_tensor(OP, rows * k4, x.device())?;
+    let out = word_tensor(op, pixels * k4, x.device())?;
     let p = QuantParams {
         scale: q.scale,
         zp: q.zero_point,
-        count: count as u32,
-        rows: rows as u32,
-        k4: k4 as u32,
+        rows: u(pixels),
+        k4: u(k4),
+        c: u(c),
+        h: u(h),
+        w: u(w),
+        ph: u(ph),
+        pw: u(pw),
         ..Default::default()
     };
     x.device().dispatch(
@@ -150,13 +162,37 @@ pub(crate) fn quantize_rows(x: &Tensor, count: usize, q: QParams) -> Result<Tens
         &[x.buffer()],
         out.buffer(),
         bytemuck::bytes_of(&p),
-        grid(rows * k4, 256),
+        grid(pixels * k4, 256),
     );
     Ok(out)
 }
 
+/// `x` (f32, contiguous rows of `count`) quantized into int8 words,
+/// `(rows, padded_words(count))`.
+pub(crate) fn quantize_rows(x: &Tensor, count: usize, q: QParams) -> Result<Tensor> {
+    const OP: &str = "quantize";
+    let n = x.numel();
+    if count == 0 || !n.is_multiple_of(count) {
+        return Err(Error::shape(OP, format!("{n} values in rows of {count}")));
+    }
+    quantize_pixels(OP, x, [n / count, count, 1, 1], [0, 0], q)
+}
+
+/// `x` (f32 NCHW) quantized into the pixels of its grid padded by `padding`, the input of a
+/// windowed [`qgemm`]: `(n (h + 2 ph) (w + 2 pw), padded_words(c))` words.
+pub(crate) fn quantize_nhwc(x: &Tensor, padding: [usize; 2], q: QParams) -> Result<Tensor> {
+    let [n, c, h, w] = x.dims() else {
+        return Err(Error::shape(
+            "quantize_nhwc",
+            format!("input {:?} must be NCHW", x.dims()),
+        ));
+    };
+    quantize_pixels("quantize_nhwc", x, [*n, *c, *h, *w], padding, q)
+}
+
 /// The quantized patch rows of a convolution of `x` (f32 NCHW, contiguous) with geometry
-/// `g` (groups 1): `(n * oh * ow, words(c * kh * kw))` words, padding taps at the zero point.
+/// `g` (groups 1): `(n * oh * ow, padded_words(c * kh * kw))` words, padding taps at the zero
+/// point.
 pub(crate) fn quantize_im2col(
     x: &Tensor,
     g: &crate::ops::conv::ConvGeometry,
@@ -175,7 +211,7 @@ pub(crate) fn quantize_im2col(
         ));
     }
     let rows = g.n * g.oh * g.ow;
-    let k4 = words(count);
+    let k4 = padded_words(count);
     let out = word_tensor(OP, rows * k4, x.device())?;
     let u = |v: usize| v as u32;
     let p = QuantParams {
@@ -224,7 +260,8 @@ pub(crate) fn quantize_im2col(
 }
 
 /// `x` (f32, contiguous rows of `count`) quantized with the scale and zero point of its own
-/// range, computed on the GPU: 4 header words (scale, zero point) then `(rows, words(count))`.
+/// range, computed on the GPU: 4 header words (scale, zero point) then
+/// `(rows, padded_words(count))`.
 pub(crate) fn quantize_rows_dynamic(x: &Tensor, count: usize) -> Result<Tensor> {
     const OP: &str = "quantize_dynamic";
     let x = x.dense()?;
@@ -233,7 +270,7 @@ pub(crate) fn quantize_rows_dynamic(x: &Tensor, count: usize) -> Result<Tensor> 
         return Err(Error::shape(OP, format!("{n} values in rows of {count}")));
     }
     let rows = n / count;
-    let k4 = words(count);
+    let k4 = padded_words(count);
     let range = Tensor::concat(
         &[
             &x.min(&[], false)?.reshape(&[1])?,
@@ -244,9 +281,11 @@ pub(crate) fn quantize_rows_dynamic(x: &Tensor, count: usize) -> Result<Tensor> 
     .dense()?;
     let out = word_tensor(OP, 4 + rows * k4, x.device())?;
     let p = QuantParams {
-        count: count as u32,
         rows: rows as u32,
         k4: k4 as u32,
+        c: count as u32,
+        h: 1,
+        w: 1,
         ..Default::default()
     };
     x.device().dispatch(
@@ -259,16 +298,25 @@ pub(crate) fn quantize_rows_dynamic(x: &Tensor, count: usize) -> Result<Tensor> 
     Ok(out)
 }
 
-/// Int8 words `(rows, words(count))` back to f32 `(rows, count)`.
-pub(crate) fn dequantize_rows(q: &Tensor, rows: usize, count: usize, p: QParams) -> Result<Tensor> {
+/// Int8 words `(rows, k4)` back to f32 `(rows, count)`.
+pub(crate) fn dequantize_rows(
+    q: &Tensor,
+    rows: usize,
+    count: usize,
+    k4: usize,
+    p: QParams,
+) -> Result<Tensor> {
     const OP: &str = "dequantize";
-    let k4 = words(count);
-    if q.numel() < rows * k4 {
+    if q.numel() < rows * k4 || k4 < words(count) {
         return Err(Error::shape(
             OP,
-            format!("{} words for {rows} rows of {count}", q.numel()),
+            format!(
+                "{} words for {rows} rows of {count} in {k4} words",
+                q.numel()
+            ),
         ));
     }
+    let q = q.dense()?;
     let out = Tensor::uninit(OP, &[rows, count], q.device())?;
     let params = QuantParams {
         scale: p.scale,
@@ -293,29 +341,60 @@ pub(crate) fn dequantize_rows(q: &Tensor, rows: usize, count: usize, p: QParams)
 pub(crate) enum QOut {
     /// f32 `acc * scale[c]`, then an activation.
     F32 { act: Option<(UnaryOp, f32)> },
-    /// Int8 words, requantized to zero point `zy`; `relu` clamps at the zero point.
+    /// Int8 rows of `padded_words(n)` words, requantized to zero point `zy`; `relu` clamps at
+    /// the zero point.
     I8 { zy: i32, relu: bool },
     /// f32, for activations quantized at run time ([`quantize_rows_dynamic`]): the channel
     /// data is the weight row's sum, its scale and the f32 bias.
     Dynamic { act: Option<(UnaryOp, f32)> },
 }
 
-/// The integer product of int8 activations `a` (m rows of `k4` words) and weights `b` (`k4`
-/// rows of `n` words, [`transpose_words`] of the packed weight rows) with per-channel data `c` (3 words a channel, see `shaders/quant.wgsl`).
-/// `manual` computes the dot products without the built-in.
-/// With `ohw` > 0 (f32 output only), rows are a convolution's output positions and the
-/// result is written as `(m / ohw, n, ohw)`, NCHW.
-#[allow(clippy::too_many_arguments)]
+/// The window of a convolution run directly over quantized pixels ([`quantize_nhwc`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) struct QWindow {
+    pub kernel: [usize; 2],
+    pub stride: [usize; 2],
+    pub dilation: [usize; 2],
+    /// The padded pixel grid of one image.
+    pub grid: [usize; 2],
+}
+
+impl QWindow {
+    /// The output grid, or `None` where the window does not fit.
+    pub fn output(&self) -> Option<[usize; 2]> {
+        let side = |i: usize| {
+            let span = self.dilation[i].checked_mul(self.kernel[i].checked_sub(1)?)? + 1;
+            let room = self.grid[i].checked_sub(span)?;
+            Some(room / self.stride[i].max(1) + 1)
+        };
+        Some([side(0)?, side(1)?])
+    }
+}
+
+/// The operands of [`qgemm`]: `m` rows by `n` channels over `k4` words per pixel (a multiple
+/// of 4). Plain rows read `(m, k4)` activation words and `(n, k4)` weight words. With a
+/// window, rows are the output positions of a convolution over quantized pixels, and the
+/// weights are `(n, kh kw k4)`, taps outermost. `ohw` > 0 (f32 outputs) writes the result as
+/// `(m / ohw, n, ohw)`, NCHW.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) struct QShape {
+    pub m: usize,
+    pub n: usize,
+    pub k4: usize,
+    pub ohw: usize,
+    pub window: Option<QWindow>,
+}
+
+/// The integer product of int8 activations `a` and weights `b`, with per-channel data `c`
+/// (3 words a channel, see `shaders/quant.wgsl`), shaped by `s`. `manual` computes the dot
+/// products without the built-in.
 pub(crate) fn qgemm(
     a: &Tensor,
-    m: usize,
     b: &Tensor,
-    n: usize,
-    k4: usize,
     c: &Tensor,
+    s: &QShape,
     out: QOut,
     manual: bool,
-    ohw: usize,
 ) -> Result<Tensor> {
     const OP: &str = "qgemm";
     // The kernel indexes its buffers from the start: each operand must be dense words that
@@ -336,69 +415,118 @@ pub(crate) fn qgemm(
             ));
         }
     }
-    if a.numel() < m * k4 || b.numel() < n * k4 || c.numel() < n * 3 || k4 == 0 {
+    let &QShape {
+        m,
+        n,
+        k4,
+        ohw,
+        window,
+    } = s;
+    let header = if matches!(out, QOut::Dynamic { .. }) {
+        4
+    } else {
+        0
+    };
+    let (taps, grid_hw, out_hw, pixels) = match window {
+        None => (1, [1, 1], [1, 1], Some(m)),
+        Some(w) => {
+            let o = w.output().filter(|o| o[0] * o[1] > 0);
+            let per_image = o.map_or(0, |o| o[0] * o[1]);
+            let images = (per_image > 0 && m.is_multiple_of(per_image)).then(|| m / per_image);
+            (
+                w.kernel[0] * w.kernel[1],
+                w.grid,
+                o.unwrap_or([0, 0]),
+                images.and_then(|i| i.checked_mul(w.grid[0] * w.grid[1])),
+            )
+        }
+    };
+    let fits = pixels.is_some_and(|px| a.numel() >= header + px * k4)
+        && b.numel() >= n * taps * k4
+        && c.numel() >= n * 3
+        && k4 > 0
+        && k4.is_multiple_of(4)
+        && n > 0
+        && m > 0
+        && (ohw == 0 || m.is_multiple_of(ohw))
+        && (ohw == 0 || !matches!(out, QOut::I8 { .. }));
+    if !fits {
         return Err(Error::shape(
             OP,
             format!(
-                "operands of {} / {} / {} words for m {m}, n {n}, k4 {k4}",
+                "operands of {} / {} / {} words for {s:?} and {out:?}",
                 a.numel(),
                 b.numel(),
                 c.numel()
             ),
         ));
     }
-    let (mode, n_words, act, zy, lo) = match out {
-        QOut::F32 { act } => (0, n, act, 0, -128),
-        QOut::Dynamic { act } => (2, n, act, 0, -128),
-        QOut::I8 { zy, relu } => (1, words(n), None, zy, if relu { zy } else { -128 }),
+    let (mode, act, zy, lo) = match out {
+        QOut::F32 { act } => (0, act, 0, -128),
+        QOut::Dynamic { act } => (2, act, 0, -128),
+        QOut::I8 { zy, relu } => (1, None, zy, if relu { zy } else { -128 }),
     };
-    let header = if mode == 2 { 4 } else { 0 };
-    if a.numel() < header + m * k4 {
-        return Err(Error::shape(
-            OP,
-            format!("{} activation words for {m} rows", a.numel()),
-        ));
-    }
+    // Invocations cover 8 channels; int8 rows are whole words of 16 channels.
+    let col_groups = match out {
+        QOut::I8 { .. } => padded_words(n) / 2,
+        _ => n.div_ceil(8),
+    };
     let result = match out {
         QOut::F32 { .. } | QOut::Dynamic { .. } => Tensor::uninit(OP, &[m, n], a.device())?,
-        QOut::I8 { .. } => word_tensor(OP, m * n_words, a.device())?,
+        QOut::I8 { .. } => word_tensor(OP, m * padded_words(n), a.device())?,
     };
+    let u = |v: usize| v as u32;
+    let w = window.unwrap_or(QWindow {
+        kernel: [1, 1],
+        stride: [1, 1],
+        dilation: [1, 1],
+        grid: [1, 1],
+    });
     let p = QuantParams {
-        m: m as u32,
-        n: n as u32,
-        k4: k4 as u32,
-        n_words: n_words as u32,
+        m: u(m),
+        n: u(n),
+        k4: u(k4),
+        n_words: u(col_groups * 2),
         mode,
         act: act.map_or(0, |(op, _)| op as u32),
         act_on: act.is_some() as u32,
         alpha: act.map_or(0.0, |(_, a)| a),
         zy,
         lo,
-        manual: manual as u32,
-        ohw: ohw as u32,
+        ohw: u(ohw),
+        h: u(grid_hw[0]),
+        w: u(grid_hw[1]),
+        oh: u(out_hw[0]),
+        ow: u(out_hw[1]),
+        kh: u(w.kernel[0]),
+        kw: u(w.kernel[1]),
+        sh: u(w.stride[0]),
+        sw: u(w.stride[1]),
+        dh: u(w.dilation[0]),
+        dw: u(w.dilation[1]),
         ..Default::default()
     };
-    if ohw > 0 && (matches!(out, QOut::I8 { .. }) || !m.is_multiple_of(ohw)) {
-        return Err(Error::invalid(
-            OP,
-            format!("NCHW output of {m} rows by {ohw}"),
-        ));
-    }
-    // Row blocks beyond 65535 workgroups continue along z.
-    let row_groups = (words(m) as u32).div_ceil(8);
+    // Workgroups of 8 invocations, 4 rows each; row blocks beyond 65535 workgroups continue
+    // along z.
+    let row_groups = m.div_ceil(32);
     let groups = [
-        (words(n) as u32).div_ceil(8),
-        row_groups.min(65535),
-        row_groups.div_ceil(65535),
+        row_groups.min(65535) as u32,
+        col_groups as u32,
+        row_groups.div_ceil(65535) as u32,
     ];
-    if groups[0] > 65535 || groups[2] > 65535 {
+    if col_groups > 65535 || groups[2] > 65535 || m >= 1 << 31 {
         return Err(Error::invalid(
             OP,
             format!("{m} x {n} exceeds one dispatch"),
         ));
     }
+    let kernel = if manual {
+        Kernel::QgemmManualFwd
+    } else {
+        Kernel::QgemmFwd
+    };
     a.device().dispatch(
-        Kernel::QgemmFwd,
+        kernel,
         &[a.buffer(), b.buffer(), c.buffer()],
         result.buffer(),
         bytemuck::bytes_of(&p),
@@ -514,11 +642,18 @@ mod tests {
                     .sum::<i32>()
                     + bias[c]
             };
-            let k4 = words(k);
+            let k4 = padded_words(k);
             let (at, bt) = (
-                upload(&pack_rows(&a, k, za as i8), &dev),
-                upload(&transpose_words(&pack_rows(&w, k, 0), n, words(k)), &dev),
+                upload(&pack_rows(&a, k, k4, za as i8), &dev),
+                upload(&pack_rows(&w, k, k4, 0), &dev),
             );
+            let shape = QShape {
+                m,
+                n,
+                k4,
+                ohw: 0,
+                window: None,
+            };
             let scales: Vec<f32> = (0..n).map(|c| 1e-3 * (1.0 + c as f32)).collect();
             // Odd channels have power-of-two multipliers, whose products often tie.
             let mults: Vec<(u32, u32)> = scales
@@ -545,7 +680,7 @@ mod tests {
                         ),
                         &dev,
                     );
-                    let y = qgemm(&at, m, &bt, n, k4, &c, QOut::F32 { act }, manual, 0).unwrap();
+                    let y = qgemm(&at, &bt, &c, &shape, QOut::F32 { act }, manual).unwrap();
                     let got: Vec<u32> = y.to_vec().unwrap().iter().map(|v| v.to_bits()).collect();
                     for r in 0..m {
                         for col in 0..n {
@@ -570,10 +705,9 @@ mod tests {
                         ),
                         &dev,
                     );
-                    let y =
-                        qgemm(&at, m, &bt, n, k4, &c, QOut::I8 { zy, relu }, manual, 0).unwrap();
+                    let y = qgemm(&at, &bt, &c, &shape, QOut::I8 { zy, relu }, manual).unwrap();
                     let got = read(&y);
-                    let nw = words(n);
+                    let nw = padded_words(n);
                     for r in 0..m {
                         for col in 0..nw * 4 {
                             let byte =
@@ -641,55 +775,85 @@ mod tests {
             };
             let g = conv2d_geometry(&[n, c, h, w], &[co, c, k, k], &opts).unwrap();
             let xt = Tensor::from_slice(&x, &[n, c, h, w], &dev).unwrap();
-            let patches = quantize_im2col(&xt, &g, q).unwrap();
             let wsum: Vec<i32> = (0..co)
                 .map(|o| wq[o * kk..(o + 1) * kk].iter().map(|&v| v as i32).sum())
                 .collect();
             let folded: Vec<i32> = wsum.iter().map(|s| -q.zero_point * s).collect();
             let scales: Vec<u32> = (0..co).map(|o| (0.5f32 + o as f32).to_bits()).collect();
             let ch = upload(&channel_words(&folded, &scales, &vec![0; co]), &dev);
-            let wt = upload(
-                &transpose_words(&pack_rows(&wq, kk, 0), co, words(kk)),
-                &dev,
-            );
             let ohw = g.oh * g.ow;
-            let y = qgemm(
-                &patches,
-                n * ohw,
-                &wt,
-                co,
-                words(kk),
-                &ch,
-                QOut::F32 { act: None },
-                false,
+            // Patch rows, then the product of rows.
+            let patches = quantize_im2col(&xt, &g, q).unwrap();
+            let rows_w = upload(&pack_rows(&wq, kk, padded_words(kk), 0), &dev);
+            let by_rows = QShape {
+                m: n * ohw,
+                n: co,
+                k4: padded_words(kk),
                 ohw,
-            )
-            .unwrap()
-            .to_vec()
-            .unwrap();
-            for b in 0..n {
-                for o in 0..co {
-                    for oy in 0..g.oh {
-                        for ox in 0..g.ow {
-                            let mut acc = 0i32;
-                            for ci in 0..c {
-                                for ky in 0..k {
-                                    for kx in 0..k {
-                                        let iy = (oy * stride + ky * dil) as i64 - pad as i64;
-                                        let ix = (ox * stride + kx * dil) as i64 - pad as i64;
-                                        if iy < 0 || ix < 0 || iy >= h as i64 || ix >= w as i64 {
-                                            continue; // the real 0 contributes nothing
+                window: None,
+            };
+            // The padded pixels, then the product over the window; weights taps outermost.
+            let pixels = quantize_nhwc(&xt, [pad; 2], q).unwrap();
+            let taps = k * k;
+            let mut wt = vec![0i8; wq.len()];
+            for o in 0..co {
+                for ci in 0..c {
+                    for t in 0..taps {
+                        wt[(o * taps + t) * c + ci] = wq[(o * c + ci) * taps + t];
+                    }
+                }
+            }
+            let win_w = upload(&pack_rows(&wt, c, padded_words(c), 0), &dev);
+            let by_window = QShape {
+                m: n * ohw,
+                n: co,
+                k4: padded_words(c),
+                ohw,
+                window: Some(QWindow {
+                    kernel: [k; 2],
+                    stride: [stride; 2],
+                    dilation: [dil; 2],
+                    grid: [h + 2 * pad, w + 2 * pad],
+                }),
+            };
+            for (label, a, b, shape, manual) in [
+                ("rows", &patches, &rows_w, by_rows, false),
+                ("window", &pixels, &win_w, by_window, false),
+                ("window, by hand", &pixels, &win_w, by_window, true),
+            ] {
+                let y = qgemm(a, b, &ch, &shape, QOut::F32 { act: None }, manual)
+                    .unwrap()
+                    .to_vec()
+                    .unwrap();
+                for b in 0..n {
+                    for o in 0..co {
+                        for oy in 0..g.oh {
+                            for ox in 0..g.ow {
+                                let mut acc = 0i32;
+                                for ci in 0..c {
+                                    for ky in 0..k {
+                                        for kx in 0..k {
+                                            let iy = (oy * stride + ky * dil) as i64 - pad as i64;
+                                            let ix = (ox * stride + kx * dil) as i64 - pad as i64;
+                                            if iy < 0 || ix < 0 || iy >= h as i64 || ix >= w as i64
+                                            {
+                                                continue; // the real 0 contributes nothing
+                                            }
+                                            let xv = xq[((b * c + ci) * h + iy as usize) * w
+                                                + ix as usize];
+                                            acc += (xv - q.zero_point)
+                                                * wq[o * kk + (ci * k + ky) * k + kx] as i32;
                                         }
-                                        let xv =
-                                            xq[((b * c + ci) * h + iy as usize) * w + ix as usize];
-                                        acc += (xv - q.zero_point)
-                                            * wq[o * kk + (ci * k + ky) * k + kx] as i32;
                                     }
                                 }
+                                let want = acc as f32 * f32::from_bits(scales[o]);
+                                let got = y[((b * co + o) * g.oh + oy) * g.ow + ox];
+                                assert_eq!(
+                                    got.to_bits(),
+                                    want.to_bits(),
+                                    "{label} {g:?} at {b},{o},{oy},{ox}"
+                                );
                             }
-                            let want = acc as f32 * f32::from_bits(scales[o]);
-                            let got = y[((b * co + o) * g.oh + oy) * g.ow + ox];
-                            assert_eq!(got.to_bits(), want.to_bits(), "{g:?} at {b},{o},{oy},{ox}");
                         }
                     }
                 }
@@ -730,22 +894,26 @@ mod tests {
             let wsum: i32 = wq[c * k..(c + 1) * k].iter().map(|&v| v as i32).sum();
             ch.extend_from_slice(&[wsum as u32, sw[c].to_bits(), bias[c].to_bits()]);
         }
-        let wt = upload(&transpose_words(&pack_rows(&wq, k, 0), n, words(k)), &dev);
+        let k4 = padded_words(k);
+        let wt = upload(&pack_rows(&wq, k, k4, 0), &dev);
+        let shape = QShape {
+            m,
+            n,
+            k4,
+            ohw: 0,
+            window: None,
+        };
         let y = qgemm(
             &words_t,
-            m,
             &wt,
-            n,
-            words(k),
             &upload(&ch, &dev),
+            &shape,
             QOut::Dynamic { act: None },
             false,
-            0,
         )
         .unwrap()
         .to_vec()
         .unwrap();
-        let k4 = words(k);
         for r in 0..m {
             for c in 0..n {
                 let mut acc = 0i32;
@@ -778,12 +946,33 @@ mod tests {
         let dev = Device::default_device().unwrap();
         let one = upload(&[7], &dev);
         let wide = one.reshape(&[1, 1]).unwrap().expand(&[4096, 1]).unwrap();
-        let w = upload(&[1; 4], &dev);
+        let w = upload(&[1; 16], &dev);
         let c = upload(&[0; 12], &dev);
-        let e = qgemm(&wide, 4096, &w, 4, 1, &c, QOut::F32 { act: None }, false, 0);
+        let shape = |m| QShape {
+            m,
+            n: 4,
+            k4: 4,
+            ohw: 0,
+            window: None,
+        };
+        let f32_out = QOut::F32 { act: None };
+        let e = qgemm(&wide, &w, &c, &shape(1024), f32_out, false);
         assert!(e.is_err_and(|e| e.to_string().contains("dense i32 words")));
         let shifted = upload(&[1; 8], &dev).narrow(0, 4, 4).unwrap();
-        assert!(qgemm(&shifted, 4, &w, 4, 1, &c, QOut::F32 { act: None }, false, 0).is_err());
+        assert!(qgemm(&shifted, &w, &c, &shape(1), f32_out, false).is_err());
+        // Too few words for the rows, and a window that does not fit its grid.
+        let four = upload(&[1; 4], &dev);
+        assert!(qgemm(&four, &w, &c, &shape(2), f32_out, false).is_err());
+        let win = QShape {
+            window: Some(QWindow {
+                kernel: [3, 3],
+                stride: [1, 1],
+                dilation: [1, 1],
+                grid: [2, 2],
+            }),
+            ..shape(1)
+        };
+        assert!(qgemm(&four, &w, &c, &win, f32_out, false).is_err());
     }
 
     #[test]
@@ -801,7 +990,7 @@ mod tests {
         let words_t = quantize_rows(&t, count, q).unwrap();
         let got = read(&words_t);
         let host: Vec<i8> = x2.iter().map(|&v| q.quantize(v)).collect();
-        let want = pack_rows(&host, count, q.zero_point as i8);
+        let want = pack_rows(&host, count, padded_words(count), q.zero_point as i8);
         // Division on the GPU may differ from the host's in the last bit: one step at most.
         let mut exact = 0;
         for (g, w) in got.iter().zip(&want) {
@@ -812,7 +1001,7 @@ mod tests {
             }
         }
         assert!(exact >= want.len() * 4 - 1, "{exact} exact");
-        let back = dequantize_rows(&words_t, rows, count, q)
+        let back = dequantize_rows(&words_t, rows, count, padded_words(count), q)
             .unwrap()
             .to_vec()
             .unwrap();

@@ -703,6 +703,7 @@ impl Ex<'_> {
             }
             OpKind::QuantizeRows { .. }
             | OpKind::QuantizeIm2col { .. }
+            | OpKind::QuantizeNhwc { .. }
             | OpKind::QGemm { .. }
             | OpKind::QuantizeDynamic => {
                 return Err(self.err("int8 graphs do not export to ONNX yet: export the f32 model"));
