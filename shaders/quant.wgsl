@@ -286,64 +286,143 @@ fn row_base(r: u32) -> u32 {
     return pixel * (p.k4 / 4u) + select(0u, 1u, p.mode == 2u);
 }
 
-// Output row r, channels col0..col0+7 from their accumulators.
-fn qgemm_store(r: u32, col0: u32, lo: vec4<i32>, hi: vec4<i32>) {
+@group(0) @binding(2) var<storage, read> c4: array<vec4<u32>>;
+@group(0) @binding(3) var<storage, read_write> out4: array<vec4<u32>>;
+
+// One word of the output (the integer product writes through out4 alone).
+fn put(at: u32, v: u32) {
+    out4[at / 4u][at % 4u] = v;
+}
+
+// The channel data of channels col..col+3 (col a multiple of 4): planes of np = n rounded up
+// to 8 channels each, the i32 bias, the scale's f32 bits or the requantization multiplier,
+// the shift.
+struct Chan4 {
+    bias: vec4<i32>,
+    mul: vec4<u32>,
+    shift: vec4<u32>,
+}
+
+fn chan4(col: u32) -> Chan4 {
+    let plane = (p.n + 7u) / 8u * 2u;
+    let i = col / 4u;
+    return Chan4(bitcast<vec4<i32>>(c4[i]), c4[plane + i], c4[2u * plane + i]);
+}
+
+// Requantized int8 of channels col..col+3, packed (channels past n hold zy).
+fn requant4(v: vec4<i32>, col: u32, ch: Chan4) -> u32 {
+    let total = v + ch.bias;
+    var q = vec4<i32>(requantize(total.x, ch.mul.x, ch.shift.x),
+        requantize(total.y, ch.mul.y, ch.shift.y), requantize(total.z, ch.mul.z, ch.shift.z),
+        requantize(total.w, ch.mul.w, ch.shift.w));
+    q = select(vec4<i32>(p.zy), q, vec4<u32>(col) + vec4<u32>(0u, 1u, 2u, 3u) < vec4<u32>(p.n));
+    let b = bitcast<vec4<u32>>(q) & vec4<u32>(0xffu);
+    return b.x | (b.y << 8u) | (b.z << 16u) | (b.w << 24u);
+}
+
+// The f32 results of modes 0 and 2, activation applied: relu only, unless `general` (each
+// inlined copy of unary_op costs time on software adapters even where it is not taken).
+fn finish4(v: vec4<i32>, ch: Chan4, general: bool) -> vec4<f32> {
+    var y = vec4<f32>(v + ch.bias) * bitcast<vec4<f32>>(ch.mul);
+    if (p.mode == 2u) {
+        // c: the weight row's sum, its scale, the f32 bias; the activations' scale and zero
+        // point head their words.
+        let sa = bitcast<f32>(a4[0].x);
+        let za = bitcast<i32>(a4[0].y);
+        let t = v - za * ch.bias;
+        y = vec4<f32>(t) * (sa * bitcast<vec4<f32>>(ch.mul)) + bitcast<vec4<f32>>(ch.shift);
+    }
+    if (p.act_on != 0u) {
+        if (!general) {
+            y = max(y, vec4<f32>(0.0)); // relu (the values are finite)
+        } else {
+            y = vec4<f32>(unary_op(p.act, y.x, p.alpha, 0.0), unary_op(p.act, y.y, p.alpha, 0.0),
+                unary_op(p.act, y.z, p.alpha, 0.0), unary_op(p.act, y.w, p.alpha, 0.0));
+        }
+    }
+    return y;
+}
+
+// Row r's f32 results for channels col..col+3, one at a time: (m, n) rows, or NCHW.
+fn store_scalar4(r: u32, col: u32, y: vec4<f32>) {
     if (r >= p.m) {
         return;
     }
-    var packed = vec2<u32>(0u, 0u);
-    var img = r;
-    var pos = 0u;
+    var at = r * p.n + col;
+    var stride = 1u;
     if (p.ohw != 0u) {
-        img = r / p.ohw;
-        pos = r % p.ohw;
+        at = ((r / p.ohw) * p.n + col) * p.ohw + r % p.ohw;
+        stride = p.ohw;
     }
-    for (var j = 0u; j < 8u; j += 1u) {
-        let col = col0 + j;
-        let v = select(hi[j % 4u], lo[j % 4u], j < 4u);
-        var q = p.zy;
-        if (col < p.n) {
-            let total = v + bitcast<i32>(c[col * 3u]);
-            if (p.mode == 1u) {
-                q = requantize(total, c[col * 3u + 1u], c[col * 3u + 2u]);
-            } else {
-                var y = f32(total) * bitcast<f32>(c[col * 3u + 1u]);
-                if (p.mode == 2u) {
-                    // c: the weight row's sum, its scale, the f32 bias; the activations'
-                    // scale and zero point head their words.
-                    let sa = bitcast<f32>(a4[0].x);
-                    let za = bitcast<i32>(a4[0].y);
-                    let t = v - za * bitcast<i32>(c[col * 3u]);
-                    y = f32(t) * (sa * bitcast<f32>(c[col * 3u + 1u]))
-                        + bitcast<f32>(c[col * 3u + 2u]);
-                }
-                if (p.act_on != 0u) {
-                    y = unary_op(p.act, y, p.alpha, 0.0);
-                }
-                if (p.ohw == 0u) {
-                    out[r * p.n + col] = bitcast<u32>(y);
-                } else {
-                    out[(img * p.n + col) * p.ohw + pos] = bitcast<u32>(y);
-                }
+    for (var j = 0u; j < 4u && col + j < p.n; j += 1u) {
+        put(at + j * stride, bitcast<u32>(y[j]));
+    }
+}
+
+// Channel j's NCHW vec4 of four rows, when the channel exists.
+fn store_rows4(at: u32, col: u32, v: vec4<f32>) {
+    if (col < p.n) {
+        out4[at / 4u] = bitcast<vec4<u32>>(v);
+    }
+}
+
+// The epilogue of 4 rows (row0..) by 8 channels (col0..): y[row][half].
+fn qgemm_epilogue(row0: u32, col0: u32, a0l: vec4<i32>, a0h: vec4<i32>, a1l: vec4<i32>,
+                  a1h: vec4<i32>, a2l: vec4<i32>, a2h: vec4<i32>, a3l: vec4<i32>,
+                  a3h: vec4<i32>, general: bool) {
+    let cl = chan4(col0);
+    let chh = chan4(col0 + 4u);
+    if (p.mode == 1u) {
+        let words = array<vec2<u32>, 4>(
+            vec2<u32>(requant4(a0l, col0, cl), requant4(a0h, col0 + 4u, chh)),
+            vec2<u32>(requant4(a1l, col0, cl), requant4(a1h, col0 + 4u, chh)),
+            vec2<u32>(requant4(a2l, col0, cl), requant4(a2h, col0 + 4u, chh)),
+            vec2<u32>(requant4(a3l, col0, cl), requant4(a3h, col0 + 4u, chh)));
+        for (var i = 0u; i < 4u && row0 + i < p.m; i += 1u) {
+            let at = (row0 + i) * p.n_words + col0 / 4u;
+            put(at, words[i].x);
+            put(at + 1u, words[i].y);
+        }
+        return;
+    }
+    let y0l = finish4(a0l, cl, general); let y0h = finish4(a0h, chh, general);
+    let y1l = finish4(a1l, cl, general); let y1h = finish4(a1h, chh, general);
+    let y2l = finish4(a2l, cl, general); let y2h = finish4(a2h, chh, general);
+    let y3l = finish4(a3l, cl, general); let y3h = finish4(a3h, chh, general);
+    if (p.ohw != 0u && p.ohw % 4u == 0u) {
+        // NCHW with whole vec4s of positions: the four rows are neighbours in one image.
+        let at = ((row0 / p.ohw) * p.n + col0) * p.ohw + row0 % p.ohw;
+        let s = p.ohw;
+        store_rows4(at, col0, vec4<f32>(y0l.x, y1l.x, y2l.x, y3l.x));
+        store_rows4(at + s, col0 + 1u, vec4<f32>(y0l.y, y1l.y, y2l.y, y3l.y));
+        store_rows4(at + 2u * s, col0 + 2u, vec4<f32>(y0l.z, y1l.z, y2l.z, y3l.z));
+        store_rows4(at + 3u * s, col0 + 3u, vec4<f32>(y0l.w, y1l.w, y2l.w, y3l.w));
+        store_rows4(at + 4u * s, col0 + 4u, vec4<f32>(y0h.x, y1h.x, y2h.x, y3h.x));
+        store_rows4(at + 5u * s, col0 + 5u, vec4<f32>(y0h.y, y1h.y, y2h.y, y3h.y));
+        store_rows4(at + 6u * s, col0 + 6u, vec4<f32>(y0h.z, y1h.z, y2h.z, y3h.z));
+        store_rows4(at + 7u * s, col0 + 7u, vec4<f32>(y0h.w, y1h.w, y2h.w, y3h.w));
+    } else if (p.ohw == 0u && p.n % 4u == 0u) {
+        // (m, n) rows with whole vec4s of channels.
+        let rows = array<vec4<f32>, 8>(y0l, y0h, y1l, y1h, y2l, y2h, y3l, y3h);
+        for (var i = 0u; i < 4u && row0 + i < p.m; i += 1u) {
+            let at = ((row0 + i) * p.n + col0) / 4u;
+            out4[at] = bitcast<vec4<u32>>(rows[2u * i]);
+            if (col0 + 4u < p.n) {
+                out4[at + 1u] = bitcast<vec4<u32>>(rows[2u * i + 1u]);
             }
         }
-        packed[j / 4u] |= (bitcast<u32>(q) & 0xffu) << (8u * (j % 4u));
-    }
-    if (p.mode == 1u) {
-        let w0 = r * p.n_words + col0 / 4u;
-        if (col0 / 4u < p.n_words) {
-            out[w0] = packed.x;
-        }
-        if (col0 / 4u + 1u < p.n_words) {
-            out[w0 + 1u] = packed.y;
-        }
+    } else {
+        store_scalar4(row0, col0, y0l); store_scalar4(row0, col0 + 4u, y0h);
+        store_scalar4(row0 + 1u, col0, y1l); store_scalar4(row0 + 1u, col0 + 4u, y1h);
+        store_scalar4(row0 + 2u, col0, y2l); store_scalar4(row0 + 2u, col0 + 4u, y2h);
+        store_scalar4(row0 + 3u, col0, y3l); store_scalar4(row0 + 3u, col0 + 4u, y3h);
     }
 }
 
 // The integer product: acc[r, c] = sum over taps (ky, kx) and words of
 // a[row_base(r) + tap offset] * b[c], i32, exact. Plain rows are the 1 x 1 window over a
 // (m, 1) grid of 1 x 1 pixels. Each invocation computes 4 rows by 8 channels from vec4 loads.
-fn qgemm_body(gid: vec3<u32>, nwg: vec3<u32>, manual: bool) {
+fn qgemm_body(gid: vec3<u32>, nwg: vec3<u32>, manual: bool, general: bool) {
     let row0 = (gid.x + gid.z * nwg.x * 8u) * 4u;
     let col0 = gid.y * 8u;
     if (row0 >= p.m || col0 >= 4u * p.n_words) {
@@ -397,21 +476,25 @@ fn qgemm_body(gid: vec3<u32>, nwg: vec3<u32>, manual: bool) {
             a3h += dots4(x3, w4, w5, w6, w7, manual);
         }
     }
-    qgemm_store(row0, col0, a0l, a0h);
-    qgemm_store(row0 + 1u, col0, a1l, a1h);
-    qgemm_store(row0 + 2u, col0, a2l, a2h);
-    qgemm_store(row0 + 3u, col0, a3l, a3h);
+    qgemm_epilogue(row0, col0, a0l, a0h, a1l, a1h, a2l, a2h, a3l, a3h, general);
 }
 
+// Entry points: qgemm_fwd fuses no activation or relu; qgemm_act_fwd any activation;
+// qgemm_manual_fwd any activation, without the dot-product built-in.
 @compute @workgroup_size(8)
 fn qgemm_fwd(@builtin(global_invocation_id) gid: vec3<u32>,
              @builtin(num_workgroups) nwg: vec3<u32>) {
-    qgemm_body(gid, nwg, false);
+    qgemm_body(gid, nwg, false, false);
 }
 
-// The same product without the dot-product built-in.
+@compute @workgroup_size(8)
+fn qgemm_act_fwd(@builtin(global_invocation_id) gid: vec3<u32>,
+                 @builtin(num_workgroups) nwg: vec3<u32>) {
+    qgemm_body(gid, nwg, false, true);
+}
+
 @compute @workgroup_size(8)
 fn qgemm_manual_fwd(@builtin(global_invocation_id) gid: vec3<u32>,
                     @builtin(num_workgroups) nwg: vec3<u32>) {
-    qgemm_body(gid, nwg, true);
+    qgemm_body(gid, nwg, true, true);
 }

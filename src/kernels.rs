@@ -290,6 +290,7 @@ kernels! {
     QuantizeFwd => (Quant, "quantize_fwd", 1),
     DequantizeFwd => (Quant, "dequantize_fwd", 1),
     QgemmFwd => (Quant, "qgemm_fwd", 3),
+    QgemmActFwd => (Quant, "qgemm_act_fwd", 3),
     QgemmManualFwd => (Quant, "qgemm_manual_fwd", 3),
     QuantizeIm2colFwd => (Quant, "quantize_im2col_fwd", 2),
     QuantizeDynFwd => (Quant, "quantize_dyn_fwd", 2),

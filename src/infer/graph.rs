@@ -853,7 +853,7 @@ impl OpKind {
                     && k4.is_multiple_of(4)
                     && x[0] >= 4
                     && (x[0] - 4).is_multiple_of(k4)
-                    && c == [3 * ch]
+                    && c == [3 * crate::ops::quant::channel_plane(*ch)]
                     && spatial.is_none()
                     && window.is_none();
                 if !ok {
@@ -877,7 +877,7 @@ impl OpKind {
                     && x[1] > 0
                     && x[1].is_multiple_of(4)
                     && Some(w[1]) == x[1].checked_mul(taps)
-                    && c == [3 * ch];
+                    && c == [3 * crate::ops::quant::channel_plane(*ch)];
                 if !ok {
                     return Err(shape_err(format!(
                         "activations {x:?}, weights {w:?} and channel data {c:?} for {ch} channels"
@@ -1101,7 +1101,14 @@ impl OpKind {
                     ohw,
                     window: *window,
                 };
-                let y = qgemm(x, inputs[1], inputs[2], &s, out, false)?;
+                let y = qgemm(
+                    x,
+                    inputs[1],
+                    inputs[2],
+                    &s,
+                    out,
+                    std::env::var_os("KILN_QMANUAL").is_some(),
+                )?;
                 Ok(match spatial {
                     None => y,
                     Some([oh, ow]) => y.with_layout(crate::shape::Layout::contiguous(&[

@@ -334,17 +334,14 @@ fn rewrite_with(g: &Graph, mode_of: &dyn Fn(usize) -> Option<Mode>) -> Result<Gr
             Mode::Static(qa) => qa,
             Mode::Dynamic => {
                 // Channel data: the weight row's sum, its scale, the f32 bias.
-                let mut ch = Vec::with_capacity(3 * n);
-                for c in 0..n {
-                    let wsum: i32 = wq[c * k..(c + 1) * k].iter().map(|&v| v as i32).sum();
-                    ch.extend_from_slice(&[
-                        wsum,
-                        wp[c].scale.to_bits() as i32,
-                        b[c].to_bits() as i32,
-                    ]);
-                }
+                let wsum: Vec<i32> = (0..n)
+                    .map(|c| wq[c * k..(c + 1) * k].iter().map(|&v| v as i32).sum())
+                    .collect();
+                let scales: Vec<u32> = wp.iter().map(|p| p.scale.to_bits()).collect();
+                let bias: Vec<u32> = b.iter().map(|v| v.to_bits()).collect();
+                let ch = channel_words(&wsum, &scales, &bias);
                 let wsrc = push_const(&mut out, w_t);
-                let csrc = push_const(&mut out, Tensor::from_slice_i32(&ch, &[3 * n], dev)?);
+                let csrc = push_const(&mut out, words_tensor(&ch, dev)?);
                 let x = inputs[0];
                 let x_shape = shape_of(x, &out);
                 let rows = product(&x_shape[..x_shape.len() - 1]);
@@ -394,12 +391,7 @@ fn rewrite_with(g: &Graph, mode_of: &dyn Fn(usize) -> Option<Mode>) -> Result<Gr
             folded.push(total as i32);
             scales.push(s.to_bits());
         }
-        let ch = channel_words(&folded, &scales, &vec![0; n]);
-        let ch_t = Tensor::from_slice_i32(
-            &ch.iter().map(|&v| v as i32).collect::<Vec<_>>(),
-            &[3 * n],
-            dev,
-        )?;
+        let ch_t = words_tensor(&channel_words(&folded, &scales, &vec![0; n]), dev)?;
         let wsrc = push_const(&mut out, w_t);
         let csrc = push_const(&mut out, ch_t);
         let x = inputs[0];
@@ -519,6 +511,11 @@ fn reshape_back(g: &mut Graph, shape: &[Dim]) {
             dtype: DType::F32,
         });
     }
+}
+
+fn words_tensor(w: &[u32], dev: &crate::Device) -> Result<Tensor> {
+    let v: Vec<i32> = w.iter().map(|&v| v as i32).collect();
+    Tensor::from_slice_i32(&v, &[v.len()], dev)
 }
 
 fn push_const(g: &mut Graph, t: Tensor) -> Src {

@@ -443,7 +443,7 @@ pub(crate) fn qgemm(
     };
     let fits = pixels.is_some_and(|px| a.numel() >= header + px * k4)
         && b.numel() >= n * taps * k4
-        && c.numel() >= n * 3
+        && c.numel() >= 3 * channel_plane(n)
         && k4 > 0
         && k4.is_multiple_of(4)
         && n > 0
@@ -520,10 +520,10 @@ pub(crate) fn qgemm(
             format!("{m} x {n} exceeds one dispatch"),
         ));
     }
-    let kernel = if manual {
-        Kernel::QgemmManualFwd
-    } else {
-        Kernel::QgemmFwd
+    let kernel = match act {
+        _ if manual => Kernel::QgemmManualFwd,
+        None | Some((UnaryOp::Relu, _)) => Kernel::QgemmFwd,
+        Some(_) => Kernel::QgemmActFwd,
     };
     a.device().dispatch(
         kernel,
@@ -535,14 +535,24 @@ pub(crate) fn qgemm(
     Ok(result)
 }
 
-/// Per-channel data for [`qgemm`]: bias (i32, the activation zero point's correction folded
-/// in), then the f32 scale or the requantization multiplier, then the shift.
+/// Channels of the per-channel data: `n` rounded up to 8, so that the product reads it
+/// as vec4s.
+pub(crate) fn channel_plane(n: usize) -> usize {
+    n.div_ceil(8) * 8
+}
+
+/// Per-channel data for [`qgemm`]: three planes of [`channel_plane`] words, the bias (i32,
+/// the activation zero point's correction folded in), then the f32 scale or the
+/// requantization multiplier, then the shift.
 pub(crate) fn channel_words(bias: &[i32], scale_or_mult: &[u32], shift: &[u32]) -> Vec<u32> {
-    bias.iter()
-        .zip(scale_or_mult)
-        .zip(shift)
-        .flat_map(|((&b, &s), &sh)| [b as u32, s, sh])
-        .collect()
+    let plane = channel_plane(bias.len());
+    let mut out = vec![0u32; 3 * plane];
+    for (c, ((&b, &s), &sh)) in bias.iter().zip(scale_or_mult).zip(shift).enumerate() {
+        out[c] = b as u32;
+        out[plane + c] = s;
+        out[2 * plane + c] = sh;
+    }
+    out
 }
 
 #[cfg(test)]
@@ -889,11 +899,14 @@ mod tests {
         let wq: Vec<i8> = (0..n * k).map(|_| rng.i8()).collect();
         let sw: Vec<f32> = (0..n).map(|c| 0.01 * (c + 1) as f32).collect();
         let bias: Vec<f32> = (0..n).map(|c| c as f32 - 2.0).collect();
-        let mut ch = Vec::new();
-        for c in 0..n {
-            let wsum: i32 = wq[c * k..(c + 1) * k].iter().map(|&v| v as i32).sum();
-            ch.extend_from_slice(&[wsum as u32, sw[c].to_bits(), bias[c].to_bits()]);
-        }
+        let wsum: Vec<i32> = (0..n)
+            .map(|c| wq[c * k..(c + 1) * k].iter().map(|&v| v as i32).sum())
+            .collect();
+        let ch = channel_words(
+            &wsum,
+            &sw.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            &bias.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+        );
         let k4 = padded_words(k);
         let wt = upload(&pack_rows(&wq, k, k4, 0), &dev);
         let shape = QShape {
@@ -947,7 +960,7 @@ mod tests {
         let one = upload(&[7], &dev);
         let wide = one.reshape(&[1, 1]).unwrap().expand(&[4096, 1]).unwrap();
         let w = upload(&[1; 16], &dev);
-        let c = upload(&[0; 12], &dev);
+        let c = upload(&[0; 24], &dev);
         let shape = |m| QShape {
             m,
             n: 4,
