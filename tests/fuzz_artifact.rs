@@ -83,8 +83,9 @@ fn bases(d: &Device) -> Vec<Base> {
         inputs: vec![x],
     });
 
-    // Int8: quantized convolution (patch rows) and linear (rows), integer products.
-    let spec = "conv2d(1,4,3,p=1) relu flatten linear(64,5)";
+    // Int8: quantized convolutions (patch rows for the first, the window over quantized
+    // pixels for the second) and linear (rows), integer products.
+    let spec = "conv2d(1,16,3,p=1) relu conv2d(16,4,3,p=1) relu flatten linear(64,5)";
     let cnn = Sequential::from_spec(&mut Init::new(d, 3), spec).unwrap();
     let x = Tensor::randn(&[2, 1, 4, 4], 9, d).unwrap();
     let frozen = freeze(cnn, &x).unwrap();
@@ -259,7 +260,7 @@ fn mutate_graph(g: &mut Value, rng: &mut Rng) -> String {
             format!("bad recorded shape at node {i}")
         }
         8 => {
-            g["version"] = json!(rng.below(5) + 2);
+            g["version"] = json!(rng.below(5) + 3);
             "future version".into()
         }
         9 => {
@@ -334,7 +335,9 @@ fn exercise(
                     let shapes = |o: &[(Vec<usize>, Vec<f32>)]| {
                         o.iter().map(|(s, _)| s.clone()).collect::<Vec<_>>()
                     };
-                    if shapes(&got) != shapes(&want.outputs) {
+                    // A file whose outputs name other nodes is a valid model of other shapes.
+                    let outputs_moved = case.contains("String(\"outputs\")");
+                    if shapes(&got) != shapes(&want.outputs) && !outputs_moved {
                         failures.push(format!(
                             "{case}: outputs {:?}, the base gives {:?}",
                             shapes(&got),
