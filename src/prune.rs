@@ -138,13 +138,24 @@ impl Pruning {
     }
 }
 
+/// The L1 norm of each of `n` channels' rows of `rows`.
+fn row_norms(rows: &[f32], n: usize) -> Vec<f32> {
+    let per = rows.len() / n.max(1);
+    (0..n)
+        .map(|c| rows[c * per..(c + 1) * per].iter().map(|v| v.abs()).sum())
+        .collect()
+}
+
 /// The kept indices of `n` channels: the `n - round(amount * n)` (at least one) with the
 /// largest L1 norms of `rows` (one slice of `per` values per channel), in order.
 fn keep_by_norm(rows: &[f32], n: usize, amount: f32) -> Vec<usize> {
-    let per = rows.len() / n.max(1);
-    let norms: Vec<f32> = (0..n)
-        .map(|c| rows[c * per..(c + 1) * per].iter().map(|v| v.abs()).sum())
-        .collect();
+    keep_by_score(&row_norms(rows, n), amount)
+}
+
+/// The kept indices of the channels of `norms`: the largest `n - round(amount * n)` (at least
+/// one), in order.
+fn keep_by_score(norms: &[f32], amount: f32) -> Vec<usize> {
+    let n = norms.len();
     let drop = ((amount as f64 * n as f64).round() as usize).min(n - 1);
     let mut order: Vec<usize> = (0..n).collect();
     order.sort_by(|&a, &b| norms[b].total_cmp(&norms[a]).then(a.cmp(&b)));
@@ -177,8 +188,11 @@ fn select(values: &[f32], shape: &[usize], axis: usize, keep: &[usize]) -> (Vec<
 /// columns of those channels). Returns the smaller model and its spec; its frozen graph is
 /// smaller and faster, not merely full of zeros. Fine-tune it afterwards.
 ///
-/// Residual blocks (`basicblock`) lose channels between their two convolutions; the channels
-/// a skip connection adds keep their count on both branches alike.
+/// Residual blocks (`basicblock`) lose channels between their two convolutions, and the
+/// channels a skip connection adds go on both branches alike: a block without a projection
+/// adds its input to its output, so the layer before it and the second convolution of every
+/// such block that follows keep one set of channels, chosen by their summed filter norms; a
+/// projection (its 1x1 convolution and batch norm) starts a new set.
 ///
 /// `Err` for an amount outside [0, 1), a spec that does not describe `model`, or a layer the
 /// pruner cannot follow (grouped or transposed convolutions, embeddings, layer norms).
@@ -227,18 +241,30 @@ pub fn channels(
         .iter()
         .rposition(|l| matches!(l, L::Conv2d { .. } | L::Linear { .. }))
         .ok_or_else(|| Error::invalid(OP, "the spec has no convolution or linear layer"))?;
-    // A layer whose channels a residual block reads next keeps them: the block's skip
-    // connection adds them to its own output.
-    let feeds_block = |i: usize| {
-        layers[i + 1..]
-            .iter()
-            .find(|l| {
-                matches!(
-                    l,
-                    L::Conv2d { .. } | L::Linear { .. } | L::BasicBlock { .. } | L::Flatten { .. }
-                )
-            })
-            .is_some_and(|l| matches!(l, L::BasicBlock { .. }))
+    let identity = |l: &L| {
+        matches!(l, L::BasicBlock { in_channels, out_channels, stride, .. }
+            if in_channels == out_channels && *stride == 1)
+    };
+    // The channels the output of layer i keeps, scored by `own` (its filter norms) plus the
+    // second convolutions of the identity blocks after it, which add their output to these
+    // same channels. All stay when those blocks give the model's output.
+    let group_keep = |i: usize, own: Vec<f32>| -> Result<Vec<usize>> {
+        let mut score = own;
+        for (j, l) in layers.iter().enumerate().skip(i + 1) {
+            match l {
+                L::Activation { .. } | L::BatchNorm { .. } | L::Pool { .. } | L::Dropout { .. } => {
+                }
+                l if identity(l) => {
+                    let (w, _) = get(format!("{j}.conv2.weight"))?;
+                    let norms = row_norms(&w, score.len());
+                    for (s, v) in score.iter_mut().zip(norms) {
+                        *s += v;
+                    }
+                }
+                _ => return Ok(keep_by_score(&score, amount)),
+            }
+        }
+        Ok((0..score.len()).collect())
     };
     let mut new_tokens: Vec<String> = Vec::with_capacity(layers.len());
     let mut values: std::collections::HashMap<String, (Vec<f32>, Vec<usize>)> =
@@ -273,10 +299,10 @@ pub fn channels(
                 if let Some(k) = &keep {
                     (w, ws) = select(&w, &ws, 1, k);
                 }
-                let out_keep = if i == last || feeds_block(i) {
+                let out_keep = if i == last {
                     (0..*out_channels).collect()
                 } else {
-                    keep_by_norm(&w, *out_channels, amount)
+                    group_keep(i, row_norms(&w, *out_channels))?
                 };
                 let (w, ws) = select(&w, &ws, 0, &out_keep);
                 values.insert(format!("{i}.weight"), (w, ws));
@@ -397,27 +423,76 @@ pub fn channels(
                 stride,
                 mid,
             } => {
-                if keep.is_some() || per_channel.is_some() || axis_last {
+                let reads_pruned = keep.is_some() && *in_channels != channels;
+                if per_channel.is_some() || axis_last || reads_pruned {
                     return Err(cannot(&token));
                 }
+                let same = identity(layer);
+                let cols = |w: Vec<f32>, s: Vec<usize>| match &keep {
+                    Some(k) => select(&w, &s, 1, k),
+                    None => (w, s),
+                };
+                let bn = |values: &mut std::collections::HashMap<_, _>,
+                          name: &str,
+                          k: &[usize]|
+                 -> Result<()> {
+                    for p in ["weight", "bias", "running_mean", "running_var"] {
+                        if let Some(t) = state.get(&format!("{i}.{name}.{p}")) {
+                            let v = t.to_vec()?;
+                            values.insert(format!("{i}.{name}.{p}"), select(&v, t.dims(), 0, k));
+                        }
+                    }
+                    Ok(())
+                };
                 // The channels between the block's convolutions: conv1's outputs, bn1, and
-                // conv2's inputs. The residual's channels stay.
+                // conv2's inputs.
                 let (w1, s1) = get(format!("{i}.conv1.weight"))?;
+                let (w1, s1) = cols(w1, s1);
                 let mid_keep = keep_by_norm(&w1, *mid, amount);
                 values.insert(format!("{i}.conv1.weight"), select(&w1, &s1, 0, &mid_keep));
-                for p in ["weight", "bias", "running_mean", "running_var"] {
-                    if let Some(t) = state.get(&format!("{i}.bn1.{p}")) {
-                        let v = t.to_vec()?;
-                        values.insert(format!("{i}.bn1.{p}"), select(&v, t.dims(), 0, &mid_keep));
-                    }
-                }
+                bn(&mut values, "bn1", &mid_keep)?;
                 let (w2, s2) = get(format!("{i}.conv2.weight"))?;
-                values.insert(format!("{i}.conv2.weight"), select(&w2, &s2, 1, &mid_keep));
+                let (w2, s2) = select(&w2, &s2, 1, &mid_keep);
+                // The residual's channels: the input's own without a projection; else the
+                // second convolution and the projection choose them together.
+                let projection = (!same)
+                    .then(|| get(format!("{i}.downsample.0.weight")))
+                    .transpose()?;
+                let out_keep = match (&projection, &keep) {
+                    (None, Some(k)) => k.clone(),
+                    (None, None) => (0..*out_channels).collect(),
+                    (Some((wd, _)), _) => {
+                        let mut own = row_norms(&w2, *out_channels);
+                        for (s, v) in own.iter_mut().zip(row_norms(wd, *out_channels)) {
+                            *s += v;
+                        }
+                        group_keep(i, own)?
+                    }
+                };
+                values.insert(format!("{i}.conv2.weight"), select(&w2, &s2, 0, &out_keep));
+                bn(&mut values, "bn2", &out_keep)?;
+                if let Some((wd, sd)) = projection {
+                    let (wd, sd) = cols(wd, sd);
+                    values.insert(
+                        format!("{i}.downsample.0.weight"),
+                        select(&wd, &sd, 0, &out_keep),
+                    );
+                    bn(&mut values, "downsample.1", &out_keep)?;
+                }
+                let new_in = keep.as_ref().map_or(*in_channels, |k| k.len());
+                if !same && new_in == out_keep.len() && *stride == 1 {
+                    return Err(Error::invalid(
+                        OP,
+                        format!("{token} would lose its projection: {new_in} channels in and out"),
+                    ));
+                }
                 new_tokens.push(format!(
-                    "basicblock({in_channels},{out_channels},s={stride},mid={})",
+                    "basicblock({new_in},{},s={stride},mid={})",
+                    out_keep.len(),
                     mid_keep.len()
                 ));
                 channels = *out_channels;
+                keep = (out_keep.len() != *out_channels).then_some(out_keep);
             }
             L::Activation { .. }
             | L::Pool { .. }

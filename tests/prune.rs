@@ -171,9 +171,11 @@ fn channel_pruning_removes_dead_filters_exactly() {
     for (p, q) in a.iter().zip(&s) {
         assert!((p - q).abs() <= 1e-5 * (1.0 + p.abs()), "{p} vs {q}");
     }
-    // Residual blocks lose the channels between their convolutions; the stem that feeds a
-    // skip connection keeps its channels. Dead middle channels change nothing.
-    let res = "conv2d(1,8,3,p=1) basicblock(8,8) flatten linear(512,10)";
+    // Residual blocks: the channels between their convolutions go by conv1's norms; the
+    // channels a skip connection adds go on both branches alike (the stem and block 1's
+    // conv2 together, then block 2's conv2 and its projection). With those filters dead,
+    // the smaller network computes the same function.
+    let res = "conv2d(1,8,3,p=1) basicblock(8,8) basicblock(8,16,s=2) flatten linear(256,10)";
     let mut net = Sequential::from_spec(&mut Init::new(&d, 1), res).unwrap();
     net.set_training(false);
     let sd: std::collections::HashMap<String, Tensor> = net
@@ -181,24 +183,49 @@ fn channel_pruning_removes_dead_filters_exactly() {
         .into_iter()
         .map(|(n, t, _)| (n, t))
         .collect();
-    // Dead: conv1 filters 0..4 zero, and bn1 mapping them to 0 (gamma 0, beta 0).
-    for (name, per) in [
-        ("1.conv1.weight", 72),
-        ("1.bn1.weight", 1),
-        ("1.bn1.bias", 1),
-    ] {
+    let kill = |name: &str, per: usize, channels: &[usize]| {
         let t = &sd[name];
         let mut v = t.to_vec().unwrap();
-        v[..4 * per].iter_mut().for_each(|x| *x = 0.0);
+        for &c in channels {
+            v[c * per..(c + 1) * per].iter_mut().for_each(|x| *x = 0.0);
+        }
         t.assign(&Tensor::from_slice(&v, t.dims(), &d).unwrap())
             .unwrap();
+    };
+    // Dead middle channels: conv1 filters zero and bn1 mapping them to 0 (gamma 0, beta 0).
+    for (b, mid) in [(1, 8), (2, 16)] {
+        let half: Vec<usize> = (0..mid / 2).collect();
+        kill(&format!("{b}.conv1.weight"), 72, &half); // 8 input channels, 3x3
+        kill(&format!("{b}.bn1.weight"), 1, &half);
+        kill(&format!("{b}.bn1.bias"), 1, &half);
+    }
+    // Dead residual channels: odd ones after the stem and block 1, every fourth pair after
+    // block 2, on every branch that writes them.
+    let odd = [1usize, 3, 5, 7];
+    kill("0.weight", 9, &odd);
+    kill("0.bias", 1, &odd);
+    kill("1.conv2.weight", 72, &odd);
+    kill("1.bn2.weight", 1, &odd);
+    kill("1.bn2.bias", 1, &odd);
+    let second = [0usize, 1, 4, 5, 8, 9, 12, 13];
+    kill("2.conv2.weight", 144, &second);
+    kill("2.downsample.0.weight", 8, &second);
+    for n in [
+        "2.bn2.weight",
+        "2.bn2.bias",
+        "2.downsample.1.weight",
+        "2.downsample.1.bias",
+    ] {
+        kill(n, 1, &second);
     }
     let (mut small, s) = kiln::prune::channels(&net, res, 0.5, &mut Init::new(&d, 0)).unwrap();
     small.set_training(false);
     assert_eq!(
         s,
-        "conv2d(1,8,3,s=1,p=1,d=1,g=1,bias=true) basicblock(8,8,s=1,mid=4) flatten linear(512,10,bias=true)"
+        "conv2d(1,4,3,s=1,p=1,d=1,g=1,bias=true) basicblock(4,4,s=1,mid=4) \
+         basicblock(4,8,s=2,mid=8) flatten linear(128,10,bias=true)"
     );
+    assert!(small.parameter_count() * 2 < net.parameter_count());
     let x = Tensor::randn(&[2, 1, 8, 8], 3, &d).unwrap();
     let (a, b) = (
         kiln::no_grad(|| net.forward(&x)).unwrap().to_vec().unwrap(),
@@ -210,6 +237,12 @@ fn channel_pruning_removes_dead_filters_exactly() {
     for (p, q) in a.iter().zip(&b) {
         assert!((p - q).abs() <= 1e-5 * (1.0 + p.abs()), "{p} vs {q}");
     }
+    // An identity block that gives the model's output keeps its channels, and so does the
+    // layer before it.
+    let tail = "conv2d(1,8,3,p=1) relu basicblock(8,8)";
+    let net = Sequential::from_spec(&mut Init::new(&d, 1), tail).unwrap();
+    let (_, s) = kiln::prune::channels(&net, tail, 0.5, &mut Init::new(&d, 0)).unwrap();
+    assert!(s.ends_with("basicblock(8,8,s=1,mid=4)"), "{s}");
     // Bad amounts are an Err.
     assert!(kiln::prune::channels(&net, res, 1.0, &mut Init::new(&d, 0)).is_err());
     assert!(kiln::prune::channels(&net, "linear(3,2)", 0.5, &mut Init::new(&d, 0)).is_err());
