@@ -112,7 +112,7 @@ fn main() -> Result<()> {
         // Half the channels removed, then one epoch of fine-tuning (plain stacks only).
         let pruned = match kiln::prune::channels(&model, spec, 0.5, &mut Init::new(&dev, 2)) {
             Ok((mut small, _)) => {
-                tune(&mut small, epochs..epochs + 1, 0.002, 16, &dev)?;
+                tune(&mut small, epochs..epochs + 1, 0.001, 16, &dev)?;
                 Ok(freeze(small, &example)?)
             }
             Err(e) => Err(e),

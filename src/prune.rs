@@ -138,16 +138,16 @@ impl Pruning {
     }
 }
 
-/// The L1 norm of each of `n` channels' rows of `rows`.
+/// The squared L2 norm of each of `n` channels' rows of `rows` (the order of the L2 norms).
 fn row_norms(rows: &[f32], n: usize) -> Vec<f32> {
     let per = rows.len() / n.max(1);
     (0..n)
-        .map(|c| rows[c * per..(c + 1) * per].iter().map(|v| v.abs()).sum())
+        .map(|c| rows[c * per..(c + 1) * per].iter().map(|v| v * v).sum())
         .collect()
 }
 
 /// The kept indices of `n` channels: the `n - round(amount * n)` (at least one) with the
-/// largest L1 norms of `rows` (one slice of `per` values per channel), in order.
+/// largest L2 norms of `rows` (one slice of `per` values per channel), in order.
 fn keep_by_norm(rows: &[f32], n: usize, amount: f32) -> Vec<usize> {
     keep_by_score(&row_norms(rows, n), amount)
 }
@@ -183,7 +183,8 @@ fn select(values: &[f32], shape: &[usize], axis: usize, keep: &[usize]) -> (Vec<
 
 /// Structured channel pruning of a [`crate::nn::Sequential`] built from `spec`: each
 /// convolution (groups 1) and linear layer but the last loses the `round(amount * n)` output
-/// channels with the smallest filter L1 norms, and the layers that read them lose the
+/// channels with the smallest filter L2 norms (as `torch.nn.utils.prune.ln_structured` with
+/// `n = 2`), and the layers that read them lose the
 /// matching inputs (batch norm, the next convolution, and after a flatten the linear layer's
 /// columns of those channels). Returns the smaller model and its spec; its frozen graph is
 /// smaller and faster, not merely full of zeros. Fine-tune it afterwards.
@@ -191,7 +192,8 @@ fn select(values: &[f32], shape: &[usize], axis: usize, keep: &[usize]) -> (Vec<
 /// Residual blocks (`basicblock`) lose channels between their two convolutions, and the
 /// channels a skip connection adds go on both branches alike: a block without a projection
 /// adds its input to its output, so the layer before it and the second convolution of every
-/// such block that follows keep one set of channels, chosen by their summed filter norms; a
+/// such block that follows keep one set of channels, chosen by the L2 norm of their filters
+/// together; a
 /// projection (its 1x1 convolution and batch norm) starts a new set.
 ///
 /// `Err` for an amount outside [0, 1), a spec that does not describe `model`, or a layer the

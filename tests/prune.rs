@@ -268,7 +268,7 @@ fn channel_pruning_removes_dead_filters_exactly() {
 }
 
 /// 50% of the channels of the digits CNN removed, then one epoch of fine-tuning: accuracy
-/// within 1.5 points of the unpruned model, and a frozen file at most 0.6 of its size.
+/// within 1 point of the unpruned model, and a frozen file at most 0.6 of its size.
 #[test]
 fn pruned_digits_cnn_fine_tunes_back() {
     let d = dev();
@@ -280,8 +280,8 @@ fn pruned_digits_cnn_fine_tunes_back() {
     let (mut small, small_spec) =
         kiln::prune::channels(&model, spec, 0.5, &mut Init::new(&d, 0)).unwrap();
     assert!(small_spec.starts_with("conv2d(1,8,"), "{small_spec}");
-    // Fine-tuning at a fifth of the training rate, in batches of 16.
-    train_digits(&mut small, 3..4, 0.002, 16, 5, &d);
+    // Fine-tuning at a tenth of the training rate, in batches of 16.
+    train_digits(&mut small, 3..4, 0.001, 16, 5, &d);
     let x = Tensor::zeros(&[2, 1, 8, 8], &d).unwrap();
     let (full, pruned) = (
         kiln::infer::freeze(model, &x).unwrap(),
@@ -289,9 +289,7 @@ fn pruned_digits_cnn_fine_tunes_back() {
     );
     let (a, b) = (accuracy(&full), accuracy(&pruned));
     println!("digits CNN: {a:.2}%, pruned 50% and fine-tuned {b:.2}%");
-    // The target is 1 point; one epoch of fine-tuning reaches 1.1 (4 of 359 test digits)
-    // here, so the test holds the 1.5 points it meets, not the target.
-    assert!((a - b).abs() <= 1.5, "{a} vs {b}");
+    assert!((a - b).abs() <= 1.0, "{a} vs {b}");
     let (fb, pb) = (
         full.to_bytes().unwrap().len(),
         pruned.to_bytes().unwrap().len(),
