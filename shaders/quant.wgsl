@@ -95,23 +95,19 @@ fn quantize_one(x: f32) -> i32 {
     return quantize_with(x, p.scale, p.zp);
 }
 
-// Word `word` (channels 4 word..) of padded pixel `pix` of x, quantized and packed. x is
-// (n, p.c, p.h, p.w) f32, read as the pixels of an (h + 2 ph, w + 2 pw) grid; taps in the
-// padding, and channels past p.c, hold the zero point. Rows of x are the case h = w = 1.
+// Word `word` (channels 4 word..) of pixel `pix` of x, quantized and packed. x is
+// (n, p.c, p.h, p.w) f32; channels past p.c hold the zero point. Rows of x are the case
+// h = w = 1.
 fn pack_pixel_word(pix: u32, word: u32, scale: f32, zp: i32) -> u32 {
-    let wp = p.w + 2u * p.pw;
-    let hp = p.h + 2u * p.ph;
-    let xx = pix % wp;
-    let yy = (pix / wp) % hp;
-    let img = pix / (wp * hp);
-    let inside = yy >= p.ph && xx >= p.pw && yy - p.ph < p.h && xx - p.pw < p.w;
+    let hw = p.h * p.w;
+    let img = pix / hw;
+    let at = img * p.c * hw + pix % hw;
     var packed = 0u;
     for (var i = 0u; i < 4u; i += 1u) {
         let ch = word * 4u + i;
         var q = zp;
-        if (inside && ch < p.c) {
-            let at = ((img * p.c + ch) * p.h + yy - p.ph) * p.w + xx - p.pw;
-            q = quantize_with(bitcast<f32>(a[at]), scale, zp);
+        if (ch < p.c) {
+            q = quantize_with(bitcast<f32>(a[at + ch * hw]), scale, zp);
         }
         packed |= (bitcast<u32>(q) & 0xffu) << (8u * i);
     }
@@ -276,14 +272,31 @@ fn dots4(x: vec4<u32>, w0: vec4<u32>, w1: vec4<u32>, w2: vec4<u32>, w3: vec4<u32
         dot16(x, w3, manual));
 }
 
-// The vec4 index of the first activation vec4 of output row r: rows are output positions
-// (img, oy, ox) of an (oh, ow) grid over padded input pixels of (p.h, p.w), p.k4 words each.
-fn row_base(r: u32) -> u32 {
+// Where output row r's window starts: rows are output positions (img, oy, ox) of an
+// (oh, ow) grid over input pixels of (p.h, p.w), p.k4 words each. x: the vec4 index of the
+// image's first pixel; y, z: the window's top-left corner, in coordinates shifted by the
+// padding (p.ph, p.pw) so that they are never negative.
+fn row_origin(r: u32) -> vec3<u32> {
     let ox = r % p.ow;
     let oy = (r / p.ow) % p.oh;
     let img = r / (p.ow * p.oh);
-    let pixel = (img * p.h + oy * p.sh) * p.w + ox * p.sw;
-    return pixel * (p.k4 / 4u) + select(0u, 1u, p.mode == 2u);
+    let base = img * p.h * p.w * (p.k4 / 4u) + select(0u, 1u, p.mode == 2u);
+    return vec3<u32>(base, oy * p.sh, ox * p.sw);
+}
+
+// The vec4 offset of tap (ty, tx) (dilation applied) of a window at `o`, and whether the
+// tap is inside the image (outside, it reads the zero point: the real 0).
+fn tap_at(o: vec3<u32>, ty: u32, tx: u32) -> vec2<u32> {
+    let yy = o.y + ty;
+    let xx = o.z + tx;
+    let inside = yy >= p.ph && xx >= p.pw && yy - p.ph < p.h && xx - p.pw < p.w;
+    let pixel = select(0u, (yy - p.ph) * p.w + xx - p.pw, inside);
+    return vec2<u32>(o.x + pixel * (p.k4 / 4u), u32(inside));
+}
+
+// Activation vec4 g of a tap, or the zero point's where the tap is in the padding.
+fn tap_load(t: vec2<u32>, g: u32, zero: vec4<u32>) -> vec4<u32> {
+    return select(zero, a4[t.x + g], t.y != 0u);
 }
 
 @group(0) @binding(2) var<storage, read> c4: array<vec4<u32>>;
@@ -419,8 +432,8 @@ fn qgemm_epilogue(row0: u32, col0: u32, a0l: vec4<i32>, a0h: vec4<i32>, a1l: vec
     }
 }
 
-// The integer product: acc[r, c] = sum over taps (ky, kx) and words of
-// a[row_base(r) + tap offset] * b[c], i32, exact. Plain rows are the 1 x 1 window over a
+// The integer product: acc[r, c] = sum over taps (ky, kx) and words of the tap's
+// activations (the zero point in the padding) times b[c], i32, exact. Plain rows are the 1 x 1 window over a
 // (m, 1) grid of 1 x 1 pixels. Each invocation computes 4 rows by 8 channels from vec4 loads.
 fn qgemm_body(gid: vec3<u32>, nwg: vec3<u32>, manual: bool, general: bool) {
     let row0 = (gid.x + gid.z * nwg.x * 8u) * 4u;
@@ -431,10 +444,11 @@ fn qgemm_body(gid: vec3<u32>, nwg: vec3<u32>, manual: bool, general: bool) {
     let c16 = p.k4 / 4u;
     let taps = p.kh * p.kw;
     let b_row = taps * c16;
-    let r0 = row_base(row0);
-    let r1 = row_base(min(row0 + 1u, p.m - 1u));
-    let r2 = row_base(min(row0 + 2u, p.m - 1u));
-    let r3 = row_base(min(row0 + 3u, p.m - 1u));
+    let o0 = row_origin(row0);
+    let o1 = row_origin(min(row0 + 1u, p.m - 1u));
+    let o2 = row_origin(min(row0 + 2u, p.m - 1u));
+    let o3 = row_origin(min(row0 + 3u, p.m - 1u));
+    let zero = vec4<u32>((bitcast<u32>(p.zp) & 0xffu) * 0x01010101u);
     let last = p.n - 1u;
     let q0 = min(col0, last) * b_row;
     let q1 = min(col0 + 1u, last) * b_row;
@@ -451,7 +465,10 @@ fn qgemm_body(gid: vec3<u32>, nwg: vec3<u32>, manual: bool, general: bool) {
     for (var t = 0u; t < taps; t += 1u) {
         let ky = t / p.kw;
         let kx = t % p.kw;
-        let off = (ky * p.dh * p.w + kx * p.dw) * c16;
+        let t0 = tap_at(o0, ky * p.dh, kx * p.dw);
+        let t1 = tap_at(o1, ky * p.dh, kx * p.dw);
+        let t2 = tap_at(o2, ky * p.dh, kx * p.dw);
+        let t3 = tap_at(o3, ky * p.dh, kx * p.dw);
         for (var g = 0u; g < c16; g += 1u) {
             let wk = t * c16 + g;
             let w0 = b4[q0 + wk];
@@ -462,16 +479,16 @@ fn qgemm_body(gid: vec3<u32>, nwg: vec3<u32>, manual: bool, general: bool) {
             let w5 = b4[q5 + wk];
             let w6 = b4[q6 + wk];
             let w7 = b4[q7 + wk];
-            let x0 = a4[r0 + off + g];
+            let x0 = tap_load(t0, g, zero);
             a0l += dots4(x0, w0, w1, w2, w3, manual);
             a0h += dots4(x0, w4, w5, w6, w7, manual);
-            let x1 = a4[r1 + off + g];
+            let x1 = tap_load(t1, g, zero);
             a1l += dots4(x1, w0, w1, w2, w3, manual);
             a1h += dots4(x1, w4, w5, w6, w7, manual);
-            let x2 = a4[r2 + off + g];
+            let x2 = tap_load(t2, g, zero);
             a2l += dots4(x2, w0, w1, w2, w3, manual);
             a2h += dots4(x2, w4, w5, w6, w7, manual);
-            let x3 = a4[r3 + off + g];
+            let x3 = tap_load(t3, g, zero);
             a3l += dots4(x3, w0, w1, w2, w3, manual);
             a3h += dots4(x3, w4, w5, w6, w7, manual);
         }

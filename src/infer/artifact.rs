@@ -188,24 +188,23 @@ fn op_json(op: &OpKind) -> Value {
             "scale": num(*scale), "zero_point": zero_point, "kernel": kernel,
             "stride": opts.stride, "padding": opts.padding, "dilation": opts.dilation
         }),
-        OpKind::QuantizeNhwc {
-            scale,
-            zero_point,
-            padding,
-        } => json!({ "scale": num(*scale), "zero_point": zero_point, "padding": padding }),
+        OpKind::QuantizeNhwc { scale, zero_point } => {
+            json!({ "scale": num(*scale), "zero_point": zero_point })
+        }
         OpKind::QGemm {
             n,
             act,
             spatial,
             dynamic,
             window,
+            int8_out,
         } => {
             let window = window.map(|w| {
-                json!({ "kernel": w.kernel, "stride": w.stride, "dilation": w.dilation,
-                        "grid": w.grid })
+                json!({ "kernel": w.kernel, "stride": w.stride, "padding": w.padding,
+                        "dilation": w.dilation, "grid": w.grid, "zero_point": w.zero_point })
             });
             json!({ "n": n, "act": act_json(act), "spatial": spatial, "dynamic": dynamic,
-                    "window": window })
+                    "window": window, "int8_out": int8_out })
         }
         OpKind::QuantizeDynamic => json!({}),
     };
@@ -856,11 +855,11 @@ fn parse_op(v: &Value, what: &str) -> Result<OpKind> {
         },
         "quantize_rows" => OpKind::QuantizeRows {
             scale: float(f("scale")?, what)?,
-            zero_point: int(f("zero_point")?, what)?.clamp(i32::MIN as i64, i32::MAX as i64) as i32,
+            zero_point: zero_point(f("zero_point")?, what)?,
         },
         "quantize_im2col" => OpKind::QuantizeIm2col {
             scale: float(f("scale")?, what)?,
-            zero_point: int(f("zero_point")?, what)?.clamp(i32::MIN as i64, i32::MAX as i64) as i32,
+            zero_point: zero_point(f("zero_point")?, what)?,
             kernel: pair(f("kernel")?, what)?,
             opts: Conv2dOptions {
                 stride: pair(f("stride")?, what)?,
@@ -884,16 +883,21 @@ fn parse_op(v: &Value, what: &str) -> Result<OpKind> {
                     Some(crate::ops::quant::QWindow {
                         kernel: g("kernel")?,
                         stride: g("stride")?,
+                        padding: g("padding")?,
                         dilation: g("dilation")?,
                         grid: g("grid")?,
+                        zero_point: zero_point(field(w, "zero_point", what)?, what)?,
                     })
                 }
+            },
+            int8_out: match f("int8_out")? {
+                Value::Null => None,
+                z => Some(zero_point(z, what)?),
             },
         },
         "quantize_nhwc" => OpKind::QuantizeNhwc {
             scale: float(f("scale")?, what)?,
-            zero_point: int(f("zero_point")?, what)?.clamp(i32::MIN as i64, i32::MAX as i64) as i32,
-            padding: pair(f("padding")?, what)?,
+            zero_point: zero_point(f("zero_point")?, what)?,
         },
         "quantize_dynamic" => OpKind::QuantizeDynamic,
         "cast" => OpKind::Cast {
@@ -901,6 +905,11 @@ fn parse_op(v: &Value, what: &str) -> Result<OpKind> {
         },
         other => return Err(bad(format!("{what}: unknown op {other:?}"))),
     })
+}
+
+/// A zero point: any integer (the op's rules bound it), clamped into i32.
+fn zero_point(v: &Value, what: &str) -> Result<i32> {
+    Ok(int(v, what)?.clamp(i32::MIN as i64, i32::MAX as i64) as i32)
 }
 
 fn parse_graph(v: &Value) -> Result<Parsed> {

@@ -187,24 +187,26 @@ pub(crate) enum OpKind {
         kernel: [usize; 2],
         opts: Conv2dOptions,
     },
-    /// Int8 quantization of an NCHW tensor into the pixels of its grid padded by `padding`,
-    /// channels innermost: `(n (h + 2 ph) (w + 2 pw), k4)` (I32), the input of a windowed
-    /// [`OpKind::QGemm`].
+    /// Int8 quantization of an NCHW tensor into its pixels, channels innermost:
+    /// `(n h w, k4)` (I32), the input of a windowed [`OpKind::QGemm`].
     QuantizeNhwc {
         scale: f32,
         zero_point: i32,
-        padding: [usize; 2],
     },
     /// The integer product of quantized activations and weights (operands: activation words
     /// `(m, k4)`, weight words `(n, k4)`, per-channel words `(3 n)`), dequantized with `act`
     /// fused: f32 `(m, n)`, or `(m / (oh ow), n, oh, ow)` with `spatial`. With `window`, a
     /// convolution over quantized pixels ([`OpKind::QuantizeNhwc`]): the weights are
-    /// `(n, kh kw k4)` and `spatial` is the window's output grid.
+    /// `(n, kh kw k4)` and `spatial` is the window's output grid. With `int8_out`, the
+    /// result is requantized to that zero point instead (the channel data holds multipliers
+    /// and shifts; `act` is none or relu): int8 rows `(m, k4)`, as the quantization of the
+    /// f32 result would give them to the next integer product.
     QGemm {
         n: usize,
         act: Act,
         spatial: Option<[usize; 2]>,
         window: Option<crate::ops::quant::QWindow>,
+        int8_out: Option<i32>,
         /// Activations quantized at run time ([`OpKind::QuantizeDynamic`]): 4 header words,
         /// then the rows; the channel data holds weight sums, scales and f32 biases.
         dynamic: bool,
@@ -317,7 +319,10 @@ impl OpKind {
             OpKind::QuantizeRows { .. }
             | OpKind::QuantizeIm2col { .. }
             | OpKind::QuantizeNhwc { .. }
-            | OpKind::QuantizeDynamic => Some(DType::I32),
+            | OpKind::QuantizeDynamic
+            | OpKind::QGemm {
+                int8_out: Some(_), ..
+            } => Some(DType::I32),
             OpKind::QGemm { .. } => Some(DType::F32),
             _ => None,
         }
@@ -422,11 +427,6 @@ impl OpKind {
                          in -128..=127"
                     ));
                 }
-                if let OpKind::QuantizeNhwc { padding, .. } = self {
-                    if big(padding) {
-                        return bad(format!("padding {padding:?}"));
-                    }
-                }
                 if let OpKind::QuantizeIm2col { kernel, opts, .. } = self {
                     let all = [*kernel, opts.stride, opts.padding, opts.dilation].concat();
                     if big(&all)
@@ -445,17 +445,32 @@ impl OpKind {
                 ));
             }
             OpKind::QGemm {
-                n, spatial, window, ..
+                n,
+                spatial,
+                window,
+                int8_out,
+                act,
+                dynamic,
             } if *n == 0
                 || *n > MAX_ATTR
                 || spatial.is_some_and(|s| big(&s))
                 || window.is_some_and(|w| {
                     let all = [w.kernel, w.stride, w.dilation, w.grid].concat();
-                    big(&all) || all.contains(&0) || w.output() != *spatial
+                    big(&all)
+                        || big(&w.padding)
+                        || all.contains(&0)
+                        || w.output() != *spatial
+                        || !(-128..=127).contains(&w.zero_point)
+                })
+                || int8_out.is_some_and(|z| {
+                    !(-128..=127).contains(&z)
+                        || *dynamic
+                        || !matches!(act, None | Some((UnaryOp::Relu, _)))
                 }) =>
             {
                 return bad(format!(
-                    "{n} channels, outputs {spatial:?}, window {window:?}"
+                    "{n} channels, outputs {spatial:?}, window {window:?}, int8 out {int8_out:?}, \
+                     activation {act:?}, dynamic {dynamic}"
                 ));
             }
             OpKind::AdaptiveAvgPool { size } if (size.contains(&0) || big(size)) => {
@@ -804,15 +819,14 @@ impl OpKind {
                 }
                 vec![numel(x)? / k, crate::ops::quant::padded_words(k)]
             }
-            OpKind::QuantizeNhwc { padding, .. } => {
+            OpKind::QuantizeNhwc { .. } => {
                 let [n, c, h, w] = x else {
                     return Err(shape_err(format!("input {x:?} must be NCHW")));
                 };
                 if *c == 0 {
                     return Err(shape_err(format!("input {x:?} has no channels")));
                 }
-                let pixels = n * (h + 2 * padding[0]) * (w + 2 * padding[1]);
-                vec![pixels, crate::ops::quant::padded_words(*c)]
+                vec![n * h * w, crate::ops::quant::padded_words(*c)]
             }
             OpKind::QuantizeIm2col { kernel, opts, .. } => {
                 let c = x.get(1).copied().unwrap_or(0);
@@ -867,6 +881,7 @@ impl OpKind {
                 n: ch,
                 spatial,
                 window,
+                int8_out,
                 ..
             } => {
                 let (w, c) = (inputs[1], inputs[2]);
@@ -883,7 +898,7 @@ impl OpKind {
                         "activations {x:?}, weights {w:?} and channel data {c:?} for {ch} channels"
                     )));
                 }
-                match (window, spatial) {
+                let out = match (window, spatial) {
                     (None, None) => vec![x[0], *ch],
                     (None, Some([oh, ow])) => {
                         let ohw = oh * ow;
@@ -905,6 +920,14 @@ impl OpKind {
                     (Some(_), None) => {
                         return Err(shape_err("a window without its output grid".into()));
                     }
+                };
+                match int8_out {
+                    // Rows of output positions, channels packed.
+                    Some(_) => vec![
+                        out[0] * out.get(2).unwrap_or(&1) * out.get(3).unwrap_or(&1),
+                        crate::ops::quant::padded_words(*ch),
+                    ],
+                    None => out,
                 }
             }
         };
@@ -1057,20 +1080,15 @@ impl OpKind {
                 let k = *x.dims().last().unwrap_or(&0);
                 crate::ops::quant::quantize_rows_dynamic(x, k)
             }
-            OpKind::QuantizeNhwc {
-                scale,
-                zero_point,
-                padding,
-            } => {
+            OpKind::QuantizeNhwc { scale, zero_point } => {
                 let q = crate::quant::QParams {
                     scale: *scale,
                     zero_point: *zero_point,
                 };
-                let w = crate::ops::quant::quantize_nhwc(x, *padding, q)?;
+                let w = crate::ops::quant::quantize_nhwc(x, q)?;
                 let d = x.dims();
-                let pixels = d[0] * (d[2] + 2 * padding[0]) * (d[3] + 2 * padding[1]);
                 Ok(w.with_layout(crate::shape::Layout::contiguous(&[
-                    pixels,
+                    d[0] * d[2] * d[3],
                     crate::ops::quant::padded_words(d[1]),
                 ])))
             }
@@ -1080,6 +1098,7 @@ impl OpKind {
                 spatial,
                 dynamic,
                 window,
+                int8_out,
             } => {
                 use crate::ops::quant::{qgemm, QOut, QShape};
                 let k4 = inputs[1].dims()[1] / window.map_or(1, |w| w.kernel[0] * w.kernel[1]);
@@ -1101,14 +1120,23 @@ impl OpKind {
                     ohw,
                     window: *window,
                 };
-                let y = qgemm(
-                    x,
-                    inputs[1],
-                    inputs[2],
-                    &s,
-                    out,
-                    std::env::var_os("KILN_QMANUAL").is_some(),
-                )?;
+                if let Some(zy) = int8_out {
+                    let relu = act.is_some();
+                    let s = QShape { ohw: 0, ..s };
+                    let y = qgemm(
+                        x,
+                        inputs[1],
+                        inputs[2],
+                        &s,
+                        QOut::I8 { zy: *zy, relu },
+                        false,
+                    )?;
+                    return Ok(y.with_layout(crate::shape::Layout::contiguous(&[
+                        m,
+                        crate::ops::quant::padded_words(*ch),
+                    ])));
+                }
+                let y = qgemm(x, inputs[1], inputs[2], &s, out, false)?;
                 Ok(match spatial {
                     None => y,
                     Some([oh, ow]) => y.with_layout(crate::shape::Layout::contiguous(&[

@@ -249,6 +249,8 @@ fn rewrite_with(g: &Graph, mode_of: &dyn Fn(usize) -> Option<Mode>) -> Result<Gr
     };
     let dev = g.consts.first().map(|c| c.device().clone());
     let mut map: Vec<Src> = Vec::with_capacity(g.nodes.len());
+    // Per static integer product (its node in `out`): what requantizing its result needs.
+    let mut products: Vec<Product> = Vec::new();
     let remap = |s: Src, map: &[Src]| match s {
         Src::Node(k) => map[k],
         other => other,
@@ -363,6 +365,7 @@ fn rewrite_with(g: &Graph, mode_of: &dyn Fn(usize) -> Option<Mode>) -> Result<Gr
                         spatial: None,
                         dynamic: true,
                         window: None,
+                        int8_out: None,
                     },
                     inputs: vec![a, wsrc, csrc],
                     shape: vec![rows, Dim::fixed(n)],
@@ -394,6 +397,13 @@ fn rewrite_with(g: &Graph, mode_of: &dyn Fn(usize) -> Option<Mode>) -> Result<Gr
         let ch_t = words_tensor(&channel_words(&folded, &scales, &vec![0; n]), dev)?;
         let wsrc = push_const(&mut out, w_t);
         let csrc = push_const(&mut out, ch_t);
+        let record = Product {
+            node: 0,
+            scales: (0..n)
+                .map(|c| qa.scale as f64 * wp[c].scale as f64)
+                .collect(),
+            bias: folded,
+        };
         let x = inputs[0];
         let x_shape = shape_of(x, &out);
         let (qop, a_shape, spatial, window) = match (conv, direct) {
@@ -412,19 +422,19 @@ fn rewrite_with(g: &Graph, mode_of: &dyn Fn(usize) -> Option<Mode>) -> Result<Gr
             (Some((kernel, opts)), Some((c, _))) => {
                 let (oh, ow) = (node.shape[2].fixed as usize, node.shape[3].fixed as usize);
                 let (h, w) = (x_shape[2].fixed as usize, x_shape[3].fixed as usize);
-                let grid = [h + 2 * opts.padding[0], w + 2 * opts.padding[1]];
-                let pixels = (grid[0] * grid[1]) as i64;
+                let pixels = (h * w) as i64;
                 let window = QWindow {
                     kernel,
                     stride: opts.stride,
+                    padding: opts.padding,
                     dilation: opts.dilation,
-                    grid,
+                    grid: [h, w],
+                    zero_point: qa.zero_point,
                 };
                 (
                     OpKind::QuantizeNhwc {
                         scale: qa.scale,
                         zero_point: qa.zero_point,
-                        padding: opts.padding,
                     },
                     vec![
                         Dim {
@@ -475,15 +485,21 @@ fn rewrite_with(g: &Graph, mode_of: &dyn Fn(usize) -> Option<Mode>) -> Result<Gr
                 spatial,
                 dynamic: false,
                 window,
+                int8_out: None,
             },
             inputs: vec![a, wsrc, csrc],
             shape: gemm_shape,
             dtype: DType::F32,
         });
+        products.push(Product {
+            node: out.nodes.len() - 1,
+            ..record
+        });
         reshape_back(&mut out, &node.shape);
         map.push(Src::Node(out.nodes.len() - 1));
     }
     out.outputs = g.outputs.iter().map(|&s| remap(s, &map)).collect();
+    chain(&mut out, &products)?;
     super::passes::eliminate_dead(&mut out);
     // The shapes of the rewritten graph, checked at two batch sizes by the op's rules.
     for n in [1usize, 2] {
@@ -495,6 +511,81 @@ fn rewrite_with(g: &Graph, mode_of: &dyn Fn(usize) -> Option<Mode>) -> Result<Gr
         out.infer_shapes(&shapes, n)?;
     }
     Ok(out)
+}
+
+/// A static integer product of the rewritten graph: its node, the real scale of each
+/// channel's accumulator (activation scale times weight scale), and its folded i32 bias.
+struct Product {
+    node: usize,
+    scales: Vec<f64>,
+    bias: Vec<i32>,
+}
+
+/// Removes the redundant dequantize/quantize pairs between integer products: where a
+/// product's f32 result (no activation, or relu) goes only to the quantization of the next
+/// product's input, the product requantizes its accumulators to that input's scale and zero
+/// point in integers (relu as a clamp at the zero point) and writes int8 rows, which are the
+/// next product's operand as the quantization would have written it. The quantization node
+/// is left dead.
+fn chain(g: &mut Graph, products: &[Product]) -> Result<()> {
+    use crate::ops::elementwise::UnaryOp;
+    use crate::ops::quant::multiplier;
+    for p in products {
+        let j = p.node;
+        let readers: Vec<usize> = (0..g.nodes.len())
+            .filter(|&k| g.nodes[k].inputs.contains(&Src::Node(j)))
+            .collect();
+        if g.outputs.contains(&Src::Node(j)) || readers.len() != 1 {
+            continue;
+        }
+        let q = readers[0];
+        let OpKind::QGemm {
+            act,
+            spatial,
+            dynamic: false,
+            int8_out: None,
+            ..
+        } = g.nodes[j].op
+        else {
+            continue;
+        };
+        let (scale, zero_point) = match (g.nodes[q].op.clone(), spatial) {
+            (OpKind::QuantizeRows { scale, zero_point }, None)
+            | (OpKind::QuantizeNhwc { scale, zero_point }, Some(_)) => (scale, zero_point),
+            _ => continue,
+        };
+        if !matches!(act, None | Some((UnaryOp::Relu, _))) {
+            continue;
+        }
+        let mut mults = Vec::with_capacity(p.scales.len());
+        let mut shifts = Vec::with_capacity(p.scales.len());
+        for &s in &p.scales {
+            let (m, sh) = multiplier(OP, s / scale as f64)?;
+            mults.push(m);
+            shifts.push(sh);
+        }
+        let dev = g.consts[0].device().clone();
+        let ch = push_const(
+            g,
+            words_tensor(&channel_words(&p.bias, &mults, &shifts), &dev)?,
+        );
+        let shape = g.nodes[q].shape.clone();
+        let node = &mut g.nodes[j];
+        node.inputs[2] = ch;
+        if let OpKind::QGemm { int8_out, .. } = &mut node.op {
+            *int8_out = Some(zero_point);
+        }
+        node.shape = shape;
+        node.dtype = DType::I32;
+        for n in &mut g.nodes {
+            for s in &mut n.inputs {
+                if *s == Src::Node(q) {
+                    *s = Src::Node(j);
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// A linear over (..., k) computes (rows, n): a reshape back to the node's own shape when

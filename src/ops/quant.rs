@@ -120,28 +120,22 @@ fn word_tensor(op: &'static str, n: usize, dev: &crate::Device) -> Result<Tensor
     Tensor::alloc_typed(op, &[n.max(1)], DType::I32, dev, false)
 }
 
-/// Quantizes `x`, f32 `(n, c, h, w)` contiguous, into the pixels of its padded grid:
-/// `(n (h + 2 ph) (w + 2 pw), padded_words(c))` words, channels innermost; the padding and the
-/// channels past `c` hold the zero point.
+/// Quantizes `x`, f32 `(n, c, h, w)` contiguous, into its pixels: `(n h w, padded_words(c))`
+/// words, channels innermost; the channels past `c` hold the zero point.
 fn quantize_pixels(
     op: &'static str,
     x: &Tensor,
     [n, c, h, w]: [usize; 4],
-    [ph, pw]: [usize; 2],
     q: QParams,
 ) -> Result<Tensor> {
     let x = x.dense()?;
-    let (hp, wp) = (h + 2 * ph, w + 2 * pw);
-    let pixels = n * hp * wp;
+    let pixels = n * h * w;
     let k4 = padded_words(c);
     let u = |v: usize| v as u32;
     if c == 0 || x.numel() != n * c * h * w || pixels.checked_mul(k4).is_none_or(|t| t >= 1 << 31) {
         return Err(Error::shape(
             op,
-            format!(
-                "{} values as ({n}, {c}, {h}, {w}) padded by ({ph}, {pw})",
-                x.numel()
-            ),
+            format!("{} values as ({n}, {c}, {h}, {w})", x.numel()),
         ));
     }
     let out = word_tensor(op, pixels * k4, x.device())?;
@@ -153,8 +147,6 @@ fn quantize_pixels(
         c: u(c),
         h: u(h),
         w: u(w),
-        ph: u(ph),
-        pw: u(pw),
         ..Default::default()
     };
     x.device().dispatch(
@@ -175,19 +167,19 @@ pub(crate) fn quantize_rows(x: &Tensor, count: usize, q: QParams) -> Result<Tens
     if count == 0 || !n.is_multiple_of(count) {
         return Err(Error::shape(OP, format!("{n} values in rows of {count}")));
     }
-    quantize_pixels(OP, x, [n / count, count, 1, 1], [0, 0], q)
+    quantize_pixels(OP, x, [n / count, count, 1, 1], q)
 }
 
-/// `x` (f32 NCHW) quantized into the pixels of its grid padded by `padding`, the input of a
-/// windowed [`qgemm`]: `(n (h + 2 ph) (w + 2 pw), padded_words(c))` words.
-pub(crate) fn quantize_nhwc(x: &Tensor, padding: [usize; 2], q: QParams) -> Result<Tensor> {
+/// `x` (f32 NCHW) quantized into its pixels, the input of a windowed [`qgemm`]:
+/// `(n h w, padded_words(c))` words, channels innermost.
+pub(crate) fn quantize_nhwc(x: &Tensor, q: QParams) -> Result<Tensor> {
     let [n, c, h, w] = x.dims() else {
         return Err(Error::shape(
             "quantize_nhwc",
             format!("input {:?} must be NCHW", x.dims()),
         ));
     };
-    quantize_pixels("quantize_nhwc", x, [*n, *c, *h, *w], padding, q)
+    quantize_pixels("quantize_nhwc", x, [*n, *c, *h, *w], q)
 }
 
 /// The quantized patch rows of a convolution of `x` (f32 NCHW, contiguous) with geometry
@@ -354,9 +346,12 @@ pub(crate) enum QOut {
 pub(crate) struct QWindow {
     pub kernel: [usize; 2],
     pub stride: [usize; 2],
+    pub padding: [usize; 2],
     pub dilation: [usize; 2],
-    /// The padded pixel grid of one image.
+    /// The pixel grid of one input image.
     pub grid: [usize; 2],
+    /// The activations' zero point, which taps in the padding read.
+    pub zero_point: i32,
 }
 
 impl QWindow {
@@ -364,7 +359,8 @@ impl QWindow {
     pub fn output(&self) -> Option<[usize; 2]> {
         let side = |i: usize| {
             let span = self.dilation[i].checked_mul(self.kernel[i].checked_sub(1)?)? + 1;
-            let room = self.grid[i].checked_sub(span)?;
+            let padded = self.grid[i].checked_add(self.padding[i].checked_mul(2)?)?;
+            let room = padded.checked_sub(span)?;
             Some(room / self.stride[i].max(1) + 1)
         };
         Some([side(0)?, side(1)?])
@@ -479,8 +475,10 @@ pub(crate) fn qgemm(
     let w = window.unwrap_or(QWindow {
         kernel: [1, 1],
         stride: [1, 1],
+        padding: [0, 0],
         dilation: [1, 1],
         grid: [1, 1],
+        zero_point: 0,
     });
     let p = QuantParams {
         m: u(m),
@@ -504,6 +502,9 @@ pub(crate) fn qgemm(
         sw: u(w.stride[1]),
         dh: u(w.dilation[0]),
         dw: u(w.dilation[1]),
+        ph: u(w.padding[0]),
+        pw: u(w.padding[1]),
+        zp: w.zero_point,
         ..Default::default()
     };
     // Workgroups of 8 invocations, 4 rows each; row blocks beyond 65535 workgroups continue
@@ -803,7 +804,7 @@ mod tests {
                 window: None,
             };
             // The padded pixels, then the product over the window; weights taps outermost.
-            let pixels = quantize_nhwc(&xt, [pad; 2], q).unwrap();
+            let pixels = quantize_nhwc(&xt, q).unwrap();
             let taps = k * k;
             let mut wt = vec![0i8; wq.len()];
             for o in 0..co {
@@ -822,8 +823,10 @@ mod tests {
                 window: Some(QWindow {
                     kernel: [k; 2],
                     stride: [stride; 2],
+                    padding: [pad; 2],
                     dilation: [dil; 2],
-                    grid: [h + 2 * pad, w + 2 * pad],
+                    grid: [h, w],
+                    zero_point: q.zero_point,
                 }),
             };
             for (label, a, b, shape, manual) in [
@@ -980,8 +983,10 @@ mod tests {
             window: Some(QWindow {
                 kernel: [3, 3],
                 stride: [1, 1],
+                padding: [0, 0],
                 dilation: [1, 1],
                 grid: [2, 2],
+                zero_point: 0,
             }),
             ..shape(1)
         };
