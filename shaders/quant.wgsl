@@ -1,11 +1,13 @@
 // Int8 kernels: quantization, dequantization, and the integer matrix product of quantized
-// linear layers (src/ops/quant.rs). Int8 values are packed four to a u32, lowest byte first,
-// along the reduction axis; rows are padded to whole words (the padding of a weight row is 0,
-// so padded positions add nothing to a dot product).
+// linear layers and convolutions (src/ops/quant.rs). Int8 values are packed four to a u32,
+// lowest byte first, along the reduction axis; rows are padded to whole groups of 16 values
+// (k4, a multiple of 4 words), so that the product reads vec4s. The padding of a weight row
+// is 0, so padded positions add nothing to a dot product.
 //
 // Bindings:
-//   quantize_fwd:   a (0) = x, f32 bits, (rows, count) contiguous; out (3) = q, (rows, k4)
-//                   words: saturate(round_half_even(x / scale) + zp), padding = zp
+//   quantize_fwd:   a (0) = x, f32 bits, (n, c, h, w) contiguous (rows: h = w = 1);
+//                   out (3) = its pixels, (n h w, k4) words, channels innermost:
+//                   saturate(round_half_even(x / scale) + zp), channels past c = zp
 //   dequantize_fwd: a (0) = q, (rows, k4) words; out (3) = scale * (q - zp), f32 bits,
 //                   (rows, count)
 //   quantize_im2col_fwd: a (0) = x, f32 bits, (n, c, h, w); b (1) = per tap k: channel
@@ -16,20 +18,25 @@
 //                   out (3) = 4 header words (the scale's f32 bits, the zero point, 0, 0),
 //                   then q as quantize_fwd writes it, with the scale and zero point of
 //                   [min, max] computed here as QParams::asymmetric does (in f32)
-//   qgemm_fwd:      a (0) = activations (m, k4) words; b (1) = weights (k4, n) words
-//                   (word-major, so that neighbouring channels read neighbouring words);
-//                   c (2) = per output channel, 3 words: the i32 bias (with the zero-point
-//                   correction folded in), then the f32 scale (mode 0) or the requantization
-//                   multiplier (mode 1), then the shift (mode 1);
-//                   out (3) = mode 0: f32 bits (m, n); mode 1: int8 (m, n_words) words
+//   qgemm_fwd (and _act_, _manual_): a4 (0) = activations, rows of k4 words: plain rows
+//                   (m, k4), or the pixels (n h w, k4) of a convolution's input (p.h, p.w
+//                   its grid; p.kh.. the window, p.ph/p.pw its padding, where taps read the
+//                   zero point p.zp); b4 (1) = weights (n, taps k4) words, taps outermost;
+//                   c4 (2) = per output channel, three planes of n rounded up to 8: the i32
+//                   bias (with the zero-point correction folded in), the f32 scale (modes
+//                   0, 2) or the requantization multiplier (mode 1), the shift (mode 1; the
+//                   f32 bias in mode 2); out4 (3) = mode 0, 2: f32 bits, (m, n) or NCHW
+//                   (p.ohw > 0); mode 1: int8 rows (m, n_words) words
 //   p (4): QuantParams (src/ops/quant.rs)
 //
-// qgemm_fwd: acc = sum_k a[r, k] * b[c, k] + bias[c] in i32 (exact), then
+// qgemm: acc = sum_k a[r, k] * b[c, k] + bias[c] in i32 (exact), then
 //   mode 0: y = f32(acc) * scale[c], then the activation p.act (if p.act_on) in f32;
 //   mode 1: q = clamp(zy + round_half_even(acc * mult[c] / 2^shift[c]), lo, 127), in integer
 //           arithmetic (a 64-bit product from 16-bit halves), so every adapter gives the same
-//           bits; a fused relu is lo = zy.
-// Each invocation computes a 4 x 4 block: rows 4 gid.y.., channels 4 gid.x...
+//           bits; a fused relu is lo = zy;
+//   mode 2: activations quantized at run time, their scale and zero point in a4[0].
+// Each invocation computes 4 rows by 8 channels; on software adapters every storage access
+// is a loop over the SIMD lanes, so the loads are vec4s of 16 int8 values.
 
 struct Params {
     m: u32,

@@ -1,10 +1,17 @@
 //! Static post-training int8 quantization of a frozen model: calibration batches run through
 //! the f32 graph, an observer takes the range of each quantized layer's input, and every
-//! linear and convolution (groups 1) with constant weights becomes quantize → integer
-//! product: int8 weights symmetric per output channel, int8 activations asymmetric per
-//! tensor, i32 accumulation, bias in i32 at the product's scale (as ONNX Runtime's QDQ
-//! models), and dequantization with the activation fused in the product's epilogue. Every
-//! other op stays f32.
+//! linear layer, matmul with a constant right operand and convolution (groups 1) with
+//! constant weights becomes quantize → integer product: int8 weights symmetric per output
+//! channel, int8 activations asymmetric per tensor, i32 accumulation, bias in i32 at the
+//! product's scale (as ONNX Runtime's QDQ models), and dequantization with the activation
+//! fused in the product's epilogue. Every other op stays f32. Where a product's result goes
+//! only to the next product's quantization (a redundant dequantize/quantize pair), the
+//! product requantizes in integers instead and hands over int8 ([`chain`]).
+//!
+//! A convolution reads its input's quantized pixels through its window
+//! (`OpKind::QuantizeNhwc`, channels innermost, the zero point in the padding), except where
+//! few input channels would make that wasteful (a first layer on 1 or 3 channels), which
+//! quantizes patch rows (`OpKind::QuantizeIm2col`).
 
 use std::collections::HashMap;
 
@@ -56,10 +63,13 @@ fn quantizable(g: &Graph, node: &Node) -> bool {
         return false;
     }
     match &node.op {
-        OpKind::Linear { .. } => {
+        OpKind::Linear { .. } | OpKind::Matmul => {
+            // A matmul qualifies when its right operand is a constant matrix (x @ W).
+            let matrix = |s: Src| matches!(s, Src::Const(k) if g.consts[k].rank() == 2);
             let leading = &node.shape[..node.shape.len().saturating_sub(1)];
             node.dtype == DType::F32
                 && const_f32(node.inputs[1])
+                && (node.op != OpKind::Matmul || matrix(node.inputs[1]))
                 && leading.iter().filter(|d| d.is_dynamic()).count() <= 1
         }
         OpKind::Conv2d { opts, .. } => {
@@ -75,10 +85,11 @@ fn quantizable(g: &Graph, node: &Node) -> bool {
 }
 
 impl InferenceModel {
-    /// The model with its linear layers and convolutions (groups 1, constant weights) run as
-    /// int8 integer kernels, calibrated on `opts.calibration`: weights int8 symmetric per
-    /// output channel, activations int8 asymmetric per tensor from the observed range, i32
-    /// accumulation, bias and activation fused. Other ops stay f32.
+    /// The model with its linear layers, constant-weight matmuls and convolutions (groups 1,
+    /// constant weights) run as int8 integer kernels, calibrated on `opts.calibration`:
+    /// weights int8 symmetric per output channel, activations int8 asymmetric per tensor from
+    /// the observed range, i32 accumulation, bias and activation fused. Other ops stay f32;
+    /// consecutive integer products hand over int8 without a float round trip.
     ///
     /// `Err` for an empty calibration set, a batch the model does not accept, a percentile
     /// outside (0, 100], or an f16 model.
@@ -189,7 +200,7 @@ impl InferenceModel {
         Ok(InferenceModel::from_graph(self.device.clone(), graph))
     }
 
-    /// The model with its linear layers (constant weights) run with int8 weights (symmetric
+    /// The model with its linear layers and constant-weight matmuls run with int8 weights (symmetric
     /// per output channel) and activations quantized at run time, per batch, with the range
     /// of each batch: no calibration. Convolutions and other ops stay f32.
     ///
@@ -215,7 +226,8 @@ impl InferenceModel {
         let g = &self.graph;
         let targets: std::collections::HashSet<usize> = (0..g.nodes.len())
             .filter(|&i| {
-                matches!(g.nodes[i].op, OpKind::Linear { .. }) && quantizable(g, &g.nodes[i])
+                matches!(g.nodes[i].op, OpKind::Linear { .. } | OpKind::Matmul)
+                    && quantizable(g, &g.nodes[i])
             })
             .collect();
         let graph = rewrite_with(g, &|i| targets.contains(&i).then_some(Mode::Dynamic))?;
@@ -282,11 +294,18 @@ fn rewrite_with(g: &Graph, mode_of: &dyn Fn(usize) -> Option<Mode>) -> Result<Gr
                 "internal: a quantized weight is not a constant",
             ));
         };
-        let w = g.consts[wk].to_vec()?;
-        let n = g.consts[wk].dims()[0];
+        let mut w = g.consts[wk].to_vec()?;
+        let mut n = g.consts[wk].dims()[0];
+        if node.op == OpKind::Matmul {
+            // x @ W with W (k, n): the product reads W^T's rows.
+            let k = n;
+            n = g.consts[wk].dims()[1];
+            w = (0..n * k).map(|e| w[(e % k) * n + e / k]).collect();
+        }
         let k = w.len() / n.max(1);
         let (bias, act, conv) = match &node.op {
             OpKind::Linear { bias, act } => (*bias, *act, None),
+            OpKind::Matmul => (false, None, None),
             OpKind::Conv2d { opts, bias, act } => {
                 let d = g.consts[wk].dims();
                 (*bias, *act, Some(([d[2], d[3]], *opts)))
