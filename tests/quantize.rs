@@ -190,10 +190,17 @@ fn constant_matmuls_run_on_integers() {
     let w = Tensor::randn(&[24, 13], 1, &d).unwrap();
     let x = Tensor::randn(&[2, 5, 24], 2, &d).unwrap();
     let frozen = kiln::infer::freeze_fn(std::slice::from_ref(&x), &[Some(0)], |t| {
-        Ok(vec![t[0].matmul(&w)?.relu()?.matmul(&w.narrow(0, 0, 13)?)?])
+        Ok(vec![t[0]
+            .matmul(&w)?
+            .relu()?
+            .matmul(&w.narrow(0, 0, 13)?)?])
     })
     .unwrap();
-    assert!(frozen.describe().contains("matmul"), "{}", frozen.describe());
+    assert!(
+        frozen.describe().contains("matmul"),
+        "{}",
+        frozen.describe()
+    );
     let calibration = vec![Tensor::randn(&[4, 5, 24], 3, &d).unwrap()];
     let statically = frozen
         .quantize(&QuantizeOptions {
@@ -208,7 +215,10 @@ fn constant_matmuls_run_on_integers() {
         assert!(g.contains("qgemm") && !g.contains("matmul"), "{g}");
         let b = q.predict(&y).unwrap().to_vec().unwrap();
         let scale = a.iter().fold(0f32, |m, v| m.max(v.abs()));
-        let err = a.iter().zip(&b).fold(0f32, |m, (p, q)| m.max((p - q).abs()));
+        let err = a
+            .iter()
+            .zip(&b)
+            .fold(0f32, |m, (p, q)| m.max((p - q).abs()));
         assert!(err <= 0.05 * scale && err > 0.0, "{err} of {scale}\n{g}");
     }
 }
