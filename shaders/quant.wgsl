@@ -22,7 +22,7 @@
 //                   (m, k4), or the pixels (n h w, k4) of a convolution's input (p.h, p.w
 //                   its grid; p.kh.. the window, p.ph/p.pw its padding, where taps read the
 //                   zero point p.zp); b4 (1) = weights (n, taps k4) words, taps outermost;
-//                   c4 (2) = per output channel, three planes of n rounded up to 8: the i32
+//                   c4 (2) = per output channel, three planes of n rounded up to 16: the i32
 //                   bias (with the zero-point correction folded in), the f32 scale (modes
 //                   0, 2) or the requantization multiplier (mode 1), the shift (mode 1; the
 //                   f32 bias in mode 2); out4 (3) = mode 0, 2: f32 bits, (m, n) or NCHW
@@ -314,9 +314,9 @@ fn put(at: u32, v: u32) {
     out4[at / 4u][at % 4u] = v;
 }
 
-// The channel data of channels col..col+3 (col a multiple of 4): planes of np = n rounded up
-// to 8 channels each, the i32 bias, the scale's f32 bits or the requantization multiplier,
-// the shift.
+// The channel data of channels col..col+3 (col a multiple of 4): planes of n rounded up to
+// 16 channels each (channel_plane in src/ops/quant.rs), the i32 bias, the scale's f32 bits
+// or the requantization multiplier, the shift.
 struct Chan4 {
     bias: vec4<i32>,
     mul: vec4<u32>,
@@ -324,7 +324,7 @@ struct Chan4 {
 }
 
 fn chan4(col: u32) -> Chan4 {
-    let plane = (p.n + 7u) / 8u * 2u;
+    let plane = (p.n + 15u) / 16u * 4u;
     let i = col / 4u;
     return Chan4(bitcast<vec4<i32>>(c4[i]), c4[plane + i], c4[2u * plane + i]);
 }

@@ -230,6 +230,24 @@ pub fn channels(
         .into_iter()
         .map(|(n, t, _)| (n, t))
         .collect();
+    // The model must be the spec's: every tensor of the shape the spec gives it.
+    let reference = crate::nn::Sequential::from_spec(init, spec)?;
+    let shapes: std::collections::HashMap<String, Vec<usize>> = reference
+        .state_dict()
+        .into_iter()
+        .map(|(n, t, _)| (n, t.dims().to_vec()))
+        .collect();
+    drop(reference);
+    let mismatch = shapes.len() != state.len()
+        || state
+            .iter()
+            .any(|(n, t)| shapes.get(n).map(|s| s.as_slice()) != Some(t.dims()));
+    if mismatch {
+        return Err(Error::invalid(
+            OP,
+            "the model's tensors are not those of the spec: is it built from this spec?",
+        ));
+    }
     let get = |name: String| -> Result<(Vec<f32>, Vec<usize>)> {
         let t = state.get(&name).ok_or_else(|| {
             Error::invalid(
@@ -263,7 +281,18 @@ pub fn channels(
                         *s += v;
                     }
                 }
-                _ => return Ok(keep_by_score(&score, amount)),
+                // Pruned only where a later layer reads the channels (and loses its inputs);
+                // otherwise they are the model's output.
+                _ if layers[j..].iter().any(|l| {
+                    matches!(
+                        l,
+                        L::Conv2d { .. } | L::Linear { .. } | L::BasicBlock { .. }
+                    )
+                }) =>
+                {
+                    return Ok(keep_by_score(&score, amount))
+                }
+                _ => break,
             }
         }
         Ok((0..score.len()).collect())

@@ -243,6 +243,26 @@ fn channel_pruning_removes_dead_filters_exactly() {
     let net = Sequential::from_spec(&mut Init::new(&d, 1), tail).unwrap();
     let (_, s) = kiln::prune::channels(&net, tail, 0.5, &mut Init::new(&d, 0)).unwrap();
     assert!(s.ends_with("basicblock(8,8,s=1,mid=4)"), "{s}");
+    // So does a projection block with no layer after it that reads its channels.
+    for tail in [
+        "conv2d(3,16,3,p=1) relu basicblock(16,32,s=2) adaptive_avgpool2d(1,1)",
+        "conv2d(3,16,3,p=1) relu basicblock(16,32,s=2) adaptive_avgpool2d(1,1) flatten",
+    ] {
+        let net = Sequential::from_spec(&mut Init::new(&d, 1), tail).unwrap();
+        let (small, s) = kiln::prune::channels(&net, tail, 0.5, &mut Init::new(&d, 0)).unwrap();
+        assert!(s.contains("basicblock(16,32,s=2,mid=16)"), "{s}");
+        let x = Tensor::randn(&[1, 3, 8, 8], 5, &d).unwrap();
+        let y = kiln::no_grad(|| small.forward(&x)).unwrap();
+        assert_eq!(y.numel(), 32, "{s}");
+    }
+    // A spec that does not describe the model is an Err, not a guess or a panic.
+    for other in [
+        "conv2d(1,8,3,p=1) basicblock(8,16) basicblock(16,16,s=2) flatten linear(256,10)",
+        "conv2d(1,8,3,p=1) basicblock(8,8) basicblock(8,16,s=2) flatten linear(128,10)",
+    ] {
+        let e = kiln::prune::channels(&net, other, 0.5, &mut Init::new(&d, 0)).err();
+        assert!(e.is_some_and(|e| e.to_string().contains("spec")), "{other}");
+    }
     // Bad amounts are an Err.
     assert!(kiln::prune::channels(&net, res, 1.0, &mut Init::new(&d, 0)).is_err());
     assert!(kiln::prune::channels(&net, "linear(3,2)", 0.5, &mut Init::new(&d, 0)).is_err());

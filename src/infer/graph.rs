@@ -923,10 +923,13 @@ impl OpKind {
                 };
                 match int8_out {
                     // Rows of output positions, channels packed.
-                    Some(_) => vec![
-                        out[0] * out.get(2).unwrap_or(&1) * out.get(3).unwrap_or(&1),
-                        crate::ops::quant::padded_words(*ch),
-                    ],
+                    Some(_) => {
+                        let rows = out[0]
+                            .checked_mul(*out.get(2).unwrap_or(&1))
+                            .and_then(|r| r.checked_mul(*out.get(3).unwrap_or(&1)))
+                            .ok_or_else(|| shape_err(format!("{out:?} overflows")))?;
+                        vec![rows, crate::ops::quant::padded_words(*ch)]
+                    }
                     None => out,
                 }
             }

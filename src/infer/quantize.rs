@@ -576,13 +576,17 @@ fn chain(g: &mut Graph, products: &[Product]) -> Result<()> {
         if !matches!(act, None | Some((UnaryOp::Relu, _))) {
             continue;
         }
-        let mut mults = Vec::with_capacity(p.scales.len());
-        let mut shifts = Vec::with_capacity(p.scales.len());
-        for &s in &p.scales {
-            let (m, sh) = multiplier(OP, s / scale as f64)?;
-            mults.push(m);
-            shifts.push(sh);
-        }
+        // A ratio beyond the multiplier's range (a channel of zero weights next to a tiny
+        // scale) keeps this pair in f32.
+        let Ok(requant) = p
+            .scales
+            .iter()
+            .map(|&s| multiplier(OP, s / scale as f64))
+            .collect::<Result<Vec<_>>>()
+        else {
+            continue;
+        };
+        let (mults, shifts): (Vec<u32>, Vec<u32>) = requant.into_iter().unzip();
         let dev = g.consts[0].device().clone();
         let ch = push_const(
             g,

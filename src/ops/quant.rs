@@ -536,10 +536,11 @@ pub(crate) fn qgemm(
     Ok(result)
 }
 
-/// Channels of the per-channel data: `n` rounded up to 8, so that the product reads it
-/// as vec4s.
+/// Channels of each plane of the per-channel data: `n` rounded up to 16, as far as the
+/// product's invocations reach (8 channels each; whole int8 words of 16 in int8 output), so
+/// that it reads the data as vec4s and never past its end.
 pub(crate) fn channel_plane(n: usize) -> usize {
-    n.div_ceil(8) * 8
+    n.div_ceil(16) * 16
 }
 
 /// Per-channel data for [`qgemm`]: three planes of [`channel_plane`] words, the bias (i32,
