@@ -22,10 +22,10 @@
 //                   (m, k4), or the pixels (n h w, k4) of a convolution's input (p.h, p.w
 //                   its grid; p.kh.. the window, p.ph/p.pw its padding, where taps read the
 //                   zero point p.zp); b4 (1) = weights (n, taps k4) words, taps outermost;
-//                   c4 (2) = per output channel, three planes of n rounded up to 16: the i32
+//                   c4 (2) = per output channel, planes of p.plane words: the i32
 //                   bias (with the zero-point correction folded in), the f32 scale (modes
-//                   0, 2) or the requantization multiplier (mode 1), the shift (mode 1; the
-//                   f32 bias in mode 2); out4 (3) = mode 0, 2: f32 bits, (m, n) or NCHW
+//                   0, 2) or the requantization multiplier (mode 1), then in modes 1 and 2
+//                   the shift or the f32 bias; out4 (3) = mode 0, 2: f32 bits, (m, n) or NCHW
 //                   (p.ohw > 0); mode 1: int8 rows (m, n_words) words
 //   p (4): QuantParams (src/ops/quant.rs)
 //
@@ -70,7 +70,7 @@ struct Params {
     pw: u32,
     dh: u32,
     dw: u32,
-    _pad0: u32,
+    plane: u32,
     _pad1: u32,
 }
 
@@ -314,9 +314,9 @@ fn put(at: u32, v: u32) {
     out4[at / 4u][at % 4u] = v;
 }
 
-// The channel data of channels col..col+3 (col a multiple of 4): planes of n rounded up to
-// 16 channels each (channel_plane in src/ops/quant.rs), the i32 bias, the scale's f32 bits
-// or the requantization multiplier, the shift.
+// The channel data of channels col..col+3 (col a multiple of 4): planes of p.plane words
+// (channel_layout in src/ops/quant.rs), the i32 bias, the scale's f32 bits or the
+// requantization multiplier, and (modes 1 and 2) the shift or the f32 bias.
 struct Chan4 {
     bias: vec4<i32>,
     mul: vec4<u32>,
@@ -324,9 +324,13 @@ struct Chan4 {
 }
 
 fn chan4(col: u32) -> Chan4 {
-    let plane = (p.n + 15u) / 16u * 4u;
+    let plane = p.plane / 4u;
     let i = col / 4u;
-    return Chan4(bitcast<vec4<i32>>(c4[i]), c4[plane + i], c4[2u * plane + i]);
+    var shift = vec4<u32>(0u);
+    if (p.mode != 0u) {
+        shift = c4[2u * plane + i];
+    }
+    return Chan4(bitcast<vec4<i32>>(c4[i]), c4[plane + i], shift);
 }
 
 // Requantized int8 of channels col..col+3, packed (channels past n hold zy).

@@ -216,6 +216,14 @@ pub(crate) enum OpKind {
     QuantizeDynamic,
 }
 
+use crate::ops::quant::QOut;
+
+/// Words of the per-channel data of an integer product of `n` channels writing `out`.
+fn channel_words(n: usize, out: &QOut) -> usize {
+    let (planes, plane) = crate::ops::quant::channel_layout(n, out);
+    planes * plane
+}
+
 /// The activations a producing kernel's epilogue applies.
 pub(crate) fn fusable_activation(op: UnaryOp) -> bool {
     matches!(
@@ -867,7 +875,7 @@ impl OpKind {
                     && k4.is_multiple_of(4)
                     && x[0] >= 4
                     && (x[0] - 4).is_multiple_of(k4)
-                    && c == [3 * crate::ops::quant::channel_plane(*ch)]
+                    && c == [channel_words(*ch, &QOut::Dynamic { act: None })]
                     && spatial.is_none()
                     && window.is_none();
                 if !ok {
@@ -892,7 +900,16 @@ impl OpKind {
                     && x[1] > 0
                     && x[1].is_multiple_of(4)
                     && Some(w[1]) == x[1].checked_mul(taps)
-                    && c == [3 * crate::ops::quant::channel_plane(*ch)];
+                    && c == [channel_words(
+                        *ch,
+                        &match int8_out {
+                            Some(zy) => QOut::I8 {
+                                zy: *zy,
+                                relu: false,
+                            },
+                            None => QOut::F32 { act: None },
+                        },
+                    )];
                 if !ok {
                     return Err(shape_err(format!(
                         "activations {x:?}, weights {w:?} and channel data {c:?} for {ch} channels"

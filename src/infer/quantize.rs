@@ -18,7 +18,7 @@ use std::collections::HashMap;
 use super::graph::{DType, Dim, Graph, Node, OpKind, Src};
 use super::InferenceModel;
 use crate::error::{Error, Result};
-use crate::ops::quant::{channel_words, pack_rows, padded_words, QWindow};
+use crate::ops::quant::{channel_words, pack_rows, padded_words, QOut, QWindow};
 use crate::quant::{weight_params, QParams};
 use crate::tensor::Tensor;
 use crate::Conv2dOptions;
@@ -360,7 +360,8 @@ fn rewrite_with(g: &Graph, mode_of: &dyn Fn(usize) -> Option<Mode>) -> Result<Gr
                     .collect();
                 let scales: Vec<u32> = wp.iter().map(|p| p.scale.to_bits()).collect();
                 let bias: Vec<u32> = b.iter().map(|v| v.to_bits()).collect();
-                let ch = channel_words(&wsum, &scales, &bias);
+                let wsum: Vec<u32> = wsum.iter().map(|&v| v as u32).collect();
+                let ch = channel_words(&[&wsum, &scales, &bias], &QOut::Dynamic { act: None });
                 let wsrc = push_const(&mut out, w_t);
                 let csrc = push_const(&mut out, words_tensor(&ch, dev)?);
                 let x = inputs[0];
@@ -413,7 +414,11 @@ fn rewrite_with(g: &Graph, mode_of: &dyn Fn(usize) -> Option<Mode>) -> Result<Gr
             folded.push(total as i32);
             scales.push(s.to_bits());
         }
-        let ch_t = words_tensor(&channel_words(&folded, &scales, &vec![0; n]), dev)?;
+        let bias_words: Vec<u32> = folded.iter().map(|&b| b as u32).collect();
+        let ch_t = words_tensor(
+            &channel_words(&[&bias_words, &scales], &QOut::F32 { act: None }),
+            dev,
+        )?;
         let wsrc = push_const(&mut out, w_t);
         let csrc = push_const(&mut out, ch_t);
         let record = Product {
@@ -590,7 +595,20 @@ fn chain(g: &mut Graph, products: &[Product]) -> Result<()> {
         let dev = g.consts[0].device().clone();
         let ch = push_const(
             g,
-            words_tensor(&channel_words(&p.bias, &mults, &shifts), &dev)?,
+            words_tensor(
+                &channel_words(
+                    &[
+                        &p.bias.iter().map(|&b| b as u32).collect::<Vec<_>>(),
+                        &mults,
+                        &shifts,
+                    ],
+                    &QOut::I8 {
+                        zy: zero_point,
+                        relu: false,
+                    },
+                ),
+                &dev,
+            )?,
         );
         let shape = g.nodes[q].shape.clone();
         let node = &mut g.nodes[j];

@@ -47,7 +47,7 @@ pub(crate) struct QuantParams {
     pub pw: u32,
     pub dh: u32,
     pub dw: u32,
-    pub _pad0: u32,
+    pub plane: u32,
     pub _pad1: u32,
 }
 
@@ -439,7 +439,7 @@ pub(crate) fn qgemm(
     };
     let fits = pixels.is_some_and(|px| a.numel() >= header + px * k4)
         && b.numel() >= n * taps * k4
-        && c.numel() >= 3 * channel_plane(n)
+        && c.numel() >= channel_layout(n, &out).0 * channel_layout(n, &out).1
         && k4 > 0
         && k4.is_multiple_of(4)
         && n > 0
@@ -505,6 +505,7 @@ pub(crate) fn qgemm(
         ph: u(w.padding[0]),
         pw: u(w.padding[1]),
         zp: w.zero_point,
+        plane: u(channel_layout(n, &out).1),
         ..Default::default()
     };
     // Workgroups of 8 invocations, 4 rows each; row blocks beyond 65535 workgroups continue
@@ -536,25 +537,30 @@ pub(crate) fn qgemm(
     Ok(result)
 }
 
-/// Channels of each plane of the per-channel data: `n` rounded up to 16, as far as the
-/// product's invocations reach (8 channels each; whole int8 words of 16 in int8 output), so
-/// that it reads the data as vec4s and never past its end.
-pub(crate) fn channel_plane(n: usize) -> usize {
-    n.div_ceil(16) * 16
+/// The layout of [`qgemm`]'s per-channel data for an output of `n` channels: planes of
+/// `plane` words each (n rounded up to as far as the product's invocations reach, 8 channels
+/// each, whole int8 words of 16 channels in int8 output), so that it reads the data as vec4s
+/// and never past its end. Static f32 outputs have two planes (the i32 bias, the f32 scale),
+/// int8 outputs three (bias, requantization multiplier, shift), dynamic ones three (the
+/// weight row's sum, its scale, the f32 bias).
+pub(crate) fn channel_layout(n: usize, out: &QOut) -> (usize, usize) {
+    match out {
+        QOut::F32 { .. } => (2, n.div_ceil(8) * 8),
+        QOut::Dynamic { .. } => (3, n.div_ceil(8) * 8),
+        QOut::I8 { .. } => (3, n.div_ceil(16) * 16),
+    }
 }
 
-/// Per-channel data for [`qgemm`]: three planes of [`channel_plane`] words, the bias (i32,
-/// the activation zero point's correction folded in), then the f32 scale or the
-/// requantization multiplier, then the shift.
-pub(crate) fn channel_words(bias: &[i32], scale_or_mult: &[u32], shift: &[u32]) -> Vec<u32> {
-    let plane = channel_plane(bias.len());
-    let mut out = vec![0u32; 3 * plane];
-    for (c, ((&b, &s), &sh)) in bias.iter().zip(scale_or_mult).zip(shift).enumerate() {
-        out[c] = b as u32;
-        out[plane + c] = s;
-        out[2 * plane + c] = sh;
+/// Per-channel data for [`qgemm`] writing `out`: the planes of [`channel_layout`], each
+/// padded with zeros.
+pub(crate) fn channel_words(planes: &[&[u32]], out: &QOut) -> Vec<u32> {
+    let n = planes.first().map_or(0, |p| p.len());
+    let (count, plane) = channel_layout(n, out);
+    let mut words = vec![0u32; count * plane];
+    for (k, p) in planes.iter().take(count).enumerate() {
+        words[k * plane..k * plane + p.len()].copy_from_slice(p);
     }
-    out
+    words
 }
 
 #[cfg(test)]
@@ -684,15 +690,11 @@ mod tests {
             for manual in [false, true] {
                 // f32 out, without and with relu: one conversion and one product, exact.
                 for act in [None, Some((UnaryOp::Relu, 0.0))] {
-                    let c = upload(
-                        &channel_words(
-                            &folded,
-                            &scales.iter().map(|s| s.to_bits()).collect::<Vec<_>>(),
-                            &vec![0; n],
-                        ),
-                        &dev,
-                    );
-                    let y = qgemm(&at, &bt, &c, &shape, QOut::F32 { act }, manual).unwrap();
+                    let out = QOut::F32 { act };
+                    let bias: Vec<u32> = folded.iter().map(|&b| b as u32).collect();
+                    let bits: Vec<u32> = scales.iter().map(|s| s.to_bits()).collect();
+                    let c = upload(&channel_words(&[&bias, &bits], &out), &dev);
+                    let y = qgemm(&at, &bt, &c, &shape, out, manual).unwrap();
                     let got: Vec<u32> = y.to_vec().unwrap().iter().map(|v| v.to_bits()).collect();
                     for r in 0..m {
                         for col in 0..n {
@@ -709,15 +711,12 @@ mod tests {
                     }
                 }
                 for relu in [false, true] {
-                    let c = upload(
-                        &channel_words(
-                            &folded,
-                            &mults.iter().map(|m| m.0).collect::<Vec<_>>(),
-                            &mults.iter().map(|m| m.1).collect::<Vec<_>>(),
-                        ),
-                        &dev,
-                    );
-                    let y = qgemm(&at, &bt, &c, &shape, QOut::I8 { zy, relu }, manual).unwrap();
+                    let out = QOut::I8 { zy, relu };
+                    let bias: Vec<u32> = folded.iter().map(|&b| b as u32).collect();
+                    let mult: Vec<u32> = mults.iter().map(|m| m.0).collect();
+                    let shift: Vec<u32> = mults.iter().map(|m| m.1).collect();
+                    let c = upload(&channel_words(&[&bias, &mult, &shift], &out), &dev);
+                    let y = qgemm(&at, &bt, &c, &shape, out, manual).unwrap();
                     let got = read(&y);
                     let nw = padded_words(n);
                     for r in 0..m {
@@ -792,7 +791,11 @@ mod tests {
                 .collect();
             let folded: Vec<i32> = wsum.iter().map(|s| -q.zero_point * s).collect();
             let scales: Vec<u32> = (0..co).map(|o| (0.5f32 + o as f32).to_bits()).collect();
-            let ch = upload(&channel_words(&folded, &scales, &vec![0; co]), &dev);
+            let bias: Vec<u32> = folded.iter().map(|&b| b as u32).collect();
+            let ch = upload(
+                &channel_words(&[&bias, &scales], &QOut::F32 { act: None }),
+                &dev,
+            );
             let ohw = g.oh * g.ow;
             // Patch rows, then the product of rows.
             let patches = quantize_im2col(&xt, &g, q).unwrap();
@@ -907,9 +910,12 @@ mod tests {
             .map(|c| wq[c * k..(c + 1) * k].iter().map(|&v| v as i32).sum())
             .collect();
         let ch = channel_words(
-            &wsum,
-            &sw.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
-            &bias.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            &[
+                &wsum.iter().map(|&v| v as u32).collect::<Vec<_>>(),
+                &sw.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                &bias.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            ],
+            &QOut::Dynamic { act: None },
         );
         let k4 = padded_words(k);
         let wt = upload(&pack_rows(&wq, k, k4, 0), &dev);
@@ -964,7 +970,7 @@ mod tests {
         let one = upload(&[7], &dev);
         let wide = one.reshape(&[1, 1]).unwrap().expand(&[4096, 1]).unwrap();
         let w = upload(&[1; 16], &dev);
-        let c = upload(&[0; 24], &dev);
+        let c = upload(&[0; 16], &dev);
         let shape = |m| QShape {
             m,
             n: 4,
