@@ -51,6 +51,25 @@ pub(crate) struct QuantParams {
     pub _pad1: u32,
 }
 
+impl QuantParams {
+    /// These parameters with a convolution window: kernel, stride, padding and dilation,
+    /// each (height, width).
+    fn with_window(self, [k, s, pad, d]: [[usize; 2]; 4]) -> QuantParams {
+        let u = |v: usize| v as u32;
+        QuantParams {
+            kh: u(k[0]),
+            kw: u(k[1]),
+            sh: u(s[0]),
+            sw: u(s[1]),
+            ph: u(pad[0]),
+            pw: u(pad[1]),
+            dh: u(d[0]),
+            dw: u(d[1]),
+            ..self
+        }
+    }
+}
+
 /// Words of `count` int8 values, four to a word.
 pub(crate) fn words(count: usize) -> usize {
     count.div_ceil(4)
@@ -217,16 +236,9 @@ pub(crate) fn quantize_im2col(
         w: u(g.w),
         oh: u(g.oh),
         ow: u(g.ow),
-        kh: u(g.k[0]),
-        kw: u(g.k[1]),
-        sh: u(g.stride[0]),
-        sw: u(g.stride[1]),
-        ph: u(g.padding[0]),
-        pw: u(g.padding[1]),
-        dh: u(g.dilation[0]),
-        dw: u(g.dilation[1]),
         ..Default::default()
-    };
+    }
+    .with_window([g.k, g.stride, g.padding, g.dilation]);
     // Per tap: the channel plane's offset and the tap's place in the window.
     let mut table = Vec::with_capacity(count * 3);
     for ch in 0..g.c_in {
@@ -496,18 +508,11 @@ pub(crate) fn qgemm(
         w: u(grid_hw[1]),
         oh: u(out_hw[0]),
         ow: u(out_hw[1]),
-        kh: u(w.kernel[0]),
-        kw: u(w.kernel[1]),
-        sh: u(w.stride[0]),
-        sw: u(w.stride[1]),
-        dh: u(w.dilation[0]),
-        dw: u(w.dilation[1]),
-        ph: u(w.padding[0]),
-        pw: u(w.padding[1]),
         zp: w.zero_point,
         plane: u(channel_layout(n, &out).1),
         ..Default::default()
-    };
+    }
+    .with_window([w.kernel, w.stride, w.padding, w.dilation]);
     // Workgroups of 8 invocations, 4 rows each; row blocks beyond 65535 workgroups continue
     // along z.
     let row_groups = m.div_ceil(32);
