@@ -1,10 +1,12 @@
-//! Int8 kernels (`shaders/quant.wgsl`): quantization of f32 rows into packed int8 words,
-//! dequantization, and the integer matrix product of quantized linear layers with its
-//! requantization epilogue. Int8 tensors are [`DType::I32`] tensors of words, four int8
-//! values to a word along the reduction axis, rows padded to whole words.
+//! Int8 kernels (`shaders/quant.wgsl`): quantization of f32 rows, pixels or convolution
+//! patches into packed int8 words, dequantization, and the integer matrix product of
+//! quantized linear layers and convolutions (over rows, or through a window over quantized
+//! pixels) with its dequantizing or requantizing epilogue. Int8 tensors are [`DType::I32`]
+//! tensors of words, four int8 values to a word along the reduction axis, rows padded to
+//! whole groups of 16 values.
 //!
 //! The frozen graph's quantized ops (`src/infer/quantize.rs`) run these; the int8 output
-//! mode and dequantization serve the tests (and chained int8 layers to come).
+//! mode carries chained int8 layers, and dequantization serves the tests.
 #![allow(dead_code)]
 
 use crate::error::{Error, Result};
@@ -759,8 +761,10 @@ mod tests {
         assert!(ties >= 4, "{ties} ties");
     }
 
-    /// A quantized convolution (patch rows, then the integer product written as NCHW) equals
-    /// an integer convolution on the CPU bit for bit, padding, stride and dilation included.
+    /// A quantized convolution (patch rows then the product of rows, or the product through
+    /// the window over quantized pixels, with and without the built-in, written as NCHW)
+    /// equals an integer convolution on the CPU bit for bit, padding, stride and dilation
+    /// included.
     #[test]
     fn quantized_convolution_equals_the_integer_reference() {
         use crate::ops::conv::conv2d_geometry;
