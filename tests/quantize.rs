@@ -56,6 +56,14 @@ fn check(name: &str, frozen: &InferenceModel, points: f64, size: f64, d: &Device
         // a product whose result only the next product reads writes it in int8.
         assert!(g.contains("window: Some"), "{g}");
         assert!(g.contains("int8_out: Some"), "{g}");
+        // No tensor is quantized twice alike (a block's conv1 and projection share one).
+        let quantizations: Vec<&str> = g
+            .lines()
+            .filter_map(|l| l.split_once(" = ").map(|(_, r)| r))
+            .filter(|r| r.starts_with("quantize"))
+            .collect();
+        let unique: std::collections::HashSet<&&str> = quantizations.iter().collect();
+        assert_eq!(unique.len(), quantizations.len(), "{g}");
         let (acc, preds) = accuracy(&q, d);
         println!("{name} {observer:?}: f32 {f32_acc:.2}%, int8 {acc:.2}%");
         assert!(

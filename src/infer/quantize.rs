@@ -263,6 +263,8 @@ fn rewrite_with(g: &Graph, mode_of: &dyn Fn(usize) -> Option<Mode>) -> Result<Gr
     let mut map: Vec<Src> = Vec::with_capacity(g.nodes.len());
     // Per static integer product (its node in `out`): what requantizing its result needs.
     let mut products: Vec<Product> = Vec::new();
+    // The quantization nodes made so far: what they read, how, and the node.
+    let mut quantized: Vec<(Src, OpKind, Src)> = Vec::new();
     let remap = |s: Src, map: &[Src]| match s {
         Src::Node(k) => map[k],
         other => other,
@@ -491,13 +493,25 @@ fn rewrite_with(g: &Graph, mode_of: &dyn Fn(usize) -> Option<Mode>) -> Result<Gr
             }
         };
         let rows = a_shape[0];
-        out.nodes.push(Node {
-            op: qop,
-            inputs: vec![x],
-            shape: a_shape,
-            dtype: DType::I32,
-        });
-        let a = Src::Node(out.nodes.len() - 1);
+        // Layers that read one tensor with the same parameters (a block's first convolution
+        // and its projection) share its quantization.
+        let a = match quantized
+            .iter()
+            .find(|(src, op, _)| *src == x && *op == qop)
+        {
+            Some(&(_, _, a)) => a,
+            None => {
+                out.nodes.push(Node {
+                    op: qop.clone(),
+                    inputs: vec![x],
+                    shape: a_shape,
+                    dtype: DType::I32,
+                });
+                let a = Src::Node(out.nodes.len() - 1);
+                quantized.push((x, qop, a));
+                a
+            }
+        };
         let gemm_shape = match spatial {
             None => vec![rows, Dim::fixed(n)],
             Some(_) => node.shape.clone(),
