@@ -164,6 +164,34 @@ fn keep_by_score(norms: &[f32], amount: f32) -> Vec<usize> {
     keep
 }
 
+/// Pruned tensors by name: values and shape.
+type Values = std::collections::HashMap<String, (Vec<f32>, Vec<usize>)>;
+
+/// The batch norm at `prefix` (weight, bias and running statistics, those it has)
+/// restricted to the channels `keep`, into `values`.
+fn select_norm(
+    state: &std::collections::HashMap<String, Tensor>,
+    prefix: &str,
+    keep: &[usize],
+    values: &mut Values,
+) -> Result<()> {
+    for p in ["weight", "bias", "running_mean", "running_var"] {
+        if let Some(t) = state.get(&format!("{prefix}.{p}")) {
+            let v = t.to_vec()?;
+            values.insert(format!("{prefix}.{p}"), select(&v, t.dims(), 0, keep));
+        }
+    }
+    Ok(())
+}
+
+/// Adds each channel's norm of `rows` to its score.
+fn add_norms(score: &mut [f32], rows: &[f32]) {
+    let norms = row_norms(rows, score.len());
+    for (s, v) in score.iter_mut().zip(norms) {
+        *s += v;
+    }
+}
+
 /// `values` of `shape` with axis `axis` restricted to `keep`.
 fn select(values: &[f32], shape: &[usize], axis: usize, keep: &[usize]) -> (Vec<f32>, Vec<usize>) {
     let outer: usize = shape[..axis].iter().product();
@@ -193,8 +221,7 @@ fn select(values: &[f32], shape: &[usize], axis: usize, keep: &[usize]) -> (Vec<
 /// channels a skip connection adds go on both branches alike: a block without a projection
 /// adds its input to its output, so the layer before it and the second convolution of every
 /// such block that follows keep one set of channels, chosen by the L2 norm of their filters
-/// together; a
-/// projection (its 1x1 convolution and batch norm) starts a new set.
+/// together; a projection (its 1x1 convolution and batch norm) starts a new set.
 ///
 /// `Err` for an amount outside [0, 1), a spec that does not describe `model`, or a layer the
 /// pruner cannot follow (grouped or transposed convolutions, embeddings, layer norms).
@@ -275,11 +302,7 @@ pub fn channels(
                 L::Activation { .. } | L::BatchNorm { .. } | L::Pool { .. } | L::Dropout { .. } => {
                 }
                 l if identity(l) => {
-                    let (w, _) = get(format!("{j}.conv2.weight"))?;
-                    let norms = row_norms(&w, score.len());
-                    for (s, v) in score.iter_mut().zip(norms) {
-                        *s += v;
-                    }
+                    add_norms(&mut score, &get(format!("{j}.conv2.weight"))?.0);
                 }
                 // Pruned only where a later layer reads the channels (and loses its inputs);
                 // otherwise they are the model's output.
@@ -298,8 +321,7 @@ pub fn channels(
         Ok((0..score.len()).collect())
     };
     let mut new_tokens: Vec<String> = Vec::with_capacity(layers.len());
-    let mut values: std::collections::HashMap<String, (Vec<f32>, Vec<usize>)> =
-        std::collections::HashMap::new();
+    let mut values = Values::new();
     // The kept channels of the current activation (all when None), its channel count, and
     // after a flatten the values per channel.
     let mut keep: Option<Vec<usize>> = None;
@@ -412,12 +434,7 @@ pub fn channels(
                             format!("{token} does not follow the pruned layer"),
                         ));
                     }
-                    for p in ["weight", "bias", "running_mean", "running_var"] {
-                        if let Some(t) = state.get(&format!("{i}.{p}")) {
-                            let v = t.to_vec()?;
-                            values.insert(format!("{i}.{p}"), select(&v, t.dims(), 0, k));
-                        }
-                    }
+                    select_norm(&state, &format!("{i}"), k, &mut values)?;
                     let name = if *two_d { "batchnorm2d" } else { "batchnorm1d" };
                     new_tokens.push(format!("{name}({},eps={eps},momentum={momentum})", k.len()));
                 } else {
@@ -463,17 +480,8 @@ pub fn channels(
                     Some(k) => select(&w, &s, 1, k),
                     None => (w, s),
                 };
-                let bn = |values: &mut std::collections::HashMap<_, _>,
-                          name: &str,
-                          k: &[usize]|
-                 -> Result<()> {
-                    for p in ["weight", "bias", "running_mean", "running_var"] {
-                        if let Some(t) = state.get(&format!("{i}.{name}.{p}")) {
-                            let v = t.to_vec()?;
-                            values.insert(format!("{i}.{name}.{p}"), select(&v, t.dims(), 0, k));
-                        }
-                    }
-                    Ok(())
+                let bn = |values: &mut Values, name: &str, k: &[usize]| {
+                    select_norm(&state, &format!("{i}.{name}"), k, values)
                 };
                 // The channels between the block's convolutions: conv1's outputs, bn1, and
                 // conv2's inputs.
@@ -494,9 +502,7 @@ pub fn channels(
                     (None, None) => (0..*out_channels).collect(),
                     (Some((wd, _)), _) => {
                         let mut own = row_norms(&w2, *out_channels);
-                        for (s, v) in own.iter_mut().zip(row_norms(wd, *out_channels)) {
-                            *s += v;
-                        }
+                        add_norms(&mut own, wd);
                         group_keep(i, own)?
                     }
                 };

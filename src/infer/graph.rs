@@ -194,7 +194,8 @@ pub(crate) enum OpKind {
         zero_point: i32,
     },
     /// The integer product of quantized activations and weights (operands: activation words
-    /// `(m, k4)`, weight words `(n, k4)`, per-channel words `(3 n)`), dequantized with `act`
+    /// `(m, k4)`, weight words `(n, k4)`, per-channel data laid out by
+    /// `ops::quant::channel_layout`), dequantized with `act`
     /// fused: f32 `(m, n)`, or `(m / (oh ow), n, oh, ow)` with `spatial`. With `window`, a
     /// convolution over quantized pixels ([`OpKind::QuantizeNhwc`]): the weights are
     /// `(n, kh kw k4)` and `spatial` is the window's output grid. With `int8_out`, the
@@ -219,7 +220,7 @@ pub(crate) enum OpKind {
 use crate::ops::quant::QOut;
 
 /// Words of the per-channel data of an integer product of `n` channels writing `out`.
-fn channel_words(n: usize, out: &QOut) -> usize {
+fn channel_data_len(n: usize, out: &QOut) -> usize {
     let (planes, plane) = crate::ops::quant::channel_layout(n, out);
     planes * plane
 }
@@ -875,7 +876,7 @@ impl OpKind {
                     && k4.is_multiple_of(4)
                     && x[0] >= 4
                     && (x[0] - 4).is_multiple_of(k4)
-                    && c == [channel_words(*ch, &QOut::Dynamic { act: None })]
+                    && c == [channel_data_len(*ch, &QOut::Dynamic { act: None })]
                     && spatial.is_none()
                     && window.is_none();
                 if !ok {
@@ -900,7 +901,7 @@ impl OpKind {
                     && x[1] > 0
                     && x[1].is_multiple_of(4)
                     && Some(w[1]) == x[1].checked_mul(taps)
-                    && c == [channel_words(
+                    && c == [channel_data_len(
                         *ch,
                         &match int8_out {
                             Some(zy) => QOut::I8 {
@@ -1122,50 +1123,38 @@ impl OpKind {
             } => {
                 use crate::ops::quant::{qgemm, QOut, QShape};
                 let k4 = inputs[1].dims()[1] / window.map_or(1, |w| w.kernel[0] * w.kernel[1]);
-                let (m, out, ohw) = match (dynamic, spatial) {
-                    (true, _) => ((x.numel() - 4) / k4.max(1), QOut::Dynamic { act: *act }, 0),
-                    (false, None) => (x.dims()[0], QOut::F32 { act: *act }, 0),
-                    (false, Some([oh, ow])) => {
-                        let rows = match window {
-                            Some(w) => x.dims()[0] / (w.grid[0] * w.grid[1]).max(1) * oh * ow,
-                            None => x.dims()[0],
-                        };
-                        (rows, QOut::F32 { act: *act }, oh * ow)
+                // Rows: output positions (windowed or patch rows), or the rows of x.
+                let m = match (dynamic, window, spatial) {
+                    (true, ..) => (x.numel() - 4) / k4.max(1),
+                    (false, Some(w), Some([oh, ow])) => {
+                        x.dims()[0] / (w.grid[0] * w.grid[1]).max(1) * oh * ow
                     }
+                    _ => x.dims()[0],
                 };
+                let out = match (int8_out, dynamic) {
+                    (Some(zy), _) => QOut::I8 {
+                        zy: *zy,
+                        relu: act.is_some(),
+                    },
+                    (None, true) => QOut::Dynamic { act: *act },
+                    (None, false) => QOut::F32 { act: *act },
+                };
+                // f32 results of a convolution are NCHW; int8 ones stay rows.
+                let nchw = spatial.filter(|_| int8_out.is_none());
                 let s = QShape {
                     m,
                     n: *ch,
                     k4,
-                    ohw,
+                    ohw: nchw.map_or(0, |[oh, ow]| oh * ow),
                     window: *window,
                 };
-                if let Some(zy) = int8_out {
-                    let relu = act.is_some();
-                    let s = QShape { ohw: 0, ..s };
-                    let y = qgemm(
-                        x,
-                        inputs[1],
-                        inputs[2],
-                        &s,
-                        QOut::I8 { zy: *zy, relu },
-                        false,
-                    )?;
-                    return Ok(y.with_layout(crate::shape::Layout::contiguous(&[
-                        m,
-                        crate::ops::quant::padded_words(*ch),
-                    ])));
-                }
                 let y = qgemm(x, inputs[1], inputs[2], &s, out, false)?;
-                Ok(match spatial {
-                    None => y,
-                    Some([oh, ow]) => y.with_layout(crate::shape::Layout::contiguous(&[
-                        m / (oh * ow),
-                        *ch,
-                        *oh,
-                        *ow,
-                    ])),
-                })
+                let dims = match (int8_out, nchw) {
+                    (Some(_), _) => vec![m, crate::ops::quant::padded_words(*ch)],
+                    (None, Some([oh, ow])) => vec![m / (oh * ow), *ch, oh, ow],
+                    (None, None) => return Ok(y),
+                };
+                Ok(y.with_layout(crate::shape::Layout::contiguous(&dims)))
             }
         }
     }

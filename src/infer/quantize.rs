@@ -357,12 +357,16 @@ fn rewrite_with(g: &Graph, mode_of: &dyn Fn(usize) -> Option<Mode>) -> Result<Gr
             Mode::Static(qa) => qa,
             Mode::Dynamic => {
                 // Channel data: the weight row's sum, its scale, the f32 bias.
-                let wsum: Vec<i32> = (0..n)
-                    .map(|c| wq[c * k..(c + 1) * k].iter().map(|&v| v as i32).sum())
+                let wsum: Vec<u32> = (0..n)
+                    .map(|c| {
+                        wq[c * k..(c + 1) * k]
+                            .iter()
+                            .map(|&v| v as i32)
+                            .sum::<i32>() as u32
+                    })
                     .collect();
                 let scales: Vec<u32> = wp.iter().map(|p| p.scale.to_bits()).collect();
                 let bias: Vec<u32> = b.iter().map(|v| v.to_bits()).collect();
-                let wsum: Vec<u32> = wsum.iter().map(|&v| v as u32).collect();
                 let ch = channel_words(&[&wsum, &scales, &bias], &QOut::Dynamic { act: None });
                 let wsrc = push_const(&mut out, w_t);
                 let csrc = push_const(&mut out, words_tensor(&ch, dev)?);
