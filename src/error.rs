@@ -88,6 +88,16 @@ pub enum Error {
         message: String,
     },
 
+    /// A collective operation between data-parallel ranks failed: a peer stopped answering
+    /// within the timeout, reported an error, or the ranks disagree (see [`crate::dist`]).
+    #[error("{op}: {msg}")]
+    Communication {
+        /// The operation.
+        op: &'static str,
+        /// What went wrong, with the ranks and values involved.
+        msg: String,
+    },
+
     /// The GPU reported an error (out of memory, a failed mapping).
     #[error("GPU error: {0}")]
     Gpu(String),

@@ -26,6 +26,7 @@ mod autograd;
 pub mod checkpoint;
 pub mod data;
 pub mod device;
+pub mod dist;
 mod error;
 pub mod infer;
 pub mod kernels;

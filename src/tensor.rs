@@ -495,6 +495,36 @@ impl Tensor {
         Ok(bytemuck::pod_collect_to_vec(&bytes))
     }
 
+    /// Starts reading f32 tensors of one device back in one copy (`Device::start_read`):
+    /// the GPU runs the pending work while the host goes on; the `PendingRead` returns their
+    /// elements one tensor after another.
+    pub(crate) fn start_read_f32(
+        device: &crate::Device,
+        tensors: &[Tensor],
+    ) -> Result<crate::device::PendingRead> {
+        let mut flat = Vec::with_capacity(tensors.len());
+        for t in tensors {
+            t.check_float("read")?;
+            if !t.device().same(device) {
+                return Err(Error::DeviceMismatch {
+                    op: "read",
+                    a: format!("{device:?}"),
+                    b: format!("{:?}", t.device()),
+                });
+            }
+            flat.push(match t.dtype() {
+                DType::F32 => t.contiguous()?,
+                _ => t.to_dtype(DType::F32)?.contiguous()?,
+            });
+        }
+        let regions: Vec<_> = flat
+            .iter()
+            .filter(|t| t.numel() > 0)
+            .map(|t| (t.buffer(), t.layout.offset as u64 * 4, t.numel() as u64 * 4))
+            .collect();
+        device.start_read(&regions)
+    }
+
     /// The first `words` 4-byte words of a contiguous tensor's storage from its offset, as
     /// bytes, whatever the element type (for writing files).
     pub(crate) fn read_words(&self, words: usize) -> Result<Vec<u8>> {

@@ -273,6 +273,31 @@ impl Tensor {
     /// # Ok::<(), kiln::Error>(())
     /// ```
     pub fn backward_with(&self, grad: Option<&Tensor>, retain_graph: bool) -> Result<()> {
+        self.backward_inner(grad, retain_graph, None)
+    }
+
+    /// [`Tensor::backward`] that calls `ready(leaf, gradient)` as soon as a leaf's gradient is
+    /// final, while the rest of the graph is still to run (data-parallel training starts each
+    /// gradient bucket's copy from there). `leaf` is [`Tensor::node_id`] of the leaf.
+    pub(crate) fn backward_hooked(
+        &self,
+        ready: &mut dyn FnMut(u64, &Tensor) -> Result<()>,
+    ) -> Result<()> {
+        self.backward_inner(None, false, Some(ready))
+    }
+
+    /// The identity of this tensor's graph node (`None` without one): a parameter keeps it
+    /// for its whole life.
+    pub(crate) fn node_id(&self) -> Option<u64> {
+        self.node.as_ref().map(|n| n.id)
+    }
+
+    fn backward_inner(
+        &self,
+        grad: Option<&Tensor>,
+        retain_graph: bool,
+        mut ready: Option<&mut dyn FnMut(u64, &Tensor) -> Result<()>>,
+    ) -> Result<()> {
         const OP: &str = "backward";
         let root = self.node.clone().ok_or_else(|| {
             Error::invalid(OP, "the tensor does not require grad and has no graph")
@@ -319,6 +344,10 @@ impl Tensor {
                     Some(prev) => prev.add(&g)?,
                     None => g.contiguous()?,
                 };
+                // Topological order visits a leaf after every node that feeds it.
+                if let Some(f) = ready.as_mut() {
+                    f(node.id, &total)?;
+                }
                 *slot = Some(total);
                 continue;
             }

@@ -346,6 +346,8 @@ pub struct DataLoader<'a> {
     batch_size: usize,
     seed: Option<u64>,
     drop_last: bool,
+    /// (rank, world): this loader yields slice `rank` of `world` of every batch.
+    shard: (usize, usize),
     device: Device,
 }
 
@@ -357,6 +359,7 @@ impl<'a> DataLoader<'a> {
             batch_size: batch_size.max(1),
             seed: None,
             drop_last: false,
+            shard: (0, 1),
             device: device.clone(),
         }
     }
@@ -371,6 +374,36 @@ impl<'a> DataLoader<'a> {
     pub fn drop_last(mut self, drop: bool) -> Self {
         self.drop_last = drop;
         self
+    }
+
+    /// Yields only part `rank` of `world` of every batch, for data-parallel training: each
+    /// batch of `batch_size` (the global batch) is cut into `world` contiguous slices, sizes
+    /// differing by at most one, and this loader yields slice `rank`. Every rank shuffles with
+    /// the same seed and epoch, so the ranks' slices together are exactly the batches of the
+    /// unsharded loader, and every rank has the same number of batches ([`DataLoader::len`]).
+    ///
+    /// ```
+    /// use kiln::data::{DataLoader, InMemoryDataset};
+    /// # let dev = kiln::Device::default_device()?;
+    /// let d = InMemoryDataset::new((0..10).map(|v| v as f32).collect(), vec![0; 10], &[1], 1)?;
+    /// let whole = DataLoader::new(&d, 4, &dev).shuffle(7);
+    /// let halves = [0, 1].map(|r| DataLoader::new(&d, 4, &dev).shuffle(7).shard(r, 2));
+    /// let [a, b] = halves.map(|l| l.and_then(|l| l.epoch(3).next().unwrap()));
+    /// let mut joined = a?.inputs.to_vec()?;
+    /// joined.extend(b?.inputs.to_vec()?);
+    /// assert_eq!(joined, whole.epoch(3).next().unwrap()?.inputs.to_vec()?);
+    /// assert!(DataLoader::new(&d, 4, &dev).shard(2, 2).is_err());
+    /// # Ok::<(), kiln::Error>(())
+    /// ```
+    pub fn shard(mut self, rank: usize, world: usize) -> Result<Self> {
+        if rank >= world {
+            return Err(Error::invalid(
+                "DataLoader::shard",
+                format!("rank {rank} is out of range for a world of {world}"),
+            ));
+        }
+        self.shard = (rank, world);
+        Ok(self)
     }
 
     /// Number of batches per epoch.
@@ -405,7 +438,8 @@ impl<'a> DataLoader<'a> {
         let batches = self.len();
         (0..batches).map(move |b| {
             let idx = &order[b * self.batch_size..((b + 1) * self.batch_size).min(order.len())];
-            self.make_batch(idx)
+            let (rank, world) = self.shard;
+            self.make_batch(&idx[rank * idx.len() / world..(rank + 1) * idx.len() / world])
         })
     }
 

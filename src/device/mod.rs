@@ -855,17 +855,22 @@ impl Device {
     }
 
     /// Ends the open pass, lets `extra` record into the encoder (a readback copy), and submits.
-    fn submit_locked(&self, batch: &mut Batch, extra: Option<&dyn Fn(&mut wgpu::CommandEncoder)>) {
+    /// Returns the submission's index, `None` when nothing was submitted.
+    fn submit_locked(
+        &self,
+        batch: &mut Batch,
+        extra: Option<&dyn Fn(&mut wgpu::CommandEncoder)>,
+    ) -> Option<wgpu::SubmissionIndex> {
         batch.pass = None;
         if self.alive("submit").is_err() {
             // A lost device runs nothing: the recorded work is dropped.
             batch.encoder = None;
             batch.params.clear();
             batch.dispatches = 0;
-            return;
+            return None;
         }
         if batch.encoder.is_none() && extra.is_none() {
-            return;
+            return None;
         }
         let mut encoder = batch.encoder.take().unwrap_or_else(|| {
             self.inner
@@ -886,9 +891,10 @@ impl Device {
         }
         batch.params.clear();
         batch.dispatches = 0;
-        self.inner.queue.submit(Some(encoder.finish()));
+        let index = self.inner.queue.submit(Some(encoder.finish()));
         self.inner.submits.fetch_add(1, Ordering::Relaxed);
         lock(&self.inner.pool).batch_submitted();
+        Some(index)
     }
 
     /// Copies `bytes` bytes at `offset` of `buffer` to the host, submitting pending work first.
@@ -898,36 +904,96 @@ impl Device {
         offset: u64,
         bytes: u64,
     ) -> Result<Vec<u8>> {
+        self.start_read(&[(buffer, offset, bytes)])?.wait()
+    }
+
+    /// Submits pending work with copies of `regions` (buffer, offset, bytes; multiples of 4)
+    /// into one staging buffer, and starts mapping it; [`PendingRead::wait`] returns the
+    /// regions' bytes one after another. The GPU runs the work while the host goes on
+    /// recording.
+    pub(crate) fn start_read(&self, regions: &[(&wgpu::Buffer, u64, u64)]) -> Result<PendingRead> {
         self.alive("read")?;
+        let bytes: u64 = regions.iter().map(|r| r.2).sum();
         if bytes == 0 {
-            return Ok(Vec::new());
+            return Ok(PendingRead {
+                device: self.clone(),
+                staging: None,
+                bytes: 0,
+            });
         }
         // The data and, after it, the fault words (which are then cleared), in one map.
         let total = bytes.div_ceil(8) * 8 + 8;
         let (staging, class) = self.alloc("read", total, BufferKind::Readback, false)?;
         let fault = &self.inner.fault;
-        {
+        let index = {
             let mut batch = lock(&self.inner.batch);
             self.submit_locked(
                 &mut batch,
                 Some(&|enc: &mut wgpu::CommandEncoder| {
-                    enc.copy_buffer_to_buffer(buffer, offset, &staging, 0, bytes);
+                    let mut at = 0;
+                    for &(buffer, offset, n) in regions {
+                        enc.copy_buffer_to_buffer(buffer, offset, &staging, at, n);
+                        at += n;
+                    }
                     enc.copy_buffer_to_buffer(fault, 0, &staging, total - 8, 8);
                     enc.clear_buffer(fault, 0, None);
                 }),
-            );
-        }
+            )
+        };
         self.inner.readbacks.fetch_add(1, Ordering::Relaxed);
         let (sender, receiver) = std::sync::mpsc::channel();
         staging.map_async(wgpu::MapMode::Read, 0..total, move |r| {
-            // The receiver outlives every wait below; a failed send cannot happen then.
+            // The receiver lives as long as the staging buffer; a failed send cannot happen.
             let _ = sender.send(r);
         });
-        // Another thread's poll may be the one that runs this callback, slightly after our own
+        Ok(PendingRead {
+            device: self.clone(),
+            staging: Some(Staging {
+                buffer: staging,
+                class,
+                total,
+                index,
+                receiver,
+            }),
+            bytes,
+        })
+    }
+}
+
+/// A readback in flight (from `Device::start_read`).
+pub(crate) struct PendingRead {
+    device: Device,
+    staging: Option<Staging>,
+    bytes: u64,
+}
+
+struct Staging {
+    buffer: wgpu::Buffer,
+    class: u64,
+    total: u64,
+    index: Option<wgpu::SubmissionIndex>,
+    receiver: std::sync::mpsc::Receiver<std::result::Result<(), wgpu::BufferAsyncError>>,
+}
+
+impl PendingRead {
+    /// Waits for the copies and returns their bytes.
+    pub(crate) fn wait(mut self) -> Result<Vec<u8>> {
+        let Some(s) = self.staging.take() else {
+            return Ok(Vec::new());
+        };
+        let dev = &self.device;
+        let (bytes, total) = (self.bytes, s.total);
+        // Another thread's poll may be the one that runs the callback, slightly after our own
         // poll returns: keep polling until it has arrived.
         let mapped = loop {
-            self.wait()?;
-            match receiver.recv_timeout(std::time::Duration::from_millis(1)) {
+            dev.inner
+                .device
+                .poll(wgpu::PollType::Wait {
+                    submission_index: s.index.clone(),
+                    timeout: None,
+                })
+                .map_err(|e| Error::Gpu(e.to_string()))?;
+            match s.receiver.recv_timeout(std::time::Duration::from_millis(1)) {
                 Ok(r) => break Some(r),
                 Err(std::sync::mpsc::RecvTimeoutError::Timeout) => continue,
                 Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break None,
@@ -935,11 +1001,12 @@ impl Device {
         };
         let out = match mapped {
             Some(Ok(())) => {
-                let data = staging
+                let data = s
+                    .buffer
                     .get_mapped_range(0..total)
                     .map(|view| view.to_vec())
                     .map_err(|e| Error::Gpu(format!("reading back {bytes} bytes: {e}")));
-                staging.unmap();
+                s.buffer.unmap();
                 data.and_then(|mut d| {
                     let words = &d[(total - 8) as usize..];
                     let code = u32::from_le_bytes(words[..4].try_into().unwrap_or_default());
@@ -961,8 +1028,8 @@ impl Device {
             ))),
             None => Err(Error::Gpu("readback did not complete".into())),
         };
-        self.release(BufferKind::Readback, class, staging);
-        self.check_error()?;
+        dev.release(BufferKind::Readback, s.class, s.buffer);
+        dev.check_error()?;
         out
     }
 }

@@ -1,6 +1,7 @@
 //! Shared test helpers: the device, seeded random inputs, an f64 CPU reference, comparisons.
 #![allow(dead_code)]
 
+pub mod ddp;
 pub mod models;
 
 use kiln::{Device, Tensor};
