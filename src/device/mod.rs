@@ -37,6 +37,17 @@ pub struct DeviceOptions {
     pub adapter: Option<String>,
     /// Prefer a low-power (integrated) adapter over a discrete one.
     pub low_power: bool,
+    /// Take the adapter at this index of the matching ones, in order of preference, wrapping
+    /// around when fewer match (`None`: the first). One process per GPU passes its rank on
+    /// the host, so that ranks spread over the host's GPUs and share them round-robin when
+    /// there are more ranks than GPUs.
+    ///
+    /// ```
+    /// let local_rank = 3; // say, from the MPI launcher's environment
+    /// let dev = kiln::Device::new(&kiln::DeviceOptions { adapter_index: Some(local_rank), ..Default::default() })?;
+    /// # Ok::<(), kiln::Error>(())
+    /// ```
+    pub adapter_index: Option<usize>,
     /// Compile kernels without wgpu's runtime bounds checks (faster). kiln's launch code
     /// computes every index from shapes it has checked, and the test suite runs the checked
     /// kernels; off by default, on with `KILN_TRUSTED_SHADERS=1`.
@@ -204,7 +215,7 @@ impl Device {
             (wgpu::DeviceType::Cpu, _) => 3,
             (wgpu::DeviceType::Other, _) => 4,
         };
-        let adapter = adapters
+        let mut matching: Vec<wgpu::Adapter> = adapters
             .into_iter()
             .filter(|a| {
                 let info = a.get_info();
@@ -213,7 +224,13 @@ impl Device {
                         .as_ref()
                         .is_none_or(|f| info.name.to_lowercase().contains(&f.to_lowercase()))
             })
-            .min_by_key(|a| rank(a.get_info().device_type))
+            .collect();
+        // Stable: adapters of one kind keep the order the system lists them in.
+        matching.sort_by_key(|a| rank(a.get_info().device_type));
+        let count = matching.len().max(1);
+        let adapter = matching
+            .into_iter()
+            .nth(options.adapter_index.unwrap_or(0) % count)
             .ok_or_else(|| Error::NoAdapter {
                 filter: filter
                     .as_ref()

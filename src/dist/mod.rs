@@ -573,6 +573,12 @@ impl<M: Module, O: Optimizer + Send> DataParallel<M, O> {
         &self.replicas[0].model
     }
 
+    /// Replica 0's model, mutably, for evaluating it ([`crate::train::evaluate`]). A change
+    /// of its parameters must be made on every replica of every rank, or they drift apart.
+    pub fn model_mut(&mut self) -> &mut M {
+        &mut self.replicas[0].model
+    }
+
     /// Replica `r`'s model in this process (`None` past the last).
     pub fn replica(&self, r: usize) -> Option<&M> {
         self.replicas.get(r).map(|rep| &rep.model)
