@@ -31,7 +31,10 @@ fn main() {
     let mut batch = 32;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
-        match (a.as_str(), args.next().and_then(|v| v.parse::<usize>().ok())) {
+        match (
+            a.as_str(),
+            args.next().and_then(|v| v.parse::<usize>().ok()),
+        ) {
             ("--epochs", Some(v)) => epochs = v,
             ("--batch", Some(v)) if v > 0 => batch = v,
             _ => {
@@ -57,10 +60,14 @@ fn main() {
 
 /// This process's rank on its host, from the launcher's environment (Open MPI, MPICH, Slurm).
 fn local_rank() -> usize {
-    ["OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "SLURM_LOCALID"]
-        .iter()
-        .find_map(|v| std::env::var(v).ok()?.parse().ok())
-        .unwrap_or(0)
+    [
+        "OMPI_COMM_WORLD_LOCAL_RANK",
+        "MPI_LOCALRANKID",
+        "SLURM_LOCALID",
+    ]
+    .iter()
+    .find_map(|v| std::env::var(v).ok()?.parse().ok())
+    .unwrap_or(0)
 }
 
 fn run(comm: MpiCommunicator, epochs: usize, batch: usize) -> kiln::Result<()> {

@@ -9,9 +9,9 @@ use std::sync::{Arc, Barrier, Mutex};
 
 use common::ddp::{self, CNN, GLOBAL_BATCH, SHUFFLE_SEED, STEPS};
 use common::own_device;
+use kiln::data::Dataset;
 use kiln::data::{Batch, DataLoader};
 use kiln::dist::{Communicator, DataParallel, DataParallelOptions};
-use kiln::data::Dataset;
 use kiln::nn::Sequential;
 use kiln::optim::Sgd;
 use kiln::{Device, Error, Result, Tensor};
@@ -29,8 +29,13 @@ fn options() -> DataParallelOptions {
 }
 
 fn cnn_dp(devices: &[Device]) -> DataParallel<Sequential, Sgd> {
-    DataParallel::new(devices, |init| Sequential::from_spec(init, CNN), ddp::sgd, options())
-        .unwrap()
+    DataParallel::new(
+        devices,
+        |init| Sequential::from_spec(init, CNN),
+        ddp::sgd,
+        options(),
+    )
+    .unwrap()
 }
 
 #[test]
@@ -46,7 +51,10 @@ fn two_replicas_match_one_process_with_the_global_batch() {
     let mut epochs: Vec<_> = loaders.iter().map(|l| l.epoch(0)).collect();
     let mut losses = Vec::new();
     for _ in 0..STEPS {
-        let shards: Vec<Batch> = epochs.iter_mut().map(|e| e.next().unwrap().unwrap()).collect();
+        let shards: Vec<Batch> = epochs
+            .iter_mut()
+            .map(|e| e.next().unwrap().unwrap())
+            .collect();
         assert_eq!([shards[0].len, shards[1].len], [32, 32]);
         losses.push(dp.step(&shards, None).unwrap());
     }
@@ -77,15 +85,29 @@ fn train_epoch_runs_the_sharded_loaders() {
 /// A batch of the first `n` training samples on `dev`.
 fn first_samples(dev: &Device, n: usize) -> Batch {
     let set = ddp::train_set().unwrap();
-    let mut b = DataLoader::new(&set, n, dev).epoch(0).next().unwrap().unwrap();
+    let mut b = DataLoader::new(&set, n, dev)
+        .epoch(0)
+        .next()
+        .unwrap()
+        .unwrap();
     b.len = n;
     b
 }
 
 fn slice(b: &Batch, start: usize, end: usize) -> Batch {
     Batch {
-        inputs: b.inputs.narrow(0, start, end - start).unwrap().contiguous().unwrap(),
-        targets: b.targets.narrow(0, start, end - start).unwrap().contiguous().unwrap(),
+        inputs: b
+            .inputs
+            .narrow(0, start, end - start)
+            .unwrap()
+            .contiguous()
+            .unwrap(),
+        targets: b
+            .targets
+            .narrow(0, start, end - start)
+            .unwrap()
+            .contiguous()
+            .unwrap(),
         labels: b.labels[start..end].to_vec(),
         len: end - start,
     }
@@ -112,7 +134,11 @@ fn uneven_and_empty_slices_are_weighted_by_their_samples() {
         dp.step(&shards, None).unwrap();
         let got = ddp::parameters(dp.model()).unwrap();
         for ((name, x), (_, y)) in got.iter().zip(&expected) {
-            let worst = x.iter().zip(y).map(|(p, q)| (p - q).abs()).fold(0f32, f32::max);
+            let worst = x
+                .iter()
+                .zip(y)
+                .map(|(p, q)| (p - q).abs())
+                .fold(0f32, f32::max);
             assert!(worst <= 1e-5, "split {a}+{b}: {name} off by {worst}");
         }
     }
@@ -129,13 +155,18 @@ fn bad_input_is_an_err_that_changes_nothing() {
     let e = dp.step(std::slice::from_ref(&b0), None).unwrap_err();
     assert!(e.to_string().contains("1 slices for 2 replicas"), "{e}");
 
-    let e = dp.step(&[first_samples(&devices[0], 8), first_samples(&devices[0], 8)], None);
+    let e = dp.step(
+        &[first_samples(&devices[0], 8), first_samples(&devices[0], 8)],
+        None,
+    );
     assert!(matches!(e, Err(Error::DeviceMismatch { .. })), "{e:?}");
 
     let nan = |y: &Tensor, t: &Tensor| -> Result<Tensor> {
         kiln::loss::cross_entropy(y, t, &Default::default())?.mul_scalar(f32::NAN)
     };
-    let e = dp.step(&[first_samples(&devices[0], 8), b1], Some(&nan)).unwrap_err();
+    let e = dp
+        .step(&[first_samples(&devices[0], 8), b1], Some(&nan))
+        .unwrap_err();
     assert!(e.to_string().contains("the loss is NaN"), "{e}");
 
     let per_sample = |y: &Tensor, _: &Tensor| -> Result<Tensor> { y.sum(&[1], false) };
@@ -161,7 +192,10 @@ fn replicas_that_build_different_models_are_refused() {
             let mut c = calls.lock().unwrap();
             *c += 1;
             let width = if *c == 1 { 64 } else { 65 };
-            Sequential::from_spec(init, &format!("flatten linear(64,{width}) relu linear({width},10)"))
+            Sequential::from_spec(
+                init,
+                &format!("flatten linear(64,{width}) relu linear({width},10)"),
+            )
         },
         ddp::sgd,
         options(),
@@ -292,8 +326,16 @@ fn ranks_with_different_models_all_get_an_err() {
         .map(|e| e.to_string())
     });
     let errors: Vec<String> = errors.into_iter().map(|e| e.expect("no Err")).collect();
-    assert!(errors[0].contains("1 rank(s) have a model that differs from rank 0's"), "{}", errors[0]);
-    assert!(errors[2].contains("rank 2 has 1 replicas of a model with 2 parameter tensors of 650"), "{}", errors[2]);
+    assert!(
+        errors[0].contains("1 rank(s) have a model that differs from rank 0's"),
+        "{}",
+        errors[0]
+    );
+    assert!(
+        errors[2].contains("rank 2 has 1 replicas of a model with 2 parameter tensors of 650"),
+        "{}",
+        errors[2]
+    );
 }
 
 #[test]
@@ -328,6 +370,9 @@ fn a_rank_that_fails_makes_every_rank_err() {
             assert!(matches!(e, Error::Communication { .. }), "rank 0: {e}");
             assert!(e.to_string().contains("1 other rank(s) failed"), "{e}");
         }
-        assert!(unchanged, "rank {rank}: a failed step changed the parameters");
+        assert!(
+            unchanged,
+            "rank {rank}: a failed step changed the parameters"
+        );
     }
 }

@@ -33,8 +33,14 @@ fn main() {
         Err(_) => {
             let mut failed = 0;
             for (name, test) in [
-                ("two_ranks_match_one_process", two_ranks_match_one_process as fn()),
-                ("a_killed_rank_is_an_err_on_the_other", a_killed_rank_is_an_err_on_the_other),
+                (
+                    "two_ranks_match_one_process",
+                    two_ranks_match_one_process as fn(),
+                ),
+                (
+                    "a_killed_rank_is_an_err_on_the_other",
+                    a_killed_rank_is_an_err_on_the_other,
+                ),
             ] {
                 let t = Instant::now();
                 let ok = std::panic::catch_unwind(test).is_ok();
@@ -60,7 +66,14 @@ fn mpirun(mode: &str, out: &Path, extra: &[&str], env: &[(&str, &str)], limit: D
     let mut cmd = Command::new("mpirun");
     cmd.args(["-np", "2", "--oversubscribe"])
         // Loopback TCP only: no shared-memory transport, which containers often restrict.
-        .args(["--mca", "btl", "self,tcp", "--mca", "btl_tcp_if_include", "lo"])
+        .args([
+            "--mca",
+            "btl",
+            "self,tcp",
+            "--mca",
+            "btl_tcp_if_include",
+            "lo",
+        ])
         .args(["--mca", "oob_tcp_if_include", "lo"])
         .args(extra)
         .arg(exe)
@@ -111,7 +124,10 @@ fn two_ranks_match_one_process() {
             .unwrap_or_else(|e| panic!("rank {rank} wrote no result ({e}); mpirun said:\n{log}"));
         let mut lines = text.lines();
         let floats = |l: Option<&str>| -> Vec<f32> {
-            l.unwrap().split_whitespace().map(|v| v.parse().unwrap()).collect()
+            l.unwrap()
+                .split_whitespace()
+                .map(|v| v.parse().unwrap())
+                .collect()
         };
         let losses = floats(lines.next());
         let params: Vec<(String, Vec<f32>)> = expected
@@ -210,7 +226,10 @@ fn rank_main(mode: &str) {
         }
         Err(e) => {
             let secs = last.elapsed().as_secs_f64();
-            println!("rank {rank}: step {} failed after {secs:.2} s: {e}", losses.len());
+            println!(
+                "rank {rank}: step {} failed after {secs:.2} s: {e}",
+                losses.len()
+            );
             std::fs::write(&file, format!("err {secs} {e}")).unwrap();
             // Finalising MPI would wait for the dead rank.
             std::process::exit(3);

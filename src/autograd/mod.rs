@@ -75,6 +75,9 @@ impl Drop for NoGradGuard {
     }
 }
 
+/// Called with a leaf's node id and its final gradient during backward.
+type LeafReady<'a> = &'a mut dyn FnMut(u64, &Tensor) -> Result<()>;
+
 /// The op that produced a node, and the nodes of its inputs (`None` for inputs that need no
 /// gradient). Taken out when the graph is freed.
 struct Recorded {
@@ -279,10 +282,7 @@ impl Tensor {
     /// [`Tensor::backward`] that calls `ready(leaf, gradient)` as soon as a leaf's gradient is
     /// final, while the rest of the graph is still to run (data-parallel training starts each
     /// gradient bucket's copy from there). `leaf` is [`Tensor::node_id`] of the leaf.
-    pub(crate) fn backward_hooked(
-        &self,
-        ready: &mut dyn FnMut(u64, &Tensor) -> Result<()>,
-    ) -> Result<()> {
+    pub(crate) fn backward_hooked(&self, ready: LeafReady<'_>) -> Result<()> {
         self.backward_inner(None, false, Some(ready))
     }
 
@@ -296,7 +296,7 @@ impl Tensor {
         &self,
         grad: Option<&Tensor>,
         retain_graph: bool,
-        mut ready: Option<&mut dyn FnMut(u64, &Tensor) -> Result<()>>,
+        mut ready: Option<LeafReady<'_>>,
     ) -> Result<()> {
         const OP: &str = "backward";
         let root = self.node.clone().ok_or_else(|| {

@@ -225,8 +225,8 @@ impl<M: Module, O: Optimizer + Send> DataParallel<M, O> {
                         format!("parameter {name} is not a leaf that requires grad"),
                     )
                 })?;
-                if !index.contains_key(&id) {
-                    index.insert(id, params.len());
+                if let std::collections::hash_map::Entry::Vacant(slot) = index.entry(id) {
+                    slot.insert(params.len());
                     params.push(p);
                 }
             }
@@ -424,11 +424,7 @@ impl<M: Module, O: Optimizer + Send> DataParallel<M, O> {
             self.buffers = buffers;
             synced?;
         }
-        let lens: Vec<usize> = self
-            .buckets
-            .iter()
-            .map(|b| self.bucket_len(b))
-            .collect();
+        let lens: Vec<usize> = self.buckets.iter().map(|b| self.bucket_len(b)).collect();
         let sizes: Vec<Vec<usize>> = self
             .buckets
             .iter()

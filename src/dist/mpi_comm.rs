@@ -51,15 +51,23 @@ impl MpiCommunicator {
         const OP: &str = "MpiCommunicator::init";
         let timeout = match std::env::var("KILN_DIST_TIMEOUT") {
             Ok(v) => {
-                let secs: f64 = v.trim().parse().ok().filter(|s: &f64| *s > 0.0 && s.is_finite()).ok_or_else(
-                    || Error::invalid(OP, format!("KILN_DIST_TIMEOUT={v:?} is not a positive number of seconds")),
-                )?;
+                let secs: f64 = v
+                    .trim()
+                    .parse()
+                    .ok()
+                    .filter(|s: &f64| *s > 0.0 && s.is_finite())
+                    .ok_or_else(|| {
+                        Error::invalid(
+                            OP,
+                            format!("KILN_DIST_TIMEOUT={v:?} is not a positive number of seconds"),
+                        )
+                    })?;
                 Duration::from_secs_f64(secs)
             }
             Err(_) => DEFAULT_TIMEOUT,
         };
-        let (universe, _) = mpi::initialize_with_threading(mpi::Threading::Funneled)
-            .ok_or_else(|| {
+        let (universe, _) =
+            mpi::initialize_with_threading(mpi::Threading::Funneled).ok_or_else(|| {
                 Error::Communication {
                     op: OP,
                     msg: "MPI is already initialised in this process".into(),
@@ -113,7 +121,10 @@ impl MpiCommunicator {
         let mut request: ffi::MPI_Request = unsafe { std::mem::zeroed() };
         let rc = start(&mut buf, &mut request);
         if rc != 0 {
-            return Err(self.fail(op, format!("MPI refused the collective: {}", error_string(rc))));
+            return Err(self.fail(
+                op,
+                format!("MPI refused the collective: {}", error_string(rc)),
+            ));
         }
         let began = Instant::now();
         let mut polls = 0u32;

@@ -14,6 +14,9 @@ pub const STEPS: usize = 20;
 pub const GLOBAL_BATCH: usize = 64;
 pub const SHUFFLE_SEED: u64 = 1;
 
+/// The loss of every step, and the final parameters by name.
+pub type Run = (Vec<f32>, Vec<(String, Vec<f32>)>);
+
 /// The example's optimizer.
 pub fn sgd(params: Vec<Tensor>) -> Result<Sgd> {
     Sgd::new(
@@ -33,7 +36,7 @@ pub fn train_set() -> Result<InMemoryDataset> {
 
 /// The loss of every step and the final parameters by name, of `STEPS` steps of batch
 /// `GLOBAL_BATCH` in one process.
-pub fn reference(dev: &Device) -> Result<(Vec<f32>, Vec<(String, Vec<f32>)>)> {
+pub fn reference(dev: &Device) -> Result<Run> {
     let set = train_set()?;
     let model = Sequential::from_spec(&mut Init::new(dev, 0), CNN)?;
     let mut opt = sgd(model.parameters())?;
@@ -67,32 +70,46 @@ pub fn parameters(model: &dyn Module) -> Result<Vec<(String, Vec<f32>)>> {
 pub fn compare(
     losses: &[f32],
     params: &[(String, Vec<f32>)],
-    expected: &(Vec<f32>, Vec<(String, Vec<f32>)>),
+    expected: &Run,
 ) -> std::result::Result<(f32, f32), String> {
     const TOL: f32 = 1e-5;
     if losses.len() != expected.0.len() {
-        return Err(format!("{} losses, expected {}", losses.len(), expected.0.len()));
+        return Err(format!(
+            "{} losses, expected {}",
+            losses.len(),
+            expected.0.len()
+        ));
     }
     let mut worst_loss = 0f32;
     for (step, (a, b)) in losses.iter().zip(&expected.0).enumerate() {
         let rel = (a - b).abs() / b.abs();
         worst_loss = worst_loss.max(rel);
-        if !(rel <= TOL) {
-            return Err(format!("step {step}: loss {a}, single-process {b} (relative {rel:e})"));
+        if rel.is_nan() || rel > TOL {
+            return Err(format!(
+                "step {step}: loss {a}, single-process {b} (relative {rel:e})"
+            ));
         }
     }
     if params.len() != expected.1.len() {
-        return Err(format!("{} parameters, expected {}", params.len(), expected.1.len()));
+        return Err(format!(
+            "{} parameters, expected {}",
+            params.len(),
+            expected.1.len()
+        ));
     }
     let mut worst_param = 0f32;
     for ((name, a), (ename, b)) in params.iter().zip(&expected.1) {
         if name != ename || a.len() != b.len() {
-            return Err(format!("parameter {name} ({}) against {ename} ({})", a.len(), b.len()));
+            return Err(format!(
+                "parameter {name} ({}) against {ename} ({})",
+                a.len(),
+                b.len()
+            ));
         }
         for (i, (x, y)) in a.iter().zip(b).enumerate() {
             let d = (x - y).abs() / y.abs().max(1.0);
             worst_param = worst_param.max(d);
-            if !(d <= TOL) {
+            if d.is_nan() || d > TOL {
                 return Err(format!("{name}[{i}] = {x}, single-process {y}"));
             }
         }
