@@ -126,6 +126,25 @@ fn run(comm: MpiCommunicator, epochs: usize, batch: usize) -> kiln::Result<()> {
         println!("rank 0 saved {}", path.display());
     }
     let s = dp.stats();
+    // The all-reduce alone, on a buffer of the gradients' size: the transport's share.
+    let mut grads = vec![1.0f32; dp.model().parameter_count()];
+    let reps = 20;
+    let mut per = 0.0;
+    if let Some(comm) = dp.communicator_mut() {
+        // Every rank starts timing together (rank 0 was saving the checkpoint).
+        comm.all_reduce_sum(&mut [0.0])?;
+        let t = Instant::now();
+        for _ in 0..reps {
+            comm.all_reduce_sum(&mut grads)?;
+        }
+        per = t.elapsed().as_secs_f64() / reps as f64;
+    }
+    println!(
+        "rank {rank}: all-reduce of {} bytes alone: {:.2} ms ({:.2} GB/s of gradients)",
+        grads.len() * 4,
+        per * 1e3,
+        grads.len() as f64 * 4.0 / per / 1e9
+    );
     println!(
         "rank {rank}: {} steps in {:.2} s ({:.1} ms each): {:.1} ms waiting for gradient copies, {:.1} ms in all-reduce; {} buckets, {} bytes all-reduced per step; total {:.1} s",
         s.steps,

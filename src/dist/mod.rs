@@ -385,7 +385,10 @@ impl<M: Module, O: Optimizer + Send> DataParallel<M, O> {
     /// cross-entropy on class labels). Returns the mean loss over the global batch, the same
     /// on every rank.
     ///
-    /// A non-finite loss is an `Err` before any parameter changes, on every rank.
+    /// A non-finite loss is an `Err` before any parameter changes, on every rank; so is a
+    /// replica that fails before its gradients are all-reduced (a wrong shape in the forward
+    /// pass, a loss that is not one element). A replica whose optimizer step fails after the
+    /// all-reduce is an `Err` on its own rank only.
     pub fn step(&mut self, shards: &[Batch], loss: Option<ShardLoss<'_>>) -> Result<f32> {
         const OP: &str = "DataParallel::step";
         if shards.len() != self.replicas.len() {
@@ -625,6 +628,13 @@ impl<M: Module, O: Optimizer + Send> DataParallel<M, O> {
     /// [`Module::parameters`] order (without repeats).
     pub fn buckets(&self) -> &[Vec<usize>] {
         &self.buckets
+    }
+
+    /// The communicator joining this process to the others (`None` within one process),
+    /// for collectives of the caller's own, such as averaging a metric. Every rank must call
+    /// the same ones in the same order.
+    pub fn communicator_mut(&mut self) -> Option<&mut (dyn Communicator + 'static)> {
+        self.comm.as_deref_mut()
     }
 
     /// Where the time of the steps so far went.
