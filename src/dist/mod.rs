@@ -2,7 +2,7 @@
 //! each batch, and the gradients are averaged before the optimizers step, in lock-step.
 //!
 //! [`DataParallel`] runs one replica per [`Device`] in this process (one thread each) and,
-//! with a [`Communicator`], joins the replicas of other processes: [`MpiCommunicator`] (cargo
+//! with a [`Communicator`], joins the replicas of other processes: `MpiCommunicator` (cargo
 //! feature `mpi`) runs over the system's MPI, one process per GPU, on one host or many.
 //!
 //! A step, as PyTorch's `DistributedDataParallel` does it:
@@ -23,7 +23,7 @@
 //! The parameter count and shapes are checked across all replicas and ranks at creation. A
 //! rank whose step fails tells the others in the same collective, so each returns an `Err`
 //! rather than waiting. A rank that dies is noticed when its peers' collectives pass the
-//! communicator's timeout ([`MpiCommunicator::timeout`]: 300 s unless set, or
+//! communicator's timeout (`MpiCommunicator::timeout`: 300 s unless set, or
 //! `KILN_DIST_TIMEOUT` seconds); they then return [`Error::Communication`].
 //!
 //! Batch normalisation uses each replica's own slice statistics (not synchronised), and
