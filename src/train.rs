@@ -109,8 +109,9 @@ impl Default for FitOptions<'_> {
     }
 }
 
-/// The loss of a batch of `n` (a one-element mean) from a custom loss, checked.
-fn custom_loss(
+/// The loss of a batch (a one-element mean) from a custom loss, checked, for `op`.
+pub(crate) fn custom_loss(
+    op: &'static str,
     f: &dyn Fn(&Tensor, &Tensor) -> Result<Tensor>,
     outputs: &Tensor,
     targets: &Tensor,
@@ -118,7 +119,7 @@ fn custom_loss(
     let l = f(outputs, targets)?;
     if l.numel() != 1 {
         return Err(Error::shape(
-            "fit",
+            op,
             format!(
                 "the loss must have one element (a mean over the batch), got shape {:?}",
                 l.dims()
@@ -213,7 +214,7 @@ pub fn fit(
             }
             let logits = model.forward(&batch.inputs)?;
             let loss = match options.loss {
-                Some(f) => custom_loss(f, &logits, &batch.targets)?,
+                Some(f) => custom_loss("fit", f, &logits, &batch.targets)?,
                 None => {
                     check_logits(&logits, n, train.dataset().num_classes())?;
                     cross_entropy(&logits, &batch.targets, &Default::default())?
@@ -397,7 +398,7 @@ pub fn evaluate_loss(
     for batch in loader.epoch(0) {
         let batch = batch?;
         let outputs = no_grad(|| model.forward(&batch.inputs))?;
-        let l = no_grad(|| custom_loss(loss, &outputs, &batch.targets))?;
+        let l = no_grad(|| custom_loss("evaluate_loss", loss, &outputs, &batch.targets))?;
         sums.push(l.mul_scalar(batch.len as f32)?);
         seen += batch.len;
     }

@@ -74,6 +74,7 @@ use crate::loss::cross_entropy;
 use crate::nn::{Init, Module, TensorRole};
 use crate::optim::Optimizer;
 use crate::tensor::{DType, Tensor};
+use crate::train::custom_loss;
 
 /// Collective operations between the processes of a data-parallel job. Every rank calls the
 /// same operations, with the same lengths, in the same order.
@@ -724,18 +725,9 @@ fn run_replica<M: Module, O: Optimizer>(
     } else {
         let out = rep.model.forward(&shard.inputs)?;
         let l = match loss {
-            Some(f) => f(&out, &shard.targets)?,
+            Some(f) => custom_loss("DataParallel::step", f, &out, &shard.targets)?,
             None => cross_entropy(&out, &shard.targets, &Default::default())?,
         };
-        if l.numel() != 1 {
-            return Err(Error::shape(
-                "DataParallel::step",
-                format!(
-                    "the loss must have one element (a mean over the slice), got shape {:?}",
-                    l.dims()
-                ),
-            ));
-        }
         // Submitting here starts the forward pass on the GPU while backward is recorded.
         send(Msg::Loss(Some(Tensor::start_read_f32(
             &rep.device,
