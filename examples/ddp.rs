@@ -11,8 +11,9 @@
 //! `--batch` is each rank's share, so the global batch is `batch x ranks`. The ranks of a host
 //! spread over its GPUs (several ranks share one when there are fewer). Rank 0 evaluates the
 //! model after each epoch and writes `digits_ddp.safetensors`; every rank prints where its
-//! time went. A rank that fails makes every rank exit with an error; a collective that gets no
-//! answer for `KILN_DIST_TIMEOUT` seconds (300 by default) fails too.
+//! time went. A rank whose step fails makes every rank exit with an error; a rank that dies
+//! does too, once a collective has had no answer for `KILN_DIST_TIMEOUT` seconds (300 by
+//! default; rank 0's evaluation between epochs must take less).
 
 use std::time::Instant;
 

@@ -12,8 +12,8 @@ use common::own_device;
 use kiln::data::Dataset;
 use kiln::data::{Batch, DataLoader};
 use kiln::dist::{Communicator, DataParallel, DataParallelOptions};
-use kiln::nn::Sequential;
-use kiln::optim::Sgd;
+use kiln::nn::{Module, Sequential};
+use kiln::optim::{Optimizer, Sgd};
 use kiln::{Device, Error, Result, Tensor};
 
 fn two_devices() -> Vec<Device> {
@@ -66,6 +66,124 @@ fn two_replicas_match_one_process_with_the_global_batch() {
     let s = dp.stats();
     assert_eq!(s.steps, STEPS as u64);
     assert_eq!(s.reduced_bytes_per_step, 0, "no other process");
+    // Every bucket's copy started from within the backward pass.
+    assert_eq!(
+        s.buckets_started_in_backward,
+        (STEPS * 2 * dp.buckets().len()) as u64
+    );
+}
+
+fn running_mean(m: &Sequential) -> Vec<f32> {
+    let state = m.state_dict();
+    let (_, t, _) = state
+        .iter()
+        .find(|(n, _, _)| n.ends_with("running_mean"))
+        .unwrap();
+    t.to_vec().unwrap()
+}
+
+#[test]
+fn buffers_follow_replica_0_unless_told_otherwise() {
+    for broadcast in [true, false] {
+        let devices = two_devices();
+        let mut dp = DataParallel::new(
+            &devices,
+            |init| {
+                Sequential::from_spec(
+                    init,
+                    "flatten linear(64,16) batchnorm1d(16) relu linear(16,10)",
+                )
+            },
+            ddp::sgd,
+            DataParallelOptions {
+                broadcast_buffers: broadcast,
+                ..options()
+            },
+        )
+        .unwrap();
+        // Different slices give the replicas different batch statistics.
+        let shards = [
+            slice(&first_samples(&devices[0], 16), 0, 8),
+            slice(&first_samples(&devices[1], 16), 8, 16),
+        ];
+        dp.step(&shards, None).unwrap();
+        let (a, b) = (
+            running_mean(dp.model()),
+            running_mean(dp.replica(1).unwrap()),
+        );
+        assert_eq!(
+            a == b,
+            broadcast,
+            "broadcast_buffers {broadcast}: {a:?} against {b:?}"
+        );
+    }
+}
+
+/// SGD whose `step` fails at a given step count.
+struct FailingSgd {
+    inner: Sgd,
+    fail_at: Option<u64>,
+}
+
+impl Optimizer for FailingSgd {
+    fn step(&mut self) -> Result<()> {
+        if Some(self.inner.steps()) == self.fail_at {
+            return Err(Error::Gpu("out of memory, say".into()));
+        }
+        self.inner.step()
+    }
+    fn params(&self) -> &[Tensor] {
+        self.inner.params()
+    }
+    fn lr(&self) -> f32 {
+        self.inner.lr()
+    }
+    fn set_lr(&mut self, lr: f32) {
+        self.inner.set_lr(lr)
+    }
+    fn state(&self) -> Vec<(String, Tensor)> {
+        self.inner.state()
+    }
+    fn steps(&self) -> u64 {
+        self.inner.steps()
+    }
+    fn set_steps(&mut self, steps: u64) {
+        self.inner.set_steps(steps)
+    }
+    fn set_state(&mut self, name: &str, value: &Tensor) -> Result<()> {
+        self.inner.set_state(name, value)
+    }
+}
+
+#[test]
+fn a_failed_optimizer_step_stops_training_on_every_replica() {
+    let devices = two_devices();
+    let built = Mutex::new(0);
+    let mut dp = DataParallel::new(
+        &devices,
+        |init| Sequential::from_spec(init, CNN),
+        |params| {
+            let mut n = built.lock().unwrap();
+            *n += 1;
+            // Replica 1's second step fails.
+            let fail_at = (*n == 2).then_some(1);
+            Ok(FailingSgd {
+                inner: ddp::sgd(params)?,
+                fail_at,
+            })
+        },
+        options(),
+    )
+    .unwrap();
+    let shards = || [first_samples(&devices[0], 8), first_samples(&devices[1], 8)];
+    dp.step(&shards(), None).unwrap();
+    let e = dp.step(&shards(), None).unwrap_err().to_string();
+    assert!(
+        e.contains("replica 1 failed after the gradients were averaged"),
+        "{e}"
+    );
+    let e = dp.step(&shards(), None).unwrap_err().to_string();
+    assert!(e.contains("an earlier step failed"), "{e}");
 }
 
 #[test]
@@ -270,6 +388,8 @@ fn on_ranks<T: Send>(size: usize, f: impl Fn(usize, ThreadComm) -> T + Sync) -> 
 #[test]
 fn two_ranks_of_one_replica_match_one_process() {
     let expected = ddp::reference(&own_device()).unwrap();
+    let dir = std::env::temp_dir().join(format!("kiln-dist-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
     let set = ddp::train_set().unwrap();
     let results = on_ranks(2, |_, comm| {
         let d = own_device();
@@ -293,8 +413,12 @@ fn two_ranks_of_one_replica_match_one_process() {
         for batch in loaders[0].epoch(0).take(STEPS) {
             losses.push(dp.step(&[batch.unwrap()], None).unwrap());
         }
+        let path = dir.join(format!("rank{}.safetensors", dp.rank()));
+        let wrote = dp.save_checkpoint(&path, Some(CNN)).unwrap();
+        assert_eq!((wrote, path.exists()), (dp.rank() == 0, dp.rank() == 0));
         (losses, ddp::parameters(dp.model()).unwrap(), dp.stats())
     });
+    let _ = std::fs::remove_dir_all(&dir);
     assert_eq!(results[0].0, results[1].0, "the ranks saw different losses");
     assert_eq!(results[0].1, results[1].1, "the ranks drifted apart");
     ddp::compare(&results[0].0, &results[0].1, &expected).unwrap();
@@ -302,7 +426,7 @@ fn two_ranks_of_one_replica_match_one_process() {
     let s = &results[0].2;
     assert_eq!(
         s.reduced_bytes_per_step,
-        4 * (params + expected.1.len() as u64 + s.buckets as u64 + 3)
+        4 * (params + expected.1.len() as u64 + s.buckets as u64 + 3 + 1)
     );
 }
 
@@ -327,7 +451,9 @@ fn ranks_with_different_models_all_get_an_err() {
     });
     let errors: Vec<String> = errors.into_iter().map(|e| e.expect("no Err")).collect();
     assert!(
-        errors[0].contains("1 rank(s) have a model that differs from rank 0's"),
+        errors[0].contains(
+            "1 rank(s) could not build their replicas or have a model that differs from rank 0's"
+        ),
         "{}",
         errors[0]
     );
@@ -373,6 +499,97 @@ fn a_rank_that_fails_makes_every_rank_err() {
         assert!(
             unchanged,
             "rank {rank}: a failed step changed the parameters"
+        );
+    }
+}
+
+#[test]
+fn a_rank_that_fails_alone_fails_every_rank_without_a_hang() {
+    let results = on_ranks(2, |rank, comm| {
+        let d = own_device();
+        // Rank 1's model cannot be built.
+        let spec = if rank == 1 {
+            "linear(64,10) nonsense"
+        } else {
+            "flatten linear(64,10)"
+        };
+        let built = DataParallel::with_communicator(
+            Box::new(comm),
+            std::slice::from_ref(&d),
+            |init| Sequential::from_spec(init, spec),
+            ddp::sgd,
+            options(),
+        );
+        built.err().map(|e| e.to_string())
+    });
+    assert!(
+        results[0]
+            .as_ref()
+            .unwrap()
+            .contains("1 rank(s) could not build"),
+        "{results:?}"
+    );
+    assert!(
+        !results[1].as_ref().unwrap().contains("rank(s)"),
+        "rank 1's own error: {results:?}"
+    );
+
+    // Rank 1 passes two slices for its one replica; rank 0 a good one. Then both go on.
+    let results = on_ranks(2, |rank, comm| {
+        let d = own_device();
+        let mut dp = DataParallel::with_communicator(
+            Box::new(comm),
+            std::slice::from_ref(&d),
+            |init| Sequential::from_spec(init, "flatten linear(64,10)"),
+            ddp::sgd,
+            options(),
+        )
+        .unwrap();
+        let n = if rank == 1 { 2 } else { 1 };
+        let shards: Vec<Batch> = (0..n).map(|_| first_samples(&d, 8)).collect();
+        let failed = dp
+            .step(&shards, None)
+            .map(|_| ())
+            .map_err(|e| e.to_string());
+        let next = dp.step(&[first_samples(&d, 8)], None);
+        (failed, next.is_ok())
+    });
+    let e0 = results[0].0.as_ref().unwrap_err();
+    assert!(
+        e0.contains("1 other rank(s) failed before the backward pass"),
+        "{e0}"
+    );
+    let e1 = results[1].0.as_ref().unwrap_err();
+    assert!(e1.contains("2 slices for 1 replicas"), "{e1}");
+    assert!(
+        results[0].1 && results[1].1,
+        "the ranks could not go on together"
+    );
+
+    // Rank 1's loader yields fewer batches per epoch.
+    let set = ddp::train_set().unwrap();
+    let results = on_ranks(2, |rank, comm| {
+        let d = own_device();
+        let mut dp = DataParallel::with_communicator(
+            Box::new(comm),
+            std::slice::from_ref(&d),
+            |init| Sequential::from_spec(init, "flatten linear(64,10)"),
+            ddp::sgd,
+            options(),
+        )
+        .unwrap();
+        let batch = if rank == 1 { 512 } else { 256 };
+        let loaders = dp.loaders(|d| DataLoader::new(&set, batch, d)).unwrap();
+        dp.train_epoch(&loaders, 0, None)
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    });
+    for r in &results {
+        assert!(
+            r.as_ref()
+                .unwrap_err()
+                .contains("not every rank has as many"),
+            "{results:?}"
         );
     }
 }

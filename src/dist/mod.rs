@@ -10,25 +10,36 @@
 //! 1. Each replica runs the forward pass and the loss (a mean over its slice) and starts the
 //!    backward pass.
 //! 2. The gradients are grouped into buckets of about [`DataParallelOptions::bucket_bytes`],
-//!    in reverse parameter order (the order backward produces them). As soon as a bucket's
-//!    gradients are final, its copy to the host is submitted, and the GPU runs it while the
-//!    rest of the backward pass is recorded and run.
+//!    in reverse parameter order: the order backward produces them when a model declares its
+//!    layers in the order it runs them, as `Sequential` does (another order stays correct,
+//!    but its buckets complete later). As soon as a bucket's gradients are final, its copy to
+//!    the host is submitted, and the GPU runs it while the rest of the backward pass is
+//!    recorded and run.
 //! 3. The host sums each bucket over the local replicas, weighting each by its share of the
 //!    global batch (exact for slices of unequal size), then all-reduces it with the other
 //!    processes, and hands the mean back to every replica.
 //! 4. Every replica uploads the mean gradients and steps its optimizer. Since the replicas
 //!    start equal (replica 0 of rank 0 is broadcast to all at creation) and see the same
-//!    gradients, they stay equal.
+//!    gradients, they stay equal. A last status word from every rank closes the step.
 //!
-//! The parameter count and shapes are checked across all replicas and ranks at creation. A
-//! rank whose step fails tells the others in the same collective, so each returns an `Err`
-//! rather than waiting. A rank that dies is noticed when its peers' collectives pass the
-//! communicator's timeout (`MpiCommunicator::timeout`: 300 s unless set, or
-//! `KILN_DIST_TIMEOUT` seconds); they then return [`Error::Communication`].
+//! Failures are `Err` on every rank together, never a hang:
+//!
+//! - The replica count, parameter count and shapes are checked across all replicas and ranks
+//!   at creation; a rank whose model differs or fails to build fails the creation everywhere.
+//! - A rank whose step fails (bad slices, a loader error, a forward pass or loss that fails,
+//!   a non-finite loss) says so in the step's next collective, and every rank returns an
+//!   `Err` with no parameter changed.
+//! - A failure after the gradients were averaged (an optimizer step) is reported by the
+//!   closing status word; since the replicas may then differ, every later step is refused.
+//! - A rank that dies, or hangs, is noticed when its peers' collectives pass the
+//!   communicator's timeout (`MpiCommunicator::timeout`: 300 s unless set, or
+//!   `KILN_DIST_TIMEOUT` seconds), and they return [`Error::Communication`]. The timeout
+//!   runs per collective, so work that only one rank does between steps (rank 0 evaluating
+//!   or saving) must take less.
 //!
 //! Batch normalisation uses each replica's own slice statistics (not synchronised), and
-//! replica 0's running statistics are copied to all replicas before each step (PyTorch's
-//! `broadcast_buffers`); dropout draws differ per replica.
+//! replica 0's running statistics of rank 0 are copied to all replicas after each step
+//! (PyTorch's `broadcast_buffers`); dropout draws differ per replica.
 //!
 //! ```
 //! use kiln::data::{self, DataLoader};
@@ -107,7 +118,7 @@ pub struct DataParallelOptions {
     /// larger than this has a bucket of its own.
     pub bucket_bytes: usize,
     /// Copy replica 0's buffers (batch-norm running statistics) of rank 0 to every replica
-    /// before each step, as PyTorch's `broadcast_buffers` (on by default).
+    /// after each step, as PyTorch's `broadcast_buffers` (on by default).
     pub broadcast_buffers: bool,
 }
 
@@ -131,6 +142,10 @@ pub struct DataParallelStats {
     /// Bytes this process all-reduces with the others per step: the gradient buckets (f32),
     /// one presence flag per parameter and one status word per bucket, and the loss header.
     pub reduced_bytes_per_step: u64,
+    /// Bucket copies that started during the backward pass, as soon as their gradients were
+    /// final (summed over the local replicas): the copies that overlap the rest of backward.
+    /// Buckets of parameters without a gradient start after it.
+    pub buckets_started_in_backward: u64,
     /// Seconds of the whole steps.
     pub step_seconds: f64,
     /// Seconds the host waited for the replicas' gradient copies and summed them (GPU work
@@ -157,9 +172,9 @@ struct Replica<M, O> {
 enum Msg {
     /// The copy of the slice's mean loss (`None` for an empty slice).
     Loss(Option<PendingRead>),
-    /// The copy of a bucket's gradients (the parameters that have one, in bucket order) and
-    /// which parameters have one.
-    Bucket(Option<PendingRead>, Vec<bool>),
+    /// The copy of a bucket's gradients (the parameters that have one, in bucket order),
+    /// which parameters have one, and whether the copy started during the backward pass.
+    Bucket(Option<PendingRead>, Vec<bool>, bool),
     Failed(Error),
 }
 
@@ -173,6 +188,8 @@ pub struct DataParallel<M, O> {
     buffers: Vec<usize>,
     options: DataParallelOptions,
     stats: DataParallelStats,
+    /// Set on every rank when a step failed after its all-reduce: the replicas may differ.
+    poisoned: Option<String>,
 }
 
 const OP: &str = "DataParallel";
@@ -205,64 +222,28 @@ impl<M: Module, O: Optimizer + Send> DataParallel<M, O> {
     }
 
     fn create(
-        comm: Option<Box<dyn Communicator>>,
+        mut comm: Option<Box<dyn Communicator>>,
         devices: &[Device],
         build: impl Fn(&mut Init) -> Result<M>,
         optimizer: impl Fn(Vec<Tensor>) -> Result<O>,
         options: DataParallelOptions,
     ) -> Result<Self> {
-        if devices.is_empty() {
-            return Err(Error::invalid(OP, "needs at least one device"));
-        }
-        let mut replicas = Vec::with_capacity(devices.len());
-        for device in devices {
-            let model = build(&mut Init::new(device, options.seed))?;
-            let mut params: Vec<Tensor> = Vec::new();
-            let mut index = HashMap::new();
-            for (name, p) in model.named_parameters() {
-                let id = p.node_id().filter(|_| p.is_leaf()).ok_or_else(|| {
-                    Error::invalid(
-                        OP,
-                        format!("parameter {name} is not a leaf that requires grad"),
-                    )
-                })?;
-                if let std::collections::hash_map::Entry::Vacant(slot) = index.entry(id) {
-                    slot.insert(params.len());
-                    params.push(p);
-                }
+        let replicas = build_replicas(devices, &build, &optimizer, options.seed);
+        // Every rank takes part in the check, also one whose replicas failed to build, so
+        // that all of them return an `Err` together (a rank that failed, its own).
+        let agreed = match comm.as_mut() {
+            Some(c) => {
+                let mine = replicas
+                    .as_ref()
+                    .ok()
+                    .map(|r| (r.len() as u64, layout(&r[0].model)));
+                agree(c.as_mut(), mine)
             }
-            let optimizer = optimizer(params.clone())?;
-            replicas.push(Replica {
-                device: device.clone(),
-                model,
-                optimizer,
-                params,
-                index,
-            });
-        }
-        let first = layout(&replicas[0].model);
-        for (r, rep) in replicas.iter().enumerate().skip(1) {
-            if layout(&rep.model) != first {
-                return Err(Error::invalid(
-                    OP,
-                    format!(
-                        "replica {r}'s model differs from replica 0's: {} against {}",
-                        describe_layout(&layout(&rep.model)),
-                        describe_layout(&first)
-                    ),
-                ));
-            }
-        }
+            None => Ok(()),
+        };
+        let replicas = replicas?;
+        agreed?;
         let state = replicas[0].model.state_dict();
-        if let Some((name, t, _)) = state.iter().find(|(_, t, _)| t.dtype() == DType::I32) {
-            return Err(Error::invalid(
-                OP,
-                format!(
-                    "{name} is an i32 tensor of shape {:?}; only float parameters and buffers can be kept equal across replicas",
-                    t.dims()
-                ),
-            ));
-        }
         let buffers = state
             .iter()
             .enumerate()
@@ -277,6 +258,7 @@ impl<M: Module, O: Optimizer + Send> DataParallel<M, O> {
             buffers,
             options,
             stats: DataParallelStats::default(),
+            poisoned: None,
         };
         dp.stats.buckets = dp.buckets.len();
         dp.stats.reduced_bytes_per_step = match dp.comm {
@@ -286,52 +268,13 @@ impl<M: Module, O: Optimizer + Send> DataParallel<M, O> {
                     .iter()
                     .map(|b| dp.bucket_len(b) + b.len() + 1)
                     .sum();
-                (floats as u64 + 3) * 4
+                // The loss header and the closing status word.
+                (floats as u64 + 3 + 1) * 4
             }
             None => 0,
         };
-        dp.check_ranks_agree()?;
         dp.sync_state(None)?;
         Ok(dp)
-    }
-
-    /// Every rank has the same number of replicas and the same parameter layout.
-    fn check_ranks_agree(&mut self) -> Result<()> {
-        let local = self.replicas.len() as u64;
-        let mine = layout(&self.replicas[0].model);
-        let Some(comm) = self.comm.as_mut() else {
-            return Ok(());
-        };
-        let rank = comm.rank();
-        let words = [local, mine.0, mine.1, mine.2];
-        let ours: Vec<f32> = words.iter().flat_map(|&w| u64_to_f32s(w)).collect();
-        let mut root = ours.clone();
-        comm.broadcast(&mut root, 0)?;
-        let differs = root != ours;
-        let mut count = [differs as u32 as f32];
-        comm.all_reduce_sum(&mut count)?;
-        if count[0] == 0.0 {
-            return Ok(());
-        }
-        let theirs: Vec<u64> = root.chunks(4).map(f32s_to_u64).collect();
-        let msg = if differs {
-            format!(
-                "rank {rank} has {local} replicas of a model with {}, rank 0 has {} of {}; every rank must build the same model on as many devices",
-                describe_layout(&mine),
-                theirs[0],
-                describe_layout(&(theirs[1], theirs[2], theirs[3]))
-            )
-        } else {
-            format!(
-                "{} rank(s) have a model that differs from rank {rank}'s ({local} replicas of {}); every rank must build the same model on as many devices",
-                count[0],
-                describe_layout(&mine)
-            )
-        };
-        Err(Error::Communication {
-            op: "DataParallel::with_communicator",
-            msg,
-        })
     }
 
     /// Copies replica 0 of rank 0 to every replica: the parameters and buffers (`None`), or
@@ -391,6 +334,11 @@ impl<M: Module, O: Optimizer + Send> DataParallel<M, O> {
     /// pass, a loss that is not one element). A replica whose optimizer step fails after the
     /// all-reduce is an `Err` on its own rank only.
     pub fn step(&mut self, shards: &[Batch], loss: Option<ShardLoss<'_>>) -> Result<f32> {
+        let checked = self.check_shards(shards).map(|()| shards);
+        self.run_step(checked, loss)
+    }
+
+    fn check_shards(&self, shards: &[Batch]) -> Result<()> {
         const OP: &str = "DataParallel::step";
         if shards.len() != self.replicas.len() {
             return Err(Error::invalid(
@@ -421,13 +369,32 @@ impl<M: Module, O: Optimizer + Send> DataParallel<M, O> {
                 ));
             }
         }
-        let start = Instant::now();
-        if self.options.broadcast_buffers && !self.buffers.is_empty() {
-            let buffers = std::mem::take(&mut self.buffers);
-            let synced = self.sync_state(Some(&buffers));
-            self.buffers = buffers;
-            synced?;
+        Ok(())
+    }
+
+    /// A step on `shards`, or, when they are an `Err`, this rank's part in failing the step
+    /// on every rank.
+    fn run_step(&mut self, shards: Result<&[Batch]>, loss: Option<ShardLoss<'_>>) -> Result<f32> {
+        const OP: &str = "DataParallel::step";
+        if let Some(why) = &self.poisoned {
+            return Err(Error::invalid(
+                OP,
+                format!(
+                    "an earlier step failed after its gradients were averaged, so the replicas may differ ({why}); make a new DataParallel, from a checkpoint"
+                ),
+            ));
         }
+        let shards = match shards {
+            Ok(s) => s,
+            Err(e) => {
+                // The other ranks learn of it from the loss header and stop with this one.
+                if let Some(c) = self.comm.as_mut() {
+                    let _ = c.all_reduce_sum(&mut [0.0, 0.0, 1.0]);
+                }
+                return Err(e);
+            }
+        };
+        let start = Instant::now();
         let lens: Vec<usize> = self.buckets.iter().map(|b| self.bucket_len(b)).collect();
         let sizes: Vec<Vec<usize>> = self
             .buckets
@@ -442,7 +409,7 @@ impl<M: Module, O: Optimizer + Send> DataParallel<M, O> {
         let comm = &mut self.comm;
         let stats = &mut self.stats;
         let counts: Vec<usize> = shards.iter().map(|s| s.len).collect();
-        let result = std::thread::scope(|scope| {
+        let (reduced, late) = std::thread::scope(|scope| {
             let mut to_replicas = Vec::new();
             let mut from_replicas = Vec::new();
             let mut threads = Vec::new();
@@ -467,32 +434,65 @@ impl<M: Module, O: Optimizer + Send> DataParallel<M, O> {
             .run(&lens, &sizes);
             // Replicas still waiting for gradients (after an `Err`) stop here.
             drop(to_replicas);
-            let mut panicked = false;
-            for t in threads {
-                panicked |= t.join().is_err();
+            let mut late = None;
+            for (r, t) in threads.into_iter().enumerate() {
+                if t.join().is_err() {
+                    late.get_or_insert(Error::invalid(
+                        OP,
+                        format!("replica {r}'s thread panicked"),
+                    ));
+                }
             }
-            let loss = reduced?;
-            // A replica whose optimizer step failed said so after the host was done.
+            // A replica that failed after the host was done (uploading the mean gradients
+            // or stepping its optimizer) says so last.
             for (r, rx) in from_replicas.iter().enumerate() {
                 while let Ok(msg) = rx.try_recv() {
                     if let Msg::Failed(e) = msg {
-                        return Err(Error::invalid(
+                        late.get_or_insert(Error::invalid(
                             OP,
-                            format!("replica {r}'s optimizer step failed: {e}"),
+                            format!("replica {r} failed after the gradients were averaged: {e}"),
                         ));
                     }
                 }
             }
-            if panicked {
-                return Err(Error::invalid(OP, "a replica's thread panicked"));
-            }
-            Ok(loss)
+            (reduced, late)
         });
+        let result = reduced.and_then(|loss| self.finish_step(loss, late));
         self.stats.step_seconds += start.elapsed().as_secs_f64();
         if result.is_ok() {
             self.stats.steps += 1;
         }
         result
+    }
+
+    /// The end of a step that every rank reached (all passed the all-reduces): a status word
+    /// from every rank, then the buffers of rank 0 to all.
+    fn finish_step(&mut self, loss: f32, late: Option<Error>) -> Result<f32> {
+        let mut status = [late.is_some() as u32 as f32];
+        if let Some(c) = self.comm.as_mut() {
+            let t = Instant::now();
+            let r = c.all_reduce_sum(&mut status);
+            self.stats.reduce_seconds += t.elapsed().as_secs_f64();
+            r?;
+        }
+        if status[0] > 0.0 {
+            let e = late.unwrap_or_else(|| Error::Communication {
+                op: "DataParallel::step",
+                msg: format!(
+                    "{} other rank(s) failed after the gradients were averaged",
+                    status[0]
+                ),
+            });
+            self.poisoned = Some(e.to_string());
+            return Err(e);
+        }
+        if self.options.broadcast_buffers && !self.buffers.is_empty() {
+            let buffers = std::mem::take(&mut self.buffers);
+            let synced = self.sync_state(Some(&buffers));
+            self.buffers = buffers;
+            synced?;
+        }
+        Ok(loss)
     }
 
     /// The loaders of this process's replicas: `make` builds one per replica device (all
@@ -520,26 +520,46 @@ impl<M: Module, O: Optimizer + Send> DataParallel<M, O> {
         loss: Option<ShardLoss<'_>>,
     ) -> Result<Vec<f32>> {
         const OP: &str = "DataParallel::train_epoch";
-        if loaders.len() != self.replicas.len() {
-            return Err(Error::invalid(
+        let local = if loaders.len() != self.replicas.len() {
+            Err(Error::invalid(
                 OP,
                 format!(
                     "got {} loaders for {} replicas",
                     loaders.len(),
                     self.replicas.len()
                 ),
-            ));
+            ))
+        } else {
+            let steps = loaders[0].len();
+            match loaders.iter().find(|l| l.len() != steps) {
+                Some(l) => Err(Error::invalid(
+                    OP,
+                    format!(
+                        "the loaders have different numbers of batches ({steps} and {})",
+                        l.len()
+                    ),
+                )),
+                None => Ok(steps),
+            }
+        };
+        if let Some(c) = self.comm.as_mut() {
+            // Every rank must take as many steps: sum(s) = n s and sum(s^2) = n s^2 hold on
+            // a rank only when every rank's s is its own (a failed rank sends -1).
+            let s = local.as_ref().map_or(-1.0, |&n| n as f32);
+            let mut sums = [s, s * s];
+            c.all_reduce_sum(&mut sums)?;
+            let n = c.size() as f32;
+            if local.is_ok() && sums != [n * s, n * s * s] {
+                return Err(Error::Communication {
+                    op: OP,
+                    msg: format!(
+                        "rank {} has {s} batches per epoch but not every rank has as many; shard the same dataset with the same batch size on every rank, and build each loader without errors",
+                        c.rank()
+                    ),
+                });
+            }
         }
-        let steps = loaders[0].len();
-        if let Some(l) = loaders.iter().find(|l| l.len() != steps) {
-            return Err(Error::invalid(
-                OP,
-                format!(
-                    "the loaders have different numbers of batches ({steps} and {})",
-                    l.len()
-                ),
-            ));
-        }
+        let steps = local?;
         self.set_training(true);
         let mut epochs: Vec<_> = loaders.iter().map(|l| l.epoch(epoch)).collect();
         let mut losses = Vec::with_capacity(steps);
@@ -550,8 +570,12 @@ impl<M: Module, O: Optimizer + Send> DataParallel<M, O> {
                     e.next()
                         .unwrap_or_else(|| Err(Error::invalid(OP, "a loader ran out of batches")))
                 })
-                .collect::<Result<Vec<Batch>>>()?;
-            losses.push(self.step(&shards, loss)?);
+                .collect::<Result<Vec<Batch>>>();
+            let loss = match shards.and_then(|s| self.check_shards(&s).map(|()| s)) {
+                Ok(s) => self.run_step(Ok(&s), loss),
+                Err(e) => self.run_step(Err(e), loss),
+            };
+            losses.push(loss?);
         }
         Ok(losses)
     }
@@ -644,6 +668,104 @@ impl<M: Module, O: Optimizer + Send> DataParallel<M, O> {
     }
 }
 
+/// The replicas of this process, each checked against replica 0.
+fn build_replicas<M: Module, O: Optimizer>(
+    devices: &[Device],
+    build: &dyn Fn(&mut Init) -> Result<M>,
+    optimizer: &dyn Fn(Vec<Tensor>) -> Result<O>,
+    seed: u64,
+) -> Result<Vec<Replica<M, O>>> {
+    if devices.is_empty() {
+        return Err(Error::invalid(OP, "needs at least one device"));
+    }
+    let mut replicas = Vec::with_capacity(devices.len());
+    for device in devices {
+        let model = build(&mut Init::new(device, seed))?;
+        let mut params: Vec<Tensor> = Vec::new();
+        let mut index = HashMap::new();
+        for (name, p) in model.named_parameters() {
+            let id = p.node_id().filter(|_| p.is_leaf()).ok_or_else(|| {
+                Error::invalid(
+                    OP,
+                    format!("parameter {name} is not a leaf that requires grad"),
+                )
+            })?;
+            if let std::collections::hash_map::Entry::Vacant(slot) = index.entry(id) {
+                slot.insert(params.len());
+                params.push(p);
+            }
+        }
+        let optimizer = optimizer(params.clone())?;
+        replicas.push(Replica {
+            device: device.clone(),
+            model,
+            optimizer,
+            params,
+            index,
+        });
+    }
+    let first = layout(&replicas[0].model);
+    for (r, rep) in replicas.iter().enumerate().skip(1) {
+        if layout(&rep.model) != first {
+            return Err(Error::invalid(
+                OP,
+                format!(
+                    "replica {r}'s model differs from replica 0's: {} against {}",
+                    describe_layout(&layout(&rep.model)),
+                    describe_layout(&first)
+                ),
+            ));
+        }
+    }
+    let state = replicas[0].model.state_dict();
+    if let Some((name, t, _)) = state.iter().find(|(_, t, _)| t.dtype() == DType::I32) {
+        return Err(Error::invalid(
+            OP,
+            format!(
+                "{name} is an i32 tensor of shape {:?}; only float parameters and buffers can be kept equal across replicas",
+                t.dims()
+            ),
+        ));
+    }
+    Ok(replicas)
+}
+
+/// Checks that every rank built as many replicas of the same model (`mine`: the replica
+/// count and layout; `None` when this rank failed to build them): `Ok` on every rank, or
+/// `Err` on every rank.
+fn agree(comm: &mut dyn Communicator, mine: Option<(u64, (u64, u64, u64))>) -> Result<()> {
+    const OP: &str = "DataParallel::with_communicator";
+    let rank = comm.rank();
+    let words = mine.map_or([0; 4], |(n, l)| [n, l.0, l.1, l.2]);
+    let ours: Vec<f32> = words.iter().flat_map(|&w| u64_to_f32s(w)).collect();
+    let mut root = ours.clone();
+    comm.broadcast(&mut root, 0)?;
+    let differs = mine.is_none() || root != ours;
+    let mut count = [differs as u32 as f32];
+    comm.all_reduce_sum(&mut count)?;
+    if count[0] == 0.0 {
+        return Ok(());
+    }
+    let theirs: Vec<u64> = root.chunks(4).map(f32s_to_u64).collect();
+    let msg = match mine {
+        // This rank's own error is the one to return.
+        None => format!("rank {rank} could not build its replicas"),
+        Some(_) if theirs[0] == 0 => "rank 0 could not build its replicas".to_string(),
+        Some((n, l)) if differs => format!(
+            "rank {rank} has {n} replicas of a model with {}, rank 0 has {} of {}; every rank must build the same model on as many devices",
+            describe_layout(&l),
+            theirs[0],
+            describe_layout(&(theirs[1], theirs[2], theirs[3]))
+        ),
+        Some((n, l)) => format!(
+            "{} rank(s) could not build their replicas or have a model that differs from rank {rank}'s ({n} replicas of {}); every rank must build the same model on as many devices",
+            count[0],
+            describe_layout(&l)
+        ),
+    };
+    Err(Error::Communication { op: OP, msg })
+}
+
 /// Buckets of at most `cap` bytes (one parameter more when alone), in reverse order.
 fn plan_buckets(params: &[Tensor], cap: usize) -> Vec<Vec<usize>> {
     let mut buckets = Vec::new();
@@ -720,7 +842,7 @@ fn run_replica<M: Module, O: Optimizer>(
     if shard.len == 0 {
         send(Msg::Loss(None))?;
         for b in buckets {
-            send(Msg::Bucket(None, vec![false; b.len()]))?;
+            send(Msg::Bucket(None, vec![false; b.len()], false))?;
         }
     } else {
         let out = rep.model.forward(&shard.inputs)?;
@@ -743,7 +865,7 @@ fn run_replica<M: Module, O: Optimizer>(
             if let Some(&i) = index.get(&id) {
                 grads[i] = Some(g.clone());
                 while next < buckets.len() && buckets[next].iter().all(|&i| grads[i].is_some()) {
-                    send(start_bucket(device, &buckets[next], &grads)?)?;
+                    send(start_bucket(device, &buckets[next], &grads, true)?)?;
                     next += 1;
                 }
             }
@@ -751,7 +873,7 @@ fn run_replica<M: Module, O: Optimizer>(
         })?;
         // Parameters the loss does not depend on have no gradient.
         for b in &buckets[next..] {
-            send(start_bucket(&rep.device, b, &grads)?)?;
+            send(start_bucket(&rep.device, b, &grads, false)?)?;
         }
     }
     for b in buckets {
@@ -778,12 +900,18 @@ fn stopped() -> Error {
     Error::invalid("DataParallel::step", "the step was stopped")
 }
 
-fn start_bucket(device: &Device, bucket: &[usize], grads: &[Option<Tensor>]) -> Result<Msg> {
+fn start_bucket(
+    device: &Device,
+    bucket: &[usize],
+    grads: &[Option<Tensor>],
+    in_backward: bool,
+) -> Result<Msg> {
     let present: Vec<bool> = bucket.iter().map(|&i| grads[i].is_some()).collect();
     let tensors: Vec<Tensor> = bucket.iter().filter_map(|&i| grads[i].clone()).collect();
     Ok(Msg::Bucket(
         Some(Tensor::start_read_f32(device, &tensors)?),
         present,
+        in_backward,
     ))
 }
 
@@ -857,11 +985,14 @@ impl Reduce<'_> {
             for (r, rx) in from.iter().enumerate() {
                 let weight = counts[r] as f32 / total;
                 let part = match self.receive(r, rx) {
-                    Ok(Msg::Bucket(read, present)) => match read.map(|r| self.gather(r)) {
-                        Some(Ok(values)) => Ok(Some((values, present))),
-                        Some(Err(e)) => Err(e),
-                        None => Ok(None),
-                    },
+                    Ok(Msg::Bucket(read, present, in_backward)) => {
+                        self.stats.buckets_started_in_backward += in_backward as u64;
+                        match read.map(|r| self.gather(r)) {
+                            Some(Ok(values)) => Ok(Some((values, present))),
+                            Some(Err(e)) => Err(e),
+                            None => Ok(None),
+                        }
+                    }
                     Ok(_) => Err(out_of_order(r)),
                     Err(e) => Err(e),
                 };

@@ -66,13 +66,19 @@ impl MpiCommunicator {
             }
             Err(_) => DEFAULT_TIMEOUT,
         };
-        let (universe, _) =
-            mpi::initialize_with_threading(mpi::Threading::Funneled).ok_or_else(|| {
-                Error::Communication {
-                    op: OP,
-                    msg: "MPI is already initialised in this process".into(),
-                }
+        // Only the thread that owns the communicator calls MPI (it is not `Send`): the one
+        // that initialised it.
+        let (universe, provided) = mpi::initialize_with_threading(mpi::Threading::Funneled)
+            .ok_or_else(|| Error::Communication {
+                op: OP,
+                msg: "MPI is already initialised in this process".into(),
             })?;
+        if provided == mpi::Threading::Single {
+            return Err(Error::Communication {
+                op: OP,
+                msg: "this MPI library supports only single-threaded processes (MPI_THREAD_SINGLE); kiln's replicas and GPU drivers run threads of their own".into(),
+            });
+        }
         let world = universe.world();
         // SAFETY: the world communicator is valid while the universe lives, and the handler is
         // one of MPI's predefined ones.
@@ -243,14 +249,15 @@ impl Drop for MpiCommunicator {
 
 /// MPI's text for an error code.
 fn error_string(code: c_int) -> String {
-    let mut text = [0 as c_char; 512];
+    // Larger than MPI_MAX_ERROR_STRING of Open MPI (256) and MPICH (1024).
+    let mut text = [0 as c_char; 4096];
     let mut len: c_int = 0;
-    // SAFETY: the buffer is larger than MPI_MAX_ERROR_STRING.
+    // SAFETY: MPI writes at most MPI_MAX_ERROR_STRING characters, fewer than the buffer.
     let rc = unsafe { ffi::MPI_Error_string(code, text.as_mut_ptr(), &mut len) };
     if rc != 0 {
         return format!("MPI error {code}");
     }
-    let bytes: Vec<u8> = text[..len.clamp(0, 512) as usize]
+    let bytes: Vec<u8> = text[..len.clamp(0, 4096) as usize]
         .iter()
         .map(|&c| c as u8)
         .collect();
