@@ -73,8 +73,8 @@ fn tile_of(kernel: Kernel) -> [usize; 2] {
 }
 
 /// Operand layouts with 4-aligned rows, read as vec4s by the `matmul_vec4_*`,
-/// `matmul_sg*_*` and `matmul_t128v4_*` kernels (see the header of
-/// `shaders/matmul_vec4.wgsl`).
+/// `matmul_sg*_*` and `matmul_t128v4_*` kernels (see the header that `build.rs` writes for
+/// `matmul_vec4.wgsl`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Aligned {
     /// a (m, k) and b (k, n) row-major.
