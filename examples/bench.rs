@@ -6,7 +6,14 @@
 //! python3 scripts/bench_torch.py > torch.txt && KILN_TORCH=torch.txt cargo run --release --example bench
 //! KILN_BENCH_FULL=1 ...                                     # full sizes on any adapter
 //! KILN_PROFILE=1 ...                                        # and each training step's kernels
+//! cargo run --release --example bench -- --peer-shapes     # the peer benchmark's workloads
 //! ```
+//!
+//! `--peer-shapes` runs the workloads of the burn peer benchmark (`all-small`: matmul 128 and
+//! 256, conv2d 8x16x16x16 k3 forward and forward + backward, an MLP training step at batch 32,
+//! and the CNN's training step, eval forward and frozen inference at batch 16) with its timing:
+//! the median of 10 calls after 3 warm-up calls, each ended by a synchronise. With
+//! `KILN_PROFILE=1` it also prints the CNN step's per-kernel profile.
 //!
 //! Each workload is recorded and run to completion (a synchronise) after warm-up; the table
 //! shows the median of the repetitions.
@@ -72,8 +79,143 @@ fn step(model: &Sequential, opt: &mut Sgd, x: &Tensor, t: &Tensor) -> Result<()>
     opt.step()
 }
 
+/// Median milliseconds of 10 calls of `f` after 3 warm-up calls, each call ended by a
+/// synchronise (the peer benchmark's timing).
+fn peer_time(dev: &Device, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    for _ in 0..3 {
+        f()?;
+        dev.synchronize()?;
+    }
+    let mut v = Vec::with_capacity(10);
+    for _ in 0..10 {
+        let t = Instant::now();
+        f()?;
+        dev.synchronize()?;
+        v.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    v.sort_by(f64::total_cmp);
+    Ok((v[4] + v[5]) / 2.0)
+}
+
+fn print_profile(dev: &Device, what: &str, f: impl FnOnce() -> Result<()>) -> Result<()> {
+    dev.set_profiling(true);
+    f()?;
+    dev.synchronize()?;
+    let rows = dev.profile();
+    dev.set_profiling(false);
+    let total: f64 = rows.iter().map(|r| r.seconds).sum();
+    println!(
+        "profile of {what} ({:.1} ms dispatch by dispatch):",
+        total * 1e3
+    );
+    for r in &rows {
+        println!(
+            "  {:>5.1}% {:>8.2} ms {:>4} x {}",
+            100.0 * r.seconds / total,
+            r.seconds * 1e3,
+            r.calls,
+            r.kernel
+        );
+    }
+    Ok(())
+}
+
+/// The peer benchmark's `all-small` workloads, one line each: `workload ms`.
+fn peer_shapes(dev: &Device) -> Result<()> {
+    let profile = std::env::var_os("KILN_PROFILE").is_some();
+    println!("device: {dev}");
+    let line = |name: &str, ms: f64| println!("{name:<24} {ms:>10.3} ms");
+    for n in [128usize, 256] {
+        let a = Tensor::randn(&[n, n], 1, dev)?;
+        let b = Tensor::randn(&[n, n], 2, dev)?;
+        line(
+            &format!("matmul {n}"),
+            peer_time(dev, || a.matmul(&b).map(drop))?,
+        );
+    }
+    let (b, c, h, k) = (8, 16, 16, 3);
+    let x = Tensor::randn(&[b, c, h, h], 3, dev)?;
+    let w = Tensor::randn(&[c, c, k, k], 4, dev)?;
+    let pad = Conv2dOptions {
+        padding: [k / 2; 2],
+        ..Default::default()
+    };
+    line(
+        "conv2d-fwd 8 16 16 3",
+        peer_time(dev, || x.conv2d(&w, None, &pad).map(drop))?,
+    );
+    let xg = x.detach().requires_grad();
+    let wg = w.detach().requires_grad();
+    line(
+        "conv2d-fwdbwd 8 16 16 3",
+        peer_time(dev, || {
+            xg.zero_grad();
+            wg.zero_grad();
+            xg.conv2d(&wg, None, &pad)?.sum_all()?.backward()
+        })?,
+    );
+    for (name, spec, input, batch) in [
+        ("mlp", MLP, vec![784usize], 32usize),
+        ("cnn", CNN, vec![1, 28, 28], 16),
+    ] {
+        let mut model = Sequential::from_spec(&mut Init::new(dev, 0), spec)?;
+        let mut opt = Sgd::new(
+            model.parameters(),
+            SgdOptions {
+                lr: 0.01,
+                momentum: 0.9,
+                ..Default::default()
+            },
+        )?;
+        let mut shape = vec![batch];
+        shape.extend(&input);
+        let x = Tensor::randn(&shape, 9, dev)?;
+        let t = Tensor::from_slice(
+            &(0..batch).map(|i| (i % 10) as f32).collect::<Vec<_>>(),
+            &[batch],
+            dev,
+        )?;
+        line(
+            &format!("{name}-train {batch}"),
+            peer_time(dev, || step(&model, &mut opt, &x, &t))?,
+        );
+        if name == "mlp" {
+            continue;
+        }
+        if profile {
+            print_profile(
+                dev,
+                &format!("a {name} training step, batch {batch}"),
+                || step(&model, &mut opt, &x, &t),
+            )?;
+        }
+        model.set_training(false);
+        line(
+            &format!("{name}-eval {batch}"),
+            peer_time(dev, || kiln::no_grad(|| model.forward(&x)).map(drop))?,
+        );
+        drop(opt);
+        let frozen = freeze(model, &x)?;
+        line(
+            &format!("{name}-infer {batch}"),
+            peer_time(dev, || frozen.predict(&x).map(drop))?,
+        );
+        if profile {
+            print_profile(
+                dev,
+                &format!("frozen {name} inference, batch {batch}"),
+                || frozen.predict(&x).map(drop),
+            )?;
+        }
+    }
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let dev = Device::default_device()?;
+    if std::env::args().any(|a| a == "--peer-shapes") {
+        return peer_shapes(&dev);
+    }
     let software = dev.adapter_info().device_type == kiln::wgpu::DeviceType::Cpu
         && std::env::var_os("KILN_BENCH_FULL").is_none();
     let subgroups = dev.subgroups_of_at_least(8);

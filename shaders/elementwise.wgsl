@@ -50,6 +50,23 @@ const FLAG_B_CONTIG: u32 = 2u;
 const FLAG_C_CONTIG: u32 = 4u;
 const FLAG_O_CONTIG: u32 = 8u;
 const FLAG_SCALAR_LEFT: u32 = 16u;
+// In the strided4 kernels: the operand's innermost stride is 0 (one element, repeated).
+const FLAG_A_SPLAT: u32 = 32u;
+const FLAG_B_SPLAT: u32 = 64u;
+// Every logical index is below 2^22: positions split with float division (div_small), which
+// lavapipe runs for all lanes at once, instead of an integer division lane by lane.
+const FLAG_SMALL_INDEX: u32 = 128u;
+
+// rem / size in x and rem % size in y.
+fn split_index(rem: u32, size: u32) -> vec2<u32> {
+    var q: u32;
+    if ((p.flags & FLAG_SMALL_INDEX) != 0u) {
+        q = div_small(rem, size);
+    } else {
+        q = rem / size;
+    }
+    return vec2<u32>(q, rem - q * size);
+}
 
 const WG: u32 = 256u;
 // Elements each invocation of unary_fwd and binary_fwd handles, WG * (grid size) apart, so
@@ -71,8 +88,9 @@ fn offsets(i: u32) -> vec4<u32> {
     for (var d = i32(p.rank) - 1; d >= 0; d -= 1) {
         let k = u32(d);
         let size = p.shape[k >> 2u][k & 3u];
-        let idx = rem % size;
-        rem = rem / size;
+        let qr = split_index(rem, size);
+        let idx = qr.y;
+        rem = qr.x;
         q += idx * vec4<u32>(p.sa[k >> 2u][k & 3u], p.sb[k >> 2u][k & 3u], p.sc[k >> 2u][k & 3u], p.so[k >> 2u][k & 3u]);
     }
     let contig = vec4<bool>((p.flags & FLAG_A_CONTIG) != 0u, (p.flags & FLAG_B_CONTIG) != 0u,
@@ -204,6 +222,76 @@ fn binary_vec4_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroup
         let x = vec4<f32>(a4[p.off_a / 4u + i]);
         let y = vec4<f32>(b4[p.off_b / 4u + i]);
         out4[p.off_o / 4u + i] = vec4<OUT>(vec4<f32>(binary_op(p.op, x.x, y.x),
+            binary_op(p.op, x.y, y.y), binary_op(p.op, x.z, y.z), binary_op(p.op, x.w, y.w)));
+    }
+}
+
+// unary_fwd and binary_fwd over strided operands, four output elements at a time: a
+// transposing copy, a broadcast bias. The output's innermost axis is contiguous, its length a
+// multiple of 4, its other strides and offset multiples of 4; each operand's innermost stride
+// is 1 (read as vec4s, with 4-aligned other strides and offset) or 0 (FLAG_*_SPLAT: one element
+// repeated). src/ops/elementwise.rs checks, after merging the axes that can be merged. The
+// positions are computed once per four elements, with a quarter of the divisions.
+
+// Buffer positions of logical elements i..i+3 in a, b and out (x, y and w).
+fn strided4_offsets(i: u32) -> vec4<u32> {
+    var q = vec4<u32>(p.off_a, p.off_b, p.off_c, p.off_o);
+    var rem = i;
+    for (var d = i32(p.rank) - 1; d >= 0; d -= 1) {
+        let k = u32(d);
+        let size = p.shape[k >> 2u][k & 3u];
+        let qr = split_index(rem, size);
+        let idx = qr.y;
+        rem = qr.x;
+        q += idx * vec4<u32>(p.sa[k >> 2u][k & 3u], p.sb[k >> 2u][k & 3u], p.sc[k >> 2u][k & 3u], p.so[k >> 2u][k & 3u]);
+    }
+    return q;
+}
+
+fn strided4_a(q: u32) -> vec4<f32> {
+    let v = vec4<f32>(a4[q / 4u]);
+    if ((p.flags & FLAG_A_SPLAT) != 0u) {
+        return vec4<f32>(v[q & 3u]);
+    }
+    return v;
+}
+
+fn strided4_b(q: u32) -> vec4<f32> {
+    let v = vec4<f32>(b4[q / 4u]);
+    if ((p.flags & FLAG_B_SPLAT) != 0u) {
+        return vec4<f32>(v[q & 3u]);
+    }
+    return v;
+}
+
+@compute @workgroup_size(256)
+fn unary_strided4_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                      @builtin(local_invocation_id) lid: vec3<u32>) {
+    let t = linear_index(wid, nwg, lid);
+    let stride = nwg.x * nwg.y * WG;
+    for (var j = 0u; j < PER_INVOCATION; j += 1u) {
+        let i = t + j * stride;
+        if (i >= p.n / 4u) { return; }
+        let q = strided4_offsets(4u * i);
+        let x = strided4_a(q.x);
+        out4[q.w / 4u] = vec4<OUT>(vec4<f32>(unary_op(p.op, x.x, p.alpha, p.beta),
+            unary_op(p.op, x.y, p.alpha, p.beta), unary_op(p.op, x.z, p.alpha, p.beta),
+            unary_op(p.op, x.w, p.alpha, p.beta)));
+    }
+}
+
+@compute @workgroup_size(256)
+fn binary_strided4_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                       @builtin(local_invocation_id) lid: vec3<u32>) {
+    let t = linear_index(wid, nwg, lid);
+    let stride = nwg.x * nwg.y * WG;
+    for (var j = 0u; j < PER_INVOCATION; j += 1u) {
+        let i = t + j * stride;
+        if (i >= p.n / 4u) { return; }
+        let q = strided4_offsets(4u * i);
+        let x = strided4_a(q.x);
+        let y = strided4_b(q.y);
+        out4[q.w / 4u] = vec4<OUT>(vec4<f32>(binary_op(p.op, x.x, y.x),
             binary_op(p.op, x.y, y.y), binary_op(p.op, x.z, y.z), binary_op(p.op, x.w, y.w)));
     }
 }

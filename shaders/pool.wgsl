@@ -29,7 +29,9 @@ struct Params {
     dw: u32,
     mode: u32,
     idx_off: u32,
-    _pad: u32,
+    // 1 when every element index is below 2^22: positions are split with float division
+    // (div_small, all lanes at once on lavapipe) instead of integer division (lane by lane).
+    small: u32,
 }
 
 // Element types of the input and output buffers: f32, or f16 in the variants that src/kernels.rs
@@ -46,6 +48,14 @@ const WG: u32 = 256u;
 
 fn linear_index(wid: vec3<u32>, nwg: vec3<u32>, lid: vec3<u32>) -> u32 {
     return (wid.y * nwg.x + wid.x) * WG + lid.x;
+}
+
+// k / d, in float arithmetic where p.small says that it is exact.
+fn div_index(k: u32, d: u32) -> u32 {
+    if (p.small != 0u) {
+        return div_small(k, d);
+    }
+    return k / d;
 }
 
 // Window [start, end) of adaptive output index o along an axis of size n split into m.
@@ -77,9 +87,10 @@ fn pool2d_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw
     let i = linear_index(wid, nwg, lid);
     let total = p.planes * p.oh * p.ow;
     if (i >= total) { return; }
-    let plane = i / (p.oh * p.ow);
-    let oy = (i / p.ow) % p.oh;
-    let ox = i % p.ow;
+    let plane = div_index(i, p.oh * p.ow);
+    let in_plane = i - plane * p.oh * p.ow;
+    let oy = div_index(in_plane, p.ow);
+    let ox = in_plane - oy * p.ow;
     let base = plane * p.h * p.w;
     if (p.mode == 3u) {
         let wy = adaptive_window(oy, p.h, p.oh);
@@ -131,12 +142,26 @@ fn max_pool2d_bwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups
     let i = linear_index(wid, nwg, lid);
     let total = p.planes * p.h * p.w;
     if (i >= total) { return; }
-    let plane = i / (p.h * p.w);
+    let plane = div_index(i, p.h * p.w);
     let idx = i - plane * (p.h * p.w);
     let iy = div_small(idx, p.w);
     let ix = idx - iy * p.w;
     let obase = plane * p.oh * p.ow;
     var acc = 0.0;
+    // Windows that tile the input (stride = size, no padding or dilation): one window holds
+    // each element.
+    if (p.sh == p.kh && p.sw == p.kw && p.ph == 0u && p.pw == 0u && p.dh == 1u && p.dw == 1u) {
+        let oy = div_small(iy, p.sh);
+        let ox = div_small(ix, p.sw);
+        if (oy < p.oh && ox < p.ow) {
+            let o = obase + oy * p.ow + ox;
+            if (f32(b[p.idx_off + o]) == f32(idx)) {
+                acc = f32(a[o]);
+            }
+        }
+        out[i] = OUT(acc);
+        return;
+    }
     for (var ky = 0u; ky < p.kh; ky += 1u) {
         let oy = div_exact(i32(iy + p.ph) - i32(ky * p.dh), p.sh);
         if (oy >= p.oh) { continue; }
@@ -158,7 +183,7 @@ fn avg_pool2d_bwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups
     let i = linear_index(wid, nwg, lid);
     let total = p.planes * p.h * p.w;
     if (i >= total) { return; }
-    let plane = i / (p.h * p.w);
+    let plane = div_index(i, p.h * p.w);
     let idx = i - plane * (p.h * p.w);
     let iy = div_small(idx, p.w);
     let ix = idx - iy * p.w;

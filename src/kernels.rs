@@ -237,6 +237,8 @@ kernels! {
     BinaryFwd => (Elementwise, "binary_fwd", 2),
     UnaryVec4Fwd => (Elementwise, "unary_vec4_fwd", 1),
     BinaryVec4Fwd => (Elementwise, "binary_vec4_fwd", 2),
+    UnaryStrided4Fwd => (Elementwise, "unary_strided4_fwd", 1),
+    BinaryStrided4Fwd => (Elementwise, "binary_strided4_fwd", 2),
     BinaryScalarVec4Fwd => (Elementwise, "binary_scalar_vec4_fwd", 1),
     UnaryVec4Bwd => (Elementwise, "unary_vec4_bwd", 2),
     UnaryInplaceVec4Fwd => (Elementwise, "unary_inplace_vec4_fwd", 0),
@@ -305,6 +307,8 @@ impl Kernel {
             Kernel::UnaryFwd | Kernel::BinaryFwd => 4,
             Kernel::UnaryVec4Fwd
             | Kernel::BinaryVec4Fwd
+            | Kernel::UnaryStrided4Fwd
+            | Kernel::BinaryStrided4Fwd
             | Kernel::BinaryScalarVec4Fwd
             | Kernel::UnaryVec4Bwd
             | Kernel::UnaryInplaceVec4Fwd => 16,

@@ -499,3 +499,91 @@ fn vec4_kernels_match_scalar_kernels() {
         &x1.rsub_scalar(2.0).unwrap(),
     );
 }
+
+/// The strided four-at-a-time kernels (transposing copies and broadcast operands whose merged
+/// innermost axis is a multiple of 4) and their fallbacks (odd or unaligned innermost runs),
+/// against the f64 reference.
+#[test]
+fn strided_operands_match_the_reference() {
+    let d = dev();
+    let mut rng = Rng::new(505);
+    // (shape, permutation): the permuted view keeps the last two axes, merged into one run.
+    for (shape, perm) in [
+        (vec![3usize, 5, 4, 7], vec![1usize, 0, 2, 3]), // run 28: strided4
+        (vec![2, 6, 3, 4], vec![1, 0, 2, 3]),           // run 12: strided4
+        (vec![2, 3, 5, 3], vec![1, 0, 2, 3]),           // run 15: general
+        (vec![4, 3, 8], vec![2, 1, 0]),                 // innermost stride 12: general
+    ] {
+        let (x, xn) = rand_pair(&mut rng, &shape, -2.0, 2.0);
+        let iperm: Vec<isize> = perm.iter().map(|&a| a as isize).collect();
+        let view = x.permute(&iperm).unwrap();
+        let want = xn.permute(&perm);
+        assert_close(
+            &format!("copy {shape:?} {perm:?}"),
+            &view.contiguous().unwrap(),
+            &want,
+            0.0,
+            0.0,
+        );
+        assert_close(
+            &format!("relu {shape:?} {perm:?}"),
+            &view.relu().unwrap(),
+            &want.map(|v| v.max(0.0)),
+            0.0,
+            0.0,
+        );
+        // A second operand broadcast along the innermost run (a per-channel bias) and one
+        // contiguous: both paths of the binary kernel.
+        let mut bshape = want.shape.clone();
+        let r = bshape.len();
+        bshape[r - 1] = 1;
+        let (b, bn) = rand_pair(&mut rng, &bshape, -1.0, 1.0);
+        let sum = view.add(&b).unwrap();
+        let bb = |idx: &[usize]| {
+            let mut i = idx.to_vec();
+            i[r - 1] = 0;
+            bn.at(&i)
+        };
+        let want_sum = Nd::new(
+            &want.shape,
+            (0..want.data.len())
+                .map(|i| {
+                    let idx = unravel(i, &want.shape);
+                    want.at(&idx) + bb(&idx)
+                })
+                .collect(),
+        );
+        assert_close(
+            &format!("add broadcast {shape:?} {perm:?}"),
+            &sum,
+            &want_sum,
+            1e-6,
+            0.0,
+        );
+        let (c, cn) = rand_pair(&mut rng, &want.shape, -1.0, 1.0);
+        assert_close(
+            &format!("mul {shape:?} {perm:?}"),
+            &view.mul(&c).unwrap(),
+            &want.zip(&cn, |p, q| p * q),
+            1e-6,
+            0.0,
+        );
+    }
+    // From offset 2 of a buffer: not 4-aligned, the general kernel.
+    let (x, xn) = rand_pair(&mut rng, &[2 + 2 * 3 * 8], -2.0, 2.0);
+    let view = x
+        .narrow(0, 2, 48)
+        .unwrap()
+        .reshape(&[2, 3, 8])
+        .unwrap()
+        .permute(&[1, 0, 2])
+        .unwrap();
+    let want = Nd::new(&[2, 3, 8], xn.data[2..].to_vec()).permute(&[1, 0, 2]);
+    assert_close(
+        "copy from offset 2",
+        &view.contiguous().unwrap(),
+        &want,
+        0.0,
+        0.0,
+    );
+}

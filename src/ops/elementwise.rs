@@ -137,6 +137,10 @@ impl BinaryOp {
 
 /// `flags` bit of a contiguous output (bits 0-2: inputs a, b, c; see `shaders/elementwise.wgsl`).
 const FLAG_O_CONTIG: u32 = 8;
+/// Operand `i`'s innermost stride is 0 in the strided4 kernels: `FLAG_A_SPLAT << i`.
+const FLAG_A_SPLAT: u32 = 32;
+/// Every index is below 2^22: the kernels divide in f32 (`split_index`).
+const FLAG_SMALL_INDEX: u32 = 128;
 
 /// Scalar arguments and extra words of one elementwise dispatch.
 #[derive(Clone, Copy, Default)]
@@ -148,6 +152,53 @@ pub(crate) struct Extra {
     pub flags: u32,
     /// Goes to `off_c` when there is no third input (`gather_bwd` reads a stride from it).
     pub aux2: u32,
+}
+
+/// The same positions with fewer axes: size-1 axes dropped, and each axis merged into the
+/// next inner one where every layout steps through the two as through one (`stride[d] ==
+/// stride[d + 1] * shape[d + 1]`). `inputs` have `out`'s shape.
+fn merge_axes(out: &Layout, inputs: &[&Layout]) -> (Layout, Vec<Layout>) {
+    let all: Vec<&Layout> = std::iter::once(out).chain(inputs.iter().copied()).collect();
+    let mut shape: Vec<usize> = Vec::new();
+    let mut strides: Vec<Vec<usize>> = vec![Vec::new(); all.len()];
+    for d in (0..out.rank()).rev() {
+        let size = out.shape[d];
+        if size == 1 {
+            continue;
+        }
+        let inner = shape.len().checked_sub(1);
+        let merges = inner.is_some_and(|g| {
+            all.iter()
+                .zip(&strides)
+                .all(|(l, s)| l.strides[d] == s[g] * shape[g])
+        });
+        match inner {
+            Some(g) if merges => shape[g] *= size,
+            _ => {
+                shape.push(size);
+                for (s, l) in strides.iter_mut().zip(&all) {
+                    s.push(l.strides[d]);
+                }
+            }
+        }
+    }
+    if shape.is_empty() {
+        shape.push(1);
+        for s in &mut strides {
+            s.push(1);
+        }
+    }
+    shape.reverse();
+    let mut layouts = all.iter().zip(strides).map(|(l, mut s)| {
+        s.reverse();
+        Layout {
+            shape: shape.clone(),
+            strides: s,
+            offset: l.offset,
+        }
+    });
+    let out = layouts.next().unwrap_or_else(|| Layout::contiguous(&shape));
+    (out, layouts.collect())
 }
 
 /// Records one elementwise dispatch: `inputs` are read through their layouts (already
@@ -176,6 +227,30 @@ pub(crate) fn launch_variant(
     if n == 0 {
         return Ok(());
     }
+    // Kernels that see positions only: merge the axes that every operand steps through alike
+    // (fewer divisions per element, and runs long enough for vec4s).
+    let positional = matches!(
+        kernel,
+        Kernel::UnaryFwd
+            | Kernel::BinaryFwd
+            | Kernel::BinaryScalarFwd
+            | Kernel::UnaryBwd
+            | Kernel::WhereFwd
+    );
+    let merged;
+    let merged_inputs: Vec<(&Tensor, &Layout)>;
+    let (out_layout, inputs) = if positional {
+        let ins: Vec<&Layout> = inputs.iter().map(|(_, l)| *l).collect();
+        merged = merge_axes(out_layout, &ins);
+        merged_inputs = inputs
+            .iter()
+            .zip(&merged.1)
+            .map(|((t, _), l)| (*t, l))
+            .collect();
+        (&merged.0, &merged_inputs[..])
+    } else {
+        (out_layout, inputs)
+    };
     let mut p = ElementwiseParams {
         n: n as u32,
         rank: out_layout.rank() as u32,
@@ -193,6 +268,9 @@ pub(crate) fn launch_variant(
     };
     if out_layout.is_contiguous() {
         p.flags |= FLAG_O_CONTIG;
+    }
+    if n < 1 << 22 {
+        p.flags |= FLAG_SMALL_INDEX;
     }
     for (i, (_, l)) in inputs.iter().enumerate() {
         let strides = pack(l.strides.iter().copied());
@@ -212,7 +290,30 @@ pub(crate) fn launch_variant(
         && n.is_multiple_of(4)
         && p.off_o.is_multiple_of(4)
         && inputs.iter().all(|(_, l)| l.offset.is_multiple_of(4));
+    // Otherwise, four elements at a time where every operand's innermost axis is contiguous
+    // (read as vec4s) or broadcast (one element), with 4-aligned other strides and offsets.
+    let r = out_layout.rank();
+    let aligned4 = |l: &Layout| l.offset % 4 == 0 && l.strides[..r - 1].iter().all(|s| s % 4 == 0);
+    let strided4 = matches!(kernel, Kernel::UnaryFwd | Kernel::BinaryFwd)
+        && !aligned
+        && out_layout.shape[r - 1] % 4 == 0
+        && out_layout.strides[r - 1] == 1
+        && aligned4(out_layout)
+        && inputs.iter().all(|(_, l)| match l.strides[r - 1] {
+            0 => true,
+            1 => aligned4(l),
+            _ => false,
+        });
+    if strided4 {
+        for (i, (_, l)) in inputs.iter().enumerate() {
+            if l.strides[r - 1] == 0 {
+                p.flags |= FLAG_A_SPLAT << i;
+            }
+        }
+    }
     let kernel = match kernel {
+        Kernel::UnaryFwd if strided4 => Kernel::UnaryStrided4Fwd,
+        Kernel::BinaryFwd if strided4 => Kernel::BinaryStrided4Fwd,
         Kernel::UnaryFwd if aligned => Kernel::UnaryVec4Fwd,
         Kernel::BinaryFwd if aligned => Kernel::BinaryVec4Fwd,
         Kernel::BinaryScalarFwd if aligned => Kernel::BinaryScalarVec4Fwd,

@@ -28,7 +28,8 @@ pub(crate) struct PoolParams {
     pub dw: u32,
     pub mode: u32,
     pub idx_off: u32,
-    pub _pad: u32,
+    /// 1 when every element index is below 2^22 (the kernels then divide in f32).
+    pub small: u32,
 }
 
 pub(crate) const MODE_MAX: u32 = 0;
@@ -70,7 +71,7 @@ impl PoolGeometry {
             dw: self.dilation[1] as u32,
             mode: self.mode,
             idx_off: idx_off as u32,
-            _pad: 0,
+            small: (self.n * self.c * self.h.max(self.oh) * self.w.max(self.ow) < 1 << 22) as u32,
         }
     }
 }
