@@ -505,7 +505,6 @@ fn vec4_kernels_match_scalar_kernels() {
 /// against the f64 reference.
 #[test]
 fn strided_operands_match_the_reference() {
-    let d = dev();
     let mut rng = Rng::new(505);
     // (shape, permutation): the permuted view keeps the last two axes, merged into one run.
     for (shape, perm) in [

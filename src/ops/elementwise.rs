@@ -293,10 +293,12 @@ pub(crate) fn launch_variant(
     // Otherwise, four elements at a time where every operand's innermost axis is contiguous
     // (read as vec4s) or broadcast (one element), with 4-aligned other strides and offsets.
     let r = out_layout.rank();
-    let aligned4 = |l: &Layout| l.offset % 4 == 0 && l.strides[..r - 1].iter().all(|s| s % 4 == 0);
+    let aligned4 = |l: &Layout| {
+        l.offset.is_multiple_of(4) && l.strides[..r - 1].iter().all(|s| s.is_multiple_of(4))
+    };
     let strided4 = matches!(kernel, Kernel::UnaryFwd | Kernel::BinaryFwd)
         && !aligned
-        && out_layout.shape[r - 1] % 4 == 0
+        && out_layout.shape[r - 1].is_multiple_of(4)
         && out_layout.strides[r - 1] == 1
         && aligned4(out_layout)
         && inputs.iter().all(|(_, l)| match l.strides[r - 1] {
