@@ -275,54 +275,7 @@ pub(crate) fn reduce(
             if x.numel() == 0 {
                 return reduce_empty(x, op, &axes, keepdim);
             }
-            let (src, rows) = rows_of(name, x, &axes)?;
-            let kept_shape: Vec<usize> = rows.kept.iter().map(|&a| src.dims()[a]).collect();
-            let n_out: usize = kept_shape.iter().product();
-            if rows.len == 0 && op.needs_elements() && (n_out > 0 || kept_shape.is_empty()) {
-                return Err(Error::shape(
-                    name,
-                    format!(
-                        "cannot reduce over an empty axis (shape {:?}, axes {axes:?})",
-                        x.dims()
-                    ),
-                ));
-            }
-            let out_shape: Vec<usize> = if keepdim {
-                x.dims()
-                    .iter()
-                    .enumerate()
-                    .map(|(i, &d)| if axes.contains(&i) { 1 } else { d })
-                    .collect()
-            } else {
-                kept_shape.clone()
-            };
-            let kept_strides: Vec<usize> = rows.kept.iter().map(|&a| src.strides()[a]).collect();
-            let splittable = matches!(
-                op,
-                ReduceOp::Sum | ReduceOp::Mean | ReduceOp::Max | ReduceOp::Min
-            );
-            let out = if splittable
-                && rows.len >= SPLIT_MIN_LEN
-                && n_out <= SPLIT_MAX_ROWS
-                && kept_shape.len() < MAX_RANK
-            {
-                two_stage(&src, op, &kept_shape, &kept_strides, rows.len, rows.stride)?
-                    .reshape_to(&out_shape)?
-            } else {
-                let out = Tensor::uninit(name, &out_shape, x.device())?;
-                if n_out > 0 {
-                    let run = Run {
-                        shape: &kept_shape,
-                        in_strides: &kept_strides,
-                        offset: src.layout.offset,
-                        len: rows.len,
-                        stride: rows.stride,
-                        out_strides: &contiguous_strides(&kept_shape),
-                    };
-                    dispatch_rows(&src, op, correction, &run, &out);
-                }
-                out
-            };
+            let out = reduce_raw(x, op, &axes, keepdim, correction)?;
             if matches!(op, ReduceOp::ArgMax | ReduceOp::ArgMin) {
                 return Ok(out);
             }
@@ -343,6 +296,99 @@ pub(crate) fn reduce(
             }))
         },
     )
+}
+
+/// The reduction of `x` over `axes` (normalised, `x` not empty), not recorded. Over axes that
+/// are not one strided run (a per-channel sum of NCHW data over N, H and W), the axes that
+/// form the innermost run are reduced first, then the rest of the smaller result, instead of
+/// copying `x` with the reduced axes moved last.
+fn reduce_raw(
+    x: &Tensor,
+    op: ReduceOp,
+    axes: &[usize],
+    keepdim: bool,
+    correction: f32,
+) -> Result<Tensor> {
+    let name = op.name();
+    let staged = matches!(
+        op,
+        ReduceOp::Sum | ReduceOp::Mean | ReduceOp::Max | ReduceOp::Min
+    );
+    if staged && merged_run(x, axes).is_none() {
+        let inner = innermost_run(x, axes);
+        if !inner.is_empty() && inner.len() < axes.len() {
+            // The inner axes stay with size 1, reduced again (a no-op) to drop them.
+            let partial = reduce_raw(x, op, &inner, true, correction)?;
+            return reduce_raw(&partial, op, axes, keepdim, correction);
+        }
+    }
+    let (src, rows) = rows_of(name, x, axes)?;
+    let kept_shape: Vec<usize> = rows.kept.iter().map(|&a| src.dims()[a]).collect();
+    let n_out: usize = kept_shape.iter().product();
+    if rows.len == 0 && op.needs_elements() && (n_out > 0 || kept_shape.is_empty()) {
+        return Err(Error::shape(
+            name,
+            format!(
+                "cannot reduce over an empty axis (shape {:?}, axes {axes:?})",
+                x.dims()
+            ),
+        ));
+    }
+    let out_shape: Vec<usize> = if keepdim {
+        x.dims()
+            .iter()
+            .enumerate()
+            .map(|(i, &d)| if axes.contains(&i) { 1 } else { d })
+            .collect()
+    } else {
+        kept_shape.clone()
+    };
+    let kept_strides: Vec<usize> = rows.kept.iter().map(|&a| src.strides()[a]).collect();
+    let splittable = matches!(
+        op,
+        ReduceOp::Sum | ReduceOp::Mean | ReduceOp::Max | ReduceOp::Min
+    );
+    let out = if splittable
+        && rows.len >= SPLIT_MIN_LEN
+        && n_out <= SPLIT_MAX_ROWS
+        && kept_shape.len() < MAX_RANK
+    {
+        two_stage(&src, op, &kept_shape, &kept_strides, rows.len, rows.stride)?
+            .reshape_to(&out_shape)?
+    } else {
+        let out = Tensor::uninit(name, &out_shape, x.device())?;
+        if n_out > 0 {
+            let run = Run {
+                shape: &kept_shape,
+                in_strides: &kept_strides,
+                offset: src.layout.offset,
+                len: rows.len,
+                stride: rows.stride,
+                out_strides: &contiguous_strides(&kept_shape),
+            };
+            dispatch_rows(&src, op, correction, &run, &out);
+        }
+        out
+    };
+    Ok(out)
+}
+
+/// The reduced axes that chain into one run from the smallest stride up.
+fn innermost_run(x: &Tensor, axes: &[usize]) -> Vec<usize> {
+    let mut by_stride: Vec<usize> = axes.iter().copied().filter(|&a| x.dims()[a] != 1).collect();
+    by_stride.sort_by_key(|&a| x.strides()[a]);
+    let mut run: Vec<usize> = Vec::new();
+    for a in by_stride {
+        let chains = match run.last() {
+            None => true,
+            Some(&b) => x.strides()[a] == x.strides()[b] * x.dims()[b],
+        };
+        if !chains {
+            break;
+        }
+        run.push(a);
+    }
+    run
 }
 
 fn softmax_like(x: &Tensor, axis: isize, kernel: Kernel, name: &'static str) -> Result<Tensor> {
