@@ -17,6 +17,8 @@
 //                      p.off_bias when p.epilogue asks for it, out (3) = y
 //   conv2d_bwd_input:  a (0) = dy,     b (1) = weight, out (3) = dx
 //   conv2d_bwd_weight: a (0) = dy,     b (1) = x,      out (3) = dweight
+//   conv2d_im2col_fwd: a (0) = x;  out (3) = cols (c_in kh kw, n, oh ow), for groups = 1
+//   conv2d_col2im_bwd: a (0) = dcols (n, c_in kh kw, oh ow); out (3) = dx, for groups = 1
 //   p (4): ConvParams (src/ops/conv.rs)
 
 struct Params {
@@ -42,7 +44,8 @@ struct Params {
     off_bias: u32,
     splits: u32,
     chunk: u32,
-    _pad0: u32,
+    // conv2d_im2col_fwd: 1 when every index is below 2^22 (split with float division).
+    small: u32,
     _pad1: u32,
 }
 
@@ -663,4 +666,82 @@ fn conv2d_bwd_input_tiled(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_
             }
         }
     }
+}
+
+// k / d, in float arithmetic where p.small says that it is exact (see div_small).
+fn im2col_div(k: u32, d: u32) -> u32 {
+    if (p.small != 0u) {
+        return div_small(k, d);
+    }
+    return k / d;
+}
+
+// The im2col matrix of x for groups = 1: cols[(ci, ky, kx), nn, (oy, ox)] is the input
+// element under kernel tap (ky, kx) of output position (oy, ox) of sample nn, 0 in the
+// padding. src/ops/conv.rs multiplies it by the weight as matrices (batched over nn) where
+// that beats the implicit-GEMM kernels; it asks for oh * ow a multiple of 4, so that each
+// invocation writes four neighbouring positions as one vec4, with one index split for four.
+@group(0) @binding(3) var<storage, read_write> out4: array<vec4<OUT>>;
+
+@compute @workgroup_size(256)
+fn conv2d_im2col_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                     @builtin(local_invocation_id) lid: vec3<u32>) {
+    let i = (wid.y * nwg.x + wid.x) * 256u + lid.x;
+    let taps = p.kh * p.kw;
+    let plane = p.oh * p.ow;
+    let per_row = p.n * plane;
+    if (i >= p.c_in * taps * per_row / 4u) { return; }
+    let first = 4u * i;
+    let row = im2col_div(first, per_row);
+    let rem = first - row * per_row;
+    let nn = im2col_div(rem, plane);
+    let pos = rem - nn * plane;
+    var oy = im2col_div(pos, p.ow);
+    var ox = pos - oy * p.ow;
+    let ci = im2col_div(row, taps);
+    let tap = row - ci * taps;
+    let ky = im2col_div(tap, p.kw);
+    let kx = tap - ky * p.kw;
+    let base = (nn * p.c_in + ci) * p.h * p.w;
+    var v = vec4<f32>(0.0);
+    for (var j = 0u; j < 4u; j += 1u) {
+        let iy = i32(oy * p.sh + ky * p.dh) - i32(p.ph);
+        let ix = i32(ox * p.sw + kx * p.dw) - i32(p.pw);
+        v[j] = conv_x(base, iy, ix);
+        ox += 1u;
+        if (ox == p.ow) {
+            ox = 0u;
+            oy += 1u;
+        }
+    }
+    out4[i] = vec4<OUT>(v);
+}
+
+// dx from the gradient of the im2col matrix, dcols (n, (ci, ky, kx), (oy, ox)): each input
+// element sums the entries of the taps that read it.
+@compute @workgroup_size(256)
+fn conv2d_col2im_bwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                     @builtin(local_invocation_id) lid: vec3<u32>) {
+    let i = (wid.y * nwg.x + wid.x) * 256u + lid.x;
+    let in_plane = p.h * p.w;
+    if (i >= p.n * p.c_in * in_plane) { return; }
+    let sample_ci = im2col_div(i, in_plane);
+    let rem = i - sample_ci * in_plane;
+    let iy = im2col_div(rem, p.w);
+    let ix = rem - iy * p.w;
+    let taps = p.kh * p.kw;
+    let plane = p.oh * p.ow;
+    // Row (ci, 0, 0) of sample nn: sample_ci = nn * c_in + ci, and rows run over (ci, ky, kx).
+    let base = sample_ci * taps * plane;
+    var acc = 0.0;
+    for (var ky = 0u; ky < p.kh; ky += 1u) {
+        let oy = div_exact(i32(iy + p.ph) - i32(ky * p.dh), p.sh);
+        if (oy >= p.oh) { continue; }
+        for (var kx = 0u; kx < p.kw; kx += 1u) {
+            let ox = div_exact(i32(ix + p.pw) - i32(kx * p.dw), p.sw);
+            if (ox >= p.ow) { continue; }
+            acc += f32(a[base + (ky * p.kw + kx) * plane + oy * p.ow + ox]);
+        }
+    }
+    out[i] = OUT(acc);
 }

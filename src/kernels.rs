@@ -281,6 +281,8 @@ kernels! {
     Conv2dBwdInputTiled => (Conv, "conv2d_bwd_input_tiled", 2),
     Conv2dBwdWeight => (Conv, "conv2d_bwd_weight", 2),
     Conv2dBwdWeightTiled => (Conv, "conv2d_bwd_weight_tiled", 2),
+    Conv2dIm2colFwd => (Conv, "conv2d_im2col_fwd", 1),
+    Conv2dCol2imBwd => (Conv, "conv2d_col2im_bwd", 1),
     Pool2dFwd => (Pool, "pool2d_fwd", 1),
     MaxPool2dBwd => (Pool, "max_pool2d_bwd", 2),
     AvgPool2dBwd => (Pool, "avg_pool2d_bwd", 1),

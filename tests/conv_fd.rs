@@ -686,3 +686,69 @@ fn hardware_choices_tune_the_convolutions() {
         assert!(candidates.contains(&chosen[0]), "{family:?}: {chosen:?}");
     }
 }
+
+/// The im2col-times-weight path that software adapters take for convolutions with 32 or more
+/// output channels (planes and reduction depths in multiples of 4): forward and both
+/// gradients through autograd against the f64 reference, with strides, padding and dilation.
+#[test]
+fn im2col_matmul_path_matches_the_reference() {
+    let d = own_device();
+    let mut rng = Rng::new(91);
+    let cases = [
+        ([2, 4, 8, 8], [32, 4, 3, 3], [1, 1], [1, 1], [1, 1]),
+        ([3, 8, 9, 7], [36, 8, 1, 2], [1, 2], [0, 1], [1, 1]),
+        ([2, 4, 12, 10], [40, 4, 3, 3], [2, 2], [2, 2], [2, 1]),
+    ];
+    for (xs, ws, stride, padding, dilation) in cases {
+        let opts = Conv2dOptions {
+            stride,
+            padding,
+            dilation,
+            groups: 1,
+        };
+        let xv = rng.vec(xs.iter().product(), -1.0, 1.0);
+        let wv = rng.vec(ws.iter().product(), -1.0, 1.0);
+        let x = Tensor::from_slice(&xv, &xs, &d).unwrap().requires_grad();
+        let w = Tensor::from_slice(&wv, &ws, &d).unwrap().requires_grad();
+        d.set_profiling(true);
+        let y = x.conv2d(&w, None, &opts).unwrap();
+        let dyv = rng.vec(y.numel(), -1.0, 1.0);
+        let dy = Tensor::from_slice(&dyv, y.dims(), &d).unwrap();
+        y.backward_with(Some(&dy), false).unwrap();
+        let (yr, dx, dw, [oh, ow]) = conv_reference(&xv, xs, &wv, ws, &opts, &dyv);
+        let what = format!("{xs:?} * {ws:?} s{stride:?} p{padding:?} d{dilation:?}");
+        assert_eq!((oh * ow) % 4, 0, "{what}: the case must suit the path");
+        assert_close(
+            &format!("forward {what}"),
+            &y,
+            &Nd::new(y.dims(), yr),
+            1e-5,
+            1e-5,
+        );
+        assert_close(
+            &format!("dx {what}"),
+            &x.grad().unwrap(),
+            &Nd::new(&xs, dx),
+            1e-5,
+            1e-5,
+        );
+        assert_close(
+            &format!("dw {what}"),
+            &w.grad().unwrap(),
+            &Nd::new(&ws, dw),
+            1e-5,
+            1e-5,
+        );
+        d.synchronize().unwrap();
+        let ran: Vec<String> = d.profile().into_iter().map(|k| k.kernel).collect();
+        d.set_profiling(false);
+        if d.adapter_info().device_type == kiln::wgpu::DeviceType::Cpu {
+            for k in ["conv2d_im2col_fwd", "conv2d_col2im_bwd"] {
+                assert!(
+                    ran.iter().any(|r| r == k),
+                    "{what}: {k} did not run: {ran:?}"
+                );
+            }
+        }
+    }
+}

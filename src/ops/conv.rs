@@ -193,6 +193,92 @@ impl ConvGeometry {
     }
 }
 
+/// Whether to run conv2d as an explicit im2col matrix times the weight (batched matmuls) rather
+/// than the implicit-GEMM kernels: on software adapters, for one group with a reduction depth
+/// and output planes that the vec4 matmul kernels take (multiples of 4), and an im2col matrix
+/// that fits a binding, with 32 output channels or more. There the matmul kernels' vec4 loads and register blocking beat the
+/// convolution kernels' gathers by about 2x at the channel counts of small CNNs; hardware
+/// adapters keep the tuned convolution kernels (untested there).
+fn gemm_suits(device: &crate::device::Device, g: &ConvGeometry) -> bool {
+    let depth = g.c_in * g.k[0] * g.k[1];
+    let plane = g.oh * g.ow;
+    let bytes = (depth * g.n * plane * 4) as u64;
+    device.is_software()
+        && g.groups == 1
+        && g.c_out >= 32
+        && depth.is_multiple_of(4)
+        && plane.is_multiple_of(4)
+        && g.c_out > 0
+        && depth * g.n * plane > 0
+        && bytes <= device.max_binding_bytes()
+        && depth * g.n * plane < u32::MAX as usize
+}
+
+/// The im2col matrix of `x` (dense): (c_in kh kw, n, oh ow). Not recorded.
+fn im2col(x: &Tensor, g: &ConvGeometry) -> Result<Tensor> {
+    let (depth, plane) = (g.c_in * g.k[0] * g.k[1], g.oh * g.ow);
+    let cols = Tensor::uninit("conv2d", &[depth, g.n, plane], x.device())?;
+    let total = depth * g.n * plane;
+    let mut p = g.params(0, &Epilogue::default());
+    p._pad[0] = (total < 1 << 22) as u32;
+    x.device().dispatch(
+        Kernel::Conv2dIm2colFwd,
+        &[x.buffer()],
+        cols.buffer(),
+        bytemuck::bytes_of(&p),
+        super::grid(total / 4, 256),
+    );
+    Ok(cols)
+}
+
+/// `out = conv2d(x, w)` as `w (c_out, depth) @ cols[:, nn, :]` for each sample `nn`.
+fn gemm_fwd_into(x: &Tensor, w: &Tensor, g: &ConvGeometry, out: &Tensor) -> Result<()> {
+    let (depth, plane) = (g.c_in * g.k[0] * g.k[1], g.oh * g.ow);
+    let cols = im2col(&x.detach().dense()?, g)?;
+    let a = w.detach().dense()?.reshape_to(&[1, g.c_out, depth])?;
+    let b = cols.permute(&[1, 0, 2])?;
+    let y = out.reshape_to(&[g.n, g.c_out, plane])?;
+    super::matmul::matmul_into(&a, &b, &y, &Epilogue::default())
+}
+
+/// dx of conv2d as `w^T (depth, c_out) @ dy[nn]` for each sample (the gradient of the im2col
+/// matrix), summed back onto the input positions.
+fn gemm_bwd_input(dy: &Tensor, w: &Tensor, g: &ConvGeometry) -> Result<Tensor> {
+    let (depth, plane) = (g.c_in * g.k[0] * g.k[1], g.oh * g.ow);
+    let a = w
+        .detach()
+        .dense()?
+        .reshape_to(&[1, g.c_out, depth])?
+        .transpose(1, 2)?;
+    let b = dy.detach().dense()?.reshape_to(&[g.n, g.c_out, plane])?;
+    let dcols = Tensor::uninit("conv2d_backward", &[g.n, depth, plane], dy.device())?;
+    super::matmul::matmul_into(&a, &b, &dcols, &Epilogue::default())?;
+    let dx = Tensor::uninit("conv2d_backward", &[g.n, g.c_in, g.h, g.w], dy.device())?;
+    let total = dx.numel();
+    let mut p = g.params(0, &Epilogue::default());
+    p._pad[0] = (total < 1 << 22 && dcols.numel() < 1 << 22) as u32;
+    dy.device().dispatch(
+        Kernel::Conv2dCol2imBwd,
+        &[dcols.buffer()],
+        dx.buffer(),
+        bytemuck::bytes_of(&p),
+        super::grid(total, 256),
+    );
+    Ok(dx)
+}
+
+/// dw of conv2d as the sum over samples of `dy[nn] (c_out, oh ow) @ cols[:, nn, :]^T`.
+fn gemm_bwd_weight(dy: &Tensor, x: &Tensor, g: &ConvGeometry) -> Result<Tensor> {
+    let (depth, plane) = (g.c_in * g.k[0] * g.k[1], g.oh * g.ow);
+    let cols = im2col(&x.detach().dense()?, g)?;
+    let a = dy.detach().dense()?.reshape_to(&[g.n, g.c_out, plane])?;
+    let b = cols.permute(&[1, 2, 0])?;
+    let per_sample = Tensor::uninit("conv2d_backward", &[g.n, g.c_out, depth], dy.device())?;
+    super::matmul::matmul_into(&a, &b, &per_sample, &Epilogue::default())?;
+    crate::autograd::no_grad(|| per_sample.sum(&[0], false))?
+        .reshape_to(&[g.c_out, g.c_in, g.k[0], g.k[1]])
+}
+
 /// y = conv2d(x, w). Not recorded.
 pub(crate) fn conv_fwd(x: &Tensor, w: &Tensor, g: &ConvGeometry) -> Result<Tensor> {
     let out = Tensor::uninit("conv2d", &[g.n, g.c_out, g.oh, g.ow], x.device())?;
@@ -209,6 +295,9 @@ pub(crate) fn conv_fwd_into(
     out: &Tensor,
     epi: &Epilogue<'_>,
 ) -> Result<()> {
+    if epi.flags() == 0 && epi.variant == Variant::F32 && gemm_suits(x.device(), g) {
+        return gemm_fwd_into(x, w, g, out);
+    }
     let (rows, cols) = (g.n * g.oh * g.ow, g.c_out / g.groups);
     let kernel = choose(
         x.device(),
@@ -310,6 +399,9 @@ impl Tensor {
 
 /// dx of conv2d given dy and w (also the forward of conv_transpose2d). Not recorded.
 pub(crate) fn conv_bwd_input(dy: &Tensor, w: &Tensor, g: &ConvGeometry) -> Result<Tensor> {
+    if gemm_suits(dy.device(), g) {
+        return gemm_bwd_input(dy, w, g);
+    }
     let (rows, cols) = (g.n * g.h * g.w, g.c_in / g.groups);
     let kernel = choose(
         dy.device(),
@@ -369,6 +461,9 @@ impl Tensor {
 
 /// dw of conv2d given dy and x. Not recorded.
 pub(crate) fn conv_bwd_weight(dy: &Tensor, x: &Tensor, g: &ConvGeometry) -> Result<Tensor> {
+    if gemm_suits(dy.device(), g) {
+        return gemm_bwd_weight(dy, x, g);
+    }
     // The reduction runs over positions: by default the tiled kernel for long ones.
     let positions = g.n * g.oh * g.ow;
     let kernel = choose(
