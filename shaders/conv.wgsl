@@ -17,7 +17,7 @@
 //                      p.off_bias when p.epilogue asks for it, out (3) = y
 //   conv2d_bwd_input:  a (0) = dy,     b (1) = weight, out (3) = dx
 //   conv2d_bwd_weight: a (0) = dy,     b (1) = x,      out (3) = dweight
-//   conv2d_im2col_fwd: a (0) = x;  out (3) = cols (c_in kh kw, n, oh ow), for groups = 1
+//   conv2d_im2col_fwd: a (0) = x;  out (3) = cols (p.im2col_rows, n, oh ow), for groups = 1
 //   conv2d_col2im_bwd: a (0) = dcols (n, c_in kh kw, oh ow); out (3) = dx, for groups = 1
 //   p (4): ConvParams (src/ops/conv.rs)
 
@@ -44,9 +44,11 @@ struct Params {
     off_bias: u32,
     splits: u32,
     chunk: u32,
-    // conv2d_im2col_fwd: 1 when every index is below 2^22 (split with float division).
+    // conv2d_im2col_fwd and conv2d_col2im_bwd: 1 when every index is below 2^22 (split with
+    // float division).
     small: u32,
-    _pad1: u32,
+    // conv2d_im2col_fwd: rows of the im2col matrix, c_in kh kw padded to a multiple of 4.
+    im2col_rows: u32,
 }
 
 // Element types of the input and output buffers: f32, or f16 in the variants that src/kernels.rs
@@ -690,9 +692,13 @@ fn conv2d_im2col_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgro
     let taps = p.kh * p.kw;
     let plane = p.oh * p.ow;
     let per_row = p.n * plane;
-    if (i >= p.c_in * taps * per_row / 4u) { return; }
+    if (i >= p.im2col_rows * per_row / 4u) { return; }
     let first = 4u * i;
     let row = im2col_div(first, per_row);
+    if (row >= p.c_in * taps) {
+        out4[i] = vec4<OUT>(0.0);
+        return;
+    }
     let rem = first - row * per_row;
     let nn = im2col_div(rem, plane);
     let pos = rem - nn * plane;

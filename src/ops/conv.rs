@@ -194,33 +194,41 @@ impl ConvGeometry {
 }
 
 /// Whether to run conv2d as an explicit im2col matrix times the weight (batched matmuls) rather
-/// than the implicit-GEMM kernels: on software adapters, for one group with a reduction depth
-/// and output planes that the vec4 matmul kernels take (multiples of 4), and an im2col matrix
-/// that fits a binding, with 32 output channels or more. There the matmul kernels' vec4 loads and register blocking beat the
-/// convolution kernels' gathers by about 2x at the channel counts of small CNNs; hardware
-/// adapters keep the tuned convolution kernels (untested there).
-fn gemm_suits(device: &crate::device::Device, g: &ConvGeometry) -> bool {
+/// than the implicit-GEMM kernels: on software adapters, for one group, 32 output channels or
+/// more, output planes that the vec4 matmul kernels take (multiples of 4) and an im2col
+/// matrix that fits a binding. There the matmul kernels' vec4 loads and register blocking
+/// beat the convolution kernels' gathers by about 2x at the channel counts of small CNNs;
+/// hardware adapters keep the tuned convolution kernels (untested there). The reduction depth
+/// is padded to a multiple of 4 with zero rows, except for the input gradient (`padded_ok`
+/// false), which needs it so.
+fn gemm_suits(device: &crate::device::Device, g: &ConvGeometry, padded_ok: bool) -> bool {
     let depth = g.c_in * g.k[0] * g.k[1];
+    let rows = gemm_depth(g);
     let plane = g.oh * g.ow;
-    let bytes = (depth * g.n * plane * 4) as u64;
+    let elements = rows * g.n * plane;
     device.is_software()
         && g.groups == 1
         && g.c_out >= 32
-        && depth.is_multiple_of(4)
+        && (padded_ok || rows == depth)
         && plane.is_multiple_of(4)
-        && g.c_out > 0
-        && depth * g.n * plane > 0
-        && bytes <= device.max_binding_bytes()
-        && depth * g.n * plane < u32::MAX as usize
+        && elements > 0
+        && (elements as u64) * 4 <= device.max_binding_bytes()
+        && elements < u32::MAX as usize
 }
 
-/// The im2col matrix of `x` (dense): (c_in kh kw, n, oh ow). Not recorded.
+/// The im2col matrix's rows: the reduction depth `c_in kh kw`, padded to a multiple of 4.
+fn gemm_depth(g: &ConvGeometry) -> usize {
+    (g.c_in * g.k[0] * g.k[1]).next_multiple_of(4)
+}
+
+/// The im2col matrix of `x` (dense): (`gemm_depth`, n, oh ow), its padding rows zero. Not
+/// recorded.
 fn im2col(x: &Tensor, g: &ConvGeometry) -> Result<Tensor> {
-    let (depth, plane) = (g.c_in * g.k[0] * g.k[1], g.oh * g.ow);
-    let cols = Tensor::uninit("conv2d", &[depth, g.n, plane], x.device())?;
-    let total = depth * g.n * plane;
+    let (rows, plane) = (gemm_depth(g), g.oh * g.ow);
+    let cols = Tensor::uninit("conv2d", &[rows, g.n, plane], x.device())?;
+    let total = rows * g.n * plane;
     let mut p = g.params(0, &Epilogue::default());
-    p._pad[0] = (total < 1 << 22) as u32;
+    p._pad = [(total < 1 << 22) as u32, rows as u32];
     x.device().dispatch(
         Kernel::Conv2dIm2colFwd,
         &[x.buffer()],
@@ -231,11 +239,28 @@ fn im2col(x: &Tensor, g: &ConvGeometry) -> Result<Tensor> {
     Ok(cols)
 }
 
+/// The weight as a (c_out, `gemm_depth`) matrix, its padding columns zero. Not recorded.
+fn gemm_weight(w: &Tensor, g: &ConvGeometry) -> Result<Tensor> {
+    let (depth, rows) = (g.c_in * g.k[0] * g.k[1], gemm_depth(g));
+    let flat = w.detach().dense()?.reshape_to(&[g.c_out, depth])?;
+    if rows == depth {
+        return Ok(flat);
+    }
+    let padded = Tensor::zeros(&[g.c_out, rows], w.device())?;
+    let into = crate::shape::Layout {
+        shape: vec![g.c_out, depth],
+        strides: vec![rows, 1],
+        offset: 0,
+    };
+    super::elementwise::copy_into(&flat, &padded, &into)?;
+    Ok(padded)
+}
+
 /// `out = conv2d(x, w)` as `w (c_out, depth) @ cols[:, nn, :]` for each sample `nn`.
 fn gemm_fwd_into(x: &Tensor, w: &Tensor, g: &ConvGeometry, out: &Tensor) -> Result<()> {
-    let (depth, plane) = (g.c_in * g.k[0] * g.k[1], g.oh * g.ow);
+    let (rows, plane) = (gemm_depth(g), g.oh * g.ow);
     let cols = im2col(&x.detach().dense()?, g)?;
-    let a = w.detach().dense()?.reshape_to(&[1, g.c_out, depth])?;
+    let a = gemm_weight(w, g)?.reshape_to(&[1, g.c_out, rows])?;
     let b = cols.permute(&[1, 0, 2])?;
     let y = out.reshape_to(&[g.n, g.c_out, plane])?;
     super::matmul::matmul_into(&a, &b, &y, &Epilogue::default())
@@ -269,14 +294,21 @@ fn gemm_bwd_input(dy: &Tensor, w: &Tensor, g: &ConvGeometry) -> Result<Tensor> {
 
 /// dw of conv2d as the sum over samples of `dy[nn] (c_out, oh ow) @ cols[:, nn, :]^T`.
 fn gemm_bwd_weight(dy: &Tensor, x: &Tensor, g: &ConvGeometry) -> Result<Tensor> {
-    let (depth, plane) = (g.c_in * g.k[0] * g.k[1], g.oh * g.ow);
+    let (depth, rows, plane) = (g.c_in * g.k[0] * g.k[1], gemm_depth(g), g.oh * g.ow);
     let cols = im2col(&x.detach().dense()?, g)?;
     let a = dy.detach().dense()?.reshape_to(&[g.n, g.c_out, plane])?;
     let b = cols.permute(&[1, 2, 0])?;
-    let per_sample = Tensor::uninit("conv2d_backward", &[g.n, g.c_out, depth], dy.device())?;
+    let per_sample = Tensor::uninit("conv2d_backward", &[g.n, g.c_out, rows], dy.device())?;
     super::matmul::matmul_into(&a, &b, &per_sample, &Epilogue::default())?;
-    crate::autograd::no_grad(|| per_sample.sum(&[0], false))?
-        .reshape_to(&[g.c_out, g.c_in, g.k[0], g.k[1]])
+    let dw = crate::autograd::no_grad(|| {
+        let summed = per_sample.sum(&[0], false)?;
+        if rows == depth {
+            Ok(summed)
+        } else {
+            summed.narrow(1, 0, depth)?.contiguous()
+        }
+    })?;
+    dw.reshape_to(&[g.c_out, g.c_in, g.k[0], g.k[1]])
 }
 
 /// y = conv2d(x, w). Not recorded.
@@ -295,7 +327,7 @@ pub(crate) fn conv_fwd_into(
     out: &Tensor,
     epi: &Epilogue<'_>,
 ) -> Result<()> {
-    if epi.flags() == 0 && epi.variant == Variant::F32 && gemm_suits(x.device(), g) {
+    if epi.flags() == 0 && epi.variant == Variant::F32 && gemm_suits(x.device(), g, true) {
         return gemm_fwd_into(x, w, g, out);
     }
     let (rows, cols) = (g.n * g.oh * g.ow, g.c_out / g.groups);
@@ -399,7 +431,7 @@ impl Tensor {
 
 /// dx of conv2d given dy and w (also the forward of conv_transpose2d). Not recorded.
 pub(crate) fn conv_bwd_input(dy: &Tensor, w: &Tensor, g: &ConvGeometry) -> Result<Tensor> {
-    if gemm_suits(dy.device(), g) {
+    if gemm_suits(dy.device(), g, false) {
         return gemm_bwd_input(dy, w, g);
     }
     let (rows, cols) = (g.n * g.h * g.w, g.c_in / g.groups);
@@ -461,7 +493,7 @@ impl Tensor {
 
 /// dw of conv2d given dy and x. Not recorded.
 pub(crate) fn conv_bwd_weight(dy: &Tensor, x: &Tensor, g: &ConvGeometry) -> Result<Tensor> {
-    if gemm_suits(dy.device(), g) {
+    if gemm_suits(dy.device(), g, true) {
         return gemm_bwd_weight(dy, x, g);
     }
     // The reduction runs over positions: by default the tiled kernel for long ones.
