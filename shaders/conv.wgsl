@@ -740,6 +740,20 @@ fn conv2d_col2im_bwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgro
     // Row (ci, 0, 0) of sample nn: sample_ci = nn * c_in + ci, and rows run over (ci, ky, kx).
     let base = sample_ci * taps * plane;
     var acc = 0.0;
+    if (p.sh == 1u && p.sw == 1u) {
+        // Stride 1: every tap reads the input, no division needed.
+        for (var ky = 0u; ky < p.kh; ky += 1u) {
+            let oy = u32(i32(iy + p.ph) - i32(ky * p.dh));
+            if (oy >= p.oh) { continue; }
+            for (var kx = 0u; kx < p.kw; kx += 1u) {
+                let ox = u32(i32(ix + p.pw) - i32(kx * p.dw));
+                if (ox >= p.ow) { continue; }
+                acc += f32(a[base + (ky * p.kw + kx) * plane + oy * p.ow + ox]);
+            }
+        }
+        out[i] = OUT(acc);
+        return;
+    }
     for (var ky = 0u; ky < p.kh; ky += 1u) {
         let oy = div_exact(i32(iy + p.ph) - i32(ky * p.dh), p.sh);
         if (oy >= p.oh) { continue; }
