@@ -161,3 +161,16 @@ fn div_exact(t: i32, s: u32) -> u32 {
 fn div_small(k: u32, d: u32) -> u32 {
     return u32((f32(k) + 0.5) / f32(d));
 }
+
+// k / d for k below 2^22, any d > 0: div_small corrected by one step, since a GPU's f32
+// division may be 2.5 ULP off (WGSL's bound), which near 2^22 moves the quotient by one.
+fn div_below_2_22(k: u32, d: u32) -> u32 {
+    var q = div_small(k, d);
+    let r = i32(k) - i32(q * d);
+    if (r < 0) {
+        q -= 1u;
+    } else if (r >= i32(d)) {
+        q += 1u;
+    }
+    return q;
+}

@@ -673,7 +673,7 @@ fn conv2d_bwd_input_tiled(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_
 // k / d, in float arithmetic where p.small says that it is exact (see div_small).
 fn im2col_div(k: u32, d: u32) -> u32 {
     if (p.small != 0u) {
-        return div_small(k, d);
+        return div_below_2_22(k, d);
     }
     return k / d;
 }

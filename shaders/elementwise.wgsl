@@ -53,7 +53,7 @@ const FLAG_SCALAR_LEFT: u32 = 16u;
 // In the strided4 kernels: the operand's innermost stride is 0 (one element, repeated).
 const FLAG_A_SPLAT: u32 = 32u;
 const FLAG_B_SPLAT: u32 = 64u;
-// Every logical index is below 2^22: positions split with float division (div_small), which
+// Every logical index is below 2^22: positions split with float division (div_below_2_22), which
 // lavapipe runs for all lanes at once, instead of an integer division lane by lane.
 const FLAG_SMALL_INDEX: u32 = 128u;
 
@@ -61,7 +61,7 @@ const FLAG_SMALL_INDEX: u32 = 128u;
 fn split_index(rem: u32, size: u32) -> vec2<u32> {
     var q: u32;
     if ((p.flags & FLAG_SMALL_INDEX) != 0u) {
-        q = div_small(rem, size);
+        q = div_below_2_22(rem, size);
     } else {
         q = rem / size;
     }

@@ -30,7 +30,8 @@ struct Params {
     mode: u32,
     idx_off: u32,
     // 1 when every element index is below 2^22: positions are split with float division
-    // (div_small, all lanes at once on lavapipe) instead of integer division (lane by lane).
+    // (div_below_2_22, all lanes at once on lavapipe) instead of integer division (lane by
+    // lane).
     small: u32,
 }
 
@@ -53,7 +54,7 @@ fn linear_index(wid: vec3<u32>, nwg: vec3<u32>, lid: vec3<u32>) -> u32 {
 // k / d, in float arithmetic where p.small says that it is exact.
 fn div_index(k: u32, d: u32) -> u32 {
     if (p.small != 0u) {
-        return div_small(k, d);
+        return div_below_2_22(k, d);
     }
     return k / d;
 }

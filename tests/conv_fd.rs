@@ -756,3 +756,91 @@ fn im2col_matmul_path_matches_the_reference() {
         }
     }
 }
+
+/// conv_transpose2d runs conv2d's input gradient, so on software adapters with 32 or more
+/// input channels it takes the im2col path's col2im: against the f64 input gradient of the
+/// convolution it transposes.
+#[test]
+fn conv_transpose_through_the_im2col_path() {
+    let d = own_device();
+    let mut rng = Rng::new(93);
+    // The transposed convolution of a conv2d 8 -> 32, k 4, stride 2, padding 1 on 9x9.
+    let (xs, ws) = ([2usize, 8, 9, 9], [32usize, 8, 4, 4]);
+    let conv = Conv2dOptions {
+        stride: [2, 2],
+        padding: [1, 1],
+        dilation: [1, 1],
+        groups: 1,
+    };
+    let wv = rng.vec(ws.iter().product(), -1.0, 1.0);
+    let tv = rng.vec(2 * 32 * 4 * 4, -1.0, 1.0);
+    let zeros = vec![0.0; xs.iter().product()];
+    let (_, want, _, [oh, ow]) = conv_reference(&zeros, xs, &wv, ws, &conv, &tv);
+    assert_eq!([oh, ow], [4, 4]);
+    let t = Tensor::from_slice(&tv, &[2, 32, 4, 4], &d).unwrap();
+    let w = Tensor::from_slice(&wv, &ws, &d).unwrap();
+    let opts = ConvTranspose2dOptions {
+        stride: [2, 2],
+        padding: [1, 1],
+        output_padding: [1, 1],
+        dilation: [1, 1],
+        groups: 1,
+    };
+    d.set_profiling(true);
+    let y = t.conv_transpose2d(&w, None, &opts).unwrap();
+    assert_close("conv_transpose2d", &y, &Nd::new(&xs, want), 1e-5, 1e-5);
+    let ran: Vec<String> = d.profile().into_iter().map(|k| k.kernel).collect();
+    d.set_profiling(false);
+    if d.adapter_info().device_type == kiln::wgpu::DeviceType::Cpu {
+        assert!(ran.iter().any(|k| k == "conv2d_col2im_bwd"), "{ran:?}");
+    }
+}
+
+/// Max pooling whose windows tile the input (the backward pass's fast path), on planes that
+/// the windows do not cover exactly (5x5 by 2x2: the last row and column are never chosen),
+/// against an f64 reference of the forward and the gradient.
+#[test]
+fn max_pool_tiling_windows_on_uncovered_edges() {
+    let d = own_device();
+    let mut rng = Rng::new(95);
+    let (n, c, h, w, k) = (2usize, 3usize, 5usize, 5usize, 2usize);
+    let xv = rng.vec(n * c * h * w, -1.0, 1.0);
+    let x = Tensor::from_slice(&xv, &[n, c, h, w], &d)
+        .unwrap()
+        .requires_grad();
+    let opts = Pool2dOptions::new([k, k]);
+    let y = x.max_pool2d(&opts).unwrap();
+    let (oh, ow) = (h / k, w / k);
+    let gv = rng.vec(n * c * oh * ow, -1.0, 1.0);
+    y.backward_with(Some(&Tensor::from_slice(&gv, y.dims(), &d).unwrap()), false)
+        .unwrap();
+    let mut want_y = vec![0.0; n * c * oh * ow];
+    let mut want_dx = vec![0.0; n * c * h * w];
+    for plane in 0..n * c {
+        for oy in 0..oh {
+            for ox in 0..ow {
+                // The first maximum in scan order.
+                let mut best = (f32::NEG_INFINITY, 0);
+                for ky in 0..k {
+                    for kx in 0..k {
+                        let i = (plane * h + oy * k + ky) * w + ox * k + kx;
+                        if xv[i] > best.0 {
+                            best = (xv[i], i);
+                        }
+                    }
+                }
+                let o = (plane * oh + oy) * ow + ox;
+                want_y[o] = best.0 as f64;
+                want_dx[best.1] += gv[o] as f64;
+            }
+        }
+    }
+    assert_close("max_pool2d", &y, &Nd::new(y.dims(), want_y), 0.0, 0.0);
+    assert_close(
+        "max_pool2d grad",
+        &x.grad().unwrap(),
+        &Nd::new(&[n, c, h, w], want_dx),
+        0.0,
+        0.0,
+    );
+}

@@ -586,3 +586,23 @@ fn strided_operands_match_the_reference() {
         0.0,
     );
 }
+
+/// The largest tensors whose positions are split in float arithmetic (just below 2^22
+/// elements), transposed: every element lands where the integer arithmetic puts it.
+#[test]
+fn float_index_split_is_exact_up_to_its_bound() {
+    let d = dev();
+    let (r, c) = (2049usize, 2047usize);
+    assert!(r * c < 1 << 22);
+    let v: Vec<f32> = (0..r * c).map(|i| i as f32).collect();
+    let x = Tensor::from_slice(&v, &[r, c], &d).unwrap();
+    let t = x.t().unwrap().contiguous().unwrap().to_vec().unwrap();
+    for (k, got) in t.iter().enumerate() {
+        let (j, i) = (k / r, k % r);
+        assert_eq!(
+            *got,
+            (i * c + j) as f32,
+            "element ({j}, {i}) of the transpose"
+        );
+    }
+}
