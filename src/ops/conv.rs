@@ -292,21 +292,30 @@ fn gemm_bwd_input(dy: &Tensor, w: &Tensor, g: &ConvGeometry) -> Result<Tensor> {
     Ok(dx)
 }
 
-/// dw of conv2d as one matmul over every position of every sample: `dy` as (c_out, n oh ow)
-/// (a transposing copy) times the im2col matrix (`gemm_depth`, n oh ow) transposed.
+/// dw of conv2d from the im2col matrix `cols` (`gemm_depth`, n, oh ow). With no more output
+/// channels than plane positions, as the sum over samples of `dy[nn] (c_out, oh ow) @
+/// cols[:, nn, :]^T` (the per-sample products take no more memory than `cols`); otherwise as
+/// one matmul over all positions, `dy` copied to (c_out, n oh ow).
 fn gemm_bwd_weight(dy: &Tensor, x: &Tensor, g: &ConvGeometry) -> Result<Tensor> {
-    let (depth, rows, positions) = (g.c_in * g.k[0] * g.k[1], gemm_depth(g), g.n * g.oh * g.ow);
+    let (depth, rows, plane) = (g.c_in * g.k[0] * g.k[1], gemm_depth(g), g.oh * g.ow);
     let cols = im2col(&x.detach().dense()?, g)?;
-    let a = dy
-        .detach()
-        .reshape_to(&[g.n, g.c_out, g.oh * g.ow])?
-        .permute(&[1, 0, 2])?
-        .contiguous()?
-        .reshape_to(&[1, g.c_out, positions])?;
-    let b = cols.reshape_to(&[1, rows, positions])?.transpose(1, 2)?;
-    let dw = Tensor::uninit("conv2d_backward", &[1, g.c_out, rows], dy.device())?;
-    super::matmul::matmul_into(&a, &b, &dw, &Epilogue::default())?;
-    let dw = dw.reshape_to(&[g.c_out, rows])?;
+    let dy = dy.detach().reshape_to(&[g.n, g.c_out, plane])?;
+    let dw = if g.c_out <= plane {
+        let b = cols.permute(&[1, 2, 0])?;
+        let per_sample = Tensor::uninit("conv2d_backward", &[g.n, g.c_out, rows], dy.device())?;
+        super::matmul::matmul_into(&dy.dense()?, &b, &per_sample, &Epilogue::default())?;
+        per_sample.sum(&[0], false)?
+    } else {
+        let positions = g.n * plane;
+        let a = dy
+            .permute(&[1, 0, 2])?
+            .contiguous()?
+            .reshape_to(&[1, g.c_out, positions])?;
+        let b = cols.reshape_to(&[1, rows, positions])?.transpose(1, 2)?;
+        let dw = Tensor::uninit("conv2d_backward", &[1, g.c_out, rows], dy.device())?;
+        super::matmul::matmul_into(&a, &b, &dw, &Epilogue::default())?;
+        dw.reshape_to(&[g.c_out, rows])?
+    };
     let dw = if rows == depth {
         dw
     } else {
