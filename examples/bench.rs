@@ -97,18 +97,49 @@ fn peer_time(dev: &Device, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
     Ok((v[4] + v[5]) / 2.0)
 }
 
-fn print_profile(dev: &Device, what: &str, f: impl FnOnce() -> Result<()>) -> Result<()> {
+/// A network from `spec` with SGD (lr 0.01, momentum 0.9), a random batch of `batch` inputs
+/// of shape `input`, and labels `i % 10`.
+fn network(
+    dev: &Device,
+    spec: &str,
+    input: &[usize],
+    batch: usize,
+) -> Result<(Sequential, Sgd, Tensor, Tensor)> {
+    let model = Sequential::from_spec(&mut Init::new(dev, 0), spec)?;
+    let opt = Sgd::new(
+        model.parameters(),
+        SgdOptions {
+            lr: 0.01,
+            momentum: 0.9,
+            ..Default::default()
+        },
+    )?;
+    let mut shape = vec![batch];
+    shape.extend(input);
+    let x = Tensor::randn(&shape, 9, dev)?;
+    let labels: Vec<f32> = (0..batch).map(|i| (i % 10) as f32).collect();
+    let t = Tensor::from_slice(&labels, &[batch], dev)?;
+    Ok((model, opt, x, t))
+}
+
+/// Runs `f` with each dispatch timed alone and prints the `rows` costliest kernels.
+fn print_profile(
+    dev: &Device,
+    what: &str,
+    rows: usize,
+    f: impl FnOnce() -> Result<()>,
+) -> Result<()> {
     dev.set_profiling(true);
     f()?;
     dev.synchronize()?;
-    let rows = dev.profile();
+    let profile = dev.profile();
     dev.set_profiling(false);
-    let total: f64 = rows.iter().map(|r| r.seconds).sum();
+    let total: f64 = profile.iter().map(|r| r.seconds).sum();
     println!(
         "profile of {what} ({:.1} ms dispatch by dispatch):",
         total * 1e3
     );
-    for r in &rows {
+    for r in profile.iter().take(rows) {
         println!(
             "  {:>5.1}% {:>8.2} ms {:>4} x {}",
             100.0 * r.seconds / total,
@@ -158,23 +189,7 @@ fn peer_shapes(dev: &Device) -> Result<()> {
         ("mlp", MLP, vec![784usize], 32usize),
         ("cnn", CNN, vec![1, 28, 28], 16),
     ] {
-        let mut model = Sequential::from_spec(&mut Init::new(dev, 0), spec)?;
-        let mut opt = Sgd::new(
-            model.parameters(),
-            SgdOptions {
-                lr: 0.01,
-                momentum: 0.9,
-                ..Default::default()
-            },
-        )?;
-        let mut shape = vec![batch];
-        shape.extend(&input);
-        let x = Tensor::randn(&shape, 9, dev)?;
-        let t = Tensor::from_slice(
-            &(0..batch).map(|i| (i % 10) as f32).collect::<Vec<_>>(),
-            &[batch],
-            dev,
-        )?;
+        let (mut model, mut opt, x, t) = network(dev, spec, &input, batch)?;
         line(
             &format!("{name}-train {batch}"),
             peer_time(dev, || step(&model, &mut opt, &x, &t))?,
@@ -186,6 +201,7 @@ fn peer_shapes(dev: &Device) -> Result<()> {
             print_profile(
                 dev,
                 &format!("a {name} training step, batch {batch}"),
+                usize::MAX,
                 || step(&model, &mut opt, &x, &t),
             )?;
         }
@@ -204,6 +220,7 @@ fn peer_shapes(dev: &Device) -> Result<()> {
             print_profile(
                 dev,
                 &format!("frozen {name} inference, batch {batch}"),
+                usize::MAX,
                 || frozen.predict(&x).map(drop),
             )?;
         }
@@ -357,44 +374,19 @@ fn main() -> Result<()> {
         ("resnet", RESNET, vec![3, 32, 32]),
     ] {
         for &batch in batches {
-            let mut model = Sequential::from_spec(&mut Init::new(&dev, 0), spec)?;
-            let mut opt = Sgd::new(
-                model.parameters(),
-                SgdOptions {
-                    lr: 0.01,
-                    momentum: 0.9,
-                    ..Default::default()
-                },
-            )?;
-            let mut shape = vec![batch];
-            shape.extend(&input);
-            let x = Tensor::randn(&shape, 9, &dev)?;
-            let t = Tensor::from_slice(
-                &(0..batch).map(|i| (i % 10) as f32).collect::<Vec<_>>(),
-                &[batch],
-                &dev,
-            )?;
+            let (mut model, mut opt, x, t) = network(&dev, spec, &input, batch)?;
+            let shape = x.dims().to_vec();
             let before = dev.stats();
             let ms = time(&dev, reps, || step(&model, &mut opt, &x, &t))?;
             let after = dev.stats();
             if std::env::var_os("KILN_PROFILE").is_some() {
                 // One more step, each dispatch timed alone: where the step's time goes.
-                dev.set_profiling(true);
-                step(&model, &mut opt, &x, &t)?;
-                dev.synchronize()?;
-                let rows = dev.profile();
-                dev.set_profiling(false);
-                let total: f64 = rows.iter().map(|r| r.seconds).sum();
-                println!("profile of a {name} training step, batch {batch} ({:.1} ms dispatch by dispatch):", total * 1e3);
-                for r in rows.iter().take(10) {
-                    println!(
-                        "  {:>5.1}% {:>8.2} ms {:>4} x {}",
-                        100.0 * r.seconds / total,
-                        r.seconds * 1e3,
-                        r.calls,
-                        r.kernel
-                    );
-                }
+                print_profile(
+                    &dev,
+                    &format!("a {name} training step, batch {batch}"),
+                    10,
+                    || step(&model, &mut opt, &x, &t),
+                )?;
             }
             let runs = (reps + 2) as u64;
             table.row(

@@ -503,6 +503,18 @@ fn a_rank_that_fails_makes_every_rank_err() {
     }
 }
 
+/// A linear model on `d`, joined by `comm`.
+fn linear_dp(comm: ThreadComm, d: &Device) -> DataParallel<Sequential, Sgd> {
+    DataParallel::with_communicator(
+        Box::new(comm),
+        std::slice::from_ref(d),
+        |init| Sequential::from_spec(init, "flatten linear(64,10)"),
+        ddp::sgd,
+        options(),
+    )
+    .unwrap()
+}
+
 #[test]
 fn a_rank_that_fails_alone_fails_every_rank_without_a_hang() {
     let results = on_ranks(2, |rank, comm| {
@@ -537,14 +549,7 @@ fn a_rank_that_fails_alone_fails_every_rank_without_a_hang() {
     // Rank 1 passes two slices for its one replica; rank 0 a good one. Then both go on.
     let results = on_ranks(2, |rank, comm| {
         let d = own_device();
-        let mut dp = DataParallel::with_communicator(
-            Box::new(comm),
-            std::slice::from_ref(&d),
-            |init| Sequential::from_spec(init, "flatten linear(64,10)"),
-            ddp::sgd,
-            options(),
-        )
-        .unwrap();
+        let mut dp = linear_dp(comm, &d);
         let n = if rank == 1 { 2 } else { 1 };
         let shards: Vec<Batch> = (0..n).map(|_| first_samples(&d, 8)).collect();
         let failed = dp
@@ -570,14 +575,7 @@ fn a_rank_that_fails_alone_fails_every_rank_without_a_hang() {
     let set = ddp::train_set().unwrap();
     let results = on_ranks(2, |rank, comm| {
         let d = own_device();
-        let mut dp = DataParallel::with_communicator(
-            Box::new(comm),
-            std::slice::from_ref(&d),
-            |init| Sequential::from_spec(init, "flatten linear(64,10)"),
-            ddp::sgd,
-            options(),
-        )
-        .unwrap();
+        let mut dp = linear_dp(comm, &d);
         let batch = if rank == 1 { 512 } else { 256 };
         let loaders = dp.loaders(|d| DataLoader::new(&set, batch, d)).unwrap();
         dp.train_epoch(&loaders, 0, None)
