@@ -723,6 +723,15 @@ fn conv2d_im2col_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgro
     out4[i] = vec4<OUT>(v);
 }
 
+// The output position t / s of a tap at offset t (0xffffffff where s does not divide t or t
+// is negative): stride 1 without a division.
+fn col2im_tap(t: i32, s: u32) -> u32 {
+    if (s == 1u) {
+        return u32(t);
+    }
+    return div_exact(t, s);
+}
+
 // dx from the gradient of the im2col matrix, dcols (n, (ci, ky, kx), (oy, ox)): each input
 // element sums the entries of the taps that read it.
 @compute @workgroup_size(256)
@@ -740,25 +749,11 @@ fn conv2d_col2im_bwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgro
     // Row (ci, 0, 0) of sample nn: sample_ci = nn * c_in + ci, and rows run over (ci, ky, kx).
     let base = sample_ci * taps * plane;
     var acc = 0.0;
-    if (p.sh == 1u && p.sw == 1u) {
-        // Stride 1: every tap reads the input, no division needed.
-        for (var ky = 0u; ky < p.kh; ky += 1u) {
-            let oy = u32(i32(iy + p.ph) - i32(ky * p.dh));
-            if (oy >= p.oh) { continue; }
-            for (var kx = 0u; kx < p.kw; kx += 1u) {
-                let ox = u32(i32(ix + p.pw) - i32(kx * p.dw));
-                if (ox >= p.ow) { continue; }
-                acc += f32(a[base + (ky * p.kw + kx) * plane + oy * p.ow + ox]);
-            }
-        }
-        out[i] = OUT(acc);
-        return;
-    }
     for (var ky = 0u; ky < p.kh; ky += 1u) {
-        let oy = div_exact(i32(iy + p.ph) - i32(ky * p.dh), p.sh);
+        let oy = col2im_tap(i32(iy + p.ph) - i32(ky * p.dh), p.sh);
         if (oy >= p.oh) { continue; }
         for (var kx = 0u; kx < p.kw; kx += 1u) {
-            let ox = div_exact(i32(ix + p.pw) - i32(kx * p.dw), p.sw);
+            let ox = col2im_tap(i32(ix + p.pw) - i32(kx * p.dw), p.sw);
             if (ox >= p.ow) { continue; }
             acc += f32(a[base + (ky * p.kw + kx) * plane + oy * p.ow + ox]);
         }

@@ -184,6 +184,8 @@ pub struct DataParallel<M, O> {
     comm: Option<Box<dyn Communicator>>,
     /// Parameter indices of each bucket.
     buckets: Vec<Vec<usize>>,
+    /// Elements of each parameter of each bucket.
+    bucket_sizes: Vec<Vec<usize>>,
     /// Indices into `state_dict()` of the buffers.
     buffers: Vec<usize>,
     options: DataParallelOptions,
@@ -251,10 +253,15 @@ impl<M: Module, O: Optimizer + Send> DataParallel<M, O> {
             .map(|(i, _)| i)
             .collect();
         let buckets = plan_buckets(&replicas[0].params, options.bucket_bytes);
+        let bucket_sizes = buckets
+            .iter()
+            .map(|b| b.iter().map(|&i| replicas[0].params[i].numel()).collect())
+            .collect();
         let mut dp = DataParallel {
             replicas,
             comm,
             buckets,
+            bucket_sizes,
             buffers,
             options,
             stats: DataParallelStats::default(),
@@ -264,9 +271,9 @@ impl<M: Module, O: Optimizer + Send> DataParallel<M, O> {
         dp.stats.reduced_bytes_per_step = match dp.comm {
             Some(_) => {
                 let floats: usize = dp
-                    .buckets
+                    .bucket_sizes
                     .iter()
-                    .map(|b| dp.bucket_len(b) + b.len() + 1)
+                    .map(|b| b.iter().sum::<usize>() + b.len() + 1)
                     .sum();
                 // The loss header and the closing status word.
                 (floats as u64 + 3 + 1) * 4
@@ -293,9 +300,7 @@ impl<M: Module, O: Optimizer + Send> DataParallel<M, O> {
         let mut values: Vec<f32> = bytemuck::pod_collect_to_vec(&bytes);
         let rank = match self.comm.as_mut() {
             Some(comm) => {
-                let t = Instant::now();
-                comm.broadcast(&mut values, 0)?;
-                self.stats.reduce_seconds += t.elapsed().as_secs_f64();
+                timed(&mut self.stats, || comm.broadcast(&mut values, 0))?;
                 comm.rank()
             }
             None => 0,
@@ -315,13 +320,6 @@ impl<M: Module, O: Optimizer + Send> DataParallel<M, O> {
             }
         }
         Ok(())
-    }
-
-    fn bucket_len(&self, bucket: &[usize]) -> usize {
-        bucket
-            .iter()
-            .map(|&i| self.replicas[0].params[i].numel())
-            .sum()
     }
 
     /// One training step on one slice of the global batch per local replica (each on its
@@ -395,17 +393,8 @@ impl<M: Module, O: Optimizer + Send> DataParallel<M, O> {
             }
         };
         let start = Instant::now();
-        let lens: Vec<usize> = self.buckets.iter().map(|b| self.bucket_len(b)).collect();
-        let sizes: Vec<Vec<usize>> = self
-            .buckets
-            .iter()
-            .map(|b| {
-                b.iter()
-                    .map(|&i| self.replicas[0].params[i].numel())
-                    .collect()
-            })
-            .collect();
         let buckets = &self.buckets;
+        let sizes = &self.bucket_sizes;
         let comm = &mut self.comm;
         let stats = &mut self.stats;
         let counts: Vec<usize> = shards.iter().map(|s| s.len).collect();
@@ -431,7 +420,7 @@ impl<M: Module, O: Optimizer + Send> DataParallel<M, O> {
                 from: &from_replicas,
                 to: &to_replicas,
             }
-            .run(&lens, &sizes);
+            .run(sizes);
             // Replicas still waiting for gradients (after an `Err`) stop here.
             drop(to_replicas);
             let mut late = None;
@@ -470,10 +459,7 @@ impl<M: Module, O: Optimizer + Send> DataParallel<M, O> {
     fn finish_step(&mut self, loss: f32, late: Option<Error>) -> Result<f32> {
         let mut status = [late.is_some() as u32 as f32];
         if let Some(c) = self.comm.as_mut() {
-            let t = Instant::now();
-            let r = c.all_reduce_sum(&mut status);
-            self.stats.reduce_seconds += t.elapsed().as_secs_f64();
-            r?;
+            timed(&mut self.stats, || c.all_reduce_sum(&mut status))?;
         }
         if status[0] > 0.0 {
             let e = late.unwrap_or_else(|| Error::Communication {
@@ -925,9 +911,9 @@ struct Reduce<'a> {
 }
 
 impl Reduce<'_> {
-    /// Gathers the losses, then each bucket (`lens`: elements, `sizes`: per parameter), and
-    /// hands the means back; returns the global mean loss.
-    fn run(&mut self, lens: &[usize], sizes: &[Vec<usize>]) -> Result<f32> {
+    /// Gathers the losses, then each bucket (`sizes`: elements per parameter), and hands the
+    /// means back; returns the global mean loss.
+    fn run(&mut self, sizes: &[Vec<usize>]) -> Result<f32> {
         const OP: &str = "DataParallel::step";
         // The loss header: weighted loss sum, samples, and whether this rank failed.
         let (from, counts) = (self.from, self.counts);
@@ -979,7 +965,8 @@ impl Reduce<'_> {
                 ),
             ));
         }
-        for (k, (&len, sizes)) in lens.iter().zip(sizes).enumerate() {
+        for (k, sizes) in sizes.iter().enumerate() {
+            let len = sizes.iter().sum();
             // The mean gradients, a presence count per parameter, and a failure count.
             let mut sum = vec![0.0f32; len + sizes.len() + 1];
             for (r, rx) in from.iter().enumerate() {
@@ -1052,14 +1039,19 @@ impl Reduce<'_> {
     }
 
     fn all_reduce(&mut self, data: &mut [f32]) -> Result<()> {
-        if let Some(c) = self.comm.as_mut() {
-            let t = Instant::now();
-            let r = c.all_reduce_sum(data);
-            self.stats.reduce_seconds += t.elapsed().as_secs_f64();
-            r?;
+        match self.comm.as_mut() {
+            Some(c) => timed(self.stats, || c.all_reduce_sum(data)),
+            None => Ok(()),
         }
-        Ok(())
     }
+}
+
+/// Runs a collective, adding its time to `stats.reduce_seconds`.
+fn timed(stats: &mut DataParallelStats, collective: impl FnOnce() -> Result<()>) -> Result<()> {
+    let t = Instant::now();
+    let r = collective();
+    stats.reduce_seconds += t.elapsed().as_secs_f64();
+    r
 }
 
 fn out_of_order(r: usize) -> Error {

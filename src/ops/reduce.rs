@@ -310,11 +310,12 @@ fn reduce_raw(
     correction: f32,
 ) -> Result<Tensor> {
     let name = op.name();
-    let staged = matches!(
+    // Reductions whose partial results combine (in stages, or in two dispatches).
+    let splittable = matches!(
         op,
         ReduceOp::Sum | ReduceOp::Mean | ReduceOp::Max | ReduceOp::Min
     );
-    if staged && merged_run(x, axes).is_none() {
+    if splittable && merged_run(x, axes).is_none() {
         let inner = innermost_run(x, axes);
         if !inner.is_empty() && inner.len() < axes.len() {
             // The inner axes stay with size 1, reduced again (a no-op) to drop them.
@@ -344,10 +345,6 @@ fn reduce_raw(
         kept_shape.clone()
     };
     let kept_strides: Vec<usize> = rows.kept.iter().map(|&a| src.strides()[a]).collect();
-    let splittable = matches!(
-        op,
-        ReduceOp::Sum | ReduceOp::Mean | ReduceOp::Max | ReduceOp::Min
-    );
     let out = if splittable
         && rows.len >= SPLIT_MIN_LEN
         && n_out <= SPLIT_MAX_ROWS
