@@ -439,15 +439,7 @@ fn ranks_with_different_models_all_get_an_err() {
         } else {
             "flatten linear(64,8) relu linear(8,10)"
         };
-        DataParallel::with_communicator(
-            Box::new(comm),
-            std::slice::from_ref(&d),
-            |init| Sequential::from_spec(init, spec),
-            ddp::sgd,
-            options(),
-        )
-        .err()
-        .map(|e| e.to_string())
+        ranked(comm, &d, spec).err().map(|e| e.to_string())
     });
     let errors: Vec<String> = errors.into_iter().map(|e| e.expect("no Err")).collect();
     assert!(
@@ -468,14 +460,7 @@ fn ranks_with_different_models_all_get_an_err() {
 fn a_rank_that_fails_makes_every_rank_err() {
     let results = on_ranks(2, |rank, comm| {
         let d = own_device();
-        let mut dp = DataParallel::with_communicator(
-            Box::new(comm),
-            std::slice::from_ref(&d),
-            |init| Sequential::from_spec(init, CNN),
-            ddp::sgd,
-            options(),
-        )
-        .unwrap();
+        let mut dp = ranked(comm, &d, CNN).unwrap();
         let before = ddp::parameters(dp.model()).unwrap();
         let ok = dp.step(&[first_samples(&d, 8)], None).map(|_| ());
         // Rank 1's second slice has 7 targets for 8 samples.
@@ -503,16 +488,20 @@ fn a_rank_that_fails_makes_every_rank_err() {
     }
 }
 
-/// A linear model on `d`, joined by `comm`.
-fn linear_dp(comm: ThreadComm, d: &Device) -> DataParallel<Sequential, Sgd> {
+/// One replica of `spec` on `d`, joined by `comm`.
+fn ranked(comm: ThreadComm, d: &Device, spec: &str) -> Result<DataParallel<Sequential, Sgd>> {
     DataParallel::with_communicator(
         Box::new(comm),
         std::slice::from_ref(d),
-        |init| Sequential::from_spec(init, "flatten linear(64,10)"),
+        |init| Sequential::from_spec(init, spec),
         ddp::sgd,
         options(),
     )
-    .unwrap()
+}
+
+/// A linear model on `d`, joined by `comm`.
+fn linear_dp(comm: ThreadComm, d: &Device) -> DataParallel<Sequential, Sgd> {
+    ranked(comm, d, "flatten linear(64,10)").unwrap()
 }
 
 #[test]
@@ -525,13 +514,7 @@ fn a_rank_that_fails_alone_fails_every_rank_without_a_hang() {
         } else {
             "flatten linear(64,10)"
         };
-        let built = DataParallel::with_communicator(
-            Box::new(comm),
-            std::slice::from_ref(&d),
-            |init| Sequential::from_spec(init, spec),
-            ddp::sgd,
-            options(),
-        );
+        let built = ranked(comm, &d, spec);
         built.err().map(|e| e.to_string())
     });
     assert!(
