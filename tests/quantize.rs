@@ -119,7 +119,10 @@ fn int8_digits_cnn_keeps_its_accuracy() {
     let spec = "conv2d(1,16,3,p=1) batchnorm2d(16) relu conv2d(16,32,3,p=1) relu maxpool2d(2) \
                 flatten linear(512,64) relu linear(64,10)";
     let mut model = Sequential::from_spec(&mut Init::new(&d, 1), spec).unwrap();
-    train(&mut model, 3, &d);
+    // Trained to convergence: after 3 epochs at this rate, the f32 accuracy itself moved by
+    // 0.6 points with the software adapter's vector width, and the test images near the
+    // decision boundary flipped under int8 rounding one way on one machine and not another.
+    train(&mut model, 8, &d);
     let frozen = freeze(model, &images(2, 0, &d)).unwrap();
     check("digits CNN", &frozen, 0.5, 0.3, &d);
     check_dynamic("digits CNN", &frozen, &d);
