@@ -45,7 +45,7 @@ fn header() -> String {
 // is 1; the other stride, the offsets and the batch strides are multiples of 4; k always (every
 // layout steps through k four at a time, with no tail), m where a vec4 runs along m, and n
 // always (output rows and the bias are written and read as vec4s); the epilogue may add a bias
-// but not apply an activation.
+// and apply relu, but no other activation.
 //
 // Why: on software adapters each storage access is a loop over the SIMD lanes whatever its
 // width, so reading vec4s does a quarter of the loads of scalar reads, and 16x16 blocks give 64
@@ -57,17 +57,37 @@ fn header() -> String {
 @group(0) @binding(3) var<storage, read_write> out4: array<vec4<OUT>>;
 
 // Stores row r, columns c..c+3, adding the bias when `flags` has EPILOGUE_BIAS (c and n are
-// multiples of 4, so the four columns are all inside or all outside). Activations are not fused
-// here: 64 inlined copies of unary_op made these kernels take seconds to compile on lavapipe.
+// multiples of 4, so the four columns are all inside or all outside): row r's with
+// EPILOGUE_BIAS_ROWS, else columns c..c+3's. Of the activations only relu is fused here (the
+// tail of a frozen convolution): 64 inlined copies of unary_op made these kernels take seconds
+// to compile on lavapipe, so src/ops/matmul.rs runs the others as a second pass.
 fn vec4_store(out_base: u32, r: u32, c: u32, v: vec4<f32>, flags: u32) {{
     if (r >= p.m || c >= p.n) {{
         return;
     }}
     var x = v;
-    if ((flags & EPILOGUE_BIAS) != 0u) {{
+    if ((flags & EPILOGUE_BIAS_ROWS) != 0u) {{
+        let at = p.off_bias + r;
+        x += vec4<f32>(f32(bias4[at / 4u][at % 4u]));
+    }} else if ((flags & EPILOGUE_BIAS) != 0u) {{
         x += vec4<f32>(bias4[(p.off_bias + c) / 4u]);
     }}
+    if ((flags & EPILOGUE_ACTIVATION_MASK) == EPILOGUE_RELU) {{
+        x = vec4_relu(x);
+    }}
     out4[(out_base + r * p.n + c) / 4u] = vec4<OUT>(x);
+}}
+
+// The epilogue bits of an activation (its flag and UnaryOp code), and those of relu (code 7).
+const EPILOGUE_ACTIVATION_MASK: u32 = 0xff02u;
+const EPILOGUE_RELU: u32 = 0x0702u;
+
+// max(x, 0) with NaN kept, tested on the bits as unary_op does (drivers may assume no NaN).
+fn vec4_relu(x: vec4<f32>) -> vec4<f32> {{
+    let bits = bitcast<vec4<u32>>(x);
+    let nan = (bits & vec4<u32>(0x7f800000u)) == vec4<u32>(0x7f800000u)
+        & (bits & vec4<u32>(0x007fffffu)) != vec4<u32>(0u);
+    return select(max(x, vec4<f32>(0.0)), x, nan);
 }}
 
 // `v`, as far as a compiler can tell not a function of the uniforms alone (A is never empty

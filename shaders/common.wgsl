@@ -137,8 +137,11 @@ fn unary_op(op: u32, x: f32, alpha: f32, beta: f32) -> f32 {
 
 // The optional epilogue of a producing kernel (matmul, conv2d): bit 0 adds a bias, bit 1
 // applies the activation whose UnaryOp code is in bits 8..15 (with `alpha`, e.g. a slope).
+// Bit 2 (matmul only) indexes the bias by output row instead of column: a convolution run as
+// weight @ im2col matrix, whose rows are its output channels.
 const EPILOGUE_BIAS: u32 = 1u;
 const EPILOGUE_ACTIVATION: u32 = 2u;
+const EPILOGUE_BIAS_ROWS: u32 = 4u;
 
 fn epilogue_activation(v: f32, flags: u32, alpha: f32) -> f32 {
     if ((flags & EPILOGUE_ACTIVATION) != 0u) {

@@ -9,7 +9,8 @@
 //   a   (0): (batch..., m, k) strided: rows p.a_rs, columns p.a_cs, batches p.sa
 //   b   (1): (batch..., k, n) strided: rows p.b_rs, columns p.b_cs, batches p.sb
 //   bias (2): (n) from p.off_bias, added when p.epilogue has EPILOGUE_BIAS (then the
-//             activation of the epilogue, if any: the fused tail of a linear layer)
+//             activation of the epilogue, if any: the fused tail of a linear layer); (m)
+//             with EPILOGUE_BIAS_ROWS (a convolution's channels, as weight @ im2col)
 //   out (3): (batch..., m, n) contiguous
 //   p   (4): MatmulParams (src/ops/matmul.rs)
 
@@ -65,7 +66,7 @@ fn batch_bases(z: u32, rank: u32) -> vec2<u32> {
 fn store_out(out_base: u32, r: u32, c: u32, v: f32) {
     var x = v;
     if ((p.epilogue & EPILOGUE_BIAS) != 0u) {
-        x += f32(bias[p.off_bias + c]);
+        x += f32(bias[p.off_bias + select(c, r, (p.epilogue & EPILOGUE_BIAS_ROWS) != 0u)]);
     }
     out[out_base + r * p.n + c] = OUT(epilogue_activation(x, p.epilogue, p.act_alpha));
 }

@@ -689,8 +689,9 @@ fn hardware_choices_tune_the_convolutions() {
 
 /// The im2col-times-weight path that software adapters take for convolutions with 32 or more
 /// output channels and planes in multiples of 4 (reduction depths padded to one; the input
-/// gradient only for depths that are one): forward and both gradients through autograd
-/// against the f64 reference, with strides, padding and dilation.
+/// gradient only for depths that are one): forward and the three gradients through autograd
+/// against the f64 reference, with strides, padding and dilation, with and without a bias
+/// (added by the product's epilogue, along its rows).
 #[test]
 fn im2col_matmul_path_matches_the_reference() {
     let d = own_device();
@@ -702,7 +703,7 @@ fn im2col_matmul_path_matches_the_reference() {
         // Depth 9, padded to 12.
         ([2, 1, 8, 8], [32, 1, 3, 3], [1, 1], [1, 1], [1, 1]),
     ];
-    for (xs, ws, stride, padding, dilation) in cases {
+    for (i, (xs, ws, stride, padding, dilation)) in cases.into_iter().enumerate() {
         let opts = Conv2dOptions {
             stride,
             padding,
@@ -711,15 +712,40 @@ fn im2col_matmul_path_matches_the_reference() {
         };
         let xv = rng.vec(xs.iter().product(), -1.0, 1.0);
         let wv = rng.vec(ws.iter().product(), -1.0, 1.0);
+        let bv = rng.vec(ws[0], -1.0, 1.0);
         let x = Tensor::from_slice(&xv, &xs, &d).unwrap().requires_grad();
         let w = Tensor::from_slice(&wv, &ws, &d).unwrap().requires_grad();
+        let b = Tensor::from_slice(&bv, &[ws[0]], &d)
+            .unwrap()
+            .requires_grad();
+        let with_bias = i % 2 == 0;
         d.set_profiling(true);
-        let y = x.conv2d(&w, None, &opts).unwrap();
+        let y = x.conv2d(&w, with_bias.then_some(&b), &opts).unwrap();
         let dyv = rng.vec(y.numel(), -1.0, 1.0);
         let dy = Tensor::from_slice(&dyv, y.dims(), &d).unwrap();
         y.backward_with(Some(&dy), false).unwrap();
-        let (yr, dx, dw, [oh, ow]) = conv_reference(&xv, xs, &wv, ws, &opts, &dyv);
-        let what = format!("{xs:?} * {ws:?} s{stride:?} p{padding:?} d{dilation:?}");
+        let (mut yr, dx, dw, [oh, ow]) = conv_reference(&xv, xs, &wv, ws, &opts, &dyv);
+        let what =
+            format!("{xs:?} * {ws:?} s{stride:?} p{padding:?} d{dilation:?} bias {with_bias}");
+        if with_bias {
+            // y[nn, o, :] += b[o]; db[o] = sum of dy[nn, o, :].
+            let plane = oh * ow;
+            let mut db = vec![0.0f64; ws[0]];
+            for (e, v) in yr.iter_mut().enumerate() {
+                let o = e / plane % ws[0];
+                *v += bv[o] as f64;
+                db[o] += dyv[e] as f64;
+            }
+            assert_close(
+                &format!("db {what}"),
+                &b.grad().unwrap(),
+                &Nd::new(&[ws[0]], db),
+                1e-5,
+                1e-5,
+            );
+        } else {
+            assert!(b.grad().is_none(), "{what}");
+        }
         assert_eq!((oh * ow) % 4, 0, "{what}: the case must suit the path");
         assert_close(
             &format!("forward {what}"),

@@ -378,3 +378,50 @@ fn check_within(what: &str, got: &[f32], want: &[f64], bound: &[f64]) {
         );
     }
 }
+
+/// Relu runs in the matmul kernels' epilogue, also where the vec4 kernels serve a frozen linear
+/// layer or a convolution run as weight @ im2col matrix (software adapters): equal to eval mode,
+/// a NaN input still NaN out (as PyTorch's relu), and no second pass over the output.
+#[test]
+fn relu_epilogues_keep_nan_and_need_no_second_pass() {
+    let d = own_device();
+    for (spec, dims) in [
+        ("linear(8,16) relu", vec![6, 8]),
+        ("conv2d(4,32,3,p=1) relu", vec![2, 4, 6, 6]),
+    ] {
+        let mut model = Sequential::from_spec(&mut Init::new(&d, 8), spec).unwrap();
+        model.set_training(false);
+        let mut xs = Tensor::randn(&dims, 9, &d).unwrap().to_vec().unwrap();
+        xs[3] = f32::NAN;
+        let x = Tensor::from_slice(&xs, &dims, &d).unwrap();
+        let want = model.forward(&x).unwrap().to_vec().unwrap();
+        let frozen = freeze(model, &x).unwrap();
+        d.synchronize().unwrap();
+        d.set_profiling(true);
+        let got = frozen.predict(&x).unwrap().to_vec().unwrap();
+        let ran: Vec<String> = d.profile().into_iter().map(|k| k.kernel).collect();
+        d.set_profiling(false);
+        assert!(
+            want.iter().any(|v| v.is_nan()),
+            "{spec}: the case has a NaN"
+        );
+        assert!(want.iter().any(|v| *v == 0.0), "{spec}: the case clips");
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert!(
+                (g.is_nan() && w.is_nan()) || (g - w).abs() <= 1e-5 * (1.0 + w.abs()),
+                "{spec} [{i}]: frozen {g}, eval {w}"
+            );
+        }
+        if d.adapter_info().device_type == kiln::wgpu::DeviceType::Cpu {
+            assert!(
+                ran.iter()
+                    .any(|k| k.starts_with("matmul_sg8") || k.starts_with("matmul_vec4")),
+                "{spec}: {ran:?}"
+            );
+            assert!(
+                !ran.iter().any(|k| k.starts_with("unary")),
+                "{spec}: {ran:?}"
+            );
+        }
+    }
+}

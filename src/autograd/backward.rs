@@ -102,11 +102,13 @@ pub(crate) enum Op {
     /// y = max(x, 0) - x t + log(1 + e^-|x|) (BCE with logits), then averaged (`scale` = 1/n),
     /// summed or left unreduced (`scale` = 1).
     BceWithLogits { x: Tensor, t: Tensor, scale: f32 },
-    /// y = conv2d(x, w) (no bias: a bias is a recorded broadcast add).
+    /// y = conv2d(x, w), plus b along the channels when `bias` (the third input, added in the
+    /// kernel's epilogue).
     Conv2d {
         x: Option<Tensor>,
         w: Option<Tensor>,
         geometry: ConvGeometry,
+        bias: bool,
     },
     /// y = conv_transpose2d(x, w); `geometry` is that of the conv2d it transposes.
     ConvTranspose2d {
@@ -416,11 +418,21 @@ impl Op {
                 grads![gather_backward(g, index, index_layout, *axis, in_shape)?]
             }
             // conv2d: dx = conv_transpose2d(g, w) (conv2d_bwd_input), dw = correlation of x with
-            // g over every output position (conv2d_bwd_weight)
-            Op::Conv2d { x, w, geometry } => grads![
-                conv_bwd_input(g, saved(w)?, geometry)?,
-                conv_bwd_weight(g, saved(x)?, geometry)?,
-            ],
+            // g over every output position (conv2d_bwd_weight), db = g summed over (n, h, w)
+            Op::Conv2d {
+                x,
+                w,
+                geometry,
+                bias,
+            } => {
+                let mut out = grads![
+                    conv_bwd_input(g, saved(w)?, geometry)?,
+                    conv_bwd_weight(g, saved(x)?, geometry)?,
+                    g.sum(&[0, 2, 3], false)?,
+                ];
+                out.truncate(2 + usize::from(*bias));
+                out
+            }
             // conv_transpose2d is conv2d_bwd_input: dx = conv2d(g, w), dw = correlation of g
             // (the conv's input) with x (the conv's output gradient)
             Op::ConvTranspose2d { x, w, geometry } => grads![

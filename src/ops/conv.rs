@@ -256,14 +256,25 @@ fn gemm_weight(w: &Tensor, g: &ConvGeometry) -> Result<Tensor> {
     Ok(padded)
 }
 
-/// `out = conv2d(x, w)` as `w (c_out, depth) @ cols[:, nn, :]` for each sample `nn`.
-fn gemm_fwd_into(x: &Tensor, w: &Tensor, g: &ConvGeometry, out: &Tensor) -> Result<()> {
+/// `out = epi(conv2d(x, w))` as `w (c_out, depth) @ cols[:, nn, :]` for each sample `nn`, the
+/// bias along the product's rows (the channels).
+fn gemm_fwd_into(
+    x: &Tensor,
+    w: &Tensor,
+    g: &ConvGeometry,
+    out: &Tensor,
+    epi: &Epilogue<'_>,
+) -> Result<()> {
     let (rows, plane) = (gemm_depth(g), g.oh * g.ow);
     let cols = im2col(&x.detach().dense()?, g)?;
     let a = gemm_weight(w, g)?.reshape_to(&[1, g.c_out, rows])?;
     let b = cols.permute(&[1, 0, 2])?;
     let y = out.reshape_to(&[g.n, g.c_out, plane])?;
-    super::matmul::matmul_into(&a, &b, &y, &Epilogue::default())
+    let epi = Epilogue {
+        bias_rows: true,
+        ..*epi
+    };
+    super::matmul::matmul_into(&a, &b, &y, &epi)
 }
 
 /// dx of conv2d as `w^T (depth, c_out) @ dy[nn]` for each sample (the gradient of the im2col
@@ -341,8 +352,8 @@ pub(crate) fn conv_fwd_into(
     out: &Tensor,
     epi: &Epilogue<'_>,
 ) -> Result<()> {
-    if epi.flags() == 0 && epi.variant == Variant::F32 && gemm_suits(x.device(), g, true) {
-        return gemm_fwd_into(x, w, g, out);
+    if epi.variant == Variant::F32 && gemm_suits(x.device(), g, true) {
+        return gemm_fwd_into(x, w, g, out, epi);
     }
     let (rows, cols) = (g.n * g.oh * g.ow, g.c_out / g.groups);
     let kernel = choose(
@@ -887,6 +898,7 @@ pub(crate) fn conv2d_fused(
             bias,
             activation: act,
             variant,
+            bias_rows: false,
         },
     )?;
     Ok(if unbatched {
@@ -961,15 +973,24 @@ impl Tensor {
             },
             || {
                 let (x, unbatched, geo) = conv2d_checked(self, weight, bias, opts)?;
-                let c_out = geo.c_out;
-                let y = conv_fwd(&x, weight, &geo)?;
+                let b = bias.map(Tensor::contiguous).transpose()?;
+                let y = Tensor::uninit("conv2d", &[geo.n, geo.c_out, geo.oh, geo.ow], x.device())?;
+                let epi = Epilogue {
+                    bias: b.as_ref(),
+                    ..Default::default()
+                };
+                conv_fwd_into(&x, weight, &geo, &y, &epi)?;
                 let (x_grad, w_grad) = (x.requires_grad_flag(), weight.requires_grad_flag());
-                let y = record(y, &[&x, weight], |_| Op::Conv2d {
+                let inputs: Vec<&Tensor> = [Some(&x), Some(weight), b.as_ref()]
+                    .into_iter()
+                    .flatten()
+                    .collect();
+                let y = record(y, &inputs, |_| Op::Conv2d {
                     x: w_grad.then(|| x.detach()),
                     w: x_grad.then(|| weight.detach()),
                     geometry: geo,
+                    bias: b.is_some(),
                 });
-                let y = add_bias(y, bias, c_out)?;
                 if unbatched {
                     y.squeeze(Some(0))
                 } else {

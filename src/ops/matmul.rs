@@ -3,7 +3,7 @@
 
 use bytemuck::{Pod, Zeroable};
 
-use super::elementwise::activation_in_place;
+use super::elementwise::{activation_in_place, UnaryOp};
 use super::{log2_bucket, pack, tune, Epilogue, EPILOGUE_ACTIVATION_BITS, TUNE_MIN_WORK};
 use crate::autograd::{record, Op};
 use crate::error::{Error, Result};
@@ -124,7 +124,7 @@ impl Aligned {
         }
     }
 
-    /// The 16x16-per-invocation kernel (an activation runs as a second pass after it).
+    /// The 16x16-per-invocation kernel (an activation other than relu runs as a second pass after it).
     fn vec4(self) -> Kernel {
         match self {
             Aligned::Nn => Kernel::MatmulVec4NnFwd,
@@ -164,7 +164,7 @@ impl Aligned {
 /// The kernel for an (m, n, k) x `count` product: the device's tuned choice for its shape
 /// class, else a timed choice (autotune on, large enough), else a heuristic. `aligned` is the
 /// operands' layout when the vec4-reading kernels fit it; `activation` says whether the
-/// epilogue applies one (the `matmul_vec4_*` kernels then need a second pass for it).
+/// epilogue applies one (the `matmul_vec4_*` kernels then need a second pass for any but relu).
 fn choose(
     device: &crate::device::Device,
     [m, n, k, count]: [usize; 4],
@@ -421,9 +421,10 @@ pub(crate) fn matmul_into(a: &Tensor, b: &Tensor, out: &Tensor, epi: &Epilogue<'
     };
     // Without a bias, any buffer fills the binding the kernel does not read.
     let bias = epi.bias.map_or(b.buffer(), |t| t.buffer());
-    // The vec4 kernels leave an activation to an in-place pass over the output.
+    // The vec4 kernels leave an activation other than relu to an in-place pass over the output.
     let split = |kernel: Kernel| {
-        epi.activation.is_some() && Aligned::of_kernel(kernel).is_some_and(|(_, vec4)| vec4)
+        epi.activation.is_some_and(|(op, _)| op != UnaryOp::Relu)
+            && Aligned::of_kernel(kernel).is_some_and(|(_, vec4)| vec4)
     };
     let record = |kernel: Kernel| -> Result<()> {
         let [tn, tm] = tile_of(kernel);
@@ -451,7 +452,9 @@ pub(crate) fn matmul_into(a: &Tensor, b: &Tensor, out: &Tensor, epi: &Epilogue<'
         }
         Ok(())
     };
-    let aligned = Aligned::of(&p, &la.strides, &lb.strides, epi.bias.is_some());
+    // A bias along the rows is read one element at a time, at any offset.
+    let column_bias = epi.bias.is_some() && !epi.bias_rows;
+    let aligned = Aligned::of(&p, &la.strides, &lb.strides, column_bias);
     let kernel = choose(
         out.device(),
         [m, n, k, count],
@@ -524,6 +527,7 @@ pub(crate) fn linear(
             bias,
             activation: act,
             variant,
+            bias_rows: false,
         },
     )?;
     Ok(out.with_layout(Layout::contiguous(&shape)))

@@ -78,6 +78,9 @@ pub(crate) fn pack(values: impl IntoIterator<Item = usize>) -> [u32; MAX_RANK] {
 #[derive(Clone, Copy, Default)]
 pub(crate) struct Epilogue<'a> {
     pub bias: Option<&'a crate::tensor::Tensor>,
+    /// The bias runs along the output's rows, not its columns (matmul kernels only: a
+    /// convolution run as weight @ im2col matrix, whose rows are its channels).
+    pub bias_rows: bool,
     pub activation: Option<(elementwise::UnaryOp, f32)>,
     /// Element types of the kernel's buffers.
     pub variant: crate::kernels::Variant,
@@ -92,6 +95,9 @@ impl Epilogue<'_> {
         let mut f = 0;
         if self.bias.is_some() {
             f |= 1;
+            if self.bias_rows {
+                f |= 4;
+            }
         }
         if let Some((op, _)) = self.activation {
             f |= 2 | ((op as u32) << 8);
