@@ -214,3 +214,82 @@ fn avg_pool2d_bwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups
     }
     out[i] = OUT(acc);
 }
+
+// Max pooling over 2x2 windows at stride 2, with no padding or dilation, of planes of even
+// width: the pooling of most CNNs. Rows are read and written as pairs (half the storage
+// accesses, each a loop over the SIMD lanes on software adapters), with no window loops.
+//   max_pool2x2_fwd: a2 (0) = x; out (3) = y, and the chosen indices as pool2d_fwd writes them
+//   max_pool2x2_bwd: a (0) = dy, b (1) = the forward output buffer (indices at p.idx_off);
+//                    out2 (3) = dx, one invocation per 2x2 block of it (blocks past the
+//                    last window, on odd heights, are zero)
+@group(0) @binding(0) var<storage, read> a2: array<vec2<IN>>;
+@group(0) @binding(3) var<storage, read_write> out2: array<vec2<OUT>>;
+
+struct Best {
+    v: f32,
+    i: u32,
+}
+
+// The window's maximum so far after element (v, i) in scan order: the first maximum wins, a NaN
+// wins and stays (as pool2d_fwd).
+fn max_step(b: Best, v: f32, i: u32) -> Best {
+    if (!is_nan(b.v) && (v > b.v || is_nan(v))) {
+        return Best(v, i);
+    }
+    return b;
+}
+
+@compute @workgroup_size(256)
+fn max_pool2x2_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                   @builtin(local_invocation_id) lid: vec3<u32>) {
+    let i = linear_index(wid, nwg, lid);
+    let total = p.planes * p.oh * p.ow;
+    if (i >= total) { return; }
+    let plane = div_index(i, p.oh * p.ow);
+    let in_plane = i - plane * p.oh * p.ow;
+    let oy = div_index(in_plane, p.ow);
+    let ox = in_plane - oy * p.ow;
+    // The window's top-left element in its plane, and in the buffer (even: w is).
+    let top = 2u * (oy * p.w + ox);
+    let at = plane * p.h * p.w + top;
+    let x0 = vec2<f32>(a2[at / 2u]);
+    let x1 = vec2<f32>(a2[(at + p.w) / 2u]);
+    var b = Best(x0.x, top);
+    b = max_step(b, x0.y, top + 1u);
+    b = max_step(b, x1.x, top + p.w);
+    b = max_step(b, x1.y, top + p.w + 1u);
+    out[i] = OUT(b.v);
+    if (p.idx_off != 0xffffffffu) {
+        out[p.idx_off + i] = OUT(f32(b.i));
+    }
+}
+
+@compute @workgroup_size(256)
+fn max_pool2x2_bwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                   @builtin(local_invocation_id) lid: vec3<u32>) {
+    let i = linear_index(wid, nwg, lid);
+    let bh = (p.h + 1u) / 2u;
+    let bw = p.w / 2u;
+    let total = p.planes * bh * bw;
+    if (i >= total) { return; }
+    let plane = div_index(i, bh * bw);
+    let in_plane = i - plane * bh * bw;
+    let by = div_index(in_plane, bw);
+    let bx = in_plane - by * bw;
+    let top = 2u * (by * p.w + bx);
+    var g0 = vec2<f32>(0.0);
+    var g1 = vec2<f32>(0.0);
+    if (by < p.oh && bx < p.ow) {
+        let o = plane * p.oh * p.ow + by * p.ow + bx;
+        let chosen = u32(f32(b[p.idx_off + o]));
+        let d = f32(a[o]);
+        g0 = select(vec2<f32>(0.0), vec2<f32>(d), vec2<u32>(top, top + 1u) == vec2<u32>(chosen));
+        g1 = select(vec2<f32>(0.0), vec2<f32>(d),
+                    vec2<u32>(top + p.w, top + p.w + 1u) == vec2<u32>(chosen));
+    }
+    let at = plane * p.h * p.w + top;
+    out2[at / 2u] = vec2<OUT>(g0);
+    if (2u * by + 1u < p.h) {
+        out2[(at + p.w) / 2u] = vec2<OUT>(g1);
+    }
+}

@@ -286,6 +286,8 @@ kernels! {
     Pool2dFwd => (Pool, "pool2d_fwd", 1),
     MaxPool2dBwd => (Pool, "max_pool2d_bwd", 2),
     AvgPool2dBwd => (Pool, "avg_pool2d_bwd", 1),
+    MaxPool2x2Fwd => (Pool, "max_pool2x2_fwd", 1),
+    MaxPool2x2Bwd => (Pool, "max_pool2x2_bwd", 2),
     SgdStep => (Optim, "sgd_step", 1),
     SgdMomentumStep => (Optim, "sgd_momentum_step", 1),
     AdamStep => (Optim, "adam_step", 1),

@@ -822,51 +822,92 @@ fn conv_transpose_through_the_im2col_path() {
     }
 }
 
-/// Max pooling whose windows tile the input (the backward pass's fast path), on planes that
-/// the windows do not cover exactly (5x5 by 2x2: the last row and column are never chosen),
-/// against an f64 reference of the forward and the gradient.
+/// Max pooling whose windows tile the input: the 2x2 kernels (even widths; odd heights leave
+/// a last row that no window covers) and the generic kernels' tiling fast path (odd widths,
+/// 3x3), against an f64 reference of the forward and the gradient, with tied maxima (the first
+/// in scan order wins) and a NaN (it wins, as in PyTorch).
 #[test]
 fn max_pool_tiling_windows_on_uncovered_edges() {
     let d = own_device();
     let mut rng = Rng::new(95);
-    let (n, c, h, w, k) = (2usize, 3usize, 5usize, 5usize, 2usize);
-    let xv = rng.vec(n * c * h * w, -1.0, 1.0);
-    let x = Tensor::from_slice(&xv, &[n, c, h, w], &d)
-        .unwrap()
-        .requires_grad();
-    let opts = Pool2dOptions::new([k, k]);
-    let y = x.max_pool2d(&opts).unwrap();
-    let (oh, ow) = (h / k, w / k);
-    let gv = rng.vec(n * c * oh * ow, -1.0, 1.0);
-    y.backward_with(Some(&Tensor::from_slice(&gv, y.dims(), &d).unwrap()), false)
-        .unwrap();
-    let mut want_y = vec![0.0; n * c * oh * ow];
-    let mut want_dx = vec![0.0; n * c * h * w];
-    for plane in 0..n * c {
-        for oy in 0..oh {
-            for ox in 0..ow {
-                // The first maximum in scan order.
-                let mut best = (f32::NEG_INFINITY, 0);
-                for ky in 0..k {
-                    for kx in 0..k {
-                        let i = (plane * h + oy * k + ky) * w + ox * k + kx;
-                        if xv[i] > best.0 {
-                            best = (xv[i], i);
-                        }
-                    }
+    for (h, w, k) in [
+        (5usize, 5usize, 2usize),
+        (5, 6, 2),
+        (6, 8, 2),
+        (3, 2, 2),
+        (7, 7, 3),
+    ] {
+        let (n, c) = (2usize, 3usize);
+        let mut xv = rng.vec(n * c * h * w, -1.0, 1.0);
+        // Ties in the first window of each plane; a NaN in the last plane's first window.
+        for plane in 0..n * c {
+            for ky in 0..k {
+                for kx in 0..k {
+                    xv[(plane * h + ky) * w + kx] = 0.5;
                 }
-                let o = (plane * oh + oy) * ow + ox;
-                want_y[o] = best.0 as f64;
-                want_dx[best.1] += gv[o] as f64;
             }
         }
+        xv[(n * c - 1) * h * w + w + 1] = f32::NAN;
+        let x = Tensor::from_slice(&xv, &[n, c, h, w], &d)
+            .unwrap()
+            .requires_grad();
+        let opts = Pool2dOptions::new([k, k]);
+        d.set_profiling(true);
+        let y = x.max_pool2d(&opts).unwrap();
+        let (oh, ow) = (h / k, w / k);
+        let gv = rng.vec(n * c * oh * ow, -1.0, 1.0);
+        y.backward_with(Some(&Tensor::from_slice(&gv, y.dims(), &d).unwrap()), false)
+            .unwrap();
+        d.synchronize().unwrap();
+        let ran: Vec<String> = d.profile().into_iter().map(|k| k.kernel).collect();
+        d.set_profiling(false);
+        let mut want_y = vec![0.0; n * c * oh * ow];
+        let mut want_dx = vec![0.0; n * c * h * w];
+        for plane in 0..n * c {
+            for oy in 0..oh {
+                for ox in 0..ow {
+                    // The first maximum in scan order; a NaN wins and stays.
+                    let mut best = (f32::NEG_INFINITY, usize::MAX);
+                    for ky in 0..k {
+                        for kx in 0..k {
+                            let i = (plane * h + oy * k + ky) * w + ox * k + kx;
+                            if best.1 == usize::MAX
+                                || (!best.0.is_nan() && (xv[i] > best.0 || xv[i].is_nan()))
+                            {
+                                best = (xv[i], i);
+                            }
+                        }
+                    }
+                    let o = (plane * oh + oy) * ow + ox;
+                    want_y[o] = best.0 as f64;
+                    want_dx[best.1] += gv[o] as f64;
+                }
+            }
+        }
+        let what = format!("{h}x{w} by {k}x{k}");
+        // The NaN's window (the last plane's first), compared apart.
+        let mut got = y.to_vec().unwrap();
+        let nan = (n * c - 1) * oh * ow;
+        assert!(got[nan].is_nan(), "{what}: {}", got[nan]);
+        (got[nan], want_y[nan]) = (0.0, 0.0);
+        let y = Tensor::from_slice(&got, y.dims(), &d).unwrap();
+        assert_close(
+            &format!("max_pool2d {what}"),
+            &y,
+            &Nd::new(y.dims(), want_y),
+            0.0,
+            0.0,
+        );
+        assert_close(
+            &format!("max_pool2d grad {what}"),
+            &x.grad().unwrap(),
+            &Nd::new(&[n, c, h, w], want_dx),
+            0.0,
+            0.0,
+        );
+        let fast = k == 2 && w % 2 == 0;
+        for kernel in ["max_pool2x2_fwd", "max_pool2x2_bwd"] {
+            assert_eq!(ran.iter().any(|r| r == kernel), fast, "{what}: {ran:?}");
+        }
     }
-    assert_close("max_pool2d", &y, &Nd::new(y.dims(), want_y), 0.0, 0.0);
-    assert_close(
-        "max_pool2d grad",
-        &x.grad().unwrap(),
-        &Nd::new(&[n, c, h, w], want_dx),
-        0.0,
-        0.0,
-    );
 }

@@ -54,6 +54,26 @@ pub(crate) struct PoolGeometry {
 }
 
 impl PoolGeometry {
+    /// Max pooling over 2x2 windows at stride 2 with no padding or dilation, of planes of even
+    /// width: the `max_pool2x2` kernels, which read and write rows in pairs.
+    fn is_max_2x2(&self) -> bool {
+        self.mode == MODE_MAX
+            && self.k == [2, 2]
+            && self.stride == [2, 2]
+            && self.padding == [0, 0]
+            && self.dilation == [1, 1]
+            && self.w.is_multiple_of(2)
+    }
+
+    /// The forward kernel.
+    fn forward_kernel(&self) -> Kernel {
+        if self.is_max_2x2() {
+            Kernel::MaxPool2x2Fwd
+        } else {
+            Kernel::Pool2dFwd
+        }
+    }
+
     fn params(&self, idx_off: usize) -> PoolParams {
         PoolParams {
             planes: (self.n * self.c) as u32,
@@ -176,7 +196,7 @@ fn pool_forward(x: &Tensor, g: PoolGeometry) -> Result<Tensor> {
     let both = Tensor::uninit("pool2d", &[slots, total], x.device())?;
     let p = g.params(if keep { total } else { u32::MAX as usize });
     x.device().dispatch(
-        Kernel::Pool2dFwd,
+        g.forward_kernel(),
         &[x.buffer()],
         both.buffer(),
         bytemuck::bytes_of(&p),
@@ -206,12 +226,21 @@ pub(crate) fn pool_backward(
     match indices {
         Some(idx) => {
             let p = geo.params(idx.layout.offset);
+            // The 2x2 kernel runs one invocation per 2x2 block of dx.
+            let (kernel, invocations) = if geo.is_max_2x2() {
+                (
+                    Kernel::MaxPool2x2Bwd,
+                    geo.n * geo.c * geo.h.div_ceil(2) * (geo.w / 2),
+                )
+            } else {
+                (Kernel::MaxPool2dBwd, total)
+            };
             g.device().dispatch(
-                Kernel::MaxPool2dBwd,
+                kernel,
                 &[g.buffer(), idx.buffer()],
                 out.buffer(),
                 bytemuck::bytes_of(&p),
-                grid(total, 256),
+                grid(invocations, 256),
             );
         }
         None => {
@@ -369,7 +398,7 @@ pub(crate) fn pool_into(
     let total = g.n * g.c * g.oh * g.ow;
     let p = g.params(u32::MAX as usize);
     x.device().dispatch_variant(
-        Kernel::Pool2dFwd,
+        g.forward_kernel(),
         variant,
         &[x.buffer()],
         &[out.buffer()],
