@@ -42,7 +42,7 @@ mod tensor;
 pub mod train;
 
 pub use autograd::{is_grad_enabled, no_grad, NoGradGuard};
-pub use device::{Device, DeviceOptions, DeviceStats, KernelTime};
+pub use device::{Device, DeviceOptions, DeviceStats, KernelTime, TuneMode};
 pub use error::{Error, Result};
 pub use ops::conv::{Conv2dOptions, ConvTranspose2dOptions};
 pub use ops::elementwise::{BinaryOp, UnaryOp};

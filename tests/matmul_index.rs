@@ -685,3 +685,101 @@ fn inner_sizes_not_a_multiple_of_four() {
         }
     }
 }
+
+/// The cross-check mode runs every candidate of a new shape class once against the heuristic:
+/// for matmuls (unaligned, vec4-aligned, with a fused activation) and the three convolution
+/// passes, every result still equals the f64 reference and the classes are remembered, so a
+/// second run dispatches the product alone.
+#[test]
+fn cross_check_mode_runs_every_candidate() {
+    use kiln::TuneMode;
+    let d = own_device();
+    d.set_tune_mode(TuneMode::CrossCheck);
+    assert_eq!(d.tune_mode(), TuneMode::CrossCheck);
+    let mut rng = Rng::new(23);
+    for (m, n, k) in [(13, 9, 7), (16, 24, 12)] {
+        let av = rng.vec(m * k, -1.0, 1.0);
+        let bv = rng.vec(k * n, -1.0, 1.0);
+        let want = Nd::from_f32(&[m, k], &av).matmul(&Nd::from_f32(&[k, n], &bv));
+        let a = Tensor::from_slice(&av, &[m, k], &d).unwrap();
+        let b = Tensor::from_slice(&bv, &[k, n], &d).unwrap();
+        for run in 0..2 {
+            d.synchronize().unwrap();
+            let before = d.stats().dispatches;
+            let y = a.matmul(&b).unwrap();
+            d.synchronize().unwrap();
+            let ran = d.stats().dispatches - before;
+            assert!(
+                if run == 0 { ran > 2 } else { ran == 1 },
+                "{m}x{n}x{k} run {run}: {ran} dispatches"
+            );
+            assert_close(&format!("{m}x{n}x{k} run {run}"), &y, &want, 1e-4, 1e-5);
+        }
+    }
+    // A convolution and both its gradients (each pass a family of its own).
+    let x = Tensor::randn(&[2, 3, 7, 6], 1, &d).unwrap().requires_grad();
+    let w = Tensor::randn(&[5, 3, 3, 3], 2, &d).unwrap().requires_grad();
+    let y = x.conv2d(&w, None, &Default::default()).unwrap();
+    y.sum_all().unwrap().backward().unwrap();
+    assert!(x.grad().is_some() && w.grad().is_some());
+    let families: Vec<kiln::kernels::Kernel> = d.tuned_kernels().iter().map(|t| t.0).collect();
+    for f in [
+        kiln::kernels::Kernel::MatmulFwd,
+        kiln::kernels::Kernel::MatmulVec4NnFwd,
+        kiln::kernels::Kernel::Conv2dFwd,
+        kiln::kernels::Kernel::Conv2dBwdInput,
+        kiln::kernels::Kernel::Conv2dBwdWeight,
+    ] {
+        assert!(families.contains(&f), "{f:?} not checked: {families:?}");
+    }
+}
+
+/// Timed choices persist in the opt-in cache file: a second device on the same file starts
+/// with them and times nothing; a file that is not a cache is an `Err` naming its line.
+#[test]
+fn timed_choices_persist_in_the_cache_file() {
+    use kiln::{Device, DeviceOptions, TuneMode};
+    let dir = std::env::temp_dir().join(format!("kiln-tune-cache-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("tune.txt");
+    let _ = std::fs::remove_file(&path);
+    let opts = DeviceOptions {
+        tune_cache: Some(path.clone()),
+        ..Default::default()
+    };
+    let (m, n, k) = (128, 132, 128);
+    let product = |d: &Device| {
+        d.set_tune_mode(TuneMode::Timed);
+        let a = Tensor::randn(&[m, k], 3, d).unwrap();
+        let b = Tensor::randn(&[k, n], 4, d).unwrap();
+        d.synchronize().unwrap();
+        let before = d.stats().dispatches;
+        let y = a.matmul(&b).unwrap().to_vec().unwrap();
+        (d.stats().dispatches - before, y)
+    };
+    let first = Device::new(&opts).unwrap();
+    let (tuning, y1) = product(&first);
+    assert!(
+        tuning > 4,
+        "the first device times the candidates: {tuning}"
+    );
+    let text = std::fs::read_to_string(&path).unwrap();
+    assert!(text.starts_with("kiln tune cache 1\n"), "{text}");
+    assert_eq!(
+        text.lines().count(),
+        1 + first.tuned_kernels().len(),
+        "{text}"
+    );
+    let second = Device::new(&opts).unwrap();
+    assert_eq!(second.tuned_kernels().len(), first.tuned_kernels().len());
+    let (tuned, y2) = product(&second);
+    assert_eq!(tuned, 1, "the second device reads the choice");
+    assert_eq!(y1, y2);
+    std::fs::write(&path, "kiln tune cache 1\nnot a line\n").unwrap();
+    let e = Device::new(&opts)
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(e.contains("tune.txt line 2"), "{e}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

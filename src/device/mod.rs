@@ -7,6 +7,7 @@
 //! or on [`Device::synchronize`].
 
 mod pool;
+mod tune_cache;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -62,6 +63,54 @@ pub struct DeviceOptions {
     /// # Ok::<(), kiln::Error>(())
     /// ```
     pub without_features: wgpu::Features,
+    /// A file that keeps the kernel tuner's timed choices across runs, per adapter and driver
+    /// (`None`: the `KILN_TUNE_CACHE` environment variable, else no file). Read when the device
+    /// is made, rewritten after each new timed choice. Off by default: a choice timed on a
+    /// busy machine would outlive the run.
+    ///
+    /// ```
+    /// let path = std::env::temp_dir().join("kiln-doc-tune-cache.txt");
+    /// let dev = kiln::Device::new(&kiln::DeviceOptions { tune_cache: Some(path), ..Default::default() })?;
+    /// # Ok::<(), kiln::Error>(())
+    /// ```
+    pub tune_cache: Option<std::path::PathBuf>,
+}
+
+/// How the kernel tuner chooses among a family's candidate kernels (see
+/// [`Device::set_tune_mode`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TuneMode {
+    /// Each family's heuristic; nothing is timed (`KILN_AUTOTUNE=0`).
+    Heuristic,
+    /// The first large problem of each shape class times the candidates and the fastest is
+    /// remembered (the default).
+    Timed,
+    /// The first problem of each shape class, of any size, runs every candidate once and
+    /// compares its result with the heuristic's; a difference is an `Err` naming both kernels
+    /// (`KILN_AUTOTUNE=check`). For trying kiln on a new adapter or driver.
+    CrossCheck,
+}
+
+impl TuneMode {
+    fn from_env() -> TuneMode {
+        match std::env::var("KILN_AUTOTUNE").as_deref() {
+            Ok("0") => TuneMode::Heuristic,
+            Ok("check") => TuneMode::CrossCheck,
+            _ => TuneMode::Timed,
+        }
+    }
+
+    fn code(self) -> u8 {
+        self as u8
+    }
+
+    fn of_code(c: u8) -> TuneMode {
+        match c {
+            0 => TuneMode::Heuristic,
+            2 => TuneMode::CrossCheck,
+            _ => TuneMode::Timed,
+        }
+    }
 }
 
 /// One row of [`Device::profile`].
@@ -141,7 +190,10 @@ struct DeviceInner {
     submits: AtomicU64,
     readbacks: AtomicU64,
     dispatches: AtomicU64,
-    autotune: std::sync::atomic::AtomicBool,
+    /// The [`TuneMode`], as its code.
+    tune_mode: std::sync::atomic::AtomicU8,
+    /// The tuner's cache file, its key for this adapter and the other adapters' lines.
+    tune_cache: Option<(std::path::PathBuf, String)>,
     /// Row-reduction kernel override: 0 by the device's choice, 1 serial, 2 a workgroup per row.
     row_reduction: std::sync::atomic::AtomicU8,
     trusted_shaders: bool,
@@ -241,15 +293,25 @@ impl Device {
             })?;
         let trusted = options.trusted_shaders
             || std::env::var("KILN_TRUSTED_SHADERS").is_ok_and(|v| v == "1");
-        Self::from_adapter(adapter, trusted, options.without_features)
+        let cache = options
+            .tune_cache
+            .clone()
+            .or_else(|| std::env::var_os("KILN_TUNE_CACHE").map(Into::into));
+        Self::from_adapter(adapter, trusted, options.without_features, cache)
     }
 
     fn from_adapter(
         adapter: wgpu::Adapter,
         trusted_shaders: bool,
         without_features: wgpu::Features,
+        cache: Option<std::path::PathBuf>,
     ) -> Result<Device> {
         let info = adapter.get_info();
+        let key = tune_cache::adapter_key(&info);
+        let tuned = match &cache {
+            Some(path) => tune_cache::load(path, &key)?.choices,
+            None => HashMap::new(),
+        };
         let wanted =
             wgpu::Features::SHADER_F16 | wgpu::Features::SUBGROUP | wgpu::Features::TIMESTAMP_QUERY;
         let features = adapter.features() & wanted & !without_features;
@@ -308,10 +370,9 @@ impl Device {
                 submits: AtomicU64::new(0),
                 readbacks: AtomicU64::new(0),
                 dispatches: AtomicU64::new(0),
-                autotune: std::sync::atomic::AtomicBool::new(
-                    std::env::var("KILN_AUTOTUNE").map_or(true, |v| v != "0"),
-                ),
-                tuned: Mutex::new(HashMap::new()),
+                tune_mode: std::sync::atomic::AtomicU8::new(TuneMode::from_env().code()),
+                tune_cache: cache.map(|path| (path, key)),
+                tuned: Mutex::new(tuned),
                 profile: Mutex::new(None),
                 profiling: std::sync::atomic::AtomicBool::new(false),
                 row_reduction: std::sync::atomic::AtomicU8::new(0),
@@ -409,7 +470,33 @@ impl Device {
     /// class times the candidate kernels once (a few synchronised runs) and remembers the
     /// fastest for this device.
     pub fn set_autotune(&self, on: bool) {
-        self.inner.autotune.store(on, Ordering::Relaxed);
+        self.set_tune_mode(if on {
+            TuneMode::Timed
+        } else {
+            TuneMode::Heuristic
+        });
+    }
+
+    /// Sets how kernels are chosen from now on (by default [`TuneMode::Timed`], or as
+    /// `KILN_AUTOTUNE` says). Choices already made stay.
+    ///
+    /// ```
+    /// use kiln::{Device, DeviceOptions, TuneMode};
+    /// let dev = Device::new(&DeviceOptions::default())?;
+    /// dev.set_tune_mode(TuneMode::CrossCheck);
+    /// let a = kiln::Tensor::randn(&[33, 20], 0, &dev)?;
+    /// let b = kiln::Tensor::randn(&[20, 12], 1, &dev)?;
+    /// // Every matmul kernel that fits ran once, and each agreed with the heuristic's.
+    /// assert_eq!(a.matmul(&b)?.dims(), &[33, 12]);
+    /// # Ok::<(), kiln::Error>(())
+    /// ```
+    pub fn set_tune_mode(&self, mode: TuneMode) {
+        self.inner.tune_mode.store(mode.code(), Ordering::Relaxed);
+    }
+
+    /// How kernels are chosen now.
+    pub fn tune_mode(&self) -> TuneMode {
+        TuneMode::of_code(self.inner.tune_mode.load(Ordering::Relaxed))
     }
 
     /// Turns per-kernel profiling on (clearing what was gathered) or off. While it is on, every
@@ -479,17 +566,25 @@ impl Device {
         }
     }
 
-    pub(crate) fn autotune_enabled(&self) -> bool {
-        self.inner.autotune.load(Ordering::Relaxed)
-    }
-
     /// The kernel chosen for `(family, shape class)`, if tuned.
     pub(crate) fn tuned(&self, family: Kernel, class: [u8; 4]) -> Option<Kernel> {
         lock(&self.inner.tuned).get(&(family, class)).copied()
     }
 
-    pub(crate) fn set_tuned(&self, family: Kernel, class: [u8; 4], choice: Kernel) {
-        lock(&self.inner.tuned).insert((family, class), choice);
+    /// Remembers a choice; a timed one (`persist`) is also written to the cache file, if any.
+    pub(crate) fn set_tuned(
+        &self,
+        family: Kernel,
+        class: [u8; 4],
+        choice: Kernel,
+        persist: bool,
+    ) -> Result<()> {
+        let mut tuned = lock(&self.inner.tuned);
+        tuned.insert((family, class), choice);
+        match &self.inner.tune_cache {
+            Some((path, key)) if persist => tune_cache::save(path, key, &tuned),
+            _ => Ok(()),
+        }
     }
 
     /// The autotuner's choices so far: (family, shape class, kernel). The family is the

@@ -3,7 +3,7 @@
 
 use bytemuck::{Pod, Zeroable};
 
-use super::{log2_bucket, tune, Epilogue, TUNE_MIN_WORK};
+use super::Epilogue;
 use crate::autograd::{record, Op};
 use crate::error::{Error, Result};
 use crate::kernels::{Kernel, Variant};
@@ -193,27 +193,11 @@ impl ConvGeometry {
     }
 }
 
-/// Whether to run conv2d as an explicit im2col matrix times the weight (batched matmuls) rather
-/// than the implicit-GEMM kernels: on software adapters, for one group, 32 output channels or
-/// more, output planes that the vec4 matmul kernels take (multiples of 4) and an im2col
-/// matrix that fits a binding. There the matmul kernels' vec4 loads and register blocking
-/// beat the convolution kernels' gathers by about 2x at the channel counts of small CNNs;
-/// hardware adapters keep the tuned convolution kernels (untested there). The reduction depth
-/// is padded to a multiple of 4 with zero rows, except for the input gradient (`padded_ok`
-/// false), which needs it so.
+/// Whether conv2d runs as an explicit im2col matrix times the weight (the tuner's
+/// [`super::tune::conv_lowering`]); `padded_ok` false for the input gradient, which needs an
+/// unpadded depth.
 fn gemm_suits(device: &crate::device::Device, g: &ConvGeometry, padded_ok: bool) -> bool {
-    let depth = g.c_in * g.k[0] * g.k[1];
-    let rows = gemm_depth(g);
-    let plane = g.oh * g.ow;
-    let elements = rows * g.n * plane;
-    device.is_software()
-        && g.groups == 1
-        && g.c_out >= 32
-        && (padded_ok || rows == depth)
-        && plane.is_multiple_of(4)
-        && elements > 0
-        && (elements as u64) * 4 <= device.max_binding_bytes()
-        && elements < u32::MAX as usize
+    super::tune::conv_lowering(device, g, gemm_depth(g), padded_ok)
 }
 
 /// The im2col matrix's rows: the reduction depth `c_in kh kw`, padded to a multiple of 4.
@@ -356,7 +340,7 @@ pub(crate) fn conv_fwd_into(
         return gemm_fwd_into(x, w, g, out, epi);
     }
     let (rows, cols) = (g.n * g.oh * g.ow, g.c_out / g.groups);
-    let kernel = choose(
+    let kernel = super::tune::conv(
         x.device(),
         [rows, cols, g.c_in / g.groups * g.k[0] * g.k[1], g.groups],
         [
@@ -365,46 +349,9 @@ pub(crate) fn conv_fwd_into(
             Kernel::Conv2dTiledFwd,
         ],
         rows >= 256 && cols >= 16,
-        &|k| conv_fwd_into_with(x, w, g, out, epi, k),
+        &|k| conv_fwd_into_with(x, w, g, out, epi, k).map(|()| out.clone()),
     )?;
     conv_fwd_into_with(x, w, g, out, epi, kernel)
-}
-
-/// The kernel of `[register, register with subgroups, tiled]` for a GEMM of `rows` x `cols`
-/// x `depth` per group. Barriers are costly on software adapters: a register kernel there
-/// (the subgroup one where subgroups have 8 or more invocations: fewer loads of the shared
-/// operand). Elsewhere the device's tuned choice for the shape class, else a timed choice
-/// (autotune on, large enough), else `tiled` where `tiled_by_default` and the register kernel
-/// otherwise.
-fn choose(
-    device: &crate::device::Device,
-    [rows, cols, depth, groups]: [usize; 4],
-    [register, subgroup, tiled]: [Kernel; 3],
-    tiled_by_default: bool,
-    record: &dyn Fn(Kernel) -> Result<()>,
-) -> Result<Kernel> {
-    let subgroups = device.subgroups_of_at_least(8);
-    if device.is_software() {
-        return Ok(if subgroups { subgroup } else { register });
-    }
-    let class = [
-        log2_bucket(rows),
-        log2_bucket(cols),
-        log2_bucket(depth),
-        log2_bucket(groups),
-    ];
-    if let Some(kernel) = device.tuned(register, class) {
-        return Ok(kernel);
-    }
-    let heuristic = if tiled_by_default { tiled } else { register };
-    if !device.autotune_enabled() || rows * cols * depth * groups < TUNE_MIN_WORK {
-        return Ok(heuristic);
-    }
-    let mut candidates = vec![heuristic, if tiled_by_default { register } else { tiled }];
-    if subgroups {
-        candidates.push(subgroup);
-    }
-    tune(device, register, class, &candidates, record)
 }
 
 fn conv_fwd_into_with(
@@ -460,7 +407,7 @@ pub(crate) fn conv_bwd_input(dy: &Tensor, w: &Tensor, g: &ConvGeometry) -> Resul
         return gemm_bwd_input(dy, w, g);
     }
     let (rows, cols) = (g.n * g.h * g.w, g.c_in / g.groups);
-    let kernel = choose(
+    let kernel = super::tune::conv(
         dy.device(),
         [rows, cols, g.c_out / g.groups * g.k[0] * g.k[1], g.groups],
         [
@@ -469,7 +416,7 @@ pub(crate) fn conv_bwd_input(dy: &Tensor, w: &Tensor, g: &ConvGeometry) -> Resul
             Kernel::Conv2dBwdInputTiled,
         ],
         rows >= 256 && cols >= 16,
-        &|k| conv_bwd_input_with(dy, w, g, k).map(drop),
+        &|k| conv_bwd_input_with(dy, w, g, k),
     )?;
     conv_bwd_input_with(dy, w, g, kernel)
 }
@@ -523,7 +470,7 @@ pub(crate) fn conv_bwd_weight(dy: &Tensor, x: &Tensor, g: &ConvGeometry) -> Resu
     }
     // The reduction runs over positions: by default the tiled kernel for long ones.
     let positions = g.n * g.oh * g.ow;
-    let kernel = choose(
+    let kernel = super::tune::conv(
         dy.device(),
         [
             g.c_out / g.groups,
@@ -537,7 +484,7 @@ pub(crate) fn conv_bwd_weight(dy: &Tensor, x: &Tensor, g: &ConvGeometry) -> Resu
             Kernel::Conv2dBwdWeightTiled,
         ],
         positions >= 1024,
-        &|k| conv_bwd_weight_with(dy, x, g, k, None).map(drop),
+        &|k| conv_bwd_weight_with(dy, x, g, k, None),
     )?;
     conv_bwd_weight_with(dy, x, g, kernel, None)
 }
@@ -590,20 +537,8 @@ fn conv_bwd_weight_with(
     // The reduction over every output position is long and the output small: split it so
     // that enough workgroups run, then add the partial sums.
     let tiles = rows.div_ceil(tile_rows) * cols.div_ceil(tile_cols) * g.groups;
-    // A software adapter has a few cores: a few workgroups keep them busy.
-    let software = dy.device().is_software();
-    let target: usize = if software {
-        8
-    } else if tiled {
-        512
-    } else {
-        1024
-    };
-    let splits = target
-        .div_ceil(tiles)
-        .min(positions.div_ceil(256))
-        .min(64)
-        .clamp(1, MAX_GROUPS / g.groups.max(1));
+    let splits =
+        super::tune::conv_weight_splits(dy.device(), tiled, tiles, positions, g.groups, MAX_GROUPS);
     let splits = force_splits.map_or(splits, |s| s.clamp(1, positions));
     let chunk = positions.div_ceil(splits);
     let partial = Tensor::uninit("conv2d_backward", &[splits, g.c_out, cols], dy.device())?;

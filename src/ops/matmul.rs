@@ -4,7 +4,7 @@
 use bytemuck::{Pod, Zeroable};
 
 use super::elementwise::{activation_in_place, UnaryOp};
-use super::{log2_bucket, pack, tune, Epilogue, EPILOGUE_ACTIVATION_BITS, TUNE_MIN_WORK};
+use super::{pack, Epilogue, EPILOGUE_ACTIVATION_BITS};
 use crate::autograd::{record, Op};
 use crate::error::{Error, Result};
 use crate::kernels::{Kernel, Variant};
@@ -76,7 +76,7 @@ fn tile_of(kernel: Kernel) -> [usize; 2] {
 /// `matmul_sg*_*` and `matmul_t128v4_*` kernels (see the header that `build.rs` writes for
 /// `matmul_vec4.wgsl`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Aligned {
+pub(crate) enum Aligned {
     /// a (m, k) and b (k, n) row-major.
     Nn,
     /// b transposed: b^T (n, k) row-major.
@@ -125,7 +125,7 @@ impl Aligned {
     }
 
     /// The 16x16-per-invocation kernel (an activation other than relu runs as a second pass after it).
-    fn vec4(self) -> Kernel {
+    pub(crate) fn vec4(self) -> Kernel {
         match self {
             Aligned::Nn => Kernel::MatmulVec4NnFwd,
             Aligned::Nt => Kernel::MatmulVec4NtFwd,
@@ -134,7 +134,7 @@ impl Aligned {
     }
 
     /// The vec4 kernel with A shared through subgroups, 8 invocations per workgroup.
-    fn sg8(self) -> Kernel {
+    pub(crate) fn sg8(self) -> Kernel {
         match self {
             Aligned::Nn => Kernel::MatmulSg8NnFwd,
             Aligned::Nt => Kernel::MatmulSg8NtFwd,
@@ -143,7 +143,7 @@ impl Aligned {
     }
 
     /// The same with 32 invocations per workgroup.
-    fn sg32(self) -> Kernel {
+    pub(crate) fn sg32(self) -> Kernel {
         match self {
             Aligned::Nn => Kernel::MatmulSg32NnFwd,
             Aligned::Nt => Kernel::MatmulSg32NtFwd,
@@ -152,7 +152,7 @@ impl Aligned {
     }
 
     /// The double-buffered 128x128-tile kernel.
-    fn t128(self) -> Kernel {
+    pub(crate) fn t128(self) -> Kernel {
         match self {
             Aligned::Nn => Kernel::MatmulT128v4NnFwd,
             Aligned::Nt => Kernel::MatmulT128v4NtFwd,
@@ -161,65 +161,6 @@ impl Aligned {
     }
 }
 
-/// The kernel for an (m, n, k) x `count` product: the device's tuned choice for its shape
-/// class, else a timed choice (autotune on, large enough), else a heuristic. `aligned` is the
-/// operands' layout when the vec4-reading kernels fit it; `activation` says whether the
-/// epilogue applies one (the `matmul_vec4_*` kernels then need a second pass for any but relu).
-fn choose(
-    device: &crate::device::Device,
-    [m, n, k, count]: [usize; 4],
-    aligned: Option<Aligned>,
-    activation: bool,
-    record: &dyn Fn(Kernel) -> Result<()>,
-) -> Result<Kernel> {
-    let vec4 = aligned.map(Aligned::vec4);
-    let software = device.is_software();
-    // The top bit of the batch bucket marks a fused activation, which changes the costs.
-    let class = [
-        log2_bucket(m),
-        log2_bucket(n),
-        log2_bucket(k),
-        log2_bucket(count) | if activation { 0x80 } else { 0 },
-    ];
-    // Choices are kept per family of candidates: an aligned kernel never serves unaligned
-    // operands.
-    let family = vec4.unwrap_or(Kernel::MatmulFwd);
-    if let Some(kernel) = device.tuned(family, class) {
-        return Ok(kernel);
-    }
-    let heuristic = match aligned {
-        // A shared through subgroups: 1.4x the vec4 kernel on lavapipe (subgroups of 8).
-        Some(l) if software && device.subgroups_of_at_least(8) => l.sg8(),
-        Some(l) if software => l.vec4(),
-        _ if m >= 64 && n >= 64 && k >= 16 => Kernel::MatmulTiledFwd,
-        _ => Kernel::MatmulFwd,
-    };
-    if !device.autotune_enabled() || m * n * k * count < TUNE_MIN_WORK {
-        return Ok(heuristic);
-    }
-    // Shared-memory kernels are left out on software adapters, where barriers are costly.
-    let mut candidates: Vec<Kernel> = if software {
-        vec![Kernel::MatmulFwd, Kernel::MatmulReg8Fwd]
-    } else {
-        vec![
-            Kernel::MatmulFwd,
-            Kernel::MatmulTiledFwd,
-            Kernel::MatmulTiled128Fwd,
-            Kernel::MatmulReg8Fwd,
-        ]
-    };
-    candidates.extend(vec4);
-    candidates.extend(aligned.filter(|_| !software).map(Aligned::t128));
-    // The subgroup kernels where every subgroup has 8 or more invocations; the 32-wide one
-    // only where subgroups are that wide (on narrower ones it idles lanes past n).
-    if let Some(l) = aligned.filter(|_| device.subgroups_of_at_least(8)) {
-        candidates.push(l.sg8());
-        if device.adapter_info().subgroup_max_size >= 32 {
-            candidates.push(l.sg32());
-        }
-    }
-    tune(device, family, class, &candidates, record)
-}
 const MAX_GROUPS: usize = 65535;
 
 impl Tensor {
@@ -426,7 +367,7 @@ pub(crate) fn matmul_into(a: &Tensor, b: &Tensor, out: &Tensor, epi: &Epilogue<'
         epi.activation.is_some_and(|(op, _)| op != UnaryOp::Relu)
             && Aligned::of_kernel(kernel).is_some_and(|(_, vec4)| vec4)
     };
-    let record = |kernel: Kernel| -> Result<()> {
+    let record = |kernel: Kernel| -> Result<Tensor> {
         let [tn, tm] = tile_of(kernel);
         let groups = [n.div_ceil(tn) as u32, m.div_ceil(tm) as u32];
         let mut p = p;
@@ -450,12 +391,12 @@ pub(crate) fn matmul_into(a: &Tensor, b: &Tensor, out: &Tensor, epi: &Epilogue<'
         if let (true, Some((op, alpha))) = (split(kernel), epi.activation) {
             activation_in_place(out, op, alpha, epi.variant)?;
         }
-        Ok(())
+        Ok(out.clone())
     };
     // A bias along the rows is read one element at a time, at any offset.
     let column_bias = epi.bias.is_some() && !epi.bias_rows;
     let aligned = Aligned::of(&p, &la.strides, &lb.strides, column_bias);
-    let kernel = choose(
+    let kernel = super::tune::matmul(
         out.device(),
         [m, n, k, count],
         aligned,

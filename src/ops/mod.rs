@@ -11,46 +11,9 @@ pub(crate) mod norm;
 pub(crate) mod pool;
 pub(crate) mod quant;
 pub(crate) mod reduce;
+pub(crate) mod tune;
 
-use crate::error::Result;
-use crate::kernels::Kernel;
 use crate::shape::MAX_RANK;
-
-/// Problems with fewer multiply-adds than this take a heuristic kernel choice without timing.
-pub(crate) const TUNE_MIN_WORK: usize = 1 << 21;
-
-/// ceil(log2(v + 1)): the size bucket of a shape class.
-pub(crate) fn log2_bucket(v: usize) -> u8 {
-    (usize::BITS - v.max(1).leading_zeros()) as u8
-}
-
-/// The fastest of `candidates` for the device, by wall clock: each is recorded once (the first
-/// run compiles its pipeline), then the best of three timed runs counts. The choice is
-/// remembered for `(family, class)`.
-pub(crate) fn tune(
-    device: &crate::device::Device,
-    family: Kernel,
-    class: [u8; 4],
-    candidates: &[Kernel],
-    record: &dyn Fn(Kernel) -> Result<()>,
-) -> Result<Kernel> {
-    let mut best = (f64::INFINITY, candidates[0]);
-    for &kernel in candidates {
-        record(kernel)?;
-        device.synchronize()?;
-        for _ in 0..3 {
-            let t = std::time::Instant::now();
-            record(kernel)?;
-            device.synchronize()?;
-            let s = t.elapsed().as_secs_f64();
-            if s < best.0 {
-                best = (s, kernel);
-            }
-        }
-    }
-    device.set_tuned(family, class, best.1);
-    Ok(best.1)
-}
 
 /// Workgroups of `per_group` invocations covering `n` items, spread over x and y so that no
 /// dimension exceeds 65535 (the WebGPU minimum for `max_compute_workgroups_per_dimension`).

@@ -114,10 +114,7 @@ fn dispatch_rows(src: &Tensor, op: ReduceOp, correction: f32, run: &Run<'_>, out
         sin: pack(run.in_strides.iter().copied()),
         sout: pack(run.out_strides.iter().copied()),
     };
-    // One invocation per row on software adapters (no barriers); a workgroup per row on GPUs,
-    // where a serial row would leave most of the chip idle and wait on every load.
-    let software = src.device().is_software();
-    let serial = src.device().row_reduction_override().unwrap_or(software);
+    let serial = super::tune::serial_rows(src.device());
     let (kernel, per_group) = if serial {
         (Kernel::ReduceSerialFwd, 64)
     } else {

@@ -1,0 +1,326 @@
+//! Kernel choice, in one place. Each family of interchangeable kernels lists its candidates
+//! here, with a heuristic and, for problems large enough to pay for it, a timed choice that the
+//! device remembers per shape class (and, when a cache file is given, across runs):
+//!
+//! - matmul, per operand layout ([`matmul`]);
+//! - the three convolution passes ([`conv`]), and whether a convolution runs as an im2col
+//!   matrix times the weight instead ([`conv_lowering`]);
+//! - how many position splits the convolution weight gradient takes ([`conv_weight_splits`]);
+//! - row reductions: one invocation or one workgroup per row ([`serial_rows`]).
+//!
+//! The op files keep only what fits an operand layout (the vec4 elementwise and optimizer
+//! kernels, the 2x2 max pooling): those are not choices between equals.
+//!
+//! [`TuneMode::CrossCheck`] runs every candidate of each new (family, shape class) once and
+//! compares their results with the heuristic's, an `Err` naming both kernels where they differ.
+//! The `*_with` test hooks of the ops force one candidate, bypassing all of this.
+
+use super::conv::ConvGeometry;
+use super::matmul::Aligned;
+use crate::device::{Device, TuneMode};
+use crate::error::{Error, Result};
+use crate::kernels::Kernel;
+use crate::tensor::Tensor;
+
+/// Problems with fewer multiply-adds than this take the heuristic choice without timing.
+pub(crate) const TUNE_MIN_WORK: usize = 1 << 21;
+
+/// ceil(log2(v + 1)): the size bucket of a shape class.
+pub(crate) fn log2_bucket(v: usize) -> u8 {
+    (usize::BITS - v.max(1).leading_zeros()) as u8
+}
+
+/// Runs candidate `kernel` of a problem and returns its output.
+pub(crate) type Record<'a> = &'a dyn Fn(Kernel) -> Result<Tensor>;
+
+/// The choice for `(family, class)`: a remembered one, else (where the mode asks for it) the
+/// fastest of `candidates` for problems of `work` from [`TUNE_MIN_WORK`] up, or the heuristic
+/// once every candidate has been cross-checked against it (any size), else the heuristic.
+fn pick(
+    device: &Device,
+    family: Kernel,
+    class: [u8; 4],
+    heuristic: Kernel,
+    candidates: &[Kernel],
+    work: usize,
+    record: Record<'_>,
+) -> Result<Kernel> {
+    // A remembered choice (perhaps from a cache file) counts only if it is a candidate here.
+    let valid = |k: &Kernel| *k == heuristic || candidates.contains(k);
+    if let Some(kernel) = device.tuned(family, class).filter(valid) {
+        return Ok(kernel);
+    }
+    match device.tune_mode() {
+        TuneMode::Heuristic => Ok(heuristic),
+        TuneMode::Timed if work < TUNE_MIN_WORK || candidates.is_empty() => Ok(heuristic),
+        TuneMode::Timed => {
+            let best = timed(device, candidates, record)?;
+            device.set_tuned(family, class, best, true)?;
+            Ok(best)
+        }
+        TuneMode::CrossCheck => {
+            cross_check(heuristic, candidates, record)?;
+            device.set_tuned(family, class, heuristic, false)?;
+            Ok(heuristic)
+        }
+    }
+}
+
+/// The fastest of `candidates` by wall clock: each is recorded once (the first run compiles its
+/// pipeline), then the best of three timed runs counts.
+fn timed(device: &Device, candidates: &[Kernel], record: Record<'_>) -> Result<Kernel> {
+    let mut best = (f64::INFINITY, candidates[0]);
+    for &kernel in candidates {
+        record(kernel)?;
+        device.synchronize()?;
+        for _ in 0..3 {
+            let t = std::time::Instant::now();
+            record(kernel)?;
+            device.synchronize()?;
+            let s = t.elapsed().as_secs_f64();
+            if s < best.0 {
+                best = (s, kernel);
+            }
+        }
+    }
+    Ok(best.1)
+}
+
+/// Runs every candidate once and compares its output with the heuristic's: equal within 1e-3
+/// of the largest magnitude (the candidates sum the same products in different orders), NaN
+/// where it is NaN.
+fn cross_check(heuristic: Kernel, candidates: &[Kernel], record: Record<'_>) -> Result<()> {
+    let want = record(heuristic)?.to_vec()?;
+    let scale = want
+        .iter()
+        .filter(|v| v.is_finite())
+        .fold(0f32, |m, v| m.max(v.abs()));
+    for &kernel in candidates.iter().filter(|&&k| k != heuristic) {
+        let got = record(kernel)?.to_vec()?;
+        let bad = got.iter().zip(&want).position(|(g, w)| {
+            !(g.is_nan() && w.is_nan() || g == w || (g - w).abs() <= 1e-3 * scale.max(1e-6))
+        });
+        if let Some(i) = bad.or((got.len() != want.len()).then_some(0)) {
+            return Err(Error::invalid(
+                "tune",
+                format!(
+                    "cross-check: {kernel:?} gives {} at element {i} where {:?} gives {} \
+                     ({} elements, largest magnitude {scale})",
+                    got.get(i).copied().unwrap_or(f32::NAN),
+                    heuristic,
+                    want.get(i).copied().unwrap_or(f32::NAN),
+                    want.len()
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The kernel for an (m, n, k) x `count` product. `aligned` is the operands' layout when the
+/// vec4-reading kernels fit it; `activation` says whether the epilogue applies one (the
+/// `matmul_vec4_*` kernels then need a second pass for any but relu, which changes the costs).
+///
+/// Heuristic: on software adapters the vec4 kernel, A shared through subgroups where they
+/// have 8 or more invocations (1.4x on lavapipe); elsewhere the shared-memory tiled kernel for
+/// products of 64x64 and more, the 4x4 register kernel below. Shared-memory kernels are left
+/// out of the timed candidates on software adapters, where barriers are costly.
+pub(crate) fn matmul(
+    device: &Device,
+    [m, n, k, count]: [usize; 4],
+    aligned: Option<Aligned>,
+    activation: bool,
+    record: Record<'_>,
+) -> Result<Kernel> {
+    let software = device.is_software();
+    // The top bit of the batch bucket marks a fused activation.
+    let class = [
+        log2_bucket(m),
+        log2_bucket(n),
+        log2_bucket(k),
+        log2_bucket(count) | if activation { 0x80 } else { 0 },
+    ];
+    let heuristic = match aligned {
+        Some(l) if software && device.subgroups_of_at_least(8) => l.sg8(),
+        Some(l) if software => l.vec4(),
+        _ if m >= 64 && n >= 64 && k >= 16 => Kernel::MatmulTiledFwd,
+        _ => Kernel::MatmulFwd,
+    };
+    let mut candidates = if software {
+        vec![Kernel::MatmulFwd, Kernel::MatmulReg8Fwd]
+    } else {
+        vec![
+            Kernel::MatmulFwd,
+            Kernel::MatmulTiledFwd,
+            Kernel::MatmulTiled128Fwd,
+            Kernel::MatmulReg8Fwd,
+        ]
+    };
+    if let Some(l) = aligned {
+        candidates.push(l.vec4());
+        if !software {
+            candidates.push(l.t128());
+        }
+        // The subgroup kernels where every subgroup has 8 or more invocations; the 32-wide
+        // one only where subgroups are that wide (on narrower ones it idles lanes past n).
+        if device.subgroups_of_at_least(8) {
+            candidates.push(l.sg8());
+            if device.adapter_info().subgroup_max_size >= 32 {
+                candidates.push(l.sg32());
+            }
+        }
+    }
+    // Choices are kept per family of candidates: an aligned kernel never serves unaligned
+    // operands.
+    let family = aligned.map_or(Kernel::MatmulFwd, Aligned::vec4);
+    pick(
+        device,
+        family,
+        class,
+        heuristic,
+        &candidates,
+        m * n * k * count,
+        record,
+    )
+}
+
+/// The kernel of `[register, register with subgroups, tiled]` for a convolution pass, a GEMM
+/// of `rows` x `cols` x `depth` per group.
+///
+/// Heuristic: on software adapters, where barriers are costly, a register kernel (the subgroup
+/// one where subgroups have 8 or more invocations: fewer loads of the shared operand);
+/// elsewhere `tiled` where `tiled_by_default`, else the register kernel.
+pub(crate) fn conv(
+    device: &Device,
+    [rows, cols, depth, groups]: [usize; 4],
+    [register, subgroup, tiled]: [Kernel; 3],
+    tiled_by_default: bool,
+    record: Record<'_>,
+) -> Result<Kernel> {
+    let subgroups = device.subgroups_of_at_least(8);
+    let software = device.is_software();
+    let heuristic = match (software, subgroups) {
+        (true, true) => subgroup,
+        (true, false) => register,
+        _ if tiled_by_default => tiled,
+        _ => register,
+    };
+    // Software adapters time no convolution kernel (the heuristic's lead there is wide), but
+    // a cross-check runs them all.
+    let mut candidates = Vec::new();
+    if !software || device.tune_mode() == TuneMode::CrossCheck {
+        candidates = vec![heuristic, if tiled_by_default { register } else { tiled }];
+        if subgroups {
+            candidates.push(subgroup);
+        }
+        if !candidates.contains(&tiled) {
+            candidates.push(tiled);
+        }
+    }
+    let class = [
+        log2_bucket(rows),
+        log2_bucket(cols),
+        log2_bucket(depth),
+        log2_bucket(groups),
+    ];
+    pick(
+        device,
+        register,
+        class,
+        heuristic,
+        &candidates,
+        rows * cols * depth * groups,
+        record,
+    )
+}
+
+/// Whether a convolution runs as an explicit im2col matrix times the weight (batched matmuls)
+/// rather than the implicit-GEMM kernels: on software adapters, for one group, 32 output
+/// channels or more, output planes that the vec4 matmul kernels take (multiples of 4) and an
+/// im2col matrix of `rows` (its depth, padded to a multiple of 4 unless `padded_ok` is false,
+/// as for the input gradient) that fits a binding. There the matmul kernels' vec4 loads and
+/// register blocking beat the convolution kernels' gathers by about 2x at the channel counts of
+/// small CNNs; hardware adapters keep the tuned convolution kernels (untested there).
+pub(crate) fn conv_lowering(
+    device: &Device,
+    g: &ConvGeometry,
+    rows: usize,
+    padded_ok: bool,
+) -> bool {
+    let depth = g.c_in * g.k[0] * g.k[1];
+    let plane = g.oh * g.ow;
+    let elements = rows * g.n * plane;
+    device.is_software()
+        && g.groups == 1
+        && g.c_out >= 32
+        && (padded_ok || rows == depth)
+        && plane.is_multiple_of(4)
+        && elements > 0
+        && (elements as u64) * 4 <= device.max_binding_bytes()
+        && elements < u32::MAX as usize
+}
+
+/// How many parts the convolution weight gradient splits its reduction over `positions` into,
+/// for `tiles` output tiles: enough workgroups to fill the device (a few on a software
+/// adapter's cores), at least 256 positions a part, at most 64 parts and the dispatch limit.
+pub(crate) fn conv_weight_splits(
+    device: &Device,
+    tiled: bool,
+    tiles: usize,
+    positions: usize,
+    groups: usize,
+    max_groups: usize,
+) -> usize {
+    let target: usize = if device.is_software() {
+        8
+    } else if tiled {
+        512
+    } else {
+        1024
+    };
+    target
+        .div_ceil(tiles)
+        .min(positions.div_ceil(256))
+        .min(64)
+        .clamp(1, max_groups / groups.max(1))
+}
+
+/// Whether row reductions run one row per invocation (no barriers: software adapters) rather
+/// than one workgroup per row (GPUs, where a serial row would leave most of the chip idle and
+/// wait on every load), unless a test forces one.
+pub(crate) fn serial_rows(device: &Device) -> bool {
+    device
+        .row_reduction_override()
+        .unwrap_or(device.is_software())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The cross-check passes candidates that agree (within its tolerance, NaN for NaN) and
+    /// names the first that does not, with the element and both values.
+    #[test]
+    fn cross_check_names_the_candidate_that_differs() {
+        let d = Device::default_device().unwrap();
+        let outputs = |v: [f32; 3]| Tensor::from_slice(&v, &[3], &d);
+        let record = |k: Kernel| match k {
+            Kernel::MatmulFwd => outputs([1.0, f32::NAN, -2.0]),
+            Kernel::MatmulReg8Fwd => outputs([1.0 + 1e-4, f32::NAN, -2.0]),
+            _ => outputs([1.0, f32::NAN, -1.5]),
+        };
+        let agree = [Kernel::MatmulFwd, Kernel::MatmulReg8Fwd];
+        cross_check(Kernel::MatmulFwd, &agree, &record).unwrap();
+        let e = cross_check(
+            Kernel::MatmulFwd,
+            &[Kernel::MatmulReg8Fwd, Kernel::MatmulTiledFwd],
+            &record,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("MatmulTiledFwd gives -1.5 at element 2 where MatmulFwd gives -2"),
+            "{e}"
+        );
+    }
+}
