@@ -59,6 +59,14 @@ fn div_index(k: u32, d: u32) -> u32 {
     return k / d;
 }
 
+// Output element i's plane and position: (plane, oy, ox).
+fn out_position(i: u32) -> vec3<u32> {
+    let plane = div_index(i, p.oh * p.ow);
+    let in_plane = i - plane * p.oh * p.ow;
+    let oy = div_index(in_plane, p.ow);
+    return vec3<u32>(plane, oy, in_plane - oy * p.ow);
+}
+
 // Window [start, end) of adaptive output index o along an axis of size n split into m.
 fn adaptive_window(o: u32, n: u32, m: u32) -> vec2<u32> {
     return vec2<u32>((o * n) / m, ((o + 1u) * n + m - 1u) / m);
@@ -88,10 +96,10 @@ fn pool2d_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw
     let i = linear_index(wid, nwg, lid);
     let total = p.planes * p.oh * p.ow;
     if (i >= total) { return; }
-    let plane = div_index(i, p.oh * p.ow);
-    let in_plane = i - plane * p.oh * p.ow;
-    let oy = div_index(in_plane, p.ow);
-    let ox = in_plane - oy * p.ow;
+    let at_out = out_position(i);
+    let plane = at_out.x;
+    let oy = at_out.y;
+    let ox = at_out.z;
     let base = plane * p.h * p.w;
     if (p.mode == 3u) {
         let wy = adaptive_window(oy, p.h, p.oh);
@@ -245,10 +253,10 @@ fn max_pool2x2_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroup
     let i = linear_index(wid, nwg, lid);
     let total = p.planes * p.oh * p.ow;
     if (i >= total) { return; }
-    let plane = div_index(i, p.oh * p.ow);
-    let in_plane = i - plane * p.oh * p.ow;
-    let oy = div_index(in_plane, p.ow);
-    let ox = in_plane - oy * p.ow;
+    let at_out = out_position(i);
+    let plane = at_out.x;
+    let oy = at_out.y;
+    let ox = at_out.z;
     // The window's top-left element in its plane, and in the buffer (even: w is).
     let top = 2u * (oy * p.w + ox);
     let at = plane * p.h * p.w + top;
