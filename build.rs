@@ -44,7 +44,7 @@ fn header() -> String {
 // src/ops/matmul.rs chooses these only when the vec4 reads are aligned: the contiguous stride
 // is 1; the other stride, the offsets and the batch strides are multiples of 4; k always (every
 // layout steps through k four at a time, with no tail), m where a vec4 runs along m, and n
-// always (output rows and the bias are written and read as vec4s); the epilogue may add a bias
+// always (output rows and a column bias are written and read as vec4s); the epilogue may add a bias
 // and apply relu, but no other activation.
 //
 // Why: on software adapters each storage access is a loop over the SIMD lanes whatever its
@@ -85,8 +85,8 @@ const EPILOGUE_RELU: u32 = 0x0702u;
 // max(x, 0) with NaN kept, tested on the bits as unary_op does (drivers may assume no NaN).
 fn vec4_relu(x: vec4<f32>) -> vec4<f32> {{
     let bits = bitcast<vec4<u32>>(x);
-    let nan = (bits & vec4<u32>(0x7f800000u)) == vec4<u32>(0x7f800000u)
-        & (bits & vec4<u32>(0x007fffffu)) != vec4<u32>(0u);
+    let nan = ((bits & vec4<u32>(0x7f800000u)) == vec4<u32>(0x7f800000u))
+        & ((bits & vec4<u32>(0x007fffffu)) != vec4<u32>(0u));
     return select(max(x, vec4<f32>(0.0)), x, nan);
 }}
 

@@ -61,8 +61,8 @@ fn batch_bases(z: u32, rank: u32) -> vec2<u32> {
     return base;
 }
 
-// Stores v at row r, column c (both in range) through the epilogue: the bias at column c,
-// then the activation.
+// Stores v at row r, column c (both in range) through the epilogue: the bias at column c (row
+// r with EPILOGUE_BIAS_ROWS), then the activation.
 fn store_out(out_base: u32, r: u32, c: u32, v: f32) {
     var x = v;
     if ((p.epilogue & EPILOGUE_BIAS) != 0u) {

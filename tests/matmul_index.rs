@@ -722,6 +722,24 @@ fn cross_check_mode_runs_every_candidate() {
     let y = x.conv2d(&w, None, &Default::default()).unwrap();
     y.sum_all().unwrap().backward().unwrap();
     assert!(x.grad().is_some() && w.grad().is_some());
+    // A half-precision frozen graph (its outputs are compared as f32).
+    let net = kiln::nn::Sequential::from_spec(
+        &mut kiln::nn::Init::new(&d, 4),
+        "linear(12,20) relu linear(20,8)",
+    )
+    .unwrap();
+    let xs = Tensor::randn(&[9, 12], 5, &d).unwrap();
+    let frozen = kiln::infer::freeze(net, &xs).unwrap();
+    let want = frozen.predict(&xs).unwrap().to_vec().unwrap();
+    if let Some(half) = to_half_or_refused(frozen) {
+        let got = half.predict(&xs).unwrap().to_vec().unwrap();
+        for (g, w) in got.iter().zip(&want) {
+            assert!(
+                (g - w).abs() <= 2e-2 * (1.0 + w.abs()),
+                "f16 {g} against f32 {w}"
+            );
+        }
+    }
     let families: Vec<kiln::kernels::Kernel> = d.tuned_kernels().iter().map(|t| t.0).collect();
     for f in [
         kiln::kernels::Kernel::MatmulFwd,

@@ -307,14 +307,18 @@ impl Device {
         cache: Option<std::path::PathBuf>,
     ) -> Result<Device> {
         let info = adapter.get_info();
-        let key = tune_cache::adapter_key(&info);
+        let wanted =
+            wgpu::Features::SHADER_F16 | wgpu::Features::SUBGROUP | wgpu::Features::TIMESTAMP_QUERY;
+        let features = adapter.features() & wanted & !without_features;
+        // The cache serves the timed mode only: the heuristic and cross-check modes start from
+        // the heuristics.
+        let mode = TuneMode::from_env();
+        let cache = cache.filter(|_| mode == TuneMode::Timed);
+        let key = tune_cache::adapter_key(&info, features);
         let tuned = match &cache {
             Some(path) => tune_cache::load(path, &key)?.choices,
             None => HashMap::new(),
         };
-        let wanted =
-            wgpu::Features::SHADER_F16 | wgpu::Features::SUBGROUP | wgpu::Features::TIMESTAMP_QUERY;
-        let features = adapter.features() & wanted & !without_features;
         let limits = adapter.limits();
         let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
             label: Some("kiln"),
@@ -370,7 +374,7 @@ impl Device {
                 submits: AtomicU64::new(0),
                 readbacks: AtomicU64::new(0),
                 dispatches: AtomicU64::new(0),
-                tune_mode: std::sync::atomic::AtomicU8::new(TuneMode::from_env().code()),
+                tune_mode: std::sync::atomic::AtomicU8::new(mode.code()),
                 tune_cache: cache.map(|path| (path, key)),
                 tuned: Mutex::new(tuned),
                 profile: Mutex::new(None),
@@ -571,7 +575,9 @@ impl Device {
         lock(&self.inner.tuned).get(&(family, class)).copied()
     }
 
-    /// Remembers a choice; a timed one (`persist`) is also written to the cache file, if any.
+    /// Remembers a choice; after a timed one (`persist`) the cache file, if any, is rewritten
+    /// with every choice remembered. A file that cannot be written is a warning on stderr
+    /// (once), not an `Err` of the op that was tuned: the choice itself stands.
     pub(crate) fn set_tuned(
         &self,
         family: Kernel,
@@ -579,12 +585,18 @@ impl Device {
         choice: Kernel,
         persist: bool,
     ) -> Result<()> {
-        let mut tuned = lock(&self.inner.tuned);
-        tuned.insert((family, class), choice);
-        match &self.inner.tune_cache {
-            Some((path, key)) if persist => tune_cache::save(path, key, &tuned),
-            _ => Ok(()),
+        let choices = {
+            let mut tuned = lock(&self.inner.tuned);
+            tuned.insert((family, class), choice);
+            tuned.clone()
+        };
+        if let (Some((path, key)), true) = (&self.inner.tune_cache, persist) {
+            if let Err(e) = tune_cache::save(path, key, &choices) {
+                static WARNED: std::sync::Once = std::sync::Once::new();
+                WARNED.call_once(|| eprintln!("kiln: the tune cache is not kept: {e}"));
+            }
         }
+        Ok(())
     }
 
     /// The autotuner's choices so far: (family, shape class, kernel). The family is the

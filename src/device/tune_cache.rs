@@ -11,7 +11,9 @@
 //! on another adapter, driver or release. Lines of other adapters are kept as they are when the
 //! file is rewritten. Kernels are named by their WGSL entry points. A remembered choice is
 //! used only where it is one of the candidates of its problem (`src/ops/tune.rs`), so a stale or
-//! edited file can slow kiln down but not change its results.
+//! edited file can slow kiln down, and change results only in rounding (candidates sum in
+//! different orders), never use a kernel that does not fit. The file is read only in the timed
+//! mode: `KILN_AUTOTUNE=0` and `=check` start from the heuristics.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -27,17 +29,19 @@ const MAX_BYTES: u64 = 16 << 20;
 /// Choices by (family, class).
 pub(crate) type Choices = HashMap<(Kernel, [u8; 4]), Kernel>;
 
-/// The key of an adapter's lines: name, backend, driver, ids and kiln's version, with tabs
+/// The key of an adapter's lines: name, backend, driver, ids, the features kiln enabled and
+/// kiln's version, with tabs
 /// and line breaks blanked.
-pub(crate) fn adapter_key(info: &wgpu::AdapterInfo) -> String {
+pub(crate) fn adapter_key(info: &wgpu::AdapterInfo, features: wgpu::Features) -> String {
     format!(
-        "{}|{:?}|{}|{}|{:x}|{:x}|kiln {}",
+        "{}|{:?}|{}|{}|{:x}|{:x}|{:?}|kiln {}",
         info.name,
         info.backend,
         info.driver,
         info.driver_info,
         info.vendor,
         info.device,
+        features,
         env!("CARGO_PKG_VERSION")
     )
     .replace(['\t', '\n', '\r'], " ")
@@ -151,7 +155,8 @@ pub(crate) fn render(key: &str, choices: &Choices, others: &[String]) -> String 
 /// lines as the file now has them (another process may have added some), through a synced
 /// partial file that replaces the old one only once written whole.
 pub(crate) fn save(path: &Path, key: &str, choices: &Choices) -> Result<()> {
-    let others = load(path, key).map(|f| f.others).unwrap_or_default();
+    // A file that no longer reads as a cache is left as it is.
+    let others = load(path, key)?.others;
     crate::checkpoint::write_atomic(OP, path, render(key, choices, &others).as_bytes())
 }
 

@@ -89,7 +89,8 @@ impl Aligned {
     const ALL: [Aligned; 3] = [Aligned::Nn, Aligned::Nt, Aligned::Tn];
 
     /// The layout a vec4-reading kernel needs (`None` for other kernels), and whether it
-    /// leaves an activation to a second pass (the `matmul_vec4_*` and `matmul_sg*_*` kernels).
+    /// leaves an activation other than relu to a second pass (the `matmul_vec4_*` and
+    /// `matmul_sg*_*` kernels).
     fn of_kernel(kernel: Kernel) -> Option<(Aligned, bool)> {
         Aligned::ALL.into_iter().find_map(|l| {
             let split = [l.vec4(), l.sg8(), l.sg32()].contains(&kernel);

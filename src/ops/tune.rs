@@ -90,13 +90,15 @@ fn timed(device: &Device, candidates: &[Kernel], record: Record<'_>) -> Result<K
 /// of the largest magnitude (the candidates sum the same products in different orders), NaN
 /// where it is NaN.
 fn cross_check(heuristic: Kernel, candidates: &[Kernel], record: Record<'_>) -> Result<()> {
-    let want = record(heuristic)?.to_vec()?;
+    // Half-precision outputs (frozen f16 graphs) are compared as f32.
+    let values = |t: Tensor| t.to_dtype(crate::DType::F32)?.to_vec();
+    let want = values(record(heuristic)?)?;
     let scale = want
         .iter()
         .filter(|v| v.is_finite())
         .fold(0f32, |m, v| m.max(v.abs()));
     for &kernel in candidates.iter().filter(|&&k| k != heuristic) {
-        let got = record(kernel)?.to_vec()?;
+        let got = values(record(kernel)?)?;
         let bad = got.iter().zip(&want).position(|(g, w)| {
             !(g.is_nan() && w.is_nan() || g == w || (g - w).abs() <= 1e-3 * scale.max(1e-6))
         });
