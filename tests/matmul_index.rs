@@ -793,6 +793,22 @@ fn timed_choices_persist_in_the_cache_file() {
     let (tuned, y2) = product(&second);
     assert_eq!(tuned, 1, "the second device reads the choice");
     assert_eq!(y1, y2);
+    assert_eq!(second.tune_cache_error(), None);
+    // A file that cannot be written fails no op; the device says why.
+    let unwritable = DeviceOptions {
+        tune_cache: Some(dir.join("no such directory").join("tune.txt")),
+        ..Default::default()
+    };
+    let third = Device::new(&unwritable).unwrap();
+    let (tuning, y3) = product(&third);
+    assert!(tuning > 4, "{tuning}");
+    // Perhaps another kernel's rounding.
+    assert!(y3
+        .iter()
+        .zip(&y1)
+        .all(|(a, b)| (a - b).abs() <= 1e-4 * (1.0 + b.abs())));
+    let why = third.tune_cache_error().unwrap_or_default();
+    assert!(why.contains("no such directory"), "{why}");
     std::fs::write(&path, "kiln tune cache 1\nnot a line\n").unwrap();
     let e = Device::new(&opts)
         .err()

@@ -65,8 +65,9 @@ pub struct DeviceOptions {
     pub without_features: wgpu::Features,
     /// A file that keeps the kernel tuner's timed choices across runs, per adapter and driver
     /// (`None`: the `KILN_TUNE_CACHE` environment variable, else no file). Read when the device
-    /// is made, rewritten after each new timed choice. Off by default: a choice timed on a
-    /// busy machine would outlive the run.
+    /// is made (in the timed [`TuneMode`] only), rewritten after each new timed choice; a
+    /// failed write is reported by [`Device::tune_cache_error`]. Off by default: a choice timed
+    /// on a busy machine would outlive the run.
     ///
     /// ```
     /// let path = std::env::temp_dir().join("kiln-doc-tune-cache.txt");
@@ -192,8 +193,10 @@ struct DeviceInner {
     dispatches: AtomicU64,
     /// The [`TuneMode`], as its code.
     tune_mode: std::sync::atomic::AtomicU8,
-    /// The tuner's cache file, its key for this adapter and the other adapters' lines.
+    /// The tuner's cache file and its key for this adapter.
     tune_cache: Option<(std::path::PathBuf, String)>,
+    /// Why the last write of the cache file failed, if it did.
+    tune_cache_error: Mutex<Option<String>>,
     /// Row-reduction kernel override: 0 by the device's choice, 1 serial, 2 a workgroup per row.
     row_reduction: std::sync::atomic::AtomicU8,
     trusted_shaders: bool,
@@ -376,6 +379,7 @@ impl Device {
                 dispatches: AtomicU64::new(0),
                 tune_mode: std::sync::atomic::AtomicU8::new(mode.code()),
                 tune_cache: cache.map(|path| (path, key)),
+                tune_cache_error: Mutex::new(None),
                 tuned: Mutex::new(tuned),
                 profile: Mutex::new(None),
                 profiling: std::sync::atomic::AtomicBool::new(false),
@@ -503,6 +507,19 @@ impl Device {
         TuneMode::of_code(self.inner.tune_mode.load(Ordering::Relaxed))
     }
 
+    /// Why the last write of the tuner's cache file ([`DeviceOptions::tune_cache`]) failed, or
+    /// `None` if it succeeded or none was due. A failed write fails no op: the timed choice is
+    /// kept for this device, only not for later runs.
+    ///
+    /// ```
+    /// let dev = kiln::Device::default_device()?;
+    /// assert_eq!(dev.tune_cache_error(), None); // no cache file asked for
+    /// # Ok::<(), kiln::Error>(())
+    /// ```
+    pub fn tune_cache_error(&self) -> Option<String> {
+        lock(&self.inner.tune_cache_error).clone()
+    }
+
     /// Turns per-kernel profiling on (clearing what was gathered) or off. While it is on, every
     /// dispatch runs alone: pending work is finished first, then the dispatch is submitted and
     /// waited for, and its wall-clock time (submission included) is added to its kernel's row.
@@ -576,8 +593,8 @@ impl Device {
     }
 
     /// Remembers a choice; after a timed one (`persist`) the cache file, if any, is rewritten
-    /// with every choice remembered. A file that cannot be written is a warning on stderr
-    /// (once), not an `Err` of the op that was tuned: the choice itself stands.
+    /// with every choice remembered. A file that cannot be written is kept for
+    /// [`Device::tune_cache_error`], not an `Err` of the op that was tuned: the choice stands.
     pub(crate) fn set_tuned(
         &self,
         family: Kernel,
@@ -591,10 +608,8 @@ impl Device {
             tuned.clone()
         };
         if let (Some((path, key)), true) = (&self.inner.tune_cache, persist) {
-            if let Err(e) = tune_cache::save(path, key, &choices) {
-                static WARNED: std::sync::Once = std::sync::Once::new();
-                WARNED.call_once(|| eprintln!("kiln: the tune cache is not kept: {e}"));
-            }
+            let saved = tune_cache::save(path, key, &choices);
+            *lock(&self.inner.tune_cache_error) = saved.err().map(|e| e.to_string());
         }
         Ok(())
     }
