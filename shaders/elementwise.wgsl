@@ -196,6 +196,17 @@ fn unary_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg
 @group(0) @binding(1) var<storage, read> b4: array<vec4<IN>>;
 @group(0) @binding(3) var<storage, read_write> out4: array<vec4<OUT>>;
 
+// p.op on each of four elements (the vec4 kernels).
+fn unary4(x: vec4<f32>) -> vec4<f32> {
+    return vec4<f32>(unary_op(p.op, x.x, p.alpha, p.beta), unary_op(p.op, x.y, p.alpha, p.beta),
+        unary_op(p.op, x.z, p.alpha, p.beta), unary_op(p.op, x.w, p.alpha, p.beta));
+}
+
+fn binary4(x: vec4<f32>, y: vec4<f32>) -> vec4<f32> {
+    return vec4<f32>(binary_op(p.op, x.x, y.x), binary_op(p.op, x.y, y.y),
+        binary_op(p.op, x.z, y.z), binary_op(p.op, x.w, y.w));
+}
+
 @compute @workgroup_size(256)
 fn unary_vec4_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                   @builtin(local_invocation_id) lid: vec3<u32>) {
@@ -205,9 +216,7 @@ fn unary_vec4_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups
         let i = t + j * stride;
         if (i >= p.n / 4u) { return; }
         let x = vec4<f32>(a4[p.off_a / 4u + i]);
-        out4[p.off_o / 4u + i] = vec4<OUT>(vec4<f32>(unary_op(p.op, x.x, p.alpha, p.beta),
-            unary_op(p.op, x.y, p.alpha, p.beta), unary_op(p.op, x.z, p.alpha, p.beta),
-            unary_op(p.op, x.w, p.alpha, p.beta)));
+        out4[p.off_o / 4u + i] = vec4<OUT>(unary4(x));
     }
 }
 
@@ -221,8 +230,7 @@ fn binary_vec4_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroup
         if (i >= p.n / 4u) { return; }
         let x = vec4<f32>(a4[p.off_a / 4u + i]);
         let y = vec4<f32>(b4[p.off_b / 4u + i]);
-        out4[p.off_o / 4u + i] = vec4<OUT>(vec4<f32>(binary_op(p.op, x.x, y.x),
-            binary_op(p.op, x.y, y.y), binary_op(p.op, x.z, y.z), binary_op(p.op, x.w, y.w)));
+        out4[p.off_o / 4u + i] = vec4<OUT>(binary4(x, y));
     }
 }
 
@@ -274,9 +282,7 @@ fn unary_strided4_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgr
         if (i >= p.n / 4u) { return; }
         let q = strided4_offsets(4u * i);
         let x = strided4_a(q.x);
-        out4[q.w / 4u] = vec4<OUT>(vec4<f32>(unary_op(p.op, x.x, p.alpha, p.beta),
-            unary_op(p.op, x.y, p.alpha, p.beta), unary_op(p.op, x.z, p.alpha, p.beta),
-            unary_op(p.op, x.w, p.alpha, p.beta)));
+        out4[q.w / 4u] = vec4<OUT>(unary4(x));
     }
 }
 
@@ -291,8 +297,7 @@ fn binary_strided4_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workg
         let q = strided4_offsets(4u * i);
         let x = strided4_a(q.x);
         let y = strided4_b(q.y);
-        out4[q.w / 4u] = vec4<OUT>(vec4<f32>(binary_op(p.op, x.x, y.x),
-            binary_op(p.op, x.y, y.y), binary_op(p.op, x.z, y.z), binary_op(p.op, x.w, y.w)));
+        out4[q.w / 4u] = vec4<OUT>(binary4(x, y));
     }
 }
 
@@ -309,8 +314,7 @@ fn binary_scalar_vec4_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_wo
         let v = vec4<f32>(a4[p.off_a / 4u + i]);
         let x = select(v, vec4<f32>(p.alpha), left);
         let y = select(vec4<f32>(p.alpha), v, left);
-        out4[p.off_o / 4u + i] = vec4<OUT>(vec4<f32>(binary_op(p.op, x.x, y.x),
-            binary_op(p.op, x.y, y.y), binary_op(p.op, x.z, y.z), binary_op(p.op, x.w, y.w)));
+        out4[p.off_o / 4u + i] = vec4<OUT>(binary4(x, y));
     }
 }
 
@@ -342,9 +346,7 @@ fn unary_inplace_vec4_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_wo
         let i = t + j * stride;
         if (i >= p.n / 4u) { return; }
         let x = vec4<f32>(out4[p.off_o / 4u + i]);
-        out4[p.off_o / 4u + i] = vec4<OUT>(vec4<f32>(unary_op(p.op, x.x, p.alpha, p.beta),
-            unary_op(p.op, x.y, p.alpha, p.beta), unary_op(p.op, x.z, p.alpha, p.beta),
-            unary_op(p.op, x.w, p.alpha, p.beta)));
+        out4[p.off_o / 4u + i] = vec4<OUT>(unary4(x));
     }
 }
 
