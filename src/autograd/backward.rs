@@ -436,7 +436,7 @@ impl Op {
             // conv_transpose2d is conv2d_bwd_input: dx = conv2d(g, w), dw = correlation of g
             // (the conv's input) with x (the conv's output gradient)
             Op::ConvTranspose2d { x, w, geometry } => grads![
-                conv_fwd(g, saved(w)?, geometry)?,
+                conv_fwd(g, saved(w)?, geometry, None)?,
                 conv_bwd_weight(saved(x)?, g, geometry)?,
             ],
             // max: g goes to the chosen element of each window; average: g / window size to

@@ -320,10 +320,19 @@ fn gemm_bwd_weight(dy: &Tensor, x: &Tensor, g: &ConvGeometry) -> Result<Tensor> 
     dw.reshape_to(&[g.c_out, g.c_in, g.k[0], g.k[1]])
 }
 
-/// y = conv2d(x, w). Not recorded.
-pub(crate) fn conv_fwd(x: &Tensor, w: &Tensor, g: &ConvGeometry) -> Result<Tensor> {
+/// y = conv2d(x, w) (+ `bias`, contiguous, along the channels). Not recorded.
+pub(crate) fn conv_fwd(
+    x: &Tensor,
+    w: &Tensor,
+    g: &ConvGeometry,
+    bias: Option<&Tensor>,
+) -> Result<Tensor> {
     let out = Tensor::uninit("conv2d", &[g.n, g.c_out, g.oh, g.ow], x.device())?;
-    conv_fwd_into(x, w, g, &out, &Epilogue::default())?;
+    let epi = Epilogue {
+        bias,
+        ..Default::default()
+    };
+    conv_fwd_into(x, w, g, &out, &epi)?;
     Ok(out)
 }
 
@@ -909,12 +918,7 @@ impl Tensor {
             || {
                 let (x, unbatched, geo) = conv2d_checked(self, weight, bias, opts)?;
                 let b = bias.map(Tensor::contiguous).transpose()?;
-                let y = Tensor::uninit("conv2d", &[geo.n, geo.c_out, geo.oh, geo.ow], x.device())?;
-                let epi = Epilogue {
-                    bias: b.as_ref(),
-                    ..Default::default()
-                };
-                conv_fwd_into(&x, weight, &geo, &y, &epi)?;
+                let y = conv_fwd(&x, weight, &geo, b.as_ref())?;
                 let (x_grad, w_grad) = (x.requires_grad_flag(), weight.requires_grad_flag());
                 let inputs: Vec<&Tensor> = [Some(&x), Some(weight), b.as_ref()]
                     .into_iter()
