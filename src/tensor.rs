@@ -487,12 +487,8 @@ impl Tensor {
             return Ok(Vec::new());
         }
         let t = self.contiguous()?;
-        let bytes = self.device().read_buffer(
-            t.buffer(),
-            t.layout.offset as u64 * 4,
-            t.numel() as u64 * 4,
-        )?;
-        Ok(bytemuck::pod_collect_to_vec(&bytes))
+        self.device()
+            .read_buffer(t.buffer(), t.layout.offset as u64 * 4, t.numel() as u64 * 4)
     }
 
     /// Starts reading f32 tensors of one device back in one copy (`Device::start_read`):

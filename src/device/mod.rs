@@ -595,23 +595,19 @@ impl Device {
     /// Remembers a choice; after a timed one (`persist`) the cache file, if any, is rewritten
     /// with every choice remembered. A file that cannot be written is kept for
     /// [`Device::tune_cache_error`], not an `Err` of the op that was tuned: the choice stands.
-    pub(crate) fn set_tuned(
-        &self,
-        family: Kernel,
-        class: [u8; 4],
-        choice: Kernel,
-        persist: bool,
-    ) -> Result<()> {
+    pub(crate) fn set_tuned(&self, family: Kernel, class: [u8; 4], choice: Kernel, persist: bool) {
         let choices = {
             let mut tuned = lock(&self.inner.tuned);
             tuned.insert((family, class), choice);
-            tuned.clone()
+            match (&self.inner.tune_cache, persist) {
+                (Some(_), true) => tuned.clone(),
+                _ => return,
+            }
         };
-        if let (Some((path, key)), true) = (&self.inner.tune_cache, persist) {
+        if let Some((path, key)) = &self.inner.tune_cache {
             let saved = tune_cache::save(path, key, &choices);
             *lock(&self.inner.tune_cache_error) = saved.err().map(|e| e.to_string());
         }
-        Ok(())
     }
 
     /// The autotuner's choices so far: (family, shape class, kernel). The family is the
@@ -670,7 +666,7 @@ impl Device {
             let mut batch = lock(&self.inner.batch);
             self.submit_locked(&mut batch, None);
         }
-        self.wait()?;
+        self.wait(None)?;
         self.check_error()
     }
 
@@ -689,10 +685,14 @@ impl Device {
         }
     }
 
-    fn wait(&self) -> Result<()> {
+    /// Waits for the submission `index` (`None`: all submitted work).
+    fn wait(&self, index: Option<wgpu::SubmissionIndex>) -> Result<()> {
         self.inner
             .device
-            .poll(wgpu::PollType::wait_indefinitely())
+            .poll(wgpu::PollType::Wait {
+                submission_index: index,
+                timeout: None,
+            })
             .map(|_| ())
             .map_err(|e| Error::Gpu(e.to_string()))
     }
@@ -1037,12 +1037,12 @@ impl Device {
     }
 
     /// Copies `bytes` bytes at `offset` of `buffer` to the host, submitting pending work first.
-    pub(crate) fn read_buffer(
+    pub(crate) fn read_buffer<T: bytemuck::Pod>(
         &self,
         buffer: &wgpu::Buffer,
         offset: u64,
         bytes: u64,
-    ) -> Result<Vec<u8>> {
+    ) -> Result<Vec<T>> {
         self.start_read(&[(buffer, offset, bytes)])?.wait()
     }
 
@@ -1115,8 +1115,9 @@ struct Staging {
 }
 
 impl PendingRead {
-    /// Waits for the copies and returns their bytes.
-    pub(crate) fn wait(mut self) -> Result<Vec<u8>> {
+    /// Waits for the copies and returns their contents as elements of `T` (copied once out of
+    /// the mapped staging buffer).
+    pub(crate) fn wait<T: bytemuck::Pod>(mut self) -> Result<Vec<T>> {
         let Some(s) = self.staging.take() else {
             return Ok(Vec::new());
         };
@@ -1125,13 +1126,7 @@ impl PendingRead {
         // Another thread's poll may be the one that runs the callback, slightly after our own
         // poll returns: keep polling until it has arrived.
         let mapped = loop {
-            dev.inner
-                .device
-                .poll(wgpu::PollType::Wait {
-                    submission_index: s.index.clone(),
-                    timeout: None,
-                })
-                .map_err(|e| Error::Gpu(e.to_string()))?;
+            dev.wait(s.index.clone())?;
             match s.receiver.recv_timeout(std::time::Duration::from_millis(1)) {
                 Ok(r) => break Some(r),
                 Err(std::sync::mpsc::RecvTimeoutError::Timeout) => continue,
@@ -1143,24 +1138,23 @@ impl PendingRead {
                 let data = s
                     .buffer
                     .get_mapped_range(0..total)
-                    .map(|view| view.to_vec())
-                    .map_err(|e| Error::Gpu(format!("reading back {bytes} bytes: {e}")));
+                    .map_err(|e| Error::Gpu(format!("reading back {bytes} bytes: {e}")))
+                    .and_then(|view| {
+                        let words = &view[(total - 8) as usize..];
+                        let code = u32::from_le_bytes(words[..4].try_into().unwrap_or_default());
+                        let value = f32::from_le_bytes(words[4..].try_into().unwrap_or_default());
+                        if code != 0 {
+                            return Err(Error::invalid(
+                                "index_select",
+                                format!(
+                                    "an index_select, gather or embedding since the last readback got index {value}, which is not an integer in range; its output holds zeros there"
+                                ),
+                            ));
+                        }
+                        Ok(bytemuck::pod_collect_to_vec(&view[..bytes as usize]))
+                    });
                 s.buffer.unmap();
-                data.and_then(|mut d| {
-                    let words = &d[(total - 8) as usize..];
-                    let code = u32::from_le_bytes(words[..4].try_into().unwrap_or_default());
-                    let value = f32::from_le_bytes(words[4..].try_into().unwrap_or_default());
-                    if code != 0 {
-                        return Err(Error::invalid(
-                            "index_select",
-                            format!(
-                                "an index_select, gather or embedding since the last readback got index {value}, which is not an integer in range; its output holds zeros there"
-                            ),
-                        ));
-                    }
-                    d.truncate(bytes as usize);
-                    Ok(d)
-                })
+                data
             }
             Some(Err(e)) => Err(Error::Gpu(format!(
                 "mapping {bytes} bytes for readback: {e}"

@@ -195,6 +195,8 @@ pub struct DataParallel<M, O> {
 }
 
 const OP: &str = "DataParallel";
+/// The op that errors of a step name.
+const STEP: &str = "DataParallel::step";
 
 impl<M: Module, O: Optimizer + Send> DataParallel<M, O> {
     /// Replicas on `devices` of this process: `build` makes each model, `optimizer` each
@@ -295,16 +297,22 @@ impl<M: Module, O: Optimizer + Send> DataParallel<M, O> {
             Some(i) => i.to_vec(),
             None => (0..state.len()).collect(),
         };
-        let tensors: Vec<Tensor> = picked.iter().map(|&i| state[i].1.detach()).collect();
-        let bytes = Tensor::start_read_f32(&self.replicas[0].device, &tensors)?.wait()?;
-        let mut values: Vec<f32> = bytemuck::pod_collect_to_vec(&bytes);
-        let rank = match self.comm.as_mut() {
-            Some(comm) => {
-                timed(&mut self.stats, || comm.broadcast(&mut values, 0))?;
-                comm.rank()
-            }
-            None => 0,
+        let changed =
+            || Error::invalid(OP, "the model's state changed after DataParallel was made");
+        let tensors: Vec<Tensor> = picked
+            .iter()
+            .map(|&i| state.get(i).map(|s| s.1.detach()).ok_or_else(changed))
+            .collect::<Result<_>>()?;
+        // Only rank 0's values are sent; the other ranks' are overwritten by the broadcast.
+        let rank = self.comm.as_ref().map_or(0, |c| c.rank());
+        let mut values: Vec<f32> = if rank == 0 {
+            Tensor::start_read_f32(&self.replicas[0].device, &tensors)?.wait()?
+        } else {
+            vec![0.0; tensors.iter().map(Tensor::numel).sum()]
         };
+        if let Some(comm) = self.comm.as_mut() {
+            timed(&mut self.stats, || comm.broadcast(&mut values, 0))?;
+        }
         for (r, rep) in self.replicas.iter().enumerate() {
             if r == 0 && rank == 0 {
                 continue;
@@ -312,9 +320,10 @@ impl<M: Module, O: Optimizer + Send> DataParallel<M, O> {
             let state = rep.model.state_dict();
             let mut at = 0;
             for &i in &picked {
-                let t = &state[i].1;
+                let t = &state.get(i).ok_or_else(changed)?.1;
                 let n = t.numel();
-                let v = Tensor::from_slice(&values[at..at + n], t.dims(), &rep.device)?;
+                let part = values.get(at..at + n).ok_or_else(changed)?;
+                let v = Tensor::from_slice(part, t.dims(), &rep.device)?;
                 t.assign(&v.to_dtype(t.dtype())?)?;
                 at += n;
             }
@@ -337,7 +346,7 @@ impl<M: Module, O: Optimizer + Send> DataParallel<M, O> {
     }
 
     fn check_shards(&self, shards: &[Batch]) -> Result<()> {
-        const OP: &str = "DataParallel::step";
+        const OP: &str = STEP;
         if shards.len() != self.replicas.len() {
             return Err(Error::invalid(
                 OP,
@@ -373,7 +382,7 @@ impl<M: Module, O: Optimizer + Send> DataParallel<M, O> {
     /// A step on `shards`, or, when they are an `Err`, this rank's part in failing the step
     /// on every rank.
     fn run_step(&mut self, shards: Result<&[Batch]>, loss: Option<ShardLoss<'_>>) -> Result<f32> {
-        const OP: &str = "DataParallel::step";
+        const OP: &str = STEP;
         if let Some(why) = &self.poisoned {
             return Err(Error::invalid(
                 OP,
@@ -463,7 +472,7 @@ impl<M: Module, O: Optimizer + Send> DataParallel<M, O> {
         }
         if status[0] > 0.0 {
             let e = late.unwrap_or_else(|| Error::Communication {
-                op: "DataParallel::step",
+                op: STEP,
                 msg: format!(
                     "{} other rank(s) failed after the gradients were averaged",
                     status[0]
@@ -833,7 +842,7 @@ fn run_replica<M: Module, O: Optimizer>(
     } else {
         let out = rep.model.forward(&shard.inputs)?;
         let l = match loss {
-            Some(f) => custom_loss("DataParallel::step", f, &out, &shard.targets)?,
+            Some(f) => custom_loss(STEP, f, &out, &shard.targets)?,
             None => cross_entropy(&out, &shard.targets, &Default::default())?,
         };
         // Submitting here starts the forward pass on the GPU while backward is recorded.
@@ -883,7 +892,7 @@ fn run_replica<M: Module, O: Optimizer>(
 }
 
 fn stopped() -> Error {
-    Error::invalid("DataParallel::step", "the step was stopped")
+    Error::invalid(STEP, "the step was stopped")
 }
 
 fn start_bucket(
@@ -914,7 +923,7 @@ impl Reduce<'_> {
     /// Gathers the losses, then each bucket (`sizes`: elements per parameter), and hands the
     /// means back; returns the global mean loss.
     fn run(&mut self, sizes: &[Vec<usize>]) -> Result<f32> {
-        const OP: &str = "DataParallel::step";
+        const OP: &str = STEP;
         // The loss header: weighted loss sum, samples, and whether this rank failed.
         let (from, counts) = (self.from, self.counts);
         let mut failure: Option<Error> = None;
@@ -1024,7 +1033,7 @@ impl Reduce<'_> {
             Ok(Msg::Failed(e)) => Err(e),
             Ok(m) => Ok(m),
             Err(_) => Err(Error::invalid(
-                "DataParallel::step",
+                STEP,
                 format!("replica {r}'s thread ended without finishing its step"),
             )),
         }
@@ -1033,9 +1042,9 @@ impl Reduce<'_> {
     /// Waits for a copy and returns its f32 values.
     fn gather(&mut self, read: PendingRead) -> Result<Vec<f32>> {
         let t = Instant::now();
-        let bytes = read.wait()?;
+        let values = read.wait()?;
         self.stats.gather_seconds += t.elapsed().as_secs_f64();
-        Ok(bytemuck::pod_collect_to_vec(&bytes))
+        Ok(values)
     }
 
     fn all_reduce(&mut self, data: &mut [f32]) -> Result<()> {
@@ -1055,10 +1064,7 @@ fn timed(stats: &mut DataParallelStats, collective: impl FnOnce() -> Result<()>)
 }
 
 fn out_of_order(r: usize) -> Error {
-    Error::invalid(
-        "DataParallel::step",
-        format!("replica {r} sent its messages out of order"),
-    )
+    Error::invalid(STEP, format!("replica {r} sent its messages out of order"))
 }
 
 /// Adds `weight` times one replica's bucket (`values` holds the present parameters only) to

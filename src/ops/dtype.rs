@@ -51,12 +51,11 @@ impl Tensor {
         // The storage span the view reads, then the view's elements picked on the host (a copy
         // kernel would pass the integers through f32).
         let l = &self.layout;
-        let bytes = self.device().read_buffer(
+        let words: Vec<i32> = self.device().read_buffer(
             self.buffer(),
             l.offset as u64 * 4,
             (l.span() - l.offset) as u64 * 4,
         )?;
-        let words: Vec<i32> = bytemuck::pod_collect_to_vec(&bytes);
         Ok((0..self.numel())
             .map(|i| words[l.index_of(i) - l.offset])
             .collect())

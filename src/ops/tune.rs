@@ -55,12 +55,12 @@ fn pick(
         TuneMode::Timed if work < TUNE_MIN_WORK || candidates.is_empty() => Ok(heuristic),
         TuneMode::Timed => {
             let best = timed(device, candidates, record)?;
-            device.set_tuned(family, class, best, true)?;
+            device.set_tuned(family, class, best, true);
             Ok(best)
         }
         TuneMode::CrossCheck => {
             cross_check(heuristic, candidates, record)?;
-            device.set_tuned(family, class, heuristic, false)?;
+            device.set_tuned(family, class, heuristic, false);
             Ok(heuristic)
         }
     }
