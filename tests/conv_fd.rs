@@ -223,6 +223,29 @@ fn invalid_configurations_are_err() {
         e.contains("conv2d") && e.contains("larger than the padded input") && e.contains("[7, 7]"),
         "{e}"
     );
+    // The kernel hooks take their own pass's kernels only.
+    use kiln::kernels::Kernel;
+    let w1 = Tensor::zeros(&[6, 4, 3, 3], &d).unwrap();
+    let opts = Conv2dOptions::default();
+    let e = err_text(x.conv2d_forward_with(&w1, &opts, Kernel::Conv2dBwdInput));
+    assert!(
+        e.contains("Conv2dBwdInput is not a conv2d forward kernel"),
+        "{e}"
+    );
+    let dy = Tensor::zeros(&[1, 6, 3, 3], &d).unwrap();
+    let e = err_text(dy.conv2d_input_grad_with(&w1, x.dims(), &opts, Kernel::Conv2dFwd));
+    assert!(
+        e.contains("Conv2dFwd is not a conv2d input-gradient kernel"),
+        "{e}"
+    );
+    let e = err_text(dy.conv2d_weight_grad_with(&x, w1.dims(), &opts, Kernel::MatmulFwd, None));
+    assert!(
+        e.contains("MatmulFwd is not a conv2d weight-gradient kernel"),
+        "{e}"
+    );
+    let m = Tensor::zeros(&[4, 4], &d).unwrap();
+    let e = err_text(m.matmul_with_kernel(&m, Kernel::Conv2dFwd));
+    assert!(e.contains("Conv2dFwd is not a matmul kernel"), "{e}");
     let w3 = Tensor::zeros(&[6, 2, 3, 3], &d).unwrap();
     let e = err_text(x.conv2d(
         &w3,

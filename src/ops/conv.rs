@@ -3,6 +3,7 @@
 
 use bytemuck::{Pod, Zeroable};
 
+use super::tune::ConvPass;
 use super::Epilogue;
 use crate::autograd::{record, Op};
 use crate::error::{Error, Result};
@@ -352,11 +353,7 @@ pub(crate) fn conv_fwd_into(
     let kernel = super::tune::conv(
         x.device(),
         [rows, cols, g.c_in / g.groups * g.k[0] * g.k[1], g.groups],
-        [
-            Kernel::Conv2dFwd,
-            Kernel::Conv2dSgFwd,
-            Kernel::Conv2dTiledFwd,
-        ],
+        ConvPass::Forward,
         rows >= 256 && cols >= 16,
         &|k| conv_fwd_into_with(x, w, g, out, epi, k).map(|()| out.clone()),
     )?;
@@ -371,15 +368,7 @@ fn conv_fwd_into_with(
     epi: &Epilogue<'_>,
     kernel: Kernel,
 ) -> Result<()> {
-    if !matches!(
-        kernel,
-        Kernel::Conv2dFwd | Kernel::Conv2dSgFwd | Kernel::Conv2dTiledFwd
-    ) {
-        return Err(Error::invalid(
-            "conv2d",
-            format!("{kernel:?} is not a conv2d forward kernel"),
-        ));
-    }
+    let kernel = ConvPass::Forward.forced(kernel)?;
     let (x, w) = (x.dense()?, w.dense()?);
     g.launch(
         kernel,
@@ -419,11 +408,7 @@ pub(crate) fn conv_bwd_input(dy: &Tensor, w: &Tensor, g: &ConvGeometry) -> Resul
     let kernel = super::tune::conv(
         dy.device(),
         [rows, cols, g.c_out / g.groups * g.k[0] * g.k[1], g.groups],
-        [
-            Kernel::Conv2dBwdInput,
-            Kernel::Conv2dSgBwdInput,
-            Kernel::Conv2dBwdInputTiled,
-        ],
+        ConvPass::InputGrad,
         rows >= 256 && cols >= 16,
         &|k| conv_bwd_input_with(dy, w, g, k),
     )?;
@@ -436,15 +421,7 @@ fn conv_bwd_input_with(
     g: &ConvGeometry,
     kernel: Kernel,
 ) -> Result<Tensor> {
-    if !matches!(
-        kernel,
-        Kernel::Conv2dBwdInput | Kernel::Conv2dSgBwdInput | Kernel::Conv2dBwdInputTiled
-    ) {
-        return Err(Error::invalid(
-            "conv2d_backward",
-            format!("{kernel:?} is not a conv2d input-gradient kernel"),
-        ));
-    }
+    let kernel = ConvPass::InputGrad.forced(kernel)?;
     let (dy, w) = (dy.dense()?, w.dense()?);
     let out = Tensor::uninit("conv2d_backward", &[g.n, g.c_in, g.h, g.w], dy.device())?;
     if g.c_out == 0 {
@@ -487,11 +464,7 @@ pub(crate) fn conv_bwd_weight(dy: &Tensor, x: &Tensor, g: &ConvGeometry) -> Resu
             positions,
             g.groups,
         ],
-        [
-            Kernel::Conv2dBwdWeight,
-            Kernel::Conv2dSgBwdWeight,
-            Kernel::Conv2dBwdWeightTiled,
-        ],
+        ConvPass::WeightGrad,
         positions >= 1024,
         &|k| conv_bwd_weight_with(dy, x, g, k, None),
     )?;
@@ -524,15 +497,9 @@ fn conv_bwd_weight_with(
     force_splits: Option<usize>,
 ) -> Result<Tensor> {
     // Rows x columns of the GEMM per workgroup.
-    let [tile_rows, tile_cols] = match kernel {
-        Kernel::Conv2dBwdWeight | Kernel::Conv2dBwdWeightTiled => [64, 64],
+    let [tile_rows, tile_cols] = match ConvPass::WeightGrad.forced(kernel)? {
         Kernel::Conv2dSgBwdWeight => [8, 512],
-        _ => {
-            return Err(Error::invalid(
-                "conv2d_backward",
-                format!("{kernel:?} is not a conv2d weight-gradient kernel"),
-            ))
-        }
+        _ => [64, 64],
     };
     let tiled = kernel == Kernel::Conv2dBwdWeightTiled;
     let (dy, x) = (dy.dense()?, x.dense()?);

@@ -91,7 +91,7 @@ impl Aligned {
     /// The layout a vec4-reading kernel needs (`None` for other kernels), and whether it
     /// leaves an activation other than relu to a second pass (the `matmul_vec4_*` and
     /// `matmul_sg*_*` kernels).
-    fn of_kernel(kernel: Kernel) -> Option<(Aligned, bool)> {
+    pub(crate) fn of_kernel(kernel: Kernel) -> Option<(Aligned, bool)> {
         Aligned::ALL.into_iter().find_map(|l| {
             let split = [l.vec4(), l.sg8(), l.sg32()].contains(&kernel);
             (split || l.t128() == kernel).then_some((l, split))
@@ -267,19 +267,7 @@ impl Tensor {
                 format!("{:?} x {:?}", self.dims(), other.dims()),
             ));
         }
-        let general = matches!(
-            kernel,
-            Kernel::MatmulFwd
-                | Kernel::MatmulReg8Fwd
-                | Kernel::MatmulTiledFwd
-                | Kernel::MatmulTiled128Fwd
-        );
-        if !general && Aligned::of_kernel(kernel).is_none() {
-            return Err(Error::invalid(
-                "matmul_with_kernel",
-                format!("{kernel:?} is not a matmul kernel"),
-            ));
-        }
+        let kernel = super::tune::matmul_forced(kernel)?;
         let out = Tensor::uninit("matmul", &[self.dims()[0], other.dims()[1]], self.device())?;
         let (m, n) = (self.dims()[0], other.dims()[1]);
         let [tn, tm] = tile_of(kernel);

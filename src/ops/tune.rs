@@ -13,7 +13,8 @@
 //!
 //! [`TuneMode::CrossCheck`] runs every candidate of each new (family, shape class) once and
 //! compares their results with the heuristic's, an `Err` naming both kernels where they differ.
-//! The `*_with` test hooks of the ops force one candidate, bypassing all of this.
+//! The `*_with` test and benchmark hooks of the ops force one candidate, checked here against
+//! its family ([`ConvPass::forced`], [`matmul_forced`]), and bypass the choice.
 
 use super::conv::ConvGeometry;
 use super::matmul::Aligned;
@@ -119,6 +120,26 @@ fn cross_check(heuristic: Kernel, candidates: &[Kernel], record: Record<'_>) -> 
     Ok(())
 }
 
+/// The matmul kernels that take any operand layout.
+const GENERAL_MATMULS: [Kernel; 4] = [
+    Kernel::MatmulFwd,
+    Kernel::MatmulTiledFwd,
+    Kernel::MatmulTiled128Fwd,
+    Kernel::MatmulReg8Fwd,
+];
+
+/// `kernel`, asked for by a test or benchmark hook, if it is a matmul kernel (whether it fits
+/// the operands' layout is the caller's check).
+pub(crate) fn matmul_forced(kernel: Kernel) -> Result<Kernel> {
+    if GENERAL_MATMULS.contains(&kernel) || Aligned::of_kernel(kernel).is_some() {
+        return Ok(kernel);
+    }
+    Err(Error::invalid(
+        "matmul_with_kernel",
+        format!("{kernel:?} is not a matmul kernel"),
+    ))
+}
+
 /// The kernel for an (m, n, k) x `count` product. `aligned` is the operands' layout when the
 /// vec4-reading kernels fit it; `activation` says whether the epilogue applies one (the
 /// `matmul_vec4_*` kernels then need a second pass for any but relu, which changes the costs).
@@ -151,12 +172,7 @@ pub(crate) fn matmul(
     let mut candidates = if software {
         vec![Kernel::MatmulFwd, Kernel::MatmulReg8Fwd]
     } else {
-        vec![
-            Kernel::MatmulFwd,
-            Kernel::MatmulTiledFwd,
-            Kernel::MatmulTiled128Fwd,
-            Kernel::MatmulReg8Fwd,
-        ]
+        GENERAL_MATMULS.to_vec()
     };
     if let Some(l) = aligned {
         candidates.push(l.vec4());
@@ -186,19 +202,66 @@ pub(crate) fn matmul(
     )
 }
 
-/// The kernel of `[register, register with subgroups, tiled]` for a convolution pass, a GEMM
-/// of `rows` x `cols` x `depth` per group.
+/// A pass of conv2d: a family of three interchangeable kernels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum ConvPass {
+    Forward,
+    InputGrad,
+    WeightGrad,
+}
+
+impl ConvPass {
+    /// `[register, register with subgroups, tiled]`.
+    pub(crate) fn kernels(self) -> [Kernel; 3] {
+        match self {
+            ConvPass::Forward => [
+                Kernel::Conv2dFwd,
+                Kernel::Conv2dSgFwd,
+                Kernel::Conv2dTiledFwd,
+            ],
+            ConvPass::InputGrad => [
+                Kernel::Conv2dBwdInput,
+                Kernel::Conv2dSgBwdInput,
+                Kernel::Conv2dBwdInputTiled,
+            ],
+            ConvPass::WeightGrad => [
+                Kernel::Conv2dBwdWeight,
+                Kernel::Conv2dSgBwdWeight,
+                Kernel::Conv2dBwdWeightTiled,
+            ],
+        }
+    }
+
+    /// `kernel`, asked for by a test or benchmark hook, if it is one of this pass's.
+    pub(crate) fn forced(self, kernel: Kernel) -> Result<Kernel> {
+        if self.kernels().contains(&kernel) {
+            return Ok(kernel);
+        }
+        let (op, what) = match self {
+            ConvPass::Forward => ("conv2d", "forward"),
+            ConvPass::InputGrad => ("conv2d_backward", "input-gradient"),
+            ConvPass::WeightGrad => ("conv2d_backward", "weight-gradient"),
+        };
+        Err(Error::invalid(
+            op,
+            format!("{kernel:?} is not a conv2d {what} kernel"),
+        ))
+    }
+}
+
+/// The kernel of `pass` for a GEMM of `rows` x `cols` x `depth` per group.
 ///
 /// Heuristic: on software adapters, where barriers are costly, a register kernel (the subgroup
 /// one where subgroups have 8 or more invocations: fewer loads of the shared operand);
-/// elsewhere `tiled` where `tiled_by_default`, else the register kernel.
+/// elsewhere the tiled one where `tiled_by_default`, else the register kernel.
 pub(crate) fn conv(
     device: &Device,
     [rows, cols, depth, groups]: [usize; 4],
-    [register, subgroup, tiled]: [Kernel; 3],
+    pass: ConvPass,
     tiled_by_default: bool,
     record: Record<'_>,
 ) -> Result<Kernel> {
+    let [register, subgroup, tiled] = pass.kernels();
     let subgroups = device.subgroups_of_at_least(8);
     let software = device.is_software();
     let heuristic = match (software, subgroups) {
