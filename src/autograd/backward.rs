@@ -103,9 +103,11 @@ pub(crate) enum Op {
     /// summed or left unreduced (`scale` = 1).
     BceWithLogits { x: Tensor, t: Tensor, scale: f32 },
     /// y = conv2d(x, w), plus b along the channels when `bias` (the third input, added in the
-    /// kernel's epilogue).
+    /// kernel's epilogue). `x` is saved as its im2col matrix where the forward built one
+    /// (`x_is_cols`).
     Conv2d {
         x: Option<Tensor>,
+        x_is_cols: bool,
         w: Option<Tensor>,
         geometry: ConvGeometry,
         bias: bool,
@@ -421,13 +423,14 @@ impl Op {
             // g over every output position (conv2d_bwd_weight), db = g summed over (n, h, w)
             Op::Conv2d {
                 x,
+                x_is_cols,
                 w,
                 geometry,
                 bias,
             } => {
                 let mut out = grads![
                     conv_bwd_input(g, saved(w)?, geometry)?,
-                    conv_bwd_weight(g, saved(x)?, geometry)?,
+                    conv_bwd_weight(g, saved(x)?, geometry, *x_is_cols)?,
                     g.sum(&[0, 2, 3], false)?,
                 ];
                 out.truncate(2 + usize::from(*bias));
@@ -437,7 +440,7 @@ impl Op {
             // (the conv's input) with x (the conv's output gradient)
             Op::ConvTranspose2d { x, w, geometry } => grads![
                 conv_fwd(g, saved(w)?, geometry, None)?,
-                conv_bwd_weight(saved(x)?, g, geometry)?,
+                conv_bwd_weight(saved(x)?, g, geometry, false)?,
             ],
             // max: g goes to the chosen element of each window; average: g / window size to
             // every element of the window (summed over overlapping windows)

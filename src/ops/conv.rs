@@ -242,14 +242,14 @@ fn gemm_weight(w: &Tensor, g: &ConvGeometry) -> Result<Tensor> {
 }
 
 /// `out = epi(conv2d(x, w))` as `w (c_out, depth) @ cols[:, nn, :]` for each sample `nn`, the
-/// bias along the product's rows (the channels).
+/// bias along the product's rows (the channels). Returns `cols`.
 fn gemm_fwd_into(
     x: &Tensor,
     w: &Tensor,
     g: &ConvGeometry,
     out: &Tensor,
     epi: &Epilogue<'_>,
-) -> Result<()> {
+) -> Result<Tensor> {
     let (rows, plane) = (gemm_depth(g), g.oh * g.ow);
     let cols = im2col(&x.detach().dense()?, g)?;
     let a = gemm_weight(w, g)?.reshape_to(&[1, g.c_out, rows])?;
@@ -259,7 +259,8 @@ fn gemm_fwd_into(
         bias_rows: true,
         ..*epi
     };
-    super::matmul::matmul_into(&a, &b, &y, &epi)
+    super::matmul::matmul_into(&a, &b, &y, &epi)?;
+    Ok(cols)
 }
 
 /// dx of conv2d as `w^T (depth, c_out) @ dy[nn]` for each sample (the gradient of the im2col
@@ -293,9 +294,8 @@ fn gemm_bwd_input(dy: &Tensor, w: &Tensor, g: &ConvGeometry) -> Result<Tensor> {
 /// channels than plane positions, as the sum over samples of `dy[nn] (c_out, oh ow) @
 /// cols[:, nn, :]^T` (the per-sample products take no more memory than `cols`); otherwise as
 /// one matmul over all positions, `dy` copied to (c_out, n oh ow).
-fn gemm_bwd_weight(dy: &Tensor, x: &Tensor, g: &ConvGeometry) -> Result<Tensor> {
+fn gemm_bwd_weight(dy: &Tensor, cols: &Tensor, g: &ConvGeometry) -> Result<Tensor> {
     let (depth, rows, plane) = (g.c_in * g.k[0] * g.k[1], gemm_depth(g), g.oh * g.ow);
-    let cols = im2col(&x.detach().dense()?, g)?;
     let dy = dy.detach().reshape_to(&[g.n, g.c_out, plane])?;
     let dw = if g.c_out <= plane {
         let b = cols.permute(&[1, 2, 0])?;
@@ -328,13 +328,24 @@ pub(crate) fn conv_fwd(
     g: &ConvGeometry,
     bias: Option<&Tensor>,
 ) -> Result<Tensor> {
+    Ok(conv_fwd_saving(x, w, g, bias)?.0)
+}
+
+/// [`conv_fwd`], and the im2col matrix where the product ran through one: what the weight
+/// gradient reads (see [`conv_bwd_weight`]), so that it is built once a step.
+pub(crate) fn conv_fwd_saving(
+    x: &Tensor,
+    w: &Tensor,
+    g: &ConvGeometry,
+    bias: Option<&Tensor>,
+) -> Result<(Tensor, Option<Tensor>)> {
     let out = Tensor::uninit("conv2d", &[g.n, g.c_out, g.oh, g.ow], x.device())?;
     let epi = Epilogue {
         bias,
         ..Default::default()
     };
-    conv_fwd_into(x, w, g, &out, &epi)?;
-    Ok(out)
+    let cols = conv_fwd_into_saving(x, w, g, &out, &epi)?;
+    Ok((out, cols))
 }
 
 /// Records `out = epilogue(conv2d(x, w))` into `out` (contiguous from offset 0). Not recorded
@@ -346,8 +357,19 @@ pub(crate) fn conv_fwd_into(
     out: &Tensor,
     epi: &Epilogue<'_>,
 ) -> Result<()> {
+    conv_fwd_into_saving(x, w, g, out, epi).map(drop)
+}
+
+/// [`conv_fwd_into`], returning the im2col matrix where the product ran through one.
+fn conv_fwd_into_saving(
+    x: &Tensor,
+    w: &Tensor,
+    g: &ConvGeometry,
+    out: &Tensor,
+    epi: &Epilogue<'_>,
+) -> Result<Option<Tensor>> {
     if epi.variant == Variant::F32 && gemm_suits(x.device(), g, true) {
-        return gemm_fwd_into(x, w, g, out, epi);
+        return gemm_fwd_into(x, w, g, out, epi).map(Some);
     }
     let (rows, cols) = (g.n * g.oh * g.ow, g.c_out / g.groups);
     let kernel = super::tune::conv(
@@ -357,7 +379,7 @@ pub(crate) fn conv_fwd_into(
         rows >= 256 && cols >= 16,
         &|k| conv_fwd_into_with(x, w, g, out, epi, k).map(|()| out.clone()),
     )?;
-    conv_fwd_into_with(x, w, g, out, epi, kernel)
+    conv_fwd_into_with(x, w, g, out, epi, kernel).map(|()| None)
 }
 
 fn conv_fwd_into_with(
@@ -449,10 +471,19 @@ impl Tensor {
     }
 }
 
-/// dw of conv2d given dy and x. Not recorded.
-pub(crate) fn conv_bwd_weight(dy: &Tensor, x: &Tensor, g: &ConvGeometry) -> Result<Tensor> {
-    if gemm_suits(dy.device(), g, true) {
+/// dw of conv2d given dy and x, or the im2col matrix of x that [`conv_fwd_saving`] returned
+/// (`x_is_cols`). Not recorded.
+pub(crate) fn conv_bwd_weight(
+    dy: &Tensor,
+    x: &Tensor,
+    g: &ConvGeometry,
+    x_is_cols: bool,
+) -> Result<Tensor> {
+    if x_is_cols {
         return gemm_bwd_weight(dy, x, g);
+    }
+    if gemm_suits(dy.device(), g, true) {
+        return gemm_bwd_weight(dy, &im2col(&x.detach().dense()?, g)?, g);
     }
     // The reduction runs over positions: by default the tiled kernel for long ones.
     let positions = g.n * g.oh * g.ow;
@@ -885,14 +916,17 @@ impl Tensor {
             || {
                 let (x, unbatched, geo) = conv2d_checked(self, weight, bias, opts)?;
                 let b = bias.map(Tensor::contiguous).transpose()?;
-                let y = conv_fwd(&x, weight, &geo, b.as_ref())?;
                 let (x_grad, w_grad) = (x.requires_grad_flag(), weight.requires_grad_flag());
+                let (y, cols) = conv_fwd_saving(&x, weight, &geo, b.as_ref())?;
+                // The weight gradient reads the im2col matrix where the forward built one.
+                let cols = cols.filter(|_| w_grad && crate::autograd::is_grad_enabled());
                 let inputs: Vec<&Tensor> = [Some(&x), Some(weight), b.as_ref()]
                     .into_iter()
                     .flatten()
                     .collect();
                 let y = record(y, &inputs, |_| Op::Conv2d {
-                    x: w_grad.then(|| x.detach()),
+                    x_is_cols: cols.is_some(),
+                    x: w_grad.then(|| cols.unwrap_or_else(|| x.detach())),
                     w: x_grad.then(|| weight.detach()),
                     geometry: geo,
                     bias: b.is_some(),
