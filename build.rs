@@ -75,7 +75,47 @@ fn vec4_store(out_base: u32, r: u32, c: u32, v: vec4<f32>, flags: u32) {{
     if ((flags & EPILOGUE_ACTIVATION_MASK) == EPILOGUE_RELU) {{
         x = vec4_relu(x);
     }}
-    out4[(out_base + r * p.n + c) / 4u] = vec4<OUT>(x);
+    out4[(out_base + fold_out(r, c, flags)) / 4u] = vec4<OUT>(x);
+}}
+
+// The folds of src/ops/matmul.rs (`Fold`), which make each product of an im2col convolution one
+// dispatch: FOLD_B_COLS: B's columns run in chunks of p.col_split, each k * p.b_rs apart (B is
+// (n / chunk, k, chunk), dy as (c_out, n oh ow)); FOLD_OUT_COLS: so do the output's, each
+// m * chunk apart (the output is (n / chunk, m, chunk), NCHW from weight @ im2col);
+// FOLD_SUM: the batches are summed into one (m, n) output (the weight gradient over the samples).
+// The fold bits ride in `flags` (p.epilogue through vec4_opaque).
+const FOLD_B_COLS: u32 = 0x10000u;
+const FOLD_OUT_COLS: u32 = 0x20000u;
+const FOLD_SUM: u32 = 0x40000u;
+
+// Column c's offset within a row of B (FOLD_B_COLS), in elements.
+fn fold_b(c: u32, flags: u32) -> u32 {{
+    if ((flags & FOLD_B_COLS) == 0u) {{
+        return c;
+    }}
+    let q = c / p.col_split;
+    return q * p.k * p.b_rs + (c - q * p.col_split);
+}}
+
+// Output (r, c)'s offset from its batch's start (FOLD_OUT_COLS), in elements.
+fn fold_out(r: u32, c: u32, flags: u32) -> u32 {{
+    if ((flags & FOLD_OUT_COLS) == 0u) {{
+        return r * p.n + c;
+    }}
+    let q = c / p.col_split;
+    return q * p.m * p.col_split + r * p.col_split + (c - q * p.col_split);
+}}
+
+// The batches one workgroup sums, from..to: its own, or all of them with FOLD_SUM.
+fn fold_batches(z: u32, flags: u32) -> vec2<u32> {{
+    if ((flags & FOLD_SUM) == 0u) {{
+        return vec2<u32>(z, z + 1u);
+    }}
+    var count = 1u;
+    for (var d = 0u; d < vec4_opaque(p.batch_rank); d += 1u) {{
+        count *= p.bshape[d >> 2u][d & 3u];
+    }}
+    return vec2<u32>(0u, count);
 }}
 
 // The epilogue bits of an activation (its flag and UnaryOp code), and those of relu (code 7).
@@ -152,7 +192,7 @@ fn kernel(ta: bool, tb: bool, width: usize, sg: bool) -> String {
          @builtin(local_invocation_id) lid: vec3<u32>{lane}) {{"
     ));
     o.push("    let z = p.z_base + wid.z;".into());
-    o.push("    let bases = batch_bases(z, vec4_opaque(p.batch_rank)) / 4u;".into());
+    o.push("    let flags = vec4_opaque(p.epilogue);".into());
     o.push(format!("    let row0 = wid.y * {ROWS}u;"));
     o.push(format!(
         "    let col0 = (wid.x * {width}u + lid.x) * {}u;",
@@ -165,7 +205,18 @@ fn kernel(ta: bool, tb: bool, width: usize, sg: bool) -> String {
         o.push("    if (col0 >= p.n) {\n        return;\n    }".into());
     }
 
-    // Loop-invariant addressing.
+    // Accumulators: c{i}_{j} holds row i, column group j.
+    for i in 0..ROWS {
+        let vars: Vec<String> = (0..GROUPS)
+            .map(|j| format!("var c{i}_{j} = vec4<f32>(0.0);"))
+            .collect();
+        o.push(format!("    {}", vars.join(" ")));
+    }
+    // The batches this workgroup sums (its own alone without FOLD_SUM), then the addressing
+    // that is invariant over k.
+    o.push("    let zr = fold_batches(z, flags);".into());
+    o.push("    for (var zz = zr.x; zz < zr.y; zz += 1u) {".into());
+    o.push("    let bases = batch_bases(zz, vec4_opaque(p.batch_rank)) / 4u;".into());
     if ta {
         o.push("    let a_cs = p.a_cs / 4u;".into());
         if sg {
@@ -204,19 +255,12 @@ fn kernel(ta: bool, tb: bool, width: usize, sg: bool) -> String {
         o.push("    let b_rs = p.b_rs / 4u;".into());
         for j in 0..GROUPS {
             o.push(format!(
-                "    let cb{j} = bases.y + min(col0 + {}u, p.n - 4u) / 4u;",
+                "    let cb{j} = bases.y + fold_b(min(col0 + {}u, p.n - 4u), flags) / 4u;",
                 4 * j
             ));
         }
     }
 
-    // Accumulators: c{i}_{j} holds row i, column group j.
-    for i in 0..ROWS {
-        let vars: Vec<String> = (0..GROUPS)
-            .map(|j| format!("var c{i}_{j} = vec4<f32>(0.0);"))
-            .collect();
-        o.push(format!("    {}", vars.join(" ")));
-    }
     o.push("    let steps = vec4_opaque(p.k / 4u);".into());
     o.push("    for (var kk = 0u; kk < steps; kk += 1u) {".into());
 
@@ -308,10 +352,10 @@ fn kernel(ta: bool, tb: bool, width: usize, sg: bool) -> String {
         }
     }
     o.push("    }".into());
+    o.push("    }".into());
 
     // Epilogue: store every accumulator.
     o.push("    let out_base = z * p.m * p.n;".into());
-    o.push("    let flags = vec4_opaque(p.epilogue);".into());
     for i in 0..ROWS {
         for j in 0..GROUPS {
             o.push(format!(

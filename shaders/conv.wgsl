@@ -18,7 +18,9 @@
 //   conv2d_bwd_input:  a (0) = dy,     b (1) = weight, out (3) = dx
 //   conv2d_bwd_weight: a (0) = dy,     b (1) = x,      out (3) = dweight
 //   conv2d_im2col_fwd: a (0) = x;  out (3) = cols (p.im2col_rows, n, oh ow), for groups = 1
-//   conv2d_col2im_bwd: a (0) = dcols (n, c_in kh kw, oh ow); out (3) = dx, for groups = 1
+//   conv2d_col2im_bwd: a (0) = dcols, (c_in kh kw, n, oh ow) or (n, c_in kh kw, oh ow) by
+//                      p.splits (its row stride) and p.chunk (its sample stride); out (3) = dx,
+//                      for groups = 1
 //   p (4): ConvParams (src/ops/conv.rs)
 
 struct Params {
@@ -732,8 +734,8 @@ fn col2im_tap(t: i32, s: u32) -> u32 {
     return div_exact(t, s);
 }
 
-// dx from the gradient of the im2col matrix, dcols (n, (ci, ky, kx), (oy, ox)): each input
-// element sums the entries of the taps that read it.
+// dx from the gradient of the im2col matrix, dcols ((ci, ky, kx), n, (oy, ox)) or
+// (n, (ci, ky, kx), (oy, ox)): each input element sums the entries of the taps that read it.
 @compute @workgroup_size(256)
 fn conv2d_col2im_bwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                      @builtin(local_invocation_id) lid: vec3<u32>) {
@@ -745,9 +747,11 @@ fn conv2d_col2im_bwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgro
     let iy = im2col_div(rem, p.w);
     let ix = rem - iy * p.w;
     let taps = p.kh * p.kw;
-    let plane = p.oh * p.ow;
-    // Row (ci, 0, 0) of sample nn: sample_ci = nn * c_in + ci, and rows run over (ci, ky, kx).
-    let base = sample_ci * taps * plane;
+    // Row (ci, 0, 0) of sample nn, where sample_ci = nn * c_in + ci and rows run over
+    // (ci, ky, kx): p.chunk apart from sample to sample and p.splits from row to row.
+    let nn = im2col_div(sample_ci, p.c_in);
+    let ci = sample_ci - nn * p.c_in;
+    let base = nn * p.chunk + ci * taps * p.splits;
     var acc = 0.0;
     for (var ky = 0u; ky < p.kh; ky += 1u) {
         let oy = col2im_tap(i32(iy + p.ph) - i32(ky * p.dh), p.sh);
@@ -755,7 +759,7 @@ fn conv2d_col2im_bwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgro
         for (var kx = 0u; kx < p.kw; kx += 1u) {
             let ox = col2im_tap(i32(ix + p.pw) - i32(kx * p.dw), p.sw);
             if (ox >= p.ow) { continue; }
-            acc += f32(a[base + (ky * p.kw + kx) * plane + oy * p.ow + ox]);
+            acc += f32(a[base + (ky * p.kw + kx) * p.splits + oy * p.ow + ox]);
         }
     }
     out[i] = OUT(acc);

@@ -29,8 +29,9 @@ struct Params {
     epilogue: u32,
     act_alpha: f32,
     off_bias: u32,
+    // The vec4 kernels' column chunk under FOLD_B_COLS / FOLD_OUT_COLS (build.rs).
+    col_split: u32,
     _pad0: u32,
-    _pad1: u32,
     bshape: array<vec4<u32>, 2>,
     sa: array<vec4<u32>, 2>,
     sb: array<vec4<u32>, 2>,

@@ -726,6 +726,10 @@ fn im2col_matmul_path_matches_the_reference() {
         ([2, 4, 12, 10], [40, 4, 3, 3], [2, 2], [2, 2], [2, 1]),
         // Depth 9, padded to 12.
         ([2, 1, 8, 8], [32, 1, 3, 3], [1, 1], [1, 1], [1, 1]),
+        // 34 output channels: the input gradient's product runs per sample (its depth, c_out,
+        // is not a multiple of 4).
+        ([3, 4, 6, 6], [34, 4, 3, 3], [1, 1], [1, 1], [1, 1]),
+        ([2, 4, 6, 6], [34, 4, 3, 3], [1, 1], [1, 1], [1, 1]),
     ];
     for (i, (xs, ws, stride, padding, dilation)) in cases.into_iter().enumerate() {
         let opts = Conv2dOptions {
@@ -803,6 +807,20 @@ fn im2col_matmul_path_matches_the_reference() {
             assert_eq!(im2col.map(|k| k.calls), Some(1), "{what}: {ran:?}");
             let col2im = ran.iter().any(|r| r == "conv2d_col2im_bwd");
             assert_eq!(col2im, depth % 4 == 0, "{what}: {ran:?}");
+            // One product per pass over every sample: the forward, the weight gradient summed
+            // over the samples in the kernel (no reduction after it), and the input gradient
+            // where it runs through col2im.
+            let products: u64 = profile
+                .iter()
+                .filter(|k| k.kernel.starts_with("matmul"))
+                .map(|k| k.calls)
+                .sum();
+            assert_eq!(products, 2 + col2im as u64, "{what}: {ran:?}");
+            let reduced = ran.iter().any(|r| r.starts_with("reduce"));
+            assert_eq!(reduced, with_bias, "{what}: {ran:?}");
+            // The per-sample fallback of the input gradient takes a general matmul kernel.
+            let general = ran.iter().any(|r| r == "matmul_fwd");
+            assert_eq!(general, col2im && ws[0] % 4 != 0, "{what}: {ran:?}");
         }
     }
 }

@@ -3,6 +3,7 @@
 
 use bytemuck::{Pod, Zeroable};
 
+use super::matmul::{matmul_folded, Fold};
 use super::tune::ConvPass;
 use super::Epilogue;
 use crate::autograd::{record, Op};
@@ -241,8 +242,9 @@ fn gemm_weight(w: &Tensor, g: &ConvGeometry) -> Result<Tensor> {
     Ok(padded)
 }
 
-/// `out = epi(conv2d(x, w))` as `w (c_out, depth) @ cols[:, nn, :]` for each sample `nn`, the
-/// bias along the product's rows (the channels). Returns `cols`.
+/// `out = epi(conv2d(x, w))` as `w (c_out, depth) @ cols`, one product over every sample's
+/// positions written out as NCHW ([`Fold::OutCols`]), the bias along the product's rows (the
+/// channels). Returns `cols`.
 fn gemm_fwd_into(
     x: &Tensor,
     w: &Tensor,
@@ -252,34 +254,47 @@ fn gemm_fwd_into(
 ) -> Result<Tensor> {
     let (rows, plane) = (gemm_depth(g), g.oh * g.ow);
     let cols = im2col(&x.detach().dense()?, g)?;
-    let a = gemm_weight(w, g)?.reshape_to(&[1, g.c_out, rows])?;
-    let b = cols.permute(&[1, 0, 2])?;
-    let y = out.reshape_to(&[g.n, g.c_out, plane])?;
+    let weight = gemm_weight(w, g)?;
     let epi = Epilogue {
         bias_rows: true,
         ..*epi
     };
-    super::matmul::matmul_into(&a, &b, &y, &epi)?;
+    let b = cols.reshape_to(&[rows, g.n * plane])?;
+    if !matmul_folded(&weight, &b, out, &epi, Fold::OutCols(plane))? {
+        // Per sample: w @ cols[:, nn, :].
+        let a = weight.reshape_to(&[1, g.c_out, rows])?;
+        let y = out.reshape_to(&[g.n, g.c_out, plane])?;
+        super::matmul::matmul_into(&a, &cols.permute(&[1, 0, 2])?, &y, &epi)?;
+    }
     Ok(cols)
 }
 
-/// dx of conv2d as `w^T (depth, c_out) @ dy[nn]` for each sample (the gradient of the im2col
-/// matrix), summed back onto the input positions.
+/// dx of conv2d: the gradient of the im2col matrix, `w^T (depth, c_out) @ dy` over every
+/// sample's positions ([`Fold::BCols`]; per sample where c_out is not a multiple of 4), summed
+/// back onto the input positions.
 fn gemm_bwd_input(dy: &Tensor, w: &Tensor, g: &ConvGeometry) -> Result<Tensor> {
     let (depth, plane) = (g.c_in * g.k[0] * g.k[1], g.oh * g.ow);
-    let a = w
+    let wt = w
         .detach()
         .dense()?
-        .reshape_to(&[1, g.c_out, depth])?
-        .transpose(1, 2)?;
-    let b = dy.detach().dense()?.reshape_to(&[g.n, g.c_out, plane])?;
-    let dcols = Tensor::uninit("conv2d_backward", &[g.n, depth, plane], dy.device())?;
-    super::matmul::matmul_into(&a, &b, &dcols, &Epilogue::default())?;
+        .reshape_to(&[g.c_out, depth])?
+        .transpose(0, 1)?;
+    let dy = dy.detach().dense()?.reshape_to(&[g.n, g.c_out, plane])?;
+    // dcols as (depth, n, plane), else (n, depth, plane): (row stride, sample stride).
+    let mut dcols = Tensor::uninit("conv2d_backward", &[depth, g.n, plane], dy.device())?;
+    let mut strides = [g.n * plane, plane];
+    let none = Epilogue::default();
+    if !matmul_folded(&wt, &dy, &dcols, &none, Fold::BCols(plane))? {
+        dcols = Tensor::uninit("conv2d_backward", &[g.n, depth, plane], dy.device())?;
+        strides = [plane, depth * plane];
+        super::matmul::matmul_into(&wt.unsqueeze(0)?, &dy, &dcols, &none)?;
+    }
     let dx = Tensor::uninit("conv2d_backward", &[g.n, g.c_in, g.h, g.w], dy.device())?;
     let total = dx.numel();
-    let mut p = g.params(0, &Epilogue::default());
+    let mut p = g.params(0, &none);
     // col2im splits positions of dx only.
     p._pad[0] = (total < 1 << 22) as u32;
+    (p.splits, p.chunk) = (strides[0] as u32, strides[1] as u32);
     dy.device().dispatch(
         Kernel::Conv2dCol2imBwd,
         &[dcols.buffer()],
@@ -290,29 +305,18 @@ fn gemm_bwd_input(dy: &Tensor, w: &Tensor, g: &ConvGeometry) -> Result<Tensor> {
     Ok(dx)
 }
 
-/// dw of conv2d from the im2col matrix `cols` (`gemm_depth`, n, oh ow). With no more output
-/// channels than plane positions, as the sum over samples of `dy[nn] (c_out, oh ow) @
-/// cols[:, nn, :]^T` (the per-sample products take no more memory than `cols`); otherwise as
-/// one matmul over all positions, `dy` copied to (c_out, n oh ow).
+/// dw of conv2d from the im2col matrix `cols` (`gemm_depth`, n, oh ow): the sum over samples
+/// of `dy[nn] (c_out, oh ow) @ cols[:, nn, :]^T` in one product ([`Fold::Sum`]).
 fn gemm_bwd_weight(dy: &Tensor, cols: &Tensor, g: &ConvGeometry) -> Result<Tensor> {
     let (depth, rows, plane) = (g.c_in * g.k[0] * g.k[1], gemm_depth(g), g.oh * g.ow);
-    let dy = dy.detach().reshape_to(&[g.n, g.c_out, plane])?;
-    let dw = if g.c_out <= plane {
-        let b = cols.permute(&[1, 2, 0])?;
+    let dy = dy.detach().dense()?.reshape_to(&[g.n, g.c_out, plane])?;
+    let b = cols.permute(&[1, 2, 0])?;
+    let mut dw = Tensor::uninit("conv2d_backward", &[g.c_out, rows], dy.device())?;
+    if !matmul_folded(&dy, &b, &dw, &Epilogue::default(), Fold::Sum)? {
         let per_sample = Tensor::uninit("conv2d_backward", &[g.n, g.c_out, rows], dy.device())?;
-        super::matmul::matmul_into(&dy.dense()?, &b, &per_sample, &Epilogue::default())?;
-        per_sample.sum(&[0], false)?
-    } else {
-        let positions = g.n * plane;
-        let a = dy
-            .permute(&[1, 0, 2])?
-            .contiguous()?
-            .reshape_to(&[1, g.c_out, positions])?;
-        let b = cols.reshape_to(&[1, rows, positions])?.transpose(1, 2)?;
-        let dw = Tensor::uninit("conv2d_backward", &[1, g.c_out, rows], dy.device())?;
-        super::matmul::matmul_into(&a, &b, &dw, &Epilogue::default())?;
-        dw.reshape_to(&[g.c_out, rows])?
-    };
+        super::matmul::matmul_into(&dy, &b, &per_sample, &Epilogue::default())?;
+        dw = per_sample.sum(&[0], false)?;
+    }
     let dw = if rows == depth {
         dw
     } else {

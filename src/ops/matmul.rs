@@ -29,7 +29,9 @@ pub(crate) struct MatmulParams {
     pub epilogue: u32,
     pub act_alpha: f32,
     pub off_bias: u32,
-    pub _pad: [u32; 2],
+    /// The column chunk of a [`Fold`] (0 without one).
+    pub col_split: u32,
+    pub _pad: u32,
     pub bshape: [u32; MAX_RANK],
     pub sa: [u32; MAX_RANK],
     pub sb: [u32; MAX_RANK],
@@ -344,11 +346,150 @@ pub(crate) fn matmul_into(a: &Tensor, b: &Tensor, out: &Tensor, epi: &Epilogue<'
         epilogue: epi.flags(),
         act_alpha: epi.alpha(),
         off_bias: epi.off_bias(),
-        _pad: [0; 2],
+        col_split: 0,
+        _pad: 0,
         bshape: pack(batch.iter().copied()),
         sa: pack(la.strides.iter().copied()),
         sb: pack(lb.strides.iter().copied()),
     };
+    // A bias along the rows is read one element at a time, at any offset.
+    let column_bias = epi.bias.is_some() && !epi.bias_rows;
+    let aligned = Aligned::of(&p, &la.strides, &lb.strides, column_bias);
+    run(a, b, out, epi, p, [m, n, k, count], aligned, None)
+}
+
+/// How one dispatch of a vec4 matmul kernel covers a product of an im2col convolution (the
+/// `FOLD_*` bits of the header that `build.rs` writes), instead of one product per sample.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Fold {
+    /// `b` is (n / chunk, k, chunk) contiguous, read as (k, n): dy as (c_out, n oh ow).
+    BCols(usize),
+    /// `out` (m n elements) is written as (n / chunk, m, chunk): weight @ im2col into NCHW.
+    OutCols(usize),
+    /// `out` (m, n) is the sum of the batch's products: the weight gradient over the samples.
+    Sum,
+}
+
+impl Fold {
+    fn bits(self) -> u32 {
+        match self {
+            Fold::BCols(_) => 0x10000,
+            Fold::OutCols(_) => 0x20000,
+            Fold::Sum => 0x40000,
+        }
+    }
+}
+
+/// Records `out = epilogue(a @ b)` in one dispatch through `fold`, with `a` (m, k) and `b`
+/// (k, n) (`b` (n / chunk, k, chunk) for [`Fold::BCols`]; both batched for [`Fold::Sum`]).
+/// Returns false, recording nothing, where the operands do not fit the vec4 kernels (which
+/// alone fold) or the epilogue adds a bias along the columns. Not recorded for autograd.
+pub(crate) fn matmul_folded(
+    a: &Tensor,
+    b: &Tensor,
+    out: &Tensor,
+    epi: &Epilogue<'_>,
+    fold: Fold,
+) -> Result<bool> {
+    const OP: &str = "matmul";
+    let (ra, rb) = (a.rank(), b.rank());
+    let (m, k) = (a.dims()[ra - 2], a.dims()[ra - 1]);
+    let bad = || {
+        Error::shape(
+            OP,
+            format!(
+                "folded product {fold:?} of {:?} and {:?} into {:?}",
+                a.dims(),
+                b.dims(),
+                out.dims()
+            ),
+        )
+    };
+    let (chunk, n, b_rs) = match fold {
+        Fold::BCols(c) if ra == 2 && rb == 3 && b.dims()[1] == k && b.is_contiguous() => {
+            (c, b.dims()[0] * c, c)
+        }
+        Fold::OutCols(c) if ra == 2 && rb == 2 && b.dims()[0] == k => {
+            (c, b.dims()[1], b.strides()[0])
+        }
+        Fold::Sum if ra >= 2 && rb >= 2 && b.dims()[rb - 2] == k => {
+            (0, b.dims()[rb - 1], b.strides()[rb - 2])
+        }
+        _ => return Err(bad()),
+    };
+    if out.numel() != m * n || (chunk > 0 && (chunk % 4 != 0 || n % chunk != 0)) {
+        return Err(bad());
+    }
+    let batch = if fold == Fold::Sum {
+        broadcast_shapes(OP, &a.dims()[..ra - 2], &b.dims()[..rb - 2])?
+    } else {
+        Vec::new()
+    };
+    let batch_layout = |t: &Tensor, r: usize| -> Result<Layout> {
+        Layout {
+            shape: t.dims()[..r - 2].to_vec(),
+            strides: t.strides()[..r - 2].to_vec(),
+            offset: 0,
+        }
+        .broadcast_to(OP, &batch)
+    };
+    let (la, lb) = if fold == Fold::Sum {
+        (batch_layout(a, ra)?, batch_layout(b, rb)?)
+    } else {
+        let none = Layout {
+            shape: vec![],
+            strides: vec![],
+            offset: 0,
+        };
+        (none.clone(), none)
+    };
+    let count: usize = batch.iter().product();
+    if m == 0 || n == 0 || count == 0 || k == 0 {
+        return Ok(false);
+    }
+    let p = MatmulParams {
+        m: m as u32,
+        n: n as u32,
+        k: k as u32,
+        batch_rank: batch.len() as u32,
+        off_a: a.layout.offset as u32,
+        off_b: b.layout.offset as u32,
+        a_rs: a.strides()[ra - 2] as u32,
+        a_cs: a.strides()[ra - 1] as u32,
+        b_rs: b_rs as u32,
+        b_cs: b.strides()[rb - 1] as u32,
+        z_base: 0,
+        epilogue: epi.flags() | fold.bits(),
+        act_alpha: epi.alpha(),
+        off_bias: epi.off_bias(),
+        col_split: chunk as u32,
+        _pad: 0,
+        bshape: pack(batch.iter().copied()),
+        sa: pack(la.strides.iter().copied()),
+        sb: pack(lb.strides.iter().copied()),
+    };
+    let column_bias = epi.bias.is_some() && !epi.bias_rows;
+    let aligned = Aligned::of(&p, &la.strides, &lb.strides, column_bias);
+    if aligned.is_none() || column_bias {
+        return Ok(false);
+    }
+    run(a, b, out, epi, p, [m, n, k, count], aligned, Some(fold))?;
+    Ok(true)
+}
+
+/// Chooses the kernel of a product and records it: `count` batches, one dispatch layer each
+/// unless `fold` sums them.
+#[allow(clippy::too_many_arguments)]
+fn run(
+    a: &Tensor,
+    b: &Tensor,
+    out: &Tensor,
+    epi: &Epilogue<'_>,
+    p: MatmulParams,
+    [m, n, k, count]: [usize; 4],
+    aligned: Option<Aligned>,
+    fold: Option<Fold>,
+) -> Result<()> {
     // Without a bias, any buffer fills the binding the kernel does not read.
     let bias = epi.bias.map_or(b.buffer(), |t| t.buffer());
     // The vec4 kernels leave an activation other than relu to an in-place pass over the output.
@@ -356,6 +497,7 @@ pub(crate) fn matmul_into(a: &Tensor, b: &Tensor, out: &Tensor, epi: &Epilogue<'
         epi.activation.is_some_and(|(op, _)| op != UnaryOp::Relu)
             && Aligned::of_kernel(kernel).is_some_and(|(_, vec4)| vec4)
     };
+    let layers = if fold == Some(Fold::Sum) { 1 } else { count };
     let record = |kernel: Kernel| -> Result<Tensor> {
         let [tn, tm] = tile_of(kernel);
         let groups = [n.div_ceil(tn) as u32, m.div_ceil(tm) as u32];
@@ -364,8 +506,8 @@ pub(crate) fn matmul_into(a: &Tensor, b: &Tensor, out: &Tensor, epi: &Epilogue<'
             p.epilogue &= !EPILOGUE_ACTIVATION_BITS;
         }
         let mut z = 0;
-        while z < count {
-            let chunk = (count - z).min(MAX_GROUPS);
+        while z < layers {
+            let chunk = (layers - z).min(MAX_GROUPS);
             p.z_base = z as u32;
             out.device().dispatch_variant(
                 kernel,
@@ -382,14 +524,12 @@ pub(crate) fn matmul_into(a: &Tensor, b: &Tensor, out: &Tensor, epi: &Epilogue<'
         }
         Ok(out.clone())
     };
-    // A bias along the rows is read one element at a time, at any offset.
-    let column_bias = epi.bias.is_some() && !epi.bias_rows;
-    let aligned = Aligned::of(&p, &la.strides, &lb.strides, column_bias);
     let kernel = super::tune::matmul(
         out.device(),
         [m, n, k, count],
         aligned,
         epi.activation.is_some(),
+        fold.is_some(),
         &record,
     )?;
     record(kernel)?;

@@ -148,35 +148,39 @@ pub(crate) fn matmul_forced(kernel: Kernel) -> Result<Kernel> {
 /// have 8 or more invocations (1.4x on lavapipe); elsewhere the shared-memory tiled kernel for
 /// products of 64x64 and more, the 4x4 register kernel below. Shared-memory kernels are left
 /// out of the timed candidates on software adapters, where barriers are costly.
+///
+/// A `folded` product ([`super::matmul::Fold`], always aligned) has only the kernels that fold:
+/// the vec4 one and its subgroup versions.
 pub(crate) fn matmul(
     device: &Device,
     [m, n, k, count]: [usize; 4],
     aligned: Option<Aligned>,
     activation: bool,
+    folded: bool,
     record: Record<'_>,
 ) -> Result<Kernel> {
     let software = device.is_software();
-    // The top bit of the batch bucket marks a fused activation.
+    // The top bit of the batch bucket marks a fused activation, the next one a fold.
     let class = [
         log2_bucket(m),
         log2_bucket(n),
         log2_bucket(k),
-        log2_bucket(count) | if activation { 0x80 } else { 0 },
+        log2_bucket(count) | if activation { 0x80 } else { 0 } | if folded { 0x40 } else { 0 },
     ];
     let heuristic = match aligned {
         Some(l) if software && device.subgroups_of_at_least(8) => l.sg8(),
-        Some(l) if software => l.vec4(),
+        Some(l) if software || folded => l.vec4(),
         _ if m >= 64 && n >= 64 && k >= 16 => Kernel::MatmulTiledFwd,
         _ => Kernel::MatmulFwd,
     };
-    let mut candidates = if software {
-        vec![Kernel::MatmulFwd, Kernel::MatmulReg8Fwd]
-    } else {
-        GENERAL_MATMULS.to_vec()
+    let mut candidates = match () {
+        _ if folded => Vec::new(),
+        _ if software => vec![Kernel::MatmulFwd, Kernel::MatmulReg8Fwd],
+        _ => GENERAL_MATMULS.to_vec(),
     };
     if let Some(l) = aligned {
         candidates.push(l.vec4());
-        if !software {
+        if !software && !folded {
             candidates.push(l.t128());
         }
         // The subgroup kernels where every subgroup has 8 or more invocations; the 32-wide
