@@ -82,7 +82,8 @@ fn vec4_store(out_base: u32, r: u32, c: u32, v: vec4<f32>, flags: u32) {{
 // dispatch: FOLD_B_COLS: B's columns run in chunks of p.col_split, each k * p.b_rs apart (B is
 // (n / chunk, k, chunk), dy as (c_out, n oh ow)); FOLD_OUT_COLS: so do the output's, each
 // m * chunk apart (the output is (n / chunk, m, chunk), NCHW from weight @ im2col);
-// FOLD_SUM: the batches are summed into one (m, n) output (the weight gradient over the samples).
+// FOLD_SUM: the batches are summed, p.col_split of them into each (m, n) output layer z (the
+// weight gradient over the samples).
 // The fold bits ride in `flags` (p.epilogue through vec4_opaque).
 const FOLD_B_COLS: u32 = 0x10000u;
 const FOLD_OUT_COLS: u32 = 0x20000u;
@@ -106,7 +107,8 @@ fn fold_out(r: u32, c: u32, flags: u32) -> u32 {{
     return q * p.m * p.col_split + r * p.col_split + (c - q * p.col_split);
 }}
 
-// The batches one workgroup sums, from..to: its own, or all of them with FOLD_SUM.
+// The batches one workgroup sums, from..to: its own, or with FOLD_SUM the p.col_split of
+// layer z (the last one's may be fewer).
 fn fold_batches(z: u32, flags: u32) -> vec2<u32> {{
     if ((flags & FOLD_SUM) == 0u) {{
         return vec2<u32>(z, z + 1u);
@@ -115,7 +117,7 @@ fn fold_batches(z: u32, flags: u32) -> vec2<u32> {{
     for (var d = 0u; d < vec4_opaque(p.batch_rank); d += 1u) {{
         count *= p.bshape[d >> 2u][d & 3u];
     }}
-    return vec2<u32>(0u, count);
+    return vec2<u32>(z * p.col_split, min(z * p.col_split + p.col_split, count));
 }}
 
 // The epilogue bits of an activation (its flag and UnaryOp code), and those of relu (code 7).

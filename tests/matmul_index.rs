@@ -63,6 +63,51 @@ fn matmul_shapes_batches_and_transposes() {
     assert_close("narrowed", &got, &want, 1e-5, 1e-5);
 }
 
+/// A single product with few output tiles and a long reduction splits k into parts, summed
+/// afterwards (on software adapters, where the cores would otherwise idle): aligned and not,
+/// with b read transposed and a narrowed (offset) operand, against the f64 reference.
+#[test]
+fn split_reductions_match_the_reference() {
+    let d = own_device();
+    let mut rng = Rng::new(7);
+    // (m, k, n, b transposed): 3136 = 4 * 8 * 98 splits in 8; 1032 in 3 (not a multiple of 16).
+    let cases = [
+        (16, 3136, 128, false),
+        (16, 3136, 128, true),
+        (5, 1032, 7, false),
+        (3, 1032, 9, true),
+    ];
+    for (m, k, n, bt) in cases {
+        let what = format!("{m}x{k}x{n} b^T {bt}");
+        let av = rng.vec((m + 1) * k, -1.0, 1.0);
+        let bv = rng.vec(k * n, -1.0, 1.0);
+        let a = Tensor::from_slice(&av, &[m + 1, k], &d)
+            .unwrap()
+            .narrow(0, 1, m)
+            .unwrap();
+        let b = if bt {
+            Tensor::from_slice(&bv, &[n, k], &d).unwrap().t().unwrap()
+        } else {
+            Tensor::from_slice(&bv, &[k, n], &d).unwrap()
+        };
+        let ra = Nd::new(&[m, k], av[k..].iter().map(|&v| v as f64).collect());
+        let shape = if bt { [n, k] } else { [k, n] };
+        let rb = Nd::new(&shape, bv.iter().map(|&v| v as f64).collect());
+        let rb = if bt { rb.permute(&[1, 0]) } else { rb };
+        d.set_profiling(true);
+        let got = a.matmul(&b).unwrap();
+        assert_close(&what, &got, &ra.matmul(&rb), 1e-4, 1e-4);
+        let ran: Vec<String> = d.profile().into_iter().map(|k| k.kernel).collect();
+        d.set_profiling(false);
+        if d.adapter_info().device_type == kiln::wgpu::DeviceType::Cpu {
+            assert!(
+                ran.iter().any(|r| r.starts_with("reduce")),
+                "{what}: {ran:?}"
+            );
+        }
+    }
+}
+
 /// Sizes that take the shared-memory tiled kernel, with partial edge tiles, batches,
 /// transposed operands and a fused bias-free path; and one large enough to be autotuned.
 #[test]

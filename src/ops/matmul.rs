@@ -353,10 +353,38 @@ pub(crate) fn matmul_into(a: &Tensor, b: &Tensor, out: &Tensor, epi: &Epilogue<'
         sb: pack(lb.strides.iter().copied()),
     };
     // A bias along the rows is read one element at a time, at any offset.
+    // A single product whose output has few tiles: its reduction split into parts (batches of
+    // one product over a slice of k each), summed afterwards. Plain f32 products only: the
+    // epilogue would have to follow the sum.
+    if count == 1 && epi.is_plain() && epi.variant == Variant::F32 {
+        let parts = super::tune::matmul_parts(out.device(), m, n, k / SPLIT_MIN_K);
+        // Equal slices of whole vec4s.
+        if let Some(parts) = (2..=parts).rev().find(|s| k.is_multiple_of(4 * s)) {
+            let kc = k / parts;
+            let (sa, sb) = (a.strides(), b.strides());
+            let av = a.with_layout(Layout {
+                shape: vec![parts, m, kc],
+                strides: vec![kc * sa[ra - 1], sa[ra - 2], sa[ra - 1]],
+                offset: a.layout.offset,
+            });
+            let bv = b.with_layout(Layout {
+                shape: vec![parts, kc, n],
+                strides: vec![kc * sb[rb - 2], sb[rb - 2], sb[rb - 1]],
+                offset: b.layout.offset,
+            });
+            let partial = Tensor::uninit(OP, &[parts, m, n], out.device())?;
+            matmul_into(&av, &bv, &partial, epi)?;
+            super::reduce::sum_parts_into(&partial, out);
+            return Ok(());
+        }
+    }
     let column_bias = epi.bias.is_some() && !epi.bias_rows;
     let aligned = Aligned::of(&p, &la.strides, &lb.strides, column_bias);
-    run(a, b, out, epi, p, [m, n, k, count], aligned, None)
+    run(a, b, out, epi, p, [m, n, k, count], aligned, count, false)
 }
+
+/// The shortest slice of k that a split product's part takes.
+const SPLIT_MIN_K: usize = 256;
 
 /// How one dispatch of a vec4 matmul kernel covers a product of an im2col convolution (the
 /// `FOLD_*` bits of the header that `build.rs` writes), instead of one product per sample.
@@ -473,12 +501,45 @@ pub(crate) fn matmul_folded(
     if aligned.is_none() || column_bias {
         return Ok(false);
     }
-    run(a, b, out, epi, p, [m, n, k, count], aligned, Some(fold))?;
+    if fold != Fold::Sum {
+        run(a, b, out, epi, p, [m, n, k, count], aligned, 1, true)?;
+        return Ok(true);
+    }
+    // The batches summed in layers of `per`, the layers summed afterwards where there are
+    // too few output tiles to keep the device busy.
+    let parts = if epi.is_plain() {
+        super::tune::matmul_parts(out.device(), m, n, count)
+    } else {
+        1
+    };
+    let per = count.div_ceil(parts);
+    let parts = count.div_ceil(per);
+    let p = MatmulParams {
+        col_split: per as u32,
+        ..p
+    };
+    if parts == 1 {
+        run(a, b, out, epi, p, [m, n, k, count], aligned, 1, true)?;
+    } else {
+        let partial = Tensor::uninit(OP, &[parts, m, n], out.device())?;
+        run(
+            a,
+            b,
+            &partial,
+            epi,
+            p,
+            [m, n, k, count],
+            aligned,
+            parts,
+            true,
+        )?;
+        super::reduce::sum_parts_into(&partial, out);
+    }
     Ok(true)
 }
 
-/// Chooses the kernel of a product and records it: `count` batches, one dispatch layer each
-/// unless `fold` sums them.
+/// Chooses the kernel of a product of `count` batches and records it in `layers` dispatch
+/// layers (`count` of them, unless `folded` says that `p` folds them).
 #[allow(clippy::too_many_arguments)]
 fn run(
     a: &Tensor,
@@ -488,7 +549,8 @@ fn run(
     p: MatmulParams,
     [m, n, k, count]: [usize; 4],
     aligned: Option<Aligned>,
-    fold: Option<Fold>,
+    layers: usize,
+    folded: bool,
 ) -> Result<()> {
     // Without a bias, any buffer fills the binding the kernel does not read.
     let bias = epi.bias.map_or(b.buffer(), |t| t.buffer());
@@ -497,7 +559,6 @@ fn run(
         epi.activation.is_some_and(|(op, _)| op != UnaryOp::Relu)
             && Aligned::of_kernel(kernel).is_some_and(|(_, vec4)| vec4)
     };
-    let layers = if fold == Some(Fold::Sum) { 1 } else { count };
     let record = |kernel: Kernel| -> Result<Tensor> {
         let [tn, tm] = tile_of(kernel);
         let groups = [n.div_ceil(tn) as u32, m.div_ceil(tm) as u32];
@@ -529,7 +590,7 @@ fn run(
         [m, n, k, count],
         aligned,
         epi.activation.is_some(),
-        fold.is_some(),
+        folded,
         &record,
     )?;
     record(kernel)?;

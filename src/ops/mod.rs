@@ -53,6 +53,11 @@ pub(crate) struct Epilogue<'a> {
 pub(crate) const EPILOGUE_ACTIVATION_BITS: u32 = 2 | 0xff00;
 
 impl Epilogue<'_> {
+    /// True with no bias and no activation.
+    pub fn is_plain(&self) -> bool {
+        self.bias.is_none() && self.activation.is_none()
+    }
+
     /// The `epilogue` word of the kernel parameters (see `shaders/common.wgsl`).
     pub fn flags(&self) -> u32 {
         let mut f = 0;

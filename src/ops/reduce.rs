@@ -129,6 +129,22 @@ fn dispatch_rows(src: &Tensor, op: ReduceOp, correction: f32, run: &Run<'_>, out
     );
 }
 
+/// `out` = the sum of `parts` (contiguous, (s, ...)) over its first axis: the partial products
+/// of a split matmul. `out` is contiguous with `parts.numel() / s` elements.
+pub(crate) fn sum_parts_into(parts: &Tensor, out: &Tensor) {
+    let len = parts.dims()[0];
+    let n = out.numel();
+    let run = Run {
+        shape: &[n],
+        in_strides: &[1],
+        offset: parts.layout.offset,
+        len,
+        stride: n,
+        out_strides: &[1],
+    };
+    dispatch_rows(parts, ReduceOp::Sum, 0.0, &run, out);
+}
+
 /// Sum, mean, max or min of long rows: partial results of chunks of each row, then the
 /// partials (and the tail that does not fill a chunk) combined. Returns shape `kept`.
 fn two_stage(

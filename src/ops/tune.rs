@@ -5,7 +5,9 @@
 //! - matmul, per operand layout ([`matmul`]);
 //! - the three convolution passes ([`conv`]), and whether a convolution runs as an im2col
 //!   matrix times the weight instead ([`conv_lowering`]);
-//! - how many position splits the convolution weight gradient takes ([`conv_weight_splits`]);
+//! - how many position splits the convolution weight gradient takes ([`conv_weight_splits`]),
+//!   and how many parts a product with few output tiles splits its reduction into
+//!   ([`matmul_parts`]);
 //! - row reductions: one invocation or one workgroup per row ([`serial_rows`]).
 //!
 //! The op files keep only what fits an operand layout (the vec4 elementwise and optimizer
@@ -352,6 +354,17 @@ pub(crate) fn conv_weight_splits(
         .min(positions.div_ceil(256))
         .min(64)
         .clamp(1, max_groups / groups.max(1))
+}
+
+/// How many parts a product with an (m, n) output splits its reduction into (`most` at most:
+/// its batches to sum, or k / 256), summed afterwards: enough to give the device's cores
+/// about `target` workgroups where the vec4 kernels' 16 x 128 tiles would give fewer (8 on a
+/// software adapter, one per core and some to balance; 256 elsewhere, untested on GPUs).
+/// Returns 1 where no split pays.
+pub(crate) fn matmul_parts(device: &Device, m: usize, n: usize, most: usize) -> usize {
+    let target: usize = if device.is_software() { 8 } else { 256 };
+    let tiles = m.div_ceil(16) * n.div_ceil(128);
+    target.div_ceil(tiles).min(most).max(1)
 }
 
 /// Whether row reductions run one row per invocation (no barriers: software adapters) rather
