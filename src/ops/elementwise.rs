@@ -296,7 +296,7 @@ pub(crate) fn launch_variant(
     let aligned4 = |l: &Layout| {
         l.offset.is_multiple_of(4) && l.strides[..r - 1].iter().all(|s| s.is_multiple_of(4))
     };
-    let strided4 = matches!(kernel, Kernel::UnaryFwd | Kernel::BinaryFwd)
+    let strided4 = super::tune::elementwise_has_strided4(kernel)
         && !aligned
         && out_layout.shape[r - 1].is_multiple_of(4)
         && out_layout.strides[r - 1] == 1
@@ -313,15 +313,12 @@ pub(crate) fn launch_variant(
             }
         }
     }
-    let kernel = match kernel {
-        Kernel::UnaryFwd if strided4 => Kernel::UnaryStrided4Fwd,
-        Kernel::BinaryFwd if strided4 => Kernel::BinaryStrided4Fwd,
-        Kernel::UnaryFwd if aligned => Kernel::UnaryVec4Fwd,
-        Kernel::BinaryFwd if aligned => Kernel::BinaryVec4Fwd,
-        Kernel::BinaryScalarFwd if aligned => Kernel::BinaryScalarVec4Fwd,
-        Kernel::UnaryBwd if aligned => Kernel::UnaryVec4Bwd,
-        k => k,
+    let layout = match () {
+        _ if strided4 => super::tune::ElementwiseLayout::Strided4,
+        _ if aligned => super::tune::ElementwiseLayout::Vec4,
+        _ => super::tune::ElementwiseLayout::Any,
     };
+    let kernel = super::tune::elementwise(kernel, layout);
     let buffers: Vec<&wgpu::Buffer> = inputs.iter().map(|(t, _)| t.buffer()).collect();
     // Gathers report bad indices in the device's fault words.
     let fault = out.device().fault_buffer();

@@ -78,10 +78,6 @@ fn merged_run(x: &Tensor, axes: &[usize]) -> Option<(usize, usize)> {
     Some((len, run.last().map_or(1, |&(_, s)| s)))
 }
 
-/// Rows at least this long, when there are few of them, are reduced in two stages so that
-/// more than a handful of workgroups share the work.
-const SPLIT_MIN_LEN: usize = 8192;
-const SPLIT_MAX_ROWS: usize = 256;
 /// Elements each workgroup of the first stage reduces.
 const SPLIT_CHUNK: usize = 2048;
 
@@ -359,8 +355,7 @@ fn reduce_raw(
     };
     let kept_strides: Vec<usize> = rows.kept.iter().map(|&a| src.strides()[a]).collect();
     let out = if splittable
-        && rows.len >= SPLIT_MIN_LEN
-        && n_out <= SPLIT_MAX_ROWS
+        && super::tune::reduce_in_two_stages(n_out, rows.len)
         && kept_shape.len() < MAX_RANK
     {
         two_stage(&src, op, &kept_shape, &kept_strides, rows.len, rows.stride)?

@@ -8,10 +8,13 @@
 //! - how many position splits the convolution weight gradient takes ([`conv_weight_splits`]),
 //!   and how many parts a product with few output tiles splits its reduction into
 //!   ([`matmul_parts`]);
-//! - row reductions: one invocation or one workgroup per row ([`serial_rows`]).
+//! - row reductions: one invocation or one workgroup per row ([`serial_rows`]), and whether few
+//!   long rows are reduced in two stages ([`reduce_in_two_stages`]);
+//! - the vec4 variants of the elementwise kernels ([`elementwise`]) and of the optimizer steps
+//!   ([`optimizer_step`]), which read four elements at a time where the layout allows.
 //!
-//! The op files keep only what fits an operand layout (the vec4 elementwise and optimizer
-//! kernels, the 2x2 max pooling): those are not choices between equals.
+//! The op files describe the problem (its layout, its sizes); the choice is made here. The
+//! 2x2 max pooling stays in its op file: it is a different geometry, not a kernel choice.
 //!
 //! [`TuneMode::CrossCheck`] runs every candidate of each new (family, shape class) once and
 //! compares their results with the heuristic's, an `Err` naming both kernels where they differ.
@@ -365,6 +368,65 @@ pub(crate) fn matmul_parts(device: &Device, m: usize, n: usize, most: usize) -> 
     let target: usize = if device.is_software() { 8 } else { 256 };
     let tiles = m.div_ceil(16) * n.div_ceil(128);
     target.div_ceil(tiles).min(most).max(1)
+}
+
+/// How the operands of an elementwise op are laid out, as far as the choice of kernel goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum ElementwiseLayout {
+    /// Every operand contiguous, with the same shape as the output, in whole vec4s at
+    /// 4-aligned offsets.
+    Vec4,
+    /// Each operand's innermost axis contiguous (read as vec4s) or broadcast, with 4-aligned
+    /// other strides and offsets, and an innermost axis of a multiple of 4.
+    Strided4,
+    /// Anything else.
+    Any,
+}
+
+/// The kernel that runs the elementwise `kernel` over operands laid out as `layout`: its vec4
+/// variant where there is one for the layout (a quarter of the loads and index splits), else
+/// `kernel`.
+pub(crate) fn elementwise(kernel: Kernel, layout: ElementwiseLayout) -> Kernel {
+    use ElementwiseLayout::{Strided4, Vec4};
+    match (kernel, layout) {
+        (Kernel::UnaryFwd, Strided4) => Kernel::UnaryStrided4Fwd,
+        (Kernel::BinaryFwd, Strided4) => Kernel::BinaryStrided4Fwd,
+        (Kernel::UnaryFwd, Vec4) => Kernel::UnaryVec4Fwd,
+        (Kernel::BinaryFwd, Vec4) => Kernel::BinaryVec4Fwd,
+        (Kernel::BinaryScalarFwd, Vec4) => Kernel::BinaryScalarVec4Fwd,
+        (Kernel::UnaryBwd, Vec4) => Kernel::UnaryVec4Bwd,
+        (k, _) => k,
+    }
+}
+
+/// Whether the elementwise `kernel` has a vec4 variant for strided operands (then its caller
+/// checks [`ElementwiseLayout::Strided4`]).
+pub(crate) fn elementwise_has_strided4(kernel: Kernel) -> bool {
+    elementwise(kernel, ElementwiseLayout::Strided4) != kernel
+}
+
+/// The kernel of an optimizer step and the elements each invocation updates: the vec4
+/// variant where the tensor is whole vec4s at 4-aligned offsets (`aligned`), else the scalar
+/// kernel.
+pub(crate) fn optimizer_step(kernel: Kernel, aligned: bool) -> (Kernel, usize) {
+    match kernel {
+        _ if !aligned => (kernel, 1),
+        Kernel::SgdStep => (Kernel::SgdVec4Step, 4),
+        Kernel::SgdMomentumStep => (Kernel::SgdMomentumVec4Step, 4),
+        Kernel::AdamStep => (Kernel::AdamVec4Step, 4),
+        k => (k, 1),
+    }
+}
+
+/// Rows at least this long, when there are few of them, are reduced in two stages.
+const SPLIT_MIN_LEN: usize = 8192;
+const SPLIT_MAX_ROWS: usize = 256;
+
+/// Whether `rows` rows of `len` elements are reduced in two stages (partial results of
+/// chunks of each row, then combined) so that more than a handful of workgroups share the
+/// work: at least 8192 elements a row and at most 256 rows.
+pub(crate) fn reduce_in_two_stages(rows: usize, len: usize) -> bool {
+    len >= SPLIT_MIN_LEN && rows <= SPLIT_MAX_ROWS
 }
 
 /// Whether row reductions run one row per invocation (no barriers: software adapters) rather

@@ -171,14 +171,9 @@ fn launch(kernel: Kernel, param: &Tensor, grad: &Tensor, states: &[&Tensor], p: 
     states.iter().for_each(|s| s.bump_version());
     let mut outputs = vec![param.buffer()];
     outputs.extend(states.iter().map(|s| s.buffer()));
-    // Whole vec4s at aligned offsets (the state buffers start at 0): the vec4 variant.
-    let (kernel, per) = match kernel {
-        _ if ![p.n, p.off_p, p.off_g].iter().all(|v| v.is_multiple_of(4)) => (kernel, 1),
-        Kernel::SgdStep => (Kernel::SgdVec4Step, 4),
-        Kernel::SgdMomentumStep => (Kernel::SgdMomentumVec4Step, 4),
-        Kernel::AdamStep => (Kernel::AdamVec4Step, 4),
-        k => (k, 1),
-    };
+    // Whole vec4s at aligned offsets (the state buffers start at 0).
+    let aligned = [p.n, p.off_p, p.off_g].iter().all(|v| v.is_multiple_of(4));
+    let (kernel, per) = crate::ops::tune::optimizer_step(kernel, aligned);
     param.device().dispatch_outputs(
         kernel,
         &[grad.buffer()],
