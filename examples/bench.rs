@@ -6,6 +6,7 @@
 //! python3 scripts/bench_torch.py > torch.txt && KILN_TORCH=torch.txt cargo run --release --example bench
 //! KILN_BENCH_FULL=1 ...                                     # full sizes on any adapter
 //! KILN_PROFILE=1 ...                                        # and each training step's kernels
+//! KILN_COOPERATIVE_MATRIX=1 ...                             # f16 matmuls on tensor cores, where offered
 //! cargo run --release --example bench -- --peer-shapes     # the peer benchmark's workloads
 //! ```
 //!
@@ -308,6 +309,26 @@ fn main() -> Result<()> {
             ms,
             Some((flop, "GFLOP/s")),
         );
+        // The same product in f16 (accumulating in f32): a frozen half-precision linear layer,
+        // on cooperative matrices where the device has them (KILN_COOPERATIVE_MATRIX=1).
+        let net = Sequential::from_spec(
+            &mut Init::new(&dev, 0),
+            &format!("linear({n},{n},bias=false)"),
+        )?;
+        if let Ok(half) = freeze(net, &a)?.to_half() {
+            let ms = time(&dev, reps, || half.predict(&a).map(drop))?;
+            let label = if dev.has_cooperative_matrix() {
+                "f16 cooperative matrices"
+            } else {
+                "f16"
+            };
+            table.row(
+                &format!("matmul {n} {label}"),
+                &format!("{n}x{n}x{n}"),
+                ms,
+                Some((flop, "GFLOP/s")),
+            );
+        }
     }
     // Layer shapes of the MLP at batch 256.
     for (m, k, n) in [(256, 784, 512), (256, 512, 512), (256, 512, 10)] {

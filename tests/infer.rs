@@ -304,6 +304,58 @@ fn fused_linear_activations() {
     }
 }
 
+/// Half-precision frozen linear layers (k multiples of 16) run on cooperative matrices where
+/// the device has them, against the f64 reference with the f16 storage bound. Where the adapter
+/// offers none (lavapipe among them) the device says so, forcing the kernel is an `Err` naming
+/// the missing feature, the same model runs on the usual f16 kernels (checked the same way),
+/// and the test prints that it skipped the tensor-core check.
+#[test]
+fn half_precision_linear_on_cooperative_matrices() {
+    let d = Device::new(&kiln::DeviceOptions {
+        cooperative_matrix: true,
+        ..Default::default()
+    })
+    .unwrap();
+    let coop = d.has_cooperative_matrix();
+    let spec = "linear(64,48) relu linear(48,32) tanh linear(32,16)";
+    let mut model = Sequential::from_spec(&mut Init::new(&d, 8), spec).unwrap();
+    model.set_training(false);
+    let x = Tensor::randn(&[37, 64], 9, &d).unwrap();
+    let xs = x.to_vec().unwrap();
+    let params: Vec<(Vec<f32>, Vec<usize>)> = model
+        .parameters()
+        .iter()
+        .map(|p| (p.to_vec().unwrap(), p.dims().to_vec()))
+        .collect();
+    let frozen = freeze(model, &x).unwrap();
+    if let Some(half) = to_half_or_refused(frozen) {
+        d.set_profiling(true);
+        let got = half.predict(&x).unwrap().to_vec().unwrap();
+        let ran: Vec<String> = d.profile().into_iter().map(|k| k.kernel).collect();
+        d.set_profiling(false);
+        let (want, bound) = linear_stack_reference(&xs, 37, &params, &["relu", "tanh"], true);
+        check_within(&format!("{spec} f16, coop {coop}"), &got, &want, &bound);
+        let on_coop = ran
+            .iter()
+            .filter(|k| k.starts_with("matmul_coop16_nt"))
+            .count();
+        assert_eq!(on_coop > 0, coop, "{ran:?}");
+    }
+    let a = Tensor::ones(&[16, 16], &d).unwrap();
+    let forced = a.matmul_with_kernel(&a, kiln::kernels::Kernel::MatmulCoop16NnFwd);
+    let e = forced.unwrap_err().to_string();
+    if coop {
+        assert!(e.contains("multiplies f16 operands"), "{e}");
+    } else {
+        assert!(e.contains("needs cooperative matrices"), "{e}");
+        eprintln!(
+            "SKIPPED the tensor-core check: {} offers no cooperative matrices (16x16x16 f16 \
+             into f32, 32-wide subgroups); its f16 layers ran on the usual kernels",
+            d.name()
+        );
+    }
+}
+
 fn round16(v: f64) -> f64 {
     half::f16::from_f64(v).to_f64()
 }

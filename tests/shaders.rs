@@ -13,7 +13,8 @@ fn validate(name: &str, source: &str) -> naga::Module {
         naga::valid::ValidationFlags::all(),
         naga::valid::Capabilities::default()
             | naga::valid::Capabilities::SHADER_FLOAT16
-            | naga::valid::Capabilities::SUBGROUP,
+            | naga::valid::Capabilities::SUBGROUP
+            | naga::valid::Capabilities::COOPERATIVE_MATRIX,
     )
     .subgroup_stages(naga::valid::ShaderStages::COMPUTE)
     .subgroup_operations(naga::valid::SubgroupOperationSet::all())
@@ -60,6 +61,41 @@ fn half_precision_variants_validate() {
                         || (v.is_integer_cast() && file != ShaderFile::Elementwise)
                 ),
             }
+        }
+    }
+}
+
+/// The cooperative-matrix kernels, which no adapter here may run, at least translate to
+/// SPIR-V (what the Vulkan backend hands the driver) in the f16 variants the tuner takes.
+#[test]
+fn cooperative_matrix_kernels_translate_to_spirv() {
+    let file = ShaderFile::MatmulCoop;
+    for v in [Variant::F16, Variant::F16ToF32] {
+        let name = format!("{} {v:?}", file.file_name());
+        let src = file.variant_source(v).expect("an f16 variant");
+        let module = naga::front::wgsl::parse_str(&src)
+            .unwrap_or_else(|e| panic!("{name}: {}", e.emit_to_string(&src)));
+        let info = naga::valid::Validator::new(
+            naga::valid::ValidationFlags::all(),
+            naga::valid::Capabilities::default()
+                | naga::valid::Capabilities::SHADER_FLOAT16
+                | naga::valid::Capabilities::COOPERATIVE_MATRIX,
+        )
+        .validate(&module)
+        .unwrap_or_else(|e| panic!("{name}: {}", e.emit_to_string(&src)));
+        for entry in ["matmul_coop16_nn_fwd", "matmul_coop16_nt_fwd"] {
+            let pipeline = naga::back::spv::PipelineOptions {
+                shader_stage: naga::ShaderStage::Compute,
+                entry_point: entry.to_string(),
+            };
+            let words = naga::back::spv::write_vec(
+                &module,
+                &info,
+                &naga::back::spv::Options::default(),
+                Some(&pipeline),
+            )
+            .unwrap_or_else(|e| panic!("{name} {entry}: {e}"));
+            assert!(words.len() > 100, "{name} {entry}: {} words", words.len());
         }
     }
 }

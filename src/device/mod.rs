@@ -30,6 +30,28 @@ const NO_ADAPTER_HINT: &str =
     "kiln needs a Vulkan, Metal or DX12 adapter. On a machine without a GPU, \
 install a software Vulkan driver (Debian/Ubuntu: `apt-get install mesa-vulkan-drivers`).";
 
+/// Whether `adapter` offers what the `matmul_coop16_*` kernels need, given the optional
+/// `features` kiln enables: cooperative matrices with a 16x16x16 configuration of f16 A and B
+/// into f32, at subgroup scope (the only one wgpu reports), on subgroups of exactly 32
+/// invocations (one per workgroup of 32), and `SHADER_F16` and `SUBGROUP`.
+fn coop_f16_offered(adapter: &wgpu::Adapter, features: wgpu::Features) -> bool {
+    use wgpu::CooperativeScalarType as T;
+    let limits_ok = {
+        let info = adapter.get_info();
+        info.subgroup_min_size == 32 && info.subgroup_max_size == 32
+    };
+    adapter
+        .features()
+        .contains(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX)
+        && features.contains(wgpu::Features::SHADER_F16 | wgpu::Features::SUBGROUP)
+        && limits_ok
+        && adapter.cooperative_matrix_properties().iter().any(|c| {
+            [c.m_size, c.n_size, c.k_size] == [16, 16, 16]
+                && c.ab_type == T::F16
+                && c.cr_type == T::F32
+        })
+}
+
 /// How to choose an adapter.
 #[derive(Clone, Debug, Default)]
 pub struct DeviceOptions {
@@ -75,6 +97,19 @@ pub struct DeviceOptions {
     /// # Ok::<(), kiln::Error>(())
     /// ```
     pub tune_cache: Option<std::path::PathBuf>,
+    /// Turn on wgpu's experimental cooperative-matrix feature where the adapter offers 16x16x16
+    /// products of f16 matrices into f32 and runs 32-wide subgroups (tensor cores on NVIDIA and
+    /// the like), so that f16 matmuls (half-precision frozen graphs) run on them; `false`: the
+    /// `KILN_COOPERATIVE_MATRIX=1` environment variable turns it on. Off by default: wgpu marks
+    /// the feature experimental, and kiln's kernel for it is untested on hardware so far.
+    /// [`Device::has_cooperative_matrix`] says whether the device got it.
+    ///
+    /// ```
+    /// let dev = kiln::Device::new(&kiln::DeviceOptions { cooperative_matrix: true, ..Default::default() })?;
+    /// println!("cooperative matrices: {}", dev.has_cooperative_matrix());
+    /// # Ok::<(), kiln::Error>(())
+    /// ```
+    pub cooperative_matrix: bool,
 }
 
 /// How the kernel tuner chooses among a family's candidate kernels (see
@@ -300,7 +335,9 @@ impl Device {
             .tune_cache
             .clone()
             .or_else(|| std::env::var_os("KILN_TUNE_CACHE").map(Into::into));
-        Self::from_adapter(adapter, trusted, options.without_features, cache)
+        let coop = options.cooperative_matrix
+            || std::env::var("KILN_COOPERATIVE_MATRIX").is_ok_and(|v| v == "1");
+        Self::from_adapter(adapter, trusted, options.without_features, cache, coop)
     }
 
     fn from_adapter(
@@ -308,11 +345,18 @@ impl Device {
         trusted_shaders: bool,
         without_features: wgpu::Features,
         cache: Option<std::path::PathBuf>,
+        cooperative_matrix: bool,
     ) -> Result<Device> {
         let info = adapter.get_info();
         let wanted =
             wgpu::Features::SHADER_F16 | wgpu::Features::SUBGROUP | wgpu::Features::TIMESTAMP_QUERY;
-        let features = adapter.features() & wanted & !without_features;
+        let mut features = adapter.features() & wanted & !without_features;
+        let coop = cooperative_matrix
+            && !without_features.contains(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX)
+            && coop_f16_offered(&adapter, features);
+        if coop {
+            features |= wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX;
+        }
         // The cache serves the timed mode only: the heuristic and cross-check modes start from
         // the heuristics.
         let mode = TuneMode::from_env();
@@ -327,7 +371,15 @@ impl Device {
             label: Some("kiln"),
             required_features: features,
             required_limits: limits.clone(),
-            experimental_features: wgpu::ExperimentalFeatures::disabled(),
+            experimental_features: if coop {
+                // SAFETY: wgpu asks callers of experimental features to accept that they may
+                // misbehave; the one asked for here was opted into by the user
+                // (`DeviceOptions::cooperative_matrix`), and kiln uses it only in
+                // `matmul_coop16_*` on the configurations `coop_f16_offered` checked.
+                unsafe { wgpu::ExperimentalFeatures::enabled() }
+            } else {
+                wgpu::ExperimentalFeatures::disabled()
+            },
             memory_hints: wgpu::MemoryHints::Performance,
             trace: wgpu::Trace::Off,
         }))
@@ -414,6 +466,22 @@ impl Device {
         self.inner.as_hardware.store(on, Ordering::Relaxed);
     }
 
+    /// True when the device was made with cooperative matrices for its f16 matmuls
+    /// ([`DeviceOptions::cooperative_matrix`], on an adapter that offers them).
+    ///
+    /// ```
+    /// let dev = kiln::Device::new(&kiln::DeviceOptions { cooperative_matrix: true, ..Default::default() })?;
+    /// if !dev.has_cooperative_matrix() {
+    ///     println!("{} runs f16 matmuls on its usual kernels", dev.name());
+    /// }
+    /// # Ok::<(), kiln::Error>(())
+    /// ```
+    pub fn has_cooperative_matrix(&self) -> bool {
+        self.inner
+            .features
+            .contains(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX)
+    }
+
     /// True when the device has the `SUBGROUP` feature and every subgroup has at least `size`
     /// invocations (the adapter's minimum subgroup size). The subgroup matmul kernels need 8.
     ///
@@ -434,7 +502,8 @@ impl Device {
         &self.inner.limits
     }
 
-    /// The optional features enabled (a subset of SHADER_F16, SUBGROUP, TIMESTAMP_QUERY).
+    /// The optional features enabled (a subset of SHADER_F16, SUBGROUP, TIMESTAMP_QUERY and,
+    /// when asked for, EXPERIMENTAL_COOPERATIVE_MATRIX).
     pub fn features(&self) -> wgpu::Features {
         self.inner.features
     }
@@ -784,6 +853,18 @@ impl Device {
                 ),
             ));
         }
+        if file.needs_cooperative_matrix() && !self.has_cooperative_matrix() {
+            return Err(Error::invalid(
+                "dispatch",
+                format!(
+                    "{} needs cooperative matrices (DeviceOptions::cooperative_matrix, on an \
+                     adapter with 16x16x16 f16 products into f32 and 32-wide subgroups), which \
+                     {} does not have",
+                    kernel.entry(),
+                    self.name()
+                ),
+            ));
+        }
         let module = {
             let mut modules = lock(&self.inner.modules);
             match modules.get(&(file, variant)) {
@@ -862,7 +943,9 @@ impl Device {
     ) {
         // F32 exists for every kernel, and kernels that need subgroups go through
         // dispatch_variant: this cannot fail.
-        debug_assert!(!kernel.file().needs_subgroups());
+        debug_assert!(
+            !kernel.file().needs_subgroups() && !kernel.file().needs_cooperative_matrix()
+        );
         let _ = self.dispatch_variant(kernel, Variant::F32, inputs, outputs, params, workgroups);
     }
 

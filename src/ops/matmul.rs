@@ -166,6 +166,25 @@ impl Aligned {
 
 const MAX_GROUPS: usize = 65535;
 
+/// The cooperative-matrix kernel that fits these parameters, if any: f16 operands, k a
+/// multiple of 16 (the kernels have no tail), A row-major and B row-major (`_nn_`) or
+/// column-major (`_nt_`, as `w^T`), and every start and stride of the operands a multiple of 8
+/// elements (16 bytes).
+fn coop_kernel(p: &MatmulParams, variant: Variant) -> Option<Kernel> {
+    let eight = |v: u32| v.is_multiple_of(8);
+    let fits = matches!(variant, Variant::F16 | Variant::F16ToF32)
+        && p.k.is_multiple_of(16)
+        && p.a_cs == 1
+        && [p.a_rs, p.off_a, p.off_b].into_iter().all(eight)
+        && p.sa.iter().chain(&p.sb).all(|&s| eight(s));
+    match (p.b_cs, p.b_rs) {
+        _ if !fits => None,
+        (1, rs) if eight(rs) => Some(Kernel::MatmulCoop16NnFwd),
+        (cs, 1) if eight(cs) => Some(Kernel::MatmulCoop16NtFwd),
+        _ => None,
+    }
+}
+
 impl Tensor {
     /// Matrix product as `torch.matmul`: `(..., m, k) x (..., k, n) -> (..., m, n)` with the
     /// batch axes broadcast; a 1-D left operand is a row vector and a 1-D right operand a
@@ -286,6 +305,16 @@ impl Tensor {
             b_cs: other.strides()[1] as u32,
             ..Zeroable::zeroed()
         };
+        // The cooperative-matrix kernels multiply f16 operands only (and need the feature:
+        // the dispatch says so where it is missing).
+        if kernel.file().needs_cooperative_matrix() && self.device().has_cooperative_matrix() {
+            return Err(Error::invalid(
+                "matmul_with_kernel",
+                format!(
+                    "{kernel:?} multiplies f16 operands (half-precision frozen graphs), not f32"
+                ),
+            ));
+        }
         // An aligned kernel needs its own layout.
         let needs = Aligned::of_kernel(kernel).map(|(l, _)| l);
         if needs.is_some() && Aligned::of(&p, &[], &[], false) != needs {
@@ -585,10 +614,16 @@ fn run(
         }
         Ok(out.clone())
     };
+    let coop = if folded || !out.device().has_cooperative_matrix() {
+        None
+    } else {
+        coop_kernel(&p, epi.variant)
+    };
     let kernel = super::tune::matmul(
         out.device(),
         [m, n, k, count],
         aligned,
+        coop,
         epi.activation.is_some(),
         folded,
         &record,

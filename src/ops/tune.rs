@@ -136,7 +136,11 @@ const GENERAL_MATMULS: [Kernel; 4] = [
 /// `kernel`, asked for by a test or benchmark hook, if it is a matmul kernel (whether it fits
 /// the operands' layout is the caller's check).
 pub(crate) fn matmul_forced(kernel: Kernel) -> Result<Kernel> {
-    if GENERAL_MATMULS.contains(&kernel) || Aligned::of_kernel(kernel).is_some() {
+    let coop = [Kernel::MatmulCoop16NnFwd, Kernel::MatmulCoop16NtFwd];
+    if GENERAL_MATMULS.contains(&kernel)
+        || Aligned::of_kernel(kernel).is_some()
+        || coop.contains(&kernel)
+    {
         return Ok(kernel);
     }
     Err(Error::invalid(
@@ -155,26 +159,35 @@ pub(crate) fn matmul_forced(kernel: Kernel) -> Result<Kernel> {
 /// out of the timed candidates on software adapters, where barriers are costly.
 ///
 /// A `folded` product ([`super::matmul::Fold`], always aligned) has only the kernels that fold:
-/// the vec4 one and its subgroup versions.
+/// the vec4 one and its subgroup versions. `coop` is the cooperative-matrix kernel that fits
+/// the product, on a device that has them: the heuristic choice (f16 operands on tensor cores,
+/// accumulating in f32), timed against the others. Untested on hardware so far.
 pub(crate) fn matmul(
     device: &Device,
     [m, n, k, count]: [usize; 4],
     aligned: Option<Aligned>,
+    coop: Option<Kernel>,
     activation: bool,
     folded: bool,
     record: Record<'_>,
 ) -> Result<Kernel> {
     let software = device.is_software();
-    // The top bit of the batch bucket marks a fused activation, the next one a fold.
+    // The top bit of the batch bucket marks a fused activation, the next ones a fold and a
+    // product that cooperative matrices fit.
+    let flag = |on: bool, bit: u8| if on { bit } else { 0 };
     let class = [
         log2_bucket(m),
         log2_bucket(n),
         log2_bucket(k),
-        log2_bucket(count) | if activation { 0x80 } else { 0 } | if folded { 0x40 } else { 0 },
+        log2_bucket(count)
+            | flag(activation, 0x80)
+            | flag(folded, 0x40)
+            | flag(coop.is_some(), 0x20),
     ];
-    let heuristic = match aligned {
-        Some(l) if software && device.subgroups_of_at_least(8) => l.sg8(),
-        Some(l) if software || folded => l.vec4(),
+    let heuristic = match (coop, aligned) {
+        (Some(c), _) => c,
+        (_, Some(l)) if software && device.subgroups_of_at_least(8) => l.sg8(),
+        (_, Some(l)) if software || folded => l.vec4(),
         _ if m >= 64 && n >= 64 && k >= 16 => Kernel::MatmulTiledFwd,
         _ => Kernel::MatmulFwd,
     };
@@ -197,6 +210,7 @@ pub(crate) fn matmul(
             }
         }
     }
+    candidates.extend(coop);
     // Choices are kept per family of candidates: an aligned kernel never serves unaligned
     // operands.
     let family = aligned.map_or(Kernel::MatmulFwd, Aligned::vec4);
