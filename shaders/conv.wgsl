@@ -401,14 +401,44 @@ fn conv_store_dw8(out_base: u32, r: u32, cout_g: u32, cols: u32, col0: u32, lo: 
     }
 }
 
+// The shared-memory tiled kernels (conv2d_bwd_weight_tiled, conv2d_tiled_fwd,
+// conv2d_bwd_input_tiled): a workgroup of 16x16 computes a 64x64 tile of its GEMM, staging 16
+// steps of the reduction at a time. Each invocation stages row/column `own` = lindex / 4 of
+// both tiles at steps kk = (lindex % 4) * 4 + 0..3 (tile_stage), then every invocation adds
+// its 4x4 block of their product (tile_step). The kernels differ only in what they load and
+// where they store.
+
+var<workgroup> tile_a: array<vec4<f32>, 256>;
+var<workgroup> tile_b: array<vec4<f32>, 256>;
+
+// Stages va at row `own`, step kk of the A tile and vb at column `own`, step kk of the B tile.
+fn tile_stage(kk: u32, own: u32, va: f32, vb: f32) {
+    tile_a[(kk * 64u + own) >> 2u][own & 3u] = va;
+    tile_b[(kk * 64u + own) >> 2u][own & 3u] = vb;
+}
+
+// acc (rows lid.y * 4 + 0..3, columns lid.x * 4 + 0..3 of the tile) plus the product of the
+// staged tiles; waits for the staging first and for every invocation's reads after.
+fn tile_step(acc: array<vec4<f32>, 4>, lid: vec3<u32>) -> array<vec4<f32>, 4> {
+    workgroupBarrier();
+    var c = acc;
+    for (var kk = 0u; kk < 16u; kk += 1u) {
+        let av = tile_a[kk * 16u + lid.y];
+        let bv = tile_b[kk * 16u + lid.x];
+        c[0] += av.x * bv;
+        c[1] += av.y * bv;
+        c[2] += av.z * bv;
+        c[3] += av.w * bv;
+    }
+    workgroupBarrier();
+    return c;
+}
+
 // Gradient of the weight as a shared-memory tiled GEMM: out (c_out, cin_g * kh * kw) of group
 // g = dy (c_out, positions) x im2col(x) (positions, cin_g * kh * kw). A workgroup of 16x16
 // computes a 64x64 tile, staging 16 positions at a time; consecutive invocations load
 // consecutive positions, so reads of dy and x are contiguous along the output row. Splits
 // of the positions work as in conv2d_bwd_weight.
-
-var<workgroup> wtile_a: array<vec4<f32>, 256>;
-var<workgroup> wtile_b: array<vec4<f32>, 256>;
 
 @compute @workgroup_size(16, 16)
 fn conv2d_bwd_weight_tiled(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>,
@@ -433,10 +463,7 @@ fn conv2d_bwd_weight_tiled(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local
     let kk2 = min(col, cols - 1u) % ksize;
     let ky = i32((kk2 / p.kw) * p.dh) - i32(p.ph);
     let kx = i32((kk2 % p.kw) * p.dw) - i32(p.pw);
-    var acc0 = vec4<f32>(0.0);
-    var acc1 = vec4<f32>(0.0);
-    var acc2 = vec4<f32>(0.0);
-    var acc3 = vec4<f32>(0.0);
+    var acc = array<vec4<f32>, 4>();
     for (var k0 = q_start; k0 < q_end; k0 += 16u) {
         // This invocation's first position of the step, (nb, ob); the next three follow with
         // carries, so that one integer division serves four elements.
@@ -465,21 +492,11 @@ fn conv2d_bwd_weight_tiled(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local
                     vb = f32(b[(nn * p.c_in + g * cin_g + ci) * plane + u32(iy) * p.w + u32(ix)]);
                 }
             }
-            wtile_a[(kk * 64u + own) >> 2u][own & 3u] = va;
-            wtile_b[(kk * 64u + own) >> 2u][own & 3u] = vb;
+            tile_stage(kk, own, va, vb);
         }
-        workgroupBarrier();
-        for (var kk = 0u; kk < 16u; kk += 1u) {
-            let av = wtile_a[kk * 16u + lid.y];
-            let bv = wtile_b[kk * 16u + lid.x];
-            acc0 += av.x * bv;
-            acc1 += av.y * bv;
-            acc2 += av.z * bv;
-            acc3 += av.w * bv;
-        }
-        workgroupBarrier();
+        acc = tile_step(acc, lid);
     }
-    let res = array<vec4<f32>, 4>(acc0, acc1, acc2, acc3);
+    let res = acc;
     for (var i = 0u; i < 4u; i += 1u) {
         let r = tile_row + lid.y * 4u + i;
         if (r >= cout_g) {
@@ -499,9 +516,6 @@ fn conv2d_bwd_weight_tiled(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local
 // (ci, ky, kx) 16 at a time. A workgroup of 16x16 computes a 64x64 tile; each invocation
 // stages one row of the im2col tile and one column of the weight tile (4 k each), then
 // computes a 4x4 block from workgroup memory. Same bindings and epilogue as conv2d_fwd.
-
-var<workgroup> ftile_a: array<vec4<f32>, 256>;
-var<workgroup> ftile_b: array<vec4<f32>, 256>;
 
 @compute @workgroup_size(16, 16)
 fn conv2d_tiled_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>,
@@ -527,10 +541,7 @@ fn conv2d_tiled_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invoca
     // The output channel (weight row) this invocation stages.
     let scol = tile_col + own;
     let wbase = (g * cout_g + min(scol, cout_g - 1u)) * kdim;
-    var acc0 = vec4<f32>(0.0);
-    var acc1 = vec4<f32>(0.0);
-    var acc2 = vec4<f32>(0.0);
-    var acc3 = vec4<f32>(0.0);
+    var acc = array<vec4<f32>, 4>();
     for (var k0 = 0u; k0 < kdim; k0 += 16u) {
         for (var j = 0u; j < 4u; j += 1u) {
             let kk = (lindex % 4u) * 4u + j;
@@ -550,21 +561,11 @@ fn conv2d_tiled_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invoca
                     vb = f32(b[wbase + k]);
                 }
             }
-            ftile_a[(kk * 64u + own) >> 2u][own & 3u] = va;
-            ftile_b[(kk * 64u + own) >> 2u][own & 3u] = vb;
+            tile_stage(kk, own, va, vb);
         }
-        workgroupBarrier();
-        for (var kk = 0u; kk < 16u; kk += 1u) {
-            let av = ftile_a[kk * 16u + lid.y];
-            let bv = ftile_b[kk * 16u + lid.x];
-            acc0 += av.x * bv;
-            acc1 += av.y * bv;
-            acc2 += av.z * bv;
-            acc3 += av.w * bv;
-        }
-        workgroupBarrier();
+        acc = tile_step(acc, lid);
     }
-    let res = array<vec4<f32>, 4>(acc0, acc1, acc2, acc3);
+    let res = acc;
     for (var i = 0u; i < 4u; i += 1u) {
         let r = tile_row + lid.y * 4u + i;
         if (r >= rows) {
@@ -590,9 +591,6 @@ fn conv2d_tiled_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invoca
 // 16 at a time, taking dy at oy = (iy + ph - ky dh) / sh when that divides exactly and lands
 // in range (likewise for x). Same bindings as conv2d_bwd_input; 64x64 tiles as conv2d_tiled_fwd.
 
-var<workgroup> itile_a: array<vec4<f32>, 256>;
-var<workgroup> itile_b: array<vec4<f32>, 256>;
-
 @compute @workgroup_size(16, 16)
 fn conv2d_bwd_input_tiled(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>,
                           @builtin(local_invocation_index) lindex: u32) {
@@ -615,10 +613,7 @@ fn conv2d_bwd_input_tiled(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_
     let dybase = (sn * p.c_out + g * cout_g) * oplane;
     let scol = tile_col + own;
     let ci = min(scol, cin_g - 1u);
-    var acc0 = vec4<f32>(0.0);
-    var acc1 = vec4<f32>(0.0);
-    var acc2 = vec4<f32>(0.0);
-    var acc3 = vec4<f32>(0.0);
+    var acc = array<vec4<f32>, 4>();
     for (var k0 = 0u; k0 < kdim; k0 += 16u) {
         for (var j = 0u; j < 4u; j += 1u) {
             let kk = (lindex % 4u) * 4u + j;
@@ -641,21 +636,11 @@ fn conv2d_bwd_input_tiled(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_
                     vb = f32(b[((g * cout_g + co) * cin_g + ci) * ksize + r]);
                 }
             }
-            itile_a[(kk * 64u + own) >> 2u][own & 3u] = va;
-            itile_b[(kk * 64u + own) >> 2u][own & 3u] = vb;
+            tile_stage(kk, own, va, vb);
         }
-        workgroupBarrier();
-        for (var kk = 0u; kk < 16u; kk += 1u) {
-            let av = itile_a[kk * 16u + lid.y];
-            let bv = itile_b[kk * 16u + lid.x];
-            acc0 += av.x * bv;
-            acc1 += av.y * bv;
-            acc2 += av.z * bv;
-            acc3 += av.w * bv;
-        }
-        workgroupBarrier();
+        acc = tile_step(acc, lid);
     }
-    let res = array<vec4<f32>, 4>(acc0, acc1, acc2, acc3);
+    let res = acc;
     for (var i = 0u; i < 4u; i += 1u) {
         let r = tile_row + lid.y * 4u + i;
         if (r >= rows) {
