@@ -961,3 +961,93 @@ fn max_pool_tiling_windows_on_uncovered_edges() {
         }
     }
 }
+
+/// A convolution followed by relu in a `Sequential` runs as one pass (relu applied in the
+/// kernel's store, no relu dispatch) and matches the f64 reference of conv2d + bias then relu,
+/// forward and every gradient (dy masked where the output is 0), on the im2col path (32 output
+/// channels on software adapters) and the convolution kernels (8).
+#[test]
+fn convolution_then_relu_runs_as_one_pass() {
+    use kiln::nn::{Init, Module, Sequential};
+    let d = own_device();
+    let mut rng = Rng::new(95);
+    for (xs, c_out) in [([2usize, 3, 8, 8], 32usize), ([3, 2, 7, 5], 8)] {
+        let what = format!("{xs:?} -> {c_out}");
+        let net = Sequential::from_spec(
+            &mut Init::new(&d, 3),
+            &format!("conv2d({},{c_out},3,p=1) relu", xs[1]),
+        )
+        .unwrap();
+        let params = net.parameters();
+        let (w, b) = (&params[0], &params[1]);
+        let ws = [c_out, xs[1], 3, 3];
+        let (wv, bv) = (w.to_vec().unwrap(), b.to_vec().unwrap());
+        let xv = rng.vec(xs.iter().product(), -1.0, 1.0);
+        let x = Tensor::from_slice(&xv, &xs, &d).unwrap().requires_grad();
+        d.set_profiling(true);
+        let y = net.forward(&x).unwrap();
+        d.synchronize().unwrap();
+        let ran: Vec<String> = d.profile().into_iter().map(|k| k.kernel).collect();
+        d.set_profiling(false);
+        // A separate relu over the (contiguous, whole-vec4) output would be unary_vec4_fwd.
+        assert!(
+            !ran.iter().any(|k| k == "unary_vec4_fwd"),
+            "{what}: {ran:?}"
+        );
+        assert_eq!(y.numel() % 4, 0);
+        let opts = Conv2dOptions {
+            padding: [1, 1],
+            ..Default::default()
+        };
+        let zeros = vec![0.0; y.numel()];
+        let (pre, ..) = conv_reference(&xv, xs, &wv, ws, &opts, &zeros);
+        let plane = y.numel() / xs[0] / c_out;
+        let pre: Vec<f64> = pre
+            .iter()
+            .enumerate()
+            .map(|(e, v)| v + bv[e / plane % c_out] as f64)
+            .collect();
+        let yr: Vec<f64> = pre.iter().map(|v| v.max(0.0)).collect();
+        assert_close(
+            &format!("forward {what}"),
+            &y,
+            &Nd::new(y.dims(), yr),
+            1e-5,
+            1e-5,
+        );
+        let dyv = rng.vec(y.numel(), -1.0, 1.0);
+        let masked: Vec<f32> = dyv
+            .iter()
+            .zip(&pre)
+            .map(|(&g, &v)| if v > 0.0 { g } else { 0.0 })
+            .collect();
+        let dy = Tensor::from_slice(&dyv, y.dims(), &d).unwrap();
+        y.backward_with(Some(&dy), false).unwrap();
+        let (_, dx, dw, _) = conv_reference(&xv, xs, &wv, ws, &opts, &masked);
+        let mut db = vec![0.0f64; c_out];
+        for (e, &g) in masked.iter().enumerate() {
+            db[e / plane % c_out] += g as f64;
+        }
+        assert_close(
+            &format!("dx {what}"),
+            &x.grad().unwrap(),
+            &Nd::new(&xs, dx),
+            1e-5,
+            1e-5,
+        );
+        assert_close(
+            &format!("dw {what}"),
+            &w.grad().unwrap(),
+            &Nd::new(&ws, dw),
+            1e-5,
+            1e-5,
+        );
+        assert_close(
+            &format!("db {what}"),
+            &b.grad().unwrap(),
+            &Nd::new(&[c_out], db),
+            1e-5,
+            1e-5,
+        );
+    }
+}

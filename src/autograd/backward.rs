@@ -104,13 +104,15 @@ pub(crate) enum Op {
     BceWithLogits { x: Tensor, t: Tensor, scale: f32 },
     /// y = conv2d(x, w), plus b along the channels when `bias` (the third input, added in the
     /// kernel's epilogue). `x` is saved as its im2col matrix where the forward built one
-    /// (`x_is_cols`).
+    /// (`x_is_cols`). With `relu_out`, y = relu(that), fused into the kernel's store: the
+    /// output is saved, and the gradient masked by it (y > 0 where x > 0) first.
     Conv2d {
         x: Option<Tensor>,
         x_is_cols: bool,
         w: Option<Tensor>,
         geometry: ConvGeometry,
         bias: bool,
+        relu_out: Option<Tensor>,
     },
     /// y = conv_transpose2d(x, w); `geometry` is that of the conv2d it transposes.
     ConvTranspose2d {
@@ -140,7 +142,11 @@ impl Op {
             Op::Where { cond, .. } => vec![cond],
             Op::Softmax { out, .. } | Op::LogSoftmax { out, .. } => vec![out],
             Op::Matmul { a, b, .. } => [a.as_ref(), b.as_ref()].into_iter().flatten().collect(),
-            Op::Conv2d { x, w, .. } | Op::ConvTranspose2d { x, w, .. } => {
+            Op::Conv2d { x, w, relu_out, .. } => [x.as_ref(), w.as_ref(), relu_out.as_ref()]
+                .into_iter()
+                .flatten()
+                .collect(),
+            Op::ConvTranspose2d { x, w, .. } => {
                 [x.as_ref(), w.as_ref()].into_iter().flatten().collect()
             }
             Op::Gather { index, .. } => vec![index],
@@ -420,14 +426,24 @@ impl Op {
                 grads![gather_backward(g, index, index_layout, *axis, in_shape)?]
             }
             // conv2d: dx = conv_transpose2d(g, w) (conv2d_bwd_input), dw = correlation of x with
-            // g over every output position (conv2d_bwd_weight), db = g summed over (n, h, w)
+            // g over every output position (conv2d_bwd_weight), db = g summed over (n, h, w);
+            // through a fused relu, g masked by the output first
             Op::Conv2d {
                 x,
                 x_is_cols,
                 w,
                 geometry,
                 bias,
+                relu_out,
             } => {
+                let masked;
+                let g = match relu_out {
+                    Some(y) => {
+                        masked = unary_backward(y, g, UnaryOp::Relu, 0.0, 0.0)?;
+                        &masked
+                    }
+                    None => g,
+                };
                 let mut out = grads![
                     conv_bwd_input(g, saved(w)?, geometry)?,
                     conv_bwd_weight(g, saved(x)?, geometry, *x_is_cols)?,

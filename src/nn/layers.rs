@@ -128,6 +128,11 @@ impl Module for Conv2d {
         x.conv2d(&self.weight, self.bias.as_ref(), &self.options)
     }
 
+    fn forward_then(&self, x: &Tensor, act: crate::UnaryOp) -> Option<Result<Tensor>> {
+        (act == crate::UnaryOp::Relu)
+            .then(|| x.conv2d_then(&self.weight, self.bias.as_ref(), &self.options, true))
+    }
+
     fn visit(&self, f: &mut dyn FnMut(&str, &Tensor, TensorRole)) {
         f("weight", &self.weight, TensorRole::Parameter);
         visit_opt(f, "bias", &self.bias, TensorRole::Parameter);
@@ -529,6 +534,10 @@ macro_rules! activation {
             impl Module for $name {
                 fn forward(&self, x: &Tensor) -> Result<Tensor> {
                     x.$method()
+                }
+
+                fn activation(&self) -> Option<crate::UnaryOp> {
+                    Some(crate::UnaryOp::$op)
                 }
 
                 fn describe(&self) -> String {

@@ -87,6 +87,21 @@ pub trait Module: Send + Sync {
     /// Applies the module.
     fn forward(&self, x: &Tensor) -> Result<Tensor>;
 
+    /// The elementwise activation this module is, if it is one ([`Sequential`] offers it to
+    /// the module before, to fuse).
+    #[doc(hidden)]
+    fn activation(&self) -> Option<crate::UnaryOp> {
+        None
+    }
+
+    /// `act(self.forward(x))` in one pass, where this module fuses `act` into its kernel (a
+    /// convolution fuses relu); `None` where it does not, and [`Sequential`] runs the two.
+    #[doc(hidden)]
+    fn forward_then(&self, x: &Tensor, act: crate::UnaryOp) -> Option<Result<Tensor>> {
+        let _ = (x, act);
+        None
+    }
+
     /// Calls `f` with the name (relative to this module), tensor and role of every parameter
     /// and buffer, in a stable order.
     fn visit(&self, f: &mut dyn FnMut(&str, &Tensor, TensorRole)) {
@@ -333,10 +348,20 @@ impl Sequential {
 }
 
 impl Module for Sequential {
+    /// Each child in turn; a child followed by an activation that it fuses
+    /// ([`Module::forward_then`], a convolution then relu) runs the two as one.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let mut h = x.clone();
-        for (_, m) in &self.children {
-            h = m.forward(&h)?;
+        let mut i = 0;
+        while let Some((_, m)) = self.children.get(i) {
+            let next = self.children.get(i + 1).and_then(|(_, a)| a.activation());
+            if let Some(y) = next.and_then(|act| m.forward_then(&h, act)) {
+                h = y?;
+                i += 2;
+            } else {
+                h = m.forward(&h)?;
+                i += 1;
+            }
         }
         Ok(h)
     }

@@ -332,20 +332,23 @@ pub(crate) fn conv_fwd(
     g: &ConvGeometry,
     bias: Option<&Tensor>,
 ) -> Result<Tensor> {
-    Ok(conv_fwd_saving(x, w, g, bias)?.0)
+    Ok(conv_fwd_saving(x, w, g, bias, false)?.0)
 }
 
-/// [`conv_fwd`], and the im2col matrix where the product ran through one: what the weight
-/// gradient reads (see [`conv_bwd_weight`]), so that it is built once a step.
+/// [`conv_fwd`] (then relu where `relu`, in the kernel's store), and the im2col matrix where
+/// the product ran through one: what the weight gradient reads (see [`conv_bwd_weight`]), so
+/// that it is built once a step.
 pub(crate) fn conv_fwd_saving(
     x: &Tensor,
     w: &Tensor,
     g: &ConvGeometry,
     bias: Option<&Tensor>,
+    relu: bool,
 ) -> Result<(Tensor, Option<Tensor>)> {
     let out = Tensor::uninit("conv2d", &[g.n, g.c_out, g.oh, g.ow], x.device())?;
     let epi = Epilogue {
         bias,
+        activation: relu.then_some((super::elementwise::UnaryOp::Relu, 0.0)),
         ..Default::default()
     };
     let cols = conv_fwd_into_saving(x, w, g, &out, &epi)?;
@@ -907,6 +910,19 @@ impl Tensor {
         bias: Option<&Tensor>,
         opts: &Conv2dOptions,
     ) -> Result<Tensor> {
+        self.conv2d_then(weight, bias, opts, false)
+    }
+
+    /// [`Tensor::conv2d`], then relu where `relu`: one pass, relu applied as the kernel stores
+    /// (what [`crate::nn::Sequential`] runs for a convolution followed by a relu).
+    pub(crate) fn conv2d_then(
+        &self,
+        weight: &Tensor,
+        bias: Option<&Tensor>,
+        opts: &Conv2dOptions,
+        relu: bool,
+    ) -> Result<Tensor> {
+        let act = relu.then_some((super::elementwise::UnaryOp::Relu, 0.0));
         crate::infer::capture::traced(
             &[Some(self), Some(weight), bias]
                 .into_iter()
@@ -915,25 +931,26 @@ impl Tensor {
             |_| crate::infer::graph::OpKind::Conv2d {
                 opts: *opts,
                 bias: bias.is_some(),
-                act: None,
+                act,
             },
             || {
                 let (x, unbatched, geo) = conv2d_checked(self, weight, bias, opts)?;
                 let b = bias.map(Tensor::contiguous).transpose()?;
                 let (x_grad, w_grad) = (x.requires_grad_flag(), weight.requires_grad_flag());
-                let (y, cols) = conv_fwd_saving(&x, weight, &geo, b.as_ref())?;
+                let (y, cols) = conv_fwd_saving(&x, weight, &geo, b.as_ref(), relu)?;
                 // The weight gradient reads the im2col matrix where the forward built one.
                 let cols = cols.filter(|_| w_grad && crate::autograd::is_grad_enabled());
                 let inputs: Vec<&Tensor> = [Some(&x), Some(weight), b.as_ref()]
                     .into_iter()
                     .flatten()
                     .collect();
-                let y = record(y, &inputs, |_| Op::Conv2d {
+                let y = record(y, &inputs, |y| Op::Conv2d {
                     x_is_cols: cols.is_some(),
                     x: w_grad.then(|| cols.unwrap_or_else(|| x.detach())),
                     w: x_grad.then(|| weight.detach()),
                     geometry: geo,
                     bias: b.is_some(),
+                    relu_out: relu.then(|| y.detach()),
                 });
                 if unbatched {
                     y.squeeze(Some(0))
