@@ -138,7 +138,8 @@ fn unary_op(op: u32, x: f32, alpha: f32, beta: f32) -> f32 {
 // The optional epilogue of a producing kernel (matmul, conv2d): bit 0 adds a bias, bit 1
 // applies the activation whose UnaryOp code is in bits 8..15 (with `alpha`, e.g. a slope).
 // Bit 2 (matmul only) indexes the bias by output row instead of column: a convolution run as
-// weight @ im2col matrix, whose rows are its output channels.
+// weight @ im2col matrix, whose rows are its output channels. Bits 16..18 (the vec4 matmul
+// kernels only) are the folds of the header that build.rs writes.
 const EPILOGUE_BIAS: u32 = 1u;
 const EPILOGUE_ACTIVATION: u32 = 2u;
 const EPILOGUE_BIAS_ROWS: u32 = 4u;

@@ -667,7 +667,7 @@ fn im2col_div(k: u32, d: u32) -> u32 {
 
 // The im2col matrix of x for groups = 1: cols[(ci, ky, kx), nn, (oy, ox)] is the input
 // element under kernel tap (ky, kx) of output position (oy, ox) of sample nn, 0 in the
-// padding. src/ops/conv.rs multiplies it by the weight as matrices (batched over nn) where
+// padding. src/ops/conv.rs multiplies it by the weight (one product over every sample) where
 // that beats the implicit-GEMM kernels; it asks for oh * ow a multiple of 4, so that each
 // invocation writes four neighbouring positions as one vec4, with one index split for four.
 @group(0) @binding(3) var<storage, read_write> out4: array<vec4<OUT>>;

@@ -730,6 +730,9 @@ fn im2col_matmul_path_matches_the_reference() {
         // is not a multiple of 4).
         ([3, 4, 6, 6], [34, 4, 3, 3], [1, 1], [1, 1], [1, 1]),
         ([2, 4, 6, 6], [34, 4, 3, 3], [1, 1], [1, 1], [1, 1]),
+        // 5 samples over 2 output tiles: summed in layers of 2, 2 and 1.
+        ([5, 1, 6, 6], [32, 1, 3, 3], [1, 1], [1, 1], [1, 1]),
+        ([5, 1, 6, 6], [32, 1, 3, 3], [1, 1], [1, 1], [1, 1]),
         // 4 x 2 output tiles of the weight gradient: its samples summed in one layer.
         ([2, 16, 6, 6], [64, 16, 3, 3], [1, 1], [1, 1], [1, 1]),
         ([2, 16, 6, 6], [64, 16, 3, 3], [1, 1], [1, 1], [1, 1]),

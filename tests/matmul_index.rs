@@ -70,21 +70,35 @@ fn matmul_shapes_batches_and_transposes() {
 fn split_reductions_match_the_reference() {
     let d = own_device();
     let mut rng = Rng::new(7);
-    // (m, k, n, b transposed): 3136 = 4 * 8 * 98 splits in 8; 1032 in 3 (not a multiple of 16).
+    // (m, k, n, a transposed, b transposed): 3136 = 4 * 8 * 98 splits in 8; 1032 in 3 (not a
+    // multiple of 16).
     let cases = [
-        (16, 3136, 128, false),
-        (16, 3136, 128, true),
-        (5, 1032, 7, false),
-        (3, 1032, 9, true),
+        (16, 3136, 128, false, false),
+        (16, 3136, 128, false, true),
+        (16, 3136, 128, true, false),
+        (5, 1032, 7, false, false),
+        (3, 1032, 9, false, true),
+        (6, 1032, 5, true, true),
     ];
-    for (m, k, n, bt) in cases {
-        let what = format!("{m}x{k}x{n} b^T {bt}");
+    for (m, k, n, at, bt) in cases {
+        let what = format!("{m}x{k}x{n} a^T {at} b^T {bt}");
         let av = rng.vec((m + 1) * k, -1.0, 1.0);
         let bv = rng.vec(k * n, -1.0, 1.0);
-        let a = Tensor::from_slice(&av, &[m + 1, k], &d)
-            .unwrap()
-            .narrow(0, 1, m)
-            .unwrap();
+        // a = rows 1.. of an (m + 1, k) matrix: an offset view, transposed from a (k, m + 1) one
+        // when `at`.
+        let a = if at {
+            let t: Vec<f32> = (0..k * (m + 1))
+                .map(|e| av[(e % (m + 1)) * k + e / (m + 1)])
+                .collect();
+            Tensor::from_slice(&t, &[k, m + 1], &d)
+                .unwrap()
+                .t()
+                .unwrap()
+        } else {
+            Tensor::from_slice(&av, &[m + 1, k], &d).unwrap()
+        }
+        .narrow(0, 1, m)
+        .unwrap();
         let b = if bt {
             Tensor::from_slice(&bv, &[n, k], &d).unwrap().t().unwrap()
         } else {

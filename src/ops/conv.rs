@@ -270,8 +270,8 @@ fn gemm_fwd_into(
 }
 
 /// dx of conv2d: the gradient of the im2col matrix, `w^T (depth, c_out) @ dy` over every
-/// sample's positions ([`Fold::BCols`]; per sample where c_out is not a multiple of 4), summed
-/// back onto the input positions.
+/// sample's positions ([`Fold::BCols`]; per sample where that does not fit the vec4 kernels,
+/// as when c_out is not a multiple of 4), summed back onto the input positions.
 fn gemm_bwd_input(dy: &Tensor, w: &Tensor, g: &ConvGeometry) -> Result<Tensor> {
     let (depth, plane) = (g.c_in * g.k[0] * g.k[1], g.oh * g.ow);
     let wt = w
@@ -285,7 +285,7 @@ fn gemm_bwd_input(dy: &Tensor, w: &Tensor, g: &ConvGeometry) -> Result<Tensor> {
     let mut strides = [g.n * plane, plane];
     let none = Epilogue::default();
     if !matmul_folded(&wt, &dy, &dcols, &none, Fold::BCols(plane))? {
-        dcols = Tensor::uninit("conv2d_backward", &[g.n, depth, plane], dy.device())?;
+        dcols = dcols.reshape_to(&[g.n, depth, plane])?;
         strides = [plane, depth * plane];
         super::matmul::matmul_into(&wt.unsqueeze(0)?, &dy, &dcols, &none)?;
     }
@@ -306,16 +306,29 @@ fn gemm_bwd_input(dy: &Tensor, w: &Tensor, g: &ConvGeometry) -> Result<Tensor> {
 }
 
 /// dw of conv2d from the im2col matrix `cols` (`gemm_depth`, n, oh ow): the sum over samples
-/// of `dy[nn] (c_out, oh ow) @ cols[:, nn, :]^T` in one product ([`Fold::Sum`]).
+/// of `dy[nn] (c_out, oh ow) @ cols[:, nn, :]^T` in one product ([`Fold::Sum`]). Where that
+/// does not fit the vec4 kernels: with no more output channels than plane positions, the
+/// per-sample products summed (they take no more memory than `cols`); otherwise one matmul
+/// over all positions, `dy` copied to (c_out, n oh ow).
 fn gemm_bwd_weight(dy: &Tensor, cols: &Tensor, g: &ConvGeometry) -> Result<Tensor> {
     let (depth, rows, plane) = (g.c_in * g.k[0] * g.k[1], gemm_depth(g), g.oh * g.ow);
     let dy = dy.detach().dense()?.reshape_to(&[g.n, g.c_out, plane])?;
     let b = cols.permute(&[1, 2, 0])?;
     let mut dw = Tensor::uninit("conv2d_backward", &[g.c_out, rows], dy.device())?;
-    if !matmul_folded(&dy, &b, &dw, &Epilogue::default(), Fold::Sum)? {
+    let none = Epilogue::default();
+    let folded = matmul_folded(&dy, &b, &dw, &none, Fold::Sum)?;
+    if !folded && g.c_out <= plane {
         let per_sample = Tensor::uninit("conv2d_backward", &[g.n, g.c_out, rows], dy.device())?;
-        super::matmul::matmul_into(&dy, &b, &per_sample, &Epilogue::default())?;
+        super::matmul::matmul_into(&dy, &b, &per_sample, &none)?;
         dw = per_sample.sum(&[0], false)?;
+    } else if !folded {
+        let positions = g.n * plane;
+        let a = dy
+            .permute(&[1, 0, 2])?
+            .contiguous()?
+            .reshape_to(&[1, g.c_out, positions])?;
+        let b = cols.reshape_to(&[1, rows, positions])?.transpose(1, 2)?;
+        super::matmul::matmul_into(&a, &b, &dw.reshape_to(&[1, g.c_out, rows])?, &none)?;
     }
     let dw = if rows == depth {
         dw

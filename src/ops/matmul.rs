@@ -167,19 +167,22 @@ impl Aligned {
 const MAX_GROUPS: usize = 65535;
 
 /// The cooperative-matrix kernel that fits these parameters, if any: f16 operands, k a
-/// multiple of 16 (the kernels have no tail), A row-major and B row-major (`_nn_`) or
-/// column-major (`_nt_`, as `w^T`), and every start and stride of the operands a multiple of 8
-/// elements (16 bytes).
+/// multiple of 16 (the kernels have no tail), m and n at least 16 (every 16x16 tile the
+/// kernels load lies inside the operands), A row-major and B row-major (`_nn_`, n a multiple
+/// of 8) or column-major (`_nt_`, as `w^T`), and every tile start a multiple of 8 elements (16
+/// bytes): the offsets, strides and batch strides.
 fn coop_kernel(p: &MatmulParams, variant: Variant) -> Option<Kernel> {
     let eight = |v: u32| v.is_multiple_of(8);
     let fits = matches!(variant, Variant::F16 | Variant::F16ToF32)
         && p.k.is_multiple_of(16)
+        && p.m >= 16
+        && p.n >= 16
         && p.a_cs == 1
         && [p.a_rs, p.off_a, p.off_b].into_iter().all(eight)
         && p.sa.iter().chain(&p.sb).all(|&s| eight(s));
     match (p.b_cs, p.b_rs) {
         _ if !fits => None,
-        (1, rs) if eight(rs) => Some(Kernel::MatmulCoop16NnFwd),
+        (1, rs) if eight(rs) && eight(p.n) => Some(Kernel::MatmulCoop16NnFwd),
         (cs, 1) if eight(cs) => Some(Kernel::MatmulCoop16NtFwd),
         _ => None,
     }
@@ -381,7 +384,6 @@ pub(crate) fn matmul_into(a: &Tensor, b: &Tensor, out: &Tensor, epi: &Epilogue<'
         sa: pack(la.strides.iter().copied()),
         sb: pack(lb.strides.iter().copied()),
     };
-    // A bias along the rows is read one element at a time, at any offset.
     // A single product whose output has few tiles: its reduction split into parts (batches of
     // one product over a slice of k each), summed afterwards. Plain f32 products only: the
     // epilogue would have to follow the sum.
@@ -401,15 +403,29 @@ pub(crate) fn matmul_into(a: &Tensor, b: &Tensor, out: &Tensor, epi: &Epilogue<'
                 strides: vec![kc * sb[rb - 2], sb[rb - 2], sb[rb - 1]],
                 offset: b.layout.offset,
             });
-            let partial = Tensor::uninit(OP, &[parts, m, n], out.device())?;
-            matmul_into(&av, &bv, &partial, epi)?;
-            super::reduce::sum_parts_into(&partial, out);
-            return Ok(());
+            return sum_of_parts(parts, [m, n], out, |partial| {
+                matmul_into(&av, &bv, partial, epi)
+            });
         }
     }
+    // A bias along the rows is read one element at a time, at any offset.
     let column_bias = epi.bias.is_some() && !epi.bias_rows;
     let aligned = Aligned::of(&p, &la.strides, &lb.strides, column_bias);
     run(a, b, out, epi, p, [m, n, k, count], aligned, count, false)
+}
+
+/// `out` (m n elements) = the sum over the first axis of `parts` partial (m, n) products,
+/// which `product` records into the (parts, m, n) tensor it is given.
+fn sum_of_parts(
+    parts: usize,
+    [m, n]: [usize; 2],
+    out: &Tensor,
+    product: impl FnOnce(&Tensor) -> Result<()>,
+) -> Result<()> {
+    let partial = Tensor::uninit("matmul", &[parts, m, n], out.device())?;
+    product(&partial)?;
+    super::reduce::sum_parts_into(&partial, out);
+    Ok(())
 }
 
 /// The shortest slice of k that a split product's part takes.
@@ -428,14 +444,20 @@ pub(crate) enum Fold {
 }
 
 impl Fold {
+    /// Its bit of the epilogue word: FOLD_B_COLS, FOLD_OUT_COLS and FOLD_SUM of the header
+    /// that `build.rs` writes (the same values).
     fn bits(self) -> u32 {
         match self {
-            Fold::BCols(_) => 0x10000,
-            Fold::OutCols(_) => 0x20000,
-            Fold::Sum => 0x40000,
+            Fold::BCols(_) => FOLD_B_COLS,
+            Fold::OutCols(_) => FOLD_OUT_COLS,
+            Fold::Sum => FOLD_SUM,
         }
     }
 }
+
+const FOLD_B_COLS: u32 = 0x10000;
+const FOLD_OUT_COLS: u32 = 0x20000;
+const FOLD_SUM: u32 = 0x40000;
 
 /// Records `out = epilogue(a @ b)` in one dispatch through `fold`, with `a` (m, k) and `b`
 /// (k, n) (`b` (n / chunk, k, chunk) for [`Fold::BCols`]; both batched for [`Fold::Sum`]).
@@ -450,7 +472,10 @@ pub(crate) fn matmul_folded(
 ) -> Result<bool> {
     const OP: &str = "matmul";
     let (ra, rb) = (a.rank(), b.rank());
-    let (m, k) = (a.dims()[ra - 2], a.dims()[ra - 1]);
+    let (m, k) = match a.dims() {
+        [.., m, k] => (*m, *k),
+        _ => (0, 0),
+    };
     let bad = || {
         Error::shape(
             OP,
@@ -462,20 +487,25 @@ pub(crate) fn matmul_folded(
             ),
         )
     };
-    let (chunk, n, b_rs) = match fold {
-        Fold::BCols(c) if ra == 2 && rb == 3 && b.dims()[1] == k && b.is_contiguous() => {
-            (c, b.dims()[0] * c, c)
+    let (chunk, n, b_rs) = match (fold, b.dims()) {
+        (Fold::BCols(c), &[q, bk, bc]) if ra == 2 && bk == k && bc == c && b.is_contiguous() => {
+            (c, q * c, c)
         }
-        Fold::OutCols(c) if ra == 2 && rb == 2 && b.dims()[0] == k => {
-            (c, b.dims()[1], b.strides()[0])
-        }
-        Fold::Sum if ra >= 2 && rb >= 2 && b.dims()[rb - 2] == k => {
-            (0, b.dims()[rb - 1], b.strides()[rb - 2])
-        }
+        (Fold::OutCols(c), &[bk, n]) if ra == 2 && bk == k => (c, n, b.strides()[0]),
+        (Fold::Sum, [.., bk, n]) if ra >= 2 && *bk == k => (0, *n, b.strides()[rb - 2]),
         _ => return Err(bad()),
     };
-    if out.numel() != m * n || (chunk > 0 && (chunk % 4 != 0 || n % chunk != 0)) {
+    let chunk_ok = match fold {
+        Fold::Sum => true,
+        _ => chunk > 0 && chunk.is_multiple_of(4) && n.is_multiple_of(chunk),
+    };
+    let out_ok = out.is_contiguous() && out.layout.offset == 0;
+    if out.numel() != m * n || !chunk_ok || !out_ok {
         return Err(bad());
+    }
+    // Too many columns for one dispatch: the caller runs per sample.
+    if n.div_ceil(VEC4_COLS) > MAX_GROUPS {
+        return Ok(false);
     }
     let batch = if fold == Fold::Sum {
         broadcast_shapes(OP, &a.dims()[..ra - 2], &b.dims()[..rb - 2])?
@@ -527,7 +557,9 @@ pub(crate) fn matmul_folded(
     };
     let column_bias = epi.bias.is_some() && !epi.bias_rows;
     let aligned = Aligned::of(&p, &la.strides, &lb.strides, column_bias);
-    if aligned.is_none() || column_bias {
+    // The kernels read B's columns through the fold only where B is row-major.
+    let b_cols_ok = !matches!(fold, Fold::BCols(_)) || aligned != Some(Aligned::Nt);
+    if aligned.is_none() || column_bias || !b_cols_ok {
         return Ok(false);
     }
     if fold != Fold::Sum {
@@ -550,19 +582,19 @@ pub(crate) fn matmul_folded(
     if parts == 1 {
         run(a, b, out, epi, p, [m, n, k, count], aligned, 1, true)?;
     } else {
-        let partial = Tensor::uninit(OP, &[parts, m, n], out.device())?;
-        run(
-            a,
-            b,
-            &partial,
-            epi,
-            p,
-            [m, n, k, count],
-            aligned,
-            parts,
-            true,
-        )?;
-        super::reduce::sum_parts_into(&partial, out);
+        sum_of_parts(parts, [m, n], out, |partial| {
+            run(
+                a,
+                b,
+                partial,
+                epi,
+                p,
+                [m, n, k, count],
+                aligned,
+                parts,
+                true,
+            )
+        })?;
     }
     Ok(true)
 }

@@ -213,7 +213,9 @@ pub(crate) fn matmul(
     candidates.extend(coop);
     // Choices are kept per family of candidates: an aligned kernel never serves unaligned
     // operands.
-    let family = aligned.map_or(Kernel::MatmulFwd, Aligned::vec4);
+    let family = coop
+        .or(aligned.map(Aligned::vec4))
+        .unwrap_or(Kernel::MatmulFwd);
     pick(
         device,
         family,
@@ -322,7 +324,7 @@ pub(crate) fn conv(
     )
 }
 
-/// Whether a convolution runs as an explicit im2col matrix times the weight (batched matmuls)
+/// Whether a convolution runs as an explicit im2col matrix times the weight (vec4 matmuls)
 /// rather than the implicit-GEMM kernels: on software adapters, for one group, 32 output
 /// channels or more, output planes that the vec4 matmul kernels take (multiples of 4) and an
 /// im2col matrix of `rows` (its depth, padded to a multiple of 4 unless `padded_ok` is false,
