@@ -17,6 +17,10 @@ pub(crate) struct Storage {
     /// Counts in-place writes (assign, optimizer steps), so that backward can tell that a
     /// tensor it saved has changed since the forward.
     pub(crate) version: std::sync::atomic::AtomicU64,
+    /// A tensor made from this storage's data at a version, read through a layout (the
+    /// convolution weight padded for the im2col product): kept so that a weight that does not
+    /// change (a frozen model's) is padded once, not at every call.
+    derived: std::sync::Mutex<Option<(u64, Layout, Tensor)>>,
     buffer: wgpu::Buffer,
     class: u64,
     device: Device,
@@ -89,6 +93,29 @@ impl Tensor {
     }
 
     /// Records an in-place write to the storage.
+    /// The tensor [`Tensor::set_derived`] kept for this data read through this layout, if the
+    /// data has not changed since (an in-place write bumps the version).
+    pub(crate) fn derived(&self) -> Option<Tensor> {
+        let slot = self
+            .storage
+            .derived
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        slot.as_ref()
+            .filter(|(v, l, _)| *v == self.version() && *l == self.layout)
+            .map(|(_, _, t)| t.clone())
+    }
+
+    /// Keeps `t`, made from this tensor's data as it is now, for [`Tensor::derived`].
+    pub(crate) fn set_derived(&self, t: &Tensor) {
+        let mut slot = self
+            .storage
+            .derived
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        *slot = Some((self.version(), self.layout.clone(), t.detach()));
+    }
+
     pub(crate) fn bump_version(&self) {
         self.storage
             .version
@@ -177,6 +204,7 @@ impl Tensor {
                 id: NEXT_STORAGE.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
                 dtype,
                 version: std::sync::atomic::AtomicU64::new(0),
+                derived: std::sync::Mutex::new(None),
                 buffer,
                 class,
                 device: device.clone(),

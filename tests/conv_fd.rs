@@ -1054,3 +1054,45 @@ fn convolution_then_relu_runs_as_one_pass() {
         );
     }
 }
+
+/// On the im2col path a weight whose depth is not a multiple of 4 is padded once while it
+/// does not change (no fill or copy on the second call), and again after an in-place write
+/// (`assign`, as an optimizer step): each output against the f64 reference of its weights.
+#[test]
+fn padded_weights_are_kept_until_the_weight_changes() {
+    let d = own_device();
+    let mut rng = Rng::new(97);
+    let (xs, ws) = ([2usize, 1, 8, 8], [32usize, 1, 3, 3]);
+    let opts = Conv2dOptions {
+        padding: [1, 1],
+        ..Default::default()
+    };
+    let xv = rng.vec(xs.iter().product(), -1.0, 1.0);
+    let x = Tensor::from_slice(&xv, &xs, &d).unwrap();
+    let w = Tensor::from_slice(&rng.vec(32 * 9, -1.0, 1.0), &ws, &d).unwrap();
+    let zeros = vec![0.0; 2 * 32 * 64];
+    for step in 0..3 {
+        if step == 2 {
+            w.assign(&Tensor::from_slice(&rng.vec(32 * 9, -1.0, 1.0), &ws, &d).unwrap())
+                .unwrap();
+        }
+        d.set_profiling(true);
+        let y = x.conv2d(&w, None, &opts).unwrap();
+        d.synchronize().unwrap();
+        let ran: Vec<String> = d.profile().into_iter().map(|k| k.kernel).collect();
+        d.set_profiling(false);
+        let (want, ..) = conv_reference(&xv, xs, &w.to_vec().unwrap(), ws, &opts, &zeros);
+        assert_close(
+            &format!("step {step}"),
+            &y,
+            &Nd::new(y.dims(), want),
+            1e-5,
+            1e-5,
+        );
+        if d.adapter_info().device_type == kiln::wgpu::DeviceType::Cpu {
+            assert!(ran.iter().any(|k| k == "conv2d_im2col_fwd"), "{ran:?}");
+            let padded = ran.iter().any(|k| k == "fill_fwd");
+            assert_eq!(padded, step != 1, "step {step}: {ran:?}");
+        }
+    }
+}

@@ -225,12 +225,17 @@ fn im2col(x: &Tensor, g: &ConvGeometry) -> Result<Tensor> {
     Ok(cols)
 }
 
-/// The weight as a (c_out, `gemm_depth`) matrix, its padding columns zero. Not recorded.
+/// The weight as a (c_out, `gemm_depth`) matrix, its padding columns zero: padded once for
+/// as long as the weight does not change (a frozen model's), at each change otherwise (an
+/// optimizer step). Not recorded.
 fn gemm_weight(w: &Tensor, g: &ConvGeometry) -> Result<Tensor> {
     let (depth, rows) = (g.c_in * g.k[0] * g.k[1], gemm_depth(g));
     let flat = w.detach().dense()?.reshape_to(&[g.c_out, depth])?;
     if rows == depth {
         return Ok(flat);
+    }
+    if let Some(padded) = w.derived().filter(|t| t.dims() == [g.c_out, rows]) {
+        return Ok(padded);
     }
     let padded = Tensor::zeros(&[g.c_out, rows], w.device())?;
     let into = crate::shape::Layout {
@@ -239,6 +244,7 @@ fn gemm_weight(w: &Tensor, g: &ConvGeometry) -> Result<Tensor> {
         offset: 0,
     };
     super::elementwise::copy_into(&flat, &padded, &into)?;
+    w.set_derived(&padded);
     Ok(padded)
 }
 
