@@ -33,6 +33,9 @@ struct Params {
     // (div_below_2_22, all lanes at once on lavapipe) instead of integer division (lane by
     // lane).
     small: u32,
+    // Max pooling backward: 1 when the input is a relu's output whose gradient mask this pass
+    // applies (the window's gradient goes through only where its maximum is above 0).
+    relu_mask: u32,
 }
 
 // Element types of the input and output buffers: f32, or f16 in the variants that src/kernels.rs
@@ -145,6 +148,16 @@ fn pool2d_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw
     }
 }
 
+// The gradient that window o hands its chosen element: dy, times relu's derivative at the
+// window's maximum (the forward output, at the start of binding b) with p.relu_mask.
+fn chosen_grad(o: u32) -> f32 {
+    let d = f32(a[o]);
+    if (p.relu_mask != 0u) {
+        return d * select(0.0, 1.0, f32(b[o]) > 0.0);
+    }
+    return d;
+}
+
 @compute @workgroup_size(256)
 fn max_pool2d_bwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                   @builtin(local_invocation_id) lid: vec3<u32>) {
@@ -165,7 +178,7 @@ fn max_pool2d_bwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups
         if (oy < p.oh && ox < p.ow) {
             let o = obase + oy * p.ow + ox;
             if (f32(b[p.idx_off + o]) == f32(idx)) {
-                acc = f32(a[o]);
+                acc = chosen_grad(o);
             }
         }
         out[i] = OUT(acc);
@@ -179,7 +192,7 @@ fn max_pool2d_bwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups
             if (ox >= p.ow) { continue; }
             let o = obase + oy * p.ow + ox;
             if (f32(b[p.idx_off + o]) == f32(idx)) {
-                acc += f32(a[o]);
+                acc += chosen_grad(o);
             }
         }
     }
@@ -290,7 +303,7 @@ fn max_pool2x2_bwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroup
     if (by < p.oh && bx < p.ow) {
         let o = plane * p.oh * p.ow + by * p.ow + bx;
         let chosen = u32(f32(b[p.idx_off + o]));
-        let d = f32(a[o]);
+        let d = chosen_grad(o);
         g0 = select(vec2<f32>(0.0), vec2<f32>(d), vec2<u32>(top, top + 1u) == vec2<u32>(chosen));
         g1 = select(vec2<f32>(0.0), vec2<f32>(d),
                     vec2<u32>(top + p.w, top + p.w + 1u) == vec2<u32>(chosen));

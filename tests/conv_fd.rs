@@ -1096,3 +1096,112 @@ fn padded_weights_are_kept_until_the_weight_changes() {
         }
     }
 }
+
+/// `conv2d relu maxpool2d` in a `Sequential` runs no relu pass forward or backward (relu in the
+/// convolution's store, its gradient mask in the pool's backward) and matches the f64
+/// reference of the three ops: 2x2 windows (the paired kernels) and 3x3 at stride 2 (the
+/// general ones), on the im2col path and the convolution kernels.
+#[test]
+fn convolution_relu_max_pool_runs_without_relu_passes() {
+    use kiln::nn::{Init, Module, Sequential};
+    let d = own_device();
+    let mut rng = Rng::new(99);
+    let cases = [
+        ([2usize, 3, 8, 8], 32usize, "maxpool2d(2)", [2usize, 2]),
+        ([2, 2, 9, 7], 8, "maxpool2d(3,s=2)", [3, 2]),
+    ];
+    for (xs, c_out, pool, [k, s]) in cases {
+        let what = format!("{xs:?} -> {c_out} {pool}");
+        let spec = format!("conv2d({},{c_out},3,p=1) relu {pool}", xs[1]);
+        let net = Sequential::from_spec(&mut Init::new(&d, 4), &spec).unwrap();
+        let params = net.parameters();
+        let (w, b) = (&params[0], &params[1]);
+        let ws = [c_out, xs[1], 3, 3];
+        let (wv, bv) = (w.to_vec().unwrap(), b.to_vec().unwrap());
+        let xv = rng.vec(xs.iter().product(), -1.0, 1.0);
+        let x = Tensor::from_slice(&xv, &xs, &d).unwrap().requires_grad();
+        d.set_profiling(true);
+        let y = net.forward(&x).unwrap();
+        let dyv = rng.vec(y.numel(), -1.0, 1.0);
+        let dy = Tensor::from_slice(&dyv, y.dims(), &d).unwrap();
+        y.backward_with(Some(&dy), false).unwrap();
+        d.synchronize().unwrap();
+        let ran: Vec<String> = d.profile().into_iter().map(|k| k.kernel).collect();
+        d.set_profiling(false);
+        assert!(
+            !ran.iter().any(|k| k.starts_with("unary_vec4")),
+            "{what}: {ran:?}"
+        );
+        // The reference: pre = conv + bias, r = relu(pre), y = max pool of r (first maximum
+        // in scan order), dr = dy at each window's maximum, dpre = dr where pre > 0.
+        let opts = Conv2dOptions {
+            padding: [1, 1],
+            ..Default::default()
+        };
+        let (h, wd) = (xs[2], xs[3]);
+        let (ph, pw) = ((h - k) / s + 1, (wd - k) / s + 1);
+        assert_eq!(y.dims(), [xs[0], c_out, ph, pw], "{what}");
+        let zeros = vec![0.0; xs[0] * c_out * h * wd];
+        let (pre, ..) = conv_reference(&xv, xs, &wv, ws, &opts, &zeros);
+        let pre: Vec<f64> = pre
+            .iter()
+            .enumerate()
+            .map(|(e, v)| v + bv[e / (h * wd) % c_out] as f64)
+            .collect();
+        let mut yr = vec![0.0; y.numel()];
+        let mut dpre = vec![0.0f32; pre.len()];
+        for plane in 0..xs[0] * c_out {
+            for oy in 0..ph {
+                for ox in 0..pw {
+                    let mut best = (f64::NEG_INFINITY, 0);
+                    for ky in 0..k {
+                        for kx in 0..k {
+                            let at = plane * h * wd + (oy * s + ky) * wd + ox * s + kx;
+                            if pre[at].max(0.0) > best.0 {
+                                best = (pre[at].max(0.0), at);
+                            }
+                        }
+                    }
+                    let o = (plane * ph + oy) * pw + ox;
+                    yr[o] = best.0;
+                    if pre[best.1] > 0.0 {
+                        dpre[best.1] += dyv[o];
+                    }
+                }
+            }
+        }
+        assert_close(
+            &format!("forward {what}"),
+            &y,
+            &Nd::new(y.dims(), yr),
+            1e-5,
+            1e-5,
+        );
+        let (_, dx, dw, _) = conv_reference(&xv, xs, &wv, ws, &opts, &dpre);
+        let mut db = vec![0.0f64; c_out];
+        for (e, &g) in dpre.iter().enumerate() {
+            db[e / (h * wd) % c_out] += g as f64;
+        }
+        assert_close(
+            &format!("dx {what}"),
+            &x.grad().unwrap(),
+            &Nd::new(&xs, dx),
+            1e-5,
+            1e-5,
+        );
+        assert_close(
+            &format!("dw {what}"),
+            &w.grad().unwrap(),
+            &Nd::new(&ws, dw),
+            1e-5,
+            1e-5,
+        );
+        assert_close(
+            &format!("db {what}"),
+            &b.grad().unwrap(),
+            &Nd::new(&[c_out], db),
+            1e-5,
+            1e-5,
+        );
+    }
+}

@@ -124,6 +124,9 @@ pub(crate) enum Op {
     Pool2d {
         indices: Option<Tensor>,
         geometry: PoolGeometry,
+        /// Max pooling of a relu's output whose node left out relu's gradient mask: applied
+        /// here (the window's maximum above 0).
+        relu_mask: bool,
     },
 }
 
@@ -460,9 +463,11 @@ impl Op {
             ],
             // max: g goes to the chosen element of each window; average: g / window size to
             // every element of the window (summed over overlapping windows)
-            Op::Pool2d { indices, geometry } => {
-                grads![pool_backward(g, geometry, indices.as_ref())?]
-            }
+            Op::Pool2d {
+                indices,
+                geometry,
+                relu_mask,
+            } => grads![pool_backward(g, geometry, indices.as_ref(), *relu_mask)?],
             // d/dx = (sigmoid(x) - t) scale and d/dt = -x scale, times g (elementwise when
             // unreduced)
             Op::BceWithLogits { x, t, scale } => {

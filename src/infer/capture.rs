@@ -78,7 +78,7 @@ impl Recorder {
     }
 }
 
-fn capturing() -> bool {
+pub(crate) fn capturing() -> bool {
     CAPTURING.load(Ordering::Relaxed) > 0 && RECORDER.with(|r| r.borrow().is_some())
 }
 

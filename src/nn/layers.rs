@@ -130,7 +130,11 @@ impl Module for Conv2d {
 
     fn forward_then(&self, x: &Tensor, act: crate::UnaryOp) -> Option<Result<Tensor>> {
         (act == crate::UnaryOp::Relu)
-            .then(|| x.conv2d_then(&self.weight, self.bias.as_ref(), &self.options, true))
+            .then(|| x.conv2d_then(&self.weight, self.bias.as_ref(), &self.options, true, true))
+    }
+
+    fn forward_relu_max_pool(&self, x: &Tensor, pool: &Pool2dOptions) -> Option<Result<Tensor>> {
+        Some(x.conv2d_relu_max_pool2d(&self.weight, self.bias.as_ref(), &self.options, pool))
     }
 
     fn visit(&self, f: &mut dyn FnMut(&str, &Tensor, TensorRole)) {
@@ -461,6 +465,10 @@ pub struct MaxPool2d(pub Pool2dOptions);
 impl Module for MaxPool2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         x.max_pool2d(&self.0)
+    }
+
+    fn max_pool(&self) -> Option<Pool2dOptions> {
+        Some(self.0)
     }
 
     fn describe(&self) -> String {

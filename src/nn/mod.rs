@@ -102,6 +102,24 @@ pub trait Module: Send + Sync {
         None
     }
 
+    /// The options of the max pooling this module is, if it is one.
+    #[doc(hidden)]
+    fn max_pool(&self) -> Option<crate::Pool2dOptions> {
+        None
+    }
+
+    /// `max_pool2d(relu(self.forward(x)), pool)` with no relu pass forward or backward, where
+    /// this module fuses them (a convolution); `None` where it does not.
+    #[doc(hidden)]
+    fn forward_relu_max_pool(
+        &self,
+        x: &Tensor,
+        pool: &crate::Pool2dOptions,
+    ) -> Option<Result<Tensor>> {
+        let _ = (x, pool);
+        None
+    }
+
     /// Calls `f` with the name (relative to this module), tensor and role of every parameter
     /// and buffer, in a stable order.
     fn visit(&self, f: &mut dyn FnMut(&str, &Tensor, TensorRole)) {
@@ -348,14 +366,24 @@ impl Sequential {
 }
 
 impl Module for Sequential {
-    /// Each child in turn; a child followed by an activation that it fuses
-    /// ([`Module::forward_then`], a convolution then relu) runs the two as one.
+    /// Each child in turn; a child followed by layers that it fuses runs them as one: a
+    /// convolution followed by relu and max pooling, or by an activation
+    /// ([`Module::forward_relu_max_pool`], [`Module::forward_then`]).
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let mut h = x.clone();
         let mut i = 0;
-        while let Some((_, m)) = self.children.get(i) {
-            let next = self.children.get(i + 1).and_then(|(_, a)| a.activation());
-            if let Some(y) = next.and_then(|act| m.forward_then(&h, act)) {
+        let child = |j: usize| self.children.get(j).map(|(_, m)| m.as_ref());
+        while let Some(m) = child(i) {
+            let act = child(i + 1).and_then(|a| a.activation());
+            let pool = child(i + 2).and_then(|p| p.max_pool());
+            let relu = act == Some(crate::UnaryOp::Relu);
+            if let Some(y) = pool
+                .filter(|_| relu)
+                .and_then(|pool| m.forward_relu_max_pool(&h, &pool))
+            {
+                h = y?;
+                i += 3;
+            } else if let Some(y) = act.and_then(|act| m.forward_then(&h, act)) {
                 h = y?;
                 i += 2;
             } else {

@@ -929,17 +929,20 @@ impl Tensor {
         bias: Option<&Tensor>,
         opts: &Conv2dOptions,
     ) -> Result<Tensor> {
-        self.conv2d_then(weight, bias, opts, false)
+        self.conv2d_then(weight, bias, opts, false, false)
     }
 
     /// [`Tensor::conv2d`], then relu where `relu`: one pass, relu applied as the kernel stores
-    /// (what [`crate::nn::Sequential`] runs for a convolution followed by a relu).
+    /// (what [`crate::nn::Sequential`] runs for a convolution followed by a relu). Backward
+    /// masks the gradient by the output where `mask`; without, the output's one consumer
+    /// does (a max pooling, [`Tensor::conv2d_relu_max_pool2d`]).
     pub(crate) fn conv2d_then(
         &self,
         weight: &Tensor,
         bias: Option<&Tensor>,
         opts: &Conv2dOptions,
         relu: bool,
+        mask: bool,
     ) -> Result<Tensor> {
         let act = relu.then_some((super::elementwise::UnaryOp::Relu, 0.0));
         crate::infer::capture::traced(
@@ -969,7 +972,7 @@ impl Tensor {
                     w: x_grad.then(|| weight.detach()),
                     geometry: geo,
                     bias: b.is_some(),
-                    relu_out: relu.then(|| y.detach()),
+                    relu_out: (relu && mask).then(|| y.detach()),
                 });
                 if unbatched {
                     y.squeeze(Some(0))

@@ -30,6 +30,8 @@ pub(crate) struct PoolParams {
     pub idx_off: u32,
     /// 1 when every element index is below 2^22 (the kernels then divide in f32).
     pub small: u32,
+    /// Max pooling backward: 1 to apply the gradient mask of the relu whose output was pooled.
+    pub relu_mask: u32,
 }
 
 pub(crate) const MODE_MAX: u32 = 0;
@@ -92,6 +94,7 @@ impl PoolGeometry {
             mode: self.mode,
             idx_off: idx_off as u32,
             small: (self.n * self.c * self.h.max(self.oh) * self.w.max(self.ow) < 1 << 22) as u32,
+            relu_mask: 0,
         }
     }
 }
@@ -186,7 +189,9 @@ pub(crate) fn geometry(
     })
 }
 
-fn pool_forward(x: &Tensor, g: PoolGeometry) -> Result<Tensor> {
+/// Pools `x`; with `relu_mask` (max pooling of a relu's output, whose own node then leaves the
+/// mask out) the backward also applies relu's gradient mask.
+fn pool_forward(x: &Tensor, g: PoolGeometry, relu_mask: bool) -> Result<Tensor> {
     let x = x.dense()?;
     let total = g.n * g.c * g.oh * g.ow;
     // Max pooling writes the values and, right after them, the chosen indices when a
@@ -211,6 +216,7 @@ fn pool_forward(x: &Tensor, g: PoolGeometry) -> Result<Tensor> {
     Ok(record(values, &[&x], |_| Op::Pool2d {
         indices,
         geometry: g,
+        relu_mask,
     }))
 }
 
@@ -219,13 +225,17 @@ pub(crate) fn pool_backward(
     g: &Tensor,
     geo: &PoolGeometry,
     indices: Option<&Tensor>,
+    relu_mask: bool,
 ) -> Result<Tensor> {
     let g = g.dense()?;
     let out = Tensor::uninit("pool2d_backward", &[geo.n, geo.c, geo.h, geo.w], g.device())?;
     let total = geo.n * geo.c * geo.h * geo.w;
     match indices {
         Some(idx) => {
-            let p = geo.params(idx.layout.offset);
+            let p = PoolParams {
+                relu_mask: relu_mask as u32,
+                ..geo.params(idx.layout.offset)
+            };
             // The 2x2 kernel runs one invocation per 2x2 block of dx.
             let (kernel, invocations) = if geo.is_max_2x2() {
                 (
@@ -287,10 +297,38 @@ impl Tensor {
             },
             || {
                 unbatched(self, |x| {
-                    pool_forward(x, geometry("max_pool2d", x.dims(), opts, MODE_MAX)?)
+                    pool_forward(x, geometry("max_pool2d", x.dims(), opts, MODE_MAX)?, false)
                 })
             },
         )
+    }
+
+    /// [`Tensor::max_pool2d`] of a relu's output whose node leaves out relu's gradient mask,
+    /// applied here instead (the pooled maximum above 0): see [`Tensor::conv2d_relu_max_pool2d`].
+    fn max_pool2d_of_relu(&self, opts: &Pool2dOptions) -> Result<Tensor> {
+        unbatched(self, |x| {
+            pool_forward(x, geometry("max_pool2d", x.dims(), opts, MODE_MAX)?, true)
+        })
+    }
+
+    /// conv2d, relu and max pooling in a row (what [`crate::nn::Sequential`] runs for those
+    /// three layers): relu applied as the convolution stores its output, and relu's gradient
+    /// mask by the pool's backward, which reads the pooled maxima; so no relu pass runs,
+    /// forward or backward. While a graph is captured, the three ops as such.
+    pub(crate) fn conv2d_relu_max_pool2d(
+        &self,
+        weight: &Tensor,
+        bias: Option<&Tensor>,
+        conv: &crate::Conv2dOptions,
+        pool: &Pool2dOptions,
+    ) -> Result<Tensor> {
+        if crate::infer::capture::capturing() {
+            return self
+                .conv2d_then(weight, bias, conv, true, true)?
+                .max_pool2d(pool);
+        }
+        self.conv2d_then(weight, bias, conv, true, false)?
+            .max_pool2d_of_relu(pool)
     }
 
     /// Average pooling, as `torch.nn.functional.avg_pool2d` (`ceil_mode = false`; dilation
@@ -315,7 +353,7 @@ impl Tensor {
                     MODE_AVG_VALID
                 };
                 unbatched(self, |x| {
-                    pool_forward(x, geometry("avg_pool2d", x.dims(), opts, mode)?)
+                    pool_forward(x, geometry("avg_pool2d", x.dims(), opts, mode)?, false)
                 })
             },
         )
@@ -357,7 +395,7 @@ impl Tensor {
                         ));
                     }
                     let g = adaptive_geometry(x.dims(), size)?;
-                    pool_forward(x, g)
+                    pool_forward(x, g, false)
                 })
             },
         )
