@@ -1031,27 +1031,7 @@ fn convolution_then_relu_runs_as_one_pass() {
         for (e, &g) in masked.iter().enumerate() {
             db[e / plane % c_out] += g as f64;
         }
-        assert_close(
-            &format!("dx {what}"),
-            &x.grad().unwrap(),
-            &Nd::new(&xs, dx),
-            1e-5,
-            1e-5,
-        );
-        assert_close(
-            &format!("dw {what}"),
-            &w.grad().unwrap(),
-            &Nd::new(&ws, dw),
-            1e-5,
-            1e-5,
-        );
-        assert_close(
-            &format!("db {what}"),
-            &b.grad().unwrap(),
-            &Nd::new(&[c_out], db),
-            1e-5,
-            1e-5,
-        );
+        assert_conv_grads(&what, (&x, dx), (&w, dw), Some((b, db)));
     }
 }
 
@@ -1182,24 +1162,37 @@ fn convolution_relu_max_pool_runs_without_relu_passes() {
         for (e, &g) in dpre.iter().enumerate() {
             db[e / (h * wd) % c_out] += g as f64;
         }
-        assert_close(
-            &format!("dx {what}"),
-            &x.grad().unwrap(),
-            &Nd::new(&xs, dx),
-            1e-5,
-            1e-5,
-        );
-        assert_close(
-            &format!("dw {what}"),
-            &w.grad().unwrap(),
-            &Nd::new(&ws, dw),
-            1e-5,
-            1e-5,
-        );
+        assert_conv_grads(&what, (&x, dx), (&w, dw), Some((b, db)));
+    }
+}
+
+/// The gradients of a conv2d's input, weight and (when given) bias against their f64
+/// references, in the shapes of the tensors.
+fn assert_conv_grads(
+    what: &str,
+    (x, dx): (&Tensor, Vec<f64>),
+    (w, dw): (&Tensor, Vec<f64>),
+    bias: Option<(&Tensor, Vec<f64>)>,
+) {
+    assert_close(
+        &format!("dx {what}"),
+        &x.grad().unwrap(),
+        &Nd::new(x.dims(), dx),
+        1e-5,
+        1e-5,
+    );
+    assert_close(
+        &format!("dw {what}"),
+        &w.grad().unwrap(),
+        &Nd::new(w.dims(), dw),
+        1e-5,
+        1e-5,
+    );
+    if let Some((b, db)) = bias {
         assert_close(
             &format!("db {what}"),
             &b.grad().unwrap(),
-            &Nd::new(&[c_out], db),
+            &Nd::new(b.dims(), db),
             1e-5,
             1e-5,
         );

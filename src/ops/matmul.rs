@@ -341,29 +341,30 @@ impl Tensor {
     }
 }
 
-/// Records `out = epilogue(a @ b)`: `a` (.., m, k) and `b` (.., k, n) of rank >= 2 with
-/// broadcastable batch axes, `out` contiguous from offset 0 with the broadcast shape. Not
-/// recorded for autograd.
-pub(crate) fn matmul_into(a: &Tensor, b: &Tensor, out: &Tensor, epi: &Epilogue<'_>) -> Result<()> {
-    const OP: &str = "matmul";
-    let (ra, rb) = (a.rank(), b.rank());
-    let (m, k, n) = (a.dims()[ra - 2], a.dims()[ra - 1], b.dims()[rb - 1]);
-    let batch = &out.dims()[..out.rank() - 2];
-    let batch_layout = |t: &Tensor, r: usize| -> Result<Layout> {
-        let l = Layout {
-            shape: t.dims()[..r - 2].to_vec(),
-            strides: t.strides()[..r - 2].to_vec(),
-            offset: 0,
-        };
-        l.broadcast_to(OP, batch)
-    };
-    let la = batch_layout(a, ra)?;
-    let lb = batch_layout(b, rb)?;
-    let count: usize = batch.iter().product();
-    if m == 0 || n == 0 || count == 0 {
-        return Ok(());
+/// The batch axes of `t` (all but its last two), broadcast to `batch`.
+fn batch_layout(t: &Tensor, batch: &[usize]) -> Result<Layout> {
+    let r = t.rank();
+    Layout {
+        shape: t.dims()[..r - 2].to_vec(),
+        strides: t.strides()[..r - 2].to_vec(),
+        offset: 0,
     }
-    let p = MatmulParams {
+    .broadcast_to("matmul", batch)
+}
+
+/// The parameters of an (m, n, k) product of `a` and `b` (its row stride `b_rs`) over the
+/// `batch` axes, laid out in `a` and `b` as `layouts`.
+fn params(
+    a: &Tensor,
+    b: &Tensor,
+    [m, n, k]: [usize; 3],
+    b_rs: usize,
+    batch: &[usize],
+    [la, lb]: [&Layout; 2],
+    epi: &Epilogue<'_>,
+) -> MatmulParams {
+    let (ra, rb) = (a.rank(), b.rank());
+    MatmulParams {
         m: m as u32,
         n: n as u32,
         k: k as u32,
@@ -372,7 +373,7 @@ pub(crate) fn matmul_into(a: &Tensor, b: &Tensor, out: &Tensor, epi: &Epilogue<'
         off_b: b.layout.offset as u32,
         a_rs: a.strides()[ra - 2] as u32,
         a_cs: a.strides()[ra - 1] as u32,
-        b_rs: b.strides()[rb - 2] as u32,
+        b_rs: b_rs as u32,
         b_cs: b.strides()[rb - 1] as u32,
         z_base: 0,
         epilogue: epi.flags(),
@@ -383,7 +384,22 @@ pub(crate) fn matmul_into(a: &Tensor, b: &Tensor, out: &Tensor, epi: &Epilogue<'
         bshape: pack(batch.iter().copied()),
         sa: pack(la.strides.iter().copied()),
         sb: pack(lb.strides.iter().copied()),
-    };
+    }
+}
+
+/// Records `out = epilogue(a @ b)`: `a` (.., m, k) and `b` (.., k, n) of rank >= 2 with
+/// broadcastable batch axes, `out` contiguous from offset 0 with the broadcast shape. Not
+/// recorded for autograd.
+pub(crate) fn matmul_into(a: &Tensor, b: &Tensor, out: &Tensor, epi: &Epilogue<'_>) -> Result<()> {
+    let (ra, rb) = (a.rank(), b.rank());
+    let (m, k, n) = (a.dims()[ra - 2], a.dims()[ra - 1], b.dims()[rb - 1]);
+    let batch = &out.dims()[..out.rank() - 2];
+    let (la, lb) = (batch_layout(a, batch)?, batch_layout(b, batch)?);
+    let count: usize = batch.iter().product();
+    if m == 0 || n == 0 || count == 0 {
+        return Ok(());
+    }
+    let p = params(a, b, [m, n, k], b.strides()[rb - 2], batch, [&la, &lb], epi);
     // A single product whose output has few tiles: its reduction split into parts (batches of
     // one product over a slice of k each), summed afterwards. Plain f32 products only: the
     // epilogue would have to follow the sum.
@@ -512,49 +528,23 @@ pub(crate) fn matmul_folded(
     } else {
         Vec::new()
     };
-    let batch_layout = |t: &Tensor, r: usize| -> Result<Layout> {
-        Layout {
-            shape: t.dims()[..r - 2].to_vec(),
-            strides: t.strides()[..r - 2].to_vec(),
-            offset: 0,
-        }
-        .broadcast_to(OP, &batch)
+    let none = Layout {
+        shape: vec![],
+        strides: vec![],
+        offset: 0,
     };
     let (la, lb) = if fold == Fold::Sum {
-        (batch_layout(a, ra)?, batch_layout(b, rb)?)
+        (batch_layout(a, &batch)?, batch_layout(b, &batch)?)
     } else {
-        let none = Layout {
-            shape: vec![],
-            strides: vec![],
-            offset: 0,
-        };
         (none.clone(), none)
     };
     let count: usize = batch.iter().product();
     if m == 0 || n == 0 || count == 0 || k == 0 {
         return Ok(false);
     }
-    let p = MatmulParams {
-        m: m as u32,
-        n: n as u32,
-        k: k as u32,
-        batch_rank: batch.len() as u32,
-        off_a: a.layout.offset as u32,
-        off_b: b.layout.offset as u32,
-        a_rs: a.strides()[ra - 2] as u32,
-        a_cs: a.strides()[ra - 1] as u32,
-        b_rs: b_rs as u32,
-        b_cs: b.strides()[rb - 1] as u32,
-        z_base: 0,
-        epilogue: epi.flags() | fold.bits(),
-        act_alpha: epi.alpha(),
-        off_bias: epi.off_bias(),
-        col_split: chunk as u32,
-        _pad: 0,
-        bshape: pack(batch.iter().copied()),
-        sa: pack(la.strides.iter().copied()),
-        sb: pack(lb.strides.iter().copied()),
-    };
+    let mut p = params(a, b, [m, n, k], b_rs, &batch, [&la, &lb], epi);
+    p.epilogue |= fold.bits();
+    p.col_split = chunk as u32;
     let column_bias = epi.bias.is_some() && !epi.bias_rows;
     let aligned = Aligned::of(&p, &la.strides, &lb.strides, column_bias);
     // The kernels read B's columns through the fold only where B is row-major.
