@@ -1031,7 +1031,7 @@ fn convolution_then_relu_runs_as_one_pass() {
         for (e, &g) in masked.iter().enumerate() {
             db[e / plane % c_out] += g as f64;
         }
-        assert_conv_grads(&what, (&x, dx), (&w, dw), Some((b, db)));
+        assert_conv_grads(&what, (&x, dx), (w, dw), Some((b, db)));
     }
 }
 
@@ -1162,7 +1162,7 @@ fn convolution_relu_max_pool_runs_without_relu_passes() {
         for (e, &g) in dpre.iter().enumerate() {
             db[e / (h * wd) % c_out] += g as f64;
         }
-        assert_conv_grads(&what, (&x, dx), (&w, dw), Some((b, db)));
+        assert_conv_grads(&what, (&x, dx), (w, dw), Some((b, db)));
     }
 }
 
