@@ -5,8 +5,8 @@
 // Bindings:
 //   pool2d_fwd:       a (0) = x (planes, h, w); out (3) = y (planes, oh, ow), and for max
 //                     pooling the chosen index (iy * w + ix, as f32) p.idx_off elements later
-//   max_pool2d_bwd:   a (0) = dy, b (1) = the forward output buffer (indices at p.idx_off);
-//                     out (3) = dx
+//   max_pool2d_bwd:   a (0) = dy, b (1) = the forward output buffer (values from 0, read
+//                     with p.relu_mask; indices at p.idx_off); out (3) = dx
 //   avg_pool2d_bwd:   a (0) = dy; out (3) = dx
 //   p (4): PoolParams (src/ops/pool.rs)
 //

@@ -17,9 +17,10 @@ pub(crate) struct Storage {
     /// Counts in-place writes (assign, optimizer steps), so that backward can tell that a
     /// tensor it saved has changed since the forward.
     pub(crate) version: std::sync::atomic::AtomicU64,
-    /// A tensor made from this storage's data at a version, read through a layout (the
-    /// convolution weight padded for the im2col product): kept so that a weight that does not
-    /// change (a frozen model's) is padded once, not at every call.
+    /// A tensor made from this storage's data at a version, read through a layout: the one
+    /// use so far is a convolution weight padded for the im2col product
+    /// (`ops::conv::gemm_weight`), kept so that a weight that does not change (a frozen
+    /// model's) is padded once, not at every call.
     derived: std::sync::Mutex<Option<(u64, Layout, Tensor)>>,
     buffer: wgpu::Buffer,
     class: u64,
@@ -92,7 +93,6 @@ impl Tensor {
             .load(std::sync::atomic::Ordering::Acquire)
     }
 
-    /// Records an in-place write to the storage.
     /// The tensor [`Tensor::set_derived`] kept for this data read through this layout, if the
     /// data has not changed since (an in-place write bumps the version).
     pub(crate) fn derived(&self) -> Option<Tensor> {
@@ -106,16 +106,21 @@ impl Tensor {
             .map(|(_, _, t)| t.clone())
     }
 
-    /// Keeps `t`, made from this tensor's data as it is now, for [`Tensor::derived`].
-    pub(crate) fn set_derived(&self, t: &Tensor) {
+    /// Keeps `t`, made from this tensor's data at `version` (read before `t` was recorded, so
+    /// that a write in between leaves it stale rather than wrongly current), for
+    /// [`Tensor::derived`]. `t` has storage of its own (a view of this one would never be
+    /// freed).
+    pub(crate) fn set_derived(&self, version: u64, t: &Tensor) {
+        debug_assert!(!Arc::ptr_eq(&t.storage, &self.storage));
         let mut slot = self
             .storage
             .derived
             .lock()
             .unwrap_or_else(|e| e.into_inner());
-        *slot = Some((self.version(), self.layout.clone(), t.detach()));
+        *slot = Some((version, self.layout.clone(), t.detach()));
     }
 
+    /// Records an in-place write to the storage.
     pub(crate) fn bump_version(&self) {
         self.storage
             .version

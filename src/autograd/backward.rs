@@ -461,8 +461,9 @@ impl Op {
                 conv_fwd(g, saved(w)?, geometry, None)?,
                 conv_bwd_weight(saved(x)?, g, geometry, false)?,
             ],
-            // max: g goes to the chosen element of each window; average: g / window size to
-            // every element of the window (summed over overlapping windows)
+            // max: g goes to the chosen element of each window (times relu's derivative at the
+            // window's maximum with `relu_mask`); average: g / window size to every element of
+            // the window (summed over overlapping windows)
             Op::Pool2d {
                 indices,
                 geometry,

@@ -78,6 +78,8 @@ impl Recorder {
     }
 }
 
+/// True while this thread captures a graph (also inside a traced op's body, where the ops it
+/// calls are not recorded as nodes of their own).
 pub(crate) fn capturing() -> bool {
     CAPTURING.load(Ordering::Relaxed) > 0 && RECORDER.with(|r| r.borrow().is_some())
 }

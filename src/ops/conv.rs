@@ -230,12 +230,15 @@ fn im2col(x: &Tensor, g: &ConvGeometry) -> Result<Tensor> {
 /// optimizer step). Not recorded.
 fn gemm_weight(w: &Tensor, g: &ConvGeometry) -> Result<Tensor> {
     let (depth, rows) = (g.c_in * g.k[0] * g.k[1], gemm_depth(g));
+    if rows != depth {
+        if let Some(padded) = w.derived().filter(|t| t.dims() == [g.c_out, rows]) {
+            return Ok(padded);
+        }
+    }
+    let version = w.version();
     let flat = w.detach().dense()?.reshape_to(&[g.c_out, depth])?;
     if rows == depth {
         return Ok(flat);
-    }
-    if let Some(padded) = w.derived().filter(|t| t.dims() == [g.c_out, rows]) {
-        return Ok(padded);
     }
     let padded = Tensor::zeros(&[g.c_out, rows], w.device())?;
     let into = crate::shape::Layout {
@@ -244,7 +247,7 @@ fn gemm_weight(w: &Tensor, g: &ConvGeometry) -> Result<Tensor> {
         offset: 0,
     };
     super::elementwise::copy_into(&flat, &padded, &into)?;
-    w.set_derived(&padded);
+    w.set_derived(version, &padded);
     Ok(padded)
 }
 

@@ -53,6 +53,9 @@ const VEC4_COLS: usize = 128;
 /// side); the `matmul_sg8_*` kernels cover [`VEC4_COLS`].
 const SG32_COLS: usize = 512;
 
+/// Output block of one workgroup of the `matmul_coop16_*` kernels (2x2 tiles of 16x16).
+const COOP_BLOCK: usize = 32;
+
 /// Output tile (columns, rows) of one workgroup of a matmul kernel.
 fn tile_of(kernel: Kernel) -> [usize; 2] {
     match kernel {
@@ -70,6 +73,7 @@ fn tile_of(kernel: Kernel) -> [usize; 2] {
         Kernel::MatmulSg32NnFwd | Kernel::MatmulSg32NtFwd | Kernel::MatmulSg32TnFwd => {
             [SG32_COLS, VEC4_ROWS]
         }
+        Kernel::MatmulCoop16NnFwd | Kernel::MatmulCoop16NtFwd => [COOP_BLOCK, COOP_BLOCK],
         _ => [TILE, TILE],
     }
 }

@@ -232,6 +232,8 @@ pub(crate) fn pool_backward(
     let total = geo.n * geo.c * geo.h * geo.w;
     match indices {
         Some(idx) => {
+            // The values come first in the indices' buffer (pool_forward): the mask reads them.
+            debug_assert!(!relu_mask || idx.layout.offset == geo.n * geo.c * geo.oh * geo.ow);
             let p = PoolParams {
                 relu_mask: relu_mask as u32,
                 ..geo.params(idx.layout.offset)
