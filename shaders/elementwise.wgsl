@@ -77,12 +77,9 @@ fn linear_index(wid: vec3<u32>, nwg: vec3<u32>, lid: vec3<u32>) -> u32 {
     return (wid.y * nwg.x + wid.x) * WG + lid.x;
 }
 
-// Buffer positions of logical element i in a, b, c and out.
-fn offsets(i: u32) -> vec4<u32> {
-    var o = vec4<u32>(p.off_a + i, p.off_b + i, p.off_c + i, p.off_o + i);
-    if ((p.flags & 15u) == 15u) {
-        return o;
-    }
+// Buffer positions of logical element i in a, b, c and out through their strides (for the
+// strided4 kernels, i a multiple of 4: of elements i..i+3).
+fn strided_offsets(i: u32) -> vec4<u32> {
     var q = vec4<u32>(p.off_a, p.off_b, p.off_c, p.off_o);
     var rem = i;
     for (var d = i32(p.rank) - 1; d >= 0; d -= 1) {
@@ -93,6 +90,16 @@ fn offsets(i: u32) -> vec4<u32> {
         rem = qr.x;
         q += idx * vec4<u32>(p.sa[k >> 2u][k & 3u], p.sb[k >> 2u][k & 3u], p.sc[k >> 2u][k & 3u], p.so[k >> 2u][k & 3u]);
     }
+    return q;
+}
+
+// Buffer positions of logical element i in a, b, c and out.
+fn offsets(i: u32) -> vec4<u32> {
+    var o = vec4<u32>(p.off_a + i, p.off_b + i, p.off_c + i, p.off_o + i);
+    if ((p.flags & 15u) == 15u) {
+        return o;
+    }
+    let q = strided_offsets(i);
     let contig = vec4<bool>((p.flags & FLAG_A_CONTIG) != 0u, (p.flags & FLAG_B_CONTIG) != 0u,
         (p.flags & FLAG_C_CONTIG) != 0u, (p.flags & FLAG_O_CONTIG) != 0u);
     return select(q, o, contig);
@@ -241,21 +248,6 @@ fn binary_vec4_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroup
 // repeated). src/ops/elementwise.rs checks, after merging the axes that can be merged. The
 // positions are computed once per four elements, with a quarter of the divisions.
 
-// Buffer positions of logical elements i..i+3 in a, b and out (x, y and w).
-fn strided4_offsets(i: u32) -> vec4<u32> {
-    var q = vec4<u32>(p.off_a, p.off_b, p.off_c, p.off_o);
-    var rem = i;
-    for (var d = i32(p.rank) - 1; d >= 0; d -= 1) {
-        let k = u32(d);
-        let size = p.shape[k >> 2u][k & 3u];
-        let qr = split_index(rem, size);
-        let idx = qr.y;
-        rem = qr.x;
-        q += idx * vec4<u32>(p.sa[k >> 2u][k & 3u], p.sb[k >> 2u][k & 3u], p.sc[k >> 2u][k & 3u], p.so[k >> 2u][k & 3u]);
-    }
-    return q;
-}
-
 fn strided4_a(q: u32) -> vec4<f32> {
     let v = vec4<f32>(a4[q / 4u]);
     if ((p.flags & FLAG_A_SPLAT) != 0u) {
@@ -280,7 +272,7 @@ fn unary_strided4_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgr
     for (var j = 0u; j < PER_INVOCATION; j += 1u) {
         let i = t + j * stride;
         if (i >= p.n / 4u) { return; }
-        let q = strided4_offsets(4u * i);
+        let q = strided_offsets(4u * i);
         let x = strided4_a(q.x);
         out4[q.w / 4u] = vec4<OUT>(unary4(x));
     }
@@ -294,7 +286,7 @@ fn binary_strided4_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workg
     for (var j = 0u; j < PER_INVOCATION; j += 1u) {
         let i = t + j * stride;
         if (i >= p.n / 4u) { return; }
-        let q = strided4_offsets(4u * i);
+        let q = strided_offsets(4u * i);
         let x = strided4_a(q.x);
         let y = strided4_b(q.y);
         out4[q.w / 4u] = vec4<OUT>(binary4(x, y));

@@ -788,20 +788,7 @@ fn im2col_matmul_path_matches_the_reference() {
             1e-5,
             1e-5,
         );
-        assert_close(
-            &format!("dx {what}"),
-            &x.grad().unwrap(),
-            &Nd::new(&xs, dx),
-            1e-5,
-            1e-5,
-        );
-        assert_close(
-            &format!("dw {what}"),
-            &w.grad().unwrap(),
-            &Nd::new(&ws, dw),
-            1e-5,
-            1e-5,
-        );
+        assert_conv_grads(&what, (&x, dx), (&w, dw), None);
         d.synchronize().unwrap();
         let profile = d.profile();
         let ran: Vec<String> = profile.iter().map(|k| k.kernel.clone()).collect();

@@ -283,11 +283,7 @@ fn fused_linear_activations() {
             .unwrap();
         let x = Tensor::randn(&[33, inputs], 6, &d).unwrap();
         let xs = x.to_vec().unwrap();
-        let params: Vec<(Vec<f32>, Vec<usize>)> = model
-            .parameters()
-            .iter()
-            .map(|p| (p.to_vec().unwrap(), p.dims().to_vec()))
-            .collect();
+        let params = host_params(&model);
         let acts: Vec<&str> = spec
             .split(' ')
             .filter(|l| !l.starts_with("linear"))
@@ -322,11 +318,7 @@ fn half_precision_linear_on_cooperative_matrices() {
     model.set_training(false);
     let x = Tensor::randn(&[37, 64], 9, &d).unwrap();
     let xs = x.to_vec().unwrap();
-    let params: Vec<(Vec<f32>, Vec<usize>)> = model
-        .parameters()
-        .iter()
-        .map(|p| (p.to_vec().unwrap(), p.dims().to_vec()))
-        .collect();
+    let params = host_params(&model);
     let frozen = freeze(model, &x).unwrap();
     if let Some(half) = to_half_or_refused(frozen) {
         d.set_profiling(true);
@@ -354,6 +346,15 @@ fn half_precision_linear_on_cooperative_matrices() {
             d.name()
         );
     }
+}
+
+/// Each parameter's values and shape, read back.
+fn host_params(model: &Sequential) -> Vec<(Vec<f32>, Vec<usize>)> {
+    model
+        .parameters()
+        .iter()
+        .map(|p| (p.to_vec().unwrap(), p.dims().to_vec()))
+        .collect()
 }
 
 fn round16(v: f64) -> f64 {

@@ -556,38 +556,23 @@ pub(crate) fn matmul_folded(
     if aligned.is_none() || column_bias || !b_cols_ok {
         return Ok(false);
     }
-    if fold != Fold::Sum {
-        run(a, b, out, epi, p, [m, n, k, count], aligned, 1, true)?;
-        return Ok(true);
+    // With Fold::Sum, the batches summed in layers of `per` (the kernel's p.col_split), the
+    // layers summed afterwards where there are too few output tiles to keep the device busy.
+    let mut parts = 1;
+    if fold == Fold::Sum {
+        if epi.is_plain() {
+            parts = super::tune::matmul_parts(out.device(), m, n, count);
+        }
+        let per = count.div_ceil(parts);
+        parts = count.div_ceil(per);
+        p.col_split = per as u32;
     }
-    // The batches summed in layers of `per`, the layers summed afterwards where there are
-    // too few output tiles to keep the device busy.
-    let parts = if epi.is_plain() {
-        super::tune::matmul_parts(out.device(), m, n, count)
-    } else {
-        1
-    };
-    let per = count.div_ceil(parts);
-    let parts = count.div_ceil(per);
-    let p = MatmulParams {
-        col_split: per as u32,
-        ..p
-    };
+    let dims = [m, n, k, count];
     if parts == 1 {
-        run(a, b, out, epi, p, [m, n, k, count], aligned, 1, true)?;
+        run(a, b, out, epi, p, dims, aligned, 1, true)?;
     } else {
         sum_of_parts(parts, [m, n], out, |partial| {
-            run(
-                a,
-                b,
-                partial,
-                epi,
-                p,
-                [m, n, k, count],
-                aligned,
-                parts,
-                true,
-            )
+            run(a, b, partial, epi, p, dims, aligned, parts, true)
         })?;
     }
     Ok(true)
